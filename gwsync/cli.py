@@ -1,0 +1,366 @@
+"""The `gwsync` command line: thin click commands over the Engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, time, timezone
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import AREAS, Config, ConfigError, load_config
+from .crm import ActivityFilter
+from .engine import Engine
+from .imap import LoginFailed, MailServerError
+from .state import FAILED, HELD, QUARANTINED
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+
+
+class Context:
+    def __init__(self, config_path: Path | None, verbosity: int):
+        self.config_path = config_path
+        self.verbosity = verbosity
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            try:
+                self._config = load_config(self.config_path)
+            except ConfigError as exc:
+                fail(f"config error: {exc}", EXIT_USAGE)
+        return self._config
+
+    def engine(self) -> Engine:
+        try:
+            return Engine(self.config)
+        except OSError as exc:
+            fail(f"cannot open the databases: {exc}", EXIT_USAGE)
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> None:
+    click.echo(f"gwsync: {message}", err=True)
+    sys.exit(code)
+
+
+def emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _interactive() -> bool:
+    return sys.stdout.isatty()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="Config file (default: the platform's config dir; GWSYNC_CONFIG overrides).")
+@click.option("-v", "--verbose", count=True, help="More output; -vv for debug logs.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+@click.version_option(__version__, prog_name="gwsync")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None, verbose: int, quiet: bool) -> None:
+    """Keep a CRM and your mail and calendars in step, over IMAP and CalDAV.
+
+    Mail that you drop into IMAP folders named `CRM <description> [<status>]` becomes a CRM
+    activity with that status and is moved to the archive folder.
+    """
+    verbosity = -1 if quiet else verbose
+    level = logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    ctx.obj = Context(config_path, verbosity)
+
+
+# -- sync ------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--account", "accounts", multiple=True, help="Only this account (repeatable).")
+@click.option("--only", "only", multiple=True, type=click.Choice(AREAS), help="Only this area (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Show what would happen; change nothing.")
+@click.option("--force", is_flag=True, help="Pass the mass-deletion guard.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_obj
+def sync(obj: Context, accounts, only, dry_run, force, as_json) -> None:
+    """Run one sync: import mail from the CRM folders (and the other areas configured)."""
+    with obj.engine() as engine:
+        try:
+            with _progress(obj, as_json) as progress:
+                report = engine.sync(accounts=accounts, only=only, dry_run=dry_run, progress=progress)
+        except ConfigError as exc:
+            fail(f"config error: {exc}", EXIT_USAGE)
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        for name, acc in report.accounts.items():
+            if acc.mail is not None and obj.verbosity >= 0:
+                m = acc.mail
+                verb = "would import" if dry_run else "imported"
+                line = f"{name}: {verb} {m.imported} mail(s), held {m.held}, failed {m.failed}"
+                if m.archived_again:
+                    line += f", archived {m.archived_again} imported earlier"
+                click.echo(line)
+                for a in m.activities:
+                    click.echo(f"  #{a.id} {a.subject or '(no subject)'}  {a.link}")
+                if m.held:
+                    click.echo("  held mail is listed by `gwsync held`")
+            if acc.error:
+                for line in ([*acc.errors] + (acc.mail.errors if acc.mail else [])):
+                    click.echo(f"gwsync: {line}", err=True)
+    sys.exit(report.exit_code)
+
+
+class _progress:
+    """A rich progress bar on a terminal; nothing when piped, quiet or printing JSON."""
+
+    def __init__(self, obj: Context, as_json: bool):
+        self.enabled = sys.stderr.isatty() and obj.verbosity >= 0 and not as_json
+        self.bar = None
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import Progress
+
+        self.bar = Progress(transient=True)
+        self.bar.__enter__()
+        return self.update
+
+    def update(self, done: int, total: int, what: str) -> None:
+        if what not in self.tasks:
+            self.tasks[what] = self.bar.add_task(what, total=total or None)
+        self.bar.update(self.tasks[what], completed=done, total=total or None)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+# -- folders, status, held -------------------------------------------------------------------
+
+@main.command()
+@click.option("--account", "accounts", multiple=True, help="Only this account (repeatable).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def folders(obj: Context, accounts, as_json) -> None:
+    """List the import folders found on the server and their statuses."""
+    code = EXIT_OK
+    out = []
+    with obj.engine() as engine:
+        try:
+            selected = engine.select_accounts(accounts)
+        except ConfigError as exc:
+            fail(f"config error: {exc}", EXIT_USAGE)
+        statuses = engine.crm.statuses()
+        for account in selected:
+            try:
+                found = engine.import_folders(account)
+            except (LoginFailed, MailServerError, ConfigError) as exc:
+                click.echo(f"gwsync: account {account.name}: {exc}", err=True)
+                code = EXIT_FAILED
+                continue
+            for f in found:
+                known = f.status in statuses
+                if not known:
+                    code = EXIT_FAILED
+                out.append({"account": account.name, "folder": f.name, "description": f.parsed.description,
+                            "status": f.status, "status_label": statuses.get(f.status),
+                            "error": None if known else f"unknown status key [{f.status}]"})
+    if as_json:
+        emit_json(out)
+    else:
+        for row in out:
+            label = row["status_label"] or f"UNKNOWN status key: add [{row['status']}] to [crm.statuses]"
+            click.echo(f"{row['account']}\t{row['folder']}\t[{row['status']}] {label}")
+        if not out and code == EXIT_OK:
+            click.echo("no import folders found (create one named like 'CRM Erledigt [E]' below the import root)")
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def status(obj: Context, as_json) -> None:
+    """Per account: last sync, its counts, held and failed mail, errors."""
+    with obj.engine() as engine:
+        runs = engine.state.runs()
+        held = engine.state.by_outcome(HELD)
+        failed = engine.state.by_outcome(FAILED) + engine.state.by_outcome(QUARANTINED)
+        names = sorted(set(obj.config.accounts) | {r["account"] for r in runs})
+        out = {}
+        for name in names:
+            out[name] = {
+                "areas": {r["area"]: {"last_sync": r["finished_at"], "ok": bool(r["ok"]), "counts": r["summary"],
+                                      "error": r["error"]} for r in runs if r["account"] == name},
+                "held": sum(1 for h in held if h.account == name),
+                "failed": sum(1 for f in failed if f.account == name),
+            }
+    if as_json:
+        emit_json({"accounts": out})
+        return
+    for name, data in out.items():
+        click.echo(f"{name}: held {data['held']}, failed {data['failed']}")
+        for area, info in data["areas"].items():
+            state = "ok" if info["ok"] else f"error: {info['error']}"
+            click.echo(f"  {area}: last sync {info['last_sync']} {state} {info['counts']}")
+        if not data["areas"]:
+            click.echo("  never synced")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def held(obj: Context, as_json) -> None:
+    """Mail held back in its folder because mandatory fields are missing, and failed mail."""
+    with obj.engine() as engine:
+        rows = [r for outcome in (HELD, FAILED, QUARANTINED) for r in engine.state.by_outcome(outcome)]
+    data = [{"account": r.account, "folder": r.folder, "uid": r.uid, "outcome": r.outcome, "sender": r.sender,
+             "subject": r.subject, "missing": r.missing, "error": r.error, "attempts": r.attempts} for r in rows]
+    if as_json:
+        emit_json(data)
+        return
+    if not data:
+        click.echo("nothing held")
+    for d in data:
+        why = f"missing {', '.join(d['missing'])}" if d["missing"] else d["error"]
+        click.echo(f"{d['account']}\t{d['folder']}\tUID {d['uid']}\t{d['outcome']}\t{d['sender'] or '-'}\t"
+                   f"{d['subject'] or ''}\t{why}")
+
+
+# -- activities ------------------------------------------------------------------------------
+
+def _today_start_utc() -> str:
+    local_midnight = datetime.combine(datetime.now().date(), time.min).astimezone()
+    return local_midnight.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+def _print_activities(items: list[dict]) -> None:
+    if not items:
+        click.echo("no activities")
+        return
+    if _interactive():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("id", "kind", "status", "subject", "sender", "contact", "partner", "docs")
+        for a in items:
+            sender = (a["sender"] or "") + (" (unassigned)" if a["unassigned"] else "")
+            table.add_row(str(a["id"]), a["kind"], a["status"], a["subject"], sender, str(a["contact_id"] or ""),
+                          str(a["partner_id"] or ""), str(len(a["documents"])))
+        Console().print(table)
+    else:
+        for a in items:
+            flag = "unassigned" if a["unassigned"] else ""
+            click.echo(f"{a['id']}\t{a['kind']}\t{a['status']}\t{a['subject']}\t{a['sender'] or ''}\t{flag}")
+
+
+@main.command()
+@click.option("--imported", is_flag=True, help="Only activities imported from mail.")
+@click.option("--unassigned", is_flag=True, help="Only imported mail with no contact.")
+@click.option("--today", is_flag=True, help="Only what was imported today.")
+@click.option("--kind", help="Only this activity kind, e.g. MAILEIN.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def activities(obj: Context, imported, unassigned, today, kind, as_json) -> None:
+    """List CRM activities (the quick searches: --imported, --unassigned, --today)."""
+    flt = ActivityFilter(imported=imported or today or unassigned, unassigned=unassigned,
+                         imported_since=_today_start_utc() if today else None, kind=kind)
+    with obj.engine() as engine:
+        items = [a.to_dict() for a in engine.crm.list_activities(flt)]
+    emit_json(items) if as_json else _print_activities(items)
+
+
+@main.group()
+def activity() -> None:
+    """One activity: show it."""
+
+
+@activity.command("show")
+@click.argument("activity_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def activity_show(obj: Context, activity_id: int, as_json) -> None:
+    """Show one activity with its documents."""
+    with obj.engine() as engine:
+        item = engine.crm.get_activity(activity_id)
+    if item is None:
+        fail(f"no activity with id {activity_id} (see `gwsync activities`)", EXIT_FAILED)
+    data = item.to_dict()
+    if as_json:
+        emit_json(data)
+        return
+    for key in ("id", "kind", "status", "subject", "sender", "unassigned", "contact_id", "partner_id",
+                "message_id", "start", "end", "due", "location", "source", "imported_at", "link"):
+        if data.get(key) not in (None, ""):
+            click.echo(f"{key}: {data[key]}")
+    for doc in data["documents"]:
+        click.echo(f"document: {doc['filename']} ({doc['content_type']}, {doc['size']} bytes, sha256 {doc['sha256']})")
+    if data["body"]:
+        click.echo("")
+        click.echo(data["body"])
+
+
+# -- contacts and partners (embedded CRM) ----------------------------------------------------
+
+@main.group()
+def contact() -> None:
+    """Contacts of the embedded CRM."""
+
+
+@contact.command("add")
+@click.argument("name")
+@click.option("--email", required=True, help="The contact's default mail address.")
+@click.option("--partner", "partner_id", type=int, help="The business partner's id.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def contact_add(obj: Context, name, email, partner_id, as_json) -> None:
+    """Add a contact; prints its id."""
+    if "@" not in email:
+        fail(f"--email {email!r} is not a mail address", EXIT_USAGE)
+    with obj.engine() as engine:
+        try:
+            c = engine.crm.add_contact(name, email, partner_id)
+        except LookupError as exc:
+            fail(f"{exc} (see `gwsync partner add`)", EXIT_USAGE)
+    emit_json(c.__dict__) if as_json else click.echo(c.id)
+
+
+@main.group()
+def partner() -> None:
+    """Business partners of the embedded CRM."""
+
+
+@partner.command("add")
+@click.argument("name")
+@click.option("--email", "emails", multiple=True, help="An address of the partner (repeatable); its domain "
+              "assigns mail from unknown people there.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def partner_add(obj: Context, name, emails, as_json) -> None:
+    """Add a business partner; prints its id."""
+    for e in emails:
+        if "@" not in e:
+            fail(f"--email {e!r} is not a mail address (use e.g. info@example.com)", EXIT_USAGE)
+    with obj.engine() as engine:
+        p = engine.crm.add_partner(name, list(emails))
+    emit_json(p.__dict__) if as_json else click.echo(p.id)
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--keep", type=click.Path(path_type=Path, file_okay=False),
+              help="Keep the demo's config and databases in this directory.")
+@click.option("--dovecot", is_flag=True, help="Use Dovecot (if installed) instead of the built-in pymap server.")
+def demo(keep: Path | None, dovecot: bool) -> None:
+    """Run the main job end to end on a local IMAP server with sample mail."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(keep, use_dovecot=dovecot))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The CRM backend interface: what the sync engine needs from a CRM, as plain data.
+
+The embedded SQLite store (`gwsync.crmstore.EmbeddedCRM`) implements it; a host CRM can plug in
+its own class with the same methods (see the README, "Using gwsync as a library"). The engine
+never reaches into a backend's tables.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator
+
+
+@dataclass
+class Document:
+    filename: str
+    content_type: str
+    size: int
+    sha256: str
+    category: str | None = None
+    keyword: str | None = None
+
+
+@dataclass
+class ActivityDraft:
+    """An activity to create. `key` makes the write idempotent: the same key, the same activity."""
+
+    key: str
+    kind: str
+    status: str
+    subject: str
+    body: str = ""
+    location: str | None = None
+    contact_id: int | None = None
+    partner_id: int | None = None
+    sender: str | None = None
+    unassigned: bool = False
+    message_id: str | None = None
+    start: str | None = None
+    end: str | None = None
+    due: str | None = None
+    source: str | None = None  # e.g. "alice:INBOX/CRM Erledigt [E]"
+    documents: list[Document] = field(default_factory=list)
+
+
+@dataclass
+class Activity:
+    id: int
+    kind: str
+    status: str
+    subject: str
+    body: str
+    location: str | None
+    contact_id: int | None
+    partner_id: int | None
+    sender: str | None
+    unassigned: bool
+    message_id: str | None
+    start: str | None
+    end: str | None
+    due: str | None
+    link: str
+    imported_at: str | None
+    source: str | None
+    documents: list[Document] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Contact:
+    id: int
+    name: str
+    partner_id: int | None
+    emails: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Partner:
+    id: int
+    name: str
+    emails: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ActivityFilter:
+    imported: bool = False  # only activities that came from mail import
+    unassigned: bool = False
+    imported_since: str | None = None  # ISO timestamp, for "imported today"
+    kind: str | None = None
+
+
+class CRMBackend(abc.ABC):
+    """What gwsync needs from a CRM. Every write is idempotent."""
+
+    @abc.abstractmethod
+    def statuses(self) -> dict[str, str]:
+        """Status keys the CRM knows, with their labels."""
+
+    @abc.abstractmethod
+    def find_contact_by_email(self, address: str) -> Contact | None:
+        """The contact with this address among its communication entries (case-insensitive)."""
+
+    @abc.abstractmethod
+    def find_partner_by_domain(self, domain: str) -> Partner | None:
+        """The business partner whose addresses use this domain, if exactly one does."""
+
+    @abc.abstractmethod
+    def existing_keys(self, keys: Iterable[str]) -> dict[str, int]:
+        """Map of the given idempotency keys that already have an activity -> its id."""
+
+    @abc.abstractmethod
+    def create_activities(self, drafts: list[ActivityDraft]) -> list[int]:
+        """Create the activities (with their documents) in one transaction; return their ids
+        in order. A draft whose key exists already returns the existing id and changes nothing."""
+
+    @abc.abstractmethod
+    def put_document(self, chunks: Iterator[bytes]) -> tuple[str, int]:
+        """Store document content; return (sha256, size). Storing the same content twice is a no-op."""
+
+    @abc.abstractmethod
+    def get_activity(self, activity_id: int) -> Activity | None: ...
+
+    @abc.abstractmethod
+    def list_activities(self, flt: ActivityFilter) -> list[Activity]: ...
+
+    @abc.abstractmethod
+    def add_contact(self, name: str, email: str, partner_id: int | None = None) -> Contact: ...
+
+    @abc.abstractmethod
+    def add_partner(self, name: str, emails: list[str]) -> Partner: ...
+
+    def close(self) -> None:
+        """Release resources; the default does nothing."""

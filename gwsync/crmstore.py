@@ -1,0 +1,243 @@
+"""The embedded CRM store: SQLite (through sqlite-utils) plus content-addressed document files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import sqlite_utils
+
+from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Document, Partner
+from .dbfiles import ensure_private_dir, open_private_db, transaction
+
+ACTIVITY_COLUMNS = {
+    "id": int, "key": str, "kind": str, "status": str, "subject": str, "body": str, "location": str,
+    "contact_id": int, "partner_id": int, "sender": str, "unassigned": int, "message_id": str,
+    "start": str, "end": str, "due": str, "source": str, "imported_at": str, "created_at": str,
+}
+
+
+class DocumentStore:
+    """Files named by their sha256 below one directory. Names from mail never touch the disk."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        ensure_private_dir(root)
+
+    def path_for(self, sha256: str) -> Path:
+        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"not a sha256 digest: {sha256!r}")
+        return self.root / sha256[:2] / sha256
+
+    def put(self, chunks: Iterator[bytes]) -> tuple[str, int]:
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            sha = digest.hexdigest()
+            target = self.path_for(sha)
+            if target.exists():
+                os.unlink(tmp)
+            else:
+                target.parent.mkdir(exist_ok=True, mode=0o700)
+                os.replace(tmp, target)  # atomic: a crash leaves either nothing or the whole file
+            return sha, size
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class EmbeddedCRM(CRMBackend):
+    def __init__(self, database: Path, documents: Path, statuses: dict[str, str], link: str):
+        self.conn = open_private_db(database)
+        self.db = sqlite_utils.Database(self.conn)
+        self.documents = DocumentStore(documents)
+        self._statuses = dict(statuses)
+        self.link_template = link
+        self._create_schema()
+
+    def _create_schema(self) -> None:
+        db = self.db
+        if "partners" not in db.table_names():
+            with transaction(self.conn):
+                db["partners"].create({"id": int, "name": str, "created_at": str}, pk="id")
+                db["partner_addresses"].create(
+                    {"id": int, "partner_id": int, "email": str, "domain": str}, pk="id",
+                    foreign_keys=[("partner_id", "partners", "id")])
+                db["partner_addresses"].create_index(["domain"])
+                db["contacts"].create({"id": int, "name": str, "partner_id": int, "created_at": str}, pk="id",
+                                      foreign_keys=[("partner_id", "partners", "id")])
+                db["communications"].create(
+                    {"id": int, "contact_id": int, "kind": str, "value": str, "is_default": int}, pk="id",
+                    foreign_keys=[("contact_id", "contacts", "id")])
+                db["communications"].create_index(["value"])
+                db["activities"].create(ACTIVITY_COLUMNS, pk="id",
+                                        foreign_keys=[("contact_id", "contacts", "id"),
+                                                      ("partner_id", "partners", "id")])
+                db["activities"].create_index(["key"], unique=True)
+                db["activities"].create_index(["sender"])
+                db["activities"].create_index(["imported_at"])
+                db["documents"].create(
+                    {"id": int, "activity_id": int, "filename": str, "content_type": str, "size": int,
+                     "sha256": str, "category": str, "keyword": str}, pk="id",
+                    foreign_keys=[("activity_id", "activities", "id")])
+                db["documents"].create_index(["activity_id"])
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    def statuses(self) -> dict[str, str]:
+        return dict(self._statuses)
+
+    def find_contact_by_email(self, address: str) -> Contact | None:
+        row = self.conn.execute(
+            "SELECT c.id, c.name, c.partner_id FROM communications m JOIN contacts c ON c.id = m.contact_id "
+            "WHERE m.kind = 'email' AND lower(m.value) = lower(?) ORDER BY m.is_default DESC, c.id LIMIT 1",
+            (address.strip(),),
+        ).fetchone()
+        return self._contact(row) if row else None
+
+    def find_partner_by_domain(self, domain: str) -> Partner | None:
+        rows = self.conn.execute(
+            "SELECT DISTINCT partner_id FROM partner_addresses WHERE domain = lower(?)", (domain.strip(),)
+        ).fetchall()
+        if len(rows) != 1:  # none, or ambiguous: better unassigned than wrongly assigned
+            return None
+        return self.get_partner(rows[0][0])
+
+    def get_partner(self, partner_id: int) -> Partner | None:
+        row = self.conn.execute("SELECT id, name FROM partners WHERE id = ?", (partner_id,)).fetchone()
+        if not row:
+            return None
+        emails = [r[0] for r in self.conn.execute(
+            "SELECT email FROM partner_addresses WHERE partner_id = ? ORDER BY id", (partner_id,))]
+        return Partner(id=row[0], name=row[1], emails=emails)
+
+    def get_contact(self, contact_id: int) -> Contact | None:
+        row = self.conn.execute("SELECT id, name, partner_id FROM contacts WHERE id = ?", (contact_id,)).fetchone()
+        return self._contact(row) if row else None
+
+    def _contact(self, row) -> Contact:
+        emails = [r[0] for r in self.conn.execute(
+            "SELECT value FROM communications WHERE contact_id = ? AND kind = 'email' ORDER BY is_default DESC, id",
+            (row[0],))]
+        return Contact(id=row[0], name=row[1], partner_id=row[2], emails=emails)
+
+    def existing_keys(self, keys: Iterable[str]) -> dict[str, int]:
+        keys = list(keys)
+        found: dict[str, int] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, activity_id in self.conn.execute(
+                    f"SELECT key, id FROM activities WHERE key IN ({marks})", chunk):
+                found[key] = activity_id
+        return found
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def create_activities(self, drafts: list[ActivityDraft]) -> list[int]:
+        ids: list[int] = []
+        now = _now()
+        with transaction(self.conn):
+            for draft in drafts:
+                row = self.conn.execute("SELECT id FROM activities WHERE key = ?", (draft.key,)).fetchone()
+                if row:
+                    ids.append(row[0])
+                    continue
+                cur = self.conn.execute(
+                    "INSERT INTO activities (key, kind, status, subject, body, location, contact_id, partner_id, "
+                    "sender, unassigned, message_id, start, end, due, source, imported_at, created_at) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (draft.key, draft.kind, draft.status, draft.subject, draft.body, draft.location,
+                     draft.contact_id, draft.partner_id, draft.sender, int(draft.unassigned),
+                     draft.message_id, draft.start, draft.end, draft.due, draft.source,
+                     now if draft.source else None, now),
+                )
+                activity_id = cur.lastrowid
+                for doc in draft.documents:
+                    self.conn.execute(
+                        "INSERT INTO documents (activity_id, filename, content_type, size, sha256, category, keyword) "
+                        "VALUES (?,?,?,?,?,?,?)",
+                        (activity_id, doc.filename, doc.content_type, doc.size, doc.sha256, doc.category,
+                         doc.keyword))
+                ids.append(activity_id)
+        return ids
+
+    def put_document(self, chunks: Iterator[bytes]) -> tuple[str, int]:
+        return self.documents.put(chunks)
+
+    def add_partner(self, name: str, emails: list[str]) -> Partner:
+        with transaction(self.conn):
+            partner_id = self.conn.execute(
+                "INSERT INTO partners (name, created_at) VALUES (?, ?)", (name, _now())).lastrowid
+            for addr in emails:
+                addr = addr.strip().lower()
+                domain = addr.rsplit("@", 1)[-1]
+                self.conn.execute("INSERT INTO partner_addresses (partner_id, email, domain) VALUES (?,?,?)",
+                                  (partner_id, addr, domain))
+        return self.get_partner(partner_id)
+
+    def add_contact(self, name: str, email: str, partner_id: int | None = None) -> Contact:
+        if partner_id is not None and self.get_partner(partner_id) is None:
+            raise LookupError(f"no partner with id {partner_id}")
+        with transaction(self.conn):
+            contact_id = self.conn.execute(
+                "INSERT INTO contacts (name, partner_id, created_at) VALUES (?,?,?)",
+                (name, partner_id, _now())).lastrowid
+            self.conn.execute(
+                "INSERT INTO communications (contact_id, kind, value, is_default) VALUES (?, 'email', ?, 1)",
+                (contact_id, email.strip().lower()))
+        return self.get_contact(contact_id)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def _activity(self, row: dict) -> Activity:
+        docs = [Document(filename=d["filename"], content_type=d["content_type"], size=d["size"],
+                         sha256=d["sha256"], category=d["category"], keyword=d["keyword"])
+                for d in self.db.query("SELECT * FROM documents WHERE activity_id = ? ORDER BY id", [row["id"]])]
+        return Activity(
+            id=row["id"], kind=row["kind"], status=row["status"], subject=row["subject"] or "",
+            body=row["body"] or "", location=row["location"], contact_id=row["contact_id"],
+            partner_id=row["partner_id"], sender=row["sender"], unassigned=bool(row["unassigned"]),
+            message_id=row["message_id"], start=row["start"], end=row["end"], due=row["due"],
+            link=self.link_template.format(id=row["id"]), imported_at=row["imported_at"],
+            source=row["source"], documents=docs,
+        )
+
+    def get_activity(self, activity_id: int) -> Activity | None:
+        rows = list(self.db.query("SELECT * FROM activities WHERE id = ?", [activity_id]))
+        return self._activity(rows[0]) if rows else None
+
+    def list_activities(self, flt: ActivityFilter) -> list[Activity]:
+        where, params = [], []
+        if flt.imported:
+            where.append("imported_at IS NOT NULL")
+        if flt.unassigned:
+            where.append("unassigned = 1")
+        if flt.imported_since:
+            where.append("imported_at >= ?")
+            params.append(flt.imported_since)
+        if flt.kind:
+            where.append("kind = ?")
+            params.append(flt.kind)
+        sql = "SELECT * FROM activities" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
+        return [self._activity(row) for row in self.db.query(sql, params)]
+
+    def close(self) -> None:
+        self.conn.close()

@@ -1,0 +1,91 @@
+"""The mail import's decisions, as pure functions over plain data (no I/O, no clock).
+
+Kept apart so that they can be read in one sitting and tested exhaustively.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from .state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord
+
+
+class _HasId(Protocol):
+    id: int
+
+
+class _Contactish(Protocol):
+    id: int
+    partner_id: int | None
+
+
+@dataclass(frozen=True)
+class SenderMatch:
+    contact_id: int | None
+    partner_id: int | None
+
+    @property
+    def unassigned(self) -> bool:
+        return self.contact_id is None
+
+
+def sender_domain(address: str | None) -> str | None:
+    if not address or "@" not in address:
+        return None
+    domain = address.rsplit("@", 1)[1].strip().lower()
+    return domain or None
+
+
+def resolve_sender(address: str | None,
+                   find_contact: Callable[[str], _Contactish | None],
+                   find_partner: Callable[[str], _HasId | None]) -> SenderMatch:
+    """SPEC 1.1: exact address of a contact -> contact and its partner; else the domain against
+    the partners' addresses -> that partner, no contact; else nobody."""
+    if not address:
+        return SenderMatch(None, None)
+    contact = find_contact(address.strip().lower())
+    if contact is not None:
+        return SenderMatch(contact.id, contact.partner_id)
+    domain = sender_domain(address)
+    partner = find_partner(domain) if domain else None
+    return SenderMatch(None, partner.id if partner is not None else None)
+
+
+def missing_fields(mandatory: tuple[str, ...], *, partner_id: int | None, contact_id: int | None,
+                   subject: str, body: str) -> list[str]:
+    """The configured mandatory fields that the activity would lack."""
+    present = {
+        "partner": partner_id is not None,
+        "contact": contact_id is not None,
+        "subject": bool(subject.strip()),
+        "body": bool(body.strip()),
+    }
+    return [name for name in mandatory if not present.get(name, False)]
+
+
+class Step(enum.Enum):
+    PROCESS = "process"  # fetch, parse and import (new, held again, or retried after a failure)
+    MOVE_ONLY = "move"  # imported already (the run died before the move): just archive it
+    SKIP = "skip"  # quarantined after too many failures: leave it for the user
+
+
+def plan_mail(record: MailRecord | None) -> Step:
+    if record is None:
+        return Step.PROCESS
+    if record.outcome == IMPORTED and record.activity_id is not None:
+        return Step.MOVE_ONLY
+    if record.outcome == QUARANTINED:
+        return Step.SKIP
+    return Step.PROCESS  # held or failed: look again
+
+
+def failure_outcome(previous_attempts: int, max_attempts: int) -> tuple[str, int]:
+    """After one more failed attempt: (outcome, attempts). Quarantined once the bound is hit."""
+    attempts = previous_attempts + 1
+    return (QUARANTINED if attempts >= max_attempts else FAILED), attempts
+
+
+__all__ = ["SenderMatch", "resolve_sender", "missing_fields", "Step", "plan_mail", "failure_outcome",
+           "sender_domain", "HELD", "FAILED", "IMPORTED", "QUARANTINED"]

@@ -1,0 +1,218 @@
+"""The IMAP adapter: a small, typed layer over imapclient for what the mail import needs.
+
+Reading never sets \\Seen (BODY.PEEK only). Moving uses UID MOVE, or COPY + \\Deleted +
+UID EXPUNGE where the server lacks MOVE.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Iterator
+
+import imapclient
+from imapclient.exceptions import IMAPClientError, LoginError
+
+from .config import ImapConfig
+from .folders import ImportFolderName, is_below, last_element, parse_import_folder
+
+
+class MailServerError(Exception):
+    """The IMAP server refused something or the connection broke."""
+
+
+class LoginFailed(MailServerError):
+    """The server rejected the credentials (AUTHENTICATIONFAILED or NO on LOGIN)."""
+
+
+class ServerUnreachable(MailServerError):
+    """Could not connect, or the connection dropped: transient, worth retrying."""
+
+
+@dataclass(frozen=True)
+class ImportFolder:
+    name: str  # full name, decoded from modified UTF-7
+    delimiter: str | None
+    parsed: ImportFolderName
+
+    @property
+    def status(self) -> str:
+        return self.parsed.status
+
+
+# A FETCH answer per batch costs about one round trip; 250 small mails make one fetch of well
+# under 10 MB. Large mails are streamed in chunks instead (see fetch_chunks).
+FETCH_BATCH = 250
+CHUNK = 1 << 20
+
+
+def _ssl_context(cfg: ImapConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=cfg.ca_file)
+    if not cfg.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class ImapSession:
+    def __init__(self, client: imapclient.IMAPClient):
+        self.client = client
+        self.capabilities = {c.upper() for c in client.capabilities()}
+        self.selected: str | None = None
+
+    @classmethod
+    def connect(cls, cfg: ImapConfig, password: str) -> "ImapSession":
+        where = f"{cfg.host}:{cfg.port}"
+        try:
+            client = imapclient.IMAPClient(
+                cfg.host, port=cfg.port, ssl=cfg.security == "tls",
+                ssl_context=_ssl_context(cfg) if cfg.security != "none" else None,
+                timeout=cfg.timeout,
+            )
+            if cfg.security == "starttls":
+                client.starttls(_ssl_context(cfg))
+        except ssl.SSLCertVerificationError as exc:
+            raise MailServerError(f"IMAP {where}: certificate not trusted ({exc.verify_message}); "
+                                  "set ca_file, or verify = false for a test server")
+        except (OSError, socket.timeout, IMAPClientError) as exc:
+            raise ServerUnreachable(f"IMAP {where}: cannot connect ({exc})")
+        try:
+            client.login(cfg.username, password)
+        except LoginError as exc:
+            _close(client)
+            raise LoginFailed(f"IMAP {where}: login as {cfg.username!r} refused ({_text(exc)})")
+        except (OSError, socket.timeout) as exc:
+            raise ServerUnreachable(f"IMAP {where}: connection lost during login ({exc})")
+        return cls(client)
+
+    # -- folders -----------------------------------------------------------------------------
+
+    def import_folders(self, root: str) -> list[ImportFolder]:
+        """Import folders at any depth below `root`, names decoded from modified UTF-7."""
+        delimiter = self.delimiter(root)
+        pattern = f"{root}{delimiter}*" if root and delimiter else "*"
+        found = []
+        for flags, delim, name in self._list(pattern):
+            if b"\\NOSELECT" in {f.upper() for f in flags}:
+                continue
+            delim_s = delim.decode() if isinstance(delim, bytes) else delim
+            name = name if isinstance(name, str) else name.decode("utf-8", "replace")
+            if root and not is_below(name, root, delim_s):
+                continue
+            parsed = parse_import_folder(last_element(name, delim_s))
+            if parsed:
+                found.append(ImportFolder(name=name, delimiter=delim_s, parsed=parsed))
+        return sorted(found, key=lambda f: f.name)
+
+    def delimiter(self, root: str) -> str | None:
+        listing = self._list(root or "INBOX")
+        if not listing:
+            raise MailServerError(f"import root {root!r} does not exist on the server (check import_root)")
+        delim = listing[0][1]
+        return delim.decode() if isinstance(delim, bytes) else delim
+
+    def _list(self, pattern: str):
+        try:
+            return self.client.list_folders("", pattern)
+        except (OSError, socket.timeout) as exc:
+            raise ServerUnreachable(f"IMAP: connection lost ({exc})")
+        except IMAPClientError as exc:
+            raise MailServerError(f"IMAP LIST {pattern!r} failed: {_text(exc)}")
+
+    def ensure_folder(self, name: str) -> None:
+        try:
+            if not self.client.folder_exists(name):
+                self.client.create_folder(name)
+        except IMAPClientError as exc:
+            if "ALREADYEXISTS" not in str(exc).upper():
+                raise MailServerError(f"cannot create folder {name!r}: {_text(exc)}")
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def select(self, folder: str) -> int:
+        """Select a folder read-write; returns its UIDVALIDITY."""
+        try:
+            info = self.client.select_folder(folder)
+        except IMAPClientError as exc:
+            raise MailServerError(f"cannot open folder {folder!r}: {_text(exc)}")
+        self.selected = folder
+        return int(info[b"UIDVALIDITY"])
+
+    def uids(self) -> list[int]:
+        """UIDs of the selected folder's mail, without mail already marked \\Deleted."""
+        return sorted(self.client.search(["UNDELETED"]))
+
+    def sizes(self, uids: list[int]) -> dict[int, int]:
+        sizes: dict[int, int] = {}
+        for start in range(0, len(uids), 2000):
+            batch = uids[start:start + 2000]
+            for uid, data in self.client.fetch(batch, ["RFC822.SIZE"]).items():
+                sizes[uid] = int(data[b"RFC822.SIZE"])
+        return sizes
+
+    def fetch_raw(self, uids: list[int]) -> dict[int, bytes]:
+        """Whole messages, without setting \\Seen. A mail that vanished meanwhile is absent."""
+        if not uids:
+            return {}
+        result = self.client.fetch(uids, ["BODY.PEEK[]"])
+        return {uid: data[b"BODY[]"] for uid, data in result.items() if b"BODY[]" in data}
+
+    def fetch_chunks(self, uid: int, section: str = "", size: int | None = None,
+                     chunk: int = CHUNK) -> Iterator[bytes]:
+        """One message or MIME part in partial fetches, so a huge mail is never held whole."""
+        offset = 0
+        while size is None or offset < size:
+            key = f"BODY[{section}]<{offset}>".encode()
+            data = self.client.fetch([uid], [f"BODY.PEEK[{section}]<{offset}.{chunk}>"]).get(uid, {})
+            piece = data.get(key)
+            if not piece:
+                return
+            yield piece
+            offset += len(piece)
+            if len(piece) < chunk:
+                return
+
+    def fetch_section(self, uid: int, section: str) -> bytes:
+        data = self.client.fetch([uid], [f"BODY.PEEK[{section}]"]).get(uid, {})
+        return data.get(f"BODY[{section}]".encode()) or b""
+
+    def bodystructure(self, uid: int):
+        return self.client.fetch([uid], ["BODYSTRUCTURE"])[uid][b"BODYSTRUCTURE"]
+
+    def move(self, uids: list[int], destination: str) -> None:
+        if not uids:
+            return
+        try:
+            if "MOVE" in self.capabilities:
+                self.client.move(uids, destination)
+            else:
+                # Without MOVE: COPY, mark the originals deleted, and expunge only those UIDs.
+                self.client.copy(uids, destination)
+                self.client.add_flags(uids, [imapclient.DELETED], silent=True)
+                if "UIDPLUS" in self.capabilities:
+                    self.client.uid_expunge(uids)
+                else:
+                    self.client.expunge()
+        except IMAPClientError as exc:
+            raise MailServerError(f"cannot move mail to {destination!r}: {_text(exc)}")
+
+    def logout(self) -> None:
+        _close(self.client)
+
+
+def _close(client: imapclient.IMAPClient) -> None:
+    try:
+        client.logout()
+    except Exception:
+        try:
+            client.shutdown()
+        except Exception:
+            pass
+
+
+def _text(exc: Exception) -> str:
+    msg = str(exc)
+    if msg.startswith("b'") or msg.startswith('b"'):
+        msg = msg[2:-1]
+    return msg

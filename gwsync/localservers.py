@@ -1,0 +1,221 @@
+"""Throw-away local mail and calendar servers on loopback.
+
+Used by `gwsync demo`, the test suite and the benchmarks. Each server gets its own
+temporary directory, a free port, and its own process group, so that nothing outlives
+the run that started it.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ServerUnavailable(RuntimeError):
+    """The server's program is not installed or did not start."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            detail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise ServerUnavailable(f"server exited with code {proc.returncode}: {detail}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise ServerUnavailable(f"server did not listen on port {port} within {timeout} s")
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=5)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=5)
+
+
+DOVECOT_CONF = """\
+base_dir = {dir}/run
+state_dir = {dir}/state
+log_path = {dir}/dovecot.log
+info_log_path = {dir}/dovecot.log
+ssl = no
+disable_plaintext_auth = no
+listen = 127.0.0.1
+protocols = imap
+default_internal_user = {user}
+default_internal_group = {group}
+default_login_user = {user}
+first_valid_uid = 1
+first_valid_gid = 1
+mail_location = maildir:{dir}/mail/%u:LAYOUT=fs
+mail_plugins =
+auth_mechanisms = plain login
+auth_failure_delay = 0
+namespace inbox {{
+  inbox = yes
+  separator = /
+  prefix =
+}}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {dir}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid={user} gid={group} home={dir}/home/%u
+}}
+service imap-login {{
+  chroot =
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+service stats {{
+  unix_listener stats-writer {{
+    mode = 0666
+  }}
+}}
+protocol imap {{
+  mail_max_userip_connections = 100
+}}
+"""
+
+
+@dataclass
+class Dovecot:
+    """A Dovecot IMAP server in a temporary directory (Debian package `dovecot-imapd`)."""
+
+    directory: Path
+    port: int = 0
+    host: str = "127.0.0.1"
+    proc: subprocess.Popen | None = None
+    users: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls) -> "Dovecot":
+        binary = shutil.which("dovecot") or ("/usr/sbin/dovecot" if Path("/usr/sbin/dovecot").exists() else None)
+        if not binary:
+            raise ServerUnavailable("dovecot is not installed (apt-get install dovecot-imapd)")
+        # Dovecot's login processes refuse to run as root, and the mail user must be able to
+        # traverse the directory: as root, run everything as the `dovecot` user.
+        if os.geteuid() == 0:
+            user = "dovecot"
+        else:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        entry = pwd.getpwnam(user)
+        directory = Path(tempfile.mkdtemp(prefix="gwsync-dovecot-", dir="/tmp"))
+        os.chmod(directory, 0o755)
+        for sub in ("run", "state", "mail", "home"):
+            (directory / sub).mkdir()
+        (directory / "passwd").write_text("")
+        group = _group_name(entry.pw_gid)
+        server = cls(directory=directory, port=free_port())
+        conf = directory / "dovecot.conf"
+        conf.write_text(DOVECOT_CONF.format(dir=directory, port=server.port, user=user, group=group))
+        if os.geteuid() == 0:
+            for path in [directory, *directory.rglob("*")]:
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        server.proc = subprocess.Popen(
+            [binary, "-F", "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(directory / "stderr.log", "wb"),
+            start_new_session=True,
+        )
+        wait_for_port(server.port, server.proc, log=directory / "dovecot.log")
+        return server
+
+    def add_user(self, name: str, password: str) -> None:
+        """Add a mail user; Dovecot re-reads the passwd file when it changes."""
+        self.users[name] = password
+        lines = "".join(f"{user}:{{PLAIN}}{pw}\n" for user, pw in self.users.items())
+        path = self.directory / "passwd"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(lines)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        # passwd-file caches by mtime with one-second resolution on some filesystems.
+        future = time.time() + 1
+        os.utime(path, (future, future))
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> "Dovecot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _group_name(gid: int) -> str:
+    import grp
+
+    return grp.getgrgid(gid).gr_name
+
+
+@dataclass
+class Pymap:
+    """pymap, a pure-Python IMAP server from PyPI: one demo user, in memory."""
+
+    user: str
+    password: str
+    port: int = 0
+    host: str = "127.0.0.1"
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def start(cls, user: str = "demo", password: str = "demopass") -> "Pymap":
+        server = cls(user=user, password=password, port=free_port())
+        server.proc = subprocess.Popen(
+            [sys.executable, "-c", "from pymap.main import main; main()", "--host", "127.0.0.1", "--port", str(server.port),
+             "--no-tls", "dict", "--demo-user", user, "--demo-password", password],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for_port(server.port, server.proc)
+        return server
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc)
+
+    def __enter__(self) -> "Pymap":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

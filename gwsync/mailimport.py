@@ -1,0 +1,331 @@
+"""The mail import pipeline (SPEC 1.1): import folders on IMAP -> MAILEIN activities in the CRM.
+
+Crash safety comes from the order of work, per batch of mails:
+  1. fetch (BODY.PEEK) and parse; attachments go to the content-addressed document store;
+  2. create the activities in ONE CRM transaction, each under its idempotency key;
+  3. record the outcome in the state store;
+  4. move the imported mails to the archive folder; 5. forget their state records.
+A process killed between any two steps re-runs into the same result: mail still in its folder
+whose key the CRM knows is moved, not imported again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .config import AccountConfig, CrmConfig
+from .crm import ActivityDraft, CRMBackend, Document
+from .decisions import Step, failure_outcome, missing_fields, plan_mail, resolve_sender
+from .imap import FETCH_BATCH, ImapSession, ImportFolder, MailServerError, ServerUnreachable
+from .mime import (Attachment, ParsedMail, StreamDecoder, _is_attachment, _raw_filename, content_key,
+                   html_to_text, parse_header_block, parse_headers, parse_message, sanitise_filename,
+                   _decode_bytes)
+from .state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord, StateStore
+
+MAIL_KIND = "MAILEIN"
+# Mails above this size are streamed part by part instead of fetched whole, which keeps peak
+# memory flat whatever the attachment size.
+STREAM_THRESHOLD = 8 << 20
+BATCH_BYTES = 16 << 20
+# A text body larger than this is cut; the whole mail's parts still become documents.
+MAX_STREAMED_TEXT = 2 << 20
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class ImportedActivity:
+    id: int
+    link: str
+    subject: str
+    folder: str
+
+
+@dataclass
+class MailResult:
+    imported: int = 0
+    held: int = 0
+    failed: int = 0
+    archived_again: int = 0  # imported by an earlier, interrupted run; only moved now
+    activities: list[ImportedActivity] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # one line each: folder, item, reason
+    quarantined: int = 0
+
+    def counts(self) -> dict:
+        return {"imported": self.imported, "held": self.held, "failed": self.failed}
+
+
+@dataclass
+class _Prepared:
+    uid: int
+    key: str
+    draft: ActivityDraft | None = None
+    record: MailRecord | None = None  # held or failed outcome
+    known_activity: int | None = None  # the CRM had this key already
+
+
+class MailImporter:
+    def __init__(self, account: AccountConfig, crm_cfg: CrmConfig, crm: CRMBackend, state: StateStore,
+                 dry_run: bool = False, progress: ProgressFn | None = None):
+        self.account = account
+        self.imap_cfg = account.imap
+        self.crm_cfg = crm_cfg
+        self.crm = crm
+        self.state = state
+        self.dry_run = dry_run
+        self.progress = progress or (lambda done, total, what: None)
+        self.statuses = crm.statuses()
+
+    # -- entry point -------------------------------------------------------------------------
+
+    def run(self, session: ImapSession) -> MailResult:
+        result = MailResult()
+        folders = session.import_folders(self.imap_cfg.import_root)
+        if not self.dry_run:
+            session.ensure_folder(self.imap_cfg.archive_folder)
+            self.state.forget_folders_except(self.account.name, [f.name for f in folders])
+        for folder in folders:
+            if folder.status not in self.statuses:
+                known = ", ".join(sorted(self.statuses))
+                result.errors.append(
+                    f"account {self.account.name}, folder {folder.name!r}: status key [{folder.status}] is "
+                    f"unknown to the CRM (known: {known}); rename the folder or add the key to [crm.statuses]")
+                continue
+            try:
+                self._import_folder(session, folder, result)
+            except ServerUnreachable:
+                raise
+            except MailServerError as exc:
+                result.errors.append(f"account {self.account.name}, folder {folder.name!r}: {exc}")
+        return result
+
+    # -- one folder --------------------------------------------------------------------------
+
+    def _import_folder(self, session: ImapSession, folder: ImportFolder, result: MailResult) -> None:
+        account = self.account.name
+        uidvalidity = session.select(folder.name)
+        if not self.dry_run:
+            self.state.check_uidvalidity(account, folder.name, uidvalidity)
+        uids = session.uids()
+        records = self.state.records(account, folder.name, uidvalidity)
+        present = set(uids)
+        if not self.dry_run:
+            self.state.forget(account, folder.name, uidvalidity, [u for u in records if u not in present])
+
+        to_process, to_move = [], []
+        for uid in uids:
+            step = plan_mail(records.get(uid))
+            if step is Step.PROCESS:
+                to_process.append(uid)
+            elif step is Step.MOVE_ONLY:
+                to_move.append(uid)
+            else:
+                result.quarantined += 1
+        if to_move:
+            result.archived_again += len(to_move)
+            self._archive(session, folder, uidvalidity, to_move)
+
+        total = len(to_process)
+        done = 0
+        self.progress(0, total, folder.name)
+        sizes = session.sizes(to_process) if to_process else {}
+        small = [u for u in to_process if sizes.get(u, 0) <= STREAM_THRESHOLD and u in sizes]
+        large = [u for u in to_process if sizes.get(u, 0) > STREAM_THRESHOLD]
+        for batch in _batches(small, sizes):
+            raws = session.fetch_raw(batch)
+            keys = {uid: content_key(raw) for uid, raw in raws.items()}
+            known = self.crm.existing_keys(keys.values())
+            prepared = []
+            for uid in batch:
+                if uid not in raws:
+                    continue  # expunged by someone else meanwhile
+                prepared.append(self._prepare(uid, keys[uid], known.get(keys[uid]), folder, records.get(uid),
+                                              lambda raw=raws[uid]: parse_message(raw)))
+            del raws
+            self._commit(session, folder, uidvalidity, prepared, result)
+            done += len(batch)
+            self.progress(done, total, folder.name)
+        for uid in large:
+            key = self._streamed_key(session, uid, sizes[uid])
+            known = self.crm.existing_keys([key])
+            prepared = [self._prepare(uid, key, known.get(key), folder, records.get(uid),
+                                      lambda: _StreamedMail(session, uid, self.crm, self.dry_run).parse())]
+            self._commit(session, folder, uidvalidity, prepared, result)
+            done += 1
+            self.progress(done, total, folder.name)
+
+    def _prepare(self, uid: int, key: str, known_activity: int | None, folder: ImportFolder,
+                 record: MailRecord | None, parse: Callable[[], ParsedMail]) -> _Prepared:
+        if known_activity is not None:
+            return _Prepared(uid=uid, key=key, known_activity=known_activity)
+        base = MailRecord(account=self.account.name, folder=folder.name, uidvalidity=0, uid=uid, outcome="",
+                          key=key)
+        try:
+            parsed = parse()
+            match = resolve_sender(parsed.sender, self.crm.find_contact_by_email, self.crm.find_partner_by_domain)
+            missing = missing_fields(self.crm_cfg.mandatory, partner_id=match.partner_id,
+                                     contact_id=match.contact_id, subject=parsed.subject, body=parsed.body)
+            base.sender, base.subject = parsed.sender, parsed.subject
+            if missing:
+                base.outcome, base.missing = HELD, missing
+                return _Prepared(uid=uid, key=key, record=base)
+            documents = [self._store(att) for att in parsed.attachments]
+            draft = ActivityDraft(
+                key=key, kind=MAIL_KIND, status=folder.status, subject=parsed.subject, body=parsed.body,
+                contact_id=match.contact_id, partner_id=match.partner_id, sender=parsed.sender,
+                unassigned=match.unassigned, message_id=parsed.message_id, start=parsed.date,
+                source=f"{self.account.name}:{folder.name}", documents=documents)
+            return _Prepared(uid=uid, key=key, draft=draft)
+        except (ServerUnreachable, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # one bad mail must never block the others
+            previous = record.attempts if record and record.outcome in (FAILED, QUARANTINED) else 0
+            base.outcome, base.attempts = failure_outcome(previous, self.crm_cfg.max_attempts)
+            base.error = f"{type(exc).__name__}: {exc}"[:500]
+            return _Prepared(uid=uid, key=key, record=base)
+
+    def _store(self, att: Attachment | Document) -> Document:
+        if isinstance(att, Document):  # streamed attachments are stored while being read
+            return att
+        if self.dry_run:
+            sha, size = hashlib.sha256(att.data).hexdigest(), len(att.data)
+        else:
+            sha, size = self.crm.put_document(iter([att.data]))
+        return Document(filename=att.filename, content_type=att.content_type, size=size, sha256=sha)
+
+    def _commit(self, session: ImapSession, folder: ImportFolder, uidvalidity: int, prepared: list[_Prepared],
+                result: MailResult) -> None:
+        drafts = [p.draft for p in prepared if p.draft is not None]
+        records: list[MailRecord] = []
+        for p in prepared:
+            if p.record is not None:
+                p.record.uidvalidity = uidvalidity
+                records.append(p.record)
+                if p.record.outcome == HELD:
+                    result.held += 1
+                else:
+                    result.failed += 1
+                    if p.record.outcome == QUARANTINED:
+                        result.errors.append(
+                            f"account {self.account.name}, folder {folder.name!r}, mail UID {p.uid}: "
+                            f"quarantined after {p.record.attempts} failed attempts ({p.record.error}); "
+                            "it stays in the folder")
+        if self.dry_run:
+            result.imported += len(drafts)
+            return
+        ids = self.crm.create_activities(drafts) if drafts else []
+        by_key = dict(zip((d.key for d in drafts), ids))
+        to_move = []
+        counted: set[str] = set()  # byte-identical copies of one mail make one activity
+        for p in prepared:
+            activity_id = by_key.get(p.key) if p.draft is not None else p.known_activity
+            if activity_id is None:
+                continue
+            records.append(MailRecord(account=self.account.name, folder=folder.name, uidvalidity=uidvalidity,
+                                      uid=p.uid, outcome=IMPORTED, key=p.key, activity_id=activity_id))
+            to_move.append(p.uid)
+            if p.draft is not None and p.key not in counted:
+                counted.add(p.key)
+                result.imported += 1
+                result.activities.append(ImportedActivity(
+                    id=activity_id, link=self.crm_cfg.link.format(id=activity_id), subject=p.draft.subject,
+                    folder=folder.name))
+            else:
+                result.archived_again += 1
+        self.state.save(records)
+        self._archive(session, folder, uidvalidity, to_move)
+
+    def _archive(self, session: ImapSession, folder: ImportFolder, uidvalidity: int, uids: list[int]) -> None:
+        if self.dry_run or not uids:
+            return
+        session.move(uids, self.imap_cfg.archive_folder)
+        self.state.forget(self.account.name, folder.name, uidvalidity, uids)
+
+    def _streamed_key(self, session: ImapSession, uid: int, size: int) -> str:
+        digest = hashlib.sha256()
+        for chunk in session.fetch_chunks(uid, "", size):
+            digest.update(chunk)
+        return "mail:" + digest.hexdigest()
+
+
+def _batches(uids: list[int], sizes: dict[int, int]) -> Iterator[list[int]]:
+    """Batches of at most FETCH_BATCH mails and BATCH_BYTES bytes (at least one mail each)."""
+    batch: list[int] = []
+    weight = 0
+    for uid in uids:
+        if batch and (len(batch) >= FETCH_BATCH or weight + sizes[uid] > BATCH_BYTES):
+            yield batch
+            batch, weight = [], 0
+        batch.append(uid)
+        weight += sizes[uid]
+    if batch:
+        yield batch
+
+
+class _StreamedMail:
+    """Reads a large mail part by part over IMAP (BODYSTRUCTURE + partial fetches)."""
+
+    def __init__(self, session: ImapSession, uid: int, crm: CRMBackend, dry_run: bool):
+        self.session = session
+        self.uid = uid
+        self.crm = crm
+        self.dry_run = dry_run
+
+    def parse(self) -> ParsedMail:
+        warnings: list[str] = []
+        header = parse_header_block(self.session.fetch_section(self.uid, "HEADER"))
+        headers = parse_headers(header, warnings)
+        body = ""
+        body_is_html = False
+        attachments: list[Document] = []
+        structure = self.session.bodystructure(self.uid)
+        for section, part in _leaf_sections(structure):
+            mime_section = "HEADER" if section == "1" and not structure.is_multipart else f"{section}.MIME"
+            part_headers = parse_header_block(self.session.fetch_section(self.uid, mime_section))
+            ctype = part_headers.get_content_type()
+            encoding = str(part_headers.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+            size = int(part[6]) if len(part) > 6 and isinstance(part[6], int) else None
+            is_text = ctype in ("text/plain", "text/html") and not _is_attachment(part_headers)
+            if is_text and (not body or (body_is_html and ctype == "text/plain")) and (size or 0) <= MAX_STREAMED_TEXT:
+                decoder = StreamDecoder(encoding)
+                data = decoder.feed(self.session.fetch_section(self.uid, section)) + decoder.finish()
+                text = _decode_bytes(data, part_headers.get_content_charset()).replace("\r\n", "\n")
+                body, body_is_html = (html_to_text(text), True) if ctype == "text/html" else (text, False)
+                continue
+            if is_text and body:
+                continue  # an alternative representation of the body
+            name = sanitise_filename(_raw_filename(part_headers) or ("message.eml" if ctype == "message/rfc822"
+                                                                      else None), ctype)
+            decoder = StreamDecoder(encoding if ctype != "message/rfc822" else "8bit")
+            chunks = self.session.fetch_chunks(self.uid, section, size)
+            decoded = _decoded(chunks, decoder)
+            if self.dry_run:
+                digest, total = hashlib.sha256(), 0
+                for piece in decoded:
+                    digest.update(piece)
+                    total += len(piece)
+                sha, stored = digest.hexdigest(), total
+            else:
+                sha, stored = self.crm.put_document(decoded)
+            attachments.append(Document(filename=name, content_type=ctype, size=stored, sha256=sha))
+        return ParsedMail(body=body.strip("\n"), attachments=attachments, warnings=warnings, **headers)  # type: ignore[arg-type]
+
+
+def _decoded(chunks: Iterator[bytes], decoder: StreamDecoder) -> Iterator[bytes]:
+    for chunk in chunks:
+        out = decoder.feed(chunk)
+        if out:
+            yield out
+    tail = decoder.finish()
+    if tail:
+        yield tail
+
+
+def _leaf_sections(structure, prefix: str = ""):
+    if structure.is_multipart:
+        for index, part in enumerate(structure[0], 1):
+            yield from _leaf_sections(part, f"{prefix}.{index}" if prefix else str(index))
+    else:
+        yield (prefix or "1"), structure

@@ -1,0 +1,377 @@
+"""Turning a raw mail into plain data: headers, text body, attachments (pure, no I/O).
+
+Real mail is messy: malformed headers, unknown charsets, RFC 2047 words, nested multiparts,
+HTML-only bodies, hostile attachment names. Every accessor here degrades to something readable
+instead of raising, and records what it had to work around in `warnings`.
+"""
+
+from __future__ import annotations
+
+import binascii
+import email
+import email.header
+import email.policy
+import email.utils
+import hashlib
+import html
+import html.parser
+import mimetypes
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.message import EmailMessage, Message
+
+
+@dataclass
+class Attachment:
+    filename: str  # sanitised, safe to show and to offer as a download name
+    content_type: str
+    data: bytes
+
+
+@dataclass
+class ParsedMail:
+    message_id: str | None
+    subject: str
+    sender: str | None  # lower-cased address, None when the From header has none
+    sender_name: str
+    recipients: list[str]
+    date: str | None  # ISO 8601 in UTC
+    body: str
+    attachments: list[Attachment] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def content_key(raw: bytes) -> str:
+    """The idempotency key of a mail: a hash of its exact bytes (Message-ID included).
+
+    Message-ID alone is not an identity: many mails have none and different mails can share one.
+    """
+    return "mail:" + hashlib.sha256(raw).hexdigest()
+
+
+_POLICY = email.policy.default.clone(raise_on_defect=False)
+
+
+def parse_message(raw: bytes) -> ParsedMail:
+    msg = email.message_from_bytes(raw, policy=_POLICY)
+    warnings: list[str] = []
+    headers = parse_headers(msg, warnings)
+    body_part = _find_body(msg)
+    body = _text_of(body_part, warnings) if body_part is not None else ""
+    if body_part is not None and body_part.get_content_subtype() == "html":
+        body = html_to_text(body)
+    attachments: list[Attachment] = []
+    _collect_attachments(msg, body_part, attachments, warnings)
+    return ParsedMail(body=body.strip("\n"), attachments=attachments, warnings=warnings, **headers)
+
+
+def parse_headers(msg: Message, warnings: list[str]) -> dict:
+    """The header fields gwsync maps, each read defensively."""
+    sender_name, sender = _first_address(msg, "From", warnings)
+    recipients = []
+    for name in ("To", "Cc"):
+        for value in _header_values(msg, name, warnings):
+            for _display, addr in email.utils.getaddresses([value]):
+                if addr and "@" in addr:
+                    recipients.append(addr.strip().lower())
+    message_id = _header(msg, "Message-ID", warnings).strip() or None
+    if message_id:
+        message_id = message_id.split()[0]
+    return {
+        "message_id": message_id,
+        "subject": _clean_text(_header(msg, "Subject", warnings)),
+        "sender": sender,
+        "sender_name": sender_name,
+        "recipients": recipients,
+        "date": _date(_header(msg, "Date", warnings)),
+    }
+
+
+def _header_values(msg: Message, name: str, warnings: list[str]) -> list[str]:
+    try:
+        raw_values = msg.get_all(name) or []
+    except Exception as exc:  # the header registry can raise on truly broken values
+        warnings.append(f"header {name}: {exc}")
+        raw_values = []
+    values = []
+    for value in raw_values:
+        try:
+            values.append(str(value))
+        except Exception:
+            values.append(_decode_words(getattr(value, "_raw", "") or ""))
+    return values
+
+
+def _header(msg: Message, name: str, warnings: list[str]) -> str:
+    try:
+        value = msg.get(name)
+    except Exception as exc:
+        warnings.append(f"header {name}: {exc}")
+        # Fall back to the raw header text and decode RFC 2047 words by hand.
+        for key, raw in msg.raw_items():
+            if key.lower() == name.lower():
+                return _decode_words(str(raw))
+        return ""
+    if value is None:
+        return ""
+    try:
+        return str(value)
+    except Exception:
+        return _decode_words(str(getattr(value, "_raw", "")))
+
+
+def _decode_words(raw: str) -> str:
+    """Decode RFC 2047 encoded words, tolerating unknown charsets."""
+    parts = []
+    try:
+        decoded = email.header.decode_header(raw)
+    except Exception:
+        return raw
+    for chunk, charset in decoded:
+        if isinstance(chunk, str):
+            parts.append(chunk)
+        else:
+            parts.append(_decode_bytes(chunk, charset))
+    return "".join(parts)
+
+
+def _decode_bytes(data: bytes, charset: str | None) -> str:
+    for candidate in (charset, "utf-8"):
+        if not candidate:
+            continue
+        try:
+            return data.decode(candidate)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    # cp1252 decodes what mislabelled "unknown-8bit" and latin-1 mail usually is.
+    return data.decode("cp1252", errors="replace")
+
+
+def _clean_text(text: str) -> str:
+    text = text.replace("\x00", "")
+    return re.sub(r"\s*[\r\n]+\s*", " ", text).strip()
+
+
+def _first_address(msg: Message, name: str, warnings: list[str]) -> tuple[str, str | None]:
+    for value in _header_values(msg, name, warnings):
+        pairs = email.utils.getaddresses([value])
+        for display, addr in pairs:
+            addr = addr.strip()
+            if addr and "@" in addr:
+                return _clean_text(display), addr.lower()
+        # No parseable address: look for anything address-shaped in the raw text.
+        match = re.search(r"[\w.+-]+@[\w-]+(\.[\w-]+)+", value)
+        if match:
+            return _clean_text(value.replace(match.group(0), "").strip(" <>\"")), match.group(0).lower()
+    return "", None
+
+
+def _date(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed is None:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc).isoformat()
+
+
+def _is_attachment(part: Message) -> bool:
+    try:
+        disposition = (part.get_content_disposition() or "").lower()
+    except Exception:
+        disposition = ""
+    return disposition == "attachment" or bool(_raw_filename(part))
+
+
+def _find_body(msg: Message) -> Message | None:
+    """The part that carries the mail's text: plain text first, HTML as a fallback."""
+    plain = html_part = None
+    for part in _leaves(msg):
+        if _is_attachment(part):
+            continue
+        subtype = part.get_content_type()
+        if subtype == "text/plain" and plain is None:
+            plain = part
+        elif subtype == "text/html" and html_part is None:
+            html_part = part
+    return plain or html_part
+
+
+def _leaves(msg: Message):
+    """Leaf parts in order; an attached message/rfc822 counts as one leaf."""
+    if msg.get_content_maintype() == "multipart":
+        payload = msg.get_payload()
+        if isinstance(payload, list):
+            for sub in payload:
+                yield from _leaves(sub)
+        return
+    yield msg
+
+
+def _text_of(part: Message, warnings: list[str]) -> str:
+    try:
+        data = part.get_payload(decode=True) or b""
+    except Exception as exc:
+        warnings.append(f"body: {exc}")
+        return ""
+    charset = part.get_content_charset()
+    if charset:
+        try:
+            "".encode(charset)
+        except LookupError:
+            warnings.append(f"unknown charset {charset!r}, read as UTF-8/cp1252")
+    return _decode_bytes(data, charset).replace("\r\n", "\n").replace("\x00", "")
+
+
+def _raw_filename(part: Message) -> str | None:
+    try:
+        name = part.get_filename()
+    except Exception:
+        name = None
+    if not name:
+        try:
+            name = part.get_param("name")
+            if isinstance(name, tuple):  # RFC 2231 value
+                name = email.utils.collapse_rfc2231_value(name)
+        except Exception:
+            name = None
+    if name:
+        name = _decode_words(str(name))
+    return name or None
+
+
+def _collect_attachments(msg: Message, body_part: Message | None, out: list[Attachment],
+                         warnings: list[str]) -> None:
+    for part in _leaves(msg):
+        if part is body_part:
+            continue
+        ctype = part.get_content_type()
+        if ctype in ("text/plain", "text/html") and not _is_attachment(part):
+            continue  # the body's alternative representation, not a document
+        if ctype == "message/rfc822":
+            inner = part.get_payload()
+            inner_msg = inner[0] if isinstance(inner, list) and inner else None
+            data = inner_msg.as_bytes() if inner_msg is not None else b""
+            name = _raw_filename(part) or ((_header(inner_msg, "Subject", warnings) or "message") + ".eml"
+                                           if inner_msg is not None else "message.eml")
+        else:
+            try:
+                data = part.get_payload(decode=True) or b""
+            except Exception as exc:
+                warnings.append(f"attachment: {exc}")
+                continue
+            name = _raw_filename(part)
+        out.append(Attachment(filename=sanitise_filename(name, ctype), content_type=ctype, data=data))
+
+
+_RESERVED = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
+MAX_NAME_BYTES = 200
+
+
+def sanitise_filename(name: str | None, content_type: str = "application/octet-stream") -> str:
+    """A file name safe to show and to offer as a download: no directories, no control bytes,
+    no leading dots, at most 200 UTF-8 bytes with its extension kept."""
+    name = unicodedata.normalize("NFC", name or "")
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = _RESERVED.sub("_", name).strip().lstrip(".").strip()
+    if not name or set(name) <= {"_", "."}:
+        ext = mimetypes.guess_extension(content_type) or ".bin"
+        name = "attachment" + ext
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        stem, dot, ext = name.rpartition(".")
+        if not dot or len(ext) > 10:
+            stem, ext = name, ""
+        budget = MAX_NAME_BYTES - len(ext.encode("utf-8")) - (1 if ext else 0)
+        stem = stem.encode("utf-8")[:budget].decode("utf-8", errors="ignore")
+        name = f"{stem}.{ext}" if ext else stem
+    return name
+
+
+class _TextExtractor(html.parser.HTMLParser):
+    _BLOCK = {"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "blockquote", "pre"}
+    _SKIP = {"script", "style", "head", "title"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self.skipping = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self._SKIP:
+            self.skipping += 1
+        elif tag in self._BLOCK:
+            self.out.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag in self._SKIP and self.skipping:
+            self.skipping -= 1
+        elif tag in self._BLOCK:
+            self.out.append("\n")
+
+    def handle_data(self, data):
+        if not self.skipping:
+            self.out.append(data)
+
+
+def html_to_text(markup: str) -> str:
+    parser = _TextExtractor()
+    try:
+        parser.feed(markup)
+        parser.close()
+    except Exception:
+        return html.unescape(re.sub(r"<[^>]*>", " ", markup))
+    text = "".join(parser.out)
+    text = re.sub(r"[ \t\xa0]+", " ", text)
+    text = re.sub(r" *\n *", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+class StreamDecoder:
+    """Decodes a Content-Transfer-Encoding incrementally, for attachments too big to hold."""
+
+    def __init__(self, encoding: str | None):
+        self.encoding = (encoding or "7bit").lower()
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.encoding == "base64":
+            data = self.pending + re.sub(rb"[^A-Za-z0-9+/=]", b"", chunk)
+            usable = len(data) - len(data) % 4
+            self.pending = data[usable:]
+            return binascii.a2b_base64(data[:usable]) if usable else b""
+        if self.encoding == "quoted-printable":
+            data = self.pending + chunk
+            cut = data.rfind(b"\n") + 1
+            self.pending = data[cut:]
+            return binascii.a2b_qp(data[:cut])
+        return chunk
+
+    def finish(self) -> bytes:
+        rest, self.pending = self.pending, b""
+        if not rest:
+            return b""
+        if self.encoding == "base64":
+            rest = rest + b"=" * (-len(rest) % 4)
+            try:
+                return binascii.a2b_base64(rest)
+            except binascii.Error:
+                return b""
+        if self.encoding == "quoted-printable":
+            return binascii.a2b_qp(rest)
+        return rest
+
+
+def parse_header_block(raw_headers: bytes) -> EmailMessage:
+    """Parse just a header block (for streamed mails whose body is fetched part by part)."""
+    return email.message_from_bytes(raw_headers, policy=_POLICY)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()

@@ -1,0 +1,146 @@
+"""The sync state store (SQLite): what was done with each mail, per account, folder and UIDVALIDITY.
+
+The CRM's idempotency keys are what prevents duplicates; this store makes re-runs cheap, keeps
+held and failed mail with their reasons, bounds retries, and feeds `gwsync status`.
+Losing it loses no mail and creates no duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable
+
+import sqlite_utils
+
+from .dbfiles import open_private_db, transaction
+
+IMPORTED, HELD, FAILED, QUARANTINED = "imported", "held", "failed", "quarantined"
+
+
+@dataclass
+class MailRecord:
+    account: str
+    folder: str
+    uidvalidity: int
+    uid: int
+    outcome: str
+    key: str | None = None
+    activity_id: int | None = None
+    attempts: int = 0
+    error: str | None = None
+    missing: list[str] | None = None
+    sender: str | None = None
+    subject: str | None = None
+    updated_at: str | None = None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class StateStore:
+    def __init__(self, path: Path):
+        self.conn = open_private_db(path)
+        self.db = sqlite_utils.Database(self.conn)
+        if "messages" not in self.db.table_names():
+            with transaction(self.conn):
+                self.db["folders"].create(
+                    {"account": str, "folder": str, "uidvalidity": int, "last_sync": str},
+                    pk=("account", "folder"))
+                self.db["messages"].create(
+                    {"account": str, "folder": str, "uidvalidity": int, "uid": int, "outcome": str, "key": str,
+                     "activity_id": int, "attempts": int, "error": str, "missing": str, "sender": str,
+                     "subject": str, "updated_at": str},
+                    pk=("account", "folder", "uidvalidity", "uid"))
+                self.db["messages"].create_index(["outcome"])
+                self.db["runs"].create(
+                    {"account": str, "area": str, "finished_at": str, "ok": int, "summary": str, "error": str},
+                    pk=("account", "area"))
+
+    # -- folders -----------------------------------------------------------------------------
+
+    def check_uidvalidity(self, account: str, folder: str, uidvalidity: int) -> bool:
+        """Record the folder's UIDVALIDITY; True when it changed (old per-UID records are dropped:
+        the UIDs now name other mails, and the CRM's keys still prevent duplicates)."""
+        row = self.conn.execute("SELECT uidvalidity FROM folders WHERE account = ? AND folder = ?",
+                                (account, folder)).fetchone()
+        if row and row[0] == uidvalidity:
+            return False
+        with transaction(self.conn):
+            self.conn.execute("DELETE FROM messages WHERE account = ? AND folder = ? AND uidvalidity != ?",
+                              (account, folder, uidvalidity))
+            self.conn.execute(
+                "INSERT INTO folders (account, folder, uidvalidity, last_sync) VALUES (?,?,?,?) "
+                "ON CONFLICT(account, folder) DO UPDATE SET uidvalidity = excluded.uidvalidity",
+                (account, folder, uidvalidity, None))
+        return row is not None
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def records(self, account: str, folder: str, uidvalidity: int) -> dict[int, MailRecord]:
+        rows = self.db.query(
+            "SELECT * FROM messages WHERE account = ? AND folder = ? AND uidvalidity = ?",
+            [account, folder, uidvalidity])
+        return {row["uid"]: self._record(row) for row in rows}
+
+    def save(self, records: Iterable[MailRecord]) -> None:
+        now = _now()
+        with transaction(self.conn):
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO messages (account, folder, uidvalidity, uid, outcome, key, activity_id, "
+                "attempts, error, missing, sender, subject, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(r.account, r.folder, r.uidvalidity, r.uid, r.outcome, r.key, r.activity_id, r.attempts,
+                  r.error, json.dumps(r.missing) if r.missing is not None else None, r.sender, r.subject, now)
+                 for r in records])
+
+    def forget(self, account: str, folder: str, uidvalidity: int, uids: Iterable[int]) -> None:
+        """Drop records of mails that left the folder (moved to the archive, or gone)."""
+        uids = list(uids)
+        if not uids:
+            return
+        with transaction(self.conn):
+            self.conn.executemany(
+                "DELETE FROM messages WHERE account = ? AND folder = ? AND uidvalidity = ? AND uid = ?",
+                [(account, folder, uidvalidity, uid) for uid in uids])
+
+    def forget_folders_except(self, account: str, folders: Iterable[str]) -> None:
+        """Drop records of import folders that no longer exist."""
+        keep = list(folders)
+        marks = ",".join("?" * len(keep)) or "''"
+        with transaction(self.conn):
+            self.conn.execute(f"DELETE FROM messages WHERE account = ? AND folder NOT IN ({marks})", [account, *keep])
+            self.conn.execute(f"DELETE FROM folders WHERE account = ? AND folder NOT IN ({marks})", [account, *keep])
+
+    def by_outcome(self, outcome: str, account: str | None = None) -> list[MailRecord]:
+        sql = "SELECT * FROM messages WHERE outcome = ?"
+        params: list = [outcome]
+        if account:
+            sql += " AND account = ?"
+            params.append(account)
+        return [self._record(row) for row in self.db.query(sql + " ORDER BY account, folder, uid", params)]
+
+    @staticmethod
+    def _record(row: dict) -> MailRecord:
+        return MailRecord(
+            account=row["account"], folder=row["folder"], uidvalidity=row["uidvalidity"], uid=row["uid"],
+            outcome=row["outcome"], key=row["key"], activity_id=row["activity_id"], attempts=row["attempts"] or 0,
+            error=row["error"], missing=json.loads(row["missing"]) if row["missing"] else None,
+            sender=row["sender"], subject=row["subject"], updated_at=row["updated_at"])
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def record_run(self, account: str, area: str, ok: bool, summary: dict, error: str | None) -> None:
+        with transaction(self.conn):
+            self.conn.execute(
+                "INSERT OR REPLACE INTO runs (account, area, finished_at, ok, summary, error) VALUES (?,?,?,?,?,?)",
+                (account, area, _now(), int(ok), json.dumps(summary), error))
+
+    def runs(self) -> list[dict]:
+        return [dict(row, summary=json.loads(row["summary"] or "{}"))
+                for row in self.db.query("SELECT * FROM runs ORDER BY account, area")]
+
+    def close(self) -> None:
+        self.conn.close()
