@@ -69,7 +69,7 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
         return 1
     try:
         config_path = workdir / "config.toml"
-        config_path.write_text(CONFIG.format(dir=workdir, port=server.port, user=USER, password=PASSWORD))
+        config_path.write_text(CONFIG.format(dir=workdir, port=server.port, user=USER, password=_password(server)))
         config = load_config(config_path)
         click.echo(f"IMAP server: {type(server).__name__} on 127.0.0.1:{server.port}")
         click.echo(f"config:      {config_path}")
@@ -77,7 +77,7 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
             acme = engine.crm.add_partner("ACME GmbH", ["info@acme.example"])
             erika = engine.crm.add_contact("Erika Mustermann", "erika.mustermann@acme.example", acme.id)
             click.echo(f"CRM:         partner #{acme.id} {acme.name} (acme.example), contact #{erika.id} {erika.name}")
-            _drop_sample_mail(server.port)
+            _drop_sample_mail(server.port, _password(server))
             click.echo("")
             click.echo("import folders on the server:")
             for folder in engine.import_folders(config.account("demo")):
@@ -101,7 +101,7 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
             again = engine.sync().accounts["demo"].mail
             click.echo("")
             click.echo(f"second sync: imported {again.imported if again else 0} (nothing is imported twice)")
-            archived = _count(server.port, config.account("demo").imap.archive_folder)
+            archived = _count(server.port, _password(server), config.account("demo").imap.archive_folder)
             click.echo(f"archive folder holds {archived} mail(s); the CRM folders are empty again")
             code = report.exit_code
         if keep:
@@ -117,15 +117,17 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
 
 def _start_server(use_dovecot: bool):
     if use_dovecot:
-        server = Dovecot.start()
-        server.add_user(USER, PASSWORD)
-        return server
+        return Dovecot.start()
     return Pymap.start(USER, PASSWORD)
 
 
-def _drop_sample_mail(port: int) -> None:
+def _password(server) -> str:
+    return server.password_for(USER) if isinstance(server, Dovecot) else PASSWORD
+
+
+def _drop_sample_mail(port: int, password: str) -> None:
     client = IMAPClient("127.0.0.1", port=port, ssl=False)
-    client.login(USER, PASSWORD)
+    client.login(USER, password)
     try:
         samples = resources.files("gwsync") / "sample_mail"
         for name, folder in PLACEMENT.items():
@@ -145,9 +147,9 @@ def _create_with_parents(client: IMAPClient, folder: str) -> None:
             client.create_folder(name)
 
 
-def _count(port: int, folder: str) -> int:
+def _count(port: int, password: str, folder: str) -> int:
     client = IMAPClient("127.0.0.1", port=port, ssl=False)
-    client.login(USER, PASSWORD)
+    client.login(USER, password)
     try:
         return len(client.select_folder(folder, readonly=True) and client.search(["ALL"]))
     finally:

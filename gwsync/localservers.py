@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -82,8 +82,8 @@ namespace inbox {{
   prefix =
 }}
 passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%u {dir}/passwd
+  driver = static
+  args = password=pw-%u
 }}
 userdb {{
   driver = static
@@ -121,7 +121,6 @@ class Dovecot:
     port: int = 0
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
-    users: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def start(cls) -> "Dovecot":
@@ -139,7 +138,6 @@ class Dovecot:
         os.chmod(directory, 0o755)
         for sub in ("run", "state", "mail", "home"):
             (directory / sub).mkdir()
-        (directory / "passwd").write_text("")
         group = _group_name(entry.pw_gid)
         server = cls(directory=directory, port=free_port())
         conf = directory / "dovecot.conf"
@@ -156,18 +154,11 @@ class Dovecot:
         wait_for_port(server.port, server.proc, log=directory / "dovecot.log")
         return server
 
-    def add_user(self, name: str, password: str) -> None:
-        """Add a mail user; Dovecot re-reads the passwd file when it changes."""
-        self.users[name] = password
-        lines = "".join(f"{user}:{{PLAIN}}{pw}\n" for user, pw in self.users.items())
-        path = self.directory / "passwd"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(lines)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        # passwd-file caches by mtime with one-second resolution on some filesystems.
-        future = time.time() + 1
-        os.utime(path, (future, future))
+    @staticmethod
+    def password_for(user: str) -> str:
+        """Every user name logs in, with the password `pw-<user>` (a static passdb: no file
+        to re-read, so tests can make a fresh mailbox per test at no cost)."""
+        return f"pw-{user}"
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -98,10 +98,20 @@ def _header_values(msg: Message, name: str, warnings: list[str]) -> list[str]:
     values = []
     for value in raw_values:
         try:
-            values.append(str(value))
+            text = str(value)
         except Exception:
-            values.append(_decode_words(getattr(value, "_raw", "") or ""))
+            text = "\ufffd"
+        if "\ufffd" in text:  # an unknown charset in an encoded word: decode it ourselves
+            text = _decode_words(_raw_value(msg, name, value))
+        values.append(text)
     return values
+
+
+def _raw_value(msg: Message, name: str, value) -> str:
+    raw = getattr(value, "_raw", None)
+    if raw is None:
+        raw = next((str(v) for k, v in msg.raw_items() if k.lower() == name.lower()), "")
+    return re.sub(r"\r?\n[ \t]", " ", str(raw))
 
 
 def _header(msg: Message, name: str, warnings: list[str]) -> str:
@@ -117,9 +127,12 @@ def _header(msg: Message, name: str, warnings: list[str]) -> str:
     if value is None:
         return ""
     try:
-        return str(value)
+        text = str(value)
     except Exception:
-        return _decode_words(str(getattr(value, "_raw", "")))
+        text = "\ufffd"
+    if "\ufffd" in text:
+        text = _decode_words(_raw_value(msg, name, value))
+    return text
 
 
 def _decode_words(raw: str) -> str:
@@ -154,15 +167,18 @@ def _clean_text(text: str) -> str:
     return re.sub(r"\s*[\r\n]+\s*", " ", text).strip()
 
 
+_ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
+
+
 def _first_address(msg: Message, name: str, warnings: list[str]) -> tuple[str, str | None]:
     for value in _header_values(msg, name, warnings):
         pairs = email.utils.getaddresses([value])
         for display, addr in pairs:
             addr = addr.strip()
-            if addr and "@" in addr:
+            if _ADDRESS.fullmatch(addr):
                 return _clean_text(display), addr.lower()
         # No parseable address: look for anything address-shaped in the raw text.
-        match = re.search(r"[\w.+-]+@[\w-]+(\.[\w-]+)+", value)
+        match = _ADDRESS.search(value)
         if match:
             return _clean_text(value.replace(match.group(0), "").strip(" <>\"")), match.group(0).lower()
     return "", None

@@ -1,0 +1,243 @@
+"""The mail import end to end against a real Dovecot."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from conftest import FIXTURES, crlf, make_mail
+
+from gwsync.crm import ActivityFilter
+
+DONE = "INBOX/CRM Erledigt [E]"
+OPEN = "INBOX/CRM Offen [O]"
+ARCHIVE = "INBOX/CRM Archiv"
+
+
+def test_mail_in_crm_folders_becomes_activities_and_is_archived(env):
+    env.append(DONE, make_mail(1), make_mail(2))
+    env.append(OPEN, make_mail(3))
+    env.append("INBOX", make_mail(99))  # not an import folder: untouched
+
+    code, out = env.cli_json("sync")
+
+    assert code == 0
+    assert out["accounts"]["alice"]["mail"]["imported"] == 3
+    assert out["accounts"]["alice"]["error"] is None
+    with env.engine() as engine:
+        acts = engine.crm.list_activities(ActivityFilter(imported=True))
+    assert sorted((a.subject, a.status, a.kind) for a in acts) == [
+        ("Test mail 1", "E", "MAILEIN"), ("Test mail 2", "E", "MAILEIN"), ("Test mail 3", "O", "MAILEIN")]
+    assert all(a.link == f"https://crm.example.com/activities/{a.id}" for a in acts)
+    assert env.messages(DONE) == {} and env.messages(OPEN) == {}
+    assert len(env.messages(ARCHIVE)) == 3
+    assert len(env.messages("INBOX")) == 1
+
+
+def test_second_sync_imports_nothing(env):
+    env.append(DONE, make_mail(1), make_mail(2))
+    assert env.cli_json("sync")[1]["accounts"]["alice"]["mail"]["imported"] == 2
+    code, out = env.cli_json("sync")
+    assert code == 0
+    assert out["accounts"]["alice"]["mail"] == {"imported": 0, "held": 0, "failed": 0, "activities": []}
+
+
+def test_import_never_sets_seen(env):
+    env.append(DONE, make_mail(1))
+    env.cli("sync")
+    (archived,) = env.messages(ARCHIVE).values()
+    assert b"\\Seen" not in archived["flags"]
+
+
+def test_folders_at_any_depth_and_non_ascii_names(env):
+    env.create("INBOX/Kunden", "INBOX/Kunden/Nord")
+    env.append("INBOX/Kunden/Nord/CRM Rückruf [R]", make_mail(1))
+    env.append("INBOX/CRM Ärger mit Ölpreisen [O]", make_mail(2))
+
+    result = env.cli("folders")
+    assert result.exit_code == 0
+    assert "INBOX/Kunden/Nord/CRM Rückruf [R]" in result.stdout
+    assert "INBOX/CRM Ärger mit Ölpreisen [O]" in result.stdout
+
+    env.cli("sync")
+    with env.engine() as engine:
+        statuses = sorted(a.status for a in engine.crm.list_activities(ActivityFilter()))
+    assert statuses == ["O", "R"]
+
+
+def test_unknown_status_key_is_an_error_for_that_folder_only(env):
+    env.append("INBOX/CRM Irgendwas [Z]", make_mail(1))
+    env.append(DONE, make_mail(2))
+
+    result = env.cli("sync")
+
+    assert result.exit_code == 1
+    assert "INBOX/CRM Irgendwas [Z]" in result.stderr and "[Z]" in result.stderr
+    assert "imported 1 mail" in result.stdout
+    assert len(env.messages("INBOX/CRM Irgendwas [Z]")) == 1  # nothing lost
+
+
+def test_sender_resolution_contact_then_partner_domain_then_unassigned(env):
+    with env.engine() as engine:
+        acme = engine.crm.add_partner("ACME", ["info@acme.example"])
+        erika = engine.crm.add_contact("Erika", "Erika@ACME.example", acme.id)
+    env.append(DONE, make_mail(1, sender="Erika <erika@acme.example>"),
+               make_mail(2, sender="buchhaltung@acme.example"), make_mail(3, sender="nobody@else.example"))
+    env.cli("sync")
+    with env.engine() as engine:
+        acts = {a.subject: a for a in engine.crm.list_activities(ActivityFilter())}
+        unassigned = [a.subject for a in engine.crm.list_activities(ActivityFilter(unassigned=True))]
+    assert (acts["Test mail 1"].contact_id, acts["Test mail 1"].partner_id) == (erika.id, acme.id)
+    assert (acts["Test mail 2"].contact_id, acts["Test mail 2"].partner_id) == (None, acme.id)
+    assert (acts["Test mail 3"].contact_id, acts["Test mail 3"].partner_id) == (None, None)
+    assert sorted(unassigned) == ["Test mail 2", "Test mail 3"]
+
+
+def test_mandatory_partner_holds_mail_in_its_folder(make_env):
+    env = make_env(mandatory=("partner",))
+    with env.engine() as engine:
+        engine.crm.add_partner("ACME", ["info@acme.example"])
+    env.append(DONE, make_mail(1, sender="x@acme.example"), make_mail(2, sender="stranger@nowhere.example"))
+
+    code, out = env.cli_json("sync")
+
+    assert code == 0  # held mail is not an error
+    assert out["accounts"]["alice"]["mail"]["imported"] == 1
+    assert out["accounts"]["alice"]["mail"]["held"] == 1
+    left = list(env.messages(DONE).values())
+    assert len(left) == 1 and b"stranger@nowhere.example" in left[0]["raw"]
+    code, held = env.cli_json("held")
+    assert [(h["sender"], h["missing"]) for h in held] == [("stranger@nowhere.example", ["partner"])]
+
+    # The data changes (the domain becomes a partner's): the next sync releases the mail.
+    with env.engine() as engine:
+        engine.crm.add_partner("Nowhere Ltd", ["info@nowhere.example"])
+    code, out = env.cli_json("sync")
+    assert out["accounts"]["alice"]["mail"]["imported"] == 1
+    assert env.messages(DONE) == {}
+    assert env.cli_json("held")[1] == []
+
+
+def test_real_world_messages_import(env):
+    names = sorted(p.name for p in (FIXTURES / "mail").glob("*.eml"))
+    env.append(DONE, *(crlf((FIXTURES / "mail" / n).read_bytes()) for n in names))
+
+    code, out = env.cli_json("sync")
+
+    assert code == 0, out
+    assert out["accounts"]["alice"]["mail"]["imported"] == len(names)
+    code, acts = env.cli_json("activities", "--imported")
+    by_subject = {a["subject"]: a for a in acts}
+    assert "Malformed headers müssen still import" in by_subject
+    assert by_subject["Malformed headers müssen still import"]["sender"] == "broken@example.org"
+    assert "Grüße aus Köln" in by_subject["Übersechung für Köln"]["body"]
+    assert by_subject["No Message-ID here"]["message_id"] is None
+    assert by_subject["HTML only"]["body"].startswith("First paragraph & more.")
+    assert "alert" not in by_subject["HTML only"]["body"]
+    nested = by_subject["Nested"]
+    assert nested["body"] == "Plain body of the nested mail."
+    assert sorted(d["filename"] for d in nested["documents"]) == [
+        "Forwarded inner mail.eml", "Prüfbericht § 3.txt", "logo.png"]
+
+
+def test_hostile_attachment_names_stay_inside_the_document_store(env):
+    env.append(DONE, crlf((FIXTURES / "mail" / "hostile-names.eml").read_bytes()))
+    env.cli("sync")
+    code, acts = env.cli_json("activities")
+    docs = acts[0]["documents"]
+    store = env.dir / "documents"
+    assert len(docs) == 7
+    for doc in docs:
+        name = doc["filename"]
+        assert "/" not in name and "\\" not in name and "\x00" not in name and not name.startswith(".")
+        assert 0 < len(name.encode()) <= 200
+        path = store / doc["sha256"][:2] / doc["sha256"]
+        assert path.is_file() and path.resolve().is_relative_to(store.resolve())
+    # Nothing was written anywhere else in the test's directory tree.
+    written = {p.name for p in env.dir.rglob("*") if p.is_file()}
+    assert not ({"x", "passwd", "evil.bat"} & written)
+    assert sorted(d["size"] for d in docs) == [3, 4, 4, 7, 8, 9, 11]
+
+
+def test_documents_are_content_addressed_with_their_hash(env):
+    import hashlib
+
+    env.append(DONE, crlf((FIXTURES / "mail" / "nested-multipart.eml").read_bytes()))
+    env.cli("sync")
+    code, acts = env.cli_json("activities")
+    for doc in acts[0]["documents"]:
+        data = (env.dir / "documents" / doc["sha256"][:2] / doc["sha256"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == doc["sha256"] and len(data) == doc["size"]
+    prufbericht = next(d for d in acts[0]["documents"] if d["filename"].startswith("Pr"))
+    assert (env.dir / "documents" / prufbericht["sha256"][:2] / prufbericht["sha256"]).read_bytes() == \
+        "Prüfbericht".encode()
+
+
+def test_mails_sharing_a_message_id_are_different_activities(env):
+    same_id = "Message-ID: <dup@example.org>\n"
+    env.append(DONE, make_mail(1, extra_headers=same_id).replace(b"Message-ID: <m1@example.org>\r\n", b""),
+               make_mail(2, extra_headers=same_id).replace(b"Message-ID: <m2@example.org>\r\n", b""))
+    code, out = env.cli_json("sync")
+    assert out["accounts"]["alice"]["mail"]["imported"] == 2
+
+
+def test_mail_back_in_a_new_folder_after_uidvalidity_change_or_lost_state_is_not_imported_twice(env):
+    env.append(DONE, make_mail(1), make_mail(2))
+    env.cli("sync")
+    with env.imap() as client:
+        client.delete_folder(DONE)  # the recreated folder gets a new UIDVALIDITY
+        client.create_folder(DONE)
+        client.select_folder(ARCHIVE)
+        client.copy(client.search(["ALL"]), DONE)
+    (env.dir / "state.db").unlink()  # and the state database is lost too
+
+    code, out = env.cli_json("sync")
+
+    assert code == 0
+    assert out["accounts"]["alice"]["mail"]["imported"] == 0
+    with env.engine() as engine:
+        assert len(engine.crm.list_activities(ActivityFilter())) == 2
+    assert env.messages(DONE) == {}
+
+
+def test_dry_run_changes_nothing(env):
+    env.append(DONE, make_mail(1))
+    result = env.cli("sync", "--dry-run")
+    assert result.exit_code == 0 and "would import 1 mail" in result.stdout
+    assert len(env.messages(DONE)) == 1
+    assert env.cli_json("activities")[1] == []
+    assert env.messages(ARCHIVE) == {}
+
+
+def test_databases_are_private(env):
+    env.append(DONE, make_mail(1))
+    env.cli("sync")
+    for name in ("crm.db", "state.db"):
+        mode = stat.S_IMODE(os.stat(env.dir / name).st_mode)
+        assert mode == 0o600, (name, oct(mode))
+    assert stat.S_IMODE(os.stat(env.dir / "documents").st_mode) == 0o700
+
+
+def test_activity_show_json_has_the_spec_fields(env):
+    env.append(DONE, crlf((FIXTURES / "mail" / "nested-multipart.eml").read_bytes()))
+    env.cli("sync")
+    code, item = env.cli_json("activity", "show", "1")
+    assert code == 0
+    for key in ("id", "kind", "status", "subject", "body", "location", "contact_id", "partner_id", "sender",
+                "unassigned", "message_id", "start", "end", "due", "link", "documents"):
+        assert key in item
+    for key in ("filename", "size", "sha256", "category", "keyword"):
+        assert key in item["documents"][0]
+    assert env.cli("activity", "show", "999").exit_code == 1
+
+
+def test_imported_today_quick_search(env):
+    with env.engine() as engine:
+        from gwsync.crm import ActivityDraft
+
+        engine.crm.create_activities([ActivityDraft(key="manual:1", kind="TERMIN", status="O", subject="Not mail")])
+    env.append(DONE, make_mail(1))
+    env.cli("sync")
+    assert [a["subject"] for a in env.cli_json("activities", "--imported", "--today")[1]] == ["Test mail 1"]
+    assert len(env.cli_json("activities")[1]) == 2
+    assert [a["subject"] for a in env.cli_json("activities", "--kind", "TERMIN")[1]] == ["Not mail"]
