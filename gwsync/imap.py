@@ -180,6 +180,28 @@ class ImapSession:
     def bodystructure(self, uid: int):
         return self.client.fetch([uid], ["BODYSTRUCTURE"])[uid][b"BODYSTRUCTURE"]
 
+    def uids_of_size(self, size: int) -> list[int]:
+        """UIDs of the selected folder's mail of exactly this size (RFC822.SIZE)."""
+        return self.client.search(["LARGER", str(size - 1), "SMALLER", str(size + 1)])
+
+    def examine(self, folder: str) -> int:
+        """Select a folder read-only (EXAMINE); returns its UIDVALIDITY."""
+        try:
+            info = self.client.select_folder(folder, readonly=True)
+        except IMAPClientError as exc:
+            raise MailServerError(f"cannot open folder {folder!r}: {_text(exc)}")
+        self.selected = folder
+        return int(info[b"UIDVALIDITY"])
+
+    def delete_messages(self, uids: list[int]) -> bool:
+        """Expunge exactly these UIDs; False (and nothing done) when the server lacks UIDPLUS,
+        since a plain EXPUNGE would also remove mail the user marked deleted."""
+        if not uids or "UIDPLUS" not in self.capabilities:
+            return False
+        self.client.add_flags(uids, [imapclient.DELETED], silent=True)
+        self.client.uid_expunge(uids)
+        return True
+
     def move(self, uids: list[int], destination: str) -> None:
         if not uids:
             return

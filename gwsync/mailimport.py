@@ -125,7 +125,7 @@ class MailImporter:
                 result.quarantined += 1
         if to_move:
             result.archived_again += len(to_move)
-            self._archive(session, folder, uidvalidity, to_move)
+            self._archive_recovered(session, folder, uidvalidity, {uid: records[uid].key for uid in to_move})
 
         total = len(to_process)
         done = 0
@@ -217,7 +217,7 @@ class MailImporter:
             return
         ids = self.crm.create_activities(drafts) if drafts else []
         by_key = dict(zip((d.key for d in drafts), ids))
-        to_move = []
+        to_move, recovered = [], {}
         counted: set[str] = set()  # byte-identical copies of one mail make one activity
         for p in prepared:
             activity_id = by_key.get(p.key) if p.draft is not None else p.known_activity
@@ -225,7 +225,10 @@ class MailImporter:
                 continue
             records.append(MailRecord(account=self.account.name, folder=folder.name, uidvalidity=uidvalidity,
                                       uid=p.uid, outcome=IMPORTED, key=p.key, activity_id=activity_id))
-            to_move.append(p.uid)
+            if p.draft is None:
+                recovered[p.uid] = p.key
+            else:
+                to_move.append(p.uid)
             if p.draft is not None and p.key not in counted:
                 counted.add(p.key)
                 result.imported += 1
@@ -236,12 +239,39 @@ class MailImporter:
                 result.archived_again += 1
         self.state.save(records)
         self._archive(session, folder, uidvalidity, to_move)
+        self._archive_recovered(session, folder, uidvalidity, recovered)
 
     def _archive(self, session: ImapSession, folder: ImportFolder, uidvalidity: int, uids: list[int]) -> None:
         if self.dry_run or not uids:
             return
         session.move(uids, self.imap_cfg.archive_folder)
         self.state.forget(self.account.name, folder.name, uidvalidity, uids)
+
+    def _archive_recovered(self, session: ImapSession, folder: ImportFolder, uidvalidity: int,
+                           keys: dict[int, str | None]) -> None:
+        """Archive mail that the CRM has already: an earlier run died after its commit, or the
+        user put an archived mail back. If an identical copy is in the archive already (Dovecot
+        leaves one when a client dies inside MOVE), drop this one instead of archiving it twice."""
+        if self.dry_run or not keys:
+            return
+        sizes = session.sizes(list(keys))
+        archive = self.imap_cfg.archive_folder
+        session.examine(archive)
+        in_archive: set[str] = set()
+        for size in sorted({sizes[uid] for uid in keys if uid in sizes}):
+            candidates = session.uids_of_size(size)
+            for cand in candidates:
+                in_archive.add(self._streamed_key(session, cand, size) if size > STREAM_THRESHOLD
+                               else content_key(session.fetch_raw([cand]).get(cand, b"")))
+        if session.select(folder.name) != uidvalidity:
+            raise MailServerError(f"folder {folder.name!r} was recreated during the sync; run sync again")
+        duplicates = [uid for uid, key in keys.items() if uid in sizes and key in in_archive]
+        if duplicates and session.delete_messages(duplicates):
+            self.state.forget(self.account.name, folder.name, uidvalidity, duplicates)
+            duplicates_set = set(duplicates)
+        else:
+            duplicates_set = set()
+        self._archive(session, folder, uidvalidity, [uid for uid in keys if uid in sizes and uid not in duplicates_set])
 
     def _streamed_key(self, session: ImapSession, uid: int, size: int) -> str:
         digest = hashlib.sha256()
