@@ -76,9 +76,8 @@ def parse_headers(msg: Message, warnings: list[str]) -> dict:
             for _display, addr in email.utils.getaddresses([value]):
                 if addr and "@" in addr:
                     recipients.append(addr.strip().lower())
-    message_id = _header(msg, "Message-ID", warnings).strip() or None
-    if message_id:
-        message_id = message_id.split()[0]
+    message_id = _header(msg, "Message-ID", warnings).strip()
+    message_id = message_id.split()[0] if message_id.strip("<> ") else None
     return {
         "message_id": message_id,
         "subject": _clean_text(_header(msg, "Subject", warnings)),

@@ -1,0 +1,136 @@
+"""MIME parsing, file name sanitising and streamed decoding (pure, no server)."""
+
+import base64
+import binascii
+import quopri
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from gwsync.mime import StreamDecoder, content_key, html_to_text, parse_message, sanitise_filename
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "mail"
+
+
+def fixture(name: str):
+    return parse_message((FIXTURES / name).read_bytes())
+
+
+def test_rfc2047_subject_and_unknown_charsets():
+    mail = fixture("unknown-charset.eml")
+    assert mail.subject == "Übersechung für Köln"
+    assert mail.sender == "bjoern@example.org"
+    assert mail.sender_name == "Björn"  # encoded word in an unknown charset, read as cp1252
+    assert "Grüße aus Köln" in mail.body
+    assert mail.date is None
+    assert any("x-mac-klingon" in w for w in mail.warnings)
+
+
+def test_malformed_headers_degrade_to_readable_values():
+    mail = fixture("malformed-headers.eml")
+    assert mail.subject == "Malformed headers müssen still import"
+    assert mail.sender == "broken@example.org"
+    assert mail.recipients == ["a@example.com"]
+    assert mail.message_id is None
+
+
+def test_nested_multipart_body_and_attachments():
+    mail = fixture("nested-multipart.eml")
+    assert mail.body == "Plain body of the nested mail."
+    names = {a.filename: a for a in mail.attachments}
+    assert set(names) == {"logo.png", "Forwarded inner mail.eml", "Prüfbericht § 3.txt"}
+    assert names["Prüfbericht § 3.txt"].data == "Prüfbericht".encode()
+    assert names["Forwarded inner mail.eml"].content_type == "message/rfc822"
+    assert b"Inner body." in names["Forwarded inner mail.eml"].data
+
+
+def test_html_only_mail_falls_back_to_text_without_script_or_style():
+    mail = fixture("html-only.eml")
+    assert mail.body == "First paragraph & more.\n\nSecond line"
+
+
+def test_no_message_id():
+    assert fixture("no-message-id.eml").message_id is None
+
+
+def test_date_is_normalised_to_utc():
+    mail = parse_message(b"Date: Tue, 24 Nov 2026 09:12:00 +0100\r\nSubject: x\r\n\r\nb")
+    assert mail.date == "2026-11-24T08:12:00+00:00"
+
+
+def test_identical_bytes_same_key_any_difference_other_key():
+    raw = (FIXTURES / "no-message-id.eml").read_bytes()
+    assert content_key(raw) == content_key(bytes(raw))
+    assert content_key(raw) != content_key(raw + b" ")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("../../x", "x"),
+    ("/etc/passwd", "passwd"),
+    ("..\\..\\windows\\evil.bat", "evil.bat"),
+    ("nul\x00inside.txt", "nul_inside.txt"),
+    ("...", "attachment.txt"),
+    ("", "attachment.txt"),
+    (None, "attachment.txt"),
+    (".bashrc", "bashrc"),
+    ("Prüfbericht § 3.txt", "Prüfbericht § 3.txt"),
+    ("a:b*c?.pdf", "a_b_c_.pdf"),
+])
+def test_sanitise_filename(name, expected):
+    assert sanitise_filename(name, "text/plain") == expected
+
+
+def test_long_names_keep_their_extension():
+    name = sanitise_filename("ä" * 400 + ".pdf")
+    assert name.endswith(".pdf") and len(name.encode()) <= 200
+
+
+@given(st.text())
+def test_sanitised_names_are_always_safe(name):
+    safe = sanitise_filename(name)
+    assert safe and len(safe.encode("utf-8")) <= 200
+    assert "/" not in safe and "\\" not in safe and "\x00" not in safe
+    assert not safe.startswith(".") and safe not in (".", "..")
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=2000))
+def test_parsing_never_raises_on_arbitrary_bytes(raw):
+    mail = parse_message(raw)
+    assert isinstance(mail.subject, str) and isinstance(mail.body, str)
+
+
+@settings(max_examples=100)
+@given(st.lists(st.text(max_size=30), max_size=8), st.binary(max_size=300))
+def test_parsing_survives_garbage_headers(headers, body):
+    raw = "".join(f"{h}\r\n" for h in headers).encode("utf-8", "surrogateescape") + b"\r\n" + body
+    parse_message(raw)
+
+
+def _chunked(data: bytes, cuts: list[int]):
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    start = 0
+    for p in points + [len(data)]:
+        yield data[start:p]
+        start = p
+
+
+@given(st.binary(max_size=3000), st.lists(st.integers(0, 5000), max_size=12))
+def test_streamed_base64_equals_whole_decode(data, cuts):
+    encoded = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    decoder = StreamDecoder("base64")
+    out = b"".join(decoder.feed(chunk) for chunk in _chunked(encoded, cuts)) + decoder.finish()
+    assert out == data
+
+
+@given(st.binary(max_size=3000), st.lists(st.integers(0, 5000), max_size=12))
+def test_streamed_quoted_printable_equals_whole_decode(data, cuts):
+    encoded = quopri.encodestring(data)
+    decoder = StreamDecoder("quoted-printable")
+    out = b"".join(decoder.feed(chunk) for chunk in _chunked(encoded, cuts)) + decoder.finish()
+    assert out == binascii.a2b_qp(encoded)
+
+
+def test_html_to_text_survives_broken_markup():
+    assert html_to_text("<p>a<b>b</p><script>x</script>&amp;") == "ab\n&"
