@@ -362,5 +362,20 @@ def demo(keep: Path | None, dovecot: bool) -> None:
     sys.exit(run_demo(keep, use_dovecot=dovecot))
 
 
+def run() -> None:
+    """The console script: Ctrl-C ends with one line and exit code 130, no traceback."""
+    try:
+        code = main.main(standalone_mode=False)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("gwsync: interrupted; nothing is lost, run the command again to finish", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(code or 0)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from imapclient.exceptions import IMAPClientAbortError
+
 from .config import AREAS, AccountConfig, Config, ConfigError
 from .crm import CRMBackend
 from .crmstore import EmbeddedCRM
@@ -128,11 +130,17 @@ class Engine:
             importer = MailImporter(account, self.config.crm, self.crm, self.state, dry_run=dry_run,
                                     progress=progress)
             acc_report.mail = importer.run(session)
-        except ServerUnreachable as exc:
-            acc_report.errors.append(f"account {name}: {exc}; nothing is lost, run sync again")
+        except (ServerUnreachable, OSError, IMAPClientAbortError) as exc:
+            session.abort()
+            what = exc if isinstance(exc, ServerUnreachable) else f"connection lost ({exc})"
+            acc_report.errors.append(f"account {name}: {what}; nothing is lost, run sync again")
         except MailServerError as exc:
+            session.logout()
             acc_report.errors.append(f"account {name}: {exc}")
-        finally:
+        except BaseException:
+            session.abort()  # interrupted: the CRM transaction rolled back; the next run finishes
+            raise
+        else:
             session.logout()
         if not dry_run:
             mail = acc_report.mail

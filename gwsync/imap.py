@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import socket
 import ssl
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
 import imapclient
-from imapclient.exceptions import IMAPClientError, LoginError
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
 from .config import ImapConfig
 from .folders import ImportFolderName, is_below, last_element, parse_import_folder
@@ -45,6 +46,18 @@ class ImportFolder:
 # under 10 MB. Large mails are streamed in chunks instead (see fetch_chunks).
 FETCH_BATCH = 250
 CHUNK = 1 << 20
+
+
+@contextmanager
+def _guard(what: str):
+    """Server refusals become MailServerError; a dropped connection (BYE, reset, timeout)
+    becomes ServerUnreachable, which is never counted against a folder or a mail."""
+    try:
+        yield
+    except (IMAPClientAbortError, ConnectionError, TimeoutError, socket.timeout) as exc:
+        raise ServerUnreachable(f"connection lost during {what} ({_text(exc)})")
+    except IMAPClientError as exc:
+        raise MailServerError(f"{what}: {_text(exc)}")
 
 
 def _ssl_context(cfg: ImapConfig) -> ssl.SSLContext:
@@ -113,29 +126,25 @@ class ImapSession:
         return delim.decode() if isinstance(delim, bytes) else delim
 
     def _list(self, pattern: str):
-        try:
+        with _guard(f"IMAP LIST {pattern!r}"):
             return self.client.list_folders("", pattern)
-        except (OSError, socket.timeout) as exc:
-            raise ServerUnreachable(f"IMAP: connection lost ({exc})")
-        except IMAPClientError as exc:
-            raise MailServerError(f"IMAP LIST {pattern!r} failed: {_text(exc)}")
 
     def ensure_folder(self, name: str) -> None:
-        try:
-            if not self.client.folder_exists(name):
+        with _guard(f"creating folder {name!r}"):
+            if self.client.folder_exists(name):
+                return
+            try:
                 self.client.create_folder(name)
-        except IMAPClientError as exc:
-            if "ALREADYEXISTS" not in str(exc).upper():
-                raise MailServerError(f"cannot create folder {name!r}: {_text(exc)}")
+            except IMAPClientError as exc:
+                if isinstance(exc, IMAPClientAbortError) or "ALREADYEXISTS" not in str(exc).upper():
+                    raise
 
     # -- messages ----------------------------------------------------------------------------
 
     def select(self, folder: str) -> int:
         """Select a folder read-write; returns its UIDVALIDITY."""
-        try:
+        with _guard(f"opening folder {folder!r}"):
             info = self.client.select_folder(folder)
-        except IMAPClientError as exc:
-            raise MailServerError(f"cannot open folder {folder!r}: {_text(exc)}")
         self.selected = folder
         return int(info[b"UIDVALIDITY"])
 
@@ -186,10 +195,8 @@ class ImapSession:
 
     def examine(self, folder: str) -> int:
         """Select a folder read-only (EXAMINE); returns its UIDVALIDITY."""
-        try:
+        with _guard(f"opening folder {folder!r}"):
             info = self.client.select_folder(folder, readonly=True)
-        except IMAPClientError as exc:
-            raise MailServerError(f"cannot open folder {folder!r}: {_text(exc)}")
         self.selected = folder
         return int(info[b"UIDVALIDITY"])
 
@@ -205,7 +212,7 @@ class ImapSession:
     def move(self, uids: list[int], destination: str) -> None:
         if not uids:
             return
-        try:
+        with _guard(f"moving mail to {destination!r}"):
             if "MOVE" in self.capabilities:
                 self.client.move(uids, destination)
             else:
@@ -216,11 +223,16 @@ class ImapSession:
                     self.client.uid_expunge(uids)
                 else:
                     self.client.expunge()
-        except IMAPClientError as exc:
-            raise MailServerError(f"cannot move mail to {destination!r}: {_text(exc)}")
 
     def logout(self) -> None:
         _close(self.client)
+
+    def abort(self) -> None:
+        """Drop the connection without a LOGOUT round trip (on Ctrl-C, mid-response)."""
+        try:
+            self.client.shutdown()
+        except Exception:
+            pass
 
 
 def _close(client: imapclient.IMAPClient) -> None:

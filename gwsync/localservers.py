@@ -124,35 +124,43 @@ class Dovecot:
 
     @classmethod
     def start(cls) -> "Dovecot":
+        directory = Path(tempfile.mkdtemp(prefix="gwsync-dovecot-", dir="/tmp"))
+        os.chmod(directory, 0o755)
+        for sub in ("run", "state", "mail", "home"):
+            (directory / sub).mkdir()
+        server = cls(directory=directory)
+        server._launch()
+        return server
+
+    def restart(self) -> None:
+        """Stop the server and start it again on the same mail store (on a new port: a stopped
+        Dovecot holds its port for about a second)."""
+        if self.proc is not None:
+            stop_process_group(self.proc)
+        self._launch()
+
+    def _launch(self) -> None:
         binary = shutil.which("dovecot") or ("/usr/sbin/dovecot" if Path("/usr/sbin/dovecot").exists() else None)
         if not binary:
             raise ServerUnavailable("dovecot is not installed (apt-get install dovecot-imapd)")
         # Dovecot's login processes refuse to run as root, and the mail user must be able to
         # traverse the directory: as root, run everything as the `dovecot` user.
-        if os.geteuid() == 0:
-            user = "dovecot"
-        else:
-            user = pwd.getpwuid(os.geteuid()).pw_name
+        user = "dovecot" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
         entry = pwd.getpwnam(user)
-        directory = Path(tempfile.mkdtemp(prefix="gwsync-dovecot-", dir="/tmp"))
-        os.chmod(directory, 0o755)
-        for sub in ("run", "state", "mail", "home"):
-            (directory / sub).mkdir()
-        group = _group_name(entry.pw_gid)
-        server = cls(directory=directory, port=free_port())
-        conf = directory / "dovecot.conf"
-        conf.write_text(DOVECOT_CONF.format(dir=directory, port=server.port, user=user, group=group))
+        self.port = free_port()
+        conf = self.directory / "dovecot.conf"
+        conf.write_text(DOVECOT_CONF.format(dir=self.directory, port=self.port, user=user,
+                                            group=_group_name(entry.pw_gid)))
         if os.geteuid() == 0:
-            for path in [directory, *directory.rglob("*")]:
+            for path in [self.directory, *self.directory.rglob("*")]:
                 os.chown(path, entry.pw_uid, entry.pw_gid)
-        server.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(
             [binary, "-F", "-c", str(conf)],
             stdout=subprocess.DEVNULL,
-            stderr=open(directory / "stderr.log", "wb"),
+            stderr=open(self.directory / "stderr.log", "ab"),
             start_new_session=True,
         )
-        wait_for_port(server.port, server.proc, log=directory / "dovecot.log")
-        return server
+        wait_for_port(self.port, self.proc, log=self.directory / "dovecot.log")
 
     @staticmethod
     def password_for(user: str) -> str:

@@ -15,6 +15,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
+
 from .config import AccountConfig, CrmConfig
 from .crm import ActivityDraft, CRMBackend, Document
 from .decisions import Step, failure_outcome, missing_fields, plan_mail, resolve_sender
@@ -95,9 +97,9 @@ class MailImporter:
                 continue
             try:
                 self._import_folder(session, folder, result)
-            except ServerUnreachable:
+            except (ServerUnreachable, IMAPClientAbortError):
                 raise
-            except MailServerError as exc:
+            except (MailServerError, IMAPClientError) as exc:  # e.g. the folder vanished meanwhile
                 result.errors.append(f"account {self.account.name}, folder {folder.name!r}: {exc}")
         return result
 
@@ -178,8 +180,8 @@ class MailImporter:
                 unassigned=match.unassigned, message_id=parsed.message_id, start=parsed.date,
                 source=f"{self.account.name}:{folder.name}", documents=documents)
             return _Prepared(uid=uid, key=key, draft=draft)
-        except (ServerUnreachable, KeyboardInterrupt):
-            raise
+        except (ServerUnreachable, IMAPClientAbortError, ConnectionError, TimeoutError):
+            raise  # the connection, not this mail: never count it against the mail
         except Exception as exc:  # one bad mail must never block the others
             previous = record.attempts if record and record.outcome in (FAILED, QUARANTINED) else 0
             base.outcome, base.attempts = failure_outcome(previous, self.crm_cfg.max_attempts)

@@ -15,6 +15,7 @@ from gwsync.crm import ActivityFilter
 from gwsync.crmstore import EmbeddedCRM
 from gwsync.engine import Engine
 from gwsync.imap import ImapSession
+from gwsync.localservers import Dovecot
 from gwsync.mailimport import STREAM_THRESHOLD, MailImporter
 from gwsync.state import StateStore
 
@@ -196,3 +197,53 @@ def test_the_importer_can_be_driven_as_a_library_with_a_session(env):
         finally:
             session.logout()
     assert result.imported == 1 and result.activities[0].link.startswith("https://crm.example.com/activities/")
+
+
+def test_ctrl_c_in_the_middle_is_one_line_and_the_next_run_finishes(env):
+    env.append(DONE, *(make_mail(n) for n in range(1500)))
+    proc = env.subprocess("sync")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # interrupt once the first batch is in the CRM
+        time.sleep(0.05)
+        if (env.dir / "crm.db").exists():
+            with env.engine() as engine:
+                if engine.crm.list_activities(ActivityFilter()):
+                    break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert err.decode().strip().splitlines() == ["gwsync: interrupted; nothing is lost, run the command again to finish"]
+    with env.engine() as engine:
+        assert 0 < len(engine.crm.list_activities(ActivityFilter())) < 1500  # it really stopped mid-import
+    code, result = env.cli_json("sync")
+    assert code == 0
+    with env.engine() as engine:
+        subjects = [a.subject for a in engine.crm.list_activities(ActivityFilter())]
+    assert sorted(subjects) == sorted(f"Test mail {n}" for n in range(1500))
+    assert env.messages(DONE) == {}
+
+
+def test_server_restart_mid_import_is_reported_and_recovered(make_env):
+    server = Dovecot.start()
+    try:
+        env = make_env()
+        env.dovecot = server
+        env.config_path.write_text(re.sub(r"port = \d+", f"port = {server.port}", env.config_path.read_text()))
+        env.append(DONE, *(make_mail(n) for n in range(3000)))
+        proc = env.subprocess("sync")
+        time.sleep(1.0)
+        old_port = server.port
+        server.restart()  # the connection drops mid-import
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1
+        lines = err.decode().strip().splitlines()
+        assert len(lines) == 1 and "connection lost" in lines[0] and "run sync again" in lines[0]
+        env.config_path.write_text(env.config_path.read_text().replace(f"port = {old_port}", f"port = {server.port}"))
+        code, result = env.cli_json("sync")
+        assert code == 0, result
+        with env.engine() as engine:
+            subjects = [a.subject for a in engine.crm.list_activities(ActivityFilter())]
+        assert sorted(subjects) == sorted(f"Test mail {n}" for n in range(3000))
+        assert env.messages(DONE) == {} and len(env.messages(ARCHIVE)) == 3000
+    finally:
+        server.stop()
