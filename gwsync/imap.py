@@ -71,7 +71,8 @@ def _ssl_context(cfg: ImapConfig) -> ssl.SSLContext:
 class ImapSession:
     def __init__(self, client: imapclient.IMAPClient):
         self.client = client
-        self.capabilities = {c.upper() for c in client.capabilities()}
+        self.capabilities = {(c.decode("ascii", "replace") if isinstance(c, bytes) else c).upper()
+                             for c in client.capabilities()}
         self.selected: str | None = None
 
     @classmethod

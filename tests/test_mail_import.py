@@ -241,3 +241,40 @@ def test_imported_today_quick_search(env):
     assert [a["subject"] for a in env.cli_json("activities", "--imported", "--today")[1]] == ["Test mail 1"]
     assert len(env.cli_json("activities")[1]) == 2
     assert [a["subject"] for a in env.cli_json("activities", "--kind", "TERMIN")[1]] == ["Not mail"]
+
+
+def test_servers_without_move_get_copy_deleted_uid_expunge(env):
+    """The fallback path, against the real server: COPY, \\Deleted, UID EXPUNGE of just these UIDs."""
+    from gwsync.imap import ImapSession
+    from gwsync.mailimport import MailImporter
+    from gwsync.state import StateStore
+
+    env.append(DONE, make_mail(1), make_mail(2))
+    with env.imap() as client:  # a mail the user marked deleted but did not expunge must survive
+        client.select_folder(DONE)
+        client.append(DONE, make_mail(3))
+        uid3 = max(client.search(["ALL"]))
+        client.add_flags([uid3], [b"\\Deleted"])
+    config = env.config()
+    account = config.account("alice")
+    with env.engine() as engine:
+        session = ImapSession.connect(account.imap, env.password)
+        session.capabilities.discard("MOVE")
+        try:
+            result = MailImporter(account, config.crm, engine.crm, StateStore(config.state_database)).run(session)
+        finally:
+            session.logout()
+    assert result.imported == 2
+    assert len(env.messages(ARCHIVE)) == 2
+    left = list(env.messages(DONE).values())
+    assert len(left) == 1 and b"X-Seq: 3" in left[0]["raw"]
+
+
+def test_dovecot_gets_uid_move(env):
+    from gwsync.imap import ImapSession
+
+    session = ImapSession.connect(env.config().account("alice").imap, env.password)
+    try:
+        assert {"MOVE", "UIDPLUS"} <= session.capabilities
+    finally:
+        session.logout()
