@@ -74,8 +74,12 @@ class EmbeddedCRM(CRMBackend):
 
     def _create_schema(self) -> None:
         db = self.db
-        if "partners" not in db.table_names():
-            with transaction(self.conn):
+        if "partners" in db.table_names():
+            return
+        # Check again under BEGIN IMMEDIATE, so two processes opening a new database at the
+        # same moment cannot both create the schema.
+        with transaction(self.conn):
+            if "partners" not in db.table_names():
                 db["partners"].create({"id": int, "name": str, "created_at": str}, pk="id")
                 db["partner_addresses"].create(
                     {"id": int, "partner_id": int, "email": str, "domain": str}, pk="id",

@@ -260,11 +260,16 @@ class MailImporter:
         archive = self.imap_cfg.archive_folder
         session.examine(archive)
         in_archive: set[str] = set()
+        small_candidates: list[int] = []
         for size in sorted({sizes[uid] for uid in keys if uid in sizes}):
-            candidates = session.uids_of_size(size)
-            for cand in candidates:
-                in_archive.add(self._streamed_key(session, cand, size) if size > STREAM_THRESHOLD
-                               else content_key(session.fetch_raw([cand]).get(cand, b"")))
+            for cand in session.uids_of_size(size):
+                if size > STREAM_THRESHOLD:
+                    in_archive.add(self._streamed_key(session, cand, size))
+                else:
+                    small_candidates.append(cand)
+        for start in range(0, len(small_candidates), FETCH_BATCH):
+            fetched = session.fetch_raw(small_candidates[start:start + FETCH_BATCH])
+            in_archive.update(content_key(raw) for raw in fetched.values())
         if session.select(folder.name) != uidvalidity:
             raise MailServerError(f"folder {folder.name!r} was recreated during the sync; run sync again")
         duplicates = [uid for uid, key in keys.items() if uid in sizes and key in in_archive]

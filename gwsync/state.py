@@ -46,7 +46,11 @@ class StateStore:
         self.conn = open_private_db(path)
         self.db = sqlite_utils.Database(self.conn)
         if "messages" not in self.db.table_names():
-            with transaction(self.conn):
+            self._create_schema()
+
+    def _create_schema(self) -> None:
+        with transaction(self.conn):  # check again under the write lock (see crmstore)
+            if "messages" not in self.db.table_names():
                 self.db["folders"].create(
                     {"account": str, "folder": str, "uidvalidity": int, "last_sync": str},
                     pk=("account", "folder"))

@@ -199,27 +199,33 @@ def test_the_importer_can_be_driven_as_a_library_with_a_session(env):
     assert result.imported == 1 and result.activities[0].link.startswith("https://crm.example.com/activities/")
 
 
-def test_ctrl_c_in_the_middle_is_one_line_and_the_next_run_finishes(env):
-    env.append(DONE, *(make_mail(n) for n in range(1500)))
-    proc = env.subprocess("sync")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # interrupt once the first batch is in the CRM
+def _wait_for_first_activities(env, timeout: float = 30) -> None:
+    """Until the running import has committed its first batch to the CRM."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         time.sleep(0.05)
         if (env.dir / "crm.db").exists():
             with env.engine() as engine:
-                if engine.crm.list_activities(ActivityFilter()):
-                    break
+                if engine.crm.get_activity(1) is not None:
+                    return
+    raise AssertionError("the import committed nothing within the time limit")
+
+
+def test_ctrl_c_in_the_middle_is_one_line_and_the_next_run_finishes(env):
+    env.append(DONE, *(make_mail(n) for n in range(4000)))
+    proc = env.subprocess("sync")
+    _wait_for_first_activities(env)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130
     assert err.decode().strip().splitlines() == ["gwsync: interrupted; nothing is lost, run the command again to finish"]
     with env.engine() as engine:
-        assert 0 < len(engine.crm.list_activities(ActivityFilter())) < 1500  # it really stopped mid-import
+        assert 0 < len(engine.crm.list_activities(ActivityFilter())) < 4000  # it really stopped mid-import
     code, result = env.cli_json("sync")
     assert code == 0
     with env.engine() as engine:
         subjects = [a.subject for a in engine.crm.list_activities(ActivityFilter())]
-    assert sorted(subjects) == sorted(f"Test mail {n}" for n in range(1500))
+    assert sorted(subjects) == sorted(f"Test mail {n}" for n in range(4000))
     assert env.messages(DONE) == {}
 
 
@@ -231,7 +237,7 @@ def test_server_restart_mid_import_is_reported_and_recovered(make_env):
         env.config_path.write_text(re.sub(r"port = \d+", f"port = {server.port}", env.config_path.read_text()))
         env.append(DONE, *(make_mail(n) for n in range(3000)))
         proc = env.subprocess("sync")
-        time.sleep(1.0)
+        _wait_for_first_activities(env)
         old_port = server.port
         server.restart()  # the connection drops mid-import
         out, err = proc.communicate(timeout=60)
