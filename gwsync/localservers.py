@@ -218,3 +218,81 @@ class Pymap:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+RADICALE_CONF = """\
+[server]
+hosts = 127.0.0.1:{port}
+[auth]
+type = htpasswd
+htpasswd_filename = {dir}/users
+htpasswd_encryption = plain
+delay = 0
+[rights]
+type = owner_only
+[storage]
+filesystem_folder = {dir}/collections
+[logging]
+level = warning
+mask_passwords = True
+"""
+
+
+@dataclass
+class Radicale:
+    """A Radicale CalDAV server (PyPI) in a temporary directory."""
+
+    directory: Path
+    port: int = 0
+    host: str = "127.0.0.1"
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def start(cls) -> "Radicale":
+        directory = Path(tempfile.mkdtemp(prefix="gwsync-radicale-"))
+        (directory / "users").write_text("")
+        server = cls(directory=directory)
+        server._launch()
+        return server
+
+    def _launch(self) -> None:
+        self.port = free_port()
+        conf = self.directory / "radicale.conf"
+        conf.write_text(RADICALE_CONF.format(dir=self.directory, port=self.port))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "radicale", "--config", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.directory / "radicale.log", "ab"),
+            start_new_session=True,
+        )
+        wait_for_port(self.port, self.proc, log=self.directory / "radicale.log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    @staticmethod
+    def password_for(user: str) -> str:
+        return f"dav-{user}"
+
+    def add_user(self, user: str) -> str:
+        """Add a user (password `dav-<user>`); returns the user's calendar home URL."""
+        with open(self.directory / "users", "a") as users:
+            users.write(f"{user}:{self.password_for(user)}\n")
+        return f"{self.url}{user}/"
+
+    def restart(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc)
+        self._launch()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> "Radicale":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

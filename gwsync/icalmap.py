@@ -1,0 +1,425 @@
+"""Mapping between CRM activities and iCalendar items (pure: text in, text or data out).
+
+Reading uses the icalendar library. Writing an update edits the item's text at the level of
+content lines: only the properties gwsync maps are replaced in the master component; every
+other line (alarms, attendees, recurrence overrides, X- properties, other clients' data) is
+kept byte-for-byte, folding included.
+
+Times are strings in the CRM: `2026-11-26` (all-day), `2026-11-26T10:00:00` (floating),
+`2026-11-26T09:00:00+00:00` (UTC) and `2026-11-26T10:00:00+01:00[Europe/Berlin]` (a time
+zone, in the RFC 9557 form), so that a round trip keeps the zone.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import icalendar
+
+FIELDS = ("kind", "status", "subject", "body", "location", "start", "end", "due", "rrule")
+EVENT, TODO = "VEVENT", "VTODO"
+PRODID = "-//gwsync//gwsync//EN"
+ACTIVITY_ID_PROP = "X-GWSYNC-ACTIVITY-ID"
+KIND_PROP = "X-GWSYNC-KIND"
+STATUS_PROP = "X-GWSYNC-STATUS"
+_LINK_LINE = re.compile(r"^CRM: \S+\s*$")
+
+
+class BrokenItem(ValueError):
+    """The server's item is not usable iCalendar (reported for that item only)."""
+
+
+# -- times -----------------------------------------------------------------------------------
+
+_ZONE_SUFFIX = re.compile(r"^(?P<base>[^\[]+)\[(?P<zone>[^\]]+)\]$")
+
+
+def parse_time(text: str | None):
+    """CRM time string -> date, naive datetime (floating) or aware datetime."""
+    if not text:
+        return None
+    text = text.strip()
+    match = _ZONE_SUFFIX.match(text)
+    if match:
+        base = datetime.fromisoformat(match["base"])
+        try:
+            zone = ZoneInfo(match["zone"])
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {match['zone']!r}")
+        return base.replace(tzinfo=None).replace(tzinfo=zone)
+    if len(text) == 10:
+        return date.fromisoformat(text)
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value
+
+
+def format_time(value) -> str | None:
+    """date/datetime -> the CRM's time string (see the module doc)."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        return value.isoformat()
+    if value.tzinfo is None:
+        return value.isoformat(timespec="seconds")
+    key = getattr(value.tzinfo, "key", None)
+    if key and key not in ("UTC", "Etc/UTC", "GMT", "Z"):
+        return f"{value.isoformat(timespec='seconds')}[{key}]"
+    return value.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+def normalise_time(text: str | None) -> str | None:
+    """The canonical form of a user's ISO 8601 input (raises ValueError when it is none)."""
+    return format_time(_ical_ready(parse_time(text))) if text else None
+
+
+def _ical_ready(value):
+    """iCalendar has no fixed UTC offsets without a VTIMEZONE: turn them into UTC."""
+    if isinstance(value, datetime) and value.tzinfo is not None and not getattr(value.tzinfo, "key", None):
+        return value.astimezone(timezone.utc)
+    return value
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+@dataclass
+class ItemData:
+    uid: str
+    component: str  # VEVENT or VTODO
+    fields: dict
+    activity_id: int | None  # X-GWSYNC-ACTIVITY-ID, if gwsync linked it
+    modified: str | None  # LAST-MODIFIED (or DTSTAMP) in UTC ISO, for the `newest` policy
+
+
+def strip_link(description: str) -> str:
+    """The description without gwsync's `CRM: <link>` lines."""
+    lines = [line for line in description.replace("\r\n", "\n").split("\n") if not _LINK_LINE.match(line)]
+    return "\n".join(lines).strip("\n").rstrip()
+
+
+def _master(cal: icalendar.Calendar):
+    for comp in cal.subcomponents:
+        if comp.name in (EVENT, TODO) and "RECURRENCE-ID" not in comp:
+            return comp
+    for comp in cal.subcomponents:  # only overrides: take the first
+        if comp.name in (EVENT, TODO):
+            return comp
+    return None
+
+
+def read_item(text: str, done_status: str, open_status: str) -> ItemData:
+    try:
+        cal = icalendar.Calendar.from_ical(text)
+        comp = _master(cal)
+        if comp is None:
+            raise BrokenItem("no VEVENT or VTODO in the item")
+        uid = str(comp.get("UID", "")).strip()
+        if not uid:
+            raise BrokenItem("the item has no UID")
+        is_todo = comp.name == TODO
+        start = comp.decoded("DTSTART") if "DTSTART" in comp else None
+        end = due = None
+        if is_todo:
+            due = comp.decoded("DUE") if "DUE" in comp else None
+        elif "DTEND" in comp:
+            end = comp.decoded("DTEND")
+        elif "DURATION" in comp and start is not None:
+            end = start + comp.decoded("DURATION")
+        kind = str(comp.get(KIND_PROP, "")).strip()
+        if not kind:
+            kind = "AUFGABE" if is_todo else ("BESPRECHUNG" if "ATTENDEE" in comp else "TERMIN")
+        recorded = str(comp.get(STATUS_PROP, "")).strip() or None
+        if is_todo and str(comp.get("STATUS", "")).upper() == "COMPLETED":
+            status = done_status
+        elif is_todo and recorded == done_status:
+            status = open_status  # completed in the CRM, reopened on the device
+        else:
+            status = recorded or open_status
+        rrule = comp.get("RRULE")
+        if isinstance(rrule, list):
+            rrule = rrule[0]
+        fields = {
+            "kind": kind,
+            "status": status,
+            "subject": str(comp.get("SUMMARY", "")),
+            "body": strip_link(str(comp.get("DESCRIPTION", ""))),
+            "location": str(comp.get("LOCATION")) if comp.get("LOCATION") else None,
+            "start": format_time(start),
+            "end": format_time(end),
+            "due": format_time(due),
+            "rrule": rrule.to_ical().decode() if rrule is not None else None,
+        }
+        activity_id = comp.get(ACTIVITY_ID_PROP)
+        modified = comp.decoded("LAST-MODIFIED") if "LAST-MODIFIED" in comp else (
+            comp.decoded("DTSTAMP") if "DTSTAMP" in comp else None)
+    except BrokenItem:
+        raise
+    except Exception as exc:
+        raise BrokenItem(f"unreadable iCalendar: {type(exc).__name__}: {exc}") from exc
+    return ItemData(
+        uid=uid, component=comp.name, fields=fields,
+        activity_id=int(str(activity_id)) if activity_id and str(activity_id).strip().isdigit() else None,
+        modified=format_time(modified.astimezone(timezone.utc)) if isinstance(modified, datetime)
+        and modified.tzinfo else None,
+    )
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Link:
+    url: str
+    activity_id: int
+
+
+def description_with_link(body: str, link: Link | None) -> str:
+    body = strip_link(body or "")
+    if link is None:
+        return body
+    return f"{body}\n\nCRM: {link.url}" if body else f"CRM: {link.url}"
+
+
+def alt_description(body: str, link: Link) -> str:
+    text = html.escape(strip_link(body or "")).replace("\n", "<br>")
+    url = html.escape(link.url, quote=True)
+    para = f"<p>{text}</p>" if text else ""
+    return f'<html><body>{para}<p><a href="{url}">CRM</a></p></body></html>'
+
+
+def link_is_current(text: str, link: Link) -> bool:
+    """True when the item already carries exactly this link (so no write-back is needed)."""
+    try:
+        comp = _master(icalendar.Calendar.from_ical(text))
+    except Exception:
+        return False
+    if comp is None:
+        return False
+    description = str(comp.get("DESCRIPTION", ""))
+    link_lines = [line for line in description.replace("\r\n", "\n").split("\n") if _LINK_LINE.match(line)]
+    return (link_lines == [f"CRM: {link.url}"]
+            and description.rstrip().endswith(f"CRM: {link.url}")
+            and str(comp.get(ACTIVITY_ID_PROP, "")).strip() == str(link.activity_id)
+            and str(comp.get("X-ALT-DESC", "")) == alt_description(strip_link(description), link))
+
+
+def _props_for(fields: dict, changed: set[str], component: str, done_status: str,
+               link: Link | None, include_link: bool) -> tuple[dict[str, list], set[str]]:
+    """Property name -> new values (empty list: remove), and the time zones they need."""
+    props: dict[str, list] = {}
+    zones: set[str] = set()
+
+    def time_prop(name, value):
+        parsed = _ical_ready(parse_time(value)) if value else None
+        props[name] = [parsed] if parsed is not None else []
+        key = getattr(getattr(parsed, "tzinfo", None), "key", None)
+        if key and key not in ("UTC", "Etc/UTC"):
+            zones.add(key)
+
+    if "subject" in changed:
+        props["SUMMARY"] = [fields.get("subject") or ""]
+    if "body" in changed or include_link:
+        props["DESCRIPTION"] = [description_with_link(fields.get("body") or "", link)]
+        if link is not None:
+            props["X-ALT-DESC"] = [("html", alt_description(fields.get("body") or "", link))]
+    if include_link and link is not None:
+        props[ACTIVITY_ID_PROP] = [str(link.activity_id)]
+    if "location" in changed:
+        props["LOCATION"] = [fields["location"]] if fields.get("location") else []
+    if "start" in changed:
+        time_prop("DTSTART", fields.get("start"))
+    if "end" in changed and component == EVENT:
+        time_prop("DTEND", fields.get("end"))
+        props["DURATION"] = []
+    if "due" in changed and component == TODO:
+        time_prop("DUE", fields.get("due"))
+    if "status" in changed:
+        props[STATUS_PROP] = [fields["status"]] if fields.get("status") else []
+        if component == TODO:
+            done = fields.get("status") == done_status
+            props["STATUS"] = ["COMPLETED" if done else "NEEDS-ACTION"]
+            props["PERCENT-COMPLETE"] = [100] if done else []
+            props["COMPLETED"] = [datetime.now(timezone.utc).replace(microsecond=0)] if done else []
+    if "kind" in changed:
+        props[KIND_PROP] = [fields["kind"]] if fields.get("kind") else []
+    if "rrule" in changed:
+        props["RRULE"] = [icalendar.vRecur.from_ical(fields["rrule"])] if fields.get("rrule") else []
+    return props, zones
+
+
+def _content_lines(component: str, props: dict[str, list]) -> dict[str, list[str]]:
+    """Serialise properties with icalendar; returns name -> physical CRLF lines (folded)."""
+    comp = icalendar.Todo() if component == TODO else icalendar.Event()
+    for name, values in props.items():
+        for value in values:
+            if name == "X-ALT-DESC":
+                comp.add(name, value[1], parameters={"FMTTYPE": "text/html"})
+            else:
+                comp.add(name, value)
+    out: dict[str, list[str]] = {name: [] for name in props}
+    for entry in _logical_lines(comp.to_ical().decode("utf-8").split("\r\n"))[1:-1]:
+        out.setdefault(entry.name, []).extend(entry.physical)
+    return out
+
+
+@dataclass
+class _Entry:
+    name: str
+    physical: list[str]
+
+
+def _logical_lines(physical: list[str]) -> list[_Entry]:
+    entries: list[_Entry] = []
+    for line in physical:
+        if line[:1] in (" ", "\t") and entries:
+            entries[-1].physical.append(line)
+        elif line == "":
+            continue
+        else:
+            name = re.split(r"[;:]", line, 1)[0].strip().upper()
+            entries.append(_Entry(name=name, physical=[line]))
+    return entries
+
+
+def new_item(uid: str, component: str, fields: dict, done_status: str, link: Link | None,
+             alarm: bool = False) -> str:
+    """A whole new VCALENDAR for an activity."""
+    lines = ["BEGIN:VCALENDAR", "VERSION:2.0", f"PRODID:{PRODID}", "__TIMEZONES__", f"BEGIN:{component}"]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    lines += [f"UID:{_escape_uid(uid)}", f"DTSTAMP:{stamp}"]
+    changed = set(FIELDS)
+    props, zones = _props_for(fields, changed, component, done_status, link, include_link=link is not None)
+    if component == TODO and fields.get("status") != done_status:
+        props["STATUS"] = ["NEEDS-ACTION"]
+        props["PERCENT-COMPLETE"], props["COMPLETED"] = [], []
+    for physical in _content_lines(component, props).values():
+        lines += physical
+    if alarm:
+        related = "END" if component == TODO and fields.get("due") else "START"
+        lines += ["BEGIN:VALARM", "ACTION:DISPLAY", f"DESCRIPTION:{_escape_text(fields.get('subject') or 'Reminder')}",
+                  f"TRIGGER;RELATED={related}:PT0S", "END:VALARM"]
+    lines += [f"END:{component}", "END:VCALENDAR"]
+    text = "\r\n".join(lines) + "\r\n"
+    return text.replace("__TIMEZONES__\r\n", "".join(_vtimezone(z) for z in sorted(zones)))
+
+
+def update_item(text: str, fields: dict, changed: set[str], done_status: str, link: Link | None,
+                include_link: bool = False) -> str:
+    """The item's text with the changed fields (and, if asked, the link) rewritten in place."""
+    newline = "\r\n" if "\r\n" in text else "\n"
+    physical = text.replace("\r\n", "\n").split("\n")
+    entries = _logical_lines(physical)
+    master = _master_range(entries)
+    if master is None:
+        raise BrokenItem("no VEVENT or VTODO in the item")
+    begin, end, component = master
+    props, zones = _props_for(fields, changed, component, done_status, link, include_link)
+    if not props:
+        return text
+    rendered = _content_lines(component, props)
+    own = _own_level(entries, begin, end)
+    # New properties go before the first nested component (VALARM): RFC 5545 puts a
+    # component's properties ahead of its subcomponents.
+    insert_at = next((i for i in range(begin + 1, end) if entries[i].name == "BEGIN"), end)
+    result: list[_Entry] = []
+    inserted: set[str] = set()
+    for index, entry in enumerate(entries):
+        if index in own and entry.name in props:
+            if entry.name not in inserted:
+                inserted.add(entry.name)
+                result.append(_Entry(entry.name, rendered.get(entry.name, [])))
+            continue
+        if index == insert_at:
+            for name in props:
+                if name not in inserted:
+                    result.append(_Entry(name, rendered.get(name, [])))
+        result.append(entry)
+    existing_zones = {_tzid(e) for e in entries if e.name == "TZID"}
+    missing = [z for z in sorted(zones) if z not in existing_zones]
+    lines = [line for entry in result for line in entry.physical]
+    if missing:
+        first_component = next(i for i, line in enumerate(lines) if line.upper().startswith("BEGIN:V")
+                                and not line.upper().startswith("BEGIN:VCALENDAR"))
+        block = "".join(_vtimezone(z) for z in missing).rstrip("\r\n").split("\r\n")
+        lines[first_component:first_component] = block
+    out = newline.join(lines)
+    return out if out.endswith(newline) else out + newline
+
+
+def _tzid(entry: _Entry) -> str:
+    return "".join(line.lstrip() if i else line for i, line in enumerate(entry.physical)).split(":", 1)[-1].strip()
+
+
+def _master_range(entries: list[_Entry]) -> tuple[int, int, str] | None:
+    """Index of BEGIN and END of the master VEVENT/VTODO (the one without RECURRENCE-ID)."""
+    candidates = []
+    depth = 0
+    start = None
+    comp_name = None
+    for i, entry in enumerate(entries):
+        line = entry.physical[0]
+        upper = line.upper()
+        if entry.name == "BEGIN":
+            depth += 1
+            value = upper.split(":", 1)[-1].strip()
+            if depth == 2 and value in (EVENT, TODO):
+                start, comp_name = i, value
+        elif entry.name == "END":
+            if depth == 2 and start is not None:
+                candidates.append((start, i, comp_name))
+                start = None
+            depth -= 1
+    for begin, end, name in candidates:
+        if not any(entries[i].name == "RECURRENCE-ID" for i in _own_level(entries, begin, end)):
+            return begin, end, name
+    return candidates[0] if candidates else None
+
+
+def _own_level(entries: list[_Entry], begin: int, end: int) -> set[int]:
+    """Indexes of the component's own properties (not those of a nested VALARM)."""
+    own, depth = set(), 0
+    for i in range(begin + 1, end):
+        name = entries[i].name
+        if name == "BEGIN":
+            depth += 1
+        elif name == "END":
+            depth -= 1
+        elif depth == 0:
+            own.add(i)
+    return own
+
+
+def _vtimezone(key: str) -> str:
+    try:
+        tz = icalendar.Timezone.from_tzid(key)
+    except Exception:
+        return ""
+    return tz.to_ical().decode("utf-8")
+
+
+def _escape_text(text: str) -> str:
+    return text.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,").replace("\n", "\\n")
+
+
+def _escape_uid(uid: str) -> str:
+    return re.sub(r"[\r\n]", "", uid)
+
+
+def uid_for_key(key: str) -> str:
+    """A stable UID for an activity created in the CRM: the same activity, the same UID,
+    so that a create repeated after a crash meets its own earlier item (412), never a twin."""
+    return f"gwsync-{uuid.uuid5(uuid.NAMESPACE_URL, 'gwsync:' + key)}"
+
+
+def comparable(text: str) -> str:
+    """Item text without PRODID and DTSTAMP, which servers rewrite on upload."""
+    return "\n".join(line for line in text.replace("\r\n", "\n").split("\n")
+                     if not line.upper().startswith(("PRODID", "DTSTAMP")))
+
+
+__all__ = ["FIELDS", "BrokenItem", "ItemData", "Link", "read_item", "new_item", "update_item", "link_is_current",
+           "parse_time", "format_time", "normalise_time", "strip_link", "uid_for_key", "comparable",
+           "timedelta"]
