@@ -88,7 +88,7 @@ def sync(obj: Context, accounts, only, dry_run, force, as_json) -> None:
     with obj.engine() as engine:
         try:
             with _progress(obj, as_json) as progress:
-                report = engine.sync(accounts=accounts, only=only, dry_run=dry_run, progress=progress)
+                report = engine.sync(accounts=accounts, only=only, dry_run=dry_run, progress=progress, force=force)
         except ConfigError as exc:
             fail(f"config error: {exc}", EXIT_USAGE)
     if as_json:
@@ -106,9 +106,16 @@ def sync(obj: Context, accounts, only, dry_run, force, as_json) -> None:
                     click.echo(f"  #{a.id} {a.subject or '(no subject)'}  {a.link}")
                 if m.held:
                     click.echo("  held mail is listed by `gwsync held`")
-            if acc.error:
-                for line in ([*acc.errors] + (acc.mail.errors if acc.mail else [])):
-                    click.echo(f"gwsync: {line}", err=True)
+            for area, result in acc.calendars.items():
+                if obj.verbosity >= 0:
+                    c = result.counts
+                    click.echo(f"{name} {area}: CRM +{c['created_crm']} ~{c['updated_crm']} -{c['deleted_crm']}, "
+                               f"groupware +{c['created_groupware']} ~{c['updated_groupware']} "
+                               f"-{c['deleted_groupware']}, conflicts {c['conflicts']}")
+                    for line in result.conflicts:
+                        click.echo(f"  conflict: {line}")
+            for line in acc.error_lines():
+                click.echo(f"gwsync: {line}", err=True)
     sys.exit(report.exit_code)
 
 
@@ -275,7 +282,140 @@ def activities(obj: Context, imported, unassigned, today, kind, as_json) -> None
 
 @main.group()
 def activity() -> None:
-    """One activity: show it."""
+    """One activity: show, add, edit or delete it."""
+
+
+def _activity_options(func):
+    for option in reversed([
+        click.option("--kind", help="Activity kind, e.g. TERMIN, BESPRECHUNG, AUFGABE, WIEDERVORLAGE."),
+        click.option("--subject"),
+        click.option("--start", help="ISO 8601: 2026-12-01, 2026-12-01T10:00, ...T10:00:00+01:00[Europe/Berlin]."),
+        click.option("--end", help="ISO 8601, as --start."),
+        click.option("--due", help="ISO 8601, as --start (tasks and follow-ups)."),
+        click.option("--location"),
+        click.option("--status", help="A status key from [crm.statuses]."),
+        click.option("--body"),
+        click.option("--account", help="The account (employee) the activity belongs to."),
+        click.option("--json", "as_json", is_flag=True, help="Print the activity as JSON."),
+    ]):
+        func = option(func)
+    return func
+
+
+def _activity_changes(obj: Context, **values) -> dict:
+    from .icalmap import normalise_time
+
+    changes = {k: v for k, v in values.items() if v is not None}
+    for name in ("start", "end", "due"):
+        if name in changes:
+            try:
+                changes[name] = normalise_time(changes[name]) if changes[name] else None
+            except ValueError as exc:
+                fail(f"--{name} {values[name]!r}: {exc} (use ISO 8601, e.g. 2026-12-01T10:00)", EXIT_USAGE)
+    if "status" in changes and changes["status"] not in obj.config.crm.statuses:
+        known = ", ".join(obj.config.crm.statuses)
+        fail(f"--status {changes['status']!r} is not a status key (known: {known})", EXIT_USAGE)
+    if "account" in changes:
+        if changes["account"] not in obj.config.accounts:
+            fail(f"--account {changes['account']!r}: no such account in the config", EXIT_USAGE)
+        changes["owner"] = changes.pop("account")
+    return changes
+
+
+def _show_activity(engine, activity_id: int, as_json: bool) -> None:
+    item = engine.crm.get_activity(activity_id)
+    emit_json(item.to_dict()) if as_json else click.echo(activity_id)
+
+
+@activity.command("add")
+@_activity_options
+@click.pass_obj
+def activity_add(obj: Context, as_json, **values) -> None:
+    """Add an activity to the embedded CRM; prints its id."""
+    import uuid
+
+    from .crm import ActivityDraft
+
+    if not values.get("kind") or not values.get("subject"):
+        fail("activity add needs --kind and --subject", EXIT_USAGE)
+    changes = _activity_changes(obj, **values)
+    if "owner" not in changes and len(obj.config.accounts) == 1:
+        changes["owner"] = next(iter(obj.config.accounts))
+    changes.setdefault("status", obj.config.crm.open_status)
+    with obj.engine() as engine:
+        (activity_id,) = engine.crm.create_activities([ActivityDraft(key=f"crm:{uuid.uuid4()}", **changes)])
+        _show_activity(engine, activity_id, as_json)
+
+
+@activity.command("edit")
+@click.argument("activity_id", type=int)
+@_activity_options
+@click.pass_obj
+def activity_edit(obj: Context, activity_id: int, as_json, **values) -> None:
+    """Change fields of an activity (only the options given); `--end ""` clears a field."""
+    changes = _activity_changes(obj, **values)
+    if not changes:
+        fail("nothing to change: give at least one option, e.g. --subject", EXIT_USAGE)
+    with obj.engine() as engine:
+        try:
+            engine.crm.update_activity(activity_id, changes)
+        except LookupError as exc:
+            fail(f"{exc} (see `gwsync activities`)", EXIT_FAILED)
+        _show_activity(engine, activity_id, as_json)
+
+
+@activity.command("delete")
+@click.argument("activity_id", type=int)
+@click.pass_obj
+def activity_delete(obj: Context, activity_id: int) -> None:
+    """Delete an activity; the next sync deletes its calendar item too."""
+    with obj.engine() as engine:
+        if engine.crm.get_activity(activity_id) is None:
+            fail(f"no activity with id {activity_id} (see `gwsync activities`)", EXIT_FAILED)
+        engine.crm.delete_activity(activity_id)
+    click.echo(f"deleted activity {activity_id}")
+
+
+@main.command()
+@click.argument("activity_id", type=int)
+@click.option("--as", "as_", type=click.Choice(["event", "task"]), required=True,
+              help="Put it on the calendar (event) or the task list (task).")
+@click.option("--account", help="The account whose calendar gets it (default: the only one with CalDAV).")
+@click.pass_obj
+def push(obj: Context, activity_id: int, as_, account) -> None:
+    """Put any activity on the calendar or task list, linked to the CRM; synced from then on."""
+    area = "events" if as_ == "event" else "tasks"
+    with obj.engine() as engine:
+        try:
+            report = engine.push(activity_id, area, account)
+        except ConfigError as exc:
+            fail(str(exc), EXIT_USAGE)
+        except (LookupError, ValueError) as exc:
+            fail(str(exc), EXIT_FAILED)
+    for name, acc in report.accounts.items():
+        for line in acc.error_lines():
+            click.echo(f"gwsync: {line}", err=True)
+        if area in acc.calendars:
+            click.echo(f"pushed activity {activity_id} to {name}'s {area}")
+    sys.exit(report.exit_code)
+
+
+@main.command()
+@click.argument("activity_id", type=int)
+@click.option("--account", help="The account (default: the only one with CalDAV).")
+@click.pass_obj
+def unpush(obj: Context, activity_id: int, account) -> None:
+    """Delete the activity's groupware entry and unlink it; the activity stays in the CRM."""
+    from .dav import DavError
+
+    with obj.engine() as engine:
+        try:
+            count = engine.unpush(activity_id, account)
+        except ConfigError as exc:
+            fail(str(exc), EXIT_USAGE)
+        except DavError as exc:
+            fail(f"activity {activity_id}: {exc}", EXIT_FAILED)
+    click.echo(f"removed {count} groupware entr{'y' if count == 1 else 'ies'} of activity {activity_id}")
 
 
 @activity.command("show")

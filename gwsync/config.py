@@ -16,6 +16,8 @@ from .folders import parse_import_folder
 AREAS = ("mail", "events", "tasks")
 DEFAULT_STATUSES = {"I": "Importiert", "O": "Offen", "E": "Erledigt"}
 DEFAULT_LINK = "http://127.0.0.1:8765/activities/{id}"
+DEFAULT_KINDS = {"TERMIN": "events", "BESPRECHUNG": "events", "AUFGABE": "tasks", "WIEDERVORLAGE": "tasks"}
+CONFLICT_POLICIES = ("newest", "crm", "groupware")
 SECURITY_MODES = ("tls", "starttls", "none")
 
 
@@ -100,11 +102,27 @@ class ImapConfig:
 
 
 @dataclass(frozen=True)
+class CaldavConfig:
+    url: str
+    username: str
+    secret: Secret
+    events: str = "calendar"  # collection name below url, or a full URL
+    tasks: str = "tasks"
+    verify: bool = True
+    ca_file: str | None = None
+    timeout: float = 60.0
+
+    def collection(self, area: str) -> str:
+        return self.events if area == "events" else self.tasks
+
+
+@dataclass(frozen=True)
 class AccountConfig:
     name: str
     areas: tuple[str, ...] = ("mail",)
     interval: int = 300
     imap: ImapConfig | None = None
+    caldav: CaldavConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,18 @@ class CrmConfig:
     statuses: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_STATUSES))
     max_attempts: int = 3
     attachment_review: bool = False
+    kinds: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_KINDS))  # kind -> events | tasks
+    done_status: str = "E"  # a completed VTODO <-> this status
+    open_status: str = "O"  # status of items that come from the groupware without one
+
+    def kinds_of(self, area: str) -> tuple[str, ...]:
+        return tuple(sorted(kind for kind, target in self.kinds.items() if target == area))
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    conflict: str = "newest"  # newest | crm | groupware
+    max_delete_share: float = 0.5  # the mass-deletion guard
 
 
 @dataclass(frozen=True)
@@ -124,6 +154,7 @@ class Config:
     state_database: Path
     accounts: dict[str, AccountConfig]
     path: Path | None = None
+    sync: SyncConfig = field(default_factory=SyncConfig)
 
     def account(self, name: str) -> AccountConfig:
         try:
@@ -233,6 +264,25 @@ def _imap(sec: _Section, account: str) -> ImapConfig:
     return imap
 
 
+def _caldav(sec: _Section) -> CaldavConfig:
+    url = sec.get("url", str, required=True)
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{sec.where}.url must start with https:// (or http:// for a local server)")
+    username = sec.get("username", str, required=True)
+    caldav = CaldavConfig(
+        url=url if url.endswith("/") else url + "/",
+        username=username,
+        secret=_secret(sec, username),
+        events=sec.get("events", str, "calendar"),
+        tasks=sec.get("tasks", str, "tasks"),
+        verify=sec.get("verify", bool, True),
+        ca_file=sec.get("ca_file", str),
+        timeout=float(sec.get("timeout", (int, float), 60)),
+    )
+    sec.reject_unknown()
+    return caldav
+
+
 def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     root = _Section(data, "config")
     crm_sec = root.section("crm") or _Section({}, "crm")
@@ -264,6 +314,18 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     max_attempts = crm_sec.get("max_attempts", int, 3)
     if max_attempts < 1:
         raise ConfigError("crm.max_attempts must be at least 1")
+    kinds = dict(DEFAULT_KINDS)
+    kinds_sec = crm_sec.section("kinds")
+    if kinds_sec is not None:
+        for kind, target in kinds_sec.data.items():
+            if target not in ("events", "tasks"):
+                raise ConfigError(f"crm.kinds.{kind} must be \"events\" or \"tasks\", got {target!r}")
+            kinds[kind] = target
+    done_status = crm_sec.get("done_status", str, "E" if "E" in statuses else next(iter(statuses)))
+    open_status = crm_sec.get("open_status", str, "O" if "O" in statuses else next(iter(statuses)))
+    for key, value in (("done_status", done_status), ("open_status", open_status)):
+        if value not in statuses:
+            raise ConfigError(f"crm.{key} {value!r} is not one of the status keys in [crm.statuses]")
     crm = CrmConfig(
         database=database,
         documents=documents,
@@ -272,6 +334,9 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         statuses=statuses,
         max_attempts=max_attempts,
         attachment_review=crm_sec.get("attachment_review", bool, False),
+        kinds=kinds,
+        done_status=done_status,
+        open_status=open_status,
     )
     crm_sec.reject_unknown()
 
@@ -297,11 +362,27 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
             imap = _imap(imap_sec, name) if imap_sec is not None else None
             if "mail" in areas and imap is None:
                 raise ConfigError(f"accounts.{name}: area mail needs an [accounts.{name}.imap] table")
-            # caldav and sieve belong to later areas; accept them so configs can be written ahead.
-            acc.reject_unknown(allowed_extra=("caldav", "sieve", "notify_command"))
-            accounts[name] = AccountConfig(name=name, areas=tuple(areas), interval=interval, imap=imap)
+            caldav_sec = acc.section("caldav")
+            caldav = _caldav(caldav_sec) if caldav_sec is not None else None
+            for area in ("events", "tasks"):
+                if area in areas and caldav is None:
+                    raise ConfigError(f"accounts.{name}: area {area} needs an [accounts.{name}.caldav] table")
+            # sieve and notify_command belong to later features; accept them so configs can be written ahead.
+            acc.reject_unknown(allowed_extra=("sieve", "notify_command"))
+            accounts[name] = AccountConfig(name=name, areas=tuple(areas), interval=interval, imap=imap,
+                                           caldav=caldav)
+    sync_sec = root.section("sync") or _Section({}, "sync")
+    sync_sec.where = "sync"
+    conflict = sync_sec.get("conflict", str, "newest")
+    if conflict not in CONFLICT_POLICIES:
+        raise ConfigError(f"sync.conflict must be one of {', '.join(CONFLICT_POLICIES)}, got {conflict!r}")
+    share = float(sync_sec.get("max_delete_share", (int, float), 0.5))
+    if not 0 < share <= 1:
+        raise ConfigError("sync.max_delete_share must be above 0 and at most 1")
+    sync_sec.reject_unknown()
     root.reject_unknown()
-    return Config(crm=crm, state_database=state_db, accounts=accounts, path=path)
+    return Config(crm=crm, state_database=state_db, accounts=accounts, path=path,
+                  sync=SyncConfig(conflict=conflict, max_delete_share=share))
 
 
 def load_config(path: Path | None = None) -> Config:

@@ -41,6 +41,8 @@ class ActivityDraft:
     end: str | None = None
     due: str | None = None
     source: str | None = None  # e.g. "alice:INBOX/CRM Erledigt [E]"
+    owner: str | None = None  # the account (employee) the activity belongs to
+    rrule: str | None = None  # recurrence rule of a recurring appointment (RFC 5545 RRULE value)
     documents: list[Document] = field(default_factory=list)
 
 
@@ -64,9 +66,19 @@ class Activity:
     imported_at: str | None
     source: str | None
     documents: list[Document] = field(default_factory=list)
+    owner: str | None = None
+    rrule: str | None = None
+    updated_at: str | None = None
+    key: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def calendar_fields(self) -> dict:
+        """The fields the calendar sync maps (see gwsync.icalmap.FIELDS)."""
+        return {"kind": self.kind, "status": self.status, "subject": self.subject or "", "body": self.body or "",
+                "location": self.location or None, "start": self.start, "end": self.end, "due": self.due,
+                "rrule": self.rrule}
 
 
 @dataclass
@@ -90,6 +102,8 @@ class ActivityFilter:
     unassigned: bool = False
     imported_since: str | None = None  # ISO timestamp, for "imported today"
     kind: str | None = None
+    kinds: tuple[str, ...] | None = None
+    owners: tuple[str | None, ...] | None = None  # None inside: activities without an owner
 
 
 class CRMBackend(abc.ABC):
@@ -115,6 +129,14 @@ class CRMBackend(abc.ABC):
     def create_activities(self, drafts: list[ActivityDraft]) -> list[int]:
         """Create the activities (with their documents) in one transaction; return their ids
         in order. A draft whose key exists already returns the existing id and changes nothing."""
+
+    @abc.abstractmethod
+    def update_activity(self, activity_id: int, changes: dict) -> None:
+        """Set these fields (names as in Activity); also sets updated_at."""
+
+    @abc.abstractmethod
+    def delete_activity(self, activity_id: int) -> None:
+        """Delete the activity; deleting one that is gone already is not an error."""
 
     @abc.abstractmethod
     def put_document(self, chunks: Iterator[bytes]) -> tuple[str, int]:

@@ -18,6 +18,7 @@ ACTIVITY_COLUMNS = {
     "id": int, "key": str, "kind": str, "status": str, "subject": str, "body": str, "location": str,
     "contact_id": int, "partner_id": int, "sender": str, "unassigned": int, "message_id": str,
     "start": str, "end": str, "due": str, "source": str, "imported_at": str, "created_at": str,
+    "owner": str, "rrule": str, "updated_at": str,
 }
 
 
@@ -63,6 +64,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _now_precise() -> str:
+    """For updated_at, which the `newest` conflict policy compares."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
 class EmbeddedCRM(CRMBackend):
     def __init__(self, database: Path, documents: Path, statuses: dict[str, str], link: str):
         self.conn = open_private_db(database)
@@ -75,6 +81,7 @@ class EmbeddedCRM(CRMBackend):
     def _create_schema(self) -> None:
         db = self.db
         if "partners" in db.table_names():
+            self._add_missing_columns()
             return
         # Check again under BEGIN IMMEDIATE, so two processes opening a new database at the
         # same moment cannot both create the schema.
@@ -102,6 +109,16 @@ class EmbeddedCRM(CRMBackend):
                      "sha256": str, "category": str, "keyword": str}, pk="id",
                     foreign_keys=[("activity_id", "activities", "id")])
                 db["documents"].create_index(["activity_id"])
+
+    def _add_missing_columns(self) -> None:
+        """Databases made by an earlier version gain the columns added since."""
+        missing = {name: kind for name, kind in ACTIVITY_COLUMNS.items()
+                   if name not in self.db["activities"].columns_dict}
+        if missing:
+            with transaction(self.conn):
+                for name, kind in missing.items():
+                    if name not in self.db["activities"].columns_dict:
+                        self.db["activities"].add_column(name, kind)
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -166,12 +183,13 @@ class EmbeddedCRM(CRMBackend):
                     continue
                 cur = self.conn.execute(
                     "INSERT INTO activities (key, kind, status, subject, body, location, contact_id, partner_id, "
-                    "sender, unassigned, message_id, start, end, due, source, imported_at, created_at) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "sender, unassigned, message_id, start, end, due, source, imported_at, created_at, owner, "
+                    "rrule, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (draft.key, draft.kind, draft.status, draft.subject, draft.body, draft.location,
                      draft.contact_id, draft.partner_id, draft.sender, int(draft.unassigned),
                      draft.message_id, draft.start, draft.end, draft.due, draft.source,
-                     now if draft.source else None, now),
+                     now if draft.source and draft.kind == "MAILEIN" else None, now, draft.owner, draft.rrule,
+                     _now_precise()),
                 )
                 activity_id = cur.lastrowid
                 for doc in draft.documents:
@@ -182,6 +200,27 @@ class EmbeddedCRM(CRMBackend):
                          doc.keyword))
                 ids.append(activity_id)
         return ids
+
+    EDITABLE = ("kind", "status", "subject", "body", "location", "start", "end", "due", "rrule", "contact_id",
+                "partner_id", "owner", "unassigned")
+
+    def update_activity(self, activity_id: int, changes: dict) -> None:
+        unknown = set(changes) - set(self.EDITABLE)
+        if unknown:
+            raise ValueError(f"cannot edit {', '.join(sorted(unknown))}")
+        if not changes:
+            return
+        sets = ", ".join(f'"{name}" = ?' for name in changes)
+        with transaction(self.conn):
+            cur = self.conn.execute(f"UPDATE activities SET {sets}, updated_at = ? WHERE id = ?",
+                                    [*changes.values(), _now_precise(), activity_id])
+        if cur.rowcount == 0:
+            raise LookupError(f"no activity with id {activity_id}")
+
+    def delete_activity(self, activity_id: int) -> None:
+        with transaction(self.conn):
+            self.conn.execute("DELETE FROM documents WHERE activity_id = ?", (activity_id,))
+            self.conn.execute("DELETE FROM activities WHERE id = ?", (activity_id,))
 
     def put_document(self, chunks: Iterator[bytes]) -> tuple[str, int]:
         return self.documents.put(chunks)
@@ -221,7 +260,8 @@ class EmbeddedCRM(CRMBackend):
             partner_id=row["partner_id"], sender=row["sender"], unassigned=bool(row["unassigned"]),
             message_id=row["message_id"], start=row["start"], end=row["end"], due=row["due"],
             link=self.link_template.format(id=row["id"]), imported_at=row["imported_at"],
-            source=row["source"], documents=docs,
+            source=row["source"], documents=docs, owner=row.get("owner"), rrule=row.get("rrule"),
+            updated_at=row.get("updated_at"), key=row["key"],
         )
 
     def get_activity(self, activity_id: int) -> Activity | None:
@@ -240,6 +280,16 @@ class EmbeddedCRM(CRMBackend):
         if flt.kind:
             where.append("kind = ?")
             params.append(flt.kind)
+        if flt.kinds is not None:
+            where.append(f"kind IN ({','.join('?' * len(flt.kinds)) or 'NULL'})")
+            params.extend(flt.kinds)
+        if flt.owners is not None:
+            named = [o for o in flt.owners if o is not None]
+            clauses = [f"owner IN ({','.join('?' * len(named))})"] if named else []
+            if None in flt.owners:
+                clauses.append("owner IS NULL")
+            where.append("(" + (" OR ".join(clauses) or "0") + ")")
+            params.extend(named)
         sql = "SELECT * FROM activities" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
         return [self._activity(row) for row in self.db.query(sql, params)]
 

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from imapclient.exceptions import IMAPClientAbortError
 
 from .config import AREAS, AccountConfig, Config, ConfigError
+from . import dav
+from .calsync import CalendarResult, CalendarSync
 from .crm import CRMBackend
+from .dav import Collection
 from .crmstore import EmbeddedCRM
 from .imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable
 from .mailimport import MailImporter, MailResult, ProgressFn
@@ -26,12 +29,19 @@ log = logging.getLogger("gwsync")
 @dataclass
 class AccountReport:
     mail: MailResult | None = None
+    calendars: dict[str, CalendarResult] = field(default_factory=dict)  # events / tasks
     errors: list[str] = field(default_factory=list)
     login_failed: bool = False
 
+    def error_lines(self) -> list[str]:
+        lines = list(self.errors) + (self.mail.errors if self.mail else [])
+        for result in self.calendars.values():
+            lines += result.errors
+        return lines
+
     @property
     def error(self) -> str | None:
-        lines = list(self.errors) + (self.mail.errors if self.mail else [])
+        lines = self.error_lines()
         return "; ".join(lines) if lines else None
 
     @property
@@ -43,6 +53,8 @@ class AccountReport:
         if self.mail is not None:
             out["mail"] = self.mail.counts() | {
                 "activities": [{"id": a.id, "link": a.link, "subject": a.subject} for a in self.mail.activities]}
+        for area, result in self.calendars.items():
+            out[area] = dict(result.counts) | {"conflict_details": result.conflicts, "requests": result.requests}
         out["error"] = self.error
         return out
 
@@ -98,7 +110,7 @@ class Engine:
 
     def sync(self, accounts: list[str] | tuple[str, ...] | None = None,
              only: list[str] | tuple[str, ...] | None = None, dry_run: bool = False,
-             progress: ProgressFn | None = None) -> SyncReport:
+             progress: ProgressFn | None = None, force: bool = False) -> SyncReport:
         report = SyncReport()
         for account in self.select_accounts(accounts):
             areas = [a for a in (only or account.areas) if a in AREAS]
@@ -106,10 +118,44 @@ class Engine:
             for area in areas:
                 if area == "mail":
                     self._sync_mail(account, acc_report, dry_run, progress)
+                elif account.caldav is None:
+                    acc_report.errors.append(f"account {account.name}: area {area} needs an "
+                                             f"[accounts.{account.name}.caldav] table in the config")
                 else:
-                    acc_report.errors.append(
-                        f"account {account.name}: the {area} area is not available in this version")
+                    self._sync_calendar(account, area, acc_report, dry_run, force)
         return report
+
+    def collection(self, account: AccountConfig, area: str) -> Collection:
+        """The account's events or tasks collection, checked to exist."""
+        cfg = account.caldav
+        verify: bool | str = cfg.ca_file or cfg.verify
+        client = dav.connect(cfg.url, cfg.username, cfg.secret.resolve(), verify=verify, timeout=int(cfg.timeout))
+        url = dav.resolve_collection(client, cfg.url, cfg.collection(area))
+        collection = Collection(client, url)
+        collection.check()
+        return collection
+
+    def _sync_calendar(self, account: AccountConfig, area: str, acc_report: AccountReport, dry_run: bool,
+                       force: bool) -> None:
+        name = account.name
+        try:
+            collection = self.collection(account, area)
+            result = CalendarSync(self.config, account, area, self.crm, self.state, collection,
+                                  dry_run=dry_run, force=force).run()
+        except dav.DavLoginFailed as exc:
+            acc_report.login_failed = True
+            acc_report.errors.append(f"account {name}: {exc}; check the CalDAV username and password")
+            return
+        except dav.DavUnreachable as exc:
+            acc_report.errors.append(f"account {name}: {exc}; nothing is lost, gwsync will try again next run")
+            return
+        except (dav.DavError, ConfigError) as exc:
+            acc_report.errors.append(f"account {name}, {area}: {exc}")
+            return
+        acc_report.calendars[area] = result
+        if not dry_run:
+            self.state.record_run(name, area, ok=not result.failed, summary=result.counts,
+                                  error="; ".join(result.errors) or None)
 
     def _sync_mail(self, account: AccountConfig, acc_report: AccountReport, dry_run: bool,
                    progress: ProgressFn | None) -> None:
@@ -146,3 +192,54 @@ class Engine:
             mail = acc_report.mail
             self.state.record_run(name, "mail", ok=not acc_report.failed,
                                   summary=mail.counts() if mail else {}, error=acc_report.error)
+
+    # -- push / unpush -----------------------------------------------------------------------
+
+    def calendar_account(self, name: str | None, area: str | None = None) -> AccountConfig:
+        """The account named, or the only one with a CalDAV table (and the area, if given)."""
+        if name:
+            account = self.config.account(name)
+            if account.caldav is None:
+                raise ConfigError(f"account {name!r} has no [accounts.{name}.caldav] table")
+            return account
+        candidates = [a for a in self.config.accounts.values() if a.caldav is not None]
+        if len(candidates) != 1:
+            names = ", ".join(a.name for a in candidates) or "none"
+            raise ConfigError(f"choose the account with --account (accounts with CalDAV: {names})")
+        return candidates[0]
+
+    def push(self, activity_id: int, area: str, account_name: str | None = None) -> SyncReport:
+        """Put any activity on the account's calendar (events) or task list (tasks), now."""
+        account = self.calendar_account(account_name, area)
+        if self.crm.get_activity(activity_id) is None:
+            raise LookupError(f"no activity with id {activity_id}")
+        other = "tasks" if area == "events" else "events"
+        if any(l.account == account.name and l.area == other for l in self.state.links_of_activity(activity_id)):
+            raise ValueError(f"activity {activity_id} is on the {other} collection already; `gwsync unpush` it first")
+        self.state.set_membership(account.name, area, activity_id, True)
+        self.state.set_membership(account.name, other, activity_id, False)
+        report = SyncReport()
+        acc_report = report.accounts.setdefault(account.name, AccountReport())
+        self._sync_calendar(account, area, acc_report, dry_run=False, force=False)
+        return report
+
+    def unpush(self, activity_id: int, account_name: str | None = None) -> int:
+        """Delete the activity's groupware items (conditionally) and keep the activity; it stays
+        off the calendar until pushed again. Returns how many items were deleted."""
+        account = self.calendar_account(account_name)
+        deleted = 0
+        for link in self.state.links_of_activity(activity_id):
+            if link.account != account.name:
+                continue
+            collection = self.collection(account, link.area)
+            try:
+                collection.delete(link.href, link.etag or "*")
+            except dav.PreconditionFailed:
+                raise dav.DavError(f"the item of activity {activity_id} changed on the server since the last sync; "
+                                   "run `gwsync sync` first, then unpush")
+            self.state.drop_link(account.name, link.area, activity_id)
+            deleted += 1
+        for area in ("events", "tasks"):
+            self.state.set_membership(account.name, area, activity_id, False)
+        return deleted
+

@@ -178,7 +178,7 @@ class MailImporter:
                 key=key, kind=MAIL_KIND, status=folder.status, subject=parsed.subject, body=parsed.body,
                 contact_id=match.contact_id, partner_id=match.partner_id, sender=parsed.sender,
                 unassigned=match.unassigned, message_id=parsed.message_id, start=parsed.date,
-                source=f"{self.account.name}:{folder.name}", documents=documents)
+                source=f"{self.account.name}:{folder.name}", owner=self.account.name, documents=documents)
             return _Prepared(uid=uid, key=key, draft=draft)
         except (ServerUnreachable, IMAPClientAbortError, ConnectionError, TimeoutError):
             raise  # the connection, not this mail: never count it against the mail

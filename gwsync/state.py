@@ -37,6 +37,19 @@ class MailRecord:
     updated_at: str | None = None
 
 
+@dataclass
+class CalendarLink:
+    """An activity linked to a groupware item, with the fields both had at the last sync."""
+
+    account: str
+    area: str
+    activity_id: int
+    uid: str
+    href: str
+    etag: str | None
+    base: dict | None
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -63,6 +76,102 @@ class StateStore:
                 self.db["runs"].create(
                     {"account": str, "area": str, "finished_at": str, "ok": int, "summary": str, "error": str},
                     pk=("account", "area"))
+
+    def _ensure_calendar_tables(self) -> None:
+        if "links" in self.db.table_names():
+            return
+        with transaction(self.conn):
+            if "links" not in self.db.table_names():
+                self.db["links"].create(
+                    {"account": str, "area": str, "activity_id": int, "uid": str, "href": str, "etag": str,
+                     "base": str, "updated_at": str}, pk=("account", "area", "activity_id"))
+                self.db["links"].create_index(["account", "area", "href"], unique=True)
+                self.db["collections"].create(
+                    {"account": str, "area": str, "url": str, "sync_token": str}, pk=("account", "area"))
+                self.db["membership"].create(
+                    {"account": str, "area": str, "activity_id": int, "included": int},
+                    pk=("account", "area", "activity_id"))
+                self.db["item_failures"].create(
+                    {"account": str, "area": str, "href": str, "etag": str, "attempts": int, "error": str},
+                    pk=("account", "area", "href"))
+
+    # -- calendar links ----------------------------------------------------------------------
+
+    def links(self, account: str, area: str) -> list[CalendarLink]:
+        self._ensure_calendar_tables()
+        return [CalendarLink(account=r["account"], area=r["area"], activity_id=r["activity_id"], uid=r["uid"],
+                             href=r["href"], etag=r["etag"], base=json.loads(r["base"]) if r["base"] else None)
+                for r in self.db.query("SELECT * FROM links WHERE account = ? AND area = ?", [account, area])]
+
+    def links_of_activity(self, activity_id: int) -> list[CalendarLink]:
+        self._ensure_calendar_tables()
+        return [CalendarLink(account=r["account"], area=r["area"], activity_id=r["activity_id"], uid=r["uid"],
+                             href=r["href"], etag=r["etag"], base=json.loads(r["base"]) if r["base"] else None)
+                for r in self.db.query("SELECT * FROM links WHERE activity_id = ?", [activity_id])]
+
+    def save_link(self, link: CalendarLink) -> None:
+        self._ensure_calendar_tables()
+        with transaction(self.conn):
+            # One item is linked to one activity: drop a stale link that points at the same href.
+            self.conn.execute("DELETE FROM links WHERE account = ? AND area = ? AND href = ? AND activity_id != ?",
+                              (link.account, link.area, link.href, link.activity_id))
+            self.conn.execute(
+                "INSERT OR REPLACE INTO links (account, area, activity_id, uid, href, etag, base, updated_at) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (link.account, link.area, link.activity_id, link.uid, link.href, link.etag,
+                 json.dumps(link.base, sort_keys=True) if link.base is not None else None, _now()))
+
+    def drop_link(self, account: str, area: str, activity_id: int) -> None:
+        self._ensure_calendar_tables()
+        with transaction(self.conn):
+            self.conn.execute("DELETE FROM links WHERE account = ? AND area = ? AND activity_id = ?",
+                              (account, area, activity_id))
+
+    def memberships(self, account: str, area: str) -> dict[int, bool]:
+        """Activities pushed into (True) or taken out of (False) an area by hand."""
+        self._ensure_calendar_tables()
+        return {r[0]: bool(r[1]) for r in self.conn.execute(
+            "SELECT activity_id, included FROM membership WHERE account = ? AND area = ?", (account, area))}
+
+    def set_membership(self, account: str, area: str, activity_id: int, included: bool) -> None:
+        self._ensure_calendar_tables()
+        with transaction(self.conn):
+            self.conn.execute("INSERT OR REPLACE INTO membership VALUES (?,?,?,?)",
+                              (account, area, activity_id, int(included)))
+
+    def sync_token(self, account: str, area: str, url: str) -> str | None:
+        self._ensure_calendar_tables()
+        row = self.conn.execute("SELECT url, sync_token FROM collections WHERE account = ? AND area = ?",
+                                (account, area)).fetchone()
+        return row[1] if row and row[0] == url else None
+
+    def save_sync_token(self, account: str, area: str, url: str, token: str | None) -> None:
+        self._ensure_calendar_tables()
+        with transaction(self.conn):
+            self.conn.execute("INSERT OR REPLACE INTO collections (account, area, url, sync_token) VALUES (?,?,?,?)",
+                              (account, area, url, token))
+
+    def item_failures(self, account: str, area: str) -> dict[str, dict]:
+        self._ensure_calendar_tables()
+        return {r["href"]: r for r in self.db.query(
+            "SELECT * FROM item_failures WHERE account = ? AND area = ?", [account, area])}
+
+    def record_item_failure(self, account: str, area: str, href: str, etag: str | None, error: str) -> int:
+        self._ensure_calendar_tables()
+        with transaction(self.conn):
+            row = self.conn.execute(
+                "SELECT attempts, etag FROM item_failures WHERE account = ? AND area = ? AND href = ?",
+                (account, area, href)).fetchone()
+            attempts = (row[0] if row and row[1] == etag else 0) + 1  # a new version gets new attempts
+            self.conn.execute("INSERT OR REPLACE INTO item_failures VALUES (?,?,?,?,?,?)",
+                              (account, area, href, etag, attempts, error))
+        return attempts
+
+    def clear_item_failure(self, account: str, area: str, href: str) -> None:
+        self._ensure_calendar_tables()
+        with transaction(self.conn):
+            self.conn.execute("DELETE FROM item_failures WHERE account = ? AND area = ? AND href = ?",
+                              (account, area, href))
 
     # -- folders -----------------------------------------------------------------------------
 

@@ -17,10 +17,17 @@ from imapclient import IMAPClient
 from gwsync.cli import main
 from gwsync.config import load_config
 from gwsync.engine import Engine
-from gwsync.localservers import Dovecot
+from gwsync.localservers import Dovecot, Radicale
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 _user_counter = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def radicale():
+    server = Radicale.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +50,12 @@ def make_mail(n: int, sender: str = "someone@example.org", subject: str | None =
                  f"Message-ID: <m{n}@example.org>\n{extra_headers}\n{body}\n").encode())
 
 
+MKCALENDAR = ('<?xml version="1.0" encoding="utf-8"?><C:mkcalendar xmlns:D="DAV:" '
+              'xmlns:C="urn:ietf:params:xml:ns:caldav"><D:set><D:prop><D:displayname>{name}</D:displayname>'
+              '<C:supported-calendar-component-set><C:comp name="{comp}"/></C:supported-calendar-component-set>'
+              '</D:prop></D:set></C:mkcalendar>')
+
+
 @dataclass
 class GwEnv:
     """One test's gwsync world: a mail user on the shared Dovecot, a config, and helpers."""
@@ -52,6 +65,36 @@ class GwEnv:
     password: str
     dir: Path
     config_path: Path
+    radicale: Radicale | None = None
+
+    # -- CalDAV, as another client would use it ----------------------------------------------
+
+    def dav(self):
+        from caldav.davclient import DAVClient
+
+        return DAVClient(self.radicale.url, username=self.user, password=self.radicale.password_for(self.user))
+
+    def collection_url(self, area: str) -> str:
+        return f"{self.radicale.url}{self.user}/{'calendar' if area == 'events' else 'tasks'}/"
+
+    def dav_put(self, area: str, name: str, text: str, etag: str | None = None) -> str:
+        headers = {"Content-Type": "text/calendar; charset=utf-8"}
+        if etag:
+            headers["If-Match"] = etag
+        response = self.dav().request(self.collection_url(area) + name, "PUT", crlf(text.encode()).decode(), headers)
+        assert response.status in (200, 201, 204), response.status
+        return response.headers["ETag"]
+
+    def dav_items(self, area: str) -> dict[str, tuple[str, str]]:
+        """name -> (ETag, text) of every item in the collection."""
+        from gwsync.dav import Collection
+
+        coll = Collection(self.dav(), self.collection_url(area))
+        items = coll.multiget(sorted(coll.list_etags()))
+        return {href.rsplit("/", 1)[-1]: (item.etag, item.data) for href, item in items.items()}
+
+    def dav_delete(self, area: str, name: str) -> None:
+        assert self.dav().request(self.collection_url(area) + name, "DELETE").status in (200, 204)
 
     def imap(self) -> IMAPClient:
         client = IMAPClient("127.0.0.1", port=self.dovecot.port, ssl=False)
@@ -122,7 +165,7 @@ R = "Rückruf"
 database = "{dir}/state.db"
 
 [accounts.alice]
-areas = ["mail"]
+areas = {areas}
 
 [accounts.alice.imap]
 host = "127.0.0.1"
@@ -132,12 +175,21 @@ username = "{user}"
 password_env = "{env}"
 import_root = "INBOX"
 archive_folder = "INBOX/CRM Archiv"
+{caldav}"""
+
+CALDAV_TEMPLATE = """
+[accounts.alice.caldav]
+url = "{url}"
+username = "{user}"
+password = "{password}"
+events = "calendar"
+tasks = "tasks"
 """
 
 
 @pytest.fixture
-def make_env(dovecot, tmp_path):
-    def factory(mandatory: tuple[str, ...] = (), crm_extra: str = "") -> GwEnv:
+def make_env(dovecot, tmp_path, request):
+    def factory(mandatory: tuple[str, ...] = (), crm_extra: str = "", areas=("mail",), extra: str = "") -> GwEnv:
         user = f"user{os.getpid()}x{next(_user_counter)}"
         password = dovecot.password_for(user)
         env_name = f"GWSYNC_TEST_PW_{user.upper()}"
@@ -145,10 +197,25 @@ def make_env(dovecot, tmp_path):
         workdir = tmp_path / user
         workdir.mkdir()
         config_path = workdir / "config.toml"
+        radicale = None
+        caldav = ""
+        if "events" in areas or "tasks" in areas:
+            radicale = request.getfixturevalue("radicale")
+            home = radicale.add_user(user)
+            caldav = CALDAV_TEMPLATE.format(url=home, user=user, password=radicale.password_for(user))
         config_path.write_text(CONFIG_TEMPLATE.format(
             dir=workdir, port=dovecot.port, user=user, env=env_name,
-            mandatory=json.dumps(list(mandatory)), crm_extra=crm_extra))
-        return GwEnv(dovecot=dovecot, user=user, password=password, dir=workdir, config_path=config_path)
+            mandatory=json.dumps(list(mandatory)), crm_extra=crm_extra, areas=json.dumps(list(areas)),
+            caldav=caldav) + extra)
+        env = GwEnv(dovecot=dovecot, user=user, password=password, dir=workdir, config_path=config_path,
+                    radicale=radicale)
+        if radicale is not None:
+            client = env.dav()
+            for area, comp in (("events", "VEVENT"), ("tasks", "VTODO")):
+                response = client.request(env.collection_url(area), "MKCALENDAR",
+                                          MKCALENDAR.format(name=area, comp=comp), {"Content-Type": "application/xml"})
+                assert response.status == 201, response.status
+        return env
 
     return factory
 

@@ -1,0 +1,406 @@
+"""Two-way sync of one account's events or tasks collection with the CRM (SPEC 1.2).
+
+One run:
+  1. groupware changes: WebDAV sync (one REPORT with the stored token), or a full ETag listing
+     when the server has no sync support or refuses the token; changed items are fetched in
+     one multiget;
+  2. CRM side: the activities of the area's kinds owned by the account, plus pushed ones;
+  3. pairs (link, CRM side, groupware side) -> `reconcile` decisions (pure);
+  4. the mass-deletion guard;
+  5. each decision carried out with conditional writes; a 412 re-reads the item and decides
+     again; each pair's link is saved right after its writes, so a crash costs nothing: every
+     step can be repeated (CRM writes are keyed by UID, creates on the server by a UID derived
+     from the activity, and an existing item answers a repeated create with 412).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from .config import AccountConfig, Config
+from .crm import ActivityDraft, ActivityFilter, CRMBackend
+from .dav import Collection, DavError, DavLoginFailed, DavUnreachable, Item, PreconditionFailed, SyncTokenInvalid
+from .icalmap import (EVENT, FIELDS, TODO, BrokenItem, ItemData, Link, link_is_current, new_item, read_item,
+                      uid_for_key, update_item)
+from .reconcile import Decision, Side, guard_deletions, reconcile
+from .state import CalendarLink, StateStore
+
+log = logging.getLogger("gwsync.calendar")
+COUNTS = ("created_crm", "updated_crm", "deleted_crm", "created_groupware", "updated_groupware",
+          "deleted_groupware", "conflicts")
+MAX_RETRIES = 3
+
+
+@dataclass
+class CalendarResult:
+    counts: dict = field(default_factory=lambda: {name: 0 for name in COUNTS})
+    errors: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)  # one line each: item, fields, who won
+    requests: int = 0
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.errors)
+
+
+@dataclass
+class _Pair:
+    link: CalendarLink | None
+    activity: object | None  # crm.Activity
+    item: Item | None  # fetched this run (data and ETag)
+    data: ItemData | None  # item parsed
+    gone_on_server: bool = False
+
+
+def calendar_key(account: str, uid: str) -> str:
+    """The idempotency key of an activity that came from a groupware item."""
+    return f"cal:{account}:{uid}"
+
+
+class CalendarSync:
+    def __init__(self, config: Config, account: AccountConfig, area: str, crm: CRMBackend, state: StateStore,
+                 collection: Collection, dry_run: bool = False, force: bool = False):
+        self.config = config
+        self.account = account
+        self.area = area
+        self.crm = crm
+        self.state = state
+        self.coll = collection
+        self.dry_run = dry_run
+        self.force = force
+        self.component = EVENT if area == "events" else TODO
+        self.done = config.crm.done_status
+        self.open = config.crm.open_status
+        self.result = CalendarResult()
+        self.where = f"account {account.name}, {area}"
+
+    # -- entry point -------------------------------------------------------------------------
+
+    def run(self) -> CalendarResult:
+        start_requests = self.coll.requests
+        try:
+            self._run()
+        finally:
+            self.result.requests = self.coll.requests - start_requests
+        return self.result
+
+    def _run(self) -> None:
+        name, area = self.account.name, self.area
+        links = self.state.links(name, area)
+        by_href = {l.href: l for l in links}
+        token = self.state.sync_token(name, area, self.coll.url)
+        new_token, changed, deleted = self._server_changes(token, by_href)
+        failures = self.state.item_failures(name, area)
+        retry = [h for h, f in failures.items() if f["attempts"] < self.config.crm.max_attempts
+                 and h not in deleted and h not in changed]
+        fetched = self.coll.multiget(sorted(set(changed) | set(retry))) if (changed or retry) else {}
+        for href in changed:
+            if href not in fetched:
+                deleted.add(href)  # listed, then gone before we could read it
+        parsed: dict[str, ItemData] = {}
+        for href, item in fetched.items():
+            try:
+                data = read_item(item.data or "", self.done, self.open)
+            except BrokenItem as exc:
+                self._item_failed(href, item.etag, str(exc))
+                continue
+            if href in failures and not self.dry_run:
+                self.state.clear_item_failure(name, area, href)
+            if data.component != self.component and href not in by_href:
+                continue  # e.g. a VTODO in the events collection: not this area's
+            parsed[href] = data
+
+        pairs = self._pairs(links, fetched, parsed, deleted)
+        decisions = [(pair, self._decide(pair)) for pair in pairs]
+        if not self._guard_ok(decisions, len(links)):
+            return
+        for pair, decision in decisions:
+            try:
+                self._carry_out(pair, decision)
+            except (DavUnreachable, DavLoginFailed):
+                raise
+            except (DavError, BrokenItem, ValueError, LookupError) as exc:
+                self.result.errors.append(f"{self.where}, {self._describe(pair)}: {exc}")
+        if not self.dry_run and new_token is not None:
+            self.state.save_sync_token(name, area, self.coll.url, new_token)
+
+    # -- reading the server ------------------------------------------------------------------
+
+    def _server_changes(self, token: str | None, by_href: dict[str, CalendarLink]):
+        try:
+            new_token, changed, deleted = self.coll.changes_since(token)
+            complete = token is None  # an initial sync-collection lists every item
+        except SyncTokenInvalid:
+            log.info("%s: no usable sync token; listing the collection", self.where)
+            new_token, changed, deleted, complete = None, self.coll.list_etags(), set(), True
+            if token is not None:
+                # The token expired: get a fresh one (one extra request), then use the listing.
+                try:
+                    new_token, _, _ = self.coll.changes_since(None)
+                except SyncTokenInvalid:
+                    new_token = None
+        if complete:
+            deleted = {h for h in by_href if h not in changed}
+        deleted = {h for h in deleted if h in by_href}
+        # Our own writes come back with the ETag we stored: nothing to read.
+        changed = {h: e for h, e in changed.items()
+                   if h not in deleted and (h not in by_href or by_href[h].etag != e)}
+        return new_token, changed, deleted
+
+    def _item_failed(self, href: str, etag: str | None, error: str) -> None:
+        if self.dry_run:
+            self.result.errors.append(f"{self.where}, item {href}: {error}")
+            return
+        attempts = self.state.record_item_failure(self.account.name, self.area, href, etag, error)
+        state = "quarantined until it changes" if attempts >= self.config.crm.max_attempts else \
+            f"attempt {attempts} of {self.config.crm.max_attempts}"
+        self.result.errors.append(f"{self.where}, item {href}: {error} ({state}); the other items synced")
+
+    # -- pairing -----------------------------------------------------------------------------
+
+    def _crm_activities(self) -> dict[int, object]:
+        owners: tuple = (self.account.name,)
+        with_area = [a for a in self.config.accounts.values() if self.area in a.areas]
+        if len(with_area) == 1 and with_area[0].name == self.account.name:
+            owners = (self.account.name, None)  # the only calendar: it takes activities without owner
+        membership = self.state.memberships(self.account.name, self.area)
+        found = {a.id: a for a in self.crm.list_activities(
+            ActivityFilter(kinds=self.config.crm.kinds_of(self.area), owners=owners))}
+        for activity_id, included in membership.items():
+            if included and activity_id not in found:
+                activity = self.crm.get_activity(activity_id)
+                if activity is not None:
+                    found[activity_id] = activity
+            elif not included:
+                found.pop(activity_id, None)
+        return found
+
+    def _pairs(self, links, fetched, parsed, deleted) -> list[_Pair]:
+        activities = self._crm_activities()
+        linked_ids = set()
+        pairs = []
+        for link in links:
+            linked_ids.add(link.activity_id)
+            activity = activities.get(link.activity_id) or self._linked_activity(link)
+            gone = link.href in deleted
+            pairs.append(_Pair(link, activity, fetched.get(link.href) if link.href in parsed else None,
+                               parsed.get(link.href), gone_on_server=gone))
+        linked_hrefs = {l.href for l in links}
+        # Unlinked on both sides: match an item to its activity before creating anything
+        # (a lost state database, or a run that died between a create and saving its link).
+        by_uid: dict[str, object] = {}
+        prefix = calendar_key(self.account.name, "")
+        for activity in activities.values():
+            if activity.id in linked_ids:
+                continue
+            by_uid[uid_for_key(activity.key or f"crm:{activity.id}")] = activity
+            if activity.key and activity.key.startswith(prefix):
+                by_uid[activity.key[len(prefix):]] = activity
+        unlinked_items = [(h, d) for h, d in parsed.items() if h not in linked_hrefs]
+        keyed = self.crm.existing_keys([calendar_key(self.account.name, d.uid) for _, d in unlinked_items])
+        matched_ids = set()
+        for href, data in unlinked_items:
+            activity = by_uid.get(data.uid)
+            if activity is None and data.activity_id in activities and data.activity_id not in linked_ids:
+                activity = activities[data.activity_id]
+            if activity is None and calendar_key(self.account.name, data.uid) in keyed:
+                activity = self.crm.get_activity(keyed[calendar_key(self.account.name, data.uid)])
+            if activity is not None:
+                matched_ids.add(activity.id)
+            pairs.append(_Pair(None, activity, fetched[href], data))
+        for activity in activities.values():
+            if activity.id not in linked_ids and activity.id not in matched_ids:
+                pairs.append(_Pair(None, activity, None, None))
+        return pairs
+
+    def _linked_activity(self, link: CalendarLink):
+        """A linked activity outside the area's kinds (pushed, or its kind was edited)."""
+        activity = self.crm.get_activity(link.activity_id)
+        return activity if activity is not None and self.state.memberships(
+            self.account.name, self.area).get(link.activity_id, True) else None
+
+    # -- deciding ----------------------------------------------------------------------------
+
+    def _decide(self, pair: _Pair) -> Decision:
+        base = pair.link.base if pair.link else None
+        crm = Side(pair.activity.calendar_fields(), pair.activity.updated_at) if pair.activity else None
+        if pair.data is not None:
+            groupware = Side(pair.data.fields, pair.data.modified)
+        elif pair.link is not None and not pair.gone_on_server:
+            groupware = Side(dict(pair.link.base or {}))  # unchanged ETag: as last synced
+        else:
+            groupware = None
+        return reconcile(base, crm, groupware, FIELDS, self.config.sync.conflict)
+
+    def _guard_ok(self, decisions, total: int) -> bool:
+        for side, attr in (("CRM", "delete_crm"), ("groupware", "delete_groupware")):
+            count = sum(1 for _, d in decisions if getattr(d, attr))
+            if guard_deletions(count, total, self.config.sync.max_delete_share) and not self.force:
+                self.result.errors.append(
+                    f"{self.where}: this sync would delete {count} of {total} items on the {side} side, which "
+                    "looks like a server or data error; nothing was changed. If the deletions are right, "
+                    "run `gwsync sync --force`")
+                return False
+        return True
+
+    # -- doing -------------------------------------------------------------------------------
+
+    def _link_for(self, activity_id: int) -> Link:
+        return Link(self.config.crm.link.format(id=activity_id), activity_id)
+
+    def _carry_out(self, pair: _Pair, decision: Decision, attempt: int = 0) -> None:
+        counts = self.result.counts
+        if self.dry_run:
+            self._count(decision)
+            return
+        try:
+            if decision.forget:
+                self.state.drop_link(self.account.name, self.area, pair.link.activity_id)
+                return
+            if decision.delete_crm:
+                self.crm.delete_activity(pair.activity.id)
+                self.state.drop_link(self.account.name, self.area, pair.activity.id)
+                counts["deleted_crm"] += 1
+                return
+            if decision.delete_groupware:
+                self.coll.delete(pair.link.href, pair.link.etag or "*")
+                self.state.drop_link(self.account.name, self.area, pair.link.activity_id)
+                counts["deleted_groupware"] += 1
+                return
+            if decision.create_crm is not None:
+                self._create_in_crm(pair, decision)
+                return
+            if decision.create_groupware is not None:
+                self._create_on_server(pair, decision)
+                return
+            self._update(pair, decision)
+        except PreconditionFailed:
+            if attempt >= MAX_RETRIES:
+                raise DavError("the item kept changing on the server; it will be synced next time")
+            fresh = self._reread(pair)
+            self._carry_out(fresh, self._decide(fresh), attempt + 1)
+
+    def _count(self, decision: Decision) -> None:
+        counts = self.result.counts
+        counts["deleted_crm"] += decision.delete_crm
+        counts["deleted_groupware"] += decision.delete_groupware
+        counts["created_crm"] += decision.create_crm is not None
+        counts["created_groupware"] += decision.create_groupware is not None
+        counts["updated_crm"] += bool(decision.update_crm) and decision.create_crm is None
+        counts["updated_groupware"] += bool(decision.update_groupware) and decision.create_groupware is None
+        counts["conflicts"] += bool(decision.conflicts)
+
+    def _reread(self, pair: _Pair) -> _Pair:
+        """After a 412: the item as it is on the server now."""
+        href = pair.link.href if pair.link else (pair.item.href if pair.item else None)
+        item = self.coll.get(href) if href else None
+        if item is None:
+            return _Pair(pair.link, pair.activity, None, None, gone_on_server=True)
+        return _Pair(pair.link, pair.activity, item, read_item(item.data or "", self.done, self.open))
+
+    def _create_in_crm(self, pair: _Pair, decision: Decision) -> None:
+        data, item = pair.data, pair.item
+        fields = decision.create_crm
+        draft = ActivityDraft(
+            key=calendar_key(self.account.name, data.uid), kind=fields["kind"], status=fields["status"],
+            subject=fields["subject"], body=fields["body"], location=fields["location"], start=fields["start"],
+            end=fields["end"], due=fields["due"], rrule=fields["rrule"], owner=self.account.name)
+        existing = self.crm.existing_keys([draft.key]).get(draft.key)
+        activity_id = self.crm.create_activities([draft])[0]
+        if existing is not None:
+            self.crm.update_activity(activity_id, {k: fields[k] for k in FIELDS})
+        self.result.counts["created_crm"] += 1
+        etag = self._write_link(item, fields, activity_id)
+        self._save(activity_id, data.uid, item.href, etag, fields)
+
+    def _write_link(self, item: Item, fields: dict, activity_id: int) -> str | None:
+        """Write the CRM link into the item (not a change on either side). On a 412 keep the old
+        ETag: the next sync reads the item again."""
+        link = self._link_for(activity_id)
+        if link_is_current(item.data or "", link):
+            return item.etag
+        text = update_item(item.data or "", fields, set(), self.done, link, include_link=True)
+        try:
+            return self.coll.update(item.href, text, item.etag or "*")
+        except PreconditionFailed:
+            return item.etag
+
+    def _create_on_server(self, pair: _Pair, decision: Decision) -> None:
+        activity = pair.activity
+        fields = decision.create_groupware
+        uid = uid_for_key(activity.key or f"crm:{activity.id}")
+        href = self.coll.href_for(uid)
+        text = new_item(uid, self.component, fields, self.done, self._link_for(activity.id),
+                        alarm=activity.kind == "WIEDERVORLAGE")
+        try:
+            etag = self.coll.create(href, text)
+        except PreconditionFailed:
+            existing = self.coll.get(href)
+            if existing is None:
+                raise
+            data = read_item(existing.data or "", self.done, self.open)
+            if data.uid != uid:
+                raise DavError(f"{href} exists on the server and belongs to another item")
+            # Our own item from a run that died before saving the link: adopt it, then merge.
+            self._save(activity.id, uid, href, existing.etag, data.fields)
+            adopted = _Pair(CalendarLink(self.account.name, self.area, activity.id, uid, href, existing.etag,
+                                         data.fields), activity, existing, data)
+            self._update(adopted, self._decide(adopted))
+            return
+        self.result.counts["created_groupware"] += 1
+        if pair.link is not None and pair.link.href != href:
+            self.state.drop_link(self.account.name, self.area, pair.link.activity_id)
+        self._save(activity.id, uid, href, etag, fields)
+
+    def _update(self, pair: _Pair, decision: Decision) -> None:
+        activity = pair.activity
+        if pair.link is None:  # matched without a link (lost state, or adopting): link it now
+            data = pair.data
+            self._save(activity.id, data.uid, pair.item.href, pair.item.etag, data.fields)
+            pair = _Pair(CalendarLink(self.account.name, self.area, activity.id, data.uid, pair.item.href,
+                                      pair.item.etag, data.fields), activity, pair.item, data)
+        if decision.conflicts:
+            self.result.counts["conflicts"] += 1
+            self.result.conflicts.append(
+                f"{self.where}, activity {activity.id} {activity.subject!r}: {', '.join(decision.conflicts)} "
+                f"changed on both sides; kept the {self._winner(decision, pair)} value "
+                f"(policy {self.config.sync.conflict})")
+        if decision.update_crm:
+            self.crm.update_activity(activity.id, dict(decision.update_crm))
+            self.result.counts["updated_crm"] += 1
+        etag = pair.link.etag
+        link = self._link_for(activity.id)
+        item = pair.item
+        needs_link = item is not None and not link_is_current(item.data or "", link)
+        if decision.update_groupware or needs_link:
+            if item is None:
+                item = self.coll.get(pair.link.href)
+                if item is None:
+                    raise PreconditionFailed(pair.link.href)
+                if item.etag != pair.link.etag:
+                    raise PreconditionFailed(pair.link.href)  # changed since the listing: decide again
+            text = update_item(item.data or "", decision.base, set(decision.update_groupware), self.done, link,
+                               include_link=needs_link or "body" in decision.update_groupware)
+            etag = self.coll.update(item.href, text, item.etag or "*")
+            if decision.update_groupware:
+                self.result.counts["updated_groupware"] += 1
+        elif item is not None:
+            etag = item.etag
+        if decision.base is not None:
+            self._save(activity.id, pair.link.uid, pair.link.href, etag, decision.base)
+
+    def _winner(self, decision: Decision, pair: _Pair) -> str:
+        field_name = decision.conflicts[0]
+        return "CRM" if decision.base.get(field_name) == pair.activity.calendar_fields().get(field_name) else \
+            "groupware"
+
+    def _save(self, activity_id: int, uid: str, href: str, etag: str | None, base: dict) -> None:
+        self.state.save_link(CalendarLink(self.account.name, self.area, activity_id, uid, href, etag, dict(base)))
+
+    def _describe(self, pair: _Pair) -> str:
+        if pair.activity is not None:
+            return f"activity {pair.activity.id} {pair.activity.subject!r}"
+        if pair.link is not None:
+            return f"item {pair.link.href}"
+        return f"item {pair.item.href if pair.item else '?'}"

@@ -1,0 +1,275 @@
+"""The CalDAV adapter: one collection's items with ETags, WebDAV sync, and conditional writes.
+
+It uses the caldav library's DAVClient for the HTTP session and authentication, and sends every
+write with its precondition itself (If-None-Match: * on create, If-Match on update and delete),
+since the library's high-level objects do not send them all. A 412 is raised as
+PreconditionFailed: the caller re-reads and reconciles, it never overwrites.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from urllib.parse import quote, unquote, urljoin, urlsplit
+
+from caldav.davclient import DAVClient
+from caldav.lib import error as caldav_error
+
+NS = {"d": "DAV:", "c": "urn:ietf:params:xml:ns:caldav"}
+MULTIGET_BATCH = 200
+
+
+class DavError(Exception):
+    """The CalDAV server refused a request."""
+
+
+class DavLoginFailed(DavError):
+    """401: the credentials were refused."""
+
+
+class DavUnreachable(DavError):
+    """No connection, a timeout, or a 5xx answer: transient."""
+
+
+class PreconditionFailed(DavError):
+    """412: the item changed (or exists) on the server since we read it."""
+
+
+class SyncTokenInvalid(DavError):
+    """The server does not know the token (expired, or no sync support): list in full instead."""
+
+
+@dataclass
+class Item:
+    href: str  # path on the server, e.g. /alice/calendar/x.ics
+    etag: str | None
+    data: str | None = None
+
+
+def connect(url: str, username: str, password: str, verify: bool | str = True, timeout: int = 60) -> DAVClient:
+    return DAVClient(url, username=username, password=password, ssl_verify_cert=verify, timeout=timeout,
+                     require_tls=False, enable_rfc6764=False)
+
+
+class Collection:
+    def __init__(self, client: DAVClient, url: str):
+        self.client = client
+        self.url = url if url.endswith("/") else url + "/"
+        self.path = urlsplit(self.url).path
+        self.requests = 0  # HTTP requests sent, for the benchmark and the tests
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def _request(self, url: str, method: str, body: str = "", headers: dict | None = None):
+        self.requests += 1
+        try:
+            response = self.client.request(url, method, body, headers or {})
+        except caldav_error.AuthorizationError as exc:
+            status = getattr(exc, "status", None) or ""
+            if "403" in str(status) or "403" in str(exc)[:200]:
+                return _Forbidden()
+            raise DavLoginFailed(f"CalDAV {self.url}: login refused (HTTP 401)")
+        except caldav_error.RateLimitError as exc:
+            raise DavUnreachable(f"CalDAV {self.url}: server busy ({exc})")
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            raise DavUnreachable(f"CalDAV {self.url}: cannot connect ({exc})")
+        except Exception as exc:  # niquests raises its own connection errors
+            if type(exc).__module__.split(".")[0] in ("niquests", "urllib3", "urllib3_future"):
+                raise DavUnreachable(f"CalDAV {self.url}: cannot connect ({type(exc).__name__})")
+            raise
+        if response.status >= 500:
+            raise DavUnreachable(f"CalDAV {url}: server error {response.status}")
+        return response
+
+    def _absolute(self, href: str) -> str:
+        return urljoin(self.url, href)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Fail clearly when the collection does not exist or is not a calendar."""
+        response = self._request(self.url, "PROPFIND", _PROPFIND_TYPE, {"Depth": "0", "Content-Type": "application/xml"})
+        if isinstance(response, _Forbidden) or response.status == 404:
+            raise DavError(f"CalDAV collection {self.url} not found (check events/tasks in the config)")
+        if response.status != 207:
+            raise DavError(f"CalDAV collection {self.url}: PROPFIND answered {response.status}")
+        root = ET.fromstring(_body(response))
+        if root.find(".//c:calendar", NS) is None:
+            raise DavError(f"{self.url} is not a calendar collection")
+
+    def list_etags(self) -> dict[str, str]:
+        """href -> ETag of every calendar object (PROPFIND, depth 1)."""
+        response = self._request(self.url, "PROPFIND", _PROPFIND_ETAGS,
+                                 {"Depth": "1", "Content-Type": "application/xml"})
+        if isinstance(response, _Forbidden) or response.status != 207:
+            raise DavError(f"CalDAV {self.url}: listing answered {getattr(response, 'status', 403)}")
+        items = {}
+        for href, status, props in _multistatus(_body(response)):
+            if _norm(href) == _norm(self.path) or props.find(".//d:collection", NS) is not None:
+                continue
+            etag = props.findtext(".//d:getetag", default=None, namespaces=NS)
+            if etag:
+                items[_norm(href)] = etag
+        return items
+
+    def changes_since(self, token: str | None) -> tuple[str, dict[str, str], set[str]]:
+        """RFC 6578 sync-collection: (new token, changed href -> ETag, deleted hrefs).
+        With no token, every item counts as changed. Raises SyncTokenInvalid to ask for a listing."""
+        body = _SYNC_COLLECTION.format(token=_xml_escape(token or ""))
+        response = self._request(self.url, "REPORT", body, {"Depth": "1", "Content-Type": "application/xml"})
+        if isinstance(response, _Forbidden) or response.status in (400, 403, 409, 412, 415, 501):
+            raise SyncTokenInvalid(f"CalDAV {self.url}: sync token refused")
+        if response.status != 207:
+            raise SyncTokenInvalid(f"CalDAV {self.url}: sync-collection answered {response.status}")
+        root = ET.fromstring(_body(response))
+        new_token = root.findtext("d:sync-token", default=None, namespaces=NS)
+        if not new_token:
+            raise SyncTokenInvalid(f"CalDAV {self.url}: no sync token in the answer")
+        changed, deleted = {}, set()
+        for href, status, props in _multistatus_root(root):
+            if _norm(href) == _norm(self.path):
+                continue
+            if status and " 404" in status:
+                deleted.add(_norm(href))
+                continue
+            etag = props.findtext(".//d:getetag", default=None, namespaces=NS)
+            if etag:
+                changed[_norm(href)] = etag
+        return new_token, changed, deleted
+
+    def multiget(self, hrefs: list[str]) -> dict[str, Item]:
+        """The data of these items (calendar-multiget, in batches). Missing items are absent."""
+        found: dict[str, Item] = {}
+        for start in range(0, len(hrefs), MULTIGET_BATCH):
+            batch = hrefs[start:start + MULTIGET_BATCH]
+            body = _MULTIGET.format(hrefs="".join(f"<d:href>{_xml_escape(quote(unquote(h)))}</d:href>"
+                                                  for h in batch))
+            response = self._request(self.url, "REPORT", body, {"Depth": "1", "Content-Type": "application/xml"})
+            if isinstance(response, _Forbidden) or response.status != 207:
+                raise DavError(f"CalDAV {self.url}: multiget answered {getattr(response, 'status', 403)}")
+            for href, status, props in _multistatus(_body(response)):
+                data = props.findtext(".//c:calendar-data", default=None, namespaces=NS)
+                if data is not None and (not status or " 200" in status):
+                    found[_norm(href)] = Item(_norm(href), props.findtext(".//d:getetag", default=None,
+                                                                          namespaces=NS), data)
+        return found
+
+    def get(self, href: str) -> Item | None:
+        response = self._request(self._absolute(href), "GET")
+        if isinstance(response, _Forbidden) or response.status == 404:
+            return None
+        if response.status != 200:
+            raise DavError(f"CalDAV GET {href}: {response.status}")
+        return Item(href, response.headers.get("ETag"), _body(response))
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def href_for(self, uid: str) -> str:
+        return self.path + quote(uid.replace("/", "_"), safe="@-_.") + ".ics"
+
+    def create(self, href: str, data: str) -> str:
+        """PUT with If-None-Match: *; returns the new ETag. PreconditionFailed if it exists."""
+        return self._put(href, data, {"If-None-Match": "*"})
+
+    def update(self, href: str, data: str, etag: str) -> str:
+        """PUT with If-Match; returns the new ETag. PreconditionFailed if it changed meanwhile."""
+        return self._put(href, data, {"If-Match": etag})
+
+    def delete(self, href: str, etag: str) -> None:
+        response = self._request(self._absolute(href), "DELETE", "", {"If-Match": etag})
+        if isinstance(response, _Forbidden):
+            raise DavError(f"CalDAV DELETE {href}: forbidden")
+        if response.status == 412:
+            raise PreconditionFailed(href)
+        if response.status == 404:
+            return  # gone already: what we wanted
+        if response.status not in (200, 204):
+            raise DavError(f"CalDAV DELETE {href}: {response.status}")
+
+    def _put(self, href: str, data: str, condition: dict) -> str:
+        headers = {"Content-Type": "text/calendar; charset=utf-8", **condition}
+        response = self._request(self._absolute(href), "PUT", data, headers)
+        if isinstance(response, _Forbidden):
+            raise DavError(f"CalDAV PUT {href}: forbidden")
+        if response.status == 412:
+            raise PreconditionFailed(href)
+        if response.status not in (200, 201, 204):
+            detail = _body(response)[:200].strip()
+            raise DavError(f"CalDAV PUT {href}: {response.status} {detail}")
+        etag = response.headers.get("ETag")
+        if not etag:  # some servers answer without one: ask
+            item = self.get(href)
+            etag = item.etag if item else None
+        return etag or ""
+
+
+class _Forbidden:
+    status = 403
+
+
+def _body(response) -> str:
+    raw = getattr(response, "_raw", None)
+    if raw is None:
+        raw = getattr(response, "raw", b"")
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else (raw or "")
+
+
+def _norm(href: str) -> str:
+    return quote(unquote(urlsplit(href).path), safe="/@-_.~!$&'()*+,;=:")
+
+
+def _multistatus(text: str):
+    return _multistatus_root(ET.fromstring(text))
+
+
+def _multistatus_root(root):
+    for response in root.findall("d:response", NS):
+        href = response.findtext("d:href", default="", namespaces=NS)
+        status = response.findtext("d:status", default="", namespaces=NS)
+        props = ET.Element("props")
+        for propstat in response.findall("d:propstat", NS):
+            if " 200" in (propstat.findtext("d:status", default="", namespaces=NS) or ""):
+                for prop in propstat.findall("d:prop", NS):
+                    props.extend(list(prop))
+        yield href, status, props
+
+
+def _xml_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+_PROPFIND_TYPE = ('<?xml version="1.0" encoding="utf-8"?><d:propfind xmlns:d="DAV:"><d:prop><d:resourcetype/>'
+                  '</d:prop></d:propfind>')
+_PROPFIND_ETAGS = ('<?xml version="1.0" encoding="utf-8"?><d:propfind xmlns:d="DAV:"><d:prop><d:getetag/>'
+                   '<d:resourcetype/></d:prop></d:propfind>')
+_SYNC_COLLECTION = ('<?xml version="1.0" encoding="utf-8"?><d:sync-collection xmlns:d="DAV:">'
+                    '<d:sync-token>{token}</d:sync-token><d:sync-level>1</d:sync-level>'
+                    '<d:prop><d:getetag/></d:prop></d:sync-collection>')
+_MULTIGET = ('<?xml version="1.0" encoding="utf-8"?><c:calendar-multiget xmlns:d="DAV:" '
+             'xmlns:c="urn:ietf:params:xml:ns:caldav"><d:prop><d:getetag/><c:calendar-data/></d:prop>'
+             '{hrefs}</c:calendar-multiget>')
+
+
+def resolve_collection(client: DAVClient, home: str, name_or_url: str) -> str:
+    """A collection's URL from its name (the last path segment or display name below the
+    account URL) or from a full URL."""
+    if name_or_url.startswith(("http://", "https://")):
+        return name_or_url if name_or_url.endswith("/") else name_or_url + "/"
+    home = home if home.endswith("/") else home + "/"
+    probe = Collection(client, home)
+    response = probe._request(home, "PROPFIND", '<?xml version="1.0" encoding="utf-8"?><d:propfind xmlns:d="DAV:">'
+                              '<d:prop><d:displayname/><d:resourcetype/></d:prop></d:propfind>',
+                              {"Depth": "1", "Content-Type": "application/xml"})
+    if isinstance(response, _Forbidden) or response.status != 207:
+        raise DavError(f"CalDAV {home}: cannot list collections ({getattr(response, 'status', 403)}); check url")
+    names = []
+    for href, status, props in _multistatus(_body(response)):
+        if props.find(".//c:calendar", NS) is None:
+            continue
+        segment = unquote(urlsplit(href).path.rstrip("/").rsplit("/", 1)[-1])
+        display = props.findtext(".//d:displayname", default="", namespaces=NS)
+        names.append(segment)
+        if name_or_url in (segment, display):
+            return urljoin(home, urlsplit(href).path if href.endswith("/") else urlsplit(href).path + "/")
+    known = ", ".join(sorted(names)) or "none"
+    raise DavError(f"no calendar collection {name_or_url!r} at {home} (found: {known})")

@@ -1,0 +1,273 @@
+"""Two-way CalDAV sync against a real Radicale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gwsync.crm import ActivityFilter
+from gwsync.icalmap import read_item
+
+OTHER = (Path(__file__).resolve().parent.parent / "fixtures" / "ical" / "other-client-event.ics").read_text()
+AREAS = ("events", "tasks")
+
+
+@pytest.fixture
+def cal(make_env):
+    return make_env(areas=AREAS)
+
+
+def unfolded(text: str) -> list[str]:
+    return text.replace("\r\n", "\n").replace("\n ", "").split("\n")
+
+
+def sync(env, *args):
+    code, out = env.cli_json("sync", *args)
+    return code, out["accounts"]["alice"]
+
+
+def todo(uid: str, summary: str, extra: str = "") -> str:
+    return (f"BEGIN:VCALENDAR\nVERSION:2.0\nPRODID:-//Phone//EN\nBEGIN:VTODO\nUID:{uid}\nDTSTAMP:20261120T100000Z\n"
+            f"SUMMARY:{summary}\nDUE;VALUE=DATE:20261205\n{extra}END:VTODO\nEND:VCALENDAR\n")
+
+
+def event(uid: str, summary: str, extra: str = "") -> str:
+    return (f"BEGIN:VCALENDAR\nVERSION:2.0\nPRODID:-//Phone//EN\nBEGIN:VEVENT\nUID:{uid}\nDTSTAMP:20261120T100000Z\n"
+            f"DTSTART:20261201T090000Z\nDTEND:20261201T100000Z\nSUMMARY:{summary}\n{extra}END:VEVENT\nEND:VCALENDAR\n")
+
+
+def activities(env, **flt):
+    with env.engine() as engine:
+        return engine.crm.list_activities(ActivityFilter(**flt))
+
+
+def test_items_from_another_client_are_imported_and_linked_with_everything_else_unchanged(cal):
+    cal.dav_put("events", "review.ics", OTHER)
+    cal.dav_put("tasks", "t1.ics", todo("t1", "Angebot nachfassen"))
+
+    code, out = sync(cal)
+
+    assert code == 0, out
+    assert out["events"]["created_crm"] == 1 and out["tasks"]["created_crm"] == 1
+    acts = {a.subject: a for a in activities(cal)}
+    review = acts["Wöchentliches Review – Größenordnung 😀"]
+    assert review.kind == "BESPRECHUNG" and review.location == "Raum Süd"
+    assert review.start == "2026-12-03T10:00:00-05:00[America/New_York]"
+    assert review.rrule.startswith("FREQ=WEEKLY") and review.body == "Agenda:\n1. Zahlen\n2. Nächste Schritte"
+    assert acts["Angebot nachfassen"].kind == "AUFGABE" and acts["Angebot nachfassen"].due == "2026-12-05"
+
+    (etag, text), = cal.dav_items("events").values()
+    lines = unfolded(text)
+    link = f"https://crm.example.com/activities/{review.id}"
+    assert any(l.startswith("DESCRIPTION:Agenda:") and l.endswith(f"CRM: {link}") for l in lines)
+    assert f"X-GWSYNC-ACTIVITY-ID:{review.id}" in lines
+    assert any(l.startswith("X-ALT-DESC;FMTTYPE=text/html:") and link in l for l in lines)
+    original = unfolded(OTHER)
+    for keep in ("ATTENDEE;CN=Carol;PARTSTAT=NEEDS-ACTION:mailto:carol@example.net", "TRIGGER:-PT15M",
+                 "X-OTHER-CLIENT-DATA:keep this value exactly\\, with escapes\\; and a very long folded "
+                 "continuation line that must survive", "SUMMARY:Review (verschoben)",
+                 "RECURRENCE-ID;TZID=America/New_York:20261210T100000", "CATEGORIES:Kunde,Review"):
+        assert keep in original and keep in lines, keep
+    # every line of the original is still there, except the DESCRIPTION that got the link
+    assert [l for l in original if l not in lines and not l.startswith(("DESCRIPTION:Agenda", "PRODID"))] == []
+
+
+def test_a_second_sync_with_no_changes_does_nothing_and_costs_one_request_per_collection(cal):
+    cal.dav_put("events", "e1.ics", event("e1", "Termin"))
+    with cal.engine() as engine:
+        from gwsync.crm import ActivityDraft
+
+        engine.crm.create_activities([ActivityDraft(key="crm:x", kind="AUFGABE", status="O", subject="CRM task")])
+    sync(cal)
+    before = cal.dav_items("events") | cal.dav_items("tasks")
+
+    code, out = sync(cal)
+
+    assert code == 0
+    for area in AREAS:
+        assert {k: v for k, v in out[area].items() if k not in ("conflict_details", "requests")} == {
+            "created_crm": 0, "updated_crm": 0, "deleted_crm": 0, "created_groupware": 0,
+            "updated_groupware": 0, "deleted_groupware": 0, "conflicts": 0}
+        assert out[area]["requests"] == 1, (area, out[area]["requests"])
+    assert cal.dav_items("events") | cal.dav_items("tasks") == before  # no write: same ETags
+
+
+def test_crm_activities_appear_on_the_server_and_edits_travel_both_ways(cal):
+    code = cal.cli("activity", "add", "--kind", "TERMIN", "--subject", "Kundentermin", "--start",
+                   "2026-12-02T14:00:00+01:00[Europe/Berlin]", "--end", "2026-12-02T15:00:00+01:00[Europe/Berlin]",
+                   "--location", "Hamburg").exit_code
+    assert code == 0
+    cal.cli("activity", "add", "--kind", "WIEDERVORLAGE", "--subject", "Rückruf Erika", "--due", "2026-12-03")
+    code, out = sync(cal)
+    assert code == 0 and out["events"]["created_groupware"] == 1 and out["tasks"]["created_groupware"] == 1
+
+    (name, (etag, text)), = cal.dav_items("events").items()
+    item = read_item(text, "E", "O")
+    assert item.fields["subject"] == "Kundentermin" and item.fields["location"] == "Hamburg"
+    assert item.fields["start"] == "2026-12-02T14:00:00+01:00[Europe/Berlin]" and "BEGIN:VTIMEZONE" in text
+    (tname, (tetag, ttext)), = cal.dav_items("tasks").items()
+    assert "BEGIN:VALARM" in ttext and read_item(ttext, "E", "O").fields["kind"] == "WIEDERVORLAGE"
+
+    # edit on the phone: move the appointment; complete the task
+    cal.dav_put("events", name, text.replace("SUMMARY:Kundentermin", "SUMMARY:Kundentermin (verschoben)"), etag)
+    cal.dav_put("tasks", tname, ttext.replace("STATUS:NEEDS-ACTION", "STATUS:COMPLETED"), tetag)
+    code, out = sync(cal)
+    assert out["events"]["updated_crm"] == 1 and out["tasks"]["updated_crm"] == 1
+    acts = {a.kind: a for a in activities(cal)}
+    assert acts["TERMIN"].subject == "Kundentermin (verschoben)" and acts["WIEDERVORLAGE"].status == "E"
+
+    # edit in the CRM
+    cal.cli("activity", "edit", str(acts["TERMIN"].id), "--location", "Bremen")
+    code, out = sync(cal)
+    assert out["events"]["updated_groupware"] == 1
+    (etag, text), = cal.dav_items("events").values()
+    assert "LOCATION:Bremen" in text and "SUMMARY:Kundentermin (verschoben)" in text
+
+
+def test_edits_of_different_fields_on_both_sides_merge_and_same_field_is_a_reported_conflict(make_env):
+    env = make_env(areas=AREAS, extra='\n[sync]\nconflict = "crm"\n')
+    env.dav_put("events", "m.ics", event("m", "Planung", "LOCATION:Alt\n"))
+    sync(env)
+    (act,) = activities(env)
+    (etag, text), = env.dav_items("events").values()
+    env.dav_put("events", "m.ics", text.replace("LOCATION:Alt", "LOCATION:Neu vom Handy"), etag)
+    env.cli("activity", "edit", str(act.id), "--subject", "Planung 2027")
+
+    code, out = sync(env)
+
+    assert out["events"]["updated_crm"] == 1 and out["events"]["updated_groupware"] == 1
+    assert out["events"]["conflicts"] == 0
+    (merged,) = activities(env)
+    assert (merged.subject, merged.location) == ("Planung 2027", "Neu vom Handy")
+    (etag, text), = env.dav_items("events").values()
+    assert "SUMMARY:Planung 2027" in text and "LOCATION:Neu vom Handy" in text
+
+    env.dav_put("events", "m.ics", text.replace("SUMMARY:Planung 2027", "SUMMARY:Vom Handy"), etag)
+    env.cli("activity", "edit", str(act.id), "--subject", "Vom CRM")
+    code, out = sync(env)
+    assert out["events"]["conflicts"] == 1 and "subject" in out["events"]["conflict_details"][0]
+    assert activities(env)[0].subject == "Vom CRM"  # policy crm
+    assert "SUMMARY:Vom CRM" in next(iter(env.dav_items("events").values()))[1]
+
+
+def test_deletions_propagate_both_ways(cal):
+    cal.dav_put("events", "a.ics", event("a", "A"))
+    cal.dav_put("events", "b.ics", event("b", "B"))
+    sync(cal)
+    a_id = next(a.id for a in activities(cal) if a.subject == "A")
+    cal.dav_delete("events", "b.ics")
+    cal.cli("activity", "delete", str(a_id))
+    code, out = sync(cal)
+    assert code == 0, out
+    assert out["events"]["deleted_crm"] == 1 and out["events"]["deleted_groupware"] == 1
+    assert activities(cal) == [] and cal.dav_items("events") == {}
+
+
+def test_mass_deletion_guard_stops_and_force_passes(cal):
+    for n in range(6):
+        cal.dav_put("events", f"e{n}.ics", event(f"e{n}", f"E{n}"))
+    sync(cal)
+    for n in range(5):
+        cal.dav_delete("events", f"e{n}.ics")
+    code, out = sync(cal)
+    assert code == 1 and "would delete 5 of 6" in out["error"] and "--force" in out["error"]
+    assert len(activities(cal)) == 6  # nothing deleted
+    code, out = sync(cal, "--force")
+    assert code == 0 and out["events"]["deleted_crm"] == 5 and len(activities(cal)) == 1
+
+
+def test_a_concurrent_change_between_read_and_write_loses_neither_edit(cal):
+    """The server item changes after gwsync listed it and before it writes: the 412 makes gwsync
+    read it again and merge, instead of overwriting the other client's edit."""
+    from gwsync.calsync import CalendarSync
+    from gwsync.dav import Collection
+
+    cal.dav_put("events", "c.ics", event("c", "Start"))
+    sync(cal)
+    (act,) = activities(cal)
+    cal.cli("activity", "edit", str(act.id), "--location", "Vom CRM")
+
+    class RacingCollection(Collection):
+        raced = False
+
+        def update(self, href, data, etag):
+            if not RacingCollection.raced:  # another client writes just before our PUT
+                RacingCollection.raced = True
+                (cur_etag, text), = cal.dav_items("events").values()
+                cal.dav_put("events", "c.ics", text.replace("SUMMARY:Start", "SUMMARY:Vom Handy"), cur_etag)
+            return super().update(href, data, etag)
+
+    config = cal.config()
+    account = config.account("alice")
+    with cal.engine() as engine:
+        plain = engine.collection(account, "events")
+        racing = RacingCollection(plain.client, plain.url)
+        result = CalendarSync(config, account, "events", engine.crm, engine.state, racing).run()
+    assert RacingCollection.raced and result.errors == []
+    (etag, text), = cal.dav_items("events").values()
+    assert "SUMMARY:Vom Handy" in text and "LOCATION:Vom CRM" in text
+    sync(cal)
+    (after,) = activities(cal)
+    assert (after.subject, after.location) == ("Vom Handy", "Vom CRM")
+
+
+def test_broken_icalendar_is_reported_for_that_item_and_the_rest_syncs(cal):
+    from faultproxy import FaultProxy
+
+    cal.dav_put("events", "ok.ics", event("ok", "Fine"))
+    cal.dav_put("events", "bad.ics", event("bad", "Broken").replace("20261201T09", "20261202T09").replace(
+        "20261201T10", "20261202T10"))
+    port = cal.radicale.port
+    # The server hands out the second item with an impossible start time (hour 25).
+    with FaultProxy(port, {b"DTSTART:20261202T090000Z": b"DTSTART:20261202T250000Z"}) as proxy:
+        cal.config_path.write_text(cal.config_path.read_text().replace(f":{port}/", f":{proxy.port}/"))
+        code, out = sync(cal)
+        assert code == 1
+        assert "bad.ics" in out["error"] and "unreadable iCalendar" in out["error"] and "attempt 1 of 3" in out["error"]
+        assert [a.subject for a in activities(cal)] == ["Fine"]
+        assert out["events"]["created_crm"] == 1
+        code, out = sync(cal)  # retried, a bounded number of times
+        assert "attempt 2 of 3" in out["error"]
+    cal.config_path.write_text(cal.config_path.read_text().replace(f":{proxy.port}/", f":{port}/"))
+    code, out = sync(cal)  # the server serves it properly again: it syncs
+    assert code == 0 and sorted(a.subject for a in activities(cal)) == ["Broken", "Fine"]
+
+
+def test_push_any_activity_as_task_and_unpush(cal):
+    with cal.engine() as engine:
+        from gwsync.crm import ActivityDraft
+
+        (mail_id,) = engine.crm.create_activities([ActivityDraft(
+            key="mail:x", kind="MAILEIN", status="O", subject="Bitte Angebot schicken", body="Text")])
+    result = cal.cli("push", str(mail_id), "--as", "task")
+    assert result.exit_code == 0, result.stderr
+    (name, (etag, text)), = cal.dav_items("tasks").items()
+    assert "SUMMARY:Bitte Angebot schicken" in text and f"X-GWSYNC-ACTIVITY-ID:{mail_id}" in text
+    code, out = sync(cal)
+    assert out["tasks"]["created_groupware"] == 0 and out["tasks"]["requests"] == 1  # synced like the others
+
+    result = cal.cli("unpush", str(mail_id))
+    assert result.exit_code == 0 and "removed 1 groupware entry" in result.stdout
+    assert cal.dav_items("tasks") == {}
+    assert [a.id for a in activities(cal)] == [mail_id]  # the activity stays
+    code, out = sync(cal)
+    assert cal.dav_items("tasks") == {} and out["tasks"]["created_groupware"] == 0  # and is not pushed again
+
+
+def test_lost_state_database_creates_no_duplicates(cal):
+    cal.dav_put("events", "x.ics", event("x", "Vom Handy"))
+    cal.cli("activity", "add", "--kind", "TERMIN", "--subject", "Vom CRM", "--start", "2026-12-09T10:00")
+    sync(cal)
+    (cal.dir / "state.db").unlink()
+    code, out = sync(cal)
+    assert code == 0, out
+    assert out["events"]["created_crm"] == 0 and out["events"]["created_groupware"] == 0
+    assert len(activities(cal)) == 2 and len(cal.dav_items("events")) == 2
+
+
+def test_wrong_collection_name_is_one_clear_error(make_env):
+    env = make_env(areas=("events",))
+    env.config_path.write_text(env.config_path.read_text().replace('events = "calendar"', 'events = "kalendr"'))
+    code, out = sync(env)
+    assert code == 1 and "no calendar collection 'kalendr'" in out["error"] and "found: calendar, tasks" in out["error"]
