@@ -30,6 +30,7 @@ log = logging.getLogger("gwsync.calendar")
 COUNTS = ("created_crm", "updated_crm", "deleted_crm", "created_groupware", "updated_groupware",
           "deleted_groupware", "conflicts")
 MAX_RETRIES = 3
+LINK_BATCH = 200
 
 
 @dataclass
@@ -74,6 +75,10 @@ class CalendarSync:
         self.open = config.crm.open_status
         self.result = CalendarResult()
         self.where = f"account {account.name}, {area}"
+        # Link changes are written in batches: one transaction per LINK_BATCH items. Losing
+        # unwritten ones to a crash costs nothing; the next run matches items and activities.
+        self._link_changes: list[tuple[str, object]] = []
+        self._created_ids: dict[str, int] = {}
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -82,8 +87,16 @@ class CalendarSync:
         try:
             self._run()
         finally:
+            self._flush_links()
             self.result.requests = self.coll.requests - start_requests
         return self.result
+
+    def _flush_links(self) -> None:
+        changes, self._link_changes = self._link_changes, []
+        self.state.apply_link_changes(changes)
+
+    def _drop(self, activity_id: int) -> None:
+        self._link_changes.append(("drop", (self.account.name, self.area, activity_id)))
 
     def _run(self) -> None:
         name, area = self.account.name, self.area
@@ -115,7 +128,11 @@ class CalendarSync:
         decisions = [(pair, self._decide(pair)) for pair in pairs]
         if not self._guard_ok(decisions, len(links)):
             return
+        if not self.dry_run:
+            self._create_crm_activities(decisions)
         for pair, decision in decisions:
+            if len(self._link_changes) >= LINK_BATCH:
+                self._flush_links()
             try:
                 self._carry_out(pair, decision)
             except (DavUnreachable, DavLoginFailed):
@@ -256,16 +273,16 @@ class CalendarSync:
             return
         try:
             if decision.forget:
-                self.state.drop_link(self.account.name, self.area, pair.link.activity_id)
+                self._drop(pair.link.activity_id)
                 return
             if decision.delete_crm:
                 self.crm.delete_activity(pair.activity.id)
-                self.state.drop_link(self.account.name, self.area, pair.activity.id)
+                self._drop(pair.activity.id)
                 counts["deleted_crm"] += 1
                 return
             if decision.delete_groupware:
                 self.coll.delete(pair.link.href, pair.link.etag or "*")
-                self.state.drop_link(self.account.name, self.area, pair.link.activity_id)
+                self._drop(pair.link.activity_id)
                 counts["deleted_groupware"] += 1
                 return
             if decision.create_crm is not None:
@@ -299,26 +316,41 @@ class CalendarSync:
             return _Pair(pair.link, pair.activity, None, None, gone_on_server=True)
         return _Pair(pair.link, pair.activity, item, read_item(item.data or "", self.done, self.open))
 
+    def _draft(self, uid: str, fields: dict) -> ActivityDraft:
+        return ActivityDraft(
+            key=calendar_key(self.account.name, uid), kind=fields["kind"], status=fields["status"],
+            subject=fields["subject"], body=fields["body"], location=fields["location"], start=fields["start"],
+            end=fields["end"], due=fields["due"], rrule=fields["rrule"], owner=self.account.name)
+
+    def _create_crm_activities(self, decisions) -> None:
+        """All activities this run creates, in one CRM transaction (idempotent by UID key)."""
+        drafts = [self._draft(pair.data.uid, decision.create_crm) for pair, decision in decisions
+                  if decision.create_crm is not None and pair.data is not None]
+        if drafts:
+            existing = self.crm.existing_keys([d.key for d in drafts])
+            ids = self.crm.create_activities(drafts)
+            self._created_ids = dict(zip((d.key for d in drafts), ids))
+            for draft in drafts:  # created by a run that died before linking: bring it up to date
+                if draft.key in existing:
+                    self.crm.update_activity(self._created_ids[draft.key],
+                                             {k: getattr(draft, k) for k in FIELDS})
+
     def _create_in_crm(self, pair: _Pair, decision: Decision) -> None:
         data, item = pair.data, pair.item
         fields = decision.create_crm
-        draft = ActivityDraft(
-            key=calendar_key(self.account.name, data.uid), kind=fields["kind"], status=fields["status"],
-            subject=fields["subject"], body=fields["body"], location=fields["location"], start=fields["start"],
-            end=fields["end"], due=fields["due"], rrule=fields["rrule"], owner=self.account.name)
-        existing = self.crm.existing_keys([draft.key]).get(draft.key)
-        activity_id = self.crm.create_activities([draft])[0]
-        if existing is not None:
-            self.crm.update_activity(activity_id, {k: fields[k] for k in FIELDS})
+        key = calendar_key(self.account.name, data.uid)
+        activity_id = self._created_ids.get(key)
+        if activity_id is None:  # decided again after a 412: create it now
+            activity_id = self.crm.create_activities([self._draft(data.uid, fields)])[0]
         self.result.counts["created_crm"] += 1
-        etag = self._write_link(item, fields, activity_id)
+        etag = self._write_link(item, data, fields, activity_id)
         self._save(activity_id, data.uid, item.href, etag, fields)
 
-    def _write_link(self, item: Item, fields: dict, activity_id: int) -> str | None:
+    def _write_link(self, item: Item, data: ItemData, fields: dict, activity_id: int) -> str | None:
         """Write the CRM link into the item (not a change on either side). On a 412 keep the old
         ETag: the next sync reads the item again."""
         link = self._link_for(activity_id)
-        if link_is_current(item.data or "", link):
+        if data.has_link(link):
             return item.etag
         text = update_item(item.data or "", fields, set(), self.done, link, include_link=True)
         try:
@@ -350,7 +382,7 @@ class CalendarSync:
             return
         self.result.counts["created_groupware"] += 1
         if pair.link is not None and pair.link.href != href:
-            self.state.drop_link(self.account.name, self.area, pair.link.activity_id)
+            self._drop(pair.link.activity_id)
         self._save(activity.id, uid, href, etag, fields)
 
     def _update(self, pair: _Pair, decision: Decision) -> None:
@@ -372,7 +404,8 @@ class CalendarSync:
         etag = pair.link.etag
         link = self._link_for(activity.id)
         item = pair.item
-        needs_link = item is not None and not link_is_current(item.data or "", link)
+        needs_link = item is not None and not (pair.data.has_link(link) if pair.data is not None
+                                               else link_is_current(item.data or "", link))
         if decision.update_groupware or needs_link:
             if item is None:
                 item = self.coll.get(pair.link.href)
@@ -396,7 +429,8 @@ class CalendarSync:
             "groupware"
 
     def _save(self, activity_id: int, uid: str, href: str, etag: str | None, base: dict) -> None:
-        self.state.save_link(CalendarLink(self.account.name, self.area, activity_id, uid, href, etag, dict(base)))
+        self._link_changes.append(
+            ("save", CalendarLink(self.account.name, self.area, activity_id, uid, href, etag, dict(base))))
 
     def _describe(self, pair: _Pair) -> str:
         if pair.activity is not None:

@@ -46,9 +46,23 @@ class Item:
     data: str | None = None
 
 
-def connect(url: str, username: str, password: str, verify: bool | str = True, timeout: int = 60) -> DAVClient:
+def connect(url: str, username: str, password: str, verify: bool | str = True, timeout: int = 60,
+            auth_type: str | None = None) -> DAVClient:
+    """A client; with `auth_type` (remembered from an earlier run) the credentials go with the
+    first request instead of after a 401 challenge, which saves a request per run."""
     return DAVClient(url, username=username, password=password, ssl_verify_cert=verify, timeout=timeout,
-                     require_tls=False, enable_rfc6764=False)
+                     require_tls=False, enable_rfc6764=False, auth_type=auth_type)
+
+
+def negotiated_auth_type(client: DAVClient) -> str | None:
+    """The auth scheme the client settled on ("basic", "digest", "bearer"), if any."""
+    if client.auth_type:
+        return client.auth_type
+    name = type(client.auth).__name__.lower() if client.auth is not None else ""
+    for scheme in ("digest", "basic", "bearer"):
+        if scheme in name:
+            return scheme
+    return None
 
 
 class Collection:

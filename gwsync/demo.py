@@ -19,7 +19,7 @@ from imapclient import IMAPClient
 from .config import load_config
 from .crm import ActivityFilter
 from .engine import Engine
-from .localservers import Dovecot, Pymap, ServerUnavailable
+from .localservers import Dovecot, Pymap, Radicale, ServerUnavailable
 
 USER, PASSWORD = "demo", "demopass"
 
@@ -46,7 +46,7 @@ R = "Rückruf"
 database = "{dir}/state.db"
 
 [accounts.demo]
-areas = ["mail"]
+areas = ["mail", "events", "tasks"]
 
 [accounts.demo.imap]
 host = "127.0.0.1"
@@ -56,7 +56,40 @@ username = "{user}"
 password = "{password}"
 import_root = "INBOX"
 archive_folder = "INBOX/CRM Archiv"
+
+[accounts.demo.caldav]
+url = "{dav_url}"
+username = "{user}"
+password = "{dav_password}"
+events = "calendar"
+tasks = "tasks"
 """
+
+PHONE_EVENT = """\
+BEGIN:VCALENDAR
+VERSION:2.0
+PRODID:-//A Phone//EN
+BEGIN:VEVENT
+UID:phone-meeting-1@demo.example
+DTSTAMP:20261126T080000Z
+DTSTART;TZID=Europe/Berlin:20261203T100000
+DTEND;TZID=Europe/Berlin:20261203T110000
+SUMMARY:Jahresgespräch ACME
+LOCATION:Hamburg
+ATTENDEE;CN=Erika Mustermann:mailto:erika.mustermann@acme.example
+BEGIN:VALARM
+ACTION:DISPLAY
+DESCRIPTION:Jahresgespräch
+TRIGGER:-PT30M
+END:VALARM
+END:VEVENT
+END:VCALENDAR
+"""
+
+MKCALENDAR = ('<?xml version="1.0" encoding="utf-8"?><C:mkcalendar xmlns:D="DAV:" '
+              'xmlns:C="urn:ietf:params:xml:ns:caldav"><D:set><D:prop><D:displayname>{name}</D:displayname>'
+              '<C:supported-calendar-component-set><C:comp name="{comp}"/></C:supported-calendar-component-set>'
+              '</D:prop></D:set></C:mkcalendar>')
 
 
 def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
@@ -68,8 +101,17 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
         click.echo(f"gwsync demo: cannot start the local IMAP server: {exc}", err=True)
         return 1
     try:
+        dav_server = Radicale.start()
+    except ServerUnavailable as exc:
+        server.stop()
+        click.echo(f"gwsync demo: cannot start the local CalDAV server: {exc}", err=True)
+        return 1
+    try:
+        dav_home = dav_server.add_user(USER)
+        _make_calendars(dav_server, dav_home)
         config_path = workdir / "config.toml"
-        config_path.write_text(CONFIG.format(dir=workdir, port=server.port, user=USER, password=_password(server)))
+        config_path.write_text(CONFIG.format(dir=workdir, port=server.port, user=USER, password=_password(server),
+                                             dav_url=dav_home, dav_password=dav_server.password_for(USER)))
         config = load_config(config_path)
         click.echo(f"IMAP server: {type(server).__name__} on 127.0.0.1:{server.port}")
         click.echo(f"config:      {config_path}")
@@ -83,6 +125,7 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
             for folder in engine.import_folders(config.account("demo")):
                 click.echo(f"  {folder.name}  -> status {folder.status} ({config.crm.statuses[folder.status]})")
 
+            erika_call = _add_follow_up(engine)
             report = engine.sync()
             mail = report.accounts["demo"].mail
             click.echo("")
@@ -98,9 +141,28 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
                 for d in a.documents:
                     click.echo(f"      document {d.filename} {d.size} bytes sha256 {d.sha256[:12]}...")
                 click.echo(f"      {a.link}")
-            again = engine.sync().accounts["demo"].mail
+            calendars = report.accounts["demo"].calendars
             click.echo("")
-            click.echo(f"second sync: imported {again.imported if again else 0} (nothing is imported twice)")
+            click.echo("calendar and tasks (CalDAV, both ways):")
+            for area in ("events", "tasks"):
+                if area in calendars:
+                    c = calendars[area].counts
+                    click.echo(f"  {area}: {c['created_crm']} new in the CRM, {c['created_groupware']} new on the server")
+            for a in engine.crm.list_activities(ActivityFilter(kinds=("TERMIN", "BESPRECHUNG", "AUFGABE",
+                                                                      "WIEDERVORLAGE"))):
+                when = a.start or a.due or ""
+                click.echo(f"  #{a.id} {a.kind} {a.subject!r} {when}")
+            (etag, text), = _items(dav_server, dav_home, "calendar").values()
+            link_line = next(l for l in text.replace("\n ", "").splitlines() if l.startswith("DESCRIPTION"))
+            click.echo(f"  the phone's event now carries the CRM link: {link_line}")
+            click.echo(f"  the follow-up #{erika_call} is on the phone's task list: "
+                       f"{len(_items(dav_server, dav_home, 'tasks'))} task(s)")
+            second = engine.sync().accounts["demo"]
+            again = second.mail
+            click.echo("")
+            click.echo(f"second sync: imported {again.imported if again else 0} (nothing is imported twice); "
+                       f"calendar requests: {sum(r.requests for r in second.calendars.values())} "
+                       "(one per collection when nothing changed)")
             archived = _count(server.port, _password(server), config.account("demo").imap.archive_folder)
             click.echo(f"archive folder holds {archived} mail(s); the CRM folders are empty again")
             code = report.exit_code
@@ -111,6 +173,7 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
         return code
     finally:
         server.stop()
+        dav_server.stop()
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -154,3 +217,35 @@ def _count(port: int, password: str, folder: str) -> int:
         return len(client.select_folder(folder, readonly=True) and client.search(["ALL"]))
     finally:
         client.logout()
+
+
+def _make_calendars(dav_server: Radicale, home: str) -> None:
+    from caldav.davclient import DAVClient
+
+    client = DAVClient(home, username=USER, password=dav_server.password_for(USER))
+    for name, comp in (("calendar", "VEVENT"), ("tasks", "VTODO")):
+        client.request(home + name + "/", "MKCALENDAR", MKCALENDAR.format(name=name, comp=comp),
+                       {"Content-Type": "application/xml"})
+    client.request(home + "calendar/phone-meeting-1.ics", "PUT", PHONE_EVENT.replace("\n", "\r\n"),
+                   {"Content-Type": "text/calendar; charset=utf-8"})
+
+
+def _add_follow_up(engine) -> int:
+    import uuid
+
+    from .crm import ActivityDraft
+
+    (activity_id,) = engine.crm.create_activities([ActivityDraft(
+        key=f"crm:{uuid.uuid4()}", kind="WIEDERVORLAGE", status="O", subject="Erika zurückrufen (Wartungsvertrag)",
+        due="2026-12-01T09:00:00+01:00[Europe/Berlin]", owner=USER)])
+    return activity_id
+
+
+def _items(dav_server: Radicale, home: str, name: str) -> dict:
+    from caldav.davclient import DAVClient
+
+    from .dav import Collection
+
+    collection = Collection(DAVClient(home, username=USER, password=dav_server.password_for(USER)), home + name + "/")
+    return {h: (i.etag, i.data) for h, i in collection.multiget(sorted(collection.list_etags())).items()}
+

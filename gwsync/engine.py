@@ -126,14 +126,20 @@ class Engine:
         return report
 
     def collection(self, account: AccountConfig, area: str) -> Collection:
-        """The account's events or tasks collection, checked to exist."""
+        """The account's events or tasks collection. The first run finds and checks it; later
+        runs reuse its URL and auth scheme, so that a sync with no changes is one request."""
         cfg = account.caldav
         verify: bool | str = cfg.ca_file or cfg.verify
-        client = dav.connect(cfg.url, cfg.username, cfg.secret.resolve(), verify=verify, timeout=int(cfg.timeout))
-        url = dav.resolve_collection(client, cfg.url, cfg.collection(area))
-        collection = Collection(client, url)
-        collection.check()
-        return collection
+        source = f"{cfg.url} {cfg.username} {cfg.collection(area)}"
+        url, auth_type = self.state.dav_cache(account.name, area, source)
+        client = dav.connect(cfg.url, cfg.username, cfg.secret.resolve(), verify=verify, timeout=int(cfg.timeout),
+                             auth_type=auth_type)
+        if url is None:
+            url = dav.resolve_collection(client, cfg.url, cfg.collection(area))
+            collection = Collection(client, url)
+            collection.check()
+            self.state.save_dav_cache(account.name, area, source, url, dav.negotiated_auth_type(client))
+        return Collection(client, url)
 
     def _sync_calendar(self, account: AccountConfig, area: str, acc_report: AccountReport, dry_run: bool,
                        force: bool) -> None:
@@ -151,6 +157,8 @@ class Engine:
             return
         except (dav.DavError, ConfigError) as exc:
             acc_report.errors.append(f"account {name}, {area}: {exc}")
+            # Maybe the collection moved or the auth scheme changed: find it afresh next time.
+            self.state.save_dav_cache(name, area, "", None, None)
             return
         acc_report.calendars[area] = result
         if not dry_run:

@@ -93,6 +93,17 @@ class ItemData:
     fields: dict
     activity_id: int | None  # X-GWSYNC-ACTIVITY-ID, if gwsync linked it
     modified: str | None  # LAST-MODIFIED (or DTSTAMP) in UTC ISO, for the `newest` policy
+    description: str = ""  # raw DESCRIPTION and X-ALT-DESC: to tell whether the link is current
+    alt_description: str = ""
+
+    def has_link(self, link: "Link") -> bool:
+        """True when the item already carries exactly this link (no write-back needed)."""
+        lines = [line for line in self.description.replace("\r\n", "\n").split("\n") if _LINK_LINE.match(line)]
+        expected_alt = alt_description(strip_link(self.description), link)
+        # icalendar hands X- properties over still escaped: accept either form.
+        return (lines == [f"CRM: {link.url}"] and self.description.rstrip().endswith(f"CRM: {link.url}")
+                and self.activity_id == link.activity_id
+                and expected_alt in (self.alt_description, _unescape_text(self.alt_description)))
 
 
 def strip_link(description: str) -> str:
@@ -162,6 +173,7 @@ def read_item(text: str, done_status: str, open_status: str) -> ItemData:
         raise BrokenItem(f"unreadable iCalendar: {type(exc).__name__}: {exc}") from exc
     return ItemData(
         uid=uid, component=comp.name, fields=fields,
+        description=str(comp.get("DESCRIPTION", "")), alt_description=str(comp.get("X-ALT-DESC", "")),
         activity_id=int(str(activity_id)) if activity_id and str(activity_id).strip().isdigit() else None,
         modified=format_time(modified.astimezone(timezone.utc)) if isinstance(modified, datetime)
         and modified.tzinfo else None,
@@ -191,19 +203,11 @@ def alt_description(body: str, link: Link) -> str:
 
 
 def link_is_current(text: str, link: Link) -> bool:
-    """True when the item already carries exactly this link (so no write-back is needed)."""
+    """True when the item text already carries exactly this link."""
     try:
-        comp = _master(icalendar.Calendar.from_ical(text))
-    except Exception:
+        return read_item(text, "", "").has_link(link)
+    except BrokenItem:
         return False
-    if comp is None:
-        return False
-    description = str(comp.get("DESCRIPTION", ""))
-    link_lines = [line for line in description.replace("\r\n", "\n").split("\n") if _LINK_LINE.match(line)]
-    return (link_lines == [f"CRM: {link.url}"]
-            and description.rstrip().endswith(f"CRM: {link.url}")
-            and str(comp.get(ACTIVITY_ID_PROP, "")).strip() == str(link.activity_id)
-            and str(comp.get("X-ALT-DESC", "")) == alt_description(strip_link(description), link))
 
 
 def _props_for(fields: dict, changed: set[str], component: str, done_status: str,
@@ -250,19 +254,41 @@ def _props_for(fields: dict, changed: set[str], component: str, done_status: str
     return props, zones
 
 
+_TEXT_PROPS = {"SUMMARY", "DESCRIPTION", "LOCATION", "X-ALT-DESC", ACTIVITY_ID_PROP, KIND_PROP, STATUS_PROP}
+
+
 def _content_lines(component: str, props: dict[str, list]) -> dict[str, list[str]]:
-    """Serialise properties with icalendar; returns name -> physical CRLF lines (folded)."""
+    """Serialise properties; returns name -> physical lines (folded). Text properties are
+    written directly (the write-back path runs once per item); the rest through icalendar."""
+    out: dict[str, list[str]] = {name: [] for name in props}
     comp = icalendar.Todo() if component == TODO else icalendar.Event()
     for name, values in props.items():
         for value in values:
             if name == "X-ALT-DESC":
-                comp.add(name, value[1], parameters={"FMTTYPE": "text/html"})
+                out[name] += _fold(f"X-ALT-DESC;FMTTYPE=text/html:{_escape_text(value[1])}")
+            elif name in _TEXT_PROPS:
+                out[name] += _fold(f"{name}:{_escape_text(str(value))}")
             else:
                 comp.add(name, value)
-    out: dict[str, list[str]] = {name: [] for name in props}
-    for entry in _logical_lines(comp.to_ical().decode("utf-8").split("\r\n"))[1:-1]:
-        out.setdefault(entry.name, []).extend(entry.physical)
+    if len(comp):
+        for entry in _logical_lines(comp.to_ical().decode("utf-8").split("\r\n"))[1:-1]:
+            out.setdefault(entry.name, []).extend(entry.physical)
     return out
+
+
+def _fold(line: str, limit: int = 75) -> list[str]:
+    """RFC 5545 folding: at most 75 octets a line, never inside a UTF-8 sequence."""
+    data = line.encode("utf-8")
+    if len(data) <= limit:
+        return [line]
+    parts, start, width = [], 0, limit
+    while start < len(data):
+        end = min(start + width, len(data))
+        while end < len(data) and (data[end] & 0xC0) == 0x80:  # back up to a character boundary
+            end -= 1
+        parts.append(("" if not parts else " ") + data[start:end].decode("utf-8"))
+        start, width = end, limit - 1
+    return parts
 
 
 @dataclass
@@ -401,7 +427,12 @@ def _vtimezone(key: str) -> str:
 
 
 def _escape_text(text: str) -> str:
-    return text.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,").replace("\n", "\\n")
+    return (text.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,").replace("\r\n", "\n")
+            .replace("\r", "\n").replace("\n", "\\n"))
+
+
+def _unescape_text(text: str) -> str:
+    return re.sub(r"\\([\\;,nN])", lambda m: "\n" if m.group(1) in "nN" else m.group(1), text)
 
 
 def _escape_uid(uid: str) -> str:

@@ -233,7 +233,7 @@ type = owner_only
 [storage]
 filesystem_folder = {dir}/collections
 [logging]
-level = warning
+level = {log_level}
 mask_passwords = True
 """
 
@@ -247,18 +247,26 @@ class Radicale:
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
 
+    log_level: str = "warning"
+
     @classmethod
-    def start(cls) -> "Radicale":
+    def start(cls, log_level: str = "warning") -> "Radicale":
+        """log_level "info" logs one line per request (benchmarks count them)."""
         directory = Path(tempfile.mkdtemp(prefix="gwsync-radicale-"))
         (directory / "users").write_text("")
-        server = cls(directory=directory)
+        server = cls(directory=directory, log_level=log_level)
         server._launch()
         return server
+
+    def request_count(self) -> int:
+        """Requests the server has logged so far (needs log_level "info")."""
+        log = self.directory / "radicale.log"
+        return log.read_text(errors="replace").count(" request for ") if log.exists() else 0
 
     def _launch(self) -> None:
         self.port = free_port()
         conf = self.directory / "radicale.conf"
-        conf.write_text(RADICALE_CONF.format(dir=self.directory, port=self.port))
+        conf.write_text(RADICALE_CONF.format(dir=self.directory, port=self.port, log_level=self.log_level))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "radicale", "--config", str(conf)],
             stdout=subprocess.DEVNULL,

@@ -88,6 +88,9 @@ class StateStore:
                 self.db["links"].create_index(["account", "area", "href"], unique=True)
                 self.db["collections"].create(
                     {"account": str, "area": str, "url": str, "sync_token": str}, pk=("account", "area"))
+                self.db["dav_cache"].create(
+                    {"account": str, "area": str, "source": str, "url": str, "auth_type": str},
+                    pk=("account", "area"))
                 self.db["membership"].create(
                     {"account": str, "area": str, "activity_id": int, "included": int},
                     pk=("account", "area", "activity_id"))
@@ -110,22 +113,46 @@ class StateStore:
                 for r in self.db.query("SELECT * FROM links WHERE activity_id = ?", [activity_id])]
 
     def save_link(self, link: CalendarLink) -> None:
+        self.apply_link_changes([("save", link)])
+
+    def apply_link_changes(self, changes: list[tuple[str, object]]) -> None:
+        """Several ("save", CalendarLink) / ("drop", (account, area, activity_id)) in one transaction."""
+        if not changes:
+            return
         self._ensure_calendar_tables()
         with transaction(self.conn):
-            # One item is linked to one activity: drop a stale link that points at the same href.
-            self.conn.execute("DELETE FROM links WHERE account = ? AND area = ? AND href = ? AND activity_id != ?",
-                              (link.account, link.area, link.href, link.activity_id))
-            self.conn.execute(
-                "INSERT OR REPLACE INTO links (account, area, activity_id, uid, href, etag, base, updated_at) "
-                "VALUES (?,?,?,?,?,?,?,?)",
-                (link.account, link.area, link.activity_id, link.uid, link.href, link.etag,
-                 json.dumps(link.base, sort_keys=True) if link.base is not None else None, _now()))
+            for op, value in changes:
+                if op == "save":
+                    link = value
+                    self.conn.execute(
+                        "DELETE FROM links WHERE account = ? AND area = ? AND href = ? AND activity_id != ?",
+                        (link.account, link.area, link.href, link.activity_id))
+                    self.conn.execute(
+                        "INSERT OR REPLACE INTO links (account, area, activity_id, uid, href, etag, base, updated_at) "
+                        "VALUES (?,?,?,?,?,?,?,?)",
+                        (link.account, link.area, link.activity_id, link.uid, link.href, link.etag,
+                         json.dumps(link.base, sort_keys=True) if link.base is not None else None, _now()))
+                else:
+                    self.conn.execute("DELETE FROM links WHERE account = ? AND area = ? AND activity_id = ?", value)
 
     def drop_link(self, account: str, area: str, activity_id: int) -> None:
+        self.apply_link_changes([("drop", (account, area, activity_id))])
+
+    def dav_cache(self, account: str, area: str, source: str) -> tuple[str | None, str | None]:
+        """(collection URL, auth scheme) found by an earlier run for the same config `source`."""
+        self._ensure_calendar_tables()
+        row = self.conn.execute("SELECT source, url, auth_type FROM dav_cache WHERE account = ? AND area = ?",
+                                (account, area)).fetchone()
+        return (row[1], row[2]) if row and row[0] == source else (None, None)
+
+    def save_dav_cache(self, account: str, area: str, source: str, url: str | None, auth_type: str | None) -> None:
         self._ensure_calendar_tables()
         with transaction(self.conn):
-            self.conn.execute("DELETE FROM links WHERE account = ? AND area = ? AND activity_id = ?",
-                              (account, area, activity_id))
+            if url is None:
+                self.conn.execute("DELETE FROM dav_cache WHERE account = ? AND area = ?", (account, area))
+            else:
+                self.conn.execute("INSERT OR REPLACE INTO dav_cache VALUES (?,?,?,?,?)",
+                                  (account, area, source, url, auth_type))
 
     def memberships(self, account: str, area: str) -> dict[int, bool]:
         """Activities pushed into (True) or taken out of (False) an area by hand."""

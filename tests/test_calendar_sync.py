@@ -75,6 +75,7 @@ def test_items_from_another_client_are_imported_and_linked_with_everything_else_
 
 def test_a_second_sync_with_no_changes_does_nothing_and_costs_one_request_per_collection(cal):
     cal.dav_put("events", "e1.ics", event("e1", "Termin"))
+    cal.dav_put("events", "e2.ics", event("e2", "Komma", "DESCRIPTION:a\\, b\\; c <d> & 'e'\n"))
     with cal.engine() as engine:
         from gwsync.crm import ActivityDraft
 

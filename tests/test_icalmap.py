@@ -133,3 +133,19 @@ def test_time_strings_round_trip(value):
     value = value.replace(microsecond=0, fold=0)
     text = format_time(value)
     assert format_time(parse_time(text)) == text
+
+
+_text = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\r"), max_size=300)
+
+
+@given(subject=_text, body=_text.map(lambda t: t.strip()).filter(lambda t: not any(
+    l.startswith("CRM: ") for l in t.split("\n"))))
+def test_any_text_round_trips_through_our_own_writer(subject, body):
+    """Escaping and folding (at 75 octets, never inside a UTF-8 sequence) as icalendar reads them."""
+    fields = {"kind": "TERMIN", "status": "O", "subject": subject, "body": body, "location": None,
+              "start": "2026-12-01", "end": None, "due": None, "rrule": None}
+    text = new_item("u", "VEVENT", fields, "E", LINK)
+    assert all(len(line.encode()) <= 75 for line in text.split("\r\n"))
+    item = read_item(text, "E", "O")
+    assert item.fields["subject"] == subject.replace("\n", " ") or item.fields["subject"] == subject
+    assert item.fields["body"] == body and item.has_link(LINK)
