@@ -272,3 +272,23 @@ def test_wrong_collection_name_is_one_clear_error(make_env):
     env.config_path.write_text(env.config_path.read_text().replace('events = "calendar"', 'events = "kalendr"'))
     code, out = sync(env)
     assert code == 1 and "no calendar collection 'kalendr'" in out["error"] and "found: calendar, tasks" in out["error"]
+
+
+def test_wrong_caldav_password_and_dead_server_are_one_line_each(make_env):
+    from gwsync.localservers import free_port
+
+    env = make_env(areas=("events",))
+    original = env.config_path.read_text()
+    env.config_path.write_text(original.replace(f'password = "{env.radicale.password_for(env.user)}"',
+                                                'password = "not-the-password"'))
+    result = env.cli("sync")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "account alice" in lines[0] and "login refused" in lines[0]
+    assert "not-the-password" not in result.stdout + result.stderr
+
+    env.config_path.write_text(original.replace(f":{env.radicale.port}/", f":{free_port()}/"))
+    result = env.cli("sync")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot connect" in lines[0] and "Traceback" not in result.stderr

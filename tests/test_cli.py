@@ -89,6 +89,10 @@ def test_demo_runs_on_the_builtin_server_with_nothing_but_the_package():
     assert "second sync: imported 0" in proc.stdout
     assert "UNASSIGNED" in proc.stdout and "by domain" in proc.stdout
     assert "Bestellung 2026-114.pdf" in proc.stdout
+    assert "events: 1 new in the CRM, 0 new on the server" in proc.stdout
+    assert "tasks: 0 new in the CRM, 1 new on the server" in proc.stdout
+    assert "the phone's event now carries the CRM link: DESCRIPTION:CRM: http://127.0.0.1:8765/activities/" in proc.stdout
+    assert "calendar requests: 2 (one per collection" in proc.stdout
 
 
 def test_demo_runs_on_dovecot():
