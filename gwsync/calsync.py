@@ -100,6 +100,7 @@ class CalendarSync:
 
     def _run(self) -> None:
         name, area = self.account.name, self.area
+        writes_before = self.coll.writes
         links = self.state.links(name, area)
         by_href = {l.href: l for l in links}
         token = self.state.sync_token(name, area, self.coll.url)
@@ -140,7 +141,23 @@ class CalendarSync:
             except (DavError, BrokenItem, ValueError, LookupError) as exc:
                 self.result.errors.append(f"{self.where}, {self._describe(pair)}: {exc}")
         if not self.dry_run and new_token is not None:
+            if self.coll.writes > writes_before:
+                new_token = self._past_own_writes(new_token)
             self.state.save_sync_token(name, area, self.coll.url, new_token)
+
+    def _past_own_writes(self, token: str) -> str:
+        """After writing, the next delta would list our own writes. Ask once more; when the delta
+        holds nothing but them, take the fresher token (so the next sync with no changes reads
+        nothing). Anything else in it keeps the older token: no foreign change is ever skipped."""
+        self._flush_links()
+        current = {l.href: l.etag for l in self.state.links(self.account.name, self.area)}
+        try:
+            fresh, changed, deleted = self.coll.changes_since(token)
+        except SyncTokenInvalid:
+            return token
+        if all(current.get(href) == etag for href, etag in changed.items()) and not (deleted & set(current)):
+            return fresh
+        return token
 
     # -- reading the server ------------------------------------------------------------------
 

@@ -250,10 +250,21 @@ class EmbeddedCRM(CRMBackend):
 
     # -- reads -------------------------------------------------------------------------------
 
-    def _activity(self, row: dict) -> Activity:
-        docs = [Document(filename=d["filename"], content_type=d["content_type"], size=d["size"],
-                         sha256=d["sha256"], category=d["category"], keyword=d["keyword"])
-                for d in self.db.query("SELECT * FROM documents WHERE activity_id = ? ORDER BY id", [row["id"]])]
+    def _documents(self, activity_ids: list[int]) -> dict[int, list[Document]]:
+        """Documents of many activities in one query per 500 ids (not one query per activity)."""
+        found: dict[int, list[Document]] = {}
+        for start in range(0, len(activity_ids), 500):
+            chunk = activity_ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for d in self.db.query(f"SELECT * FROM documents WHERE activity_id IN ({marks}) ORDER BY id", chunk):
+                found.setdefault(d["activity_id"], []).append(Document(
+                    filename=d["filename"], content_type=d["content_type"], size=d["size"], sha256=d["sha256"],
+                    category=d["category"], keyword=d["keyword"]))
+        return found
+
+    def _activity(self, row: dict, docs: list[Document] | None = None) -> Activity:
+        if docs is None:
+            docs = self._documents([row["id"]]).get(row["id"], [])
         return Activity(
             id=row["id"], kind=row["kind"], status=row["status"], subject=row["subject"] or "",
             body=row["body"] or "", location=row["location"], contact_id=row["contact_id"],
@@ -291,7 +302,9 @@ class EmbeddedCRM(CRMBackend):
             where.append("(" + (" OR ".join(clauses) or "0") + ")")
             params.extend(named)
         sql = "SELECT * FROM activities" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
-        return [self._activity(row) for row in self.db.query(sql, params)]
+        rows = list(self.db.query(sql, params))
+        docs = self._documents([row["id"] for row in rows])
+        return [self._activity(row, docs.get(row["id"], [])) for row in rows]
 
     def close(self) -> None:
         self.conn.close()

@@ -71,6 +71,7 @@ class Collection:
         self.url = url if url.endswith("/") else url + "/"
         self.path = urlsplit(self.url).path
         self.requests = 0  # HTTP requests sent, for the benchmark and the tests
+        self.writes = 0  # successful PUTs and DELETEs
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -199,6 +200,7 @@ class Collection:
             return  # gone already: what we wanted
         if response.status not in (200, 204):
             raise DavError(f"CalDAV DELETE {href}: {response.status}")
+        self.writes += 1
 
     def _put(self, href: str, data: str, condition: dict) -> str:
         headers = {"Content-Type": "text/calendar; charset=utf-8", **condition}
@@ -210,6 +212,7 @@ class Collection:
         if response.status not in (200, 201, 204):
             detail = _body(response)[:200].strip()
             raise DavError(f"CalDAV PUT {href}: {response.status} {detail}")
+        self.writes += 1
         etag = response.headers.get("ETag")
         if not etag:  # some servers answer without one: ask
             item = self.get(href)

@@ -86,11 +86,6 @@ END:VEVENT
 END:VCALENDAR
 """
 
-MKCALENDAR = ('<?xml version="1.0" encoding="utf-8"?><C:mkcalendar xmlns:D="DAV:" '
-              'xmlns:C="urn:ietf:params:xml:ns:caldav"><D:set><D:prop><D:displayname>{name}</D:displayname>'
-              '<C:supported-calendar-component-set><C:comp name="{comp}"/></C:supported-calendar-component-set>'
-              '</D:prop></D:set></C:mkcalendar>')
-
 
 def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
     workdir = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="gwsync-demo-"))
@@ -222,10 +217,9 @@ def _count(port: int, password: str, folder: str) -> int:
 def _make_calendars(dav_server: Radicale, home: str) -> None:
     from caldav.davclient import DAVClient
 
+    dav_server.make_calendar(USER, "calendar", "VEVENT")
+    dav_server.make_calendar(USER, "tasks", "VTODO")
     client = DAVClient(home, username=USER, password=dav_server.password_for(USER))
-    for name, comp in (("calendar", "VEVENT"), ("tasks", "VTODO")):
-        client.request(home + name + "/", "MKCALENDAR", MKCALENDAR.format(name=name, comp=comp),
-                       {"Content-Type": "application/xml"})
     client.request(home + "calendar/phone-meeting-1.ics", "PUT", PHONE_EVENT.replace("\n", "\r\n"),
                    {"Content-Type": "text/calendar; charset=utf-8"})
 

@@ -238,6 +238,12 @@ mask_passwords = True
 """
 
 
+MKCALENDAR = ('<?xml version="1.0" encoding="utf-8"?><C:mkcalendar xmlns:D="DAV:" '
+              'xmlns:C="urn:ietf:params:xml:ns:caldav"><D:set><D:prop><D:displayname>{name}</D:displayname>'
+              '<C:supported-calendar-component-set><C:comp name="{comp}"/></C:supported-calendar-component-set>'
+              '</D:prop></D:set></C:mkcalendar>')
+
+
 @dataclass
 class Radicale:
     """A Radicale CalDAV server (PyPI) in a temporary directory."""
@@ -288,6 +294,18 @@ class Radicale:
         with open(self.directory / "users", "a") as users:
             users.write(f"{user}:{self.password_for(user)}\n")
         return f"{self.url}{user}/"
+
+    def make_calendar(self, user: str, name: str, component: str = "VEVENT") -> str:
+        """Create a calendar collection (MKCALENDAR) for a user; returns its URL."""
+        from caldav.davclient import DAVClient
+
+        url = f"{self.url}{user}/{name}/"
+        client = DAVClient(url, username=user, password=self.password_for(user))
+        response = client.request(url, "MKCALENDAR", MKCALENDAR.format(name=name, comp=component),
+                                  {"Content-Type": "application/xml"})
+        if response.status != 201:
+            raise ServerUnavailable(f"MKCALENDAR {url} answered {response.status}")
+        return url
 
     def restart(self) -> None:
         if self.proc is not None:

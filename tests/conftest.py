@@ -50,12 +50,6 @@ def make_mail(n: int, sender: str = "someone@example.org", subject: str | None =
                  f"Message-ID: <m{n}@example.org>\n{extra_headers}\n{body}\n").encode())
 
 
-MKCALENDAR = ('<?xml version="1.0" encoding="utf-8"?><C:mkcalendar xmlns:D="DAV:" '
-              'xmlns:C="urn:ietf:params:xml:ns:caldav"><D:set><D:prop><D:displayname>{name}</D:displayname>'
-              '<C:supported-calendar-component-set><C:comp name="{comp}"/></C:supported-calendar-component-set>'
-              '</D:prop></D:set></C:mkcalendar>')
-
-
 @dataclass
 class GwEnv:
     """One test's gwsync world: a mail user on the shared Dovecot, a config, and helpers."""
@@ -210,11 +204,8 @@ def make_env(dovecot, tmp_path, request):
         env = GwEnv(dovecot=dovecot, user=user, password=password, dir=workdir, config_path=config_path,
                     radicale=radicale)
         if radicale is not None:
-            client = env.dav()
-            for area, comp in (("events", "VEVENT"), ("tasks", "VTODO")):
-                response = client.request(env.collection_url(area), "MKCALENDAR",
-                                          MKCALENDAR.format(name=area, comp=comp), {"Content-Type": "application/xml"})
-                assert response.status == 201, response.status
+            radicale.make_calendar(user, "calendar", "VEVENT")
+            radicale.make_calendar(user, "tasks", "VTODO")
         return env
 
     return factory

@@ -292,3 +292,35 @@ def test_wrong_caldav_password_and_dead_server_are_one_line_each(make_env):
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot connect" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_a_foreign_edit_during_our_own_writes_is_never_skipped(cal):
+    """After writing, gwsync takes a fresher sync token only when the delta holds nothing but its
+    own writes; an edit by another client at that very moment must still reach the CRM."""
+    from gwsync.calsync import CalendarSync
+    from gwsync.dav import Collection
+
+    cal.dav_put("events", "x.ics", event("x", "Original"))
+    sync(cal)
+    cal.cli("activity", "add", "--kind", "TERMIN", "--subject", "Neu im CRM", "--start", "2026-12-10T10:00")
+
+    class LateEdit(Collection):
+        calls = 0
+
+        def changes_since(self, token):
+            LateEdit.calls += 1
+            if LateEdit.calls == 2:  # the check after gwsync's own write
+                (etag, text), = [v for k, v in cal.dav_items("events").items() if k == "x.ics"]
+                cal.dav_put("events", "x.ics", text.replace("SUMMARY:Original", "SUMMARY:Spät geändert"), etag)
+            return super().changes_since(token)
+
+    config = cal.config()
+    account = config.account("alice")
+    with cal.engine() as engine:
+        plain = engine.collection(account, "events")
+        result = CalendarSync(config, account, "events", engine.crm, engine.state,
+                              LateEdit(plain.client, plain.url)).run()
+    assert LateEdit.calls == 2 and result.counts["created_groupware"] == 1
+    code, out = sync(cal)
+    assert out["events"]["updated_crm"] == 1
+    assert "Spät geändert" in [a.subject for a in activities(cal)]
