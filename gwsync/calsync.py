@@ -61,7 +61,9 @@ def calendar_key(account: str, uid: str) -> str:
 
 class CalendarSync:
     def __init__(self, config: Config, account: AccountConfig, area: str, crm: CRMBackend, state: StateStore,
-                 collection: Collection, dry_run: bool = False, force: bool = False):
+                 collection: Collection, dry_run: bool = False, force: bool = False,
+                 should_stop=None):
+        self.should_stop = should_stop or (lambda: False)
         self.config = config
         self.account = account
         self.area = area
@@ -132,6 +134,8 @@ class CalendarSync:
         if not self.dry_run:
             self._create_crm_activities(decisions)
         for pair, decision in decisions:
+            if self.should_stop():
+                return  # between items; the token stays, so the next run picks up the rest
             if len(self._link_changes) >= LINK_BATCH:
                 self._flush_links()
             try:

@@ -13,7 +13,7 @@ import click
 from . import __version__
 from .config import AREAS, Config, ConfigError, load_config
 from .crm import ActivityFilter
-from .engine import Engine
+from .engine import CredentialLocked, Engine
 from .imap import LoginFailed, MailServerError
 from .state import FAILED, HELD, QUARANTINED
 
@@ -70,7 +70,7 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int, quiet: bool
     """
     verbosity = -1 if quiet else verbose
     level = logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     ctx.obj = Context(config_path, verbosity)
 
 
@@ -165,9 +165,13 @@ def folders(obj: Context, accounts, as_json) -> None:
         for account in selected:
             try:
                 found = engine.import_folders(account)
-            except (LoginFailed, MailServerError, ConfigError) as exc:
+            except (LoginFailed, CredentialLocked) as exc:
+                click.echo(f"gwsync: {exc}", err=True)
+                code = EXIT_LOCKED
+                continue
+            except (MailServerError, ConfigError) as exc:
                 click.echo(f"gwsync: account {account.name}: {exc}", err=True)
-                code = EXIT_FAILED
+                code = max(code, EXIT_FAILED)
                 continue
             for f in found:
                 known = f.status in statuses
@@ -194,6 +198,7 @@ def status(obj: Context, as_json) -> None:
     """Per account: last sync, its counts, held and failed mail, errors."""
     with obj.engine() as engine:
         runs = engine.state.runs()
+        locks = engine.state.locks()
         held = engine.state.by_outcome(HELD)
         failed = engine.state.by_outcome(FAILED) + engine.state.by_outcome(QUARANTINED)
         names = sorted(set(obj.config.accounts) | {r["account"] for r in runs})
@@ -204,17 +209,62 @@ def status(obj: Context, as_json) -> None:
                                       "error": r["error"]} for r in runs if r["account"] == name},
                 "held": sum(1 for h in held if h.account == name),
                 "failed": sum(1 for f in failed if f.account == name),
+                "locked": [{"service": l["service"], "since": l["locked_at"], "reason": l["reason"]}
+                           for l in locks if l["account"] == name],
             }
     if as_json:
         emit_json({"accounts": out})
         return
     for name, data in out.items():
         click.echo(f"{name}: held {data['held']}, failed {data['failed']}")
+        for lock in data["locked"]:
+            click.echo(f"  LOCKED {lock['service']} since {lock['since']}: run `gwsync unlock {name}` "
+                       "after fixing the password")
         for area, info in data["areas"].items():
             state = "ok" if info["ok"] else f"error: {info['error']}"
             click.echo(f"  {area}: last sync {info['last_sync']} {state} {info['counts']}")
         if not data["areas"]:
             click.echo("  never synced")
+
+
+@main.command()
+@click.option("--account", "accounts", multiple=True, help="Only this account (repeatable).")
+@click.pass_obj
+def watch(obj: Context, accounts) -> None:
+    """Sync every account at its interval and import new mail within seconds (IMAP IDLE),
+    until stopped with Ctrl-C or SIGTERM."""
+    from .watch import AlreadyRunning, InstanceLock, Watch
+
+    with obj.engine() as engine:
+        try:
+            selected = engine.select_accounts(accounts)
+        except ConfigError as exc:
+            fail(f"config error: {exc}", EXIT_USAGE)
+        try:
+            with InstanceLock(obj.config.state_database):
+                runner = Watch(engine, selected, say=lambda line: click.echo(line, err=line.startswith("gwsync")))
+                runner.install_signal_handlers()
+                names = ", ".join(a.name for a in selected)
+                click.echo(f"gwsync watch: syncing {names}; Ctrl-C or SIGTERM stops", err=True)
+                runner.run()
+        except AlreadyRunning as exc:
+            fail(str(exc), EXIT_FAILED)
+    click.echo("gwsync watch: stopped", err=True)
+
+
+@main.command()
+@click.argument("account")
+@click.pass_obj
+def unlock(obj: Context, account: str) -> None:
+    """Clear a credential lock after fixing the password, so that gwsync logs in again."""
+    with obj.engine() as engine:
+        services = engine.state.unlock(account)
+    if services:
+        click.echo(f"unlocked {account} ({', '.join(services)}); the next run logs in again")
+    elif account not in obj.config.accounts:
+        fail(f"no account {account!r} in the config and no lock for it", EXIT_USAGE)
+    else:
+        click.echo(f"{account} has no locked credential")
 
 
 @main.command()

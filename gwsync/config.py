@@ -71,11 +71,14 @@ class Secret:
                 raise ConfigError(f"{self.where}.password_env: environment variable {self.env} is not set")
             return value
         if self.keyring:
+            import keyring
+            from keyring.errors import KeyringError
+
             try:
-                import keyring  # optional dependency
-            except ImportError:
-                raise ConfigError(f"{self.where}.password_keyring needs the keyring package (pip install keyring)")
-            value = keyring.get_password(self.keyring, self.username)
+                value = keyring.get_password(self.keyring, self.username)
+            except KeyringError as exc:
+                raise ConfigError(f"{self.where}.password_keyring: the system keyring is not available ({exc}); "
+                                  "use password_command or password_env instead")
             if value is None:
                 raise ConfigError(
                     f"{self.where}.password_keyring: no password stored for service {self.keyring!r}, "
@@ -123,6 +126,7 @@ class AccountConfig:
     interval: int = 300
     imap: ImapConfig | None = None
     caldav: CaldavConfig | None = None
+    notify_command: tuple[str, ...] | None = None  # run with the import summary as last argument
 
 
 @dataclass(frozen=True)
@@ -367,10 +371,13 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
             for area in ("events", "tasks"):
                 if area in areas and caldav is None:
                     raise ConfigError(f"accounts.{name}: area {area} needs an [accounts.{name}.caldav] table")
-            # sieve and notify_command belong to later features; accept them so configs can be written ahead.
-            acc.reject_unknown(allowed_extra=("sieve", "notify_command"))
+            notify = acc.get("notify_command", list)
+            if notify is not None and (not notify or not all(isinstance(c, str) for c in notify)):
+                raise ConfigError(f"accounts.{name}.notify_command must be a non-empty list of strings")
+            # sieve belongs to a later feature; accept it so configs can be written ahead.
+            acc.reject_unknown(allowed_extra=("sieve",))
             accounts[name] = AccountConfig(name=name, areas=tuple(areas), interval=interval, imap=imap,
-                                           caldav=caldav)
+                                           caldav=caldav, notify_command=tuple(notify) if notify else None)
     sync_sec = root.section("sync") or _Section({}, "sync")
     sync_sec.where = "sync"
     conflict = sync_sec.get("conflict", str, "newest")

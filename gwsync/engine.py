@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from imapclient.exceptions import IMAPClientAbortError
 
@@ -26,12 +28,32 @@ from .state import StateStore
 log = logging.getLogger("gwsync")
 
 
+class CredentialLocked(Exception):
+    """An earlier login with this credential was refused; gwsync does not try it again."""
+
+
+SERVICE_NAMES = {"imap": "IMAP", "caldav": "CalDAV"}
+# Connection errors, timeouts and 5xx answers: the area is tried again after these pauses.
+RETRY_DELAYS = (0.5, 2.0)
+
+
 @dataclass
 class AccountReport:
     mail: MailResult | None = None
     calendars: dict[str, CalendarResult] = field(default_factory=dict)  # events / tasks
     errors: list[str] = field(default_factory=list)
-    login_failed: bool = False
+    login_failed: bool = False  # a login was refused now, or its credential is locked
+    transient: bool = False  # the last error was a connection problem, worth another try
+
+    def absorb(self, other: "AccountReport", errors: bool = True) -> None:
+        """Add another attempt's results (and, unless told otherwise, its errors)."""
+        self.mail = _merge_mail(self.mail, other.mail)
+        for area, result in other.calendars.items():
+            self.calendars[area] = _merge_calendar(self.calendars.get(area), result)
+        if errors:
+            self.errors += other.errors
+            self.login_failed |= other.login_failed
+
 
     def error_lines(self) -> list[str]:
         lines = list(self.errors) + (self.mail.errors if self.mail else [])
@@ -59,12 +81,29 @@ class AccountReport:
         return out
 
 
+def _merge_mail(a: MailResult | None, b: MailResult | None) -> MailResult | None:
+    if a is None or b is None:
+        return a or b
+    return MailResult(imported=a.imported + b.imported, held=b.held, failed=b.failed,
+                      archived_again=a.archived_again + b.archived_again, activities=a.activities + b.activities,
+                      errors=b.errors, quarantined=b.quarantined)
+
+
+def _merge_calendar(a: CalendarResult | None, b: CalendarResult) -> CalendarResult:
+    if a is None:
+        return b
+    return CalendarResult(counts={k: a.counts.get(k, 0) + v for k, v in b.counts.items()}, errors=b.errors,
+                          conflicts=a.conflicts + b.conflicts, requests=a.requests + b.requests)
+
+
 @dataclass
 class SyncReport:
     accounts: dict[str, AccountReport] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
+        if any(r.login_failed for r in self.accounts.values()):
+            return 3
         return 1 if any(r.failed for r in self.accounts.values()) else 0
 
     def to_dict(self) -> dict:
@@ -77,6 +116,7 @@ class Engine:
         self.crm = crm or EmbeddedCRM(config.crm.database, config.crm.documents, config.crm.statuses,
                                       config.crm.link)
         self.state = StateStore(config.state_database)
+        self._should_stop: Callable[[], bool] = lambda: False
 
     def close(self) -> None:
         self.crm.close()
@@ -95,11 +135,28 @@ class Engine:
             raise ConfigError("the config has no [accounts.NAME] table: add one (see the README)")
         return list(self.config.accounts.values())
 
+    def check_lock(self, account: str, service: str) -> None:
+        lock = self.state.lock_of(account, service)
+        if lock:
+            raise CredentialLocked(
+                f"account {account}: the {SERVICE_NAMES[service]} login was refused at {lock['locked_at']}, so gwsync "
+                f"does not try it again; fix the password, then run `gwsync unlock {account}`")
+
+    def _locked_now(self, account: str, service: str, exc: Exception) -> str:
+        self.state.lock(account, service, str(exc))
+        return (f"account {account}: {exc}; the credential is now locked so that the server does not block the "
+                f"account: fix the password, then run `gwsync unlock {account}`")
+
     def connect_imap(self, account: AccountConfig) -> ImapSession:
+        """Log in, unless the credential is locked; a refused login locks it (one attempt only)."""
         if account.imap is None:
             raise ConfigError(f"accounts.{account.name} has no [accounts.{account.name}.imap] table")
+        self.check_lock(account.name, "imap")
         password = account.imap.secret.resolve()
-        return ImapSession.connect(account.imap, password)
+        try:
+            return ImapSession.connect(account.imap, password)
+        except LoginFailed as exc:
+            raise LoginFailed(self._locked_now(account.name, "imap", exc)) from None
 
     def import_folders(self, account: AccountConfig) -> list[ImportFolder]:
         session = self.connect_imap(account)
@@ -110,24 +167,45 @@ class Engine:
 
     def sync(self, accounts: list[str] | tuple[str, ...] | None = None,
              only: list[str] | tuple[str, ...] | None = None, dry_run: bool = False,
-             progress: ProgressFn | None = None, force: bool = False) -> SyncReport:
+             progress: ProgressFn | None = None, force: bool = False,
+             should_stop: Callable[[], bool] | None = None) -> SyncReport:
+        """One sync of the accounts' areas. `should_stop` is asked between batches of mail and
+        between calendar items; when it says yes the sync ends early, with nothing half done."""
+        self._should_stop = should_stop or (lambda: False)
         report = SyncReport()
         for account in self.select_accounts(accounts):
             areas = [a for a in (only or account.areas) if a in AREAS]
             acc_report = report.accounts.setdefault(account.name, AccountReport())
             for area in areas:
-                if area == "mail":
-                    self._sync_mail(account, acc_report, dry_run, progress)
-                elif account.caldav is None:
+                if self._should_stop():
+                    break
+                if area != "mail" and account.caldav is None:
                     acc_report.errors.append(f"account {account.name}: area {area} needs an "
                                              f"[accounts.{account.name}.caldav] table in the config")
-                else:
-                    self._sync_calendar(account, area, acc_report, dry_run, force)
+                    continue
+                self._sync_area_with_retries(account, area, acc_report, dry_run, force, progress)
         return report
+
+    def _sync_area_with_retries(self, account, area, acc_report, dry_run, force, progress) -> None:
+        """Connection problems are retried after short pauses; every step is idempotent, so
+        running an area again after a dropped connection is safe."""
+        for delay in (*RETRY_DELAYS, None):
+            attempt = AccountReport()
+            if area == "mail":
+                self._sync_mail(account, attempt, dry_run, progress)
+            else:
+                self._sync_calendar(account, area, attempt, dry_run, force)
+            if not attempt.transient or delay is None:
+                acc_report.absorb(attempt)
+                return
+            acc_report.absorb(attempt, errors=False)  # keep what it did; its error is retried
+            log.info("account %s, %s: %s; trying again in %.1f s", account.name, area, attempt.errors[-1], delay)
+            time.sleep(delay)
 
     def collection(self, account: AccountConfig, area: str) -> Collection:
         """The account's events or tasks collection. The first run finds and checks it; later
         runs reuse its URL and auth scheme, so that a sync with no changes is one request."""
+        self.check_lock(account.name, "caldav")
         cfg = account.caldav
         verify: bool | str = cfg.ca_file or cfg.verify
         source = f"{cfg.url} {cfg.username} {cfg.collection(area)}"
@@ -147,12 +225,17 @@ class Engine:
         try:
             collection = self.collection(account, area)
             result = CalendarSync(self.config, account, area, self.crm, self.state, collection,
-                                  dry_run=dry_run, force=force).run()
+                                  dry_run=dry_run, force=force, should_stop=self._should_stop).run()
+        except CredentialLocked as exc:
+            acc_report.login_failed = True
+            acc_report.errors.append(str(exc))
+            return
         except dav.DavLoginFailed as exc:
             acc_report.login_failed = True
-            acc_report.errors.append(f"account {name}: {exc}; check the CalDAV username and password")
+            acc_report.errors.append(self._locked_now(name, "caldav", exc))
             return
         except dav.DavUnreachable as exc:
+            acc_report.transient = True
             acc_report.errors.append(f"account {name}: {exc}; nothing is lost, gwsync will try again next run")
             return
         except (dav.DavError, ConfigError) as exc:
@@ -170,22 +253,27 @@ class Engine:
         name = account.name
         try:
             session = self.connect_imap(account)
-        except LoginFailed as exc:
+        except (LoginFailed, CredentialLocked) as exc:
             acc_report.login_failed = True
-            acc_report.errors.append(f"account {name}: {exc}; check the username and password")
+            acc_report.errors.append(str(exc))
             return
-        except (ServerUnreachable, MailServerError) as exc:
+        except ServerUnreachable as exc:
+            acc_report.transient = True
             acc_report.errors.append(f"account {name}: {exc}; is the server up? gwsync will try again next run")
+            return
+        except MailServerError as exc:
+            acc_report.errors.append(f"account {name}: {exc}")
             return
         except ConfigError as exc:
             acc_report.errors.append(f"account {name}: {exc}")
             return
         try:
             importer = MailImporter(account, self.config.crm, self.crm, self.state, dry_run=dry_run,
-                                    progress=progress)
+                                    progress=progress, should_stop=self._should_stop)
             acc_report.mail = importer.run(session)
         except (ServerUnreachable, OSError, IMAPClientAbortError) as exc:
             session.abort()
+            acc_report.transient = True
             what = exc if isinstance(exc, ServerUnreachable) else f"connection lost ({exc})"
             acc_report.errors.append(f"account {name}: {what}; nothing is lost, run sync again")
         except MailServerError as exc:

@@ -44,6 +44,20 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 15.0, log:
     raise ServerUnavailable(f"server did not listen on port {port} within {timeout} s")
 
 
+def _wait_until_bindable(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ServerUnavailable(f"port {port} stayed busy")
+                time.sleep(0.1)
+
+
 def stop_process_group(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
         return
@@ -63,7 +77,7 @@ base_dir = {dir}/run
 state_dir = {dir}/state
 log_path = {dir}/dovecot.log
 info_log_path = {dir}/dovecot.log
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 listen = 127.0.0.1
 protocols = imap
@@ -96,7 +110,8 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {tls_port}
   }}
 }}
 service anvil {{
@@ -121,25 +136,31 @@ class Dovecot:
     port: int = 0
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
+    tls_port: int = 0  # implicit TLS (imaps); STARTTLS works on `port` too
+    ca_file: Path | None = None  # the throw-away CA that signed the server's certificate
 
     @classmethod
-    def start(cls) -> "Dovecot":
+    def start(cls, tls: bool = False) -> "Dovecot":
+        """With tls=True, the server gets a certificate for 127.0.0.1 and localhost, signed by a
+        throw-away CA (`ca_file`), and listens for implicit TLS on `tls_port`."""
         directory = Path(tempfile.mkdtemp(prefix="gwsync-dovecot-", dir="/tmp"))
         os.chmod(directory, 0o755)
         for sub in ("run", "state", "mail", "home"):
             (directory / sub).mkdir()
         server = cls(directory=directory)
+        if tls:
+            server.ca_file = _make_certificates(directory)
         server._launch()
         return server
 
-    def restart(self) -> None:
-        """Stop the server and start it again on the same mail store (on a new port: a stopped
-        Dovecot holds its port for about a second)."""
+    def restart(self, same_port: bool = False) -> None:
+        """Stop the server and start it again on the same mail store, on a new port or (waiting
+        until the stopped Dovecot lets go of it, about a second) on the same one."""
         if self.proc is not None:
             stop_process_group(self.proc)
-        self._launch()
+        self._launch(port=self.port if same_port else None)
 
-    def _launch(self) -> None:
+    def _launch(self, port: int | None = None) -> None:
         binary = shutil.which("dovecot") or ("/usr/sbin/dovecot" if Path("/usr/sbin/dovecot").exists() else None)
         if not binary:
             raise ServerUnavailable("dovecot is not installed (apt-get install dovecot-imapd)")
@@ -147,10 +168,17 @@ class Dovecot:
         # traverse the directory: as root, run everything as the `dovecot` user.
         user = "dovecot" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
         entry = pwd.getpwnam(user)
-        self.port = free_port()
+        self.port = port if port is not None else free_port()
+        if port is not None:
+            _wait_until_bindable(port)
         conf = self.directory / "dovecot.conf"
-        conf.write_text(DOVECOT_CONF.format(dir=self.directory, port=self.port, user=user,
-                                            group=_group_name(entry.pw_gid)))
+        if self.ca_file is not None:
+            self.tls_port = self.tls_port or free_port()
+            ssl = (f"ssl = yes\nssl_cert = <{self.directory}/server.pem\nssl_key = <{self.directory}/server.key")
+        else:
+            ssl = "ssl = no"
+        conf.write_text(DOVECOT_CONF.format(dir=self.directory, port=self.port, user=user, ssl=ssl,
+                                            tls_port=self.tls_port, group=_group_name(entry.pw_gid)))
         if os.geteuid() == 0:
             for path in [self.directory, *self.directory.rglob("*")]:
                 os.chown(path, entry.pw_uid, entry.pw_gid)
@@ -178,6 +206,21 @@ class Dovecot:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _make_certificates(directory: Path) -> Path:
+    """A CA and a server certificate for 127.0.0.1/localhost, with the openssl command."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    (directory / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=gwsync test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=localhost")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    return directory / "ca.pem"
 
 
 def _group_name(gid: int) -> str:

@@ -70,7 +70,9 @@ class _Prepared:
 
 class MailImporter:
     def __init__(self, account: AccountConfig, crm_cfg: CrmConfig, crm: CRMBackend, state: StateStore,
-                 dry_run: bool = False, progress: ProgressFn | None = None):
+                 dry_run: bool = False, progress: ProgressFn | None = None,
+                 should_stop: Callable[[], bool] | None = None):
+        self.should_stop = should_stop or (lambda: False)
         self.account = account
         self.imap_cfg = account.imap
         self.crm_cfg = crm_cfg
@@ -89,6 +91,8 @@ class MailImporter:
             session.ensure_folder(self.imap_cfg.archive_folder)
             self.state.forget_folders_except(self.account.name, [f.name for f in folders])
         for folder in folders:
+            if self.should_stop():
+                break
             if folder.status not in self.statuses:
                 known = ", ".join(sorted(self.statuses))
                 result.errors.append(
@@ -136,6 +140,8 @@ class MailImporter:
         small = [u for u in to_process if sizes.get(u, 0) <= STREAM_THRESHOLD and u in sizes]
         large = [u for u in to_process if sizes.get(u, 0) > STREAM_THRESHOLD]
         for batch in _batches(small, sizes):
+            if self.should_stop():
+                return  # between batches: everything before is committed and archived
             raws = session.fetch_raw(batch)
             keys = {uid: content_key(raw) for uid, raw in raws.items()}
             known = self.crm.existing_keys(keys.values())
@@ -150,6 +156,8 @@ class MailImporter:
             done += len(batch)
             self.progress(done, total, folder.name)
         for uid in large:
+            if self.should_stop():
+                return
             key = self._streamed_key(session, uid, sizes[uid])
             known = self.crm.existing_keys([key])
             prepared = [self._prepare(uid, key, known.get(key), folder, records.get(uid),

@@ -77,6 +77,39 @@ class StateStore:
                     {"account": str, "area": str, "finished_at": str, "ok": int, "summary": str, "error": str},
                     pk=("account", "area"))
 
+    # -- credential locks --------------------------------------------------------------------
+
+    def _ensure_lock_table(self) -> None:
+        if "locks" in self.db.table_names():
+            return
+        with transaction(self.conn):
+            if "locks" not in self.db.table_names():
+                self.db["locks"].create({"account": str, "service": str, "reason": str, "locked_at": str},
+                                        pk=("account", "service"))
+
+    def lock(self, account: str, service: str, reason: str) -> None:
+        """Mark a credential locked after a refused login: no further login until unlocked."""
+        self._ensure_lock_table()
+        with transaction(self.conn):
+            self.conn.execute("INSERT OR REPLACE INTO locks VALUES (?,?,?,?)", (account, service, reason, _now()))
+
+    def lock_of(self, account: str, service: str) -> dict | None:
+        self._ensure_lock_table()
+        rows = list(self.db.query("SELECT * FROM locks WHERE account = ? AND service = ?", [account, service]))
+        return rows[0] if rows else None
+
+    def locks(self) -> list[dict]:
+        self._ensure_lock_table()
+        return list(self.db.query("SELECT * FROM locks ORDER BY account, service"))
+
+    def unlock(self, account: str) -> list[str]:
+        """Clear the account's locks; returns the services that were locked."""
+        self._ensure_lock_table()
+        with transaction(self.conn):
+            services = [r[0] for r in self.conn.execute("SELECT service FROM locks WHERE account = ?", (account,))]
+            self.conn.execute("DELETE FROM locks WHERE account = ?", (account,))
+        return services
+
     def _ensure_calendar_tables(self) -> None:
         if "links" in self.db.table_names():
             return

@@ -21,7 +21,7 @@ def test_wrong_password_is_one_clear_line_and_leaks_nothing(env, monkeypatch):
     env.append(DONE, make_mail(1))
     monkeypatch.setenv(f"GWSYNC_TEST_PW_{env.user.upper()}", "wrong-password-123")
     result = env.cli("sync")
-    assert result.exit_code == 1
+    assert result.exit_code == 3  # and the credential is locked (tests/test_accounts.py)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "account alice" in lines[0] and "login" in lines[0]
     assert "wrong-password-123" not in result.stdout + result.stderr

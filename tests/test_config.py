@@ -95,6 +95,8 @@ def test_unknown_account_is_a_usage_error(tmp_path):
 def test_help_for_every_command():
     for args in (["--help"], ["sync", "--help"], ["folders", "--help"], ["activities", "--help"],
                  ["activity", "show", "--help"], ["contact", "add", "--help"], ["partner", "add", "--help"],
-                 ["demo", "--help"], ["status", "--help"], ["held", "--help"]):
+                 ["demo", "--help"], ["status", "--help"], ["held", "--help"], ["watch", "--help"],
+                 ["unlock", "--help"], ["push", "--help"], ["unpush", "--help"], ["activity", "add", "--help"],
+                 ["activity", "edit", "--help"], ["activity", "delete", "--help"]):
         result = _run(args)
         assert result.exit_code == 0 and "Usage:" in result.stdout, args

@@ -1,0 +1,116 @@
+"""`gwsync watch`: latency from APPEND to CRM activity, and idle CPU.
+
+    python benchmarks/watch.py [--mails 50] [--idle-seconds 60]
+
+Starts a throw-away Dovecot and `gwsync watch` (interval 10 minutes, so every import below is
+IDLE's doing), appends mails one at a time from another client and waits for each activity to
+appear in the CRM database; then leaves the watch idle and reads its CPU time from /proc.
+Targets (issue 4): new mail in the CRM within seconds; idle CPU under 1% of a core per account.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from imapclient import IMAPClient
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gwsync.localservers import Dovecot  # noqa: E402
+
+FOLDER = "INBOX/CRM Erledigt [E]"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def activity_count(db: Path) -> int:
+    if not db.exists():
+        return 0
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return conn.execute("SELECT count(*) FROM activities").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mails", type=int, default=50)
+    parser.add_argument("--idle-seconds", type=int, default=60)
+    args = parser.parse_args()
+    server = Dovecot.start()
+    workdir = Path(tempfile.mkdtemp(prefix="gwsync-watchbench-"))
+    user = "bench"
+    config = workdir / "config.toml"
+    config.write_text(f"""
+[crm]
+database = "{workdir}/crm.db"
+[state]
+database = "{workdir}/state.db"
+[accounts.bench]
+interval = 600
+[accounts.bench.imap]
+host = "127.0.0.1"
+port = {server.port}
+security = "none"
+username = "{user}"
+password = "{server.password_for(user)}"
+""")
+    client = IMAPClient("127.0.0.1", port=server.port, ssl=False)
+    client.login(user, server.password_for(user))
+    client.create_folder(FOLDER)
+    watch = subprocess.Popen([sys.executable, "-m", "gwsync.cli", "--config", str(config), "-v", "watch"],
+                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in watch.stderr:  # wait until IDLE is in place
+            if "IDLE on" in line:
+                break
+        time.sleep(1)
+        db = workdir / "crm.db"
+        latencies = []
+        for n in range(args.mails):
+            before = activity_count(db)
+            raw = (f"From: s{n}@example.org\r\nSubject: Watch benchmark {n}\r\nMessage-ID: <w{n}@x>\r\n\r\n"
+                   f"body {n}\r\n").encode()
+            start = time.perf_counter()
+            client.append(FOLDER, raw)
+            while activity_count(db) <= before:
+                if time.perf_counter() - start > 60:
+                    raise SystemExit(f"mail {n} did not arrive within 60 s")
+                time.sleep(0.005)
+            latencies.append(time.perf_counter() - start)
+        latencies.sort()
+        print(f"APPEND -> CRM activity over {args.mails} mails: median {statistics.median(latencies) * 1000:.0f} ms, "
+              f"90th percentile {latencies[int(len(latencies) * 0.9) - 1] * 1000:.0f} ms, "
+              f"worst {latencies[-1] * 1000:.0f} ms")
+        time.sleep(2)
+        cpu_before, wall_before = cpu_seconds(watch.pid), time.perf_counter()
+        time.sleep(args.idle_seconds)
+        cpu = cpu_seconds(watch.pid) - cpu_before
+        wall = time.perf_counter() - wall_before
+        print(f"idle CPU of watch (1 account, 1 import folder) over {wall:.0f} s: {cpu:.2f} s = "
+              f"{100 * cpu / wall:.2f}% of a core")
+    finally:
+        watch.terminate()
+        watch.wait(timeout=30)
+        client.logout()
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""`gwsync watch`: every account synced at its interval, new mail imported within seconds.
+
+One main thread runs all syncs (the engine is not shared between threads). For each import
+folder a small thread holds an IMAP connection in IDLE and only wakes the main thread when the
+server announces new mail. SIGTERM and SIGINT set a stop flag that the import checks between
+batches and the calendar sync between items, so a stop never leaves half an item behind.
+A lock file next to the state database keeps a second `watch` from running on the same state.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .config import AccountConfig
+from .engine import CredentialLocked, Engine, SyncReport
+from .imap import ImapSession, LoginFailed, MailServerError, ServerUnreachable
+
+log = logging.getLogger("gwsync.watch")
+IDLE_RENEW = 24 * 60  # seconds; servers may drop an IDLE after 30 minutes (RFC 2177)
+IDLE_POLL = 1.0  # how often an IDLE thread looks at the stop flag
+MAX_BACKOFF = 300
+
+
+class AlreadyRunning(Exception):
+    """Another `gwsync watch` holds the lock on this state database."""
+
+
+class InstanceLock:
+    """An exclusive flock on `<state database>.watch.lock`, released when the process ends
+    (however it ends), so a crashed watch never blocks the next one."""
+
+    def __init__(self, state_database: Path):
+        self.path = Path(str(state_database) + ".watch.lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> "InstanceLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise AlreadyRunning(f"another gwsync watch (pid {holder}) is running on {self.path.with_suffix('')}; "
+                                 "stop it first, or give this one its own [state] database")
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+class IdleWatcher(threading.Thread):
+    """Holds one import folder in IMAP IDLE and calls `wake(account)` when mail arrives."""
+
+    def __init__(self, engine: Engine, account: AccountConfig, folder: str, wake: Callable[[str], None],
+                 stop: threading.Event):
+        super().__init__(name=f"idle-{account.name}-{folder}", daemon=True)
+        self.account = account
+        self.folder = folder
+        self.wake = wake
+        self.stop_event = stop
+        self.retired = threading.Event()
+        self.password = account.imap.secret.resolve()
+
+    def retire(self) -> None:
+        self.retired.set()
+
+    def _stopping(self) -> bool:
+        return self.stop_event.is_set() or self.retired.is_set()
+
+    def run(self) -> None:
+        backoff = 1.0
+        while not self._stopping():
+            try:
+                self._idle_once()
+                backoff = 1.0
+            except LoginFailed:
+                return  # the main thread's next sync reports it and locks the credential
+            except Exception as exc:  # a watcher must outlive any server hiccup: log, wait, reconnect
+                log.info("IDLE on %s/%s: %s; reconnecting in %.0f s", self.account.name, self.folder, exc, backoff)
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, 60)
+
+    def _idle_once(self) -> None:
+        session = ImapSession.connect(self.account.imap, self.password)
+        try:
+            session.client.select_folder(self.folder, readonly=True)
+            session.client.idle()
+            log.info("IDLE on %s/%s", self.account.name, self.folder)
+            # Mail may have arrived between the last sync and this IDLE: look once.
+            self.wake(self.account.name)
+            started = time.monotonic()
+            while not self._stopping():
+                responses = session.client.idle_check(timeout=IDLE_POLL)
+                if any(len(r) > 1 and r[1] in (b"EXISTS", b"RECENT") for r in responses):
+                    self.wake(self.account.name)
+                if time.monotonic() - started > IDLE_RENEW:
+                    session.client.idle_done()
+                    session.client.idle()
+                    started = time.monotonic()
+            session.client.idle_done()
+        finally:
+            session.logout()
+
+
+@dataclass
+class Watch:
+    engine: Engine
+    accounts: list[AccountConfig]
+    say: Callable[[str], None] = print  # one line of output
+    stop: threading.Event = field(default_factory=threading.Event)
+    idle: bool = True
+
+    def __post_init__(self) -> None:
+        self._woken: set[str] = set()
+        self._wake_event = threading.Event()
+        self._lock = threading.Lock()
+        self._idlers: dict[tuple[str, str], IdleWatcher] = {}
+
+    def wake(self, account: str) -> None:
+        with self._lock:
+            self._woken.add(account)
+        self._wake_event.set()
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.say(f"gwsync watch: {signal.Signals(signum).name} received; finishing the item at hand")
+            self.stop.set()
+            self._wake_event.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self) -> None:
+        next_due = {a.name: 0.0 for a in self.accounts}
+        failures = {a.name: 0 for a in self.accounts}
+        by_name = {a.name: a for a in self.accounts}
+        try:
+            while not self.stop.is_set():
+                now = time.monotonic()
+                due = [a for a in self.accounts if next_due[a.name] <= now]
+                with self._lock:
+                    woken, self._woken = self._woken, set()
+                    self._wake_event.clear()
+                for account in due:
+                    ok = self._sync(account, None)
+                    failures[account.name] = 0 if ok else failures[account.name] + 1
+                    # Back off after failures: interval doubled per failure, at most MAX_BACKOFF more.
+                    pause = account.interval if ok else min(account.interval * 2 ** failures[account.name],
+                                                            account.interval + MAX_BACKOFF)
+                    next_due[account.name] = time.monotonic() + pause
+                for name in woken - {a.name for a in due}:
+                    if "mail" in by_name[name].areas:
+                        self._sync(by_name[name], ["mail"])
+                if self.idle and due and not self.stop.is_set():
+                    self._refresh_idlers()  # with the interval syncs: new folders are picked up
+                timeout = max(0.0, min(next_due.values()) - time.monotonic())
+                self._wake_event.wait(timeout)
+        finally:
+            for idler in self._idlers.values():
+                idler.retire()
+            for idler in self._idlers.values():
+                idler.join(timeout=5)
+
+    def _sync(self, account: AccountConfig, only: list[str] | None) -> bool:
+        report = self.engine.sync(accounts=[account.name], only=only, should_stop=self.stop.is_set)
+        self._report(report, account)
+        return report.exit_code == 0
+
+    def _report(self, report: SyncReport, account: AccountConfig) -> None:
+        acc = report.accounts.get(account.name)
+        if acc is None:
+            return
+        if acc.mail is not None and acc.mail.imported:
+            links = ", ".join(a.link for a in acc.mail.activities)
+            summary = f"{account.name}: imported {acc.mail.imported} mail(s): {links}"
+            self.say(summary)
+            self._notify(account, summary)
+        for area, result in acc.calendars.items():
+            changes = sum(v for k, v in result.counts.items() if k != "conflicts")
+            if changes:
+                c = result.counts
+                self.say(f"{account.name} {area}: CRM +{c['created_crm']} ~{c['updated_crm']} -{c['deleted_crm']}, "
+                         f"groupware +{c['created_groupware']} ~{c['updated_groupware']} -{c['deleted_groupware']}")
+        for line in acc.error_lines():
+            self.say(f"gwsync: {line}")
+
+    def _notify(self, account: AccountConfig, summary: str) -> None:
+        if not account.notify_command:
+            return
+        try:
+            subprocess.run([*account.notify_command, summary], timeout=30, check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            self.say(f"gwsync: account {account.name}: notify_command failed ({exc})")
+
+    def _refresh_idlers(self) -> None:
+        """One IDLE connection per import folder; new folders are picked up, gone ones dropped."""
+        wanted: set[tuple[str, str]] = set()
+        for account in self.accounts:
+            if "mail" not in account.areas or account.imap is None:
+                continue
+            if self.engine.state.lock_of(account.name, "imap"):
+                continue
+            try:
+                folders = self.engine.import_folders(account)
+            except (CredentialLocked, LoginFailed, ServerUnreachable, MailServerError, OSError):
+                continue  # the interval sync reports it
+            for folder in folders:
+                wanted.add((account.name, folder.name))
+                if (account.name, folder.name) not in self._idlers or not self._idlers[
+                        (account.name, folder.name)].is_alive():
+                    idler = IdleWatcher(self.engine, account, folder.name, self.wake, self.stop)
+                    self._idlers[(account.name, folder.name)] = idler
+                    idler.start()
+        for key in list(self._idlers):
+            if key not in wanted:
+                self._idlers.pop(key).retire()
