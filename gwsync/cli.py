@@ -205,7 +205,8 @@ def status(obj: Context, as_json) -> None:
         out = {}
         for name in names:
             out[name] = {
-                "areas": {r["area"]: {"last_sync": r["finished_at"], "ok": bool(r["ok"]), "counts": r["summary"],
+                "areas": {r["area"]: {"last_sync": r["finished_at"], "ok": bool(r["ok"]),
+                                      "last_success": r.get("last_success"), "counts": r["summary"],
                                       "error": r["error"]} for r in runs if r["account"] == name},
                 "held": sum(1 for h in held if h.account == name),
                 "failed": sum(1 for f in failed if f.account == name),
@@ -221,8 +222,9 @@ def status(obj: Context, as_json) -> None:
             click.echo(f"  LOCKED {lock['service']} since {lock['since']}: run `gwsync unlock {name}` "
                        "after fixing the password")
         for area, info in data["areas"].items():
-            state = "ok" if info["ok"] else f"error: {info['error']}"
-            click.echo(f"  {area}: last sync {info['last_sync']} {state} {info['counts']}")
+            state = "ok" if info["ok"] else f"FAILED ({info['error']}); last success {info['last_success'] or 'never'}"
+            counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
+            click.echo(f"  {area}: last sync {info['last_sync']} {state}; {counts}")
         if not data["areas"]:
             click.echo("  never synced")
 

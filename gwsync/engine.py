@@ -197,10 +197,26 @@ class Engine:
                 self._sync_calendar(account, area, attempt, dry_run, force)
             if not attempt.transient or delay is None:
                 acc_report.absorb(attempt)
+                if not dry_run:
+                    self._record(account.name, area, attempt)
                 return
             acc_report.absorb(attempt, errors=False)  # keep what it did; its error is retried
             log.info("account %s, %s: %s; trying again in %.1f s", account.name, area, attempt.errors[-1], delay)
             time.sleep(delay)
+
+    def _record(self, name: str, area: str, attempt: AccountReport) -> None:
+        """For `gwsync status`: how the area's last run went (failed connects included)."""
+        if area == "mail":
+            counts = attempt.mail.counts() if attempt.mail else {}
+            errors = attempt.errors + (attempt.mail.errors if attempt.mail else [])
+            failed = bool(attempt.mail and attempt.mail.failed)
+        else:
+            result = attempt.calendars.get(area)
+            counts = dict(result.counts) if result else {}
+            errors = attempt.errors + (result.errors if result else [])
+            failed = False
+        self.state.record_run(name, area, ok=not errors and not failed, summary=counts,
+                              error="; ".join(errors) or None)
 
     def collection(self, account: AccountConfig, area: str) -> Collection:
         """The account's events or tasks collection. The first run finds and checks it; later
@@ -244,9 +260,6 @@ class Engine:
             self.state.save_dav_cache(name, area, "", None, None)
             return
         acc_report.calendars[area] = result
-        if not dry_run:
-            self.state.record_run(name, area, ok=not result.failed, summary=result.counts,
-                                  error="; ".join(result.errors) or None)
 
     def _sync_mail(self, account: AccountConfig, acc_report: AccountReport, dry_run: bool,
                    progress: ProgressFn | None) -> None:
@@ -284,10 +297,6 @@ class Engine:
             raise
         else:
             session.logout()
-        if not dry_run:
-            mail = acc_report.mail
-            self.state.record_run(name, "mail", ok=not acc_report.failed,
-                                  summary=mail.counts() if mail else {}, error=acc_report.error)
 
     # -- push / unpush -----------------------------------------------------------------------
 

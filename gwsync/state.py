@@ -74,8 +74,8 @@ class StateStore:
                     pk=("account", "folder", "uidvalidity", "uid"))
                 self.db["messages"].create_index(["outcome"])
                 self.db["runs"].create(
-                    {"account": str, "area": str, "finished_at": str, "ok": int, "summary": str, "error": str},
-                    pk=("account", "area"))
+                    {"account": str, "area": str, "finished_at": str, "ok": int, "summary": str, "error": str,
+                     "last_success": str}, pk=("account", "area"))
 
     # -- credential locks --------------------------------------------------------------------
 
@@ -306,10 +306,18 @@ class StateStore:
     # -- runs --------------------------------------------------------------------------------
 
     def record_run(self, account: str, area: str, ok: bool, summary: dict, error: str | None) -> None:
+        """The latest run of an area; `last_success` survives failed runs after it."""
+        if "last_success" not in self.db["runs"].columns_dict:  # a database from before the column
+            with transaction(self.conn):
+                self.db["runs"].add_column("last_success", str)
+        now = _now()
         with transaction(self.conn):
             self.conn.execute(
-                "INSERT OR REPLACE INTO runs (account, area, finished_at, ok, summary, error) VALUES (?,?,?,?,?,?)",
-                (account, area, _now(), int(ok), json.dumps(summary), error))
+                "INSERT INTO runs (account, area, finished_at, ok, summary, error, last_success) "
+                "VALUES (?,?,?,?,?,?,?) ON CONFLICT(account, area) DO UPDATE SET finished_at = excluded.finished_at, "
+                "ok = excluded.ok, summary = excluded.summary, error = excluded.error, "
+                "last_success = COALESCE(excluded.last_success, runs.last_success)",
+                (account, area, now, int(ok), json.dumps(summary), error, now if ok else None))
 
     def runs(self) -> list[dict]:
         return [dict(row, summary=json.loads(row["summary"] or "{}"))

@@ -26,7 +26,7 @@ def test_a_wrong_password_reaches_each_server_exactly_once_over_several_runs(mak
 
     first = env.cli("sync")
     assert first.exit_code == 3
-    assert "now locked" in first.stderr and f"gwsync unlock alice" in first.stderr
+    assert "now locked" in first.stderr and "gwsync unlock alice" in first.stderr
     for _ in range(3):
         again = env.cli("sync")
         assert again.exit_code == 3
@@ -146,3 +146,35 @@ def test_password_from_keyring_command_and_env(env, monkeypatch):
     env.append(DONE, make_mail(2))
     code, out = env.cli_json("sync")
     assert code == 0 and out["accounts"]["alice"]["mail"]["imported"] == 1
+
+
+def test_several_accounts_each_with_its_own_credentials_and_status(make_env):
+    env = make_env()
+    other = make_env()  # a second mail user on the same server, with its own password
+    text = other.config_path.read_text()
+    imap_table = text[text.index("[accounts.alice.imap]"):].split("\n\n")[0]
+    env.config_path.write_text(env.config_path.read_text() + "\n[accounts.bob]\ninterval = 60\n\n"
+                               + imap_table.replace("[accounts.alice.imap]", "[accounts.bob.imap]") + "\n")
+    env.append(DONE, make_mail(1))
+    other.append(DONE, make_mail(2), make_mail(3))
+
+    code, out = env.cli_json("sync", "--account", "bob")
+    assert code == 0 and list(out["accounts"]) == ["bob"] and out["accounts"]["bob"]["mail"]["imported"] == 2
+    code, out = env.cli_json("sync")
+    assert out["accounts"]["alice"]["mail"]["imported"] == 1 and out["accounts"]["bob"]["mail"]["imported"] == 0
+    with env.engine() as engine:
+        from gwsync.crm import ActivityFilter
+
+        owners = sorted(a.owner for a in engine.crm.list_activities(ActivityFilter()))
+    assert owners == ["alice", "bob", "bob"]
+
+    # bob's server goes away: alice still syncs; status keeps bob's last success and his error
+    env.config_path.write_text(env.config_path.read_text().replace(
+        f'username = "{other.user}"', f'username = "{other.user}"\ntimeout = 5').replace(
+        "[accounts.bob.imap]\nhost = \"127.0.0.1\"", "[accounts.bob.imap]\nhost = \"127.0.0.9\""))
+    code, out = env.cli_json("sync")
+    assert code == 1 and out["accounts"]["alice"]["error"] is None and "cannot connect" in out["accounts"]["bob"]["error"]
+    code, status = env.cli_json("status")
+    bob = status["accounts"]["bob"]["areas"]["mail"]
+    assert bob["ok"] is False and bob["last_success"] is not None and "cannot connect" in bob["error"]
+

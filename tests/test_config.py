@@ -1,6 +1,5 @@
 """Config loading: defaults, and a one-line error naming the key for anything wrong."""
 
-import os
 from pathlib import Path
 
 import pytest
