@@ -269,6 +269,20 @@ def unlock(obj: Context, account: str) -> None:
         click.echo(f"{account} has no locked credential")
 
 
+def _release_hint(record) -> str:
+    if record.outcome != HELD:
+        return "a new version of the mail, or `gwsync sync` after fixing the cause" if record.outcome == QUARANTINED \
+            else "the next sync tries again"
+    missing = set(record.missing or ())
+    hints = []
+    if missing & {"partner", "contact"}:
+        hints.append(f"assigning {record.sender or 'the sender'} to a contact (`gwsync assign`)"
+                     + (" of a partner" if "partner" in missing else ""))
+    if missing & {"subject", "body"}:
+        hints.append("filling " + " and ".join(sorted(missing & {"subject", "body"})) + " in `gwsync review`")
+    return "; ".join(hints)
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
@@ -277,7 +291,8 @@ def held(obj: Context, as_json) -> None:
     with obj.engine() as engine:
         rows = [r for outcome in (HELD, FAILED, QUARANTINED) for r in engine.state.by_outcome(outcome)]
     data = [{"account": r.account, "folder": r.folder, "uid": r.uid, "outcome": r.outcome, "sender": r.sender,
-             "subject": r.subject, "missing": r.missing, "error": r.error, "attempts": r.attempts} for r in rows]
+             "subject": r.subject, "missing": r.missing, "error": r.error, "attempts": r.attempts,
+             "released_by": _release_hint(r)} for r in rows]
     if as_json:
         emit_json(data)
         return
@@ -285,6 +300,8 @@ def held(obj: Context, as_json) -> None:
         click.echo("nothing held")
     for d in data:
         why = f"missing {', '.join(d['missing'])}" if d["missing"] else d["error"]
+        if d["missing"] and {"partner", "contact"} & set(d["missing"]) and d["sender"]:
+            why += f" (released by `gwsync assign {d['sender']} --contact ID` or --new-contact NAME)"
         click.echo(f"{d['account']}\t{d['folder']}\tUID {d['uid']}\t{d['outcome']}\t{d['sender'] or '-'}\t"
                    f"{d['subject'] or ''}\t{why}")
 
@@ -493,6 +510,57 @@ def activity_show(obj: Context, activity_id: int, as_json) -> None:
     if data["body"]:
         click.echo("")
         click.echo(data["body"])
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def unknown(obj: Context, as_json) -> None:
+    """Senders of unassigned imported mail and of held mail, to assign to contacts."""
+    with obj.engine() as engine:
+        rows = engine.unknown_senders()
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no unknown senders")
+    for r in rows:
+        partner = f"partner #{r['partner_id']} {r['partner']} (by domain)" if r["partner_id"] else "no partner"
+        click.echo(f"{r['email']}\timported {r['imported']}, held {r['held']}\t{partner}")
+    if rows:
+        click.echo("assign with: gwsync assign EMAIL --contact ID   or   --new-contact NAME [--partner ID]")
+
+
+@main.command()
+@click.argument("email")
+@click.option("--contact", "contact_id", type=int, help="An existing contact that gets this address.")
+@click.option("--new-contact", help="Create a contact with this name and the address as default.")
+@click.option("--partner", "partner_id", type=int, help="The new contact's business partner.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def assign(obj: Context, email, contact_id, new_contact, partner_id, as_json) -> None:
+    """Assign a sender address to a contact; earlier activities from it are linked, and held mail
+    from it is released at the next sync."""
+    if "@" not in email:
+        fail(f"{email!r} is not a mail address", EXIT_USAGE)
+    if (contact_id is None) == (new_contact is None):
+        fail("give exactly one of --contact ID and --new-contact NAME", EXIT_USAGE)
+    if partner_id is not None and new_contact is None:
+        fail("--partner goes with --new-contact (an existing contact keeps its partner)", EXIT_USAGE)
+    with obj.engine() as engine:
+        try:
+            result = engine.assign(email, contact_id=contact_id, new_contact=new_contact, partner_id=partner_id)
+        except LookupError as exc:
+            fail(f"{exc} (see `gwsync contact add`, `gwsync partner add`)", EXIT_USAGE)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"{result['email']} -> contact #{result['contact_id']}"
+               + (f" (partner #{result['partner_id']})" if result["partner_id"] else "")
+               + f"; linked {result['linked_activities']} earlier activit"
+               + ("y" if result["linked_activities"] == 1 else "ies")
+               + (f"; {result['held_to_release']} held mail(s) import at the next sync"
+                  if result["held_to_release"] else ""))
 
 
 # -- contacts and partners (embedded CRM) ----------------------------------------------------

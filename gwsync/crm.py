@@ -154,5 +154,21 @@ class CRMBackend(abc.ABC):
     @abc.abstractmethod
     def add_partner(self, name: str, emails: list[str]) -> Partner: ...
 
+    @abc.abstractmethod
+    def get_contact(self, contact_id: int) -> Contact | None: ...
+
+    @abc.abstractmethod
+    def add_contact_email(self, contact_id: int, email: str) -> Contact:
+        """Add a mail address to a contact's communication entries (idempotent)."""
+
+    @abc.abstractmethod
+    def unassigned_senders(self) -> dict[str, int]:
+        """Sender address -> number of imported activities from it without a contact."""
+
+    @abc.abstractmethod
+    def link_activities_from(self, address: str, contact_id: int, partner_id: int | None) -> int:
+        """Give every activity from this address that has no contact this contact (and the partner,
+        where it has none); returns how many changed."""
+
     def close(self) -> None:
         """Release resources; the default does nothing."""

@@ -248,6 +248,31 @@ class EmbeddedCRM(CRMBackend):
                 (contact_id, email.strip().lower()))
         return self.get_contact(contact_id)
 
+    def add_contact_email(self, contact_id: int, email: str) -> Contact:
+        contact = self.get_contact(contact_id)
+        if contact is None:
+            raise LookupError(f"no contact with id {contact_id}")
+        email = email.strip().lower()
+        if email not in contact.emails:
+            with transaction(self.conn):
+                self.conn.execute(
+                    "INSERT INTO communications (contact_id, kind, value, is_default) VALUES (?, 'email', ?, 0)",
+                    (contact_id, email))
+        return self.get_contact(contact_id)
+
+    def unassigned_senders(self) -> dict[str, int]:
+        return {row[0]: row[1] for row in self.conn.execute(
+            "SELECT lower(sender), count(*) FROM activities WHERE unassigned = 1 AND sender IS NOT NULL "
+            "GROUP BY lower(sender) ORDER BY count(*) DESC, lower(sender)")}
+
+    def link_activities_from(self, address: str, contact_id: int, partner_id: int | None) -> int:
+        with transaction(self.conn):
+            cur = self.conn.execute(
+                "UPDATE activities SET contact_id = ?, partner_id = COALESCE(partner_id, ?), unassigned = 0, "
+                "updated_at = ? WHERE lower(sender) = lower(?) AND contact_id IS NULL",
+                (contact_id, partner_id, _now_precise(), address.strip()))
+        return cur.rowcount
+
     # -- reads -------------------------------------------------------------------------------
 
     def _documents(self, activity_ids: list[int]) -> dict[int, list[Document]]:

@@ -348,3 +348,42 @@ class Engine:
             self.state.set_membership(account.name, area, activity_id, False)
         return deleted
 
+    # -- unknown senders ---------------------------------------------------------------------
+
+    def unknown_senders(self) -> list[dict]:
+        """Addresses of unassigned imported mail and of held mail, with counts and the partner
+        their domain matches, if any."""
+        from .decisions import sender_domain
+
+        counts: dict[str, dict] = {}
+        for address, count in self.crm.unassigned_senders().items():
+            counts.setdefault(address, {"imported": 0, "held": 0})["imported"] += count
+        for record in self.state.by_outcome("held"):
+            if record.sender and self.crm.find_contact_by_email(record.sender) is None:
+                counts.setdefault(record.sender.lower(), {"imported": 0, "held": 0})["held"] += 1
+        out = []
+        for address, c in sorted(counts.items(), key=lambda kv: (-(kv[1]["imported"] + kv[1]["held"]), kv[0])):
+            domain = sender_domain(address)
+            partner = self.crm.find_partner_by_domain(domain) if domain else None
+            out.append({"email": address, "imported": c["imported"], "held": c["held"],
+                        "partner_id": partner.id if partner else None,
+                        "partner": partner.name if partner else None})
+        return out
+
+    def assign(self, email: str, contact_id: int | None = None, new_contact: str | None = None,
+               partner_id: int | None = None) -> dict:
+        """Give an address to a contact (an existing one, or a new one with it as default
+        address), link every earlier activity from it, and count the held mail the next sync
+        releases."""
+        email = email.strip().lower()
+        if (contact_id is None) == (new_contact is None):
+            raise ValueError("give either an existing contact or a new contact's name")
+        if contact_id is not None:
+            contact = self.crm.add_contact_email(contact_id, email)
+        else:
+            contact = self.crm.add_contact(new_contact, email, partner_id)
+        linked = self.crm.link_activities_from(email, contact.id, contact.partner_id)
+        held = sum(1 for r in self.state.by_outcome("held") if (r.sender or "").lower() == email)
+        return {"email": email, "contact_id": contact.id, "partner_id": contact.partner_id,
+                "linked_activities": linked, "held_to_release": held}
+
