@@ -87,6 +87,10 @@ default_login_user = {user}
 first_valid_uid = 1
 first_valid_gid = 1
 mail_location = maildir:{dir}/mail/%u:LAYOUT=fs
+# With the default fcntl locks, two sessions of one user that create or list folders at the
+# same moment can make the kernel report EDEADLK, on which Dovecot 2.3 panics and drops the
+# session (seen with a `watch` and another client). flock has no deadlock detection.
+lock_method = flock
 mail_plugins =
 auth_mechanisms = plain login
 auth_failure_delay = 0

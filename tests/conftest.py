@@ -35,6 +35,12 @@ def dovecot():
     # No skip when Dovecot is missing: .ci/run installs it, and a silent skip would hide that.
     server = Dovecot.start()
     yield server
+    # The server's own log helps when a test saw a dropped connection; keep its errors visible.
+    log = server.directory / "dovecot.log"
+    problems = [line for line in log.read_text(errors="replace").splitlines()
+                if any(word in line for word in ("Error", "Fatal", "Panic"))] if log.exists() else []
+    if problems:
+        print("\nDovecot reported:\n" + "\n".join(problems[-30:]))
     server.stop()
 
 
