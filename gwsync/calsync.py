@@ -62,8 +62,9 @@ def calendar_key(account: str, uid: str) -> str:
 class CalendarSync:
     def __init__(self, config: Config, account: AccountConfig, area: str, crm: CRMBackend, state: StateStore,
                  collection: Collection, dry_run: bool = False, force: bool = False,
-                 should_stop=None):
+                 should_stop=None, skip_hrefs: set[str] | None = None):
         self.should_stop = should_stop or (lambda: False)
+        self.skip_hrefs = skip_hrefs or set()  # new server items the review left out, this run only
         self.config = config
         self.account = account
         self.area = area
@@ -144,6 +145,8 @@ class CalendarSync:
                 raise
             except (DavError, BrokenItem, ValueError, LookupError) as exc:
                 self.result.errors.append(f"{self.where}, {self._describe(pair)}: {exc}")
+        if self.skip_hrefs:
+            new_token = None  # left-out items must come up again next time: keep the old token
         if not self.dry_run and new_token is not None:
             if self.coll.writes > writes_before:
                 new_token = self._past_own_writes(new_token)
@@ -197,6 +200,20 @@ class CalendarSync:
 
     # -- pairing -----------------------------------------------------------------------------
 
+    def waiting(self) -> list[tuple[str, ItemData]]:
+        """New items on the server that are not in the CRM yet (for the review)."""
+        linked = {l.href for l in self.state.links(self.account.name, self.area)}
+        hrefs = [h for h in self.coll.list_etags() if h not in linked]
+        found = []
+        for href, item in sorted(self.coll.multiget(hrefs).items()):
+            try:
+                data = read_item(item.data or "", self.done, self.open)
+            except BrokenItem:
+                continue
+            if data.component == self.component:
+                found.append((href, data))
+        return found
+
     def _crm_activities(self) -> dict[int, object]:
         owners: tuple = (self.account.name,)
         with_area = [a for a in self.config.accounts.values() if self.area in a.areas]
@@ -235,7 +252,7 @@ class CalendarSync:
             by_uid[uid_for_key(activity.key or f"crm:{activity.id}")] = activity
             if activity.key and activity.key.startswith(prefix):
                 by_uid[activity.key[len(prefix):]] = activity
-        unlinked_items = [(h, d) for h, d in parsed.items() if h not in linked_hrefs]
+        unlinked_items = [(h, d) for h, d in parsed.items() if h not in linked_hrefs and h not in self.skip_hrefs]
         keyed = self.crm.existing_keys([calendar_key(self.account.name, d.uid) for _, d in unlinked_items])
         matched_ids = set()
         for href, data in unlinked_items:

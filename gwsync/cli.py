@@ -563,6 +563,34 @@ def assign(obj: Context, email, contact_id, new_contact, partner_id, as_json) ->
                   if result["held_to_release"] else ""))
 
 
+@main.command()
+@click.option("--account", help="The account to review (default: the only one).")
+@click.pass_obj
+def review(obj: Context, account) -> None:
+    """Look first, then import: choose areas, leave out mail or items, fill mandatory fields,
+    give attachments a category and keyword ([crm] attachment_review = true), see the result."""
+    from .review import run_review
+
+    with obj.engine() as engine:
+        try:
+            if account:
+                selected = engine.config.account(account)
+            else:
+                accounts = engine.select_accounts(None)
+                if len(accounts) != 1:
+                    fail("choose the account with --account (" + ", ".join(a.name for a in accounts) + ")",
+                         EXIT_USAGE)
+                selected = accounts[0]
+            code = run_review(engine, selected)
+        except ConfigError as exc:
+            fail(f"config error: {exc}", EXIT_USAGE)
+        except (LoginFailed, CredentialLocked) as exc:
+            fail(str(exc), EXIT_LOCKED)
+        except MailServerError as exc:
+            fail(f"account {selected.name}: {exc}", EXIT_FAILED)
+    sys.exit(code)
+
+
 # -- contacts and partners (embedded CRM) ----------------------------------------------------
 
 @main.group()

@@ -158,6 +158,12 @@ class CRMBackend(abc.ABC):
     def get_contact(self, contact_id: int) -> Contact | None: ...
 
     @abc.abstractmethod
+    def list_partners(self) -> list[Partner]: ...
+
+    @abc.abstractmethod
+    def list_contacts(self) -> list[Contact]: ...
+
+    @abc.abstractmethod
     def add_contact_email(self, contact_id: int, email: str) -> Contact:
         """Add a mail address to a contact's communication entries (idempotent)."""
 

@@ -153,6 +153,13 @@ class EmbeddedCRM(CRMBackend):
         row = self.conn.execute("SELECT id, name, partner_id FROM contacts WHERE id = ?", (contact_id,)).fetchone()
         return self._contact(row) if row else None
 
+    def list_partners(self) -> list[Partner]:
+        return [self.get_partner(r[0]) for r in self.conn.execute("SELECT id FROM partners ORDER BY name, id")]
+
+    def list_contacts(self) -> list[Contact]:
+        return [self._contact(r) for r in self.conn.execute(
+            "SELECT id, name, partner_id FROM contacts ORDER BY name, id")]
+
     def _contact(self, row) -> Contact:
         emails = [r[0] for r in self.conn.execute(
             "SELECT value FROM communications WHERE contact_id = ? AND kind = 'email' ORDER BY is_default DESC, id",

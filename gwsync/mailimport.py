@@ -19,7 +19,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
 from .config import AccountConfig, CrmConfig
 from .crm import ActivityDraft, CRMBackend, Document
-from .decisions import Step, failure_outcome, missing_fields, plan_mail, resolve_sender
+from .decisions import SenderMatch, Step, failure_outcome, missing_fields, plan_mail, resolve_sender
 from .imap import FETCH_BATCH, ImapSession, ImportFolder, MailServerError, ServerUnreachable
 from .mime import (Attachment, ParsedMail, StreamDecoder, _is_attachment, _raw_filename, content_key,
                    html_to_text, parse_header_block, parse_headers, parse_message, sanitise_filename,
@@ -60,6 +60,22 @@ class MailResult:
 
 
 @dataclass
+class PendingMail:
+    """A mail waiting in an import folder, as the review shows it."""
+
+    folder: str
+    uid: int
+    status: str
+    sender: str | None
+    subject: str
+    body: str
+    attachments: list[str]
+    contact_id: int | None
+    partner_id: int | None
+    missing: list[str]
+
+
+@dataclass
 class _Prepared:
     uid: int
     key: str
@@ -71,8 +87,15 @@ class _Prepared:
 class MailImporter:
     def __init__(self, account: AccountConfig, crm_cfg: CrmConfig, crm: CRMBackend, state: StateStore,
                  dry_run: bool = False, progress: ProgressFn | None = None,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None,
+                 selection: set[tuple[str, int]] | None = None,
+                 overrides: dict[tuple[str, int], dict] | None = None):
         self.should_stop = should_stop or (lambda: False)
+        # The interactive review: only these (folder, UID) are imported, with fields filled in
+        # by the user ("partner_id", "contact_id", "subject", "body", "documents": [(category,
+        # keyword), ...]).
+        self.selection = selection
+        self.overrides = overrides or {}
         self.account = account
         self.imap_cfg = account.imap
         self.crm_cfg = crm_cfg
@@ -123,6 +146,8 @@ class MailImporter:
         to_process, to_move = [], []
         for uid in uids:
             step = plan_mail(records.get(uid))
+            if self.selection is not None and step is Step.PROCESS and (folder.name, uid) not in self.selection:
+                continue  # left out in the review: it stays in its folder, untouched
             if step is Step.PROCESS:
                 to_process.append(uid)
             elif step is Step.MOVE_ONLY:
@@ -166,6 +191,47 @@ class MailImporter:
             done += 1
             self.progress(done, total, folder.name)
 
+    def preview(self, session: ImapSession) -> list[PendingMail]:
+        """The mail waiting in the import folders, parsed and resolved, without importing it."""
+        pending: list[PendingMail] = []
+        statuses = self.statuses
+        for folder in session.import_folders(self.imap_cfg.import_root):
+            if folder.status not in statuses:
+                continue
+            uidvalidity = session.examine(folder.name)
+            records = self.state.records(self.account.name, folder.name, uidvalidity)
+            uids = [u for u in session.uids() if plan_mail(records.get(u)) is Step.PROCESS]
+            sizes = session.sizes(uids) if uids else {}
+            for uid in [u for u in uids if sizes.get(u, 0) > STREAM_THRESHOLD]:  # large: headers only
+                headers = parse_headers(parse_header_block(session.fetch_section(uid, "HEADER")), [])
+                match = resolve_sender(headers["sender"], self.crm.find_contact_by_email,
+                                       self.crm.find_partner_by_domain)
+                pending.append(PendingMail(
+                    folder=folder.name, uid=uid, status=folder.status, sender=headers["sender"],
+                    subject=headers["subject"], body="", attachments=[f"({sizes[uid] >> 20} MB mail)"],
+                    contact_id=match.contact_id, partner_id=match.partner_id,
+                    missing=[m for m in missing_fields(self.crm_cfg.mandatory, partner_id=match.partner_id,
+                                                       contact_id=match.contact_id, subject=headers["subject"],
+                                                       body="x") if m != "body"]))
+            for batch in _batches([u for u in uids if sizes.get(u, 0) <= STREAM_THRESHOLD], sizes):
+                raws = session.fetch_raw(batch)
+                known = self.crm.existing_keys(content_key(r) for r in raws.values())
+                for uid in batch:
+                    if uid not in raws or content_key(raws[uid]) in known:
+                        continue
+                    parsed = parse_message(raws[uid])
+                    match = resolve_sender(parsed.sender, self.crm.find_contact_by_email,
+                                           self.crm.find_partner_by_domain)
+                    pending.append(PendingMail(
+                        folder=folder.name, uid=uid, status=folder.status, sender=parsed.sender,
+                        subject=parsed.subject, body=parsed.body,
+                        attachments=[a.filename for a in parsed.attachments], contact_id=match.contact_id,
+                        partner_id=match.partner_id,
+                        missing=missing_fields(self.crm_cfg.mandatory, partner_id=match.partner_id,
+                                               contact_id=match.contact_id, subject=parsed.subject,
+                                               body=parsed.body)))
+        return pending
+
     def _prepare(self, uid: int, key: str, known_activity: int | None, folder: ImportFolder,
                  record: MailRecord | None, parse: Callable[[], ParsedMail]) -> _Prepared:
         if known_activity is not None:
@@ -175,6 +241,11 @@ class MailImporter:
         try:
             parsed = parse()
             match = resolve_sender(parsed.sender, self.crm.find_contact_by_email, self.crm.find_partner_by_domain)
+            given = self.overrides.get((folder.name, uid), {})
+            if given:
+                match = SenderMatch(given.get("contact_id", match.contact_id), given.get("partner_id", match.partner_id))
+                parsed.subject = given.get("subject", parsed.subject)
+                parsed.body = given.get("body", parsed.body)
             missing = missing_fields(self.crm_cfg.mandatory, partner_id=match.partner_id,
                                      contact_id=match.contact_id, subject=parsed.subject, body=parsed.body)
             base.sender, base.subject = parsed.sender, parsed.subject
@@ -182,6 +253,8 @@ class MailImporter:
                 base.outcome, base.missing = HELD, missing
                 return _Prepared(uid=uid, key=key, record=base)
             documents = [self._store(att) for att in parsed.attachments]
+            for doc, (category, keyword) in zip(documents, given.get("documents", [])):
+                doc.category, doc.keyword = category or None, keyword or None
             draft = ActivityDraft(
                 key=key, kind=MAIL_KIND, status=folder.status, subject=parsed.subject, body=parsed.body,
                 contact_id=match.contact_id, partner_id=match.partner_id, sender=parsed.sender,

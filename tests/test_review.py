@@ -95,3 +95,59 @@ def test_the_quick_searches_return_exactly_the_right_activities(env):
     assert subjects("--kind", "TERMIN") == ["Termin"]
     assert subjects("--imported", "--kind", "TERMIN") == []
     assert subjects() == ["Gestern", "Termin", "Test mail 1", "Test mail 2"]
+
+
+def test_review_end_to_end_through_its_input(make_env):
+    """Leave one mail out, fill a mandatory partner, give a document a category and keyword,
+    keep the new event; then check the CRM and both servers."""
+    from conftest import crlf
+
+    env = make_env(mandatory=("partner",), crm_extra="attachment_review = true\n", areas=("mail", "events"))
+    with env.engine() as engine:
+        acme = engine.crm.add_partner("ACME", ["info@acme.example"])
+        engine.crm.add_partner("Zeta AG", [])
+        engine.crm.add_contact("Erika", "erika@acme.example", acme.id)
+    with_pdf = crlf(b"From: erika@acme.example\nSubject: Vertrag anbei\nMIME-Version: 1.0\n"
+                    b"Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/plain\n\nanbei\n"
+                    b"--b\nContent-Type: application/pdf\nContent-Disposition: attachment; filename=vertrag.pdf\n"
+                    b"Content-Transfer-Encoding: base64\n\nJVBERi0xLjQK\n--b--\n")
+    env.append(DONE, with_pdf, make_mail(2, sender="stranger@nowhere.example"),
+               make_mail(3, sender="spam@junk.example"))
+    env.dav_put("events", "m.ics", "BEGIN:VCALENDAR\nVERSION:2.0\nPRODID:x\nBEGIN:VEVENT\nUID:m\n"
+                "DTSTAMP:20261120T100000Z\nDTSTART:20261201T090000Z\nSUMMARY:Messe\nEND:VEVENT\nEND:VCALENDAR\n")
+
+    answers = "\n".join([
+        "mail, events",  # areas
+        "3",             # leave out the third mail
+        "Vertrag",       # vertrag.pdf of mail 1: category
+        "2026-114",      # ... keyword
+        str(acme.id),    # mail 2 needs a partner
+        "",              # keep the new event
+        "y",             # import
+    ]) + "\n"
+    result = env.cli("review", input=answers)
+
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert "NEEDS partner" in result.stdout and "'Messe'" in result.stdout
+    assert "Imported 2 mail(s):" in result.stdout and "events: 1 new in the CRM" in result.stdout
+    with env.engine() as engine:
+        acts = {a.subject: a for a in engine.crm.list_activities(ActivityFilter())}
+    assert set(acts) == {"Vertrag anbei", "Test mail 2", "Messe"}
+    (doc,) = acts["Vertrag anbei"].documents
+    assert (doc.filename, doc.category, doc.keyword) == ("vertrag.pdf", "Vertrag", "2026-114")
+    assert acts["Test mail 2"].partner_id == acme.id and acts["Test mail 2"].sender == "stranger@nowhere.example"
+    left = list(env.messages(DONE).values())
+    assert len(left) == 1 and b"spam@junk.example" in left[0]["raw"]  # left out: still in its folder
+    assert len(env.messages("INBOX/CRM Archiv")) == 2
+    (etag, text), = env.dav_items("events").values()
+    assert f"X-GWSYNC-ACTIVITY-ID:{acts['Messe'].id}" in text
+
+
+def test_review_keeps_asking_until_a_required_field_is_given(make_env):
+    env = make_env(mandatory=("subject",))
+    env.append(DONE, make_mail(1, subject=""))
+    result = env.cli("review", input="mail\n\n\n\nNachgetragen\ny\n")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert result.stdout.count("this field is required") == 2
+    with env.engine() as engine:
+        assert [a.subject for a in engine.crm.list_activities(ActivityFilter())] == ["Nachgetragen"]

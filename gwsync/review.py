@@ -1,0 +1,155 @@
+"""`gwsync review`: look at what is waiting, leave things out, fill what is missing, import.
+
+Keyboard only, one question at a time, every answer with a default: Enter accepts it. The
+questions go through click.prompt, so tests drive the whole review through its input.
+"""
+
+from __future__ import annotations
+
+import click
+
+from .calsync import CalendarSync
+from .config import AccountConfig
+from .engine import Engine
+from .mailimport import MailImporter, PendingMail
+
+
+def _numbers(text: str, upper: int) -> set[int]:
+    chosen = set()
+    for part in text.replace(",", " ").split():
+        if not part.isdigit() or not 1 <= int(part) <= upper:
+            raise click.BadParameter(f"{part!r} is not a number from 1 to {upper}")
+        chosen.add(int(part))
+    return chosen
+
+
+def _ask_numbers(question: str, upper: int) -> set[int]:
+    while True:
+        answer = click.prompt(question, default="", show_default=False)
+        try:
+            return _numbers(answer, upper)
+        except click.BadParameter as exc:
+            click.echo(f"  {exc.message}")
+
+
+def _choose(question: str, choices: dict[int, str]) -> int:
+    for key, label in choices.items():
+        click.echo(f"    {key}  {label}")
+    answer = click.prompt(question, type=click.Choice([str(k) for k in choices]), show_choices=False)
+    return int(answer)
+
+
+def _required_text(question: str) -> str:
+    while True:
+        value = click.prompt(question, default="", show_default=False).strip()
+        if value:
+            return value
+        click.echo("  this field is required")
+
+
+def run_review(engine: Engine, account: AccountConfig) -> int:
+    crm, config = engine.crm, engine.config
+    areas_text = click.prompt("Areas to import (mail, events, tasks)", default=", ".join(account.areas))
+    areas = [a.strip() for a in areas_text.replace(",", " ").split() if a.strip()]
+    unknown = [a for a in areas if a not in ("mail", "events", "tasks")]
+    if unknown:
+        raise click.UsageError(f"unknown area {unknown[0]!r} (use mail, events, tasks)")
+
+    selection: set[tuple[str, int]] | None = None
+    overrides: dict[tuple[str, int], dict] = {}
+    pending: list[PendingMail] = []
+    if "mail" in areas:
+        session = engine.connect_imap(account)
+        try:
+            pending = MailImporter(account, config.crm, crm, engine.state).preview(session)
+        finally:
+            session.logout()
+        if not pending:
+            click.echo("No mail waiting in the import folders.")
+        else:
+            click.echo("Mail waiting in the import folders:")
+            for n, mail in enumerate(pending, 1):
+                who = f"contact #{mail.contact_id}" if mail.contact_id else (
+                    f"partner #{mail.partner_id}" if mail.partner_id else "unknown sender")
+                extra = f", {len(mail.attachments)} attachment(s)" if mail.attachments else ""
+                need = f"  NEEDS {', '.join(mail.missing)}" if mail.missing else ""
+                click.echo(f"  {n}. [{mail.status}] {mail.sender or '-'}  {mail.subject!r}  ({who}{extra}){need}")
+            left_out = _ask_numbers("Leave out (numbers, Enter for none)", len(pending))
+            chosen = [(n, m) for n, m in enumerate(pending, 1) if n not in left_out]
+            selection = {(m.folder, m.uid) for _, m in chosen}
+            for n, mail in chosen:
+                given: dict = {}
+                for field_name in mail.missing:
+                    if field_name == "partner":
+                        partners = {p.id: p.name for p in crm.list_partners()}
+                        if not partners:
+                            raise click.UsageError("partner is mandatory but the CRM has no partners: "
+                                                   "add one with `gwsync partner add`")
+                        given["partner_id"] = _choose(f"Partner for mail {n} (required)", partners)
+                    elif field_name == "contact":
+                        contacts = {c.id: f"{c.name} <{', '.join(c.emails)}>" for c in crm.list_contacts()}
+                        if not contacts:
+                            raise click.UsageError("contact is mandatory but the CRM has no contacts: "
+                                                   "add one with `gwsync contact add`")
+                        given["contact_id"] = _choose(f"Contact for mail {n} (required)", contacts)
+                    else:
+                        given[field_name] = _required_text(f"{field_name.capitalize()} for mail {n} (required)")
+                if config.crm.attachment_review and mail.attachments:
+                    documents = []
+                    for name in mail.attachments:
+                        category = click.prompt(f"Mail {n}, document {name}: category", default="",
+                                                show_default=False)
+                        keyword = click.prompt(f"Mail {n}, document {name}: keyword", default="",
+                                               show_default=False)
+                        documents.append((category.strip(), keyword.strip()))
+                    given["documents"] = documents
+                if given:
+                    overrides[(mail.folder, mail.uid)] = given
+
+    skips: dict[str, set[str]] = {}
+    for area in ("events", "tasks"):
+        if area not in areas or account.caldav is None:
+            continue
+        sync = CalendarSync(config, account, area, crm, engine.state, engine.collection(account, area))
+        waiting = sync.waiting()
+        if not waiting:
+            continue
+        click.echo(f"New {area} on the server:")
+        for n, (href, data) in enumerate(waiting, 1):
+            when = data.fields.get("start") or data.fields.get("due") or ""
+            click.echo(f"  {n}. {data.fields['subject']!r} {when}")
+        left_out = _ask_numbers("Leave out (numbers, Enter for none)", len(waiting))
+        skips[area] = {waiting[n - 1][0] for n in left_out}
+
+    count = len(selection) if selection is not None else 0
+    calendars = ", ".join(a for a in areas if a != "mail") or "no calendars"
+    if not click.confirm(f"Import {count} mail(s) and sync {calendars}?", default=True):
+        click.echo("Nothing imported.")
+        return 0
+    code = 0
+    if "mail" in areas and selection:
+        session = engine.connect_imap(account)
+        try:
+            result = MailImporter(account, config.crm, crm, engine.state, selection=selection,
+                                  overrides=overrides).run(session)
+        finally:
+            session.logout()
+        click.echo(f"Imported {result.imported} mail(s):")
+        for a in result.activities:
+            click.echo(f"  #{a.id} {a.subject!r}  {a.link}")
+        for line in result.errors:
+            click.echo(f"gwsync: {line}", err=True)
+            code = 1
+    for area in ("events", "tasks"):
+        if area in areas and account.caldav is not None:
+            sync = CalendarSync(config, account, area, crm, engine.state, engine.collection(account, area),
+                                skip_hrefs=skips.get(area))
+            result = sync.run()
+            c = result.counts
+            click.echo(f"{area}: {c['created_crm']} new in the CRM, {c['updated_crm']} updated; "
+                       f"{c['created_groupware']} new on the server, {c['updated_groupware']} updated")
+            for line in result.errors:
+                click.echo(f"gwsync: {line}", err=True)
+                code = 1
+    return code
+
