@@ -325,3 +325,72 @@ def test_a_foreign_edit_during_our_own_writes_is_never_skipped(cal):
     code, out = sync(cal)
     assert out["events"]["updated_crm"] == 1
     assert "Spät geändert" in [a.subject for a in activities(cal)]
+
+
+class _Crash(BaseException):
+    """Stands for the process dying at that instruction."""
+
+
+def _run_with(cal, collection_class):
+    from gwsync.calsync import CalendarSync
+
+    config = cal.config()
+    account = config.account("alice")
+    with cal.engine() as engine:
+        plain = engine.collection(account, "events")
+        try:
+            CalendarSync(config, account, "events", engine.crm, engine.state,
+                         collection_class(plain.client, plain.url)).run()
+        except _Crash:
+            return True
+    return False
+
+
+def test_a_crash_right_after_creating_on_the_server_creates_no_twin(cal):
+    """The PUT went through, the process died before saving the link. The rerun matches the item
+    by the UID derived from the activity; and where the server's listing lags behind its writes,
+    the repeated create meets its own item (412), adopts and links it."""
+    from gwsync.dav import Collection
+
+    class DiesAfterCreate(Collection):
+        def create(self, href, data):
+            super().create(href, data)
+            raise _Crash()
+
+    class LaggingListing(Collection):  # lists nothing that gwsync created
+        def changes_since(self, token):
+            new_token, changed, deleted = super().changes_since(token)
+            return new_token, {h: e for h, e in changed.items() if "gwsync-" not in h}, deleted
+
+    cal.cli("activity", "add", "--kind", "TERMIN", "--subject", "Einmal", "--start", "2026-12-11T10:00")
+    cal.cli("activity", "add", "--kind", "TERMIN", "--subject", "Zweimal", "--start", "2026-12-12T10:00")
+    assert _run_with(cal, DiesAfterCreate)  # the first create lands, then the process dies
+    assert len(cal.dav_items("events")) == 1
+    assert not _run_with(cal, LaggingListing)  # 412 on the repeated create: adopted, not twinned
+    assert len(cal.dav_items("events")) == 2
+    cal.cli("activity", "edit", "1", "--location", "Danach")
+    code, out = sync(cal)
+    assert code == 0, out
+    assert out["events"]["created_groupware"] == 0 and out["events"]["updated_groupware"] == 1
+    texts = [text for _, text in cal.dav_items("events").values()]
+    assert sorted(t.count("X-GWSYNC-ACTIVITY-ID:") for t in texts) == [1, 1]
+    assert any("LOCATION:Danach" in t for t in texts)
+    assert sorted(a.subject for a in activities(cal)) == ["Einmal", "Zweimal"]
+    assert sync(cal)[1]["events"]["requests"] == 1  # linked and settled
+
+
+def test_a_crash_between_the_crm_create_and_the_link_write_back_creates_no_twin(cal):
+    from gwsync.dav import Collection
+
+    class DiesBeforeWriteBack(Collection):
+        def update(self, href, data, etag):
+            raise _Crash()
+
+    cal.dav_put("events", "p.ics", event("p", "Vom Handy"))
+    assert _run_with(cal, DiesBeforeWriteBack)
+    assert [a.subject for a in activities(cal)] == ["Vom Handy"]  # committed before the crash
+    code, out = sync(cal)
+    assert code == 0 and out["events"]["created_crm"] == 0
+    assert [a.subject for a in activities(cal)] == ["Vom Handy"]
+    (etag, text), = cal.dav_items("events").values()
+    assert f"X-GWSYNC-ACTIVITY-ID:{activities(cal)[0].id}" in text
