@@ -591,6 +591,92 @@ def review(obj: Context, account) -> None:
     sys.exit(code)
 
 
+@main.group()
+def rules() -> None:
+    """Server-side rules (Sieve) that file mail into import folders."""
+
+
+def _rule_account(obj: Context, name: str | None):
+    try:
+        if name:
+            return obj.config.account(name)
+        accounts = [a for a in obj.config.accounts.values() if a.sieve is not None]
+        if len(accounts) != 1:
+            fail("choose the account with --account", EXIT_USAGE)
+        return accounts[0]
+    except ConfigError as exc:
+        fail(f"config error: {exc}", EXIT_USAGE)
+
+
+@rules.command("add")
+@click.option("--account", help="The account (default: the only one).")
+@click.option("--from", "sender", required=True, help="ADDRESS or @DOMAIN.")
+@click.argument("folder")
+@click.pass_obj
+def rules_add(obj: Context, account, sender, folder) -> None:
+    """File mail from ADDRESS or @DOMAIN into FOLDER (full name, or e.g. "CRM Kunde [O]";
+    created when missing)."""
+    from .sieve import SieveError
+
+    selected = _rule_account(obj, account)
+    with obj.engine() as engine:
+        try:
+            rule = engine.add_rule(selected, sender, folder)
+        except ValueError as exc:
+            fail(str(exc), EXIT_USAGE)
+        except (SieveError, MailServerError) as exc:
+            fail(f"account {selected.name}: {exc}", EXIT_FAILED)
+        except (LoginFailed, CredentialLocked) as exc:
+            fail(str(exc), EXIT_LOCKED)
+    click.echo(f"rule {rule.id}: mail from {rule.sender} -> {rule.folder}")
+
+
+@rules.command("list")
+@click.option("--account", help="The account (default: the only one).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def rules_list(obj: Context, account, as_json) -> None:
+    """The rules gwsync keeps on the server."""
+    from .sieve import SieveError
+
+    selected = _rule_account(obj, account)
+    with obj.engine() as engine:
+        try:
+            sieve = engine.sieve(selected)
+            found = sieve.rules()
+            sieve.close()
+        except SieveError as exc:
+            fail(f"account {selected.name}: {exc}", EXIT_FAILED)
+    if as_json:
+        emit_json([{"id": r.id, "from": r.sender, "folder": r.folder} for r in found])
+        return
+    if not found:
+        click.echo("no rules")
+    for r in found:
+        click.echo(f"{r.id}\tfrom {r.sender}\t-> {r.folder}")
+
+
+@rules.command("remove")
+@click.argument("rule_id", type=int)
+@click.option("--account", help="The account (default: the only one).")
+@click.pass_obj
+def rules_remove(obj: Context, rule_id, account) -> None:
+    """Remove a rule; with the last one, the user's own script is back as it was."""
+    from .sieve import SieveError
+
+    selected = _rule_account(obj, account)
+    with obj.engine() as engine:
+        try:
+            sieve = engine.sieve(selected)
+            rule = sieve.remove(rule_id)
+            sieve.close()
+        except LookupError as exc:
+            fail(str(exc), EXIT_FAILED)
+        except SieveError as exc:
+            fail(f"account {selected.name}: {exc}", EXIT_FAILED)
+    click.echo(f"removed rule {rule.id} (from {rule.sender} -> {rule.folder})")
+
+
 # -- contacts and partners (embedded CRM) ----------------------------------------------------
 
 @main.group()

@@ -120,6 +120,15 @@ class CaldavConfig:
 
 
 @dataclass(frozen=True)
+class SieveConfig:
+    host: str
+    port: int
+    starttls: bool
+    username: str
+    secret: Secret
+
+
+@dataclass(frozen=True)
 class AccountConfig:
     name: str
     areas: tuple[str, ...] = ("mail",)
@@ -127,6 +136,7 @@ class AccountConfig:
     imap: ImapConfig | None = None
     caldav: CaldavConfig | None = None
     notify_command: tuple[str, ...] | None = None  # run with the import summary as last argument
+    sieve: SieveConfig | None = None  # server-side rules; host and credentials default to IMAP's
 
 
 @dataclass(frozen=True)
@@ -287,6 +297,24 @@ def _caldav(sec: _Section) -> CaldavConfig:
     return caldav
 
 
+def _sieve(sec: "_Section | None", imap: ImapConfig | None) -> SieveConfig | None:
+    """[accounts.X.sieve]: everything defaults to the IMAP settings, port 4190."""
+    sec = sec or _Section({}, "sieve")
+    host = sec.get("host", str, imap.host if imap else None)
+    username = sec.get("username", str, imap.username if imap else None)
+    if host is None or username is None:
+        raise ConfigError(f"{sec.where}: set host and username (there is no [imap] table to take them from)")
+    own = _secret(sec, username)
+    has_own = any((own.command, own.env, own.keyring, own.inline is not None))
+    security = sec.get("security", str, imap.security if imap else "starttls")
+    if security not in SECURITY_MODES:
+        raise ConfigError(f"{sec.where}.security must be one of {', '.join(SECURITY_MODES)}")
+    port = sec.get("port", int, 4190)
+    sec.reject_unknown()
+    return SieveConfig(host=host, port=port, starttls=security != "none", username=username,
+                       secret=own if has_own or imap is None else imap.secret)
+
+
 def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     root = _Section(data, "config")
     crm_sec = root.section("crm") or _Section({}, "crm")
@@ -374,10 +402,12 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
             notify = acc.get("notify_command", list)
             if notify is not None and (not notify or not all(isinstance(c, str) for c in notify)):
                 raise ConfigError(f"accounts.{name}.notify_command must be a non-empty list of strings")
-            # sieve belongs to a later feature; accept it so configs can be written ahead.
-            acc.reject_unknown(allowed_extra=("sieve",))
+            sieve_sec = acc.section("sieve")
+            sieve = _sieve(sieve_sec, imap) if sieve_sec is not None or imap is not None else None
+            acc.reject_unknown()
             accounts[name] = AccountConfig(name=name, areas=tuple(areas), interval=interval, imap=imap,
-                                           caldav=caldav, notify_command=tuple(notify) if notify else None)
+                                           caldav=caldav, notify_command=tuple(notify) if notify else None,
+                                           sieve=sieve)
     sync_sec = root.section("sync") or _Section({}, "sync")
     sync_sec.where = "sync"
     conflict = sync_sec.get("conflict", str, "newest")

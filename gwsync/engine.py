@@ -387,3 +387,45 @@ class Engine:
         return {"email": email, "contact_id": contact.id, "partner_id": contact.partner_id,
                 "linked_activities": linked, "held_to_release": held}
 
+    # -- server-side rules (Sieve) -----------------------------------------------------------
+
+    def sieve(self, account: AccountConfig):
+        from .sieve import SieveRules
+
+        cfg = account.sieve
+        if cfg is None:
+            raise ConfigError(f"account {account.name} has no [accounts.{account.name}.sieve] or imap table")
+        return SieveRules(cfg.host, cfg.port, cfg.username, cfg.secret.resolve(), cfg.starttls)
+
+    def import_folder_name(self, account: AccountConfig, folder: str) -> str:
+        """A full import folder name from a full name or just its last element, checked against
+        the pattern and the CRM's status keys."""
+        from .folders import parse_import_folder
+
+        full = folder if "/" in folder or folder.upper().startswith("INBOX") else \
+            f"{account.imap.import_root}/{folder}"
+        parsed = parse_import_folder(full.rsplit("/", 1)[-1])
+        if parsed is None:
+            raise ValueError(f"{folder!r} is not an import folder name: use `CRM <description> [<status>]`")
+        if parsed.status not in self.crm.statuses():
+            known = ", ".join(sorted(self.crm.statuses()))
+            raise ValueError(f"{folder!r}: status key [{parsed.status}] is unknown to the CRM (known: {known})")
+        return full
+
+    def add_rule(self, account: AccountConfig, sender: str, folder: str):
+        """File mail from `sender` (an address, or @domain) into an import folder, on the server."""
+        sender = sender.strip().lower()
+        if "@" not in sender or sender.endswith("@") or " " in sender:
+            raise ValueError(f"--from {sender!r}: give an address (a@b.example) or a domain (@b.example)")
+        full = self.import_folder_name(account, folder)
+        session = self.connect_imap(account)
+        try:
+            session.ensure_folder(full)
+        finally:
+            session.logout()
+        rules = self.sieve(account)
+        try:
+            return rules.add(sender, full)
+        finally:
+            rules.close()
+

@@ -80,7 +80,7 @@ info_log_path = {dir}/dovecot.log
 {ssl}
 disable_plaintext_auth = no
 listen = 127.0.0.1
-protocols = imap
+protocols = {protocols}
 default_internal_user = {user}
 default_internal_group = {group}
 default_login_user = {user}
@@ -121,6 +121,7 @@ service imap-login {{
 service anvil {{
   chroot =
 }}
+{sieve}
 service stats {{
   unix_listener stats-writer {{
     mode = 0666
@@ -128,6 +129,23 @@ service stats {{
 }}
 protocol imap {{
   mail_max_userip_connections = 100
+}}
+"""
+
+
+SIEVE_CONF = """\
+service managesieve-login {{
+  chroot =
+  inet_listener sieve {{
+    address = 127.0.0.1
+    port = {sieve_port}
+  }}
+}}
+plugin {{
+  sieve = file:~/sieve;active=~/.dovecot.sieve
+}}
+protocol lda {{
+  mail_plugins = $mail_plugins sieve
 }}
 """
 
@@ -142,20 +160,29 @@ class Dovecot:
     proc: subprocess.Popen | None = None
     tls_port: int = 0  # implicit TLS (imaps); STARTTLS works on `port` too
     ca_file: Path | None = None  # the throw-away CA that signed the server's certificate
+    sieve_port: int = 0  # ManageSieve, when started with sieve=True
 
     @classmethod
-    def start(cls, tls: bool = False) -> "Dovecot":
+    def start(cls, tls: bool = False, sieve: bool = False) -> "Dovecot":
         """With tls=True, the server gets a certificate for 127.0.0.1 and localhost, signed by a
         throw-away CA (`ca_file`), and listens for implicit TLS on `tls_port`."""
         directory = Path(tempfile.mkdtemp(prefix="gwsync-dovecot-", dir="/tmp"))
         os.chmod(directory, 0o755)
         for sub in ("run", "state", "mail", "home"):
             (directory / sub).mkdir()
-        server = cls(directory=directory)
+        server = cls(directory=directory, sieve_port=free_port() if sieve else 0)
         if tls:
             server.ca_file = _make_certificates(directory)
         server._launch()
         return server
+
+    def deliver(self, user: str, raw: bytes, sender: str = "sender@example.org") -> None:
+        """Deliver a mail the way the mail server would (dovecot-lda: Sieve rules apply)."""
+        lda = "/usr/lib/dovecot/dovecot-lda"
+        result = subprocess.run([lda, "-c", str(self.directory / "dovecot.conf"), "-d", user, "-f", sender],
+                                input=raw, capture_output=True, timeout=30)
+        if result.returncode != 0:
+            raise ServerUnavailable(f"dovecot-lda failed: {result.stderr.decode(errors='replace')[-500:]}")
 
     def restart(self, same_port: bool = False) -> None:
         """Stop the server and start it again on the same mail store, on a new port or (waiting
@@ -181,8 +208,10 @@ class Dovecot:
             ssl = (f"ssl = yes\nssl_cert = <{self.directory}/server.pem\nssl_key = <{self.directory}/server.key")
         else:
             ssl = "ssl = no"
+        sieve = SIEVE_CONF.format(sieve_port=self.sieve_port) if self.sieve_port else ""
         conf.write_text(DOVECOT_CONF.format(dir=self.directory, port=self.port, user=user, ssl=ssl,
-                                            tls_port=self.tls_port, group=_group_name(entry.pw_gid)))
+                                            tls_port=self.tls_port, group=_group_name(entry.pw_gid), sieve=sieve,
+                                            protocols="imap sieve" if self.sieve_port else "imap"))
         if os.geteuid() == 0:
             for path in [self.directory, *self.directory.rglob("*")]:
                 os.chown(path, entry.pw_uid, entry.pw_gid)
@@ -193,6 +222,8 @@ class Dovecot:
             start_new_session=True,
         )
         wait_for_port(self.port, self.proc, log=self.directory / "dovecot.log")
+        if self.sieve_port:
+            wait_for_port(self.sieve_port, self.proc, log=self.directory / "dovecot.log")
 
     @staticmethod
     def password_for(user: str) -> str:

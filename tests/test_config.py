@@ -96,6 +96,8 @@ def test_help_for_every_command():
                  ["activity", "show", "--help"], ["contact", "add", "--help"], ["partner", "add", "--help"],
                  ["demo", "--help"], ["status", "--help"], ["held", "--help"], ["watch", "--help"],
                  ["unlock", "--help"], ["push", "--help"], ["unpush", "--help"], ["activity", "add", "--help"],
-                 ["activity", "edit", "--help"], ["activity", "delete", "--help"]):
+                 ["activity", "edit", "--help"], ["activity", "delete", "--help"], ["rules", "add", "--help"],
+                 ["rules", "list", "--help"], ["rules", "remove", "--help"], ["review", "--help"],
+                 ["unknown", "--help"], ["assign", "--help"]):
         result = _run(args)
         assert result.exit_code == 0 and "Usage:" in result.stdout, args

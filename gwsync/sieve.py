@@ -1,0 +1,178 @@
+"""Server-side rules (SPEC 1.4): Sieve filters that file mail into import folders.
+
+gwsync keeps its rules in a script of its own ("gwsync"), one rule per `if`, each preceded by a
+comment that records it as JSON (the script on the server is the only copy). The user's active
+script gets two lines, tagged `# gwsync`, right after its `require` block:
+
+    require "include"; # gwsync
+    include :personal "gwsync"; # gwsync
+
+and nothing else of it is touched; removing the last rule removes exactly those lines again.
+Without an active script, gwsync activates a small one of its own ("gwsync-main") and removes
+it with the last rule. Every script is checked by the server (CHECKSCRIPT) before it is stored.
+The ManageSieve protocol (RFC 5804) is spoken by the sievelib library.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+
+from sievelib.managesieve import Client
+
+RULES_SCRIPT = "gwsync"
+MAIN_SCRIPT = "gwsync-main"
+TAG = "# gwsync"
+INCLUDE_LINES = f'require "include"; {TAG}\ninclude :personal "{RULES_SCRIPT}"; {TAG}\n'
+_WARNING_LINES = re.compile(r"\A(?:[^\r\n]*: line \d+: (?:warning|error): [^\r\n]*\r?\n)+")
+_RULE_COMMENT = re.compile(r"^# gwsync-rule (\{.*\})\r?$", re.MULTILINE)
+# The leading block a Sieve script may have before its first command: comments and requires.
+_PREAMBLE = re.compile(r'\A(?:\s+|#[^\n]*\n|/\*.*?\*/|require\s*(?:\[[^\]]*\]|"(?:[^"\\]|\\.)*")\s*;[^\n]*\n?)*',
+                       re.DOTALL)
+
+
+class SieveError(Exception):
+    """The ManageSieve server refused something (login, a script, a command)."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: int
+    sender: str  # an address (a@b.example) or a domain (@b.example)
+    folder: str
+
+
+def quote(text: str) -> str:
+    """A Sieve quoted string (RFC 5228 2.4.2): backslash and double quote escaped."""
+    if "\r" in text or "\n" in text or "\x00" in text:
+        raise ValueError(f"{text!r}: line breaks and NUL cannot go into a rule")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_rules(rules: list[Rule]) -> str:
+    lines = [f"{TAG}: rules managed by gwsync (`gwsync rules`); changes made here are overwritten",
+             'require ["fileinto"];']
+    for rule in rules:
+        lines.append(f"# gwsync-rule {json.dumps(asdict(rule), ensure_ascii=False)}")
+        if rule.sender.startswith("@"):
+            test = f'address :domain :is "from" {quote(rule.sender[1:])}'
+        else:
+            test = f'address :is "from" {quote(rule.sender)}'
+        lines.append(f"if {test} {{ fileinto {quote(rule.folder)}; stop; }}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_rules(script: str) -> list[Rule]:
+    return [Rule(**json.loads(m.group(1))) for m in _RULE_COMMENT.finditer(script)]
+
+
+def _include_lines(script: str) -> str:
+    """Our two lines, in the script's own line endings (servers store scripts with CRLF)."""
+    return INCLUDE_LINES.replace("\n", "\r\n") if "\r\n" in script else INCLUDE_LINES
+
+
+def with_include(script: str) -> str:
+    """The user's script with gwsync's two lines after its require block (once)."""
+    if f'include :personal "{RULES_SCRIPT}"; {TAG}' in script:
+        return script
+    end = _PREAMBLE.match(script).end()
+    head = script[:end]
+    newline = "\r\n" if "\r\n" in script else "\n"
+    if head and not head.endswith("\n"):
+        head += newline
+    return head + _include_lines(script) + script[end:]
+
+
+def without_include(script: str) -> str:
+    return script.replace(_include_lines(script), "", 1)
+
+
+class SieveRules:
+    """gwsync's rules on one account's ManageSieve server."""
+
+    def __init__(self, host: str, port: int, username: str, password: str, starttls: bool):
+        self.client = Client(host, port)
+        try:
+            ok = self.client.connect(username, password, starttls=starttls, authmech="PLAIN")
+        except OSError as exc:
+            raise SieveError(f"ManageSieve {host}:{port}: cannot connect ({exc})")
+        except Exception as exc:  # sievelib raises its own errors for protocol trouble
+            raise SieveError(f"ManageSieve {host}:{port}: {exc}")
+        if not ok:
+            raise SieveError(f"ManageSieve {host}:{port}: login as {username!r} refused")
+
+    def close(self) -> None:
+        try:
+            self.client.logout()
+        except Exception:
+            pass
+
+    def _scripts(self) -> tuple[str | None, list[str]]:
+        active, others = self.client.listscripts()
+        return active, ([active] if active else []) + list(others)
+
+    def _get(self, name: str) -> str:
+        """The script exactly as stored. sievelib's getscript() splits and re-joins lines, which
+        drops the final newline and turns CRLF into LF: the user's script would not come back
+        byte for byte. So read the literal by its declared size."""
+        code, _data, content = self.client._Client__send_command(  # noqa: SLF001 - see above
+            "GETSCRIPT", [name.encode("utf-8")], withcontent=True)
+        if code != "OK":
+            raise SieveError(f"cannot read Sieve script {name!r}: {self._err()}")
+        # sievelib leaves the warnings of an earlier PUTSCRIPT in its buffer, ahead of the script
+        # (never valid Sieve, so safe to drop).
+        return _WARNING_LINES.sub("", content.decode("utf-8"))
+
+    def _put(self, name: str, text: str) -> None:
+        if not self.client.checkscript(text):
+            raise SieveError(f"the server rejects the Sieve script {name!r}: {self._err()}")
+        if not self.client.putscript(name, text):
+            raise SieveError(f"cannot store Sieve script {name!r}: {self._err()}")
+
+    def _err(self) -> str:
+        err = self.client.errmsg
+        return err.decode(errors="replace") if isinstance(err, bytes) else str(err)
+
+    def rules(self) -> list[Rule]:
+        active, names = self._scripts()
+        return parse_rules(self._get(RULES_SCRIPT)) if RULES_SCRIPT in names else []
+
+    def add(self, sender: str, folder: str) -> Rule:
+        rules = self.rules()
+        rule = Rule(id=max((r.id for r in rules), default=0) + 1, sender=sender, folder=folder)
+        self._store(rules + [rule])
+        return rule
+
+    def remove(self, rule_id: int) -> Rule:
+        rules = self.rules()
+        found = [r for r in rules if r.id == rule_id]
+        if not found:
+            raise LookupError(f"no rule {rule_id} (see `gwsync rules list`)")
+        self._store([r for r in rules if r.id != rule_id])
+        return found[0]
+
+    def _store(self, rules: list[Rule]) -> None:
+        active, names = self._scripts()
+        if rules:
+            self._put(RULES_SCRIPT, render_rules(rules))  # the include target exists first
+            if active is None:
+                self._put(MAIN_SCRIPT, INCLUDE_LINES)
+                if not self.client.setactive(MAIN_SCRIPT):
+                    raise SieveError(f"cannot activate {MAIN_SCRIPT!r}: {self._err()}")
+            elif active != MAIN_SCRIPT:
+                text = self._get(active)
+                updated = with_include(text)
+                if updated != text:
+                    self._put(active, updated)
+            return
+        # The last rule is gone: take back exactly what gwsync added.
+        if active == MAIN_SCRIPT:
+            self.client.setactive("")
+        elif active is not None:
+            text = self._get(active)
+            if without_include(text) != text:
+                self._put(active, without_include(text))
+        for name in (MAIN_SCRIPT, RULES_SCRIPT):
+            if name in names:
+                self.client.deletescript(name)
