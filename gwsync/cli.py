@@ -622,7 +622,7 @@ def rules_add(obj: Context, account, sender, folder) -> None:
     with obj.engine() as engine:
         try:
             rule = engine.add_rule(selected, sender, folder)
-        except ValueError as exc:
+        except (ValueError, ConfigError) as exc:
             fail(str(exc), EXIT_USAGE)
         except (SieveError, MailServerError) as exc:
             fail(f"account {selected.name}: {exc}", EXIT_FAILED)
@@ -642,9 +642,10 @@ def rules_list(obj: Context, account, as_json) -> None:
     selected = _rule_account(obj, account)
     with obj.engine() as engine:
         try:
-            sieve = engine.sieve(selected)
-            found = sieve.rules()
-            sieve.close()
+            with engine.sieve(selected) as sieve:
+                found = sieve.rules()
+        except ConfigError as exc:
+            fail(str(exc), EXIT_USAGE)
         except SieveError as exc:
             fail(f"account {selected.name}: {exc}", EXIT_FAILED)
     if as_json:
@@ -667,9 +668,10 @@ def rules_remove(obj: Context, rule_id, account) -> None:
     selected = _rule_account(obj, account)
     with obj.engine() as engine:
         try:
-            sieve = engine.sieve(selected)
-            rule = sieve.remove(rule_id)
-            sieve.close()
+            with engine.sieve(selected) as sieve:
+                rule = sieve.remove(rule_id)
+        except ConfigError as exc:
+            fail(str(exc), EXIT_USAGE)
         except LookupError as exc:
             fail(str(exc), EXIT_FAILED)
         except SieveError as exc:

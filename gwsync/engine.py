@@ -423,9 +423,6 @@ class Engine:
             session.ensure_folder(full)
         finally:
             session.logout()
-        rules = self.sieve(account)
-        try:
+        with self.sieve(account) as rules:
             return rules.add(sender, full)
-        finally:
-            rules.close()
 

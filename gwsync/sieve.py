@@ -95,10 +95,9 @@ class SieveRules:
         self.client = Client(host, port)
         try:
             ok = self.client.connect(username, password, starttls=starttls, authmech="PLAIN")
-        except OSError as exc:
-            raise SieveError(f"ManageSieve {host}:{port}: cannot connect ({exc})")
-        except Exception as exc:  # sievelib raises its own errors for protocol trouble
-            raise SieveError(f"ManageSieve {host}:{port}: {exc}")
+        except Exception as exc:  # sievelib raises its own Error for refused connections and TLS trouble
+            raise SieveError(f"ManageSieve {host}:{port}: cannot connect ({exc}); is the server up, "
+                             "and is [sieve] port right?")
         if not ok:
             raise SieveError(f"ManageSieve {host}:{port}: login as {username!r} refused")
 
@@ -107,6 +106,12 @@ class SieveRules:
             self.client.logout()
         except Exception:
             pass
+
+    def __enter__(self) -> "SieveRules":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _scripts(self) -> tuple[str | None, list[str]]:
         active, others = self.client.listscripts()

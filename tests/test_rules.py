@@ -107,3 +107,10 @@ def test_bad_input_is_one_clear_line(senv):
     assert result.exit_code == 2 and "[Z] is unknown to the CRM" in result.stderr
     result = senv.cli("rules", "add", "--from", "nobody", "CRM Kunde [O]")
     assert result.exit_code == 2 and "give an address" in result.stderr
+    result = senv.cli("rules", "list", "--account", "nobody")
+    assert result.exit_code == 2 and "no account 'nobody'" in result.stderr
+    dead = senv.config_path.read_text().replace(f"port = {senv.dovecot.sieve_port}", "port = 1")
+    senv.config_path.write_text(dead)
+    result = senv.cli("rules", "list")
+    assert result.exit_code == 1 and "cannot connect" in result.stderr and "Traceback" not in result.stderr
+
