@@ -8,6 +8,7 @@ PreconditionFailed: the caller re-reads and reconciles, it never overwrites.
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urljoin, urlsplit
@@ -87,10 +88,10 @@ class Collection:
         except caldav_error.RateLimitError as exc:
             raise DavUnreachable(f"CalDAV {self.url}: server busy ({exc})")
         except (OSError, ConnectionError, TimeoutError) as exc:
-            raise DavUnreachable(f"CalDAV {self.url}: cannot connect ({exc})")
+            raise DavUnreachable(f"CalDAV {self.url}: cannot connect ({_reason(exc)})")
         except Exception as exc:  # niquests raises its own connection errors
             if type(exc).__module__.split(".")[0] in ("niquests", "urllib3", "urllib3_future"):
-                raise DavUnreachable(f"CalDAV {self.url}: cannot connect ({type(exc).__name__})")
+                raise DavUnreachable(f"CalDAV {self.url}: cannot connect ({_reason(exc)})")
             raise
         if response.status >= 500:
             raise DavUnreachable(f"CalDAV {url}: server error {response.status}")
@@ -218,6 +219,13 @@ class Collection:
             item = self.get(href)
             etag = item.etag if item else None
         return etag or ""
+
+
+def _reason(exc: Exception) -> str:
+    """The useful part of a connection error ("[Errno 111] Connection refused"), not urllib3's
+    whole nested message."""
+    match = re.search(r"\[Errno -?\d+\][^'\")\]]*", str(exc))
+    return match.group(0).strip() if match else type(exc).__name__
 
 
 class _Forbidden:
