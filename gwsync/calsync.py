@@ -219,7 +219,7 @@ class CalendarSync:
         with_area = [a for a in self.config.accounts.values() if self.area in a.areas]
         if len(with_area) == 1 and with_area[0].name == self.account.name:
             owners = (self.account.name, None)  # the only calendar: it takes activities without owner
-        membership = self.state.memberships(self.account.name, self.area)
+        membership = self._membership = self.state.memberships(self.account.name, self.area)
         found = {a.id: a for a in self.crm.list_activities(
             ActivityFilter(kinds=self.config.crm.kinds_of(self.area), owners=owners))}
         for activity_id, included in membership.items():
@@ -272,8 +272,7 @@ class CalendarSync:
     def _linked_activity(self, link: CalendarLink):
         """A linked activity outside the area's kinds (pushed, or its kind was edited)."""
         activity = self.crm.get_activity(link.activity_id)
-        return activity if activity is not None and self.state.memberships(
-            self.account.name, self.area).get(link.activity_id, True) else None
+        return activity if activity is not None and self._membership.get(link.activity_id, True) else None
 
     # -- deciding ----------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import html
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import icalendar
@@ -445,12 +445,5 @@ def uid_for_key(key: str) -> str:
     return f"gwsync-{uuid.uuid5(uuid.NAMESPACE_URL, 'gwsync:' + key)}"
 
 
-def comparable(text: str) -> str:
-    """Item text without PRODID and DTSTAMP, which servers rewrite on upload."""
-    return "\n".join(line for line in text.replace("\r\n", "\n").split("\n")
-                     if not line.upper().startswith(("PRODID", "DTSTAMP")))
-
-
 __all__ = ["FIELDS", "BrokenItem", "ItemData", "Link", "read_item", "new_item", "update_item", "link_is_current",
-           "parse_time", "format_time", "normalise_time", "strip_link", "uid_for_key", "comparable",
-           "timedelta"]
+           "parse_time", "format_time", "normalise_time", "strip_link", "uid_for_key"]

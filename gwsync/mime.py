@@ -19,7 +19,7 @@ import mimetypes
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import timezone
 from email.message import EmailMessage, Message
 
 
@@ -372,7 +372,3 @@ class StreamDecoder:
 def parse_header_block(raw_headers: bytes) -> EmailMessage:
     """Parse just a header block (for streamed mails whose body is fetched part by part)."""
     return email.message_from_bytes(raw_headers, policy=_POLICY)
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()

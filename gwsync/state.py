@@ -145,9 +145,6 @@ class StateStore:
                              href=r["href"], etag=r["etag"], base=json.loads(r["base"]) if r["base"] else None)
                 for r in self.db.query("SELECT * FROM links WHERE activity_id = ?", [activity_id])]
 
-    def save_link(self, link: CalendarLink) -> None:
-        self.apply_link_changes([("save", link)])
-
     def apply_link_changes(self, changes: list[tuple[str, object]]) -> None:
         """Several ("save", CalendarLink) / ("drop", (account, area, activity_id)) in one transaction."""
         if not changes:
