@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from datetime import datetime, time, timezone
 from pathlib import Path
 
 import click
 
 from . import __version__
 from .config import AREAS, Config, ConfigError, load_config
-from .crm import ActivityFilter
 from .engine import CredentialLocked, Engine
 from .imap import LoginFailed, MailServerError
+from .searches import activity_filter
 from .state import FAILED, HELD, QUARANTINED
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
@@ -104,6 +103,10 @@ def sync(obj: Context, accounts, only, dry_run, force, as_json) -> None:
                 click.echo(line)
                 for a in m.activities:
                     click.echo(f"  #{a.id} {a.subject or '(no subject)'}  {a.link}")
+                if m.activities and obj.config.web_base and not dry_run:
+                    click.echo(f"  imported today: {obj.config.web_base}/searches/today")
+                    if any(a.unassigned for a in m.activities):
+                        click.echo(f"  unassigned: {obj.config.web_base}/searches/unassigned")
                 if m.held:
                     click.echo("  held mail is listed by `gwsync held`")
             for area, result in acc.calendars.items():
@@ -308,11 +311,6 @@ def held(obj: Context, as_json) -> None:
 
 # -- activities ------------------------------------------------------------------------------
 
-def _today_start_utc() -> str:
-    local_midnight = datetime.combine(datetime.now().date(), time.min).astimezone()
-    return local_midnight.astimezone(timezone.utc).isoformat(timespec="seconds")
-
-
 def _print_activities(items: list[dict]) -> None:
     if not items:
         click.echo("no activities")
@@ -342,8 +340,7 @@ def _print_activities(items: list[dict]) -> None:
 @click.pass_obj
 def activities(obj: Context, imported, unassigned, today, kind, as_json) -> None:
     """List CRM activities (the quick searches: --imported, --unassigned, --today)."""
-    flt = ActivityFilter(imported=imported or today or unassigned, unassigned=unassigned,
-                         imported_since=_today_start_utc() if today else None, kind=kind)
+    flt = activity_filter(imported=imported, unassigned=unassigned, today=today, kind=kind)
     with obj.engine() as engine:
         items = [a.to_dict() for a in engine.crm.list_activities(flt)]
     emit_json(items) if as_json else _print_activities(items)
@@ -364,6 +361,8 @@ def _activity_options(func):
         click.option("--location"),
         click.option("--status", help="A status key from [crm.statuses]."),
         click.option("--body"),
+        click.option("--contact", "contact_id", type=int, help="The contact's id (see `gwsync contact add`)."),
+        click.option("--partner", "partner_id", type=int, help="The business partner's id."),
         click.option("--account", help="The account (employee) the activity belongs to."),
         click.option("--json", "as_json", is_flag=True, help="Print the activity as JSON."),
     ]):
@@ -391,6 +390,18 @@ def _activity_changes(obj: Context, **values) -> dict:
     return changes
 
 
+def _check_references(engine: Engine, changes: dict) -> None:
+    """--contact/--partner must name existing records; a contact brings its partner along."""
+    if "contact_id" in changes:
+        contact = engine.crm.get_contact(changes["contact_id"])
+        if contact is None:
+            fail(f"--contact {changes['contact_id']}: no such contact (see `gwsync contact add`)", EXIT_USAGE)
+        if "partner_id" not in changes and contact.partner_id is not None:
+            changes["partner_id"] = contact.partner_id
+    if "partner_id" in changes and engine.crm.get_partner(changes["partner_id"]) is None:
+        fail(f"--partner {changes['partner_id']}: no such partner (see `gwsync partner add`)", EXIT_USAGE)
+
+
 def _show_activity(engine, activity_id: int, as_json: bool) -> None:
     item = engine.crm.get_activity(activity_id)
     emit_json(item.to_dict()) if as_json else click.echo(activity_id)
@@ -412,6 +423,7 @@ def activity_add(obj: Context, as_json, **values) -> None:
         changes["owner"] = next(iter(obj.config.accounts))
     changes.setdefault("status", obj.config.crm.open_status)
     with obj.engine() as engine:
+        _check_references(engine, changes)
         (activity_id,) = engine.crm.create_activities([ActivityDraft(key=f"crm:{uuid.uuid4()}", **changes)])
         _show_activity(engine, activity_id, as_json)
 
@@ -426,6 +438,7 @@ def activity_edit(obj: Context, activity_id: int, as_json, **values) -> None:
     if not changes:
         fail("nothing to change: give at least one option, e.g. --subject", EXIT_USAGE)
     with obj.engine() as engine:
+        _check_references(engine, changes)
         try:
             engine.crm.update_activity(activity_id, changes)
         except LookupError as exc:
@@ -723,6 +736,36 @@ def partner_add(obj: Context, name, emails, as_json) -> None:
     with obj.engine() as engine:
         p = engine.crm.add_partner(name, list(emails))
     emit_json(p.__dict__) if as_json else click.echo(p.id)
+
+
+# -- web view --------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--host", help="Address to listen on (default: [serve] host, else 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (default: [serve] port, else 8765; 0: any free).")
+@click.pass_obj
+def serve(obj: Context, host: str | None, port: int | None) -> None:
+    """The web view of the embedded CRM that the links open: activity pages, the quick searches,
+    unknown senders (with the assign form) and held mail. Listens on loopback unless told
+    otherwise; beyond loopback it needs a password in [serve]."""
+    from .web.server import ServeError, make_server, run_server
+
+    config = obj.config
+    host = host or config.serve.host
+    port = config.serve.port if port is None else port
+    try:
+        server = make_server(config, host, port)
+    except ConfigError as exc:
+        fail(f"config error: {exc}", EXIT_USAGE)
+    except ServeError as exc:
+        fail(str(exc), EXIT_FAILED)
+
+    def ready(address: str) -> None:
+        click.echo(f"gwsync: serving the CRM at {address} (Ctrl-C stops)", err=True)
+        if not config.crm.link.startswith(address.rstrip("/") + "/") and config.web_base is not None:
+            click.echo(f"gwsync: note: [crm] link points at {config.crm.link}, not at this address", err=True)
+
+    run_server(server, ready)
 
 
 # -- demo ------------------------------------------------------------------------------------

@@ -51,6 +51,10 @@ class Secret:
     username: str = ""
     inline: str | None = field(default=None, repr=False)
 
+    @property
+    def configured(self) -> bool:
+        return any((self.command, self.env, self.keyring, self.inline is not None))
+
     def resolve(self) -> str:
         if self.command:
             try:
@@ -163,12 +167,37 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """[serve]: the web view. A password is required when it listens beyond loopback."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    secret: Secret | None = None  # the login password (password_command, _env, _keyring or password)
+    url: str | None = None  # where users open it (e.g. behind a proxy); default http://HOST:PORT
+
+    @property
+    def base_url(self) -> str:
+        if self.url:
+            return self.url.rstrip("/")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class Config:
     crm: CrmConfig
     state_database: Path
     accounts: dict[str, AccountConfig]
     path: Path | None = None
     sync: SyncConfig = field(default_factory=SyncConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    @property
+    def web_base(self) -> str | None:
+        """The web view's address when the CRM links point at it (so summaries can link to
+        its quick searches too); None when they point at another CRM."""
+        base = self.serve.base_url
+        return base if self.crm.link.startswith(base + "/activities/") else None
 
     def account(self, name: str) -> AccountConfig:
         try:
@@ -305,14 +334,13 @@ def _sieve(sec: "_Section | None", imap: ImapConfig | None) -> SieveConfig | Non
     if host is None or username is None:
         raise ConfigError(f"{sec.where}: set host and username (there is no [imap] table to take them from)")
     own = _secret(sec, username)
-    has_own = any((own.command, own.env, own.keyring, own.inline is not None))
     security = sec.get("security", str, imap.security if imap else "starttls")
     if security not in SECURITY_MODES:
         raise ConfigError(f"{sec.where}.security must be one of {', '.join(SECURITY_MODES)}")
     port = sec.get("port", int, 4190)
     sec.reject_unknown()
     return SieveConfig(host=host, port=port, starttls=security != "none", username=username,
-                       secret=own if has_own or imap is None else imap.secret)
+                       secret=own if own.configured or imap is None else imap.secret)
 
 
 def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
@@ -340,7 +368,8 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
             raise ConfigError(
                 f"crm.mandatory: unknown field {item!r} (known: {', '.join(MANDATORY_FIELDS)})"
             )
-    link = crm_sec.get("link", str, DEFAULT_LINK)
+    serve = _serve(root.section("serve") or _Section({}, "serve"))
+    link = crm_sec.get("link", str, serve.base_url + "/activities/{id}")
     if "{id}" not in link:
         raise ConfigError("crm.link must contain {id}, e.g. https://crm.example.com/activities/{id}")
     max_attempts = crm_sec.get("max_attempts", int, 3)
@@ -419,7 +448,24 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     sync_sec.reject_unknown()
     root.reject_unknown()
     return Config(crm=crm, state_database=state_db, accounts=accounts, path=path,
-                  sync=SyncConfig(conflict=conflict, max_delete_share=share))
+                  sync=SyncConfig(conflict=conflict, max_delete_share=share), serve=serve)
+
+
+def _serve(sec: _Section) -> ServeConfig:
+    sec.where = "serve"
+    port = sec.get("port", int, 8765)
+    if not 0 < port < 65536:
+        raise ConfigError(f"serve.port must be between 1 and 65535, got {port}")
+    secret = _secret(sec, "serve")  # keyring user name: "serve"
+    if secret.inline == "":
+        raise ConfigError("serve.password is empty: set a password or leave the key out")
+    url = sec.get("url", str)
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"serve.url must start with https:// or http://, got {url!r}")
+    serve = ServeConfig(host=sec.get("host", str, "127.0.0.1"), port=port,
+                        secret=secret if secret.configured else None, url=url)
+    sec.reject_unknown()
+    return serve
 
 
 def load_config(path: Path | None = None) -> Config:

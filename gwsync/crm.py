@@ -44,6 +44,7 @@ class ActivityDraft:
     owner: str | None = None  # the account (employee) the activity belongs to
     rrule: str | None = None  # recurrence rule of a recurring appointment (RFC 5545 RRULE value)
     documents: list[Document] = field(default_factory=list)
+    body_html: str | None = None  # a mail's HTML body as sent; whoever shows it must sanitise it
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Activity:
     rrule: str | None = None
     updated_at: str | None = None
     key: str | None = None
+    body_html: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,6 +106,11 @@ class ActivityFilter:
     kind: str | None = None
     kinds: tuple[str, ...] | None = None
     owners: tuple[str | None, ...] | None = None  # None inside: activities without an owner
+    partner_id: int | None = None
+    contact_id: int | None = None
+    newest_first: bool = False  # by id; the default is oldest first
+    limit: int | None = None  # at most this many, after skipping `offset`
+    offset: int = 0
 
 
 class CRMBackend(abc.ABC):
@@ -148,6 +155,10 @@ class CRMBackend(abc.ABC):
     @abc.abstractmethod
     def list_activities(self, flt: ActivityFilter) -> list[Activity]: ...
 
+    def count_activities(self, flt: ActivityFilter) -> int:
+        """How many activities match (limit and offset ignored); override with a cheaper query."""
+        return len(self.list_activities(ActivityFilter(**{**asdict(flt), "limit": None, "offset": 0})))
+
     @abc.abstractmethod
     def add_contact(self, name: str, email: str, partner_id: int | None = None) -> Contact: ...
 
@@ -159,6 +170,10 @@ class CRMBackend(abc.ABC):
 
     @abc.abstractmethod
     def list_partners(self) -> list[Partner]: ...
+
+    def get_partner(self, partner_id: int) -> Partner | None:
+        """One partner; override with a direct lookup."""
+        return next((p for p in self.list_partners() if p.id == partner_id), None)
 
     @abc.abstractmethod
     def list_contacts(self) -> list[Contact]: ...

@@ -18,8 +18,11 @@ ACTIVITY_COLUMNS = {
     "id": int, "key": str, "kind": str, "status": str, "subject": str, "body": str, "location": str,
     "contact_id": int, "partner_id": int, "sender": str, "unassigned": int, "message_id": str,
     "start": str, "end": str, "due": str, "source": str, "imported_at": str, "created_at": str,
-    "owner": str, "rrule": str, "updated_at": str,
+    "owner": str, "rrule": str, "updated_at": str, "body_html": str,
 }
+
+# The partner and contact pages of the web view list activities by these.
+LOOKUP_INDEXES = (("sender",), ("imported_at",), ("partner_id",), ("contact_id",))
 
 
 class DocumentStore:
@@ -102,8 +105,8 @@ class EmbeddedCRM(CRMBackend):
                                         foreign_keys=[("contact_id", "contacts", "id"),
                                                       ("partner_id", "partners", "id")])
                 db["activities"].create_index(["key"], unique=True)
-                db["activities"].create_index(["sender"])
-                db["activities"].create_index(["imported_at"])
+                for columns in LOOKUP_INDEXES:
+                    db["activities"].create_index(list(columns))
                 db["documents"].create(
                     {"id": int, "activity_id": int, "filename": str, "content_type": str, "size": int,
                      "sha256": str, "category": str, "keyword": str}, pk="id",
@@ -111,14 +114,17 @@ class EmbeddedCRM(CRMBackend):
                 db["documents"].create_index(["activity_id"])
 
     def _add_missing_columns(self) -> None:
-        """Databases made by an earlier version gain the columns added since."""
-        missing = {name: kind for name, kind in ACTIVITY_COLUMNS.items()
-                   if name not in self.db["activities"].columns_dict}
-        if missing:
+        """Databases made by an earlier version gain the columns and indexes added since."""
+        table = self.db["activities"]
+        missing = {name: kind for name, kind in ACTIVITY_COLUMNS.items() if name not in table.columns_dict}
+        indexes = {tuple(index.columns) for index in table.indexes}
+        if missing or not set(LOOKUP_INDEXES) <= indexes:
             with transaction(self.conn):
                 for name, kind in missing.items():
-                    if name not in self.db["activities"].columns_dict:
-                        self.db["activities"].add_column(name, kind)
+                    if name not in table.columns_dict:
+                        table.add_column(name, kind)
+                for columns in LOOKUP_INDEXES:
+                    table.create_index(list(columns), if_not_exists=True)
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -191,12 +197,12 @@ class EmbeddedCRM(CRMBackend):
                 cur = self.conn.execute(
                     "INSERT INTO activities (key, kind, status, subject, body, location, contact_id, partner_id, "
                     "sender, unassigned, message_id, start, end, due, source, imported_at, created_at, owner, "
-                    "rrule, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "rrule, updated_at, body_html) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (draft.key, draft.kind, draft.status, draft.subject, draft.body, draft.location,
                      draft.contact_id, draft.partner_id, draft.sender, int(draft.unassigned),
                      draft.message_id, draft.start, draft.end, draft.due, draft.source,
                      now if draft.source and draft.kind == "MAILEIN" else None, now, draft.owner, draft.rrule,
-                     _now_precise()),
+                     _now_precise(), draft.body_html),
                 )
                 activity_id = cur.lastrowid
                 for doc in draft.documents:
@@ -304,7 +310,7 @@ class EmbeddedCRM(CRMBackend):
             message_id=row["message_id"], start=row["start"], end=row["end"], due=row["due"],
             link=self.link_template.format(id=row["id"]), imported_at=row["imported_at"],
             source=row["source"], documents=docs, owner=row.get("owner"), rrule=row.get("rrule"),
-            updated_at=row.get("updated_at"), key=row["key"],
+            updated_at=row.get("updated_at"), key=row["key"], body_html=row.get("body_html"),
         )
 
     def get_activity(self, activity_id: int) -> Activity | None:
@@ -312,6 +318,24 @@ class EmbeddedCRM(CRMBackend):
         return self._activity(rows[0]) if rows else None
 
     def list_activities(self, flt: ActivityFilter) -> list[Activity]:
+        where, params = self._where(flt)
+        sql = "SELECT * FROM activities" + where + (" ORDER BY id DESC" if flt.newest_first else " ORDER BY id")
+        if flt.limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            params += [flt.limit, flt.offset]
+        elif flt.offset:
+            sql += " LIMIT -1 OFFSET ?"
+            params.append(flt.offset)
+        rows = list(self.db.query(sql, params))
+        docs = self._documents([row["id"] for row in rows])
+        return [self._activity(row, docs.get(row["id"], [])) for row in rows]
+
+    def count_activities(self, flt: ActivityFilter) -> int:
+        where, params = self._where(flt)
+        return self.conn.execute("SELECT count(*) FROM activities" + where, params).fetchone()[0]
+
+    @staticmethod
+    def _where(flt: ActivityFilter) -> tuple[str, list]:
         where, params = [], []
         if flt.imported:
             where.append("imported_at IS NOT NULL")
@@ -333,10 +357,15 @@ class EmbeddedCRM(CRMBackend):
                 clauses.append("owner IS NULL")
             where.append("(" + (" OR ".join(clauses) or "0") + ")")
             params.extend(named)
-        sql = "SELECT * FROM activities" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
-        rows = list(self.db.query(sql, params))
-        docs = self._documents([row["id"] for row in rows])
-        return [self._activity(row, docs.get(row["id"], [])) for row in rows]
+        for column in ("partner_id", "contact_id"):
+            if getattr(flt, column) is not None:
+                where.append(f"{column} = ?")
+                params.append(getattr(flt, column))
+        return (" WHERE " + " AND ".join(where) if where else ""), params
+
+    def document_path(self, sha256: str) -> Path:
+        """Where a stored document's bytes are (for serving them)."""
+        return self.documents.path_for(sha256)
 
     def close(self) -> None:
         self.conn.close()

@@ -43,6 +43,7 @@ class ImportedActivity:
     link: str
     subject: str
     folder: str
+    unassigned: bool = False
 
 
 @dataclass
@@ -257,7 +258,7 @@ class MailImporter:
                 doc.category, doc.keyword = category or None, keyword or None
             draft = ActivityDraft(
                 key=key, kind=MAIL_KIND, status=folder.status, subject=parsed.subject, body=parsed.body,
-                contact_id=match.contact_id, partner_id=match.partner_id, sender=parsed.sender,
+                body_html=parsed.body_html if "body" not in given else None, contact_id=match.contact_id, partner_id=match.partner_id, sender=parsed.sender,
                 unassigned=match.unassigned, message_id=parsed.message_id, start=parsed.date,
                 source=f"{self.account.name}:{folder.name}", owner=self.account.name, documents=documents)
             return _Prepared(uid=uid, key=key, draft=draft)
@@ -317,7 +318,7 @@ class MailImporter:
                 result.imported += 1
                 result.activities.append(ImportedActivity(
                     id=activity_id, link=self.crm_cfg.link.format(id=activity_id), subject=p.draft.subject,
-                    folder=folder.name))
+                    folder=folder.name, unassigned=p.draft.unassigned))
             else:
                 result.archived_again += 1
         self.state.save(records)
@@ -396,7 +397,8 @@ class _StreamedMail:
         header = parse_header_block(self.session.fetch_section(self.uid, "HEADER"))
         headers = parse_headers(header, warnings)
         body = ""
-        body_is_html = False
+        body_html: str | None = None
+        has_plain = False
         attachments: list[Document] = []
         structure = self.session.bodystructure(self.uid)
         for section, part in _leaf_sections(structure):
@@ -406,13 +408,18 @@ class _StreamedMail:
             encoding = str(part_headers.get("Content-Transfer-Encoding", "7bit")).strip().lower()
             size = int(part[6]) if len(part) > 6 and isinstance(part[6], int) else None
             is_text = ctype in ("text/plain", "text/html") and not _is_attachment(part_headers)
-            if is_text and (not body or (body_is_html and ctype == "text/plain")) and (size or 0) <= MAX_STREAMED_TEXT:
+            wanted = not has_plain if ctype == "text/plain" else body_html is None
+            if is_text and wanted and (size or 0) <= MAX_STREAMED_TEXT:
                 decoder = StreamDecoder(encoding)
                 data = decoder.feed(self.session.fetch_section(self.uid, section)) + decoder.finish()
                 text = _decode_bytes(data, part_headers.get_content_charset()).replace("\r\n", "\n")
-                body, body_is_html = (html_to_text(text), True) if ctype == "text/html" else (text, False)
+                if ctype == "text/html":
+                    body_html = text
+                    body = body if has_plain else html_to_text(text)
+                else:
+                    body, has_plain = text, True
                 continue
-            if is_text and body:
+            if is_text and (body or body_html):
                 continue  # an alternative representation of the body
             name = sanitise_filename(_raw_filename(part_headers) or ("message.eml" if ctype == "message/rfc822"
                                                                       else None), ctype)
@@ -428,7 +435,8 @@ class _StreamedMail:
             else:
                 sha, stored = self.crm.put_document(decoded)
             attachments.append(Document(filename=name, content_type=ctype, size=stored, sha256=sha))
-        return ParsedMail(body=body.strip("\n"), attachments=attachments, warnings=warnings, **headers)  # type: ignore[arg-type]
+        return ParsedMail(body=body.strip("\n"), attachments=attachments, warnings=warnings,  # type: ignore[arg-type]
+                          body_html=body_html, **headers)
 
 
 def _decoded(chunks: Iterator[bytes], decoder: StreamDecoder) -> Iterator[bytes]:

@@ -41,6 +41,7 @@ class ParsedMail:
     body: str
     attachments: list[Attachment] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    body_html: str | None = None  # the HTML body as sent (unsanitised: sanitise where it is shown)
 
 
 def content_key(raw: bytes) -> str:
@@ -60,13 +61,16 @@ def parse_message(raw: bytes) -> ParsedMail:
     msg = email.message_from_bytes(raw, policy=_POLICY)
     warnings: list[str] = []
     headers = parse_headers(msg, warnings)
-    body_part = _find_body(msg)
-    body = _text_of(body_part, warnings) if body_part is not None else ""
-    if body_part is not None and body_part.get_content_subtype() == "html":
-        body = html_to_text(body)
+    plain_part, html_part = _find_body(msg)
+    body_html = _text_of(html_part, warnings) if html_part is not None else None
+    if plain_part is not None:
+        body = _text_of(plain_part, warnings)
+    else:
+        body = html_to_text(body_html) if body_html is not None else ""
     attachments: list[Attachment] = []
-    _collect_attachments(msg, body_part, attachments, warnings)
-    return ParsedMail(body=body.strip("\n"), attachments=attachments, warnings=warnings, **headers)
+    _collect_attachments(msg, plain_part or html_part, attachments, warnings)
+    return ParsedMail(body=body.strip("\n"), attachments=attachments, warnings=warnings, body_html=body_html,
+                      **headers)
 
 
 def parse_headers(msg: Message, warnings: list[str]) -> dict:
@@ -191,8 +195,8 @@ def _is_attachment(part: Message) -> bool:
     return disposition == "attachment" or bool(_raw_filename(part))
 
 
-def _find_body(msg: Message) -> Message | None:
-    """The part that carries the mail's text: plain text first, HTML as a fallback."""
+def _find_body(msg: Message) -> tuple[Message | None, Message | None]:
+    """The parts that carry the mail's text: the first plain text and the first HTML part."""
     plain = html_part = None
     for part in _leaves(msg):
         if _is_attachment(part):
@@ -202,7 +206,7 @@ def _find_body(msg: Message) -> Message | None:
             plain = part
         elif subtype == "text/html" and html_part is None:
             html_part = part
-    return plain or html_part
+    return plain, html_part
 
 
 def _leaves(msg: Message):

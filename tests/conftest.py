@@ -152,8 +152,7 @@ class GwEnv:
 CONFIG_TEMPLATE = """\
 [crm]
 database = "{dir}/crm.db"
-link = "https://crm.example.com/activities/{{id}}"
-mandatory = {mandatory}
+{link}mandatory = {mandatory}
 {crm_extra}
 [crm.statuses]
 I = "Importiert"
@@ -187,32 +186,39 @@ tasks = "tasks"
 """
 
 
+def build_env(dovecot, root: Path, request, mandatory: tuple[str, ...] = (), crm_extra: str = "",
+              areas=("mail",), extra: str = "", link: str | None = "https://crm.example.com/activities/{id}") -> GwEnv:
+    """A fresh mail user (and CalDAV user, for the calendar areas) with a config below `root`.
+    `link=None` leaves [crm] link at its default, the web view's activity page."""
+    user = f"user{os.getpid()}x{next(_user_counter)}"
+    password = dovecot.password_for(user)
+    env_name = f"GWSYNC_TEST_PW_{user.upper()}"
+    os.environ[env_name] = password
+    workdir = root / user
+    workdir.mkdir()
+    config_path = workdir / "config.toml"
+    radicale = None
+    caldav = ""
+    if "events" in areas or "tasks" in areas:
+        radicale = request.getfixturevalue("radicale")
+        home = radicale.add_user(user)
+        caldav = CALDAV_TEMPLATE.format(url=home, user=user, password=radicale.password_for(user))
+    config_path.write_text(CONFIG_TEMPLATE.format(
+        dir=workdir, port=dovecot.port, user=user, env=env_name, link=f'link = "{link}"\n' if link else "",
+        mandatory=json.dumps(list(mandatory)), crm_extra=crm_extra, areas=json.dumps(list(areas)),
+        caldav=caldav) + extra)
+    env = GwEnv(dovecot=dovecot, user=user, password=password, dir=workdir, config_path=config_path,
+                radicale=radicale)
+    if radicale is not None:
+        radicale.make_calendar(user, "calendar", "VEVENT")
+        radicale.make_calendar(user, "tasks", "VTODO")
+    return env
+
+
 @pytest.fixture
 def make_env(dovecot, tmp_path, request):
-    def factory(mandatory: tuple[str, ...] = (), crm_extra: str = "", areas=("mail",), extra: str = "") -> GwEnv:
-        user = f"user{os.getpid()}x{next(_user_counter)}"
-        password = dovecot.password_for(user)
-        env_name = f"GWSYNC_TEST_PW_{user.upper()}"
-        os.environ[env_name] = password
-        workdir = tmp_path / user
-        workdir.mkdir()
-        config_path = workdir / "config.toml"
-        radicale = None
-        caldav = ""
-        if "events" in areas or "tasks" in areas:
-            radicale = request.getfixturevalue("radicale")
-            home = radicale.add_user(user)
-            caldav = CALDAV_TEMPLATE.format(url=home, user=user, password=radicale.password_for(user))
-        config_path.write_text(CONFIG_TEMPLATE.format(
-            dir=workdir, port=dovecot.port, user=user, env=env_name,
-            mandatory=json.dumps(list(mandatory)), crm_extra=crm_extra, areas=json.dumps(list(areas)),
-            caldav=caldav) + extra)
-        env = GwEnv(dovecot=dovecot, user=user, password=password, dir=workdir, config_path=config_path,
-                    radicale=radicale)
-        if radicale is not None:
-            radicale.make_calendar(user, "calendar", "VEVENT")
-            radicale.make_calendar(user, "tasks", "VTODO")
-        return env
+    def factory(**kw) -> GwEnv:
+        return build_env(dovecot, tmp_path, request, **kw)
 
     return factory
 

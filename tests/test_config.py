@@ -98,6 +98,31 @@ def test_help_for_every_command():
                  ["unlock", "--help"], ["push", "--help"], ["unpush", "--help"], ["activity", "add", "--help"],
                  ["activity", "edit", "--help"], ["activity", "delete", "--help"], ["rules", "add", "--help"],
                  ["rules", "list", "--help"], ["rules", "remove", "--help"], ["review", "--help"],
-                 ["unknown", "--help"], ["assign", "--help"]):
+                 ["unknown", "--help"], ["assign", "--help"], ["serve", "--help"]):
         result = _run(args)
         assert result.exit_code == 0 and "Usage:" in result.stdout, args
+
+
+def test_serve_defaults_and_the_link_follow_its_address():
+    config = parse_config({})
+    assert (config.serve.host, config.serve.port, config.serve.secret) == ("127.0.0.1", 8765, None)
+    assert config.crm.link == "http://127.0.0.1:8765/activities/{id}"
+    assert config.web_base == "http://127.0.0.1:8765"
+    proxied = parse_config({"serve": {"host": "0.0.0.0", "url": "https://crm.example.com/",
+                                      "password_env": "GW_WEB"}})
+    assert proxied.crm.link == "https://crm.example.com/activities/{id}"
+    assert proxied.web_base == "https://crm.example.com" and proxied.serve.secret.env == "GW_WEB"
+    other_crm = parse_config({"crm": {"link": "https://crm.example.com/activities/{id}"}})
+    assert other_crm.web_base is None  # links point at another CRM: no quick-search links from us
+
+
+@pytest.mark.parametrize("serve, message", [
+    ({"port": 70000}, "serve.port must be between 1 and 65535"),
+    ({"url": "crm.example.com"}, "serve.url must start with https://"),
+    ({"password": ""}, "serve.password is empty"),
+    ({"passwort": "x"}, "unknown key serve.passwort"),
+])
+def test_serve_errors_name_the_key(serve, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"serve": serve})
+    assert message in str(err.value)

@@ -162,7 +162,8 @@ def test_a_mail_larger_than_the_stream_threshold_is_streamed_part_by_part(env):
     raw = crlf(b"From: Big <big@example.org>\nSubject: =?utf-8?q?Gro=C3=9Fe_Datei?=\nMessage-ID: <big@x>\n"
                b"MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\n--b\n"
                b"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n\n"
-               b"Anbei die gro=C3=9Fe Datei.\n--b\nContent-Type: application/zip\nContent-Transfer-Encoding: base64\n"
+               b"Anbei die gro=C3=9Fe Datei.\n--b\nContent-Type: text/html; charset=utf-8\n\n"
+               b"<p>Anbei die <b>gro\xc3\x9fe</b> Datei.</p>\n--b\nContent-Type: application/zip\nContent-Transfer-Encoding: base64\n"
                b"Content-Disposition: attachment; filename=\"../big.zip\"\n\n" + encoded + b"--b--\n")
     assert len(raw) > STREAM_THRESHOLD
     env.append(DONE, raw, make_mail(1))
@@ -173,6 +174,7 @@ def test_a_mail_larger_than_the_stream_threshold_is_streamed_part_by_part(env):
     acts = {a["subject"]: a for a in env.cli_json("activities")[1]}
     big = acts["Große Datei"]
     assert big["sender"] == "big@example.org" and big["body"] == "Anbei die große Datei."
+    assert big["body_html"] == "<p>Anbei die <b>große</b> Datei.</p>"
     (doc,) = big["documents"]
     assert doc["filename"] == "big.zip" and doc["size"] == len(blob)
     assert doc["sha256"] == hashlib.sha256(blob).hexdigest()

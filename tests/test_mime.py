@@ -134,3 +134,19 @@ def test_streamed_quoted_printable_equals_whole_decode(data, cuts):
 
 def test_html_to_text_survives_broken_markup():
     assert html_to_text("<p>a<b>b</p><script>x</script>&amp;") == "ab\n&"
+
+
+def test_the_html_alternative_is_kept_beside_the_text():
+    raw = (b"From: a@example.org\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/alternative; boundary=x\r\n\r\n--x\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+           b"Gr\xc3\xbc\xc3\x9fe\r\n--x\r\nContent-Type: text/html; charset=iso-8859-1\r\n\r\n<p>Gr\xfc\xdfe</p>\r\n--x--\r\n")
+    mail = parse_message(raw)
+    assert mail.body == "Grüße" and mail.body_html.strip() == "<p>Grüße</p>"
+    assert mail.attachments == []
+
+
+def test_an_html_only_mail_keeps_its_html_and_gets_a_text_body():
+    mail = fixture("html-only.eml")
+    assert "<script" in mail.body_html  # kept as sent; the web view sanitises where it shows it
+    assert "<script" not in mail.body
+    assert parse_message(b"Subject: plain\r\n\r\ntext").body_html is None

@@ -1,0 +1,316 @@
+"""The web view behind the CRM links (`gwsync serve`): Flask + Jinja2 over the embedded CRM.
+
+Every request opens the CRM and state databases through an Engine (SQLite connections are
+per thread, and waitress serves from several) and closes them afterwards. Pages only read;
+the one write is the assign form, which runs the same Engine.assign as `gwsync assign`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import math
+import time
+from datetime import datetime, timedelta
+from urllib.parse import urlsplit
+
+from flask import (Flask, Response, abort, flash, g, redirect, render_template, request, send_file,
+                   session, url_for)
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from markupsafe import Markup
+from werkzeug.exceptions import SecurityError
+
+from ..config import Config
+from ..crm import ActivityFilter
+from ..engine import Engine
+from ..searches import QUICK_SEARCHES, quick_search
+from ..state import FAILED, HELD, QUARANTINED
+from .sanitize import sanitise_mail_html
+
+PAGE_SIZE = 50
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+# Types a browser might render or run; served as plain bytes (they are downloads anyway).
+ACTIVE_TYPES = ("text/html", "application/xhtml+xml", "image/svg+xml", "text/xml", "application/xml",
+                "text/javascript", "application/javascript")
+
+# Our own pages load nothing from elsewhere: no scripts at all, styles and images from here.
+PAGE_POLICY = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+               "frame-ancestors 'none'; base-uri 'none'")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(config: Config, secret_key: bytes, password: str | None = None) -> Flask:
+    """The web view. With `password`, every page but the login needs a session that logged in
+    with it; without one, only loopback host names are answered (no DNS rebinding)."""
+    app = Flask(__name__)
+    base = urlsplit(config.serve.base_url)
+    app.config.update(
+        SECRET_KEY=secret_key,
+        SESSION_COOKIE_NAME="gwsync_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=base.scheme == "https",
+        PERMANENT_SESSION_LIFETIME=timedelta(days=30),
+        WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session
+        WTF_CSRF_SSL_STRICT=base.scheme == "https",
+        MAX_CONTENT_LENGTH=64 * 1024,  # the only forms are tiny
+    )
+    if password is None:
+        app.config["TRUSTED_HOSTS"] = sorted({*LOOPBACK_NAMES, *([base.hostname] if base.hostname else [])})
+    app.jinja_env.trim_blocks = app.jinja_env.lstrip_blocks = True
+    CSRFProtect(app)
+    statuses = config.crm.statuses
+    login_mark = hmac.new(secret_key, (password or "").encode(), hashlib.sha256).hexdigest()
+
+    def engine() -> Engine:
+        if "engine" not in g:
+            g.engine = Engine(config)
+        return g.engine
+
+    @app.teardown_appcontext
+    def close_engine(_exc) -> None:
+        opened = g.pop("engine", None)
+        if opened is not None:
+            opened.close()
+
+    @app.before_request
+    def require_login():
+        if password is None or request.endpoint in ("login", "static", "favicon"):
+            return None
+        if not hmac.compare_digest(session.get("login", ""), login_mark):
+            return redirect(url_for("login", next=request.full_path.rstrip("?")))
+        return None
+
+    @app.after_request
+    def security_headers(response):
+        response.headers.setdefault("Content-Security-Policy", PAGE_POLICY)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"  # links in mail must not leak CRM URLs
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    @app.context_processor
+    def navigation():
+        return {"quick_searches": QUICK_SEARCHES, "login_required": password is not None,
+                "status_label": lambda key: f"{key} · {statuses[key]}" if key in statuses else key}
+
+    app.add_template_filter(format_time, "when")
+    app.add_template_filter(format_size, "size")
+
+    @app.errorhandler(CSRFError)
+    def csrf_refused(exc):
+        return render_template("error.html", title="Form refused",
+                               message="This form did not come from this page or has expired. "
+                                       "Go back, reload the page and send it again."), 400
+
+    @app.errorhandler(404)
+    def not_found(exc):
+        return render_template("error.html", title="Not found", message=exc.description), 404
+
+    @app.errorhandler(400)
+    def bad_request(exc):
+        if isinstance(exc, SecurityError):  # an untrusted Host header: no page can be built for it
+            return Response("gwsync answers only to its own address (this one is not trusted)\n", 400,
+                            mimetype="text/plain")
+        return render_template("error.html", title="Bad request", message=exc.description), 400
+
+    # -- pages -------------------------------------------------------------------------------
+
+    @app.get("/")
+    def index():
+        crm = engine().crm
+        counts = {name: crm.count_activities(quick_search(name)) for name in QUICK_SEARCHES}
+        held = [r for outcome in (HELD, FAILED, QUARANTINED) for r in engine().state.by_outcome(outcome)]
+        return render_template("index.html", counts=counts, unknown=len(engine().unknown_senders()),
+                               held=len(held))
+
+    @app.get("/activities/<int:activity_id>")
+    def activity(activity_id: int):
+        eng = engine()
+        item = eng.crm.get_activity(activity_id)
+        if item is None:
+            abort(404, f"There is no activity #{activity_id}; it may have been deleted.")
+        contact = eng.crm.get_contact(item.contact_id) if item.contact_id else None
+        partner = eng.crm.get_partner(item.partner_id) if item.partner_id else None
+        safe = sanitise_mail_html(item.body_html) if item.body_html and not request.args.get("text") else None
+        return render_template("activity.html", a=item, contact=contact, partner=partner,
+                               html_body=Markup(safe.markup) if safe else None,
+                               blocked_images=safe.blocked_images if safe else 0,
+                               links=eng.state.links_of_activity(activity_id))
+
+    @app.get("/activities/<int:activity_id>/documents/<int:number>")
+    def document(activity_id: int, number: int):
+        item = engine().crm.get_activity(activity_id)
+        if item is None or not 1 <= number <= len(item.documents):
+            abort(404, f"Activity #{activity_id} has no document {number}.")
+        doc = item.documents[number - 1]
+        path = engine().crm.document_path(doc.sha256)
+        if not path.is_file():
+            abort(404, f"The file of {doc.filename} is missing from the document store.")
+        ctype = (doc.content_type or "").lower()
+        mimetype = "application/octet-stream" if ctype in ACTIVE_TYPES or "/" not in ctype else ctype
+        response = send_file(path, mimetype=mimetype, as_attachment=True, download_name=doc.filename,
+                             etag=doc.sha256, max_age=0, conditional=True)
+        response.headers["Content-Security-Policy"] = "sandbox; default-src 'none'"
+        response.headers["Cache-Control"] = "private, no-cache"
+        return response
+
+    @app.get("/searches/<name>")
+    def search(name: str):
+        try:
+            flt = quick_search(name)
+        except KeyError:
+            abort(404, f"There is no quick search {name!r}.")
+        return _activity_list(engine(), flt, QUICK_SEARCHES[name])
+
+    @app.get("/partners/<int:partner_id>")
+    def partner(partner_id: int):
+        found = engine().crm.get_partner(partner_id)
+        if found is None:
+            abort(404, f"There is no partner #{partner_id}.")
+        contacts = [c for c in engine().crm.list_contacts() if c.partner_id == partner_id]
+        return _activity_list(engine(), ActivityFilter(partner_id=partner_id), f"Activities of {found.name}",
+                              partner=found, contacts=contacts)
+
+    @app.get("/contacts/<int:contact_id>")
+    def contact(contact_id: int):
+        found = engine().crm.get_contact(contact_id)
+        if found is None:
+            abort(404, f"There is no contact #{contact_id}.")
+        partner = engine().crm.get_partner(found.partner_id) if found.partner_id else None
+        return _activity_list(engine(), ActivityFilter(contact_id=contact_id), f"Activities of {found.name}",
+                              contact=found, partner=partner)
+
+    @app.get("/unknown")
+    def unknown():
+        return _unknown_page()
+
+    def _unknown_page(error: str | None = None, status: int = 200):
+        eng = engine()
+        partners = eng.crm.list_partners()
+        names = {p.id: p.name for p in partners}
+        return render_template("unknown.html", senders=eng.unknown_senders(), contacts=eng.crm.list_contacts(),
+                               partners=partners, partner_names=names, error=error), status
+
+    @app.post("/unknown/assign")
+    def assign():
+        form = request.form
+        email = form.get("email", "").strip()
+        if "@" not in email:
+            return _unknown_page(f"{email!r} is not a mail address.", 400)
+        contact_id = _int_or_none(form.get("contact_id"))
+        new_contact = form.get("new_contact", "").strip() or None
+        partner_id = _int_or_none(form.get("partner_id"))
+        if (contact_id is None) == (new_contact is None):
+            return _unknown_page(f"Assigning {email}: choose a contact, or give the new contact's name.", 400)
+        try:
+            result = engine().assign(email, contact_id=contact_id, new_contact=new_contact,
+                                     partner_id=partner_id if new_contact else None)
+        except LookupError as exc:
+            return _unknown_page(f"Assigning {email}: {exc}.", 400)
+        linked = result["linked_activities"]
+        message = (f"{result['email']} now belongs to contact #{result['contact_id']}; "
+                   f"{linked} earlier activit{'y' if linked == 1 else 'ies'} linked")
+        if result["held_to_release"]:
+            message += f"; {result['held_to_release']} held mail(s) import at the next sync"
+        flash(message + ".")
+        return redirect(url_for("unknown"), 303)
+
+    @app.get("/held")
+    def held():
+        rows = [r for outcome in (HELD, FAILED, QUARANTINED) for r in engine().state.by_outcome(outcome)]
+        return render_template("held.html", rows=rows)
+
+    # -- login -------------------------------------------------------------------------------
+
+    @app.route("/login", methods=["GET", "POST"])
+    def login():
+        if password is None:
+            return redirect(url_for("index"))
+        target = request.values.get("next", "")
+        if not target.startswith("/") or target.startswith("//"):
+            target = url_for("index")  # only paths of this site: no open redirect
+        error = None
+        if request.method == "POST":
+            given = request.form.get("password", "")
+            if hmac.compare_digest(hashlib.sha256(given.encode()).digest(),
+                                   hashlib.sha256(password.encode()).digest()):
+                session.clear()
+                session.permanent = True
+                session["login"] = login_mark
+                return redirect(target, 303)
+            time.sleep(1)  # slows down guessing
+            error = "Wrong password."
+        return render_template("login.html", next=target, error=error), 401 if error else 200
+
+    @app.post("/logout")
+    def logout():
+        session.clear()
+        return redirect(url_for("login"), 303)
+
+    @app.get("/favicon.ico")
+    def favicon():
+        return app.send_static_file("favicon.svg")
+
+    return app
+
+
+def _activity_list(eng: Engine, flt: ActivityFilter, title: str, **extra):
+    page = max(1, _int_or_none(request.args.get("page")) or 1)
+    total = eng.crm.count_activities(flt)
+    pages = max(1, math.ceil(total / PAGE_SIZE))
+    paged = ActivityFilter(**{**flt.__dict__, "newest_first": True, "limit": PAGE_SIZE,
+                              "offset": (page - 1) * PAGE_SIZE})
+    items = eng.crm.list_activities(paged)
+    contacts = {c.id: c.name for c in eng.crm.list_contacts()}
+    partners = {p.id: p.name for p in eng.crm.list_partners()}
+    return render_template("list.html", title=title, items=items, total=total, page=page, pages=pages,
+                           contact_names=contacts, partner_names=partners, **extra)
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def format_time(value: str | None) -> str:
+    """Times as gwsync stores them, for people: '2026-12-02T14:00:00+01:00[Europe/Berlin]' ->
+    'Wed 02 Dec 2026, 14:00 (Europe/Berlin)'; UTC stamps in the server's local time."""
+    if not value:
+        return ""
+    text, zone = value, None
+    if text.endswith("]") and "[" in text:
+        text, zone = text[:-1].split("[", 1)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    if len(text) == 10:
+        return moment.strftime("%a %d %b %Y")
+    if zone is None and moment.tzinfo is not None:
+        moment = moment.astimezone()
+    shown = moment.strftime("%a %d %b %Y, %H:%M")
+    return f"{shown} ({zone})" if zone else shown
+
+
+def format_size(size: int | None) -> str:
+    if size is None:
+        return ""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)

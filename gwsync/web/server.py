@@ -1,0 +1,74 @@
+"""Running the web view: the listening socket (waitress), its secret key and its password."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+from pathlib import Path
+from typing import Callable
+
+from ..config import Config, ConfigError
+from ..dbfiles import ensure_private_dir
+from .app import create_app, is_loopback
+
+
+class ServeError(Exception):
+    """The server cannot start (the port is taken, say); one line for the user."""
+
+
+def secret_key(directory: Path) -> bytes:
+    """The key that signs session cookies and CSRF tokens, kept beside the state database so
+    that logins and open forms survive a restart. Readable by the owner only."""
+    ensure_private_dir(directory)
+    path = directory / "web-secret"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) >= 32:
+            return key
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC, 0o600)  # a truncated file from a crash: renew
+    key = secrets.token_bytes(32)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key)
+        out.flush()
+        os.fsync(out.fileno())
+    return key
+
+
+def make_server(config: Config, host: str, port: int):
+    """A waitress server for the web view, bound but not yet serving. A password from [serve]
+    is required to listen beyond loopback."""
+    from waitress import create_server
+
+    password = config.serve.secret.resolve() if config.serve.secret else None
+    if password is None and not is_loopback(host):
+        raise ConfigError(
+            f"serve: listening on {host} makes the CRM reachable from other machines; set a password "
+            "in [serve] (password_command, password_env, password_keyring or password) or use --host 127.0.0.1")
+    app = create_app(config, secret_key(config.state_database.parent), password)
+    try:
+        return create_server(app, host=host, port=port, threads=4, ident="gwsync", clear_untrusted_proxy_headers=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ServeError(f"cannot listen on {host} port {port}: {reason} "
+                         f"(another gwsync serve? choose another with --port)") from None
+
+
+def run_server(server, on_ready: Callable[[str], None]) -> None:
+    """Serve until SIGTERM or Ctrl-C, then close the socket."""
+    def stop(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    host = server.effective_host
+    address = f"http://[{host}]:{server.effective_port}/" if ":" in host else f"http://{host}:{server.effective_port}/"
+    on_ready(address)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,428 @@
+"""The web view (`gwsync serve`) over real HTTP: the CLI starts the server as a user would,
+mail comes in through Dovecot and the calendar through Radicale, and the checks are what a
+browser would get. The last test drives Debian's Chromium through chromedriver."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import GwEnv, build_env, crlf
+
+FOLDER = "INBOX/CRM Kunde [O]"
+PDF = bytes(range(256)) * 64 + b"%%EOF\n"  # binary: every byte value, so any re-encoding shows
+HOSTILE_ATTACHMENT = b"<html><script>alert('from an attachment')</script></html>"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Tracker:
+    """A loopback HTTP server standing in for a sender's tracking-pixel host: it counts hits."""
+
+    def __init__(self):
+        self.hits: list[str] = []
+        hits = self.hits
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (the stdlib's name)
+                hits.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/gif")
+                self.end_headers()
+                self.wfile.write(b"GIF89a")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def hostile_mail(tracker: str) -> bytes:
+    html = f"""<html><head><style>body {{ background: url({tracker}/style-bg.gif) }}</style>
+<link rel="stylesheet" href="{tracker}/sheet.css"><meta http-equiv="refresh" content="0;url={tracker}/refresh"></head>
+<body onload="alert('onload')"><p>Dear Alice, here is our <b>offer</b> for 2027.</p>
+<img src="{tracker}/pixel.gif?u=alice" width="1" height="1" alt="">
+<img src="x" onerror="fetch('{tracker}/onerror')" alt="logo">
+<img srcset="{tracker}/srcset.gif 2x" alt="">
+<table background="{tracker}/table-bg.gif"><tr><td style="background-image:url({tracker}/td.gif)">Price: 1.200 EUR</td></tr></table>
+<script>fetch('{tracker}/script')</script>
+<a href="javascript:fetch('{tracker}/js-link')">click me</a>
+<a href="https://acme.example/offer">the offer online</a>
+<iframe src="{tracker}/frame"></iframe><svg><image href="{tracker}/svg.gif"/></svg>
+</body></html>"""
+    b64 = __import__("base64").encodebytes
+    return crlf(f"""From: Erika Mustermann <erika@acme.example>
+To: alice@example.com
+Subject: Angebot 2027
+Message-ID: <offer-2027@acme.example>
+Date: Tue, 24 Nov 2026 09:15:00 +0100
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="outer"
+
+--outer
+Content-Type: multipart/alternative; boundary="alt"
+
+--alt
+Content-Type: text/plain; charset=utf-8
+
+Dear Alice, here is our offer for 2027.
+--alt
+Content-Type: text/html; charset=utf-8
+
+{html}
+--alt--
+--outer
+Content-Type: application/pdf; name="Angebot 2027 (final).pdf"
+Content-Disposition: attachment; filename="Angebot 2027 (final).pdf"
+Content-Transfer-Encoding: base64
+
+{b64(PDF).decode()}
+--outer
+Content-Type: text/html; name="../../evil.html"
+Content-Disposition: attachment; filename="../../evil.html"
+Content-Transfer-Encoding: base64
+
+{b64(HOSTILE_ATTACHMENT).decode()}
+--outer--
+""".encode())
+
+
+def plain_mail(n: int, sender: str, subject: str) -> bytes:
+    return crlf(f"From: {sender}\nTo: alice@example.com\nSubject: {subject}\nMessage-ID: <web{n}@example.org>\n"
+                f"\nText of {subject}.\n".encode())
+
+
+@dataclass
+class World:
+    env: GwEnv
+    url: str  # the web view, e.g. http://127.0.0.1:PORT
+    process: subprocess.Popen
+    tracker: Tracker
+    ids: dict[str, int]  # subject -> activity id
+    calendar_link: str  # the CRM link as written into the CalDAV item
+
+    def get(self, path: str, session: requests.Session | None = None, **kw) -> requests.Response:
+        return (session or requests).get(self.url + path, timeout=10, **kw)
+
+
+def start_serve(config: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """`gwsync serve` as a user starts it; returns the process and the address it printed."""
+    process = subprocess.Popen([sys.executable, "-m", "gwsync.cli", "--config", str(config), "serve", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stderr.readline()
+    match = re.search(r"serving the CRM at (http://\S+?)/? ", line)
+    if not match:
+        process.kill()
+        raise AssertionError(f"gwsync serve did not start: {line}{process.stderr.read()}")
+    return process, match.group(1)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def world(dovecot, tmp_path_factory, request):
+    port = free_port()
+    env = build_env(dovecot, tmp_path_factory.mktemp("web"), request, areas=("mail", "events"),
+                    mandatory=("subject",), link=None, extra=f"\n[serve]\nport = {port}\n")
+    tracker = Tracker()
+    assert env.cli("partner", "add", "ACME GmbH", "--email", "info@acme.example").exit_code == 0
+    assert env.cli("contact", "add", "Erika Mustermann", "--email", "erika@acme.example",
+                   "--partner", "1").exit_code == 0
+    env.append(FOLDER, hostile_mail(tracker.url), plain_mail(1, "erika@acme.example", "Rückfrage Lieferung"),
+               plain_mail(2, "neu@kunde.example", "Anfrage Wartungsvertrag"),
+               plain_mail(3, "erika@acme.example", ""))  # no subject, which is mandatory: held
+    added = env.cli("activity", "add", "--kind", "TERMIN", "--subject", "Jahresgespräch ACME", "--contact", "1",
+                    "--start", "2026-12-02T14:00:00+01:00[Europe/Berlin]",
+                    "--end", "2026-12-02T15:00:00+01:00[Europe/Berlin]", "--location", "Bremen")
+    assert added.exit_code == 0, added.output
+    synced = env.cli("sync")
+    assert synced.exit_code == 0, synced.output
+    ids = {a["subject"]: a["id"] for a in env.cli_json("activities")[1]}
+    (text,) = [data for _etag, data in env.dav_items("events").values()]
+    calendar_link = re.search(r"CRM: (\S+)", text.replace("\r\n ", "")).group(1)
+    process, url = start_serve(env.config_path)
+    yield World(env=env, url=url, process=process, tracker=tracker, ids=ids, calendar_link=calendar_link)
+    stop(process)
+    tracker.stop()
+
+
+def csrf_token(page: str) -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+
+
+# -- pages -----------------------------------------------------------------------------------
+
+def test_the_link_written_into_the_calendar_item_opens_the_activity(world):
+    assert world.calendar_link == f"{world.url}/activities/{world.ids['Jahresgespräch ACME']}"
+    page = requests.get(world.calendar_link, timeout=10)
+    assert page.status_code == 200
+    assert "<h1>Jahresgespräch ACME</h1>" in page.text
+    assert "TERMIN" in page.text and "O · Offen" in page.text
+    assert "Wed 02 Dec 2026, 14:00 (Europe/Berlin)" in page.text and "15:00 (Europe/Berlin)" in page.text
+    assert "Bremen" in page.text
+    assert ">Erika Mustermann</a>" in page.text and ">ACME GmbH</a>" in page.text
+    # the groupware item it is linked to
+    assert "Appointment in alice's events collection" in page.text
+    assert f"/{world.env.user}/calendar/" in page.text
+
+
+def test_an_imported_mail_shows_sender_contact_partner_and_documents(world):
+    page = world.get(f"/activities/{world.ids['Angebot 2027']}").text
+    assert "MAILEIN" in page and "O · Offen" in page
+    assert "erika@acme.example" in page and ">Erika Mustermann</a>" in page and ">ACME GmbH</a>" in page
+    assert "Angebot 2027 (final).pdf</a>" in page and "16.0 KB" in page
+    assert "evil.html</a>" in page and "../" not in page
+    assert "<b>offer</b>" in page  # the HTML body, not only its text
+
+
+def test_quick_searches_list_the_right_mail(world):
+    def subjects(name):
+        page = world.get(f"/searches/{name}")
+        assert page.status_code == 200
+        return set(re.findall(r'class="subject">([^<]*)<', page.text))
+
+    mails = {"Angebot 2027", "Rückfrage Lieferung", "Anfrage Wartungsvertrag"}
+    assert subjects("today") == mails
+    assert subjects("imported") == mails
+    assert subjects("unassigned") == {"Anfrage Wartungsvertrag"}
+    assert world.get("/searches/nonsense").status_code == 404
+    index = world.get("/").text
+    assert re.search(r'Unassigned imported mail</a> <span class="count">1<', index)
+
+
+def test_partner_page_lists_its_activities_and_contacts(world):
+    page = world.get("/partners/1").text
+    assert "Activities of ACME GmbH" in page and ">Erika Mustermann</a>" in page
+    assert set(re.findall(r'class="subject">([^<]*)<', page)) == {
+        "Angebot 2027", "Rückfrage Lieferung", "Jahresgespräch ACME"}
+    assert world.get("/partners/99").status_code == 404
+    assert world.get("/activities/9999").status_code == 404
+
+
+def test_held_mail_says_what_it_lacks(world):
+    page = world.get("/held").text
+    assert "erika@acme.example" in page and "Lacks: subject." in page and "gwsync review" in page
+
+
+def test_sync_summary_links_to_the_quick_searches(world):
+    world.env.append(FOLDER, plain_mail(4, "neu2@kunde.example", "Noch eine Anfrage"))
+    out = world.env.cli("sync", "--only", "mail").output
+    assert f"imported today: {world.url}/searches/today" in out
+    assert f"unassigned: {world.url}/searches/unassigned" in out
+    assert world.get("/searches/unassigned").text.count('class="subject"') == 2
+
+
+# -- safety ----------------------------------------------------------------------------------
+
+def test_mail_html_renders_without_script_handlers_or_remote_images(world):
+    page = world.get(f"/activities/{world.ids['Angebot 2027']}").text
+    body = page.split('<div class="mail-html">', 1)[1].split("</div>", 1)[0]
+    assert "Dear Alice, here is our <b>offer</b> for 2027." in body and "Price: 1.200 EUR" in body
+    for bad in ("<script", "onload", "onerror", "javascript:", "<iframe", "<svg", "<style", "<link", "<meta",
+                "style=", "background", "srcset", "src="):
+        assert bad not in body.lower(), bad
+    assert world.tracker.url not in page  # no address of the tracker anywhere on the page
+    assert 'href="https://acme.example/offer"' in body and 'rel="noopener noreferrer"' in body
+    assert "3 images not shown" in page
+    plain = world.get(f"/activities/{world.ids['Angebot 2027']}?text=1").text
+    assert '<pre class="mail-text">Dear Alice, here is our offer for 2027.</pre>' in plain
+
+
+def test_pages_forbid_scripts_and_foreign_loads(world):
+    response = world.get(f"/activities/{world.ids['Angebot 2027']}")
+    policy = response.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "img-src 'self'" in policy and "script-src" not in policy
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Referrer-Policy"] == "no-referrer"
+
+
+def test_documents_download_byte_identical_as_attachments(world):
+    activity = world.ids["Angebot 2027"]
+    pdf = world.get(f"/activities/{activity}/documents/1")
+    assert pdf.status_code == 200
+    assert hashlib.sha256(pdf.content).hexdigest() == hashlib.sha256(PDF).hexdigest()
+    assert pdf.headers["Content-Disposition"].startswith("attachment;")
+    assert 'filename="Angebot 2027 (final).pdf"' in pdf.headers["Content-Disposition"]
+    assert pdf.headers["Content-Type"] == "application/pdf"
+    assert pdf.headers["X-Content-Type-Options"] == "nosniff"
+
+    evil = world.get(f"/activities/{activity}/documents/2")
+    assert evil.content == HOSTILE_ATTACHMENT
+    assert evil.headers["Content-Disposition"] == "attachment; filename=evil.html"
+    assert evil.headers["Content-Type"] == "application/octet-stream"  # never rendered as a page
+    assert evil.headers["Content-Security-Policy"].startswith("sandbox")
+    assert world.get(f"/activities/{activity}/documents/3").status_code == 404
+    assert world.get(f"/activities/{activity}/documents/0").status_code == 404
+
+
+def test_a_forged_post_is_refused_and_the_assign_form_works(world):
+    activity = world.ids["Anfrage Wartungsvertrag"]
+    # Another site's page can make the browser POST here, but it cannot read our token.
+    forged = requests.post(world.url + "/unknown/assign", timeout=10,
+                           data={"email": "neu@kunde.example", "new_contact": "Mallory"})
+    assert forged.status_code == 400 and "Form refused" in forged.text
+    browser = requests.Session()
+    world.get("/unknown", session=browser)
+    no_token = browser.post(world.url + "/unknown/assign", timeout=10,
+                            data={"email": "neu@kunde.example", "new_contact": "Mallory"})
+    assert no_token.status_code == 400
+    wrong_token = browser.post(world.url + "/unknown/assign", timeout=10,
+                               data={"email": "neu@kunde.example", "new_contact": "Mallory", "csrf_token": "x"})
+    assert wrong_token.status_code == 400
+    assert world.env.cli_json("activity", "show", str(activity))[1]["contact_id"] is None
+
+    page = world.get("/unknown", session=browser)
+    assert 'id="neu@kunde.example"' in page.text
+    done = browser.post(world.url + "/unknown/assign", timeout=10, data={
+        "email": "neu@kunde.example", "new_contact": "Nina Neu", "partner_id": "1",
+        "csrf_token": csrf_token(page.text)})
+    assert done.status_code == 200 and done.history[0].status_code == 303  # redirected back to the list
+    assert "neu@kunde.example now belongs to contact #2; 1 earlier activity linked." in done.text
+    assert 'id="neu@kunde.example"' not in done.text
+    shown = world.env.cli_json("activity", "show", str(activity))[1]
+    assert (shown["contact_id"], shown["partner_id"], shown["unassigned"]) == (2, 1, False)
+
+    # an existing contact, chosen from the list
+    page = world.get("/unknown", session=browser).text
+    assert 'id="neu2@kunde.example"' in page
+    done = browser.post(world.url + "/unknown/assign", timeout=10, data={
+        "email": "neu2@kunde.example", "contact_id": "2", "csrf_token": csrf_token(page)})
+    assert "neu2@kunde.example now belongs to contact #2" in done.text
+    bad = browser.post(world.url + "/unknown/assign", timeout=10, data={
+        "email": "x@kunde.example", "contact_id": "77", "csrf_token": csrf_token(page)})
+    assert bad.status_code == 400 and "no contact with id 77" in bad.text
+
+
+def test_only_its_own_host_names_are_answered(world):
+    # DNS rebinding: a hostile site whose name resolves to 127.0.0.1 must not read the CRM.
+    rebound = requests.get(world.url + "/", headers={"Host": f"evil.example:{world.url.rsplit(':', 1)[1]}"},
+                           timeout=10)
+    assert rebound.status_code == 400 and "CRM" not in rebound.text
+    assert requests.get(world.url.replace("127.0.0.1", "localhost") + "/", timeout=10).status_code == 200
+
+
+# -- starting it -----------------------------------------------------------------------------
+
+def test_beyond_loopback_it_needs_a_password(world):
+    result = subprocess.run([sys.executable, "-m", "gwsync.cli", "--config", str(world.env.config_path), "serve",
+                             "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.startswith("gwsync: config error: serve: listening on 0.0.0.0")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_taken_port_is_one_line(world):
+    port = world.url.rsplit(":", 1)[1]
+    result = subprocess.run([sys.executable, "-m", "gwsync.cli", "--config", str(world.env.config_path), "serve",
+                             "--port", port], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"gwsync: cannot listen on 127.0.0.1 port {port}: Address already in use "
+        "(another gwsync serve? choose another with --port)"]
+
+
+def test_with_a_password_every_page_needs_a_login(world, monkeypatch):
+    config = world.env.dir / "with-password.toml"
+    config.write_text(world.env.config_path.read_text().replace(
+        "[serve]\n", '[serve]\nhost = "0.0.0.0"\npassword_env = "GWSYNC_TEST_WEB_PASSWORD"\n'))
+    monkeypatch.setenv("GWSYNC_TEST_WEB_PASSWORD", "s3cret wörd")
+    process, url = start_serve(config, "--port", "0")
+    try:
+        address = url.replace("0.0.0.0", "127.0.0.1")
+        target = f"/activities/{world.ids['Angebot 2027']}"
+        anonymous = requests.get(address + target, timeout=10, allow_redirects=False)
+        assert anonymous.status_code == 302 and anonymous.headers["Location"].startswith("/login?next=")
+        for path in ("/", "/searches/imported", "/unknown", "/held", target + "/documents/1"):
+            assert requests.get(address + path, timeout=10, allow_redirects=False).status_code == 302, path
+
+        browser = requests.Session()
+        login = browser.get(address + target, timeout=10)  # follows to the login page
+        assert "Password" in login.text and "Angebot" not in login.text
+        wrong = browser.post(address + "/login", timeout=10, data={
+            "password": "guess", "next": target, "csrf_token": csrf_token(login.text)})
+        assert wrong.status_code == 401 and "Wrong password." in wrong.text
+        right = browser.post(address + "/login", timeout=10, data={
+            "password": "s3cret wörd", "next": target, "csrf_token": csrf_token(wrong.text)})
+        assert right.status_code == 200 and "<h1>Angebot 2027</h1>" in right.text  # back where the link pointed
+        cookie = next(c for c in browser.cookies if c.name == "gwsync_session")
+        assert cookie.has_nonstandard_attr("HttpOnly")
+        out = browser.post(address + "/logout", timeout=10, data={"csrf_token": csrf_token(right.text)})
+        assert "Log in" in out.text
+        assert browser.get(address + target, timeout=10, allow_redirects=False).status_code == 302
+        # no open redirect through ?next=
+        page = browser.get(address + "/login", timeout=10)
+        away = browser.post(address + "/login", timeout=10, allow_redirects=False, data={
+            "password": "s3cret wörd", "next": "//evil.example/", "csrf_token": csrf_token(page.text)})
+        assert away.headers["Location"] == "/"
+    finally:
+        stop(process)
+
+
+def test_sigterm_stops_it_cleanly(world):
+    process, url = start_serve(world.env.config_path, "--port", "0")
+    assert requests.get(url + "/", timeout=10).status_code == 200
+    process.terminate()
+    assert process.wait(timeout=10) == 0
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/", timeout=2)
+
+
+# -- in a real browser -----------------------------------------------------------------------
+
+def test_in_chromium_the_calendar_link_leads_to_the_partners_activities(world, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=412,915"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    try:
+        driver.get(world.calendar_link)  # as a phone calendar opens it
+        assert driver.find_element(By.TAG_NAME, "h1").text == "Jahresgespräch ACME"
+        driver.find_element(By.CSS_SELECTOR, "a.partner").click()
+        assert driver.find_element(By.TAG_NAME, "h1").text == "Activities of ACME GmbH"
+        subjects = {a.text for a in driver.find_elements(By.CSS_SELECTOR, "a.subject")}
+        assert {"Angebot 2027", "Rückfrage Lieferung"} <= subjects
+        shot = tmp_path / "partner.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 1000
+
+        # the mail with the tracking pixel, opened for real: nothing reaches the tracker
+        driver.find_element(By.LINK_TEXT, "Angebot 2027").click()
+        assert "offer" in driver.find_element(By.CSS_SELECTOR, ".mail-html").text
+        assert driver.execute_script("return document.readyState") == "complete"
+        time.sleep(0.5)
+        driver.save_screenshot(str(tmp_path / "mail.png"))
+        assert world.tracker.hits == []
+        problems = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")]
+        assert problems == []
+    finally:
+        driver.quit()

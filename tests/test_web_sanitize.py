@@ -1,0 +1,130 @@
+"""Mail HTML sanitising and the web view's formatting (pure, no server)."""
+
+import html.parser
+import re
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from gwsync.web.app import format_size, format_time, is_loopback
+from gwsync.web.sanitize import sanitise_mail_html
+
+TRACKER = "http://tracker.example"
+
+
+@pytest.mark.parametrize("markup", [
+    f"<script>new Image().src='{TRACKER}/s'</script>",
+    f"<img src='{TRACKER}/pixel.gif' width=1 height=1>",
+    f"<img src=x onerror=\"fetch('{TRACKER}/e')\">",
+    f"<img srcset='{TRACKER}/a.gif 1x, {TRACKER}/b.gif 2x'>",
+    f"<img src='//tracker.example/protocol-relative.gif'>",
+    f"<p style=\"background:url({TRACKER}/bg)\">x</p>",
+    f"<style>@import url({TRACKER}/c.css); p {{ background: url({TRACKER}/p) }}</style>",
+    f"<link rel=stylesheet href='{TRACKER}/c.css'>",
+    f"<meta http-equiv=refresh content='0;url={TRACKER}/r'>",
+    f"<base href='{TRACKER}/'>",
+    f"<table background='{TRACKER}/t.gif'><tr><td background='{TRACKER}/td.gif'>x</td></tr></table>",
+    f"<body background='{TRACKER}/body.gif'>x</body>",
+    f"<iframe src='{TRACKER}/f'></iframe><object data='{TRACKER}/o'></object><embed src='{TRACKER}/e'>",
+    f"<video poster='{TRACKER}/v.jpg'><source src='{TRACKER}/v.mp4'></video><audio src='{TRACKER}/a'>",
+    f"<svg><image href='{TRACKER}/svg.gif'/><use href='{TRACKER}/u#x'/></svg>",
+    f"<input type=image src='{TRACKER}/i'><form action='{TRACKER}/f'><button>b</button></form>",
+    f"<picture><source srcset='{TRACKER}/p.webp'><img src='{TRACKER}/p.jpg'></picture>",
+    f"<a href=\"javascript:fetch('{TRACKER}/j')\">x</a><a href='data:text/html,<script>1</script>'>d</a>",
+])
+def test_nothing_that_loads_or_runs_survives(markup):
+    clean = sanitise_mail_html(f"<p>before</p>{markup}<p>after</p>").markup
+    assert "tracker.example" not in clean
+    assert not re.search(r"<(script|style|link|meta|base|iframe|object|embed|video|audio|svg|form|input)\b", clean)
+    assert not re.search(r"\s(on\w+|style|src|srcset|background|poster)\s*=", clean)
+    assert "javascript:" not in clean and "data:" not in clean
+    assert "<p>before</p>" in clean and "<p>after</p>" in clean
+
+
+def test_formatting_and_links_stay():
+    safe = sanitise_mail_html('<h2>Offer</h2><p>Dear <b>Alice</b>,</p><ul><li>one</li></ul>'
+                              '<table><tr><td colspan="2">cell</td></tr></table>'
+                              '<a href="https://acme.example/offer">offer</a><img alt="logo" src="cid:logo@x">')
+    assert "<h2>Offer</h2><p>Dear <b>Alice</b>,</p><ul><li>one</li></ul>" in safe.markup
+    assert '<td colspan="2">cell</td>' in safe.markup
+    assert '<a href="https://acme.example/offer" target="_blank" rel="noopener noreferrer">offer</a>' in safe.markup
+    assert '<img alt="logo">' in safe.markup and safe.blocked_images == 1
+
+
+TAGS = ["p", "img", "a", "script", "style", "div", "svg", "iframe", "table", "td", "b", "form", "math", "noscript",
+        "template", "textarea", "title", "xmp", "select", "option"]
+ATTRS = ["src", "href", "onerror", "onload", "style", "srcset", "background", "poster", "formaction", "action",
+         "xlink:href", "data", "alt", "class"]
+VALUES = ["http://tracker.example/x", "javascript:alert(1)", "x", "url(http://tracker.example/y)",
+          "&#106;avascript:alert(1)", "\"><script>alert(1)</script>"]
+
+
+@st.composite
+def tag_soup(draw):
+    parts = []
+    for _ in range(draw(st.integers(1, 12))):
+        tag = draw(st.sampled_from(TAGS))
+        attrs = " ".join(f'{draw(st.sampled_from(ATTRS))}="{draw(st.sampled_from(VALUES))}"'
+                         for _ in range(draw(st.integers(0, 3))))
+        close = draw(st.sampled_from(["", f"</{tag}>", "/>", "-->", "<!--", "<![CDATA[", "]]>"]))
+        parts.append(f"<{tag} {attrs}>{draw(st.text(max_size=8))}{close}")
+    return "".join(parts)
+
+
+class _Elements(html.parser.HTMLParser):
+    """The tags and attributes a browser would build from the markup (text is only text)."""
+
+    def __init__(self, markup: str):
+        super().__init__(convert_charrefs=True)
+        self.found: list[tuple[str, list[tuple[str, str | None]]]] = []
+        self.feed(markup)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.found.append((tag, attrs))
+
+
+@settings(max_examples=300, deadline=None)
+@given(tag_soup())
+def test_no_tag_soup_gets_script_handlers_or_remote_loads_through(markup):
+    for tag, attrs in _Elements(sanitise_mail_html(markup).markup).found:
+        assert tag not in ("script", "style", "svg", "iframe", "form", "math", "textarea", "select", "title",
+                           "xmp", "noscript", "template"), tag
+        for name, value in attrs:
+            assert not name.startswith("on") and name not in (
+                "style", "src", "srcset", "background", "poster", "formaction", "action", "xlink:href", "data"), name
+            if name in ("alt", "title"):
+                continue  # shown as text, never loaded or run
+            value = (value or "").lower()
+            assert "javascript:" not in value
+            # the tracker's address may remain only as a link the reader has to click
+            assert "tracker.example" not in value or (tag, name) == ("a", "href"), (tag, name, value)
+
+
+@pytest.mark.parametrize("stored, shown", [
+    ("2026-12-02T14:00:00+01:00[Europe/Berlin]", "Wed 02 Dec 2026, 14:00 (Europe/Berlin)"),
+    ("2026-12-03", "Thu 03 Dec 2026"),
+    ("2026-12-02T10:00:00", "Wed 02 Dec 2026, 10:00"),
+    ("not a time", "not a time"),
+    (None, ""),
+])
+def test_times_are_shown_for_people(stored, shown):
+    assert format_time(stored) == shown
+
+
+def test_utc_stamps_are_shown_in_local_time(monkeypatch):
+    import time
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        assert format_time("2026-11-24T08:12:00+00:00") == "Tue 24 Nov 2026, 09:12"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_sizes_and_loopback():
+    assert [format_size(n) for n in (0, 1023, 16 * 1024 + 6, 5 << 20)] == ["0 bytes", "1023 bytes", "16.0 KB", "5.0 MB"]
+    assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "crm.example.com"))
