@@ -766,6 +766,7 @@ def serve(obj: Context, host: str | None, port: int | None) -> None:
             click.echo(f"gwsync: note: [crm] link points at {config.crm.link}, not at this address", err=True)
 
     run_server(server, ready)
+    click.echo("gwsync: stopped", err=True)
 
 
 # -- demo ------------------------------------------------------------------------------------

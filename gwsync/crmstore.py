@@ -160,11 +160,20 @@ class EmbeddedCRM(CRMBackend):
         return self._contact(row) if row else None
 
     def list_partners(self) -> list[Partner]:
-        return [self.get_partner(r[0]) for r in self.conn.execute("SELECT id FROM partners ORDER BY name, id")]
+        emails: dict[int, list[str]] = {}
+        for partner_id, email in self.conn.execute("SELECT partner_id, email FROM partner_addresses ORDER BY id"):
+            emails.setdefault(partner_id, []).append(email)
+        return [Partner(id=pid, name=name, emails=emails.get(pid, []))
+                for pid, name in self.conn.execute("SELECT id, name FROM partners ORDER BY name, id")]
 
     def list_contacts(self) -> list[Contact]:
-        return [self._contact(r) for r in self.conn.execute(
-            "SELECT id, name, partner_id FROM contacts ORDER BY name, id")]
+        emails: dict[int, list[str]] = {}
+        for contact_id, value in self.conn.execute(
+                "SELECT contact_id, value FROM communications WHERE kind = 'email' ORDER BY is_default DESC, id"):
+            emails.setdefault(contact_id, []).append(value)
+        return [Contact(id=cid, name=name, partner_id=partner_id, emails=emails.get(cid, []))
+                for cid, name, partner_id in self.conn.execute(
+                    "SELECT id, name, partner_id FROM contacts ORDER BY name, id")]
 
     def _contact(self, row) -> Contact:
         emails = [r[0] for r in self.conn.execute(

@@ -8,10 +8,14 @@ and runs the sync a second time to show that nothing is imported twice.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
+import threading
+import urllib.request
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 from imapclient import IMAPClient
@@ -34,7 +38,6 @@ PLACEMENT = {
 CONFIG = """\
 [crm]
 database = "{dir}/crm.db"
-link = "http://127.0.0.1:8765/activities/{{id}}"
 
 [crm.statuses]
 I = "Importiert"
@@ -161,9 +164,11 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
             archived = _count(server.port, _password(server), config.account("demo").imap.archive_folder)
             click.echo(f"archive folder holds {archived} mail(s); the CRM folders are empty again")
             code = report.exit_code
+        _open_link(config, re.search(r"CRM: (\S+)", text.replace("\n ", "")).group(1))
         if keep:
             click.echo("")
             click.echo(f"kept in {workdir}; try: gwsync --config {config_path} activities")
+            click.echo(f"  or open the links: gwsync --config {config_path} serve")
             click.echo("(the demo IMAP server is gone, so `sync` with that config will not connect)")
         return code
     finally:
@@ -171,6 +176,26 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
         dav_server.stop()
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _open_link(config, link: str) -> None:
+    """Open the event's CRM link on the web view (`gwsync serve`), as a phone would."""
+    from .web.server import make_server
+
+    web = make_server(config, "127.0.0.1", 0)  # any free port: 8765 may be taken
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    try:
+        local = f"http://127.0.0.1:{web.effective_port}{urlsplit(link).path}"
+        with urllib.request.urlopen(local, timeout=10) as response:
+            page = response.read().decode()
+        title = re.search(r"<h1>(.*?)</h1>", page).group(1)
+        partner = re.search(r'class="partner">(.*?)</a>', page)
+        click.echo("")
+        click.echo(f"web view (gwsync serve): the event's link opens the activity page {title!r}"
+                   + (f" of {partner.group(1)}" if partner else ""))
+    finally:
+        web.close()
 
 
 def _start_server(use_dovecot: bool):

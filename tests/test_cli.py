@@ -93,6 +93,7 @@ def test_demo_runs_on_the_builtin_server_with_nothing_but_the_package():
     assert "tasks: 0 new in the CRM, 1 new on the server" in proc.stdout
     assert "the phone's event now carries the CRM link: DESCRIPTION:CRM: http://127.0.0.1:8765/activities/" in proc.stdout
     assert "calendar requests: 2 (one per collection" in proc.stdout
+    assert "web view (gwsync serve): the event's link opens the activity page 'Jahresgespräch ACME'" in proc.stdout
 
 
 def test_demo_runs_on_dovecot():
@@ -100,3 +101,16 @@ def test_demo_runs_on_dovecot():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "first sync:  imported 4" in proc.stdout and "archive folder holds 4 mail(s)" in proc.stdout
+
+
+def test_activity_add_takes_a_contact_with_its_partner(env):
+    assert env.cli("partner", "add", "ACME GmbH", "--email", "info@acme.example").exit_code == 0
+    assert env.cli("contact", "add", "Erika", "--email", "erika@acme.example", "--partner", "1").exit_code == 0
+    code, added = env.cli_json("activity", "add", "--kind", "TERMIN", "--subject", "Termin", "--contact", "1")
+    assert code == 0 and (added["contact_id"], added["partner_id"]) == (1, 1)
+    code, edited = env.cli_json("activity", "edit", str(added["id"]), "--partner", "1")
+    assert code == 0 and edited["partner_id"] == 1
+    for option in ("--contact", "--partner"):
+        result = env.cli("activity", "add", "--kind", "TERMIN", "--subject", "x", option, "99")
+        assert result.exit_code == 2 and f"{option} 99: no such" in result.stderr
+    assert len(env.cli_json("activities")[1]) == 1  # nothing half-created

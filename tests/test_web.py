@@ -153,6 +153,7 @@ def world(dovecot, tmp_path_factory, request):
                    "--partner", "1").exit_code == 0
     env.append(FOLDER, hostile_mail(tracker.url), plain_mail(1, "erika@acme.example", "Rückfrage Lieferung"),
                plain_mail(2, "neu@kunde.example", "Anfrage Wartungsvertrag"),
+               plain_mail(5, "neu2@kunde.example", "Noch eine Anfrage"),
                plain_mail(3, "erika@acme.example", ""))  # no subject, which is mandatory: held
     added = env.cli("activity", "add", "--kind", "TERMIN", "--subject", "Jahresgespräch ACME", "--contact", "1",
                     "--start", "2026-12-02T14:00:00+01:00[Europe/Berlin]",
@@ -204,13 +205,13 @@ def test_quick_searches_list_the_right_mail(world):
         assert page.status_code == 200
         return set(re.findall(r'class="subject">([^<]*)<', page.text))
 
-    mails = {"Angebot 2027", "Rückfrage Lieferung", "Anfrage Wartungsvertrag"}
+    mails = {"Angebot 2027", "Rückfrage Lieferung", "Anfrage Wartungsvertrag", "Noch eine Anfrage"}
     assert subjects("today") == mails
     assert subjects("imported") == mails
-    assert subjects("unassigned") == {"Anfrage Wartungsvertrag"}
+    assert subjects("unassigned") == {"Anfrage Wartungsvertrag", "Noch eine Anfrage"}
     assert world.get("/searches/nonsense").status_code == 404
     index = world.get("/").text
-    assert re.search(r'Unassigned imported mail</a> <span class="count">1<', index)
+    assert re.search(r'Unassigned imported mail</a> <span class="count">2<', index)
 
 
 def test_partner_page_lists_its_activities_and_contacts(world):
@@ -228,11 +229,11 @@ def test_held_mail_says_what_it_lacks(world):
 
 
 def test_sync_summary_links_to_the_quick_searches(world):
-    world.env.append(FOLDER, plain_mail(4, "neu2@kunde.example", "Noch eine Anfrage"))
+    world.env.append(FOLDER, plain_mail(4, "neu3@kunde.example", "Dritte Anfrage"))
     out = world.env.cli("sync", "--only", "mail").output
     assert f"imported today: {world.url}/searches/today" in out
     assert f"unassigned: {world.url}/searches/unassigned" in out
-    assert world.get("/searches/unassigned").text.count('class="subject"') == 2
+    assert ">Dritte Anfrage</a>" in world.get("/searches/unassigned").text
 
 
 # -- safety ----------------------------------------------------------------------------------
@@ -308,12 +309,14 @@ def test_a_forged_post_is_refused_and_the_assign_form_works(world):
     # an existing contact, chosen from the list
     page = world.get("/unknown", session=browser).text
     assert 'id="neu2@kunde.example"' in page
+    assert '<option value="#2 Nina Neu (ACME GmbH)">' in page
     done = browser.post(world.url + "/unknown/assign", timeout=10, data={
-        "email": "neu2@kunde.example", "contact_id": "2", "csrf_token": csrf_token(page)})
+        "email": "neu2@kunde.example", "contact": "#2 Nina Neu (ACME GmbH)", "csrf_token": csrf_token(page)})
     assert "neu2@kunde.example now belongs to contact #2" in done.text
-    bad = browser.post(world.url + "/unknown/assign", timeout=10, data={
-        "email": "x@kunde.example", "contact_id": "77", "csrf_token": csrf_token(page)})
-    assert bad.status_code == 400 and "no contact with id 77" in bad.text
+    for chosen, message in (("#77 Nobody", "no contact with id 77"), ("Nobody", "no contact &#39;Nobody&#39;")):
+        bad = browser.post(world.url + "/unknown/assign", timeout=10, data={
+            "email": "x@kunde.example", "contact": chosen, "csrf_token": csrf_token(page)})
+        assert bad.status_code == 400 and message in bad.text, chosen
 
 
 def test_only_its_own_host_names_are_answered(world):

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import ipaddress
 import math
+import re
 import time
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
@@ -209,11 +210,14 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
         email = form.get("email", "").strip()
         if "@" not in email:
             return _unknown_page(f"{email!r} is not a mail address.", 400)
-        contact_id = _int_or_none(form.get("contact_id"))
+        chosen = form.get("contact", "").strip()
         new_contact = form.get("new_contact", "").strip() or None
         partner_id = _int_or_none(form.get("partner_id"))
-        if (contact_id is None) == (new_contact is None):
+        if bool(chosen) == bool(new_contact):
             return _unknown_page(f"Assigning {email}: choose a contact, or give the new contact's name.", 400)
+        contact_id = _chosen_contact(engine(), chosen) if chosen else None
+        if chosen and contact_id is None:
+            return _unknown_page(f"Assigning {email}: no contact {chosen!r}; pick one from the list as you type.", 400)
         try:
             result = engine().assign(email, contact_id=contact_id, new_contact=new_contact,
                                      partner_id=partner_id if new_contact else None)
@@ -273,10 +277,20 @@ def _activity_list(eng: Engine, flt: ActivityFilter, title: str, **extra):
     paged = ActivityFilter(**{**flt.__dict__, "newest_first": True, "limit": PAGE_SIZE,
                               "offset": (page - 1) * PAGE_SIZE})
     items = eng.crm.list_activities(paged)
-    contacts = {c.id: c.name for c in eng.crm.list_contacts()}
-    partners = {p.id: p.name for p in eng.crm.list_partners()}
+    # names of just the contacts and partners on this page (a CRM may have thousands)
+    contacts = {c.id: c.name for c in map(eng.crm.get_contact, {a.contact_id for a in items if a.contact_id}) if c}
+    partners = {p.id: p.name for p in map(eng.crm.get_partner, {a.partner_id for a in items if a.partner_id}) if p}
     return render_template("list.html", title=title, items=items, total=total, page=page, pages=pages,
                            contact_names=contacts, partner_names=partners, **extra)
+
+
+def _chosen_contact(eng: Engine, text: str) -> int | None:
+    """The contact picked in the form: '#ID Name' from the list, or a name that only one has."""
+    match = re.match(r"#(\d+)\b", text)
+    if match:
+        return int(match.group(1))
+    named = [c.id for c in eng.crm.list_contacts() if c.name.casefold() == text.casefold()]
+    return named[0] if len(named) == 1 else None
 
 
 def _int_or_none(value: str | None) -> int | None:
