@@ -565,6 +565,8 @@ def assign(obj: Context, email, contact_id, new_contact, partner_id, as_json) ->
             result = engine.assign(email, contact_id=contact_id, new_contact=new_contact, partner_id=partner_id)
         except LookupError as exc:
             fail(f"{exc} (see `gwsync contact add`, `gwsync partner add`)", EXIT_USAGE)
+        except ValueError as exc:
+            fail(str(exc), EXIT_USAGE)
     if as_json:
         emit_json(result)
         return

@@ -381,7 +381,12 @@ class Engine:
         if contact_id is not None:
             contact = self.crm.add_contact_email(contact_id, email)
         else:
-            contact = self.crm.add_contact(new_contact, email, partner_id)
+            known = self.crm.find_contact_by_email(email)
+            if known is not None and known.name.strip().casefold() != new_contact.strip().casefold():
+                raise ValueError(f"{email} belongs to contact #{known.id} {known.name} already; "
+                                 f"assign it to that contact instead")
+            # The same request again (a form sent twice, a re-run script) finds its contact.
+            contact = known or self.crm.add_contact(new_contact, email, partner_id)
         linked = self.crm.link_activities_from(email, contact.id, contact.partner_id)
         held = sum(1 for r in self.state.by_outcome("held") if (r.sender or "").lower() == email)
         return {"email": email, "contact_id": contact.id, "partner_id": contact.partner_id,

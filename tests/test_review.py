@@ -30,6 +30,10 @@ def test_assigning_an_unknown_sender_releases_held_mail_with_contact_and_partner
 
     result = env.cli("assign", "neu@kunde.example", "--new-contact", "Nina Neu", "--partner", str(kunde.id))
     assert result.exit_code == 0 and "2 held mail(s) import at the next sync" in result.stdout
+    again = env.cli("assign", "neu@kunde.example", "--new-contact", "Nina Neu", "--partner", str(kunde.id))
+    assert again.exit_code == 0 and again.stdout.startswith("neu@kunde.example -> contact #1")  # no second Nina
+    other = env.cli("assign", "neu@kunde.example", "--new-contact", "Nino Neu")
+    assert other.exit_code == 2 and "belongs to contact #1 Nina Neu already" in other.stderr
     code, out = env.cli_json("sync")
     assert out["accounts"]["alice"]["mail"]["imported"] == 2 and out["accounts"]["alice"]["mail"]["held"] == 0
     with env.engine() as engine:

@@ -302,6 +302,15 @@ def test_a_forged_post_is_refused_and_the_assign_form_works(world):
         "csrf_token": csrf_token(page.text)})
     assert done.status_code == 200 and done.history[0].status_code == 303  # redirected back to the list
     assert "neu@kunde.example now belongs to contact #2; 1 earlier activity linked." in done.text
+    again = browser.post(world.url + "/unknown/assign", timeout=10, data={  # sent twice: still one contact
+        "email": "neu@kunde.example", "new_contact": "Nina Neu", "partner_id": "1",
+        "csrf_token": csrf_token(page.text)})
+    assert "neu@kunde.example now belongs to contact #2; 0 earlier activities linked." in again.text
+    with world.env.engine() as engine:
+        assert [c.name for c in engine.crm.list_contacts()].count("Nina Neu") == 1
+    other = browser.post(world.url + "/unknown/assign", timeout=10, data={
+        "email": "neu@kunde.example", "new_contact": "Somebody Else", "csrf_token": csrf_token(page.text)})
+    assert other.status_code == 400 and "belongs to contact #2 Nina Neu already" in other.text
     assert 'id="neu@kunde.example"' not in done.text
     shown = world.env.cli_json("activity", "show", str(activity))[1]
     assert (shown["contact_id"], shown["partner_id"], shown["unassigned"]) == (2, 1, False)
@@ -425,6 +434,17 @@ def test_in_chromium_the_calendar_link_leads_to_the_partners_activities(world, t
         time.sleep(0.5)
         driver.save_screenshot(str(tmp_path / "mail.png"))
         assert world.tracker.hits == []
+
+        # the assign form, filled in and sent by the browser (its CSRF token and cookie included)
+        world.env.append(FOLDER, plain_mail(7, "browser@kunde.example", "Aus dem Browser"))
+        assert world.env.cli("sync", "--only", "mail").exit_code == 0
+        driver.get(world.url + "/unknown")
+        section = driver.find_element(By.CSS_SELECTOR, 'section[id="browser@kunde.example"]')
+        section.find_element(By.NAME, "new_contact").send_keys("Bruno Browser")
+        section.find_element(By.XPATH, ".//button[text()='Create and assign']").click()
+        assert "browser@kunde.example now belongs to contact" in driver.find_element(By.CSS_SELECTOR, ".notice").text
+        assert not driver.find_elements(By.CSS_SELECTOR, 'section[id="browser@kunde.example"]')
+
         problems = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")]
         assert problems == []
     finally:

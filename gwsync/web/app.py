@@ -12,6 +12,7 @@ import hmac
 import ipaddress
 import math
 import re
+import threading
 import time
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
@@ -71,6 +72,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
     app.jinja_env.trim_blocks = app.jinja_env.lstrip_blocks = True
     CSRFProtect(app)
     statuses = config.crm.statuses
+    assigning = threading.Lock()
     login_mark = hmac.new(secret_key, (password or "").encode(), hashlib.sha256).hexdigest()
 
     def engine() -> Engine:
@@ -219,9 +221,10 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
         if chosen and contact_id is None:
             return _unknown_page(f"Assigning {email}: no contact {chosen!r}; pick one from the list as you type.", 400)
         try:
-            result = engine().assign(email, contact_id=contact_id, new_contact=new_contact,
-                                     partner_id=partner_id if new_contact else None)
-        except LookupError as exc:
+            with assigning:  # a double-clicked form: the second request finds the first one's contact
+                result = engine().assign(email, contact_id=contact_id, new_contact=new_contact,
+                                         partner_id=partner_id if new_contact else None)
+        except (LookupError, ValueError) as exc:
             return _unknown_page(f"Assigning {email}: {exc}.", 400)
         linked = result["linked_activities"]
         message = (f"{result['email']} now belongs to contact #{result['contact_id']}; "
