@@ -257,7 +257,7 @@ def test_pages_forbid_scripts_and_foreign_loads(world):
     policy = response.headers["Content-Security-Policy"]
     assert "default-src 'none'" in policy and "img-src 'self'" in policy and "script-src" not in policy
     assert response.headers["X-Content-Type-Options"] == "nosniff"
-    assert response.headers["Referrer-Policy"] == "no-referrer"
+    assert response.headers["Referrer-Policy"] == "same-origin"
 
 
 def test_documents_download_byte_identical_as_attachments(world):
@@ -344,6 +344,15 @@ def test_beyond_loopback_it_needs_a_password(world):
     assert result.returncode == 2
     assert result.stderr.startswith("gwsync: config error: serve: listening on 0.0.0.0")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_behind_a_proxy_it_needs_a_password_too(world):
+    config = world.env.dir / "proxied.toml"
+    config.write_text(world.env.config_path.read_text().replace("[serve]\n", '[serve]\nurl = "https://crm.example.com"\n'))
+    result = subprocess.run([sys.executable, "-m", "gwsync.cli", "--config", str(config), "serve", "--port", "0"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "serve.url https://crm.example.com says the CRM is opened from other machines" in result.stderr
 
 
 def test_a_taken_port_is_one_line(world):

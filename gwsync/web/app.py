@@ -98,7 +98,9 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
     def security_headers(response):
         response.headers.setdefault("Content-Security-Policy", PAGE_POLICY)
         response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"  # links in mail must not leak CRM URLs
+        # Links out (from mail, say) must not tell other sites the CRM's URLs; our own forms do
+        # send it, which Flask-WTF checks over HTTPS.
+        response.headers["Referrer-Policy"] = "same-origin"
         response.headers["X-Frame-Options"] = "DENY"
         response.headers.setdefault("Cache-Control", "no-store")
         return response

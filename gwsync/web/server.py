@@ -6,11 +6,15 @@ import os
 import secrets
 import signal
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Callable
 
 from ..config import Config, ConfigError
 from ..dbfiles import ensure_private_dir
 from .app import create_app, is_loopback
+
+
+PASSWORD_KEYS = "password_command, password_env, password_keyring or password"
 
 
 class ServeError(Exception):
@@ -43,10 +47,15 @@ def make_server(config: Config, host: str, port: int):
     from waitress import create_server
 
     password = config.serve.secret.resolve() if config.serve.secret else None
+    public = urlsplit(config.serve.url).hostname if config.serve.url else None
     if password is None and not is_loopback(host):
         raise ConfigError(
             f"serve: listening on {host} makes the CRM reachable from other machines; set a password "
-            "in [serve] (password_command, password_env, password_keyring or password) or use --host 127.0.0.1")
+            f"in [serve] ({PASSWORD_KEYS}) or use --host 127.0.0.1")
+    if password is None and public and not is_loopback(public):
+        raise ConfigError(
+            f"serve.url {config.serve.url} says the CRM is opened from other machines (through a proxy); "
+            f"set a password in [serve] ({PASSWORD_KEYS})")
     app = create_app(config, secret_key(config.state_database.parent), password)
     try:
         return create_server(app, host=host, port=port, threads=4, ident="gwsync", clear_untrusted_proxy_headers=True)
