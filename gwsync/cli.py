@@ -292,7 +292,7 @@ def _release_hint(record) -> str:
 def held(obj: Context, as_json) -> None:
     """Mail held back in its folder because mandatory fields are missing, and failed mail."""
     with obj.engine() as engine:
-        rows = [r for outcome in (HELD, FAILED, QUARANTINED) for r in engine.state.by_outcome(outcome)]
+        rows = engine.state.not_imported()
     data = [{"account": r.account, "folder": r.folder, "uid": r.uid, "outcome": r.outcome, "sender": r.sender,
              "subject": r.subject, "missing": r.missing, "error": r.error, "attempts": r.attempts,
              "released_by": _release_hint(r)} for r in rows]

@@ -292,6 +292,10 @@ class StateStore:
             params.append(account)
         return [self._record(row) for row in self.db.query(sql + " ORDER BY account, folder, uid", params)]
 
+    def not_imported(self) -> list[MailRecord]:
+        """Mail still in its folder: held back, failing, or quarantined (in that order)."""
+        return [r for outcome in (HELD, FAILED, QUARANTINED) for r in self.by_outcome(outcome)]
+
     @staticmethod
     def _record(row: dict) -> MailRecord:
         return MailRecord(

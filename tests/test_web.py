@@ -248,6 +248,13 @@ def test_mail_html_renders_without_script_handlers_or_remote_images(world):
     assert world.tracker.url not in page  # no address of the tracker anywhere on the page
     assert 'href="https://acme.example/offer"' in body and 'rel="noopener noreferrer"' in body
     assert "3 images not shown" in page
+    assert "Load remote images</a>" in page
+    loaded = world.get(f"/activities/{world.ids['Angebot 2027']}?images=remote")  # the reader's choice
+    body = loaded.text.split('<div class="mail-html">', 1)[1].split("</div>", 1)[0]
+    assert f'<img src="{world.tracker.url}/pixel.gif?u=alice" width="1" height="1" alt="">' in body
+    for bad in ("<script", "onerror", "onload", "srcset", "background", "javascript:", "style="):
+        assert bad not in body.lower(), bad
+    assert "img-src 'self' https: http:" in loaded.headers["Content-Security-Policy"]
     plain = world.get(f"/activities/{world.ids['Angebot 2027']}?text=1").text
     assert '<pre class="mail-text">Dear Alice, here is our offer for 2027.</pre>' in plain
 
@@ -443,6 +450,12 @@ def test_in_chromium_the_calendar_link_leads_to_the_partners_activities(world, t
         time.sleep(0.5)
         driver.save_screenshot(str(tmp_path / "mail.png"))
         assert world.tracker.hits == []
+        # only when the reader asks for remote images does the pixel fire (so the check above can fail)
+        driver.find_element(By.LINK_TEXT, "Load remote images").click()
+        deadline = time.monotonic() + 5
+        while not world.tracker.hits and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert world.tracker.hits == ["/pixel.gif?u=alice"]
 
         # the assign form, filled in and sent by the browser (its CSRF token and cookie included)
         world.env.append(FOLDER, plain_mail(7, "browser@kunde.example", "Aus dem Browser"))

@@ -27,7 +27,6 @@ from ..config import Config
 from ..crm import ActivityFilter
 from ..engine import Engine
 from ..searches import QUICK_SEARCHES, quick_search
-from ..state import FAILED, HELD, QUARANTINED
 from .sanitize import sanitise_mail_html
 
 PAGE_SIZE = 50
@@ -123,6 +122,13 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
     def not_found(exc):
         return render_template("error.html", title="Not found", message=exc.description), 404
 
+    @app.errorhandler(500)
+    def server_error(exc):
+        # Flask has logged the traceback on stderr; the page says what the reader can do.
+        return render_template("error.html", title="Something went wrong",
+                               message="The page could not be built; the server's log says why. "
+                                       "Reloading may help if the database was busy."), 500
+
     @app.errorhandler(400)
     def bad_request(exc):
         if isinstance(exc, SecurityError):  # an untrusted Host header: no page can be built for it
@@ -136,7 +142,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
     def index():
         crm = engine().crm
         counts = {name: crm.count_activities(quick_search(name)) for name in QUICK_SEARCHES}
-        held = [r for outcome in (HELD, FAILED, QUARANTINED) for r in engine().state.by_outcome(outcome)]
+        held = engine().state.not_imported()
         return render_template("index.html", counts=counts, unknown=len(engine().unknown_senders()),
                                held=len(held))
 
@@ -148,11 +154,18 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
             abort(404, f"There is no activity #{activity_id}; it may have been deleted.")
         contact = eng.crm.get_contact(item.contact_id) if item.contact_id else None
         partner = eng.crm.get_partner(item.partner_id) if item.partner_id else None
-        safe = sanitise_mail_html(item.body_html) if item.body_html and not request.args.get("text") else None
-        return render_template("activity.html", a=item, contact=contact, partner=partner,
+        remote_images = request.args.get("images") == "remote"  # the reader asked for them
+        safe = (sanitise_mail_html(item.body_html, remote_images=remote_images)
+                if item.body_html and not request.args.get("text") else None)
+        page = render_template("activity.html", a=item, contact=contact, partner=partner,
                                html_body=Markup(safe.markup) if safe else None,
-                               blocked_images=safe.blocked_images if safe else 0,
+                               blocked_images=safe.blocked_images if safe else 0, remote_images=remote_images,
                                links=eng.state.links_of_activity(activity_id))
+        response = app.make_response(page)
+        if remote_images:
+            response.headers["Content-Security-Policy"] = PAGE_POLICY.replace("img-src 'self'",
+                                                                              "img-src 'self' https: http:")
+        return response
 
     @app.get("/activities/<int:activity_id>/documents/<int:number>")
     def document(activity_id: int, number: int):
@@ -238,7 +251,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
 
     @app.get("/held")
     def held():
-        rows = [r for outcome in (HELD, FAILED, QUARANTINED) for r in engine().state.by_outcome(outcome)]
+        rows = engine().state.not_imported()
         return render_template("held.html", rows=rows)
 
     # -- login -------------------------------------------------------------------------------

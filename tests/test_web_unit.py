@@ -1,4 +1,4 @@
-"""Mail HTML sanitising and the web view's formatting (pure, no server)."""
+"""The web view without a server: HTML sanitising, formatting, and the app through Flask's test client."""
 
 import html.parser
 import re
@@ -49,6 +49,18 @@ def test_formatting_and_links_stay():
     assert '<td colspan="2">cell</td>' in safe.markup
     assert '<a href="https://acme.example/offer" target="_blank" rel="noopener noreferrer">offer</a>' in safe.markup
     assert '<img alt="logo">' in safe.markup and safe.blocked_images == 1
+
+
+def test_remote_images_only_when_asked_and_nothing_else_loosens():
+    markup = (f"<img src='{TRACKER}/a.gif' onerror=alert(1)><img src='https://cdn.example/b.png' srcset='x 2x'>"
+              "<img src='javascript:alert(1)'><img src='data:image/png;base64,AAAA'><img src='cid:c@x'><img src='/logout'>"
+              "<script>1</script><p style='background:url(http://t/x)'>p</p>")
+    safe = sanitise_mail_html(markup, remote_images=True)
+    assert f'<img src="{TRACKER}/a.gif">' in safe.markup and '<img src="https://cdn.example/b.png">' in safe.markup
+    assert safe.markup.count("<img>") == 4 and safe.blocked_images == 4
+    assert "onerror" not in safe.markup and "<script" not in safe.markup and "style=" not in safe.markup
+    assert "srcset" not in safe.markup and "javascript:" not in safe.markup and "data:" not in safe.markup
+    assert sanitise_mail_html(markup).blocked_images == 6
 
 
 TAGS = ["p", "img", "a", "script", "style", "div", "svg", "iframe", "table", "td", "b", "form", "math", "noscript",
@@ -128,3 +140,17 @@ def test_sizes_and_loopback():
     assert [format_size(n) for n in (0, 1023, 16 * 1024 + 6, 5 << 20)] == ["0 bytes", "1023 bytes", "16.0 KB", "5.0 MB"]
     assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "crm.example.com"))
+
+
+def test_a_broken_database_gives_an_error_page_not_a_traceback(tmp_path):
+    from gwsync.config import parse_config
+    from gwsync.web.app import create_app
+
+    (tmp_path / "crm.db").mkdir()  # a directory where the database should be: SQLite cannot open it
+    config = parse_config({"crm": {"database": str(tmp_path / "crm.db")},
+                           "state": {"database": str(tmp_path / "state.db")}})
+    app = create_app(config, b"k" * 32)
+    app.logger.disabled = True
+    response = app.test_client().get("/activities/1", headers={"Host": "127.0.0.1:8765"})
+    assert response.status_code == 500
+    assert b"Something went wrong" in response.data and b"Traceback" not in response.data
