@@ -57,7 +57,8 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
     base = urlsplit(config.serve.base_url)
     app.config.update(
         SECRET_KEY=secret_key,
-        SESSION_COOKIE_NAME="gwsync_session",
+        # Cookies are per host, not per port: two views on one host must not share a session.
+        SESSION_COOKIE_NAME=f"gwsync_session_{base.port or 0}",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=base.scheme == "https",
