@@ -36,6 +36,8 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 ACTIVE_TYPES = ("text/html", "application/xhtml+xml", "image/svg+xml", "text/xml", "application/xml",
                 "text/javascript", "application/javascript")
 
+MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")  # RFC 6838 names only
+
 # Our own pages load nothing from elsewhere: no scripts at all, styles and images from here.
 PAGE_POLICY = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
                "frame-ancestors 'none'; base-uri 'none'")
@@ -178,7 +180,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
         if not path.is_file():
             abort(404, f"The file of {doc.filename} is missing from the document store.")
         ctype = (doc.content_type or "").lower()
-        mimetype = "application/octet-stream" if ctype in ACTIVE_TYPES or "/" not in ctype else ctype
+        mimetype = ctype if MEDIA_TYPE.fullmatch(ctype) and ctype not in ACTIVE_TYPES else "application/octet-stream"
         response = send_file(path, mimetype=mimetype, as_attachment=True, download_name=doc.filename,
                              etag=doc.sha256, max_age=0, conditional=True)
         response.headers["Content-Security-Policy"] = "sandbox; default-src 'none'"
