@@ -13,7 +13,7 @@ from . import __version__
 from .config import AREAS, Config, ConfigError, load_config
 from .engine import CredentialLocked, Engine
 from .imap import LoginFailed, MailServerError
-from .searches import activity_filter
+from .searches import activity_filter, summary_links
 from .state import FAILED, HELD, QUARANTINED
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
@@ -103,10 +103,8 @@ def sync(obj: Context, accounts, only, dry_run, force, as_json) -> None:
                 click.echo(line)
                 for a in m.activities:
                     click.echo(f"  #{a.id} {a.subject or '(no subject)'}  {a.link}")
-                if m.activities and obj.config.web_base and not dry_run:
-                    click.echo(f"  imported today: {obj.config.web_base}/searches/today")
-                    if any(a.unassigned for a in m.activities):
-                        click.echo(f"  unassigned: {obj.config.web_base}/searches/unassigned")
+                for line in summary_links(None if dry_run else obj.config.web_base, m.activities):
+                    click.echo(f"  {line}")
                 if m.held:
                     click.echo("  held mail is listed by `gwsync held`")
             for area, result in acc.calendars.items():

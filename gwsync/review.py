@@ -12,6 +12,7 @@ from .calsync import CalendarSync
 from .config import AccountConfig
 from .engine import Engine
 from .mailimport import MailImporter, PendingMail
+from .searches import summary_links
 
 
 def _numbers(text: str, upper: int) -> set[int]:
@@ -137,6 +138,8 @@ def run_review(engine: Engine, account: AccountConfig) -> int:
         click.echo(f"Imported {result.imported} mail(s):")
         for a in result.activities:
             click.echo(f"  #{a.id} {a.subject!r}  {a.link}")
+        for line in summary_links(config.web_base, result.activities):
+            click.echo(f"  {line}")
         for line in result.errors:
             click.echo(f"gwsync: {line}", err=True)
             code = 1

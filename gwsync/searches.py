@@ -33,3 +33,14 @@ def quick_search(name: str, now: datetime | None = None) -> ActivityFilter:
         raise KeyError(name)
     return activity_filter(imported=True, unassigned=name == "unassigned", today=name == "today", now=now)
 
+
+
+def summary_links(web_base: str | None, activities) -> list[str]:
+    """Lines for an import summary that open the quick searches on the web view: everything
+    imported today, and the unassigned mail when this import brought some."""
+    if not web_base or not activities:
+        return []
+    lines = [f"imported today: {web_base}/searches/today"]
+    if any(a.unassigned for a in activities):
+        lines.append(f"unassigned: {web_base}/searches/unassigned")
+    return lines

@@ -23,6 +23,7 @@ from typing import Callable
 from .config import AccountConfig
 from .engine import CredentialLocked, Engine, SyncReport
 from .imap import ImapSession, LoginFailed, MailServerError, ServerUnreachable
+from .searches import summary_links
 
 log = logging.getLogger("gwsync.watch")
 IDLE_RENEW = 24 * 60  # seconds; servers may drop an IDLE after 30 minutes (RFC 2177)
@@ -187,6 +188,9 @@ class Watch:
         if acc.mail is not None and acc.mail.imported:
             links = ", ".join(a.link for a in acc.mail.activities)
             summary = f"{account.name}: imported {acc.mail.imported} mail(s): {links}"
+            searches = summary_links(self.engine.config.web_base, acc.mail.activities)
+            if searches:
+                summary += " (" + "; ".join(searches) + ")"
             self.say(summary)
             self._notify(account, summary)
         for area, result in acc.calendars.items():

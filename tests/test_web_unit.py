@@ -154,3 +154,16 @@ def test_a_broken_database_gives_an_error_page_not_a_traceback(tmp_path):
     response = app.test_client().get("/activities/1", headers={"Host": "127.0.0.1:8765"})
     assert response.status_code == 500
     assert b"Something went wrong" in response.data and b"Traceback" not in response.data
+
+
+def test_summary_links_point_at_the_quick_searches_only_when_the_links_point_at_the_web_view():
+    from gwsync.mailimport import ImportedActivity
+    from gwsync.searches import summary_links
+
+    assigned = ImportedActivity(id=1, link="l", subject="s", folder="f")
+    unknown = ImportedActivity(id=2, link="l", subject="s", folder="f", unassigned=True)
+    base = "http://127.0.0.1:8765"
+    assert summary_links(base, [assigned]) == [f"imported today: {base}/searches/today"]
+    assert summary_links(base, [assigned, unknown]) == [f"imported today: {base}/searches/today",
+                                                         f"unassigned: {base}/searches/unassigned"]
+    assert summary_links(None, [unknown]) == [] and summary_links(base, []) == []
