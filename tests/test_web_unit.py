@@ -17,7 +17,7 @@ TRACKER = "http://tracker.example"
     f"<img src='{TRACKER}/pixel.gif' width=1 height=1>",
     f"<img src=x onerror=\"fetch('{TRACKER}/e')\">",
     f"<img srcset='{TRACKER}/a.gif 1x, {TRACKER}/b.gif 2x'>",
-    f"<img src='//tracker.example/protocol-relative.gif'>",
+    "<img src='//tracker.example/protocol-relative.gif'>",
     f"<p style=\"background:url({TRACKER}/bg)\">x</p>",
     f"<style>@import url({TRACKER}/c.css); p {{ background: url({TRACKER}/p) }}</style>",
     f"<link rel=stylesheet href='{TRACKER}/c.css'>",

@@ -17,8 +17,7 @@ import time
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
-from flask import (Flask, Response, abort, flash, g, redirect, render_template, request, send_file,
-                   session, url_for)
+from flask import Flask, Response, abort, flash, g, redirect, render_template, request, send_file, session, url_for
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
 from werkzeug.exceptions import SecurityError

@@ -6,13 +6,12 @@ import os
 import secrets
 import signal
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Callable
+from urllib.parse import urlsplit
 
 from ..config import Config, ConfigError
 from ..dbfiles import ensure_private_dir
 from .app import create_app, is_loopback
-
 
 PASSWORD_KEYS = "password_command, password_env, password_keyring or password"
 
