@@ -130,6 +130,8 @@ class SieveConfig:
     starttls: bool
     username: str
     secret: Secret
+    verify: bool = True
+    ca_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -338,9 +340,11 @@ def _sieve(sec: "_Section | None", imap: ImapConfig | None) -> SieveConfig | Non
     if security not in SECURITY_MODES:
         raise ConfigError(f"{sec.where}.security must be one of {', '.join(SECURITY_MODES)}")
     port = sec.get("port", int, 4190)
+    verify = sec.get("verify", bool, imap.verify if imap else True)
+    ca_file = sec.get("ca_file", str, imap.ca_file if imap else None)
     sec.reject_unknown()
     return SieveConfig(host=host, port=port, starttls=security != "none", username=username,
-                       secret=own if own.configured or imap is None else imap.secret)
+                       secret=own if own.configured or imap is None else imap.secret, verify=verify, ca_file=ca_file)
 
 
 def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:

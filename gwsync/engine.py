@@ -21,7 +21,7 @@ from .calsync import CalendarResult, CalendarSync
 from .crm import CRMBackend
 from .dav import Collection
 from .crmstore import EmbeddedCRM
-from .imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable
+from .imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
 from .mailimport import MailImporter, MailResult, ProgressFn
 from .state import StateStore
 
@@ -400,7 +400,8 @@ class Engine:
         cfg = account.sieve
         if cfg is None:
             raise ConfigError(f"account {account.name} has no [accounts.{account.name}.sieve] or imap table")
-        return SieveRules(cfg.host, cfg.port, cfg.username, cfg.secret.resolve(), cfg.starttls)
+        return SieveRules(cfg.host, cfg.port, cfg.username, cfg.secret.resolve(), cfg.starttls,
+                          tls=tls_context(cfg.verify, cfg.ca_file))
 
     def import_folder_name(self, account: AccountConfig, folder: str) -> str:
         """A full import folder name from a full name or just its last element, checked against

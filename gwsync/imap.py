@@ -60,9 +60,11 @@ def _guard(what: str):
         raise MailServerError(f"{what}: {_text(exc)}")
 
 
-def _ssl_context(cfg: ImapConfig) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=cfg.ca_file)
-    if not cfg.verify:
+def tls_context(verify: bool = True, ca_file: str | None = None) -> ssl.SSLContext:
+    """Certificates verified against the system's trust store, or `ca_file`; `verify=False`
+    only as the user's explicit choice for a test server."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
@@ -81,11 +83,11 @@ class ImapSession:
         try:
             client = imapclient.IMAPClient(
                 cfg.host, port=cfg.port, ssl=cfg.security == "tls",
-                ssl_context=_ssl_context(cfg) if cfg.security != "none" else None,
+                ssl_context=tls_context(cfg.verify, cfg.ca_file) if cfg.security != "none" else None,
                 timeout=cfg.timeout,
             )
             if cfg.security == "starttls":
-                client.starttls(_ssl_context(cfg))
+                client.starttls(tls_context(cfg.verify, cfg.ca_file))
         except ssl.SSLCertVerificationError as exc:
             raise MailServerError(f"IMAP {where}: certificate not trusted ({exc.verify_message}); "
                                   "set ca_file, or verify = false for a test server")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 from dataclasses import asdict, dataclass
 
 from sievelib.managesieve import Client
@@ -88,13 +89,30 @@ def without_include(script: str) -> str:
     return script.replace(_include_lines(script), "", 1)
 
 
+class _Client(Client):
+    """sievelib's client, with gwsync's TLS settings: its own STARTTLS trusts the system's
+    certificate store only, so `ca_file` and `verify = false` would not reach it. (Name
+    mangling makes `_Client__enable_ssl` the method sievelib's STARTTLS calls.)"""
+
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None):
+        super().__init__(host, port)
+        self._tls = tls or ssl.create_default_context()
+
+    def _Client__enable_ssl(self, keyfile=None, certfile=None) -> None:  # noqa: N802 - sievelib's name
+        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self.srvhostname)
+
+
 class SieveRules:
     """gwsync's rules on one account's ManageSieve server."""
 
-    def __init__(self, host: str, port: int, username: str, password: str, starttls: bool):
-        self.client = Client(host, port)
+    def __init__(self, host: str, port: int, username: str, password: str, starttls: bool,
+                 tls: ssl.SSLContext | None = None):
+        self.client = _Client(host, port, tls)
         try:
             ok = self.client.connect(username, password, starttls=starttls, authmech="PLAIN")
+        except ssl.SSLCertVerificationError as exc:
+            raise SieveError(f"ManageSieve {host}:{port}: certificate not trusted ({exc.verify_message}); "
+                             "set ca_file, or verify = false for a test server")
         except Exception as exc:  # sievelib raises its own Error for refused connections and TLS trouble
             raise SieveError(f"ManageSieve {host}:{port}: cannot connect ({exc}); is the server up, "
                              "and is [sieve] port right?")

@@ -114,3 +114,28 @@ def test_bad_input_is_one_clear_line(senv):
     result = senv.cli("rules", "list")
     assert result.exit_code == 1 and "cannot connect" in result.stderr and "Traceback" not in result.stderr
 
+
+
+def test_starttls_to_managesieve_uses_the_accounts_ca_file_or_verify_false(make_env):
+    server = Dovecot.start(tls=True, sieve=True)
+    try:
+        env = make_env()
+        env.dovecot = server
+        text = re.sub(r"port = \d+", f"port = {server.port}", env.config_path.read_text())
+        text = text.replace('security = "none"', 'security = "starttls"')
+        sieve = f"\n[accounts.alice.sieve]\nport = {server.sieve_port}\n"
+        env.config_path.write_text(text + sieve)
+        untrusted = env.cli("rules", "list")  # the test CA is not in the system's trust store
+        assert untrusted.exit_code != 0
+        assert f"ManageSieve 127.0.0.1:{server.sieve_port}: certificate not trusted" in untrusted.stderr
+        assert "ca_file" in untrusted.stderr and len(untrusted.stderr.strip().splitlines()) == 1
+
+        # the IMAP table's ca_file reaches Sieve too
+        env.config_path.write_text(text.replace('security = ', f'ca_file = "{server.ca_file}"\nsecurity = ') + sieve)
+        assert env.cli("rules", "add", "--from", "@acme.example", "CRM Kunde [O]").exit_code == 0
+        assert env.cli_json("rules", "list")[1][0]["from"] == "@acme.example"
+        # and Sieve's own verify = false, the explicit opt-out
+        env.config_path.write_text(text + sieve + "verify = false\n")
+        assert env.cli_json("rules", "list")[1][0]["from"] == "@acme.example"
+    finally:
+        server.stop()
