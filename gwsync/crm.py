@@ -8,7 +8,7 @@ never reaches into a backend's tables.
 from __future__ import annotations
 
 import abc
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Iterator
 
 
@@ -157,7 +157,7 @@ class CRMBackend(abc.ABC):
 
     def count_activities(self, flt: ActivityFilter) -> int:
         """How many activities match (limit and offset ignored); override with a cheaper query."""
-        return len(self.list_activities(ActivityFilter(**{**asdict(flt), "limit": None, "offset": 0})))
+        return len(self.list_activities(replace(flt, limit=None, offset=0)))
 
     @abc.abstractmethod
     def add_contact(self, name: str, email: str, partner_id: int | None = None) -> Contact: ...

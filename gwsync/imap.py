@@ -80,14 +80,12 @@ class ImapSession:
     @classmethod
     def connect(cls, cfg: ImapConfig, password: str) -> "ImapSession":
         where = f"{cfg.host}:{cfg.port}"
+        context = tls_context(cfg.verify, cfg.ca_file) if cfg.security != "none" else None
         try:
-            client = imapclient.IMAPClient(
-                cfg.host, port=cfg.port, ssl=cfg.security == "tls",
-                ssl_context=tls_context(cfg.verify, cfg.ca_file) if cfg.security != "none" else None,
-                timeout=cfg.timeout,
-            )
+            client = imapclient.IMAPClient(cfg.host, port=cfg.port, ssl=cfg.security == "tls", ssl_context=context,
+                                           timeout=cfg.timeout)
             if cfg.security == "starttls":
-                client.starttls(tls_context(cfg.verify, cfg.ca_file))
+                client.starttls(context)
         except ssl.SSLCertVerificationError as exc:
             raise MailServerError(f"IMAP {where}: certificate not trusted ({exc.verify_message}); "
                                   "set ca_file, or verify = false for a test server")

@@ -258,7 +258,8 @@ class MailImporter:
                 doc.category, doc.keyword = category or None, keyword or None
             draft = ActivityDraft(
                 key=key, kind=MAIL_KIND, status=folder.status, subject=parsed.subject, body=parsed.body,
-                body_html=parsed.body_html if "body" not in given else None, contact_id=match.contact_id, partner_id=match.partner_id, sender=parsed.sender,
+                body_html=parsed.body_html if "body" not in given else None,  # an edited body drops the HTML
+                contact_id=match.contact_id, partner_id=match.partner_id, sender=parsed.sender,
                 unassigned=match.unassigned, message_id=parsed.message_id, start=parsed.date,
                 source=f"{self.account.name}:{folder.name}", owner=self.account.name, documents=documents)
             return _Prepared(uid=uid, key=key, draft=draft)

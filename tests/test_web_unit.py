@@ -6,7 +6,7 @@ import re
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gwsync.web.app import format_size, format_time, is_loopback
+from gwsync.web.app import format_size, human_time, is_loopback
 from gwsync.web.sanitize import sanitise_mail_html
 
 TRACKER = "http://tracker.example"
@@ -121,7 +121,7 @@ def test_no_tag_soup_gets_script_handlers_or_remote_loads_through(markup):
     (None, ""),
 ])
 def test_times_are_shown_for_people(stored, shown):
-    assert format_time(stored) == shown
+    assert human_time(stored) == shown
 
 
 def test_utc_stamps_are_shown_in_local_time(monkeypatch):
@@ -130,7 +130,7 @@ def test_utc_stamps_are_shown_in_local_time(monkeypatch):
     monkeypatch.setenv("TZ", "Europe/Berlin")
     time.tzset()
     try:
-        assert format_time("2026-11-24T08:12:00+00:00") == "Tue 24 Nov 2026, 09:12"
+        assert human_time("2026-11-24T08:12:00+00:00") == "Tue 24 Nov 2026, 09:12"
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()

@@ -14,6 +14,7 @@ import math
 import re
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
@@ -25,6 +26,7 @@ from werkzeug.exceptions import SecurityError
 from ..config import Config
 from ..crm import ActivityFilter
 from ..engine import Engine
+from ..icalmap import parse_time
 from ..searches import QUICK_SEARCHES, quick_search
 from .sanitize import sanitise_mail_html
 
@@ -111,32 +113,33 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
         return {"quick_searches": QUICK_SEARCHES, "login_required": password is not None,
                 "status_label": lambda key: f"{key} · {statuses[key]}" if key in statuses else key}
 
-    app.add_template_filter(format_time, "when")
+    app.add_template_filter(human_time, "when")
     app.add_template_filter(format_size, "size")
+
+    def error_page(title: str, message: str, status: int):
+        return render_template("error.html", title=title, message=message), status
 
     @app.errorhandler(CSRFError)
     def csrf_refused(exc):
-        return render_template("error.html", title="Form refused",
-                               message="This form did not come from this page or has expired. "
-                                       "Go back, reload the page and send it again."), 400
+        return error_page("Form refused", "This form did not come from this page or has expired. "
+                                          "Go back, reload the page and send it again.", 400)
 
     @app.errorhandler(404)
     def not_found(exc):
-        return render_template("error.html", title="Not found", message=exc.description), 404
+        return error_page("Not found", exc.description, 404)
 
     @app.errorhandler(500)
     def server_error(exc):
         # Flask has logged the traceback on stderr; the page says what the reader can do.
-        return render_template("error.html", title="Something went wrong",
-                               message="The page could not be built; the server's log says why. "
-                                       "Reloading may help if the database was busy."), 500
+        return error_page("Something went wrong", "The page could not be built; the server's log says why. "
+                                                  "Reloading may help if the database was busy.", 500)
 
     @app.errorhandler(400)
     def bad_request(exc):
         if isinstance(exc, SecurityError):  # an untrusted Host header: no page can be built for it
             return Response("gwsync answers only to its own address (this one is not trusted)\n", 400,
                             mimetype="text/plain")
-        return render_template("error.html", title="Bad request", message=exc.description), 400
+        return error_page("Bad request", exc.description, 400)
 
     # -- pages -------------------------------------------------------------------------------
 
@@ -294,8 +297,7 @@ def _activity_list(eng: Engine, flt: ActivityFilter, title: str, **extra):
     page = max(1, _int_or_none(request.args.get("page")) or 1)
     total = eng.crm.count_activities(flt)
     pages = max(1, math.ceil(total / PAGE_SIZE))
-    paged = ActivityFilter(**{**flt.__dict__, "newest_first": True, "limit": PAGE_SIZE,
-                              "offset": (page - 1) * PAGE_SIZE})
+    paged = replace(flt, newest_first=True, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
     items = eng.crm.list_activities(paged)
     # names of just the contacts and partners on this page (a CRM may have thousands)
     contacts = {c.id: c.name for c in map(eng.crm.get_contact, {a.contact_id for a in items if a.contact_id}) if c}
@@ -320,20 +322,18 @@ def _int_or_none(value: str | None) -> int | None:
         return None
 
 
-def format_time(value: str | None) -> str:
+def human_time(value: str | None) -> str:
     """Times as gwsync stores them, for people: '2026-12-02T14:00:00+01:00[Europe/Berlin]' ->
     'Wed 02 Dec 2026, 14:00 (Europe/Berlin)'; UTC stamps in the server's local time."""
     if not value:
         return ""
-    text, zone = value, None
-    if text.endswith("]") and "[" in text:
-        text, zone = text[:-1].split("[", 1)
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        moment = parse_time(value)
     except ValueError:
         return value
-    if len(text) == 10:
+    if not isinstance(moment, datetime):
         return moment.strftime("%a %d %b %Y")
+    zone = getattr(moment.tzinfo, "key", None)  # a ZoneInfo from the [zone] suffix
     if zone is None and moment.tzinfo is not None:
         moment = moment.astimezone()
     shown = moment.strftime("%a %d %b %Y, %H:%M")
@@ -343,8 +343,9 @@ def format_time(value: str | None) -> str:
 def format_size(size: int | None) -> str:
     if size is None:
         return ""
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+    if size < 1024:
+        return f"{size} bytes"
+    for unit in ("KB", "MB", "GB"):
         size /= 1024
-    return str(size)
+        if size < 1024 or unit == "GB":
+            return f"{size:.1f} {unit}"
