@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -621,6 +622,24 @@ def _rule_account(obj: Context, name: str | None):
         fail(f"config error: {exc}", EXIT_USAGE)
 
 
+@contextmanager
+def _rule_errors(account: str):
+    """One line and the right exit code for what a rules command can meet. LoginFailed comes
+    before MailServerError, its base class: a refused login is a locked credential (exit 3)."""
+    from .sieve import SieveError
+
+    try:
+        yield
+    except (ValueError, ConfigError) as exc:
+        fail(str(exc), EXIT_USAGE)
+    except (LoginFailed, CredentialLocked) as exc:
+        fail(str(exc), EXIT_LOCKED)
+    except LookupError as exc:
+        fail(str(exc), EXIT_FAILED)
+    except (SieveError, MailServerError) as exc:
+        fail(f"account {account}: {exc}", EXIT_FAILED)
+
+
 @rules.command("add")
 @click.option("--account", help="The account (default: the only one).")
 @click.option("--from", "sender", required=True, help="ADDRESS or @DOMAIN.")
@@ -629,18 +648,9 @@ def _rule_account(obj: Context, name: str | None):
 def rules_add(obj: Context, account, sender, folder) -> None:
     """File mail from ADDRESS or @DOMAIN into FOLDER (full name, or e.g. "CRM Kunde [O]";
     created when missing)."""
-    from .sieve import SieveError
-
     selected = _rule_account(obj, account)
-    with obj.engine() as engine:
-        try:
-            rule = engine.add_rule(selected, sender, folder)
-        except (ValueError, ConfigError) as exc:
-            fail(str(exc), EXIT_USAGE)
-        except (SieveError, MailServerError) as exc:
-            fail(f"account {selected.name}: {exc}", EXIT_FAILED)
-        except (LoginFailed, CredentialLocked) as exc:
-            fail(str(exc), EXIT_LOCKED)
+    with obj.engine() as engine, _rule_errors(selected.name):
+        rule = engine.add_rule(selected, sender, folder)
     click.echo(f"rule {rule.id}: mail from {rule.sender} -> {rule.folder}")
 
 
@@ -650,17 +660,9 @@ def rules_add(obj: Context, account, sender, folder) -> None:
 @click.pass_obj
 def rules_list(obj: Context, account, as_json) -> None:
     """The rules gwsync keeps on the server."""
-    from .sieve import SieveError
-
     selected = _rule_account(obj, account)
-    with obj.engine() as engine:
-        try:
-            with engine.sieve(selected) as sieve:
-                found = sieve.rules()
-        except ConfigError as exc:
-            fail(str(exc), EXIT_USAGE)
-        except SieveError as exc:
-            fail(f"account {selected.name}: {exc}", EXIT_FAILED)
+    with obj.engine() as engine, _rule_errors(selected.name), engine.sieve(selected) as sieve:
+        found = sieve.rules()
     if as_json:
         emit_json([{"id": r.id, "from": r.sender, "folder": r.folder} for r in found])
         return
@@ -676,19 +678,9 @@ def rules_list(obj: Context, account, as_json) -> None:
 @click.pass_obj
 def rules_remove(obj: Context, rule_id, account) -> None:
     """Remove a rule; with the last one, the user's own script is back as it was."""
-    from .sieve import SieveError
-
     selected = _rule_account(obj, account)
-    with obj.engine() as engine:
-        try:
-            with engine.sieve(selected) as sieve:
-                rule = sieve.remove(rule_id)
-        except ConfigError as exc:
-            fail(str(exc), EXIT_USAGE)
-        except LookupError as exc:
-            fail(str(exc), EXIT_FAILED)
-        except SieveError as exc:
-            fail(f"account {selected.name}: {exc}", EXIT_FAILED)
+    with obj.engine() as engine, _rule_errors(selected.name), engine.sieve(selected) as sieve:
+        rule = sieve.remove(rule_id)
     click.echo(f"removed rule {rule.id} (from {rule.sender} -> {rule.folder})")
 
 

@@ -139,3 +139,12 @@ def test_starttls_to_managesieve_uses_the_accounts_ca_file_or_verify_false(make_
         assert env.cli_json("rules", "list")[1][0]["from"] == "@acme.example"
     finally:
         server.stop()
+
+
+def test_a_refused_imap_login_while_adding_a_rule_locks_the_credential(senv, monkeypatch):
+    monkeypatch.setenv(f"GWSYNC_TEST_PW_{senv.user.upper()}", "wrong")
+    result = senv.cli("rules", "add", "--from", "@acme.example", "CRM Kunde [O]")
+    assert result.exit_code == 3 and "login as" in result.stderr and "refused" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    again = senv.cli("rules", "add", "--from", "@acme.example", "CRM Kunde [O]")
+    assert again.exit_code == 3  # not sent to the server again until `gwsync unlock`
