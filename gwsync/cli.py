@@ -178,7 +178,7 @@ def folders(obj: Context, accounts, as_json) -> None:
             for f in found:
                 known = f.status in statuses
                 if not known:
-                    code = EXIT_FAILED
+                    code = max(code, EXIT_FAILED)  # a locked account elsewhere (3) still decides
                 out.append({"account": account.name, "folder": f.name, "description": f.parsed.description,
                             "status": f.status, "status_label": statuses.get(f.status),
                             "error": None if known else f"unknown status key [{f.status}]"})
