@@ -20,17 +20,16 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from caldav.davclient import DAVClient
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import _setup  # noqa: F401 - puts this checkout of gwsync first on sys.path
 
 from gwsync.config import parse_config  # noqa: E402
+from gwsync.crm import ActivityFilter  # noqa: E402
 from gwsync.engine import Engine  # noqa: E402
 from gwsync.localservers import Radicale  # noqa: E402
 
@@ -110,8 +109,8 @@ def bench_gwsync(server: Radicale, home: str, user: str, workdir: Path, changes:
     mark = log_lines(server)
     first_time, first_requests = measure(server, run)
     puts = put_seconds(server, mark)
-    raw = bench_raw_puts(server, load(server, f"{user}raw", len(engine.crm.list_activities(
-        __import__("gwsync.crm", fromlist=["ActivityFilter"]).ActivityFilter()))), f"{user}raw")
+    imported = engine.crm.count_activities(ActivityFilter())
+    raw = bench_raw_puts(server, load(server, f"{user}raw", imported), f"{user}raw")
     noop_time, noop_requests = measure(server, run)
     change_items(server, home, user, changes, "gw")
     changed_time, changed_requests = measure(server, run)

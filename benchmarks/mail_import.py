@@ -24,8 +24,7 @@ from pathlib import Path
 
 from imapclient import IMAPClient
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _setup import ROOT, imap_account, write_config
 
 from gwsync.localservers import Dovecot  # noqa: E402
 
@@ -81,19 +80,7 @@ def raw_fetch_and_move(server: Dovecot, user: str) -> float:
 
 
 def run_gwsync(server: Dovecot, user: str, workdir: Path) -> tuple[float, float, str]:
-    config = workdir / "config.toml"
-    config.write_text(f"""
-[crm]
-database = "{workdir}/crm.db"
-[state]
-database = "{workdir}/state.db"
-[accounts.bench.imap]
-host = "127.0.0.1"
-port = {server.port}
-security = "none"
-username = "{user}"
-password = "{server.password_for(user)}"
-""")
+    config = write_config(workdir, imap_account(server, user))
     # A tiny wrapper reports the child's own peak RSS: VmHWM belongs to the address space that
     # exec created (ru_maxrss would carry over the parent's peak across fork + exec).
     code = ("import re, sys\nfrom gwsync.cli import main\n"

@@ -22,8 +22,7 @@ from pathlib import Path
 
 from imapclient import IMAPClient
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _setup import ROOT, imap_account, write_config
 
 from gwsync.localservers import Dovecot  # noqa: E402
 
@@ -55,21 +54,7 @@ def main() -> None:
     server = Dovecot.start()
     workdir = Path(tempfile.mkdtemp(prefix="gwsync-watchbench-"))
     user = "bench"
-    config = workdir / "config.toml"
-    config.write_text(f"""
-[crm]
-database = "{workdir}/crm.db"
-[state]
-database = "{workdir}/state.db"
-[accounts.bench]
-interval = 600
-[accounts.bench.imap]
-host = "127.0.0.1"
-port = {server.port}
-security = "none"
-username = "{user}"
-password = "{server.password_for(user)}"
-""")
+    config = write_config(workdir, imap_account(server, user, "interval = 600"))
     client = IMAPClient("127.0.0.1", port=server.port, ssl=False)
     client.login(user, server.password_for(user))
     client.create_folder(FOLDER)

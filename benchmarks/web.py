@@ -22,8 +22,7 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _setup import write_config
 
 from gwsync.config import load_config  # noqa: E402
 from gwsync.crm import ActivityDraft, Document  # noqa: E402
@@ -83,8 +82,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gwsync-web-bench-") as tmp:
-        config = Path(tmp) / "config.toml"
-        config.write_text(f'[crm]\ndatabase = "{tmp}/crm.db"\n[state]\ndatabase = "{tmp}/state.db"\n')
+        config = write_config(Path(tmp))
         start = time.perf_counter()
         seed(config, args.activities, args.contacts)
         print(f"seeded {args.activities} activities, {args.contacts} contacts in {time.perf_counter() - start:.1f} s")
