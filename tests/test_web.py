@@ -137,6 +137,12 @@ def start_serve(config: Path, *args: str) -> tuple[subprocess.Popen, str]:
     return process, match.group(1)
 
 
+def serve_refused(config: Path, *args: str) -> subprocess.CompletedProcess:
+    """`gwsync serve` where it must not start: it has to end by itself."""
+    return subprocess.run([sys.executable, "-m", "gwsync.cli", "--config", str(config), "serve", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
 def stop(process: subprocess.Popen) -> None:
     process.terminate()
     process.wait(timeout=10)
@@ -346,8 +352,7 @@ def test_only_its_own_host_names_are_answered(world):
 # -- starting it -----------------------------------------------------------------------------
 
 def test_beyond_loopback_it_needs_a_password(world):
-    result = subprocess.run([sys.executable, "-m", "gwsync.cli", "--config", str(world.env.config_path), "serve",
-                             "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=30)
+    result = serve_refused(world.env.config_path, "--host", "0.0.0.0", "--port", "0")
     assert result.returncode == 2
     assert result.stderr.startswith("gwsync: config error: serve: listening on 0.0.0.0")
     assert len(result.stderr.strip().splitlines()) == 1
@@ -356,16 +361,14 @@ def test_beyond_loopback_it_needs_a_password(world):
 def test_behind_a_proxy_it_needs_a_password_too(world):
     config = world.env.dir / "proxied.toml"
     config.write_text(world.env.config_path.read_text().replace("[serve]\n", '[serve]\nurl = "https://crm.example.com"\n'))
-    result = subprocess.run([sys.executable, "-m", "gwsync.cli", "--config", str(config), "serve", "--port", "0"],
-                            capture_output=True, text=True, timeout=30)
+    result = serve_refused(config, "--port", "0")
     assert result.returncode == 2
     assert "serve.url https://crm.example.com says the CRM is opened from other machines" in result.stderr
 
 
 def test_a_taken_port_is_one_line(world):
     port = world.url.rsplit(":", 1)[1]
-    result = subprocess.run([sys.executable, "-m", "gwsync.cli", "--config", str(world.env.config_path), "serve",
-                             "--port", port], capture_output=True, text=True, timeout=30)
+    result = serve_refused(world.env.config_path, "--port", port)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"gwsync: cannot listen on 127.0.0.1 port {port}: Address already in use "
