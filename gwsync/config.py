@@ -179,10 +179,12 @@ class ServeConfig:
 
     @property
     def base_url(self) -> str:
-        if self.url:
-            return self.url.rstrip("/")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return self.url.rstrip("/") if self.url else http_address(self.host, self.port)
+
+
+def http_address(host: str, port: int) -> str:
+    """http://HOST:PORT, with an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, http_address
 from ..dbfiles import ensure_private_dir
 from .app import create_app, is_loopback
 
@@ -70,9 +70,7 @@ def run_server(server, on_ready: Callable[[str], None]) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, stop)
-    host = server.effective_host
-    address = f"http://[{host}]:{server.effective_port}/" if ":" in host else f"http://{host}:{server.effective_port}/"
-    on_ready(address)
+    on_ready(http_address(server.effective_host, server.effective_port) + "/")
     try:
         server.run()
     except KeyboardInterrupt:
