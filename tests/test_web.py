@@ -427,6 +427,8 @@ def test_in_chromium_the_calendar_link_leads_to_the_partners_activities(world, t
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as arrived
+    from selenium.webdriver.support.wait import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
@@ -436,10 +438,13 @@ def test_in_chromium_the_calendar_link_leads_to_the_partners_activities(world, t
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    # A click that follows a link or sends a form returns before the next page is there.
+    wait = WebDriverWait(driver, 10).until
     try:
         driver.get(world.calendar_link)  # as a phone calendar opens it
         assert driver.find_element(By.TAG_NAME, "h1").text == "Jahresgespräch ACME"
         driver.find_element(By.CSS_SELECTOR, "a.partner").click()
+        wait(arrived.text_to_be_present_in_element((By.TAG_NAME, "h1"), "Activities of"))
         assert driver.find_element(By.TAG_NAME, "h1").text == "Activities of ACME GmbH"
         subjects = {a.text for a in driver.find_elements(By.CSS_SELECTOR, "a.subject")}
         assert {"Angebot 2027", "Rückfrage Lieferung"} <= subjects
@@ -448,7 +453,7 @@ def test_in_chromium_the_calendar_link_leads_to_the_partners_activities(world, t
 
         # the mail with the tracking pixel, opened for real: nothing reaches the tracker
         driver.find_element(By.LINK_TEXT, "Angebot 2027").click()
-        assert "offer" in driver.find_element(By.CSS_SELECTOR, ".mail-html").text
+        assert "offer" in wait(arrived.presence_of_element_located((By.CSS_SELECTOR, ".mail-html"))).text
         assert driver.execute_script("return document.readyState") == "complete"
         time.sleep(0.5)
         driver.save_screenshot(str(tmp_path / "mail.png"))
@@ -467,7 +472,8 @@ def test_in_chromium_the_calendar_link_leads_to_the_partners_activities(world, t
         section = driver.find_element(By.CSS_SELECTOR, 'section[id="browser@kunde.example"]')
         section.find_element(By.NAME, "new_contact").send_keys("Bruno Browser")
         section.find_element(By.XPATH, ".//button[text()='Create and assign']").click()
-        assert "browser@kunde.example now belongs to contact" in driver.find_element(By.CSS_SELECTOR, ".notice").text
+        notice = wait(arrived.presence_of_element_located((By.CSS_SELECTOR, ".notice")))
+        assert "browser@kunde.example now belongs to contact" in notice.text
         assert not driver.find_elements(By.CSS_SELECTOR, 'section[id="browser@kunde.example"]')
 
         problems = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")]
