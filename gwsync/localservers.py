@@ -18,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 
 class ServerUnavailable(RuntimeError):
@@ -150,8 +151,28 @@ protocol lda {{
 """
 
 
+class _LocalServer:
+    """Stopping (also at the end of a `with` block) a server started in its own process group,
+    and removing its temporary directory, if it has one."""
+
+    proc: subprocess.Popen | None
+    directory: Path | None = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc)
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 @dataclass
-class Dovecot:
+class Dovecot(_LocalServer):
     """A Dovecot IMAP server in a temporary directory (Debian package `dovecot-imapd`)."""
 
     directory: Path
@@ -231,16 +252,6 @@ class Dovecot:
         to re-read, so tests can make a fresh mailbox per test at no cost)."""
         return f"pw-{user}"
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process_group(self.proc)
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> "Dovecot":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _make_certificates(directory: Path) -> Path:
@@ -265,7 +276,7 @@ def _group_name(gid: int) -> str:
 
 
 @dataclass
-class Pymap:
+class Pymap(_LocalServer):
     """pymap, a pure-Python IMAP server from PyPI: one demo user, in memory."""
 
     user: str
@@ -287,15 +298,6 @@ class Pymap:
         wait_for_port(server.port, server.proc)
         return server
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process_group(self.proc)
-
-    def __enter__(self) -> "Pymap":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 RADICALE_CONF = """\
@@ -323,7 +325,7 @@ MKCALENDAR = ('<?xml version="1.0" encoding="utf-8"?><C:mkcalendar xmlns:D="DAV:
 
 
 @dataclass
-class Radicale:
+class Radicale(_LocalServer):
     """A Radicale CalDAV server (PyPI) in a temporary directory."""
 
     directory: Path
@@ -390,13 +392,3 @@ class Radicale:
             stop_process_group(self.proc)
         self._launch()
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process_group(self.proc)
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> "Radicale":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
