@@ -5,6 +5,7 @@ browser would get. The last test drives Debian's Chromium through chromedriver."
 from __future__ import annotations
 
 import hashlib
+import html
 import http.server
 import re
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,6 +229,9 @@ def test_partner_page_lists_its_activities_and_contacts(world):
         "Angebot 2027", "Rückfrage Lieferung", "Jahresgespräch ACME"}
     assert world.get("/partners/99").status_code == 404
     assert world.get("/activities/9999").status_code == 404
+    # beyond what SQLite can store: still only "not there", no server error
+    assert world.get("/activities/99999999999999999999999999").status_code == 404
+    assert world.get("/partners/1?page=999999999999999999999").status_code in (400, 404)
 
 
 def test_held_mail_says_what_it_lacks(world):
@@ -349,6 +354,36 @@ def test_only_its_own_host_names_are_answered(world):
     assert requests.get(world.url.replace("127.0.0.1", "localhost") + "/", timeout=10).status_code == 200
 
 
+def ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback (::1 cannot be bound)")
+def test_on_ipv6_loopback_it_answers_and_still_refuses_other_host_names(world):
+    process, url = start_serve(world.env.config_path, "--host", "::1", "--port", "0")
+    try:
+        assert url.startswith("http://[::1]:")
+        port = url.rsplit(":", 1)[1]
+        # what browsers and curl send (requests leaves the brackets out: "Host: ::1:PORT")
+        own = {"Host": f"[::1]:{port}"}
+        page = requests.get(url + "/", headers=own, timeout=10)
+        assert page.status_code == 200 and "Unassigned imported mail" in page.text
+        activity = requests.get(url + f"/activities/{world.ids['Angebot 2027']}", headers=own, timeout=10)
+        assert activity.status_code == 200 and "<h1>Angebot 2027</h1>" in activity.text
+        for host in (f"evil.example:{port}", f"[::2]:{port}"):
+            rebound = requests.get(url + "/", headers={"Host": host}, timeout=10)
+            assert rebound.status_code == 400 and "CRM" not in rebound.text, host
+    finally:
+        stop(process)
+
+
 # -- starting it -----------------------------------------------------------------------------
 
 def test_beyond_loopback_it_needs_a_password(world):
@@ -375,14 +410,19 @@ def test_a_taken_port_is_one_line(world):
         "(another gwsync serve? choose another with --port)"]
 
 
-def test_with_a_password_every_page_needs_a_login(world, monkeypatch):
+def serve_with_password(world, monkeypatch) -> tuple[subprocess.Popen, str]:
+    """`gwsync serve` on all addresses with the password "s3cret wörd"; its loopback address."""
     config = world.env.dir / "with-password.toml"
     config.write_text(world.env.config_path.read_text().replace(
         "[serve]\n", '[serve]\nhost = "0.0.0.0"\npassword_env = "GWSYNC_TEST_WEB_PASSWORD"\n'))
     monkeypatch.setenv("GWSYNC_TEST_WEB_PASSWORD", "s3cret wörd")
     process, url = start_serve(config, "--port", "0")
+    return process, url.replace("0.0.0.0", "127.0.0.1")
+
+
+def test_with_a_password_every_page_needs_a_login(world, monkeypatch):
+    process, address = serve_with_password(world, monkeypatch)
     try:
-        address = url.replace("0.0.0.0", "127.0.0.1")
         target = f"/activities/{world.ids['Angebot 2027']}"
         anonymous = requests.get(address + target, timeout=10, allow_redirects=False)
         assert anonymous.status_code == 302 and anonymous.headers["Location"].startswith("/login?next=")
@@ -395,6 +435,7 @@ def test_with_a_password_every_page_needs_a_login(world, monkeypatch):
         wrong = browser.post(address + "/login", timeout=10, data={
             "password": "guess", "next": target, "csrf_token": csrf_token(login.text)})
         assert wrong.status_code == 401 and "Wrong password." in wrong.text
+        time.sleep(int(wrong.headers["Retry-After"]))  # the next try has to wait that long
         right = browser.post(address + "/login", timeout=10, data={
             "password": "s3cret wörd", "next": target, "csrf_token": csrf_token(wrong.text)})
         assert right.status_code == 200 and "<h1>Angebot 2027</h1>" in right.text  # back where the link pointed
@@ -408,6 +449,60 @@ def test_with_a_password_every_page_needs_a_login(world, monkeypatch):
         away = browser.post(address + "/login", timeout=10, allow_redirects=False, data={
             "password": "s3cret wörd", "next": "//evil.example/", "csrf_token": csrf_token(page.text)})
         assert away.headers["Location"] == "/"
+        # what browsers read as another site: tabs and newlines dropped, "\\" taken for "/"
+        for hostile in ("/%09/evil.example", "/%0d%0a/evil.example", "/%5C%5Cevil.example", "/%5Cevil.example",
+                        "https:evil.example", "/%0d%0aSet-Cookie:%20x=1"):
+            page = browser.get(address + "/login?next=" + hostile, timeout=10)
+            assert page.status_code == 200, hostile
+            sent = re.search(r'name="next" value="([^"]*)"', page.text).group(1)  # as the form sends it back
+            away = browser.post(address + "/login", timeout=10, allow_redirects=False, data={
+                "password": "s3cret wörd", "next": html.unescape(sent), "csrf_token": csrf_token(page.text)})
+            assert (away.status_code, away.headers["Location"]) == (303, "/"), hostile
+            page = browser.get(address + "/login", timeout=10)  # a fresh token: the login renewed the session
+            away = browser.post(address + "/login?next=" + hostile, timeout=10, allow_redirects=False, data={
+                "password": "s3cret wörd", "csrf_token": csrf_token(page.text)})
+            assert (away.status_code, away.headers["Location"]) == (303, "/"), hostile
+    finally:
+        stop(process)
+
+
+def test_wrong_passwords_cost_the_guesser_not_the_server(world, monkeypatch):
+    process, address = serve_with_password(world, monkeypatch)
+    try:
+        reader = requests.Session()  # someone logged in, reading
+        page = reader.get(address + "/login", timeout=10)
+        assert reader.post(address + "/login", timeout=10, data={
+            "password": "s3cret wörd", "csrf_token": csrf_token(page.text)}).status_code == 200
+        guesser = requests.Session()
+        token = csrf_token(guesser.get(address + "/login", timeout=10).text)
+
+        def guess(_n):
+            return guesser.post(address + "/login", data={"password": "guess", "csrf_token": token}, timeout=30)
+
+        target = address + f"/activities/{world.ids['Angebot 2027']}"
+        with ThreadPoolExecutor(12) as pool:
+            guesses = [pool.submit(guess, n) for n in range(12)]
+            time.sleep(0.2)  # the guesses are in (they used to sleep in all of the server's threads)
+            started = time.monotonic()
+            read = reader.get(target, timeout=30)
+            took = time.monotonic() - started
+            answers = [g.result() for g in guesses]
+        assert read.status_code == 200 and "<h1>Angebot 2027</h1>" in read.text
+        assert took < 1.0, f"an unrelated page took {took:.1f} s while wrong passwords came in"
+        statuses = [a.status_code for a in answers]
+        assert set(statuses) == {401, 429} and 1 <= statuses.count(401) <= 2, statuses  # most not even checked
+        refused = next(a for a in answers if a.status_code == 429)
+        assert int(refused.headers["Retry-After"]) >= 1 and "try again in" in refused.text
+
+        # the right password, too early, is refused without being checked; in time it works
+        early = guesser.post(address + "/login", timeout=10, allow_redirects=False,
+                             data={"password": "s3cret wörd", "csrf_token": token})
+        assert early.status_code == 429
+        assert guesser.get(target, timeout=10, allow_redirects=False).status_code == 302  # not logged in
+        time.sleep(int(early.headers["Retry-After"]))
+        right = guesser.post(address + "/login", timeout=10, allow_redirects=False,
+                             data={"password": "s3cret wörd", "csrf_token": token})
+        assert right.status_code == 303
     finally:
         stop(process)
 

@@ -167,3 +167,178 @@ def test_summary_links_point_at_the_quick_searches_only_when_the_links_point_at_
     assert summary_links(base, [assigned, unknown]) == [f"imported today: {base}/searches/today",
                                                          f"unassigned: {base}/searches/unassigned"]
     assert summary_links(None, [unknown]) == [] and summary_links(base, []) == []
+
+
+# -- the edges of the app: redirects after login, hosts, ids and pages, wrong passwords ------
+
+PASSWORD = "s3cret"
+C0_AND_SPACE = "".join(map(chr, range(0x21)))
+
+
+def web_app(tmp_path, password: str | None = None):
+    """The app over an empty CRM, forms without CSRF tokens (the server tests check those)."""
+    from gwsync.config import parse_config
+    from gwsync.web.app import create_app
+
+    config = parse_config({"crm": {"database": str(tmp_path / "crm.db")},
+                           "state": {"database": str(tmp_path / "state.db")}})
+    app = create_app(config, b"k" * 32, password)
+    app.config["WTF_CSRF_ENABLED"] = False
+    return config, app
+
+
+def assert_stays_here(location: str) -> None:
+    """A Location a browser follows to a path of this site: neither urllib nor a browser's reading
+    (which drops tabs and newlines, trims control characters and takes '\\' for '/') finds a
+    scheme or another host in it."""
+    from urllib.parse import urlsplit
+
+    assert location.startswith("/") and location.isprintable(), repr(location)
+    browser = re.sub(r"[\t\n\r]", "", location.strip(C0_AND_SPACE)).replace("\\", "/")
+    for read in (urlsplit(location), urlsplit(browser)):
+        assert not read.scheme and not read.netloc, (location, read)
+
+
+@pytest.mark.parametrize("query", [
+    "next=/%09/evil.example", "next=/%0d%0a/evil.example", "next=/%0a/evil.example", "next=%09//evil.example",
+    "next=//evil.example", "next=/%5C%5Cevil.example", "next=/%5Cevil.example", "next=%5C%5Cevil.example",
+    "next=/%2F%2Fevil.example", "next=https:evil.example", "next=https://evil.example/", "next=javascript:alert(1)",
+    "next=/%0d%0aSet-Cookie:%20x=1", "next=/%00/evil.example", "next=/%7F/evil.example", "next=evil.example",
+    "next=/%C2%85/evil.example", "next=%20/",
+])
+def test_after_login_a_hostile_next_leads_to_the_start_page(tmp_path, query):
+    _config, app = web_app(tmp_path, PASSWORD)
+    client = app.test_client()
+    form = client.get(f"/login?{query}")
+    assert form.status_code == 200 and 'name="next" value="/"' in form.text
+    logged_in = client.post(f"/login?{query}", data={"password": PASSWORD})
+    assert logged_in.status_code == 303 and logged_in.headers["Location"] == "/"
+
+
+@pytest.mark.parametrize("target", ["/activities/12?images=remote", "/searches/today?page=2", "/unknown#neu",
+                                    "/%2F%2Fevil.example", "/searches/Rückfrage"])
+def test_after_login_a_local_next_is_kept(tmp_path, target):
+    _config, app = web_app(tmp_path, PASSWORD)
+    logged_in = app.test_client().post("/login", data={"password": PASSWORD, "next": target})
+    assert logged_in.status_code == 303
+    assert logged_in.headers["Location"] in (target, target.replace("ü", "%C3%BC"))
+    assert_stays_here(logged_in.headers["Location"])
+
+
+NEXT_PIECES = ["/", "//", "\\", "\t", "\r", "\n", " ", "\x00", "\x0b", "\x7f", "\x85", "\u2028", "\u3000", ".", ":",
+               "@", "?", "#", "%", "%2F", "%5C", "%09", "https:", "http://", "javascript:", "evil.example", "ü"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(NEXT_PIECES) | st.text(max_size=3), max_size=8).map("".join))
+def test_after_login_the_redirect_never_leaves_the_site(tmp_path_factory, target):
+    _config, app = web_app(tmp_path_factory.mktemp("next"), PASSWORD)
+    for request in ({"data": {"password": PASSWORD, "next": target}},
+                    {"data": {"password": PASSWORD}, "query_string": {"next": target}}):
+        logged_in = app.test_client().post("/login", **request)
+        assert logged_in.status_code == 303
+        assert_stays_here(logged_in.headers["Location"])
+
+
+@pytest.mark.parametrize("host, status", [
+    ("[::1]:8765", 200), ("[::1]", 200), ("127.0.0.1:8765", 200), ("localhost:8765", 200), ("127.0.0.2:8765", 200),
+    ("evil.example:8765", 400), ("evil.example", 400), ("[::2]:8765", 400), ("192.168.1.5:8765", 400),
+    ("[::1]:8765@evil.example", 400), ("", 400),
+])
+def test_without_a_password_only_loopback_host_names_are_answered(tmp_path, host, status):
+    _config, app = web_app(tmp_path)
+    app.logger.disabled = True
+    response = app.test_client().get("/held", headers={"Host": host})
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert "only to its own address" in response.text and "held" not in response.text.lower()
+
+
+BIG = "99999999999999999999999999"
+
+
+def test_out_of_range_ids_and_pages_are_not_found_not_a_server_error(tmp_path):
+    from gwsync.engine import Engine
+
+    config, app = web_app(tmp_path)
+    app.logger.disabled = True
+    with Engine(config) as engine:
+        partner = engine.crm.add_partner("ACME GmbH", ["info@acme.example"])
+        contact = engine.crm.add_contact("Erika", "erika@acme.example", partner.id)
+    client = app.test_client()
+    for path in (f"/activities/{BIG}", f"/activities/{2 ** 63}", f"/activities/1/documents/{BIG}",
+                 f"/activities/{BIG}/documents/1", f"/partners/{BIG}", f"/contacts/{BIG}", "/activities/-1"):
+        assert client.get(path).status_code == 404, path
+    assert client.get(f"/activities/{2 ** 63 - 1}").status_code == 404  # the largest id: looked up, not there
+    for path in ("/searches/today", f"/partners/{partner.id}", f"/contacts/{contact.id}"):
+        assert client.get(path).status_code == 200, path
+        assert client.get(f"{path}?page=1").status_code == 200, path
+        for page in (BIG, "2", "0", "-3", "x", "1e3"):
+            response = client.get(f"{path}?page={page}")
+            assert response.status_code in (400, 404), (path, page)
+            assert "page" in response.text, (path, page)
+
+
+def test_the_assign_form_refuses_out_of_range_ids(tmp_path):
+    from gwsync.engine import Engine
+
+    config, app = web_app(tmp_path)
+    app.logger.disabled = True
+    with Engine(config) as engine:
+        engine.crm.add_contact("Erika", "erika@acme.example")
+    client = app.test_client()
+    for form, says in (({"contact": f"#{BIG} Nobody"}, "no contact"),
+                       ({"contact": f"#{2 ** 63} Nobody"}, "no contact"),
+                       ({"new_contact": "Nina", "partner_id": BIG}, "no partner"),
+                       ({"new_contact": "Nina", "partner_id": "-1"}, "no partner"),
+                       ({"new_contact": "Nina", "partner_id": "ACME"}, "no partner")):
+        response = client.post("/unknown/assign", data={"email": "neu@kunde.example", **form})
+        assert response.status_code == 400 and says in response.text, form
+    with Engine(config) as engine:
+        assert [c.name for c in engine.crm.list_contacts()] == ["Erika"]
+
+
+def test_a_wrong_password_makes_the_next_try_wait_without_a_sleeping_server(tmp_path):
+    import time
+
+    _config, app = web_app(tmp_path, PASSWORD)
+    client = app.test_client()
+    assert client.head("/login").status_code == 200 and client.get("/login").status_code == 200  # no tries
+    started = time.monotonic()
+    wrong = client.post("/login", data={"password": "guess"})
+    assert time.monotonic() - started < 0.5  # answered at once; the wait is the guesser's
+    assert wrong.status_code == 401 and "Wrong password" in wrong.text and wrong.headers["Retry-After"] == "1"
+    # the right password, too early: refused without being checked
+    early = client.post("/login", data={"password": PASSWORD, "next": "/held"})
+    assert early.status_code == 429 and early.headers["Retry-After"] == "1"
+    assert "try again in 1 s" in early.text
+    assert client.get("/held").status_code == 302  # still not logged in
+    # another client is not held up by this one
+    other = app.test_client().post("/login", data={"password": PASSWORD},
+                                   environ_overrides={"REMOTE_ADDR": "127.0.0.9"})
+    assert other.status_code == 303
+
+
+def test_wrong_passwords_double_the_wait_per_client_in_bounded_memory():
+    from gwsync.web.app import LoginThrottle
+
+    now = [1000.0]
+    throttle = LoginThrottle(first=1, most=8, forget=600, size=3, clock=lambda: now[0])
+    assert throttle.begin("10.0.0.1") == 0  # a try: checked, and wrong until passed() says otherwise
+    waits = [throttle.begin("10.0.0.1")]  # the next one, at once: refused
+    for _ in range(5):
+        now[0] += waits[-1]
+        assert throttle.begin("10.0.0.1") == 0  # its turn
+        waits.append(throttle.begin("10.0.0.1"))
+    assert waits == [1, 2, 4, 8, 8, 8]  # doubling, up to `most`
+    assert throttle.begin("10.0.0.2") == 0  # others are not held
+    now[0] += 8 + 600  # a long quiet while: the count starts over
+    assert throttle.begin("10.0.0.1") == 0 and throttle.begin("10.0.0.1") == 1
+    # one IPv6 network (/64) is one client: new addresses from it do not start over
+    assert throttle.begin("2001:db8::1") == 0
+    assert throttle.begin("2001:db8::2") == 1 and throttle.begin("2001:db8:0:1::1") == 0
+    assert len(throttle) == 3  # the oldest client is forgotten first
+    now[0] += 1
+    assert throttle.begin("2001:db8::1") == 0
+    throttle.passed("2001:db8::1")  # the right password: a clean slate
+    assert throttle.begin("2001:db8::1") == 0

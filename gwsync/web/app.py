@@ -3,6 +3,10 @@
 Every request opens the CRM and state databases through an Engine (SQLite connections are
 per thread, and waitress serves from several) and closes them afterwards. Pages only read;
 the one write is the assign form, which runs the same Engine.assign as `gwsync assign`.
+
+A request passes, in this order: the Host check (without a password: loopback names only),
+the login check (with one), Flask-WTF's CSRF check (forms), then its page. Ids in URLs and
+forms beyond SQLite's 64-bit integers are "not there" before any query sees them.
 """
 
 from __future__ import annotations
@@ -14,14 +18,16 @@ import math
 import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import replace
 from datetime import datetime, timedelta
+from typing import Callable
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, flash, g, redirect, render_template, request, send_file, session, url_for
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
-from werkzeug.exceptions import SecurityError
+from werkzeug.routing import IntegerConverter
 
 from ..config import Config
 from ..crm import ActivityFilter
@@ -31,7 +37,9 @@ from ..searches import QUICK_SEARCHES, quick_search
 from .sanitize import sanitise_mail_html
 
 PAGE_SIZE = 50
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+MAX_ID = 2 ** 63 - 1  # SQLite's largest integer: a larger id cannot exist (and would not bind)
+# A Host header: a name or IPv4 address, or an IPv6 address in brackets; an optional port.
+HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::[0-9]{1,5})?", re.IGNORECASE)
 
 # Types a browser might render or run; served as plain bytes (they are downloads anyway).
 ACTIVE_TYPES = ("text/html", "application/xhtml+xml", "image/svg+xml", "text/xml", "application/xml",
@@ -53,10 +61,89 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def host_name(header: str) -> str | None:
+    """The name in a Host header, lower case and without brackets ('[::1]:8765' -> '::1');
+    None when it is not a host name at all."""
+    match = HOST_HEADER.fullmatch(header)
+    return match.group(1).strip("[]").lower() if match else None
+
+
+def local_path(target: str) -> str | None:
+    """`target` if a browser reads it as a path of this site, else None. Browsers drop tabs
+    and newlines inside a URL and take '\\' for '/', so '/\t/evil.example' and '/\\evil.example'
+    lead to another host: control characters and backslashes are refused with '//' and schemes."""
+    if not target.startswith("/") or target.startswith("//") or "\\" in target or not target.isprintable():
+        return None
+    parts = urlsplit(target)
+    return None if parts.scheme or parts.netloc else target
+
+
+class IdConverter(IntegerConverter):
+    """<id:name>: a whole number SQLite can hold; a larger one matches no page (404)."""
+
+    def __init__(self, url_map, *args, **kwargs):
+        super().__init__(url_map, max=MAX_ID)
+
+
+class LoginThrottle:
+    """Wrong passwords cost the guesser time, not the server a thread: each try from a client
+    (an address; an IPv6 /64, which one machine usually has whole) counts as wrong until
+    passed() says otherwise, and the client's next try is refused unchecked until the delay
+    is over: `first` seconds, doubled with every further wrong try up to `most`, started over
+    after `forget` quiet seconds. The oldest of more than `size` clients is forgotten."""
+
+    def __init__(self, first: float = 1, most: float = 30, forget: float = 900, size: int = 4096,
+                 clock: Callable[[], float] = time.monotonic):
+        self.first, self.most, self.forget, self.size, self.clock = first, most, forget, size, clock
+        self._clients: OrderedDict[str, tuple[int, float]] = OrderedDict()  # client -> (wrong tries, not before)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    @staticmethod
+    def _key(address: str) -> str:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
+
+    def wait(self, address: str) -> float:
+        """The seconds this client has to wait before its next try (0: none)."""
+        with self._lock:
+            _wrong, not_before = self._clients.get(self._key(address), (0, 0.0))
+            return max(0.0, not_before - self.clock())
+
+    def begin(self, address: str) -> float:
+        """0 if this client may try now (the try is counted in the same step, so of two tries at
+        once only one is checked); else the seconds it has to wait."""
+        key = self._key(address)
+        with self._lock:
+            now = self.clock()
+            wrong, not_before = self._clients.get(key, (0, now))
+            if now < not_before:
+                return not_before - now
+            if now - not_before >= self.forget:
+                wrong = 0
+            wrong += 1
+            self._clients[key] = (wrong, now + min(self.first * 2 ** (wrong - 1), self.most))
+            self._clients.move_to_end(key)
+            while len(self._clients) > self.size:
+                self._clients.popitem(last=False)
+            return 0
+
+    def passed(self, address: str) -> None:
+        """The right password: the client's count starts over."""
+        with self._lock:
+            self._clients.pop(self._key(address), None)
+
+
 def create_app(config: Config, secret_key: bytes, password: str | None = None) -> Flask:
     """The web view. With `password`, every page but the login needs a session that logged in
     with it; without one, only loopback host names are answered (no DNS rebinding)."""
     app = Flask(__name__)
+    app.url_map.converters["id"] = IdConverter
     base = urlsplit(config.serve.base_url)
     app.config.update(
         SECRET_KEY=secret_key,
@@ -70,13 +157,12 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
         WTF_CSRF_SSL_STRICT=base.scheme == "https",
         MAX_CONTENT_LENGTH=64 * 1024,  # the only forms are tiny
     )
-    if password is None:
-        app.config["TRUSTED_HOSTS"] = sorted({*LOOPBACK_NAMES, *([base.hostname] if base.hostname else [])})
     app.jinja_env.trim_blocks = app.jinja_env.lstrip_blocks = True
     CSRFProtect(app)
     statuses = config.crm.statuses
     assigning = threading.Lock()
     login_mark = hmac.new(secret_key, (password or "").encode(), hashlib.sha256).hexdigest()
+    throttle = LoginThrottle()
 
     def engine() -> Engine:
         if "engine" not in g:
@@ -88,6 +174,19 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
         opened = g.pop("engine", None)
         if opened is not None:
             opened.close()
+
+    @app.before_request
+    def require_own_host():
+        """Without a password, only loopback names: a hostile site whose name resolves to
+        127.0.0.1 (DNS rebinding) must not read the CRM. (Werkzeug's TRUSTED_HOSTS cannot
+        match an IPv6 address, hence this check.)"""
+        if password is not None:
+            return None
+        name = host_name(request.environ.get("HTTP_HOST", ""))
+        if name is not None and (name == base.hostname or is_loopback(name)):
+            return None
+        return Response("gwsync answers only to its own address (this one is not trusted)\n", 400,
+                        mimetype="text/plain")
 
     @app.before_request
     def require_login():
@@ -136,9 +235,6 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
 
     @app.errorhandler(400)
     def bad_request(exc):
-        if isinstance(exc, SecurityError):  # an untrusted Host header: no page can be built for it
-            return Response("gwsync answers only to its own address (this one is not trusted)\n", 400,
-                            mimetype="text/plain")
         return error_page("Bad request", exc.description, 400)
 
     # -- pages -------------------------------------------------------------------------------
@@ -151,7 +247,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
         return render_template("index.html", counts=counts, unknown=len(engine().unknown_senders()),
                                held=len(held))
 
-    @app.get("/activities/<int:activity_id>")
+    @app.get("/activities/<id:activity_id>")
     def activity(activity_id: int):
         eng = engine()
         item = eng.crm.get_activity(activity_id)
@@ -172,7 +268,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
                                                                               "img-src 'self' https: http:")
         return response
 
-    @app.get("/activities/<int:activity_id>/documents/<int:number>")
+    @app.get("/activities/<id:activity_id>/documents/<id:number>")
     def document(activity_id: int, number: int):
         item = engine().crm.get_activity(activity_id)
         if item is None or not 1 <= number <= len(item.documents):
@@ -197,7 +293,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
             abort(404, f"There is no quick search {name!r}.")
         return _activity_list(engine(), flt, QUICK_SEARCHES[name])
 
-    @app.get("/partners/<int:partner_id>")
+    @app.get("/partners/<id:partner_id>")
     def partner(partner_id: int):
         found = engine().crm.get_partner(partner_id)
         if found is None:
@@ -206,7 +302,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
         return _activity_list(engine(), ActivityFilter(partner_id=partner_id), f"Activities of {found.name}",
                               partner=found, contacts=contacts)
 
-    @app.get("/contacts/<int:contact_id>")
+    @app.get("/contacts/<id:contact_id>")
     def contact(contact_id: int):
         found = engine().crm.get_contact(contact_id)
         if found is None:
@@ -234,7 +330,10 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
             return _unknown_page(f"{email!r} is not a mail address.", 400)
         chosen = form.get("contact", "").strip()
         new_contact = form.get("new_contact", "").strip() or None
-        partner_id = _int_or_none(form.get("partner_id"))
+        partner_text = form.get("partner_id", "").strip()
+        partner_id = _whole_number(partner_text)
+        if partner_text and partner_id is None:
+            return _unknown_page(f"Assigning {email}: no partner {partner_text!r}; choose one from the list.", 400)
         if bool(chosen) == bool(new_contact):
             return _unknown_page(f"Assigning {email}: choose a contact, or give the new contact's name.", 400)
         contact_id = _chosen_contact(engine(), chosen) if chosen else None
@@ -265,21 +364,27 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
     def login():
         if password is None:
             return redirect(url_for("index"))
-        target = request.values.get("next", "")
-        if not target.startswith("/") or target.startswith("//"):
-            target = url_for("index")  # only paths of this site: no open redirect
-        error = None
-        if request.method == "POST":
-            given = request.form.get("password", "")
-            if hmac.compare_digest(hashlib.sha256(given.encode()).digest(),
-                                   hashlib.sha256(password.encode()).digest()):
-                session.clear()
-                session.permanent = True
-                session["login"] = login_mark
-                return redirect(target, 303)
-            time.sleep(1)  # slows down guessing
-            error = "Wrong password."
-        return render_template("login.html", next=target, error=error), 401 if error else 200
+        target = local_path(request.values.get("next", "")) or url_for("index")  # no open redirect
+        if request.method != "POST":  # GET, and HEAD with it
+            return render_template("login.html", next=target)
+        client = request.remote_addr or ""
+        wait = throttle.begin(client)
+        if wait:  # refused unchecked: guessing stays slow, and no thread sleeps for it
+            seconds = math.ceil(wait)
+            return (render_template("login.html", next=target, error=f"Too many wrong passwords from here: "
+                                                                     f"try again in {seconds} s."),
+                    429, {"Retry-After": str(seconds)})
+        given = request.form.get("password", "")
+        if hmac.compare_digest(hashlib.sha256(given.encode()).digest(),
+                               hashlib.sha256(password.encode()).digest()):
+            throttle.passed(client)
+            session.clear()
+            session.permanent = True
+            session["login"] = login_mark
+            return redirect(target, 303)
+        seconds = math.ceil(throttle.wait(client))  # the wait this wrong try has started
+        return (render_template("login.html", next=target, error=f"Wrong password. Try again in {seconds} s."),
+                401, {"Retry-After": str(seconds)})
 
     @app.post("/logout")
     def logout():
@@ -294,9 +399,12 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
 
 
 def _activity_list(eng: Engine, flt: ActivityFilter, title: str, **extra):
-    page = max(1, _int_or_none(request.args.get("page")) or 1)
+    given = request.args.get("page") or "1"
+    page = _whole_number(given)
     total = eng.crm.count_activities(flt)
     pages = max(1, math.ceil(total / PAGE_SIZE))
+    if page is None or page > pages:  # nor can an offset grow beyond what SQLite holds
+        abort(404, f"There is no page {given[:30]} of this list; it has {pages} page{'s' if pages > 1 else ''}.")
     paged = replace(flt, newest_first=True, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
     items = eng.crm.list_activities(paged)
     # names of just the contacts and partners on this page (a CRM may have thousands)
@@ -308,18 +416,19 @@ def _activity_list(eng: Engine, flt: ActivityFilter, title: str, **extra):
 
 def _chosen_contact(eng: Engine, text: str) -> int | None:
     """The contact picked in the form: '#ID Name' from the list, or a name that only one has."""
-    match = re.match(r"#(\d+)\b", text)
+    match = re.match(r"#([0-9]+)\b", text)
     if match:
-        return int(match.group(1))
+        return _whole_number(match.group(1))
     named = [c.id for c in eng.crm.list_contacts() if c.name.casefold() == text.casefold()]
     return named[0] if len(named) == 1 else None
 
 
-def _int_or_none(value: str | None) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None
-    except ValueError:
+def _whole_number(value: str) -> int | None:
+    """A number from 1 to MAX_ID (an id, a page) written in ASCII digits only, else None."""
+    if not (value.isascii() and value.isdigit()) or len(value) > len(str(MAX_ID)):
         return None
+    number = int(value)
+    return number if 1 <= number <= MAX_ID else None
 
 
 def human_time(value: str | None) -> str:
