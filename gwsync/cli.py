@@ -171,7 +171,11 @@ def folders(obj: Context, accounts, as_json) -> None:
                 click.echo(f"gwsync: {exc}", err=True)
                 code = EXIT_LOCKED
                 continue
-            except (MailServerError, ConfigError) as exc:
+            except ConfigError as exc:  # e.g. a password source that gives no password
+                click.echo(f"gwsync: config error: {exc}", err=True)
+                code = max(code, EXIT_USAGE)
+                continue
+            except MailServerError as exc:
                 click.echo(f"gwsync: account {account.name}: {exc}", err=True)
                 code = max(code, EXIT_FAILED)
                 continue
@@ -253,6 +257,8 @@ def watch(obj: Context, accounts) -> None:
                 runner.run()
         except AlreadyRunning as exc:
             fail(str(exc), EXIT_FAILED)
+        except ConfigError as exc:  # a password source that gives no password: stop before any login
+            fail(f"config error: {exc}", EXIT_USAGE)
     click.echo("gwsync watch: stopped", err=True)
 
 

@@ -173,7 +173,9 @@ class Engine:
         between calendar items; when it says yes the sync ends early, with nothing half done."""
         self._should_stop = should_stop or (lambda: False)
         report = SyncReport()
-        for account in self.select_accounts(accounts):
+        selected = self.select_accounts(accounts)
+        self.check_passwords(selected, only)
+        for account in selected:
             areas = [a for a in (only or account.areas) if a in AREAS]
             acc_report = report.accounts.setdefault(account.name, AccountReport())
             for area in areas:
@@ -185,6 +187,17 @@ class Engine:
                     continue
                 self._sync_area_with_retries(account, area, acc_report, dry_run, force, progress)
         return report
+
+    def check_passwords(self, accounts: list[AccountConfig], only: list[str] | tuple[str, ...] | None = None) -> None:
+        """Read every password the run will need before its first login: a source that gives
+        none is a ConfigError (exit 2) while no server has seen a login, so nothing is locked
+        and no account is half synced."""
+        for account in accounts:
+            areas = set(only or account.areas)
+            if "mail" in areas and account.imap is not None:
+                account.imap.secret.resolve()
+            if areas & {"events", "tasks"} and account.caldav is not None:
+                account.caldav.secret.resolve()
 
     def _sync_area_with_retries(self, account, area, acc_report, dry_run, force, progress) -> None:
         """Connection problems are retried after short pauses; every step is idempotent, so
@@ -316,6 +329,7 @@ class Engine:
     def push(self, activity_id: int, area: str, account_name: str | None = None) -> SyncReport:
         """Put any activity on the account's calendar (events) or task list (tasks), now."""
         account = self.calendar_account(account_name, area)
+        self.check_passwords([account], [area])
         if self.crm.get_activity(activity_id) is None:
             raise LookupError(f"no activity with id {activity_id}")
         other = "tasks" if area == "events" else "events"

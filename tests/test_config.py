@@ -126,3 +126,288 @@ def test_serve_errors_name_the_key(serve, message):
     with pytest.raises(ConfigError) as err:
         parse_config({"serve": serve})
     assert message in str(err.value)
+
+
+# -- every key checked at load: the spec as data ---------------------------------------------------
+
+IMAP = {"host": "h", "username": "u", "password_env": "X"}
+DAV = {"url": "https://dav.example.com/u/", "username": "u", "password_env": "X"}
+
+
+def _imap(**keys):
+    return {"accounts": {"a": {"imap": IMAP | keys}}}
+
+
+def _dav(**keys):
+    return {"accounts": {"a": {"areas": ["events"], "caldav": DAV | keys}}}
+
+
+@pytest.mark.parametrize("data, message", [
+    # [crm] link: exactly the field {id}, no other field, no lone brace, a format that works
+    ({"crm": {"link": "https://crm/{user}/{id}"}},
+     "crm.link 'https://crm/{user}/{id}' has the field {user}; only {id} (the activity id) is allowed"),
+    ({"crm": {"link": "https://crm/{}/{id}"}},
+     "crm.link 'https://crm/{}/{id}' has the field {}; only {id} (the activity id) is allowed"),
+    ({"crm": {"link": "https://crm/{0}"}},
+     "crm.link 'https://crm/{0}' has the field {0}; only {id} (the activity id) is allowed"),
+    ({"crm": {"link": "https://crm/{id.real}"}},
+     "crm.link 'https://crm/{id.real}' has the field {id.real}; only {id} (the activity id) is allowed"),
+    ({"crm": {"link": "https://crm/{/{id}"}},
+     "crm.link 'https://crm/{/{id}' has a lone { or }; write {{ or }} for a literal brace and {id} for the "
+     "activity id"),
+    ({"crm": {"link": "https://crm/}/{id}"}},
+     "crm.link 'https://crm/}/{id}' has a lone { or }; write {{ or }} for a literal brace and {id} for the "
+     "activity id"),
+    ({"crm": {"link": "https://crm/{id"}},
+     "crm.link 'https://crm/{id' has a lone { or }; write {{ or }} for a literal brace and {id} for the "
+     "activity id"),
+    ({"crm": {"link": "https://crm/{id:s}"}},
+     "crm.link 'https://crm/{id:s}' cannot show an activity id (Unknown format code 's' for object of type "
+     "'int'); write {id}"),
+    ({"crm": {"link": "https://crm/{id!x}"}},
+     "crm.link 'https://crm/{id!x}' cannot show an activity id (Unknown conversion specifier x); write {id}"),
+    ({"crm": {"link": "https://crm/{{id}}"}},
+     "crm.link must contain {id}, e.g. https://crm.example.com/activities/{id}"),
+    ({"serve": {"url": "https://crm.example.com/{x}"}},
+     "serve.url must not contain { or } (it becomes part of [crm] link), got 'https://crm.example.com/{x}'"),
+    # numbers in range
+    (_imap(timeout=-1), "accounts.a.imap.timeout must be a number of seconds from 1 to 3600, got -1"),
+    (_imap(timeout=0), "accounts.a.imap.timeout must be a number of seconds from 1 to 3600, got 0"),
+    (_imap(timeout=1e308), "accounts.a.imap.timeout must be a number of seconds from 1 to 3600, got 1e+308"),
+    (_imap(timeout=float("inf")), "accounts.a.imap.timeout must be a number of seconds from 1 to 3600, got inf"),
+    (_imap(timeout=float("nan")), "accounts.a.imap.timeout must be a number of seconds from 1 to 3600, got nan"),
+    (_dav(timeout=0.5), "accounts.a.caldav.timeout must be a number of seconds from 1 to 3600, got 0.5"),
+    (_dav(timeout=float("-inf")), "accounts.a.caldav.timeout must be a number of seconds from 1 to 3600, got -inf"),
+    ({"accounts": {"a": {"interval": 0, "imap": IMAP}}}, "accounts.a.interval must be at least 1 second"),
+    ({"accounts": {"a": {"interval": 10**18, "imap": IMAP}}},
+     "accounts.a.interval must be at most 86400 seconds (one day), got 1000000000000000000"),
+    ({"crm": {"max_attempts": 0}}, "crm.max_attempts must be at least 1"),
+    ({"crm": {"max_attempts": 101}}, "crm.max_attempts must be at most 100, got 101"),
+    ({"sync": {"max_delete_share": 0}}, "sync.max_delete_share must be above 0 and at most 1"),
+    ({"sync": {"max_delete_share": 1.5}}, "sync.max_delete_share must be above 0 and at most 1"),
+    ({"sync": {"max_delete_share": float("nan")}}, "sync.max_delete_share must be above 0 and at most 1"),
+    (_imap(port=0), "accounts.a.imap.port must be between 1 and 65535, got 0"),
+    ({"accounts": {"a": {"imap": IMAP, "sieve": {"port": 0}}}},
+     "accounts.a.sieve.port must be between 1 and 65535, got 0"),
+    ({"accounts": {"a": {"imap": IMAP, "sieve": {"port": 65536}}}},
+     "accounts.a.sieve.port must be between 1 and 65535, got 65536"),
+    ({"serve": {"port": 0}}, "serve.port must be between 1 and 65535, got 0"),
+    # names that must not be empty
+    (_imap(archive_folder=""), "accounts.a.imap.archive_folder must not be empty, got ''"),
+    (_imap(archive_folder="  "), "accounts.a.imap.archive_folder must not be empty, got '  '"),
+    (_imap(host=""), "accounts.a.imap.host must not be empty, got ''"),
+    (_imap(username=""), "accounts.a.imap.username must not be empty, got ''"),
+    (_imap(ca_file=""), "accounts.a.imap.ca_file must not be empty, got ''"),
+    (_dav(events=""), "accounts.a.caldav.events must not be empty, got ''"),
+    (_dav(tasks=" "), "accounts.a.caldav.tasks must not be empty, got ' '"),
+    ({"accounts": {"a": {"imap": IMAP, "sieve": {"host": ""}}}}, "accounts.a.sieve.host must not be empty, got ''"),
+    ({"crm": {"database": ""}}, "crm.database must not be empty, got ''"),
+    ({"crm": {"documents": ""}}, "crm.documents must not be empty, got ''"),
+    ({"state": {"database": ""}}, "state.database must not be empty, got ''"),
+    ({"serve": {"host": ""}}, "serve.host must not be empty, got ''"),
+    ({"crm": {"statuses": {"E E": "Erledigt"}}}, "crm.statuses: 'E E' is not a usable status key"),
+    ({"crm": {"kinds": {"": "events"}}}, "crm.kinds: '' is not a usable kind name"),
+    ({"accounts": {"": {"imap": IMAP}}}, "accounts: '' is not a usable account name"),
+    ({"accounts": {"a": {"areas": [], "imap": IMAP}}},
+     "accounts.a.areas is empty: list at least one of mail, events, tasks"),
+    ({"accounts": {"a": {"areas": ["mail", "mail"], "imap": IMAP}}}, "accounts.a.areas lists 'mail' twice"),
+    ({"accounts": {"a": {"imap": IMAP, "notify_command": [""]}}},
+     "accounts.a.notify_command must start with a program name, got ['']"),
+    # passwords: exactly one source, none empty
+    (_imap(password_command=[""]), "accounts.a.imap.password_command must start with a program name, got ['']"),
+    (_imap(password_command=""), "accounts.a.imap.password_command must start with a program name, got ['']"),
+    (_imap(password=""), "accounts.a.imap.password is empty: set the password, or use password_command, "
+                         "password_env or password_keyring"),
+    (_imap(password_env=""), "accounts.a.imap.password_env must not be empty, got ''"),
+    (_imap(password_keyring=""), "accounts.a.imap.password_keyring must not be empty, got ''"),
+    (_imap(password="p"), "accounts.a.imap: set only one of password_command, password_env, password_keyring, "
+                          "password (found password_env, password)"),
+    ({"accounts": {"a": {"imap": {"host": "h", "username": "u"}}}},
+     "accounts.a.imap: set password_command, password_env, password_keyring or password"),
+    ({"accounts": {"a": {"areas": ["events"], "caldav": {"url": "https://d/", "username": "u"}}}},
+     "accounts.a.caldav: set password_command, password_env, password_keyring or password"),
+    ({"serve": {"password": " "}}, "serve.password is empty: set a password or leave the key out"),
+    # a value of the wrong TOML type: one line naming the key, the value and the type wanted
+    (_imap(timeout="abc"), "accounts.a.imap.timeout must be an integer or a number, got 'abc'"),
+    (_imap(verify="true"), "accounts.a.imap.verify must be true or false, got 'true'"),
+    (_imap(port=True), "accounts.a.imap.port must be an integer, not a boolean"),
+    ({"accounts": {"a": {"areas": "mail", "imap": IMAP}}}, "accounts.a.areas must be a list, got 'mail'"),
+    ({"accounts": {"a": {"interval": 1.5, "imap": IMAP}}}, "accounts.a.interval must be an integer, got 1.5"),
+    ({"crm": 5}, "[crm] must be a table, got 5"),
+    ({"accounts": [{"imap": IMAP}]}, "[accounts] must be a table, got [{'imap': {'host': 'h', 'username': 'u', "
+                                     "'password_env': 'X'}}]"),
+    ({"accounts": {"a": {"imap": "h"}}}, "[accounts.a.imap] must be a table, got 'h'"),
+])
+def test_each_bad_value_is_one_line_naming_key_value_and_what_is_allowed(data, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert str(err.value) == message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("data", [
+    {"crm": {"link": "https://crm.example.com/activities/{id}"}},
+    {"crm": {"link": "https://crm.example.com/a/{id:06d}?x={{literal}}&again={id}"}},
+    _imap(import_root=""),  # servers whose folders are not below INBOX
+    _imap(timeout=1, archive_folder="Archiv"),
+    _imap(timeout=3600.0),
+    _dav(timeout=30),
+    {"accounts": {"a": {"interval": 86400, "imap": IMAP}}},
+    {"crm": {"max_attempts": 100}, "sync": {"max_delete_share": 1}},
+    {"serve": {"port": 65535}},
+    {"accounts": {"a": {"imap": IMAP, "sieve": {"port": 4190, "password_env": "Y"}}}},
+])
+def test_values_at_the_edges_of_what_is_allowed_load(data):
+    parse_config(data)
+
+
+def test_the_link_template_shows_the_activity_id():
+    config = parse_config({"crm": {"link": "https://crm.example.com/a/{id:06d}?x={{literal}}&again={id}"}})
+    assert config.crm.link.format(id=42) == "https://crm.example.com/a/000042?x={literal}&again=42"
+
+
+def _secret(**keys):
+    return parse_config({"accounts": {"a": {"imap": {"host": "h", "username": "u"} | keys}}}).account("a").imap.secret
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"password_command": ["true"]},
+     "accounts.a.imap.password_command printed no password (its first line is empty); make it print the "
+     "password on its first line"),
+    ({"password_command": ["printf", "  \\nsecond line"]},
+     "accounts.a.imap.password_command printed no password (its first line is empty); make it print the "
+     "password on its first line"),
+    ({"password_command": ["printf", "\\377\\376"]},
+     "accounts.a.imap.password_command printed bytes that are not UTF-8; make it print the password as text"),
+    ({"password_command": ["false"]},
+     "accounts.a.imap.password_command exited with code 1; run it by hand to see why"),
+    ({"password_command": ["gwsync-no-such-program"]},
+     "accounts.a.imap.password_command: program 'gwsync-no-such-program' not found"),
+    ({"password_command": ["/"]},
+     "accounts.a.imap.password_command: cannot run '/' (Permission denied)"),
+    ({"password_env": "GW_EMPTY"}, "accounts.a.imap.password_env: environment variable GW_EMPTY is empty"),
+    ({"password_env": "GW_NOT_SET"}, "accounts.a.imap.password_env: environment variable GW_NOT_SET is not set"),
+])
+def test_a_password_source_that_gives_no_password_is_a_config_error(keys, message, monkeypatch):
+    monkeypatch.setenv("GW_EMPTY", "")
+    monkeypatch.delenv("GW_NOT_SET", raising=False)
+    with pytest.raises(ConfigError) as err:
+        _secret(**keys).resolve()
+    assert str(err.value) == message
+
+
+def test_an_empty_keyring_entry_is_a_config_error(monkeypatch):
+    import keyring
+
+    monkeypatch.setattr(keyring, "get_password", lambda service, user: "")
+    with pytest.raises(ConfigError) as err:
+        _secret(password_keyring="mail").resolve()
+    assert str(err.value) == "accounts.a.imap.password_keyring: the password stored for service 'mail', " \
+                             "user 'u' is empty"
+
+
+def test_a_password_with_spaces_inside_is_kept_as_printed():
+    assert _secret(password_command=["printf", " s3 cret \\nuser: x"]).resolve() == " s3 cret "
+
+
+# -- against the real servers: a bad config stops before any login or CRM write ----------------------
+
+DONE = "INBOX/CRM Erledigt [E]"
+
+
+def _one_config_error(result, *words):
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("gwsync: config error: "), result.stderr
+    assert all(w in result.stderr for w in words), result.stderr
+
+
+def test_a_link_with_another_field_stops_the_sync_before_anything_is_touched(make_env):
+    from conftest import make_mail
+
+    env = make_env(link="https://crm.example.com/{user}/activities/{id}")
+    env.append(DONE, make_mail(1))
+    _one_config_error(env.cli("sync"), "crm.link", "{user}")
+    _one_config_error(env.cli("activities"), "crm.link", "{user}")
+    assert len(env.messages(DONE)) == 1 and env.messages("INBOX/CRM Archiv") == {}  # the mail stays put
+    env.config_path.write_text(env.config_path.read_text().replace("{user}/", ""))
+    code, activities = env.cli_json("activities")
+    assert code == 0 and activities == []  # nothing reached the CRM
+    code, out = env.cli_json("sync")
+    assert code == 0 and out["accounts"]["alice"]["mail"]["imported"] == 1
+    assert env.messages(DONE) == {} and len(env.messages("INBOX/CRM Archiv")) == 1
+
+
+def _dovecot_failed_logins(env) -> int:
+    log = (env.dovecot.directory / "dovecot.log").read_text(errors="replace")
+    return sum(1 for line in log.splitlines() if f"user=<{env.user}>" in line and "auth failed" in line)
+
+
+@pytest.mark.parametrize("source, words", [
+    ('password_command = ["true"]', ("accounts.alice.imap.password_command", "printed no password")),
+    ('password_command = ["printf", " \\n"]', ("accounts.alice.imap.password_command", "printed no password")),
+    ('password_command = ["false"]', ("accounts.alice.imap.password_command", "exited with code 1")),
+    ('password_env = "GWSYNC_TEST_EMPTY"', ("accounts.alice.imap.password_env", "GWSYNC_TEST_EMPTY is empty")),
+    ('password = ""', ("accounts.alice.imap.password is empty",)),
+])
+def test_an_empty_password_is_a_config_error_that_locks_nothing(env, monkeypatch, source, words):
+    from conftest import make_mail
+
+    monkeypatch.setenv("GWSYNC_TEST_EMPTY", "")
+    env.append(DONE, make_mail(1))
+    text = env.config_path.read_text()
+    env.config_path.write_text(text.replace(f'password_env = "GWSYNC_TEST_PW_{env.user.upper()}"', source))
+    for args in (["sync"], ["sync"], ["folders"]):
+        _one_config_error(env.cli(*args), *words)
+    assert len(env.messages(DONE)) == 1
+    env.config_path.write_text(text)  # status reads no password; the original config shows the state as it is
+    code, status = env.cli_json("status")
+    assert status["accounts"]["alice"]["locked"] == []
+    assert _dovecot_failed_logins(env) == 0  # the server saw no login with it
+    code, out = env.cli_json("sync")  # and the fixed config just works: nothing to unlock
+    assert code == 0 and out["accounts"]["alice"]["mail"]["imported"] == 1
+
+
+def test_an_empty_caldav_password_stops_the_sync_before_any_login(make_env):
+    from conftest import make_mail
+
+    env = make_env(areas=("mail", "events"))
+    env.append(DONE, make_mail(1))
+    dav_password = f'password = "{env.radicale.password_for(env.user)}"'
+    text = env.config_path.read_text()
+    env.config_path.write_text(text.replace(dav_password, 'password_command = ["true"]'))
+    _one_config_error(env.cli("sync"), "accounts.alice.caldav.password_command", "printed no password")
+    assert len(env.messages(DONE)) == 1  # not even the mail area ran: the config is wrong, so nothing runs
+    log = (env.radicale.directory / "radicale.log").read_text(errors="replace")
+    assert not any("Failed login attempt" in line and env.user in line for line in log.splitlines())
+    env.config_path.write_text(text)
+    code, status = env.cli_json("status")
+    assert status["accounts"]["alice"]["locked"] == []
+
+
+def test_watch_with_an_empty_password_exits_2_with_one_line(env):
+    env.config_path.write_text(env.config_path.read_text().replace(
+        f'password_env = "GWSYNC_TEST_PW_{env.user.upper()}"', 'password_command = ["true"]'))
+    proc = env.subprocess("watch")
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    lines = err.decode().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith("gwsync: config error: accounts.alice.imap.password_command")
+    assert [l for l in lines if l.startswith("gwsync:")] == lines[-1:] and "Traceback" not in err.decode()
+    code, status = env.cli_json("status")
+    assert status["accounts"]["alice"]["locked"] == []
+
+
+def test_an_empty_sieve_password_is_refused_not_replaced_by_the_imap_one():
+    data = {"accounts": {"a": {"imap": IMAP, "sieve": {"password": ""}}}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert str(err.value) == "accounts.a.sieve.password is empty: set a password or leave the key out"
+
+
+def test_import_root_may_be_empty_and_then_the_archive_is_at_the_top_level():
+    imap = parse_config(_imap(import_root="")).account("a").imap
+    assert (imap.import_root, imap.archive_folder) == ("", "CRM Archiv")
