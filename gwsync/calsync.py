@@ -11,12 +11,19 @@ One run:
      again; each pair's link is saved right after its writes, so a crash costs nothing: every
      step can be repeated (CRM writes are keyed by UID, creates on the server by a UID derived
      from the activity, and an existing item answers a repeated create with 412).
+
+Identities: a link records the activity's identity (its uuid, see `Activity.identity`); a link
+whose id now names another activity (a CRM restored from an older backup) counts as "its
+activity is gone": the item is deleted if unchanged on the server, kept and imported again if
+edited there, never rewritten with the other activity. Items gwsync writes carry the store's
+identity (X-GWSYNC-STORE) and the activity's uuid; an unlinked item is matched to an activity
+by the id written in it only when both are this store's and this activity's.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .config import AccountConfig, Config
 from .crm import ActivityDraft, ActivityFilter, CRMBackend
@@ -81,7 +88,8 @@ class CalendarSync:
         # Link changes are written in batches: one transaction per LINK_BATCH items. Losing
         # unwritten ones to a crash costs nothing; the next run matches items and activities.
         self._link_changes: list[tuple[str, object]] = []
-        self._created_ids: dict[str, int] = {}
+        self._created: dict[str, object] = {}  # key -> the crm.Activity this run created for it
+        self.store = crm.store_id()
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -98,8 +106,14 @@ class CalendarSync:
         changes, self._link_changes = self._link_changes, []
         self.state.apply_link_changes(changes)
 
-    def _drop(self, activity_id: int) -> None:
-        self._link_changes.append(("drop", (self.account.name, self.area, activity_id)))
+    def _drop(self, link: CalendarLink) -> None:
+        """Drop this link only (by href too): the activity now holding its id may have one of its own."""
+        self._link_changes.append(("drop", (self.account.name, self.area, link.activity_id, link.href)))
+
+    def _read(self, item: Item, linked: bool) -> ItemData:
+        """Parse an item; gwsync's own properties count on linked items and on this store's."""
+        return read_item(item.data or "", self.done, self.open, trusted=linked, store=self.store,
+                         kinds=self.config.crm.kinds)
 
     def _run(self) -> None:
         name, area = self.account.name, self.area
@@ -118,7 +132,7 @@ class CalendarSync:
         parsed: dict[str, ItemData] = {}
         for href, item in fetched.items():
             try:
-                data = read_item(item.data or "", self.done, self.open)
+                data = self._read(item, linked=href in by_href)
             except BrokenItem as exc:
                 self._item_failed(href, item.etag, str(exc))
                 continue
@@ -207,7 +221,7 @@ class CalendarSync:
         found = []
         for href, item in sorted(self.coll.multiget(hrefs).items()):
             try:
-                data = read_item(item.data or "", self.done, self.open)
+                data = self._read(item, linked=False)
             except BrokenItem:
                 continue
             if data.component == self.component:
@@ -219,25 +233,39 @@ class CalendarSync:
         with_area = [a for a in self.config.accounts.values() if self.area in a.areas]
         if len(with_area) == 1 and with_area[0].name == self.account.name:
             owners = (self.account.name, None)  # the only calendar: it takes activities without owner
-        membership = self._membership = self.state.memberships(self.account.name, self.area)
+        self._memberships = self.state.membership_details(self.account.name, self.area)
         found = {a.id: a for a in self.crm.list_activities(
             ActivityFilter(kinds=self.config.crm.kinds_of(self.area), owners=owners))}
-        for activity_id, included in membership.items():
-            if included and activity_id not in found:
-                activity = self.crm.get_activity(activity_id)
-                if activity is not None:
-                    found[activity_id] = activity
-            elif not included:
+        for activity_id, (included, _) in self._memberships.items():
+            activity = found.get(activity_id) or (self.crm.get_activity(activity_id) if included else None)
+            if activity is None or self._membership_of(activity) is None:
+                continue
+            if included:
+                found[activity_id] = activity
+            else:
                 found.pop(activity_id, None)
         return found
+
+    def _membership_of(self, activity) -> bool | None:
+        """True or False when the activity was pushed into or taken out of this area by hand;
+        None when not, or when that was done to an activity that held this id before."""
+        included, identity = self._memberships.get(activity.id, (None, None))
+        if identity is not None and activity.identity not in (None, identity):
+            return None
+        return included
 
     def _pairs(self, links, fetched, parsed, deleted) -> list[_Pair]:
         activities = self._crm_activities()
         linked_ids = set()
         pairs = []
         for link in links:
-            linked_ids.add(link.activity_id)
             activity = activities.get(link.activity_id) or self._linked_activity(link)
+            if activity is not None and not self._same_activity(link, activity):
+                activity = None  # the id now names another activity: the linked one is gone
+            if activity is not None:
+                linked_ids.add(activity.id)
+                if link.identity is None and activity.identity is not None and not self.dry_run:
+                    self._link_changes.append(("save", replace(link, identity=activity.identity)))
             gone = link.href in deleted
             pairs.append(_Pair(link, activity, fetched.get(link.href) if link.href in parsed else None,
                                parsed.get(link.href), gone_on_server=gone))
@@ -245,20 +273,16 @@ class CalendarSync:
         # Unlinked on both sides: match an item to its activity before creating anything
         # (a lost state database, or a run that died between a create and saving its link).
         by_uid: dict[str, object] = {}
-        prefix = calendar_key(self.account.name, "")
         for activity in activities.values():
             if activity.id in linked_ids:
                 continue
-            by_uid[uid_for_key(activity.key or f"crm:{activity.id}")] = activity
-            if activity.key and activity.key.startswith(prefix):
-                by_uid[activity.key[len(prefix):]] = activity
+            for uid in self._uids_of(activity):
+                by_uid[uid] = activity
         unlinked_items = [(h, d) for h, d in parsed.items() if h not in linked_hrefs and h not in self.skip_hrefs]
         keyed = self.crm.existing_keys([calendar_key(self.account.name, d.uid) for _, d in unlinked_items])
         matched_ids = set()
         for href, data in unlinked_items:
-            activity = by_uid.get(data.uid)
-            if activity is None and data.activity_id in activities and data.activity_id not in linked_ids:
-                activity = activities[data.activity_id]
+            activity = by_uid.get(data.uid) or self._claimed(data, activities, linked_ids)
             if activity is None and calendar_key(self.account.name, data.uid) in keyed:
                 activity = self.crm.get_activity(keyed[calendar_key(self.account.name, data.uid)])
             if activity is not None:
@@ -269,10 +293,48 @@ class CalendarSync:
                 pairs.append(_Pair(None, activity, None, None))
         return pairs
 
+    def _uid_for(self, activity) -> str:
+        """The UID of a new item for this activity: derived from what is never reused (the same
+        activity, the same UID, so a create repeated after a crash meets its own item)."""
+        if activity.uuid:
+            return uid_for_key(f"activity:{activity.uuid}")
+        return uid_for_key(activity.key or f"crm:{activity.id}")  # a backend without uuids
+
+    def _uids_of(self, activity) -> set[str]:
+        """Every UID gwsync gives, or gave, an item of this activity: from its uuid, from its key
+        (items made before uuids), the item's own UID for an activity that came from this
+        account's collection; from the bare id only for a backend that has nothing else."""
+        uids = {self._uid_for(activity)}
+        if activity.key:
+            uids.add(uid_for_key(activity.key))
+            prefix = calendar_key(self.account.name, "")
+            if activity.key.startswith(prefix):
+                uids.add(activity.key[len(prefix):])
+        return uids
+
+    def _same_activity(self, link: CalendarLink, activity) -> bool:
+        """Is this the activity the link was made for, not another one that got its id?"""
+        if link.identity is not None and activity.identity is not None:
+            return link.identity == activity.identity
+        # A link saved before identities were recorded: gwsync derives the UID from the
+        # activity (or the activity's key from the UID), so the UID tells.
+        return link.uid in self._uids_of(activity)
+
+    def _claimed(self, data: ItemData, activities: dict, linked_ids: set):
+        """The activity an unlinked item names in X-GWSYNC-ACTIVITY-ID, only when the item is
+        this store's and carries that activity's uuid: an id alone may name another activity
+        (a restored or replaced CRM)."""
+        if data.activity_id is None or self.store is None or data.store != self.store:
+            return None
+        activity = activities.get(data.activity_id)
+        if activity is None or activity.id in linked_ids or activity.uuid != data.activity_uuid:
+            return None
+        return activity
+
     def _linked_activity(self, link: CalendarLink):
         """A linked activity outside the area's kinds (pushed, or its kind was edited)."""
         activity = self.crm.get_activity(link.activity_id)
-        return activity if activity is not None and self._membership.get(link.activity_id, True) else None
+        return activity if activity is not None and self._membership_of(activity) is not False else None
 
     # -- deciding ----------------------------------------------------------------------------
 
@@ -300,8 +362,8 @@ class CalendarSync:
 
     # -- doing -------------------------------------------------------------------------------
 
-    def _link_for(self, activity_id: int) -> Link:
-        return Link(self.config.crm.link.format(id=activity_id), activity_id)
+    def _link_for(self, activity) -> Link:
+        return Link(self.config.crm.link.format(id=activity.id), activity.id, self.store, activity.uuid)
 
     def _carry_out(self, pair: _Pair, decision: Decision, attempt: int = 0) -> None:
         counts = self.result.counts
@@ -310,16 +372,16 @@ class CalendarSync:
             return
         try:
             if decision.forget:
-                self._drop(pair.link.activity_id)
+                self._drop(pair.link)
                 return
             if decision.delete_crm:
                 self.crm.delete_activity(pair.activity.id)
-                self._drop(pair.activity.id)
+                self._drop(pair.link)
                 counts["deleted_crm"] += 1
                 return
             if decision.delete_groupware:
                 self.coll.delete(pair.link.href, pair.link.etag or "*")
-                self._drop(pair.link.activity_id)
+                self._drop(pair.link)
                 counts["deleted_groupware"] += 1
                 return
             if decision.create_crm is not None:
@@ -351,7 +413,7 @@ class CalendarSync:
         item = self.coll.get(href) if href else None
         if item is None:
             return _Pair(pair.link, pair.activity, None, None, gone_on_server=True)
-        return _Pair(pair.link, pair.activity, item, read_item(item.data or "", self.done, self.open))
+        return _Pair(pair.link, pair.activity, item, self._read(item, linked=pair.link is not None))
 
     def _draft(self, uid: str, fields: dict) -> ActivityDraft:
         return ActivityDraft(
@@ -366,30 +428,31 @@ class CalendarSync:
         if drafts:
             existing = self.crm.existing_keys([d.key for d in drafts])
             ids = self.crm.create_activities(drafts)
-            self._created_ids = dict(zip((d.key for d in drafts), ids))
-            for draft in drafts:  # created by a run that died before linking: bring it up to date
-                if draft.key in existing:
-                    self.crm.update_activity(self._created_ids[draft.key],
-                                             {k: getattr(draft, k) for k in FIELDS})
+            for draft, activity_id in zip(drafts, ids):
+                if draft.key in existing:  # created by a run that died before linking: bring it up to date
+                    self.crm.update_activity(activity_id, {k: getattr(draft, k) for k in FIELDS})
+                self._created[draft.key] = self.crm.get_activity(activity_id)
 
     def _create_in_crm(self, pair: _Pair, decision: Decision) -> None:
         data, item = pair.data, pair.item
         fields = decision.create_crm
         key = calendar_key(self.account.name, data.uid)
-        activity_id = self._created_ids.get(key)
-        if activity_id is None:  # decided again after a 412: create it now
-            activity_id = self.crm.create_activities([self._draft(data.uid, fields)])[0]
+        activity = self._created.get(key)
+        if activity is None:  # decided again after a 412: create it now
+            activity = self.crm.get_activity(self.crm.create_activities([self._draft(data.uid, fields)])[0])
         self.result.counts["created_crm"] += 1
-        etag = self._write_link(item, data, fields, activity_id)
-        self._save(activity_id, data.uid, item.href, etag, fields)
+        etag = self._write_link(item, data, fields, activity)
+        self._save(activity, data.uid, item.href, etag, fields)
 
-    def _write_link(self, item: Item, data: ItemData, fields: dict, activity_id: int) -> str | None:
-        """Write the CRM link into the item (not a change on either side). On a 412 keep the old
-        ETag: the next sync reads the item again."""
-        link = self._link_for(activity_id)
-        if data.has_link(link):
+    def _write_link(self, item: Item, data: ItemData, fields: dict, activity) -> str | None:
+        """Write the CRM link into the item (not a change on either side), and kind and status
+        where the item's X-GWSYNC properties say otherwise (another store's). On a 412 keep the
+        old ETag: the next sync reads the item again."""
+        link = self._link_for(activity)
+        stale = data.stale_recorded(fields)
+        if data.has_link(link) and not stale:
             return item.etag
-        text = update_item(item.data or "", fields, set(), self.done, link, include_link=True)
+        text = update_item(item.data or "", fields, stale, self.done, link, include_link=True)
         try:
             return self.coll.update(item.href, text, item.etag or "*")
         except PreconditionFailed:
@@ -398,9 +461,9 @@ class CalendarSync:
     def _create_on_server(self, pair: _Pair, decision: Decision) -> None:
         activity = pair.activity
         fields = decision.create_groupware
-        uid = uid_for_key(activity.key or f"crm:{activity.id}")
+        uid = self._uid_for(activity)
         href = self.coll.href_for(uid)
-        text = new_item(uid, self.component, fields, self.done, self._link_for(activity.id),
+        text = new_item(uid, self.component, fields, self.done, self._link_for(activity),
                         alarm=activity.kind == "WIEDERVORLAGE")
         try:
             etag = self.coll.create(href, text)
@@ -408,27 +471,34 @@ class CalendarSync:
             existing = self.coll.get(href)
             if existing is None:
                 raise
-            data = read_item(existing.data or "", self.done, self.open)
-            if data.uid != uid:
+            data = self._read(existing, linked=False)
+            if data.uid != uid or not self._may_adopt(data, activity):
                 raise DavError(f"{href} exists on the server and belongs to another item")
             # Our own item from a run that died before saving the link: adopt it, then merge.
-            self._save(activity.id, uid, href, existing.etag, data.fields)
+            self._save(activity, uid, href, existing.etag, data.fields)
             adopted = _Pair(CalendarLink(self.account.name, self.area, activity.id, uid, href, existing.etag,
-                                         data.fields), activity, existing, data)
+                                         data.fields, activity.identity), activity, existing, data)
             self._update(adopted, self._decide(adopted))
             return
         self.result.counts["created_groupware"] += 1
         if pair.link is not None and pair.link.href != href:
-            self._drop(pair.link.activity_id)
-        self._save(activity.id, uid, href, etag, fields)
+            self._drop(pair.link)
+        self._save(activity, uid, href, etag, fields)
+
+    def _may_adopt(self, data: ItemData, activity) -> bool:
+        """An item found under this activity's UID is its own unless it names another store or
+        another activity (an item left by a deleted activity with the same key)."""
+        if data.store is not None and data.store != self.store:
+            return False
+        return data.activity_uuid is None or data.activity_uuid == activity.uuid
 
     def _update(self, pair: _Pair, decision: Decision) -> None:
         activity = pair.activity
         if pair.link is None:  # matched without a link (lost state, or adopting): link it now
             data = pair.data
-            self._save(activity.id, data.uid, pair.item.href, pair.item.etag, data.fields)
+            self._save(activity, data.uid, pair.item.href, pair.item.etag, data.fields)
             pair = _Pair(CalendarLink(self.account.name, self.area, activity.id, data.uid, pair.item.href,
-                                      pair.item.etag, data.fields), activity, pair.item, data)
+                                      pair.item.etag, data.fields, activity.identity), activity, pair.item, data)
         if decision.conflicts:
             self.result.counts["conflicts"] += 1
             self.result.conflicts.append(
@@ -439,10 +509,11 @@ class CalendarSync:
             self.crm.update_activity(activity.id, dict(decision.update_crm))
             self.result.counts["updated_crm"] += 1
         etag = pair.link.etag
-        link = self._link_for(activity.id)
+        link = self._link_for(activity)
         item = pair.item
         needs_link = item is not None and not (pair.data.has_link(link) if pair.data is not None
                                                else link_is_current(item.data or "", link))
+        stale = pair.data.stale_recorded(decision.base) if needs_link and pair.data and decision.base else set()
         if decision.update_groupware or needs_link:
             if item is None:
                 item = self.coll.get(pair.link.href)
@@ -450,24 +521,24 @@ class CalendarSync:
                     raise PreconditionFailed(pair.link.href)
                 if item.etag != pair.link.etag:
                     raise PreconditionFailed(pair.link.href)  # changed since the listing: decide again
-            text = update_item(item.data or "", decision.base, set(decision.update_groupware), self.done, link,
-                               include_link=needs_link or "body" in decision.update_groupware)
+            text = update_item(item.data or "", decision.base, set(decision.update_groupware) | stale, self.done,
+                               link, include_link=needs_link or "body" in decision.update_groupware)
             etag = self.coll.update(item.href, text, item.etag or "*")
             if decision.update_groupware:
                 self.result.counts["updated_groupware"] += 1
         elif item is not None:
             etag = item.etag
         if decision.base is not None:
-            self._save(activity.id, pair.link.uid, pair.link.href, etag, decision.base)
+            self._save(activity, pair.link.uid, pair.link.href, etag, decision.base)
 
     def _winner(self, decision: Decision, pair: _Pair) -> str:
         field_name = decision.conflicts[0]
         return "CRM" if decision.base.get(field_name) == pair.activity.calendar_fields().get(field_name) else \
             "groupware"
 
-    def _save(self, activity_id: int, uid: str, href: str, etag: str | None, base: dict) -> None:
-        self._link_changes.append(
-            ("save", CalendarLink(self.account.name, self.area, activity_id, uid, href, etag, dict(base))))
+    def _save(self, activity, uid: str, href: str, etag: str | None, base: dict) -> None:
+        self._link_changes.append(("save", CalendarLink(self.account.name, self.area, activity.id, uid, href, etag,
+                                                        dict(base), activity.identity)))
 
     def _describe(self, pair: _Pair) -> str:
         if pair.activity is not None:

@@ -72,9 +72,17 @@ class Activity:
     updated_at: str | None = None
     key: str | None = None
     body_html: str | None = None
+    # Never given to another activity, not even by a store restored from an older backup (ids
+    # can be: a restore rewinds the id counter). None when the backend has none.
+    uuid: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def identity(self) -> str | None:
+        """What tells this activity from any other that held its id before: the uuid, else the key."""
+        return self.uuid or self.key
 
     def calendar_fields(self) -> dict:
         """The fields the calendar sync maps (see gwsync.icalmap.FIELDS)."""
@@ -114,7 +122,19 @@ class ActivityFilter:
 
 
 class CRMBackend(abc.ABC):
-    """What gwsync needs from a CRM. Every write is idempotent."""
+    """What gwsync needs from a CRM. Every write is idempotent.
+
+    Identities: an activity id must never be given to another activity (AUTOINCREMENT or the
+    like); give activities a `uuid` too, which survives even a restore from an older backup.
+    """
+
+    def store_id(self) -> str | None:
+        """The identity of this store: a UUID kept in the CRM's own database, so that a restored
+        backup keeps it and a new or different store has another one. Items gwsync writes carry
+        it; an item with another store's identity is never matched to an activity by its id.
+        The default, None, means unknown: gwsync then matches items by their link and their UID
+        only, never by the activity id written in them."""
+        return None
 
     @abc.abstractmethod
     def statuses(self) -> dict[str, str]:

@@ -1,10 +1,19 @@
-"""The embedded CRM store: SQLite (through sqlite-utils) plus content-addressed document files."""
+"""The embedded CRM store: SQLite (through sqlite-utils) plus content-addressed document files.
+
+Identities are never reused: activity ids come from AUTOINCREMENT (a deleted activity's id is
+never given out again), every activity has a random `uuid` (which tells activities apart even
+after a restore from an older backup rewinds the id counter), and the store has a UUID of its
+own in the `meta` table. Schema versions are kept in PRAGMA user_version:
+  0  the first release: activities without AUTOINCREMENT, no uuid, no meta table;
+  1  activities rebuilt with AUTOINCREMENT and a uuid column; meta holds the store id.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -18,11 +27,31 @@ ACTIVITY_COLUMNS = {
     "id": int, "key": str, "kind": str, "status": str, "subject": str, "body": str, "location": str,
     "contact_id": int, "partner_id": int, "sender": str, "unassigned": int, "message_id": str,
     "start": str, "end": str, "due": str, "source": str, "imported_at": str, "created_at": str,
-    "owner": str, "rrule": str, "updated_at": str, "body_html": str,
+    "owner": str, "rrule": str, "updated_at": str, "body_html": str, "uuid": str,
 }
+ACTIVITY_REFERENCES = {"contact_id": "contacts", "partner_id": "partners"}
 
 # The partner and contact pages of the web view list activities by these.
 LOOKUP_INDEXES = (("sender",), ("imported_at",), ("partner_id",), ("contact_id",))
+SCHEMA_VERSION = 1
+
+
+def _activities_table_sql(name: str) -> str:
+    """The activities table: AUTOINCREMENT, so that SQLite never hands out a deleted row's id
+    again (a plain INTEGER PRIMARY KEY reuses the highest one)."""
+    columns = ['"id" INTEGER PRIMARY KEY AUTOINCREMENT']
+    for column, kind in ACTIVITY_COLUMNS.items():
+        if column != "id":
+            reference = f' REFERENCES "{ACTIVITY_REFERENCES[column]}"("id")' if column in ACTIVITY_REFERENCES else ""
+            columns.append(f'"{column}" {"INTEGER" if kind is int else "TEXT"}{reference}')
+    return f'CREATE TABLE "{name}" (\n   ' + ",\n   ".join(columns) + "\n)"
+
+
+def _create_activity_indexes(conn) -> None:
+    conn.execute('CREATE UNIQUE INDEX IF NOT EXISTS "idx_activities_key" ON "activities" ("key")')
+    conn.execute('CREATE UNIQUE INDEX IF NOT EXISTS "idx_activities_uuid" ON "activities" ("uuid")')
+    for (column,) in LOOKUP_INDEXES:
+        conn.execute(f'CREATE INDEX IF NOT EXISTS "idx_activities_{column}" ON "activities" ("{column}")')
 
 
 class DocumentStore:
@@ -79,11 +108,14 @@ class EmbeddedCRM(CRMBackend):
         self.documents = DocumentStore(documents)
         self._statuses = dict(statuses)
         self.link_template = link
+        self._store_id: str | None = None
         self._create_schema()
 
     def _create_schema(self) -> None:
         db = self.db
         if "partners" in db.table_names():
+            if self._version() < SCHEMA_VERSION:
+                self._upgrade()
             self._add_missing_columns()
             return
         # Check again under BEGIN IMMEDIATE, so two processes opening a new database at the
@@ -101,17 +133,57 @@ class EmbeddedCRM(CRMBackend):
                     {"id": int, "contact_id": int, "kind": str, "value": str, "is_default": int}, pk="id",
                     foreign_keys=[("contact_id", "contacts", "id")])
                 db["communications"].create_index(["value"])
-                db["activities"].create(ACTIVITY_COLUMNS, pk="id",
-                                        foreign_keys=[("contact_id", "contacts", "id"),
-                                                      ("partner_id", "partners", "id")])
-                db["activities"].create_index(["key"], unique=True)
-                for columns in LOOKUP_INDEXES:
-                    db["activities"].create_index(list(columns))
+                self.conn.execute(_activities_table_sql("activities"))
+                _create_activity_indexes(self.conn)
                 db["documents"].create(
                     {"id": int, "activity_id": int, "filename": str, "content_type": str, "size": int,
                      "sha256": str, "category": str, "keyword": str}, pk="id",
                     foreign_keys=[("activity_id", "activities", "id")])
                 db["documents"].create_index(["activity_id"])
+                self._create_meta()
+                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def _create_meta(self) -> None:
+        """The store's own identity, made once; a copy of the file (a backup) keeps it."""
+        self.conn.execute('CREATE TABLE IF NOT EXISTS "meta" ("name" TEXT PRIMARY KEY, "value" TEXT)')
+        self.conn.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('store_id', ?)", (str(uuid.uuid4()),))
+
+    def _upgrade(self) -> None:
+        """Version 0 -> 1, in one transaction: SQLite cannot add AUTOINCREMENT to a table, so the
+        activities table is rebuilt (new table, copy, drop, rename, indexes) and every existing
+        activity gets a uuid. A crash leaves either the old database or the new one."""
+        conn = self.conn
+        # DROP TABLE would check the documents' references row by row (and fail); the ids are
+        # copied unchanged, so the references stay valid. This pragma is a no-op inside a
+        # transaction: set it before BEGIN.
+        conn.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with transaction(conn):
+                if self._version() >= SCHEMA_VERSION:
+                    return  # another process upgraded it while this one waited for the lock
+                old_columns = {row[1] for row in conn.execute("PRAGMA table_info(activities)")}
+                conn.execute("DROP TABLE IF EXISTS activities_rebuilt")
+                conn.execute(_activities_table_sql("activities_rebuilt"))
+                copied = ", ".join(f'"{c}"' for c in ACTIVITY_COLUMNS if c in old_columns)
+                conn.execute(f"INSERT INTO activities_rebuilt ({copied}) SELECT {copied} FROM activities")
+                conn.execute("DROP TABLE activities")
+                conn.execute("ALTER TABLE activities_rebuilt RENAME TO activities")
+                missing = [row[0] for row in conn.execute("SELECT id FROM activities WHERE uuid IS NULL")]
+                conn.executemany("UPDATE activities SET uuid = ? WHERE id = ?",
+                                 [(str(uuid.uuid4()), activity_id) for activity_id in missing])
+                _create_activity_indexes(conn)
+                # Inserting explicit ids moves the counter already; make it explicit all the same.
+                top = conn.execute("SELECT coalesce(max(id), 0) FROM activities").fetchone()[0]
+                if conn.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'activities'",
+                                (top,)).rowcount == 0:
+                    conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('activities', ?)", (top,))
+                self._create_meta()
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        finally:
+            conn.execute("PRAGMA foreign_keys=ON")
 
     def _add_missing_columns(self) -> None:
         """Databases made by an earlier version gain the columns and indexes added since."""
@@ -125,6 +197,11 @@ class EmbeddedCRM(CRMBackend):
                         table.add_column(name, kind)
                 for columns in LOOKUP_INDEXES:
                     table.create_index(list(columns), if_not_exists=True)
+
+    def store_id(self) -> str:
+        if self._store_id is None:
+            self._store_id = self.conn.execute("SELECT value FROM meta WHERE name = 'store_id'").fetchone()[0]
+        return self._store_id
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -206,12 +283,12 @@ class EmbeddedCRM(CRMBackend):
                 cur = self.conn.execute(
                     "INSERT INTO activities (key, kind, status, subject, body, location, contact_id, partner_id, "
                     "sender, unassigned, message_id, start, end, due, source, imported_at, created_at, owner, "
-                    "rrule, updated_at, body_html) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "rrule, updated_at, body_html, uuid) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (draft.key, draft.kind, draft.status, draft.subject, draft.body, draft.location,
                      draft.contact_id, draft.partner_id, draft.sender, int(draft.unassigned),
                      draft.message_id, draft.start, draft.end, draft.due, draft.source,
                      now if draft.source and draft.kind == "MAILEIN" else None, now, draft.owner, draft.rrule,
-                     _now_precise(), draft.body_html),
+                     _now_precise(), draft.body_html, str(uuid.uuid4())),
                 )
                 activity_id = cur.lastrowid
                 for doc in draft.documents:
@@ -320,6 +397,7 @@ class EmbeddedCRM(CRMBackend):
             link=self.link_template.format(id=row["id"]), imported_at=row["imported_at"],
             source=row["source"], documents=docs, owner=row.get("owner"), rrule=row.get("rrule"),
             updated_at=row.get("updated_at"), key=row["key"], body_html=row.get("body_html"),
+            uuid=row.get("uuid"),
         )
 
     def get_activity(self, activity_id: int) -> Activity | None:

@@ -330,13 +330,15 @@ class Engine:
         """Put any activity on the account's calendar (events) or task list (tasks), now."""
         account = self.calendar_account(account_name, area)
         self.check_passwords([account], [area])
-        if self.crm.get_activity(activity_id) is None:
+        activity = self.crm.get_activity(activity_id)
+        if activity is None:
             raise LookupError(f"no activity with id {activity_id}")
         other = "tasks" if area == "events" else "events"
-        if any(l.account == account.name and l.area == other for l in self.state.links_of_activity(activity_id)):
+        if any(l.account == account.name and l.area == other
+               for l in self.state.links_of_activity(activity_id, activity.identity)):
             raise ValueError(f"activity {activity_id} is on the {other} collection already; `gwsync unpush` it first")
-        self.state.set_membership(account.name, area, activity_id, True)
-        self.state.set_membership(account.name, other, activity_id, False)
+        self.state.set_membership(account.name, area, activity_id, True, activity.identity)
+        self.state.set_membership(account.name, other, activity_id, False, activity.identity)
         report = SyncReport()
         acc_report = report.accounts.setdefault(account.name, AccountReport())
         self._sync_calendar(account, area, acc_report, dry_run=False, force=False)
@@ -346,8 +348,10 @@ class Engine:
         """Delete the activity's groupware items (conditionally) and keep the activity; it stays
         off the calendar until pushed again. Returns how many items were deleted."""
         account = self.calendar_account(account_name)
+        activity = self.crm.get_activity(activity_id)
+        identity = activity.identity if activity is not None else None
         deleted = 0
-        for link in self.state.links_of_activity(activity_id):
+        for link in self.state.links_of_activity(activity_id, identity):
             if link.account != account.name:
                 continue
             collection = self.collection(account, link.area)
@@ -356,10 +360,10 @@ class Engine:
             except dav.PreconditionFailed:
                 raise dav.DavError(f"the item of activity {activity_id} changed on the server since the last sync; "
                                    "run `gwsync sync` first, then unpush")
-            self.state.drop_link(account.name, link.area, activity_id)
+            self.state.drop_link(account.name, link.area, activity_id, link.href)
             deleted += 1
         for area in ("events", "tasks"):
-            self.state.set_membership(account.name, area, activity_id, False)
+            self.state.set_membership(account.name, area, activity_id, False, identity)
         return deleted
 
     # -- unknown senders ---------------------------------------------------------------------

@@ -8,6 +8,10 @@ kept byte-for-byte, folding included.
 Times are strings in the CRM: `2026-11-26` (all-day), `2026-11-26T10:00:00` (floating),
 `2026-11-26T09:00:00+00:00` (UTC) and `2026-11-26T10:00:00+01:00[Europe/Berlin]` (a time
 zone, in the RFC 9557 form), so that a round trip keeps the zone.
+
+gwsync's own properties (X-GWSYNC-KIND, -STATUS, -ACTIVITY-ID, -ACTIVITY-UUID) are honoured only
+on an item this CRM store linked or wrote (X-GWSYNC-STORE): anyone can type them into an item.
+A kind is never taken from an item of the other component (an event never becomes a task kind).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ FIELDS = ("kind", "status", "subject", "body", "location", "start", "end", "due"
 EVENT, TODO = "VEVENT", "VTODO"
 PRODID = "-//gwsync//gwsync//EN"
 ACTIVITY_ID_PROP = "X-GWSYNC-ACTIVITY-ID"
+ACTIVITY_UUID_PROP = "X-GWSYNC-ACTIVITY-UUID"
+STORE_PROP = "X-GWSYNC-STORE"
 KIND_PROP = "X-GWSYNC-KIND"
 STATUS_PROP = "X-GWSYNC-STATUS"
 _LINK_LINE = re.compile(r"^CRM: \S+\s*$")
@@ -91,10 +97,14 @@ class ItemData:
     uid: str
     component: str  # VEVENT or VTODO
     fields: dict
-    activity_id: int | None  # X-GWSYNC-ACTIVITY-ID, if gwsync linked it
+    activity_id: int | None  # X-GWSYNC-ACTIVITY-ID, if this store linked it (None when not trusted)
     modified: str | None  # LAST-MODIFIED (or DTSTAMP) in UTC ISO, for the `newest` policy
     description: str = ""  # raw DESCRIPTION and X-ALT-DESC: to tell whether the link is current
     alt_description: str = ""
+    store: str | None = None  # X-GWSYNC-STORE: the CRM store that wrote the item (as found, trusted or not)
+    activity_uuid: str | None = None  # X-GWSYNC-ACTIVITY-UUID (None when not trusted)
+    recorded_kind: str | None = None  # X-GWSYNC-KIND and X-GWSYNC-STATUS as found, trusted or not
+    recorded_status: str | None = None
 
     def has_link(self, link: "Link") -> bool:
         """True when the item already carries exactly this link (no write-back needed)."""
@@ -102,8 +112,15 @@ class ItemData:
         expected_alt = alt_description(strip_link(self.description), link)
         # icalendar hands X- properties over still escaped: accept either form.
         return (lines == [f"CRM: {link.url}"] and self.description.rstrip().endswith(f"CRM: {link.url}")
-                and self.activity_id == link.activity_id
+                and self.activity_id == link.activity_id and self.store == link.store
+                and self.activity_uuid == link.activity_uuid
                 and expected_alt in (self.alt_description, _unescape_text(self.alt_description)))
+
+    def stale_recorded(self, fields: dict) -> set[str]:
+        """Fields whose X-GWSYNC property says something else than `fields` (written by another
+        store, or a kind refused): to be rewritten with the link, so no later read takes them."""
+        return {name for name, recorded in (("kind", self.recorded_kind), ("status", self.recorded_status))
+                if recorded is not None and recorded != fields.get(name)}
 
 
 def strip_link(description: str) -> str:
@@ -122,7 +139,11 @@ def _master(cal: icalendar.Calendar):
     return None
 
 
-def read_item(text: str, done_status: str, open_status: str) -> ItemData:
+def read_item(text: str, done_status: str, open_status: str, trusted: bool = True, store: str | None = None,
+              kinds: dict[str, str] | None = None) -> ItemData:
+    """Parse an item. gwsync's own properties count when `trusted` (an item this store linked)
+    or when the item carries this `store`'s identity. `kinds` (kind -> "events" or "tasks", as
+    in [crm.kinds]) refuses a kind of the other component's area."""
     try:
         cal = icalendar.Calendar.from_ical(text)
         comp = _master(cal)
@@ -140,10 +161,16 @@ def read_item(text: str, done_status: str, open_status: str) -> ItemData:
             end = comp.decoded("DTEND")
         elif "DURATION" in comp and start is not None:
             end = start + comp.decoded("DURATION")
-        kind = str(comp.get(KIND_PROP, "")).strip()
+        item_store = str(comp.get(STORE_PROP, "")).strip() or None
+        own = trusted or (store is not None and item_store == store)
+        recorded_kind = str(comp.get(KIND_PROP, "")).strip() or None
+        recorded_status = str(comp.get(STATUS_PROP, "")).strip() or None
+        kind = recorded_kind if own else None
+        if kind and kinds and kinds.get(kind) == ("events" if is_todo else "tasks"):
+            kind = None  # an event never takes a task kind, nor a task an event kind
         if not kind:
             kind = "AUFGABE" if is_todo else ("BESPRECHUNG" if "ATTENDEE" in comp else "TERMIN")
-        recorded = str(comp.get(STATUS_PROP, "")).strip() or None
+        recorded = recorded_status if own else None
         if is_todo and str(comp.get("STATUS", "")).upper() == "COMPLETED":
             status = done_status
         elif is_todo and recorded == done_status:
@@ -164,7 +191,8 @@ def read_item(text: str, done_status: str, open_status: str) -> ItemData:
             "due": format_time(due),
             "rrule": rrule.to_ical().decode() if rrule is not None else None,
         }
-        activity_id = comp.get(ACTIVITY_ID_PROP)
+        activity_id = comp.get(ACTIVITY_ID_PROP) if own else None
+        activity_uuid = (str(comp.get(ACTIVITY_UUID_PROP, "")).strip() or None) if own else None
         modified = comp.decoded("LAST-MODIFIED") if "LAST-MODIFIED" in comp else (
             comp.decoded("DTSTAMP") if "DTSTAMP" in comp else None)
     except BrokenItem:
@@ -177,6 +205,7 @@ def read_item(text: str, done_status: str, open_status: str) -> ItemData:
         activity_id=int(str(activity_id)) if activity_id and str(activity_id).strip().isdigit() else None,
         modified=format_time(modified.astimezone(timezone.utc)) if isinstance(modified, datetime)
         and modified.tzinfo else None,
+        store=item_store, activity_uuid=activity_uuid, recorded_kind=recorded_kind, recorded_status=recorded_status,
     )
 
 
@@ -186,6 +215,8 @@ def read_item(text: str, done_status: str, open_status: str) -> ItemData:
 class Link:
     url: str
     activity_id: int
+    store: str | None = None  # the CRM store's identity (X-GWSYNC-STORE)
+    activity_uuid: str | None = None  # the activity's never-reused identity (X-GWSYNC-ACTIVITY-UUID)
 
 
 def description_with_link(body: str, link: Link | None) -> str:
@@ -231,6 +262,9 @@ def _props_for(fields: dict, changed: set[str], component: str, done_status: str
             props["X-ALT-DESC"] = [("html", alt_description(fields.get("body") or "", link))]
     if include_link and link is not None:
         props[ACTIVITY_ID_PROP] = [str(link.activity_id)]
+        # Replaced or removed: an identity another store wrote must not stay next to ours.
+        props[STORE_PROP] = [link.store] if link.store else []
+        props[ACTIVITY_UUID_PROP] = [link.activity_uuid] if link.activity_uuid else []
     if "location" in changed:
         props["LOCATION"] = [fields["location"]] if fields.get("location") else []
     if "start" in changed:
@@ -254,7 +288,8 @@ def _props_for(fields: dict, changed: set[str], component: str, done_status: str
     return props, zones
 
 
-_TEXT_PROPS = {"SUMMARY", "DESCRIPTION", "LOCATION", "X-ALT-DESC", ACTIVITY_ID_PROP, KIND_PROP, STATUS_PROP}
+_TEXT_PROPS = {"SUMMARY", "DESCRIPTION", "LOCATION", "X-ALT-DESC", ACTIVITY_ID_PROP, KIND_PROP, STATUS_PROP,
+               STORE_PROP, ACTIVITY_UUID_PROP}
 
 
 def _content_lines(component: str, props: dict[str, list]) -> dict[str, list[str]]:

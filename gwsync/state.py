@@ -3,6 +3,11 @@
 The CRM's idempotency keys are what prevents duplicates; this store makes re-runs cheap, keeps
 held and failed mail with their reasons, bounds retries, and feeds `gwsync status`.
 Losing it loses no mail and creates no duplicate.
+
+Calendar links and memberships record the activity's identity (`Activity.identity`) next to its
+id, so that an id given to another activity (a CRM restored from an older backup) is told from
+the activity that was linked. Schema versions are kept in PRAGMA user_version:
+  0  the first release; 1  links and membership have an `identity` column.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sqlite_utils
 from .dbfiles import open_private_db, transaction
 
 IMPORTED, HELD, FAILED, QUARANTINED = "imported", "held", "failed", "quarantined"
+SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -48,6 +54,7 @@ class CalendarLink:
     href: str
     etag: str | None
     base: dict | None
+    identity: str | None = None  # the activity's identity when linked; None: saved before it was recorded
 
 
 def _now() -> str:
@@ -60,6 +67,18 @@ class StateStore:
         self.db = sqlite_utils.Database(self.conn)
         if "messages" not in self.db.table_names():
             self._create_schema()
+        if self.conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Version 0 -> 1: links and membership gain the activity's identity (unknown, NULL, for
+        the rows there are; the calendar sync checks those against the item's UID)."""
+        with transaction(self.conn):
+            tables = self.db.table_names()
+            for table in ("links", "membership"):
+                if table in tables and "identity" not in self.db[table].columns_dict:
+                    self.conn.execute(f'ALTER TABLE "{table}" ADD COLUMN "identity" TEXT')
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _create_schema(self) -> None:
         with transaction(self.conn):  # check again under the write lock (see crmstore)
@@ -117,7 +136,7 @@ class StateStore:
             if "links" not in self.db.table_names():
                 self.db["links"].create(
                     {"account": str, "area": str, "activity_id": int, "uid": str, "href": str, "etag": str,
-                     "base": str, "updated_at": str}, pk=("account", "area", "activity_id"))
+                     "base": str, "updated_at": str, "identity": str}, pk=("account", "area", "activity_id"))
                 self.db["links"].create_index(["account", "area", "href"], unique=True)
                 self.db["collections"].create(
                     {"account": str, "area": str, "url": str, "sync_token": str}, pk=("account", "area"))
@@ -125,7 +144,7 @@ class StateStore:
                     {"account": str, "area": str, "source": str, "url": str, "auth_type": str},
                     pk=("account", "area"))
                 self.db["membership"].create(
-                    {"account": str, "area": str, "activity_id": int, "included": int},
+                    {"account": str, "area": str, "activity_id": int, "included": int, "identity": str},
                     pk=("account", "area", "activity_id"))
                 self.db["item_failures"].create(
                     {"account": str, "area": str, "href": str, "etag": str, "attempts": int, "error": str},
@@ -133,20 +152,29 @@ class StateStore:
 
     # -- calendar links ----------------------------------------------------------------------
 
+    @staticmethod
+    def _link(row: dict) -> CalendarLink:
+        return CalendarLink(account=row["account"], area=row["area"], activity_id=row["activity_id"], uid=row["uid"],
+                            href=row["href"], etag=row["etag"], base=json.loads(row["base"]) if row["base"] else None,
+                            identity=row.get("identity"))
+
     def links(self, account: str, area: str) -> list[CalendarLink]:
         self._ensure_calendar_tables()
-        return [CalendarLink(account=r["account"], area=r["area"], activity_id=r["activity_id"], uid=r["uid"],
-                             href=r["href"], etag=r["etag"], base=json.loads(r["base"]) if r["base"] else None)
-                for r in self.db.query("SELECT * FROM links WHERE account = ? AND area = ?", [account, area])]
+        return [self._link(r) for r in self.db.query("SELECT * FROM links WHERE account = ? AND area = ?",
+                                                     [account, area])]
 
-    def links_of_activity(self, activity_id: int) -> list[CalendarLink]:
+    def links_of_activity(self, activity_id: int, identity: str | None = None) -> list[CalendarLink]:
+        """The activity's links; with its identity, not those saved for another activity that
+        held the id before (links saved before identities were recorded are included)."""
         self._ensure_calendar_tables()
-        return [CalendarLink(account=r["account"], area=r["area"], activity_id=r["activity_id"], uid=r["uid"],
-                             href=r["href"], etag=r["etag"], base=json.loads(r["base"]) if r["base"] else None)
-                for r in self.db.query("SELECT * FROM links WHERE activity_id = ?", [activity_id])]
+        return [link for link in map(self._link, self.db.query("SELECT * FROM links WHERE activity_id = ?",
+                                                               [activity_id]))
+                if identity is None or link.identity in (None, identity)]
 
     def apply_link_changes(self, changes: list[tuple[str, object]]) -> None:
-        """Several ("save", CalendarLink) / ("drop", (account, area, activity_id)) in one transaction."""
+        """Several ("save", CalendarLink) / ("drop", (account, area, activity_id[, href])) in one
+        transaction. A drop with the href removes that link only, never a newer link that an
+        activity now holding the same id got meanwhile."""
         if not changes:
             return
         self._ensure_calendar_tables()
@@ -158,15 +186,19 @@ class StateStore:
                         "DELETE FROM links WHERE account = ? AND area = ? AND href = ? AND activity_id != ?",
                         (link.account, link.area, link.href, link.activity_id))
                     self.conn.execute(
-                        "INSERT OR REPLACE INTO links (account, area, activity_id, uid, href, etag, base, updated_at) "
-                        "VALUES (?,?,?,?,?,?,?,?)",
+                        "INSERT OR REPLACE INTO links (account, area, activity_id, uid, href, etag, base, updated_at, "
+                        "identity) VALUES (?,?,?,?,?,?,?,?,?)",
                         (link.account, link.area, link.activity_id, link.uid, link.href, link.etag,
-                         json.dumps(link.base, sort_keys=True) if link.base is not None else None, _now()))
+                         json.dumps(link.base, sort_keys=True) if link.base is not None else None, _now(),
+                         link.identity))
+                elif len(value) == 4:
+                    self.conn.execute("DELETE FROM links WHERE account = ? AND area = ? AND activity_id = ? "
+                                      "AND href = ?", value)
                 else:
                     self.conn.execute("DELETE FROM links WHERE account = ? AND area = ? AND activity_id = ?", value)
 
-    def drop_link(self, account: str, area: str, activity_id: int) -> None:
-        self.apply_link_changes([("drop", (account, area, activity_id))])
+    def drop_link(self, account: str, area: str, activity_id: int, href: str | None = None) -> None:
+        self.apply_link_changes([("drop", (account, area, activity_id) + ((href,) if href is not None else ()))])
 
     def dav_cache(self, account: str, area: str, source: str) -> tuple[str | None, str | None]:
         """(collection URL, auth scheme) found by an earlier run for the same config `source`."""
@@ -186,15 +218,20 @@ class StateStore:
 
     def memberships(self, account: str, area: str) -> dict[int, bool]:
         """Activities pushed into (True) or taken out of (False) an area by hand."""
-        self._ensure_calendar_tables()
-        return {r[0]: bool(r[1]) for r in self.conn.execute(
-            "SELECT activity_id, included FROM membership WHERE account = ? AND area = ?", (account, area))}
+        return {activity_id: included for activity_id, (included, _) in self.membership_details(account, area).items()}
 
-    def set_membership(self, account: str, area: str, activity_id: int, included: bool) -> None:
+    def membership_details(self, account: str, area: str) -> dict[int, tuple[bool, str | None]]:
+        """activity id -> (included, the identity of the activity it was set for, if recorded)."""
+        self._ensure_calendar_tables()
+        return {r[0]: (bool(r[1]), r[2]) for r in self.conn.execute(
+            "SELECT activity_id, included, identity FROM membership WHERE account = ? AND area = ?", (account, area))}
+
+    def set_membership(self, account: str, area: str, activity_id: int, included: bool,
+                       identity: str | None = None) -> None:
         self._ensure_calendar_tables()
         with transaction(self.conn):
-            self.conn.execute("INSERT OR REPLACE INTO membership VALUES (?,?,?,?)",
-                              (account, area, activity_id, int(included)))
+            self.conn.execute("INSERT OR REPLACE INTO membership (account, area, activity_id, included, identity) "
+                              "VALUES (?,?,?,?,?)", (account, area, activity_id, int(included), identity))
 
     def sync_token(self, account: str, area: str, url: str) -> str | None:
         self._ensure_calendar_tables()

@@ -149,3 +149,71 @@ def test_any_text_round_trips_through_our_own_writer(subject, body):
     item = read_item(text, "E", "O")
     assert item.fields["subject"] == subject.replace("\n", " ") or item.fields["subject"] == subject
     assert item.fields["body"] == body and item.has_link(LINK)
+
+
+# -- identities and gwsync's own properties ---------------------------------------------------
+
+STORE = "0b6f7c2e-8f43-4c57-9d55-7c1f0d3e9a10"
+OWN = Link("https://crm.example.com/activities/7", 7, STORE, "5d0c3b7e-2a1f-4a8b-9c6d-1e2f3a4b5c6d")
+KINDS = {"TERMIN": "events", "BESPRECHUNG": "events", "AUFGABE": "tasks", "WIEDERVORLAGE": "tasks"}
+
+
+def _event(extra: str = "", component: str = "VEVENT") -> str:
+    return (f"BEGIN:VCALENDAR\nVERSION:2.0\nPRODID:-//Phone//EN\nBEGIN:{component}\nUID:x\n"
+            f"DTSTAMP:20261120T100000Z\nDTSTART:20261201T090000Z\nSUMMARY:S\n{extra}END:{component}\nEND:VCALENDAR\n")
+
+
+def test_gwsync_properties_count_only_on_items_this_store_linked_or_wrote():
+    claims = "X-GWSYNC-KIND:BESPRECHUNG\nX-GWSYNC-STATUS:E\nX-GWSYNC-ACTIVITY-ID:7\n"
+    foreign = read_item(_event(claims), "E", "O", trusted=False, store=STORE, kinds=KINDS)
+    assert (foreign.fields["kind"], foreign.fields["status"], foreign.activity_id) == ("TERMIN", "O", None)
+    assert (foreign.recorded_kind, foreign.recorded_status) == ("BESPRECHUNG", "E")  # as found, to rewrite
+    other_store = read_item(_event(claims + "X-GWSYNC-STORE:another-store\n"), "E", "O", trusted=False,
+                            store=STORE, kinds=KINDS)
+    assert other_store.fields["kind"] == "TERMIN" and other_store.store == "another-store"
+    ours = read_item(_event(claims + f"X-GWSYNC-STORE:{STORE}\nX-GWSYNC-ACTIVITY-UUID:{OWN.activity_uuid}\n"),
+                     "E", "O", trusted=False, store=STORE, kinds=KINDS)
+    assert (ours.fields["kind"], ours.fields["status"], ours.activity_id) == ("BESPRECHUNG", "E", 7)
+    assert ours.activity_uuid == OWN.activity_uuid
+    linked = read_item(_event(claims), "E", "O", trusted=True, store=STORE, kinds=KINDS)
+    assert (linked.fields["kind"], linked.activity_id) == ("BESPRECHUNG", 7)
+    # a backend without a store identity trusts linked items only
+    assert read_item(_event(claims), "E", "O", trusted=False, store=None).fields["kind"] == "TERMIN"
+
+
+@pytest.mark.parametrize("component, recorded, expected", [
+    ("VEVENT", "AUFGABE", "TERMIN"), ("VEVENT", "WIEDERVORLAGE", "TERMIN"), ("VTODO", "TERMIN", "AUFGABE"),
+    ("VTODO", "BESPRECHUNG", "AUFGABE"), ("VTODO", "WIEDERVORLAGE", "WIEDERVORLAGE"),
+    ("VEVENT", "BESPRECHUNG", "BESPRECHUNG"), ("VTODO", "MAILEIN", "MAILEIN"),  # pushed: no area of its own
+])
+def test_a_kind_of_the_other_components_area_is_refused_even_on_a_linked_item(component, recorded, expected):
+    item = read_item(_event(f"X-GWSYNC-KIND:{recorded}\n", component), "E", "O", trusted=True, kinds=KINDS)
+    assert item.fields["kind"] == expected
+
+
+def test_the_link_carries_the_store_and_the_activity_uuid_and_replaces_another_stores():
+    fields = read_item(OTHER, "E", "O").fields
+    text = new_item("u", "VEVENT", fields, "E", OWN)
+    assert f"X-GWSYNC-STORE:{STORE}" in lines(text) and f"X-GWSYNC-ACTIVITY-UUID:{OWN.activity_uuid}" in lines(text)
+    assert read_item(text, "E", "O", trusted=False, store=STORE).has_link(OWN)
+    assert not read_item(text, "E", "O").has_link(LINK)  # same id and URL, other identity: written again
+    planted = _event("X-GWSYNC-STORE:another-store\nX-GWSYNC-ACTIVITY-UUID:someone-elses\nX-GWSYNC-ACTIVITY-ID:7\n")
+    item = read_item(planted, "E", "O", trusted=False, store=STORE)
+    assert not item.has_link(OWN)
+    out = update_item(planted, item.fields, set(), "E", OWN, include_link=True)
+    assert [l for l in lines(out) if l.startswith("X-GWSYNC-STORE") or l.startswith("X-GWSYNC-ACTIVITY-UUID")] == [
+        f"X-GWSYNC-STORE:{STORE}", f"X-GWSYNC-ACTIVITY-UUID:{OWN.activity_uuid}"]
+    assert read_item(out, "E", "O", trusted=False, store=STORE).has_link(OWN)
+    # a backend without identities writes none, and removes ones planted by others
+    bare = update_item(planted, item.fields, set(), "E", LINK, include_link=True)
+    assert not any(l.startswith(("X-GWSYNC-STORE", "X-GWSYNC-ACTIVITY-UUID")) for l in lines(bare))
+
+
+def test_stale_recorded_names_the_gwsync_properties_that_disagree():
+    item = read_item(_event("X-GWSYNC-KIND:AUFGABE\nX-GWSYNC-STATUS:E\n"), "E", "O", trusted=False, kinds=KINDS)
+    assert item.stale_recorded(item.fields) == {"kind", "status"}
+    out = update_item(_event("X-GWSYNC-KIND:AUFGABE\nX-GWSYNC-STATUS:E\n"), item.fields, {"kind", "status"}, "E",
+                      OWN, include_link=True)
+    assert read_item(out, "E", "O", trusted=True, kinds=KINDS).fields == item.fields
+    assert read_item(out, "E", "O").stale_recorded(item.fields) == set()
+    assert read_item(_event(), "E", "O").stale_recorded(item.fields) == set()  # nothing recorded: nothing stale

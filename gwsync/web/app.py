@@ -261,7 +261,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
         page = render_template("activity.html", a=item, contact=contact, partner=partner,
                                html_body=Markup(safe.markup) if safe else None,
                                blocked_images=safe.blocked_images if safe else 0, remote_images=remote_images,
-                               links=eng.state.links_of_activity(activity_id))
+                               links=eng.state.links_of_activity(activity_id, item.identity))
         response = app.make_response(page)
         if remote_images:
             response.headers["Content-Security-Policy"] = PAGE_POLICY.replace("img-src 'self'",
