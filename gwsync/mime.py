@@ -280,10 +280,25 @@ _RESERVED = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
 MAX_NAME_BYTES = 200
 
 
+def _visible(char: str) -> str:
+    category = unicodedata.category(char)
+    if category == "Cf":
+        return ""
+    return "_" if category in ("Cc", "Cs", "Zl", "Zp") else char
+
+
 def sanitise_filename(name: str | None, content_type: str = "application/octet-stream") -> str:
     """A file name safe to show and to offer as a download: no directories, no control bytes,
-    no leading dots, at most 200 UTF-8 bytes with its extension kept."""
-    name = unicodedata.normalize("NFC", name or "")
+    no invisible format characters, no leading dots, at most 200 UTF-8 bytes with its extension kept.
+
+    Format characters (Unicode category Cf: bidi overrides, embeddings, isolates and marks,
+    zero-width spaces and joiners, BOM) are removed: "inv\\u202efdp.exe" would show as "invexe.pdf".
+    Control characters, line and paragraph separators become "_".
+    """
+    name = name or ""
+    if not name.isprintable():  # the rare name with a control, format or separator character
+        name = "".join(_visible(c) for c in name)
+    name = unicodedata.normalize("NFC", name)
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
     name = _RESERVED.sub("_", name).strip().lstrip(".").strip()
     if not name or set(name) <= {"_", "."}:

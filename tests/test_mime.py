@@ -3,6 +3,7 @@
 import base64
 import binascii
 import quopri
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -86,12 +87,37 @@ def test_long_names_keep_their_extension():
     assert name.endswith(".pdf") and len(name.encode()) <= 200
 
 
+@pytest.mark.parametrize("name, expected", [
+    ("inv\u202efdp.exe", "invfdp.exe"),  # RIGHT-TO-LEFT OVERRIDE: shown as "invexe.pdf"
+    ("\u2067photo\u2069 gpj.exe", "photo gpj.exe"),  # isolates
+    ("\u202a\u202b\u202c\u202d\u200e\u200f\u061cname.pdf", "name.pdf"),  # embeddings, marks
+    ("a\u200bb\u200c\u200d\u2060\ufeffc.txt", "abc.txt"),  # zero-width characters
+    ("\u202e\u200b", "attachment.txt"),  # nothing visible left
+    ("a\x85b\x9bc\u2028d\u2029e.txt", "a_b_c_d_e.txt"),  # C1 controls, line and paragraph separators
+])
+def test_invisible_format_controls_are_removed_from_names(name, expected):
+    assert sanitise_filename(name, "text/plain") == expected
+
+
+def test_a_bidi_override_in_a_mailed_name_is_removed():
+    raw = (b"From: a@example.org\r\nSubject: s\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=x\r\n"
+           b"\r\n--x\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--x\r\nContent-Type: application/pdf\r\n"
+           b"Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename*=utf-8''inv%E2%80%AEfdp.exe\r\n"
+           b"\r\nJVBERi0=\r\n--x--\r\n")
+    (attachment,) = parse_message(raw).attachments
+    assert attachment.filename == "invfdp.exe" and attachment.data == b"%PDF-"
+
+
+_INVISIBLE = {"Cc", "Cf", "Zl", "Zp"}
+
+
 @given(st.text())
 def test_sanitised_names_are_always_safe(name):
     safe = sanitise_filename(name)
     assert safe and len(safe.encode("utf-8")) <= 200
     assert "/" not in safe and "\\" not in safe and "\x00" not in safe
     assert not safe.startswith(".") and safe not in (".", "..")
+    assert not [c for c in safe if unicodedata.category(c) in _INVISIBLE]
 
 
 @settings(max_examples=200)
