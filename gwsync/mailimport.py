@@ -21,9 +21,8 @@ from .config import AccountConfig, CrmConfig
 from .crm import ActivityDraft, CRMBackend, Document
 from .decisions import SenderMatch, Step, failure_outcome, missing_fields, plan_mail, resolve_sender
 from .imap import FETCH_BATCH, ImapSession, ImportFolder, MailServerError, ServerUnreachable
-from .mime import (Attachment, ParsedMail, StreamDecoder, _is_attachment, _raw_filename, content_key,
-                   html_to_text, parse_header_block, parse_headers, parse_message, sanitise_filename,
-                   _decode_bytes)
+from .mime import (Attachment, MailReader, ParsedMail, content_key, parse_header_block, parse_headers,
+                   parse_message)
 from .state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord, StateStore
 
 MAIL_KIND = "MAILEIN"
@@ -31,7 +30,7 @@ MAIL_KIND = "MAILEIN"
 # memory flat whatever the attachment size.
 STREAM_THRESHOLD = 8 << 20
 BATCH_BYTES = 16 << 20
-# A text body larger than this is cut; the whole mail's parts still become documents.
+# A text body larger than this becomes a document instead of the activity's body.
 MAX_STREAMED_TEXT = 2 << 20
 
 ProgressFn = Callable[[int, int, str], None]
@@ -394,60 +393,27 @@ class _StreamedMail:
         self.dry_run = dry_run
 
     def parse(self) -> ParsedMail:
-        warnings: list[str] = []
+        # The same reading as parse_message, fed part by part: the same body and attachment bytes.
         header = parse_header_block(self.session.fetch_section(self.uid, "HEADER"))
-        headers = parse_headers(header, warnings)
-        body = ""
-        body_html: str | None = None
-        has_plain = False
-        attachments: list[Document] = []
+        reader = MailReader(header, self._store, max_text=MAX_STREAMED_TEXT)
         structure = self.session.bodystructure(self.uid)
         for section, part in _leaf_sections(structure):
             mime_section = "HEADER" if section == "1" and not structure.is_multipart else f"{section}.MIME"
-            part_headers = parse_header_block(self.session.fetch_section(self.uid, mime_section))
-            ctype = part_headers.get_content_type()
-            encoding = str(part_headers.get("Content-Transfer-Encoding", "7bit")).strip().lower()
             size = int(part[6]) if len(part) > 6 and isinstance(part[6], int) else None
-            is_text = ctype in ("text/plain", "text/html") and not _is_attachment(part_headers)
-            wanted = not has_plain if ctype == "text/plain" else body_html is None
-            if is_text and wanted and (size or 0) <= MAX_STREAMED_TEXT:
-                decoder = StreamDecoder(encoding)
-                data = decoder.feed(self.session.fetch_section(self.uid, section)) + decoder.finish()
-                text = _decode_bytes(data, part_headers.get_content_charset()).replace("\r\n", "\n")
-                if ctype == "text/html":
-                    body_html = text
-                    body = body if has_plain else html_to_text(text)
-                else:
-                    body, has_plain = text, True
-                continue
-            if is_text and (body or body_html):
-                continue  # an alternative representation of the body
-            name = sanitise_filename(_raw_filename(part_headers) or ("message.eml" if ctype == "message/rfc822"
-                                                                      else None), ctype)
-            decoder = StreamDecoder(encoding if ctype != "message/rfc822" else "8bit")
-            chunks = self.session.fetch_chunks(self.uid, section, size)
-            decoded = _decoded(chunks, decoder)
-            if self.dry_run:
-                digest, total = hashlib.sha256(), 0
-                for piece in decoded:
-                    digest.update(piece)
-                    total += len(piece)
-                sha, stored = digest.hexdigest(), total
-            else:
-                sha, stored = self.crm.put_document(decoded)
-            attachments.append(Document(filename=name, content_type=ctype, size=stored, sha256=sha))
-        return ParsedMail(body=body.strip("\n"), attachments=attachments, warnings=warnings,  # type: ignore[arg-type]
-                          body_html=body_html, **headers)
+            reader.add(parse_header_block(self.session.fetch_section(self.uid, mime_section)),
+                       lambda section=section, size=size: self.session.fetch_chunks(self.uid, section, size), size)
+        return reader.finish(lambda name, ctype, stored: Document(filename=name, content_type=ctype,
+                                                                   sha256=stored[0], size=stored[1]))
 
-
-def _decoded(chunks: Iterator[bytes], decoder: StreamDecoder) -> Iterator[bytes]:
-    for chunk in chunks:
-        out = decoder.feed(chunk)
-        if out:
-            yield out
-    tail = decoder.finish()
-    if tail:
-        yield tail
+    def _store(self, decoded: Iterator[bytes]) -> tuple[str, int]:
+        """Streamed attachments are stored while they are read."""
+        if not self.dry_run:
+            return self.crm.put_document(decoded)
+        digest, total = hashlib.sha256(), 0
+        for piece in decoded:
+            digest.update(piece)
+            total += len(piece)
+        return digest.hexdigest(), total
 
 
 def _leaf_sections(structure, prefix: str = ""):

@@ -3,6 +3,11 @@
 Real mail is messy: malformed headers, unknown charsets, RFC 2047 words, nested multiparts,
 HTML-only bodies, hostile attachment names. Every accessor here degrades to something readable
 instead of raising, and records what it had to work around in `warnings`.
+
+A small mail is parsed whole (parse_message); a large one arrives part by part over IMAP
+(mailimport). Both read their leaf parts through the same MailReader and decode them with the
+same StreamDecoder, so a mail gives the same body and the same attachment bytes on either path,
+however its parts are cut into chunks.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import binascii
 import email
 import email.header
+import email.parser
 import email.policy
 import email.utils
 import hashlib
@@ -21,6 +27,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from datetime import timezone
 from email.message import EmailMessage, Message
+from typing import Any, Callable, Iterable, Iterator
 
 
 @dataclass
@@ -57,20 +64,41 @@ def content_key(raw: bytes) -> str:
 _POLICY = email.policy.compat32
 
 
+class _Part(Message):
+    """A compat32 part whose message/* content the parser leaves unparsed: its payload stays the
+    raw bytes, as an IMAP server returns BODY[n] for it. So an attached mail is kept byte for byte
+    (not parsed and written out again) and reads the same on the small and the streamed path."""
+
+    _parsing = True  # set to False on every part once the parser is done
+
+    def get_content_type(self) -> str:
+        ctype = super().get_content_type()
+        if self._parsing and ctype.startswith("message/"):
+            return "application/x-unparsed-message"  # what the parser sees: not a message to descend into
+        return ctype
+
+
+def _parse(raw: bytes) -> Message:
+    msg = email.message_from_bytes(raw, _class=_Part, policy=_POLICY)
+    for part in msg.walk():
+        part._parsing = False
+    return msg
+
+
+def _raw_body(part: Message) -> bytes:
+    """A leaf's body exactly as it was in the mail, still transfer-encoded."""
+    payload = part._payload  # the public get_payload() would decode or re-encode it
+    if isinstance(payload, str):  # the bytes parser keeps 8-bit bytes as surrogate escapes
+        return payload.encode("ascii", "surrogateescape")
+    return payload or b""
+
+
 def parse_message(raw: bytes) -> ParsedMail:
-    msg = email.message_from_bytes(raw, policy=_POLICY)
-    warnings: list[str] = []
-    headers = parse_headers(msg, warnings)
-    plain_part, html_part = _find_body(msg)
-    body_html = _text_of(html_part, warnings) if html_part is not None else None
-    if plain_part is not None:
-        body = _text_of(plain_part, warnings)
-    else:
-        body = html_to_text(body_html) if body_html is not None else ""
-    attachments: list[Attachment] = []
-    _collect_attachments(msg, plain_part or html_part, attachments, warnings)
-    return ParsedMail(body=body.strip("\n"), attachments=attachments, warnings=warnings, body_html=body_html,
-                      **headers)
+    msg = _parse(raw)
+    reader = MailReader(msg, store=b"".join)
+    for part in _leaves(msg):
+        reader.add(part, lambda part=part: [_raw_body(part)])
+    return reader.finish(Attachment)
 
 
 def parse_headers(msg: Message, warnings: list[str]) -> dict:
@@ -195,22 +223,8 @@ def _is_attachment(part: Message) -> bool:
     return disposition == "attachment" or bool(_raw_filename(part))
 
 
-def _find_body(msg: Message) -> tuple[Message | None, Message | None]:
-    """The parts that carry the mail's text: the first plain text and the first HTML part."""
-    plain = html_part = None
-    for part in _leaves(msg):
-        if _is_attachment(part):
-            continue
-        subtype = part.get_content_type()
-        if subtype == "text/plain" and plain is None:
-            plain = part
-        elif subtype == "text/html" and html_part is None:
-            html_part = part
-    return plain, html_part
-
-
 def _leaves(msg: Message):
-    """Leaf parts in order; an attached message/rfc822 counts as one leaf."""
+    """Leaf parts in order; a message/* part (an attached mail) is one leaf, its content unparsed."""
     if msg.get_content_maintype() == "multipart":
         payload = msg.get_payload()
         if isinstance(payload, list):
@@ -218,21 +232,6 @@ def _leaves(msg: Message):
                 yield from _leaves(sub)
         return
     yield msg
-
-
-def _text_of(part: Message, warnings: list[str]) -> str:
-    try:
-        data = part.get_payload(decode=True) or b""
-    except Exception as exc:
-        warnings.append(f"body: {exc}")
-        return ""
-    charset = part.get_content_charset()
-    if charset:
-        try:
-            "".encode(charset)
-        except LookupError:
-            warnings.append(f"unknown charset {charset!r}, read as UTF-8/cp1252")
-    return _decode_bytes(data, charset).replace("\r\n", "\n").replace("\x00", "")
 
 
 def _raw_filename(part: Message) -> str | None:
@@ -252,38 +251,123 @@ def _raw_filename(part: Message) -> str | None:
     return name or None
 
 
-def _collect_attachments(msg: Message, body_part: Message | None, out: list[Attachment],
-                         warnings: list[str]) -> None:
-    for part in _leaves(msg):
-        if part is body_part:
-            continue
+HEAD_BYTES = 64 << 10  # what is read of an attached mail to name it after its Subject
+
+
+@dataclass
+class _Stored:
+    filename: str
+    content_type: str
+    stored: Any  # what the store function returned for the decoded bytes
+
+
+class MailReader:
+    """The one reading of a mail's leaf parts, for small mail (parse_message) and for mail
+    streamed part by part (mailimport): the leaves come one at a time, in order, each as its MIME
+    header block and a function giving its raw, still encoded bytes in chunks.
+
+    The first text/plain and the first text/html leaf that are not attachments are the body and
+    its HTML; further ones are alternative representations and skipped. A text leaf larger than
+    `max_text` bytes becomes a document instead (the streamed path never holds more than that).
+    Every other leaf is decoded by a StreamDecoder and handed to `store` as an iterator of
+    bytes; `finish` turns what `store` returned into the mail's attachments.
+    """
+
+    def __init__(self, header: Message, store: Callable[[Iterator[bytes]], Any], max_text: int | None = None):
+        self.warnings: list[str] = []
+        self.headers = parse_headers(header, self.warnings)
+        self.store = store
+        self.max_text = max_text
+        self.plain: str | None = None
+        self.html: str | None = None
+        self.stored: list[_Stored] = []
+
+    def add(self, part: Message, raw: Callable[[], Iterable[bytes]], size: int | None = None) -> None:
         ctype = part.get_content_type()
         if ctype in ("text/plain", "text/html") and not _is_attachment(part):
-            continue  # the body's alternative representation, not a document
-        if ctype == "message/rfc822":
-            inner = part.get_payload()
-            inner_msg = inner[0] if isinstance(inner, list) and inner else None
-            data = inner_msg.as_bytes() if inner_msg is not None else b""
-            name = _raw_filename(part) or ((_header(inner_msg, "Subject", warnings) or "message") + ".eml"
-                                           if inner_msg is not None else "message.eml")
+            if (self.plain if ctype == "text/plain" else self.html) is not None:
+                return  # an alternative representation of the body
+            if self.max_text is None or (size or 0) <= self.max_text:
+                data = decode_transfer(b"".join(raw()), transfer_encoding(part))
+                text = body_text(data, part.get_content_charset(), self.warnings)
+                if ctype == "text/plain":
+                    self.plain = text
+                else:
+                    self.html = text
+                return
+        head = bytearray()
+        stored = self.store(_keeping_head(_decoded(raw(), StreamDecoder(transfer_encoding(part))), head))
+        self.stored.append(_Stored(_attachment_name(part, ctype, bytes(head)), ctype, stored))
+
+    def finish(self, attachment: Callable[[str, str, Any], Any]) -> ParsedMail:
+        """The parsed mail; `attachment(filename, content_type, stored)` makes each attachment."""
+        if self.plain is not None:
+            body = self.plain
         else:
-            try:
-                data = part.get_payload(decode=True) or b""
-            except Exception as exc:
-                warnings.append(f"attachment: {exc}")
-                continue
-            name = _raw_filename(part)
-        out.append(Attachment(filename=sanitise_filename(name, ctype), content_type=ctype, data=data))
+            body = html_to_text(self.html) if self.html is not None else ""
+        return ParsedMail(body=body.strip("\n"), body_html=self.html, warnings=self.warnings,
+                          attachments=[attachment(s.filename, s.content_type, s.stored) for s in self.stored],
+                          **self.headers)
+
+
+def body_text(data: bytes, charset: str | None, warnings: list[str]) -> str:
+    """A text part's decoded bytes as text: its charset, else UTF-8, else cp1252; LF line ends."""
+    if charset:
+        try:
+            "".encode(charset)
+        except LookupError:
+            warnings.append(f"unknown charset {charset!r}, read as UTF-8/cp1252")
+    return _decode_bytes(data, charset).replace("\r\n", "\n").replace("\x00", "")
+
+
+def _attachment_name(part: Message, ctype: str, head: bytes) -> str:
+    name = _raw_filename(part)
+    if not name and ctype == "message/rfc822":  # an attached mail is named after its Subject
+        inner = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(head)
+        name = (_header(inner, "Subject", []) or "message") + ".eml"
+    return sanitise_filename(name, ctype)
+
+
+def _decoded(chunks: Iterable[bytes], decoder: "StreamDecoder") -> Iterator[bytes]:
+    for chunk in chunks:
+        out = decoder.feed(chunk)
+        if out:
+            yield out
+    tail = decoder.finish()
+    if tail:
+        yield tail
+
+
+def _keeping_head(chunks: Iterator[bytes], head: bytearray) -> Iterator[bytes]:
+    for chunk in chunks:
+        if len(head) < HEAD_BYTES:
+            head += chunk[:HEAD_BYTES - len(head)]
+        yield chunk
 
 
 _RESERVED = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
 MAX_NAME_BYTES = 200
 
 
+def _visible(char: str) -> str:
+    category = unicodedata.category(char)
+    if category == "Cf":
+        return ""
+    return "_" if category in ("Cc", "Cs", "Zl", "Zp") else char
+
+
 def sanitise_filename(name: str | None, content_type: str = "application/octet-stream") -> str:
     """A file name safe to show and to offer as a download: no directories, no control bytes,
-    no leading dots, at most 200 UTF-8 bytes with its extension kept."""
-    name = unicodedata.normalize("NFC", name or "")
+    no invisible format characters, no leading dots, at most 200 UTF-8 bytes with its extension kept.
+
+    Format characters (Unicode category Cf: bidi overrides, embeddings, isolates and marks,
+    zero-width spaces and joiners, BOM) are removed: "inv\\u202efdp.exe" would show as "invexe.pdf".
+    Control characters, line and paragraph separators become "_".
+    """
+    name = name or ""
+    if not name.isprintable():  # the rare name with a control, format or separator character
+        name = "".join(_visible(c) for c in name)
+    name = unicodedata.normalize("NFC", name)
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
     name = _RESERVED.sub("_", name).strip().lstrip(".").strip()
     if not name or set(name) <= {"_", "."}:
@@ -338,39 +422,143 @@ def html_to_text(markup: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_NOT_BASE64 = bytes(c for c in range(256) if c not in _BASE64_ALPHABET + b"=")
+_UUENCODE = ("x-uuencode", "uuencode", "uue", "x-uue")
+_UU_BEGIN = re.compile(rb"begin [0-7]+(?: |$)")
+
+
+def transfer_encoding(part: Message) -> str:
+    """A part's Content-Transfer-Encoding as both paths read it: case and surrounding spaces ignored."""
+    try:
+        value = str(part.get("Content-Transfer-Encoding", "") or "")
+    except Exception:
+        value = ""
+    return value.strip().lower() or "7bit"
+
+
+def decode_transfer(data: bytes, encoding: str) -> bytes:
+    """A whole part decoded: the same bytes as StreamDecoder fed in chunks."""
+    decoder = StreamDecoder(encoding)
+    return decoder.feed(data) + decoder.finish()
+
+
 class StreamDecoder:
-    """Decodes a Content-Transfer-Encoding incrementally, for attachments too big to hold."""
+    """Decodes a Content-Transfer-Encoding fed in chunks: the one decoding of every mail part.
+
+    Small mail feeds it a whole part, streamed mail feeds it partial fetches; where the chunks are
+    cut never changes the result. It never raises: broken input is read by these lenient rules.
+
+    base64: characters outside the base64 alphabet are skipped (line breaks, spaces, junk). The
+      data characters form groups of four, and a "=" ends the current group early: a group of 2 or
+      3 characters followed by "=" gives 1 or 2 bytes, as final padding does, and decoding goes on
+      after it, so pieces encoded one after another (padding in mid-stream) decode whole. A "="
+      after a single character drops that character (6 bits are no byte; a stray "A===" line adds
+      nothing); a "=" with no group open is skipped. At the end, an unfinished group of 2 or 3
+      characters decodes as if padded, a single character is dropped.
+      (The email package's own decoding differs: it stops at the first padding, and when the count
+      of characters does not fit, it returns the base64 text itself.)
+    quoted-printable: binascii.a2b_qp, one line at a time (a line is decoded once its LF has
+      arrived): "=XX" escapes and soft line breaks; a malformed escape is kept as it is.
+    x-uuencode (uuencode, uue, x-uue): if the first line that is not blank is "begin <mode> ...",
+      the lines after it are decoded up to "end" or a blank line, and the rest is ignored; a line
+      that does not decode is decoded as far as its length character says, or else skipped. A part
+      whose first line is no "begin" line is not uuencoded and is kept as sent.
+    anything else (7bit, 8bit, binary, unknown names): the bytes as sent.
+    """
 
     def __init__(self, encoding: str | None):
-        self.encoding = (encoding or "7bit").lower()
+        self.encoding = (encoding or "7bit").strip().lower()
         self.pending = b""
+        self.uu_state = "start"  # start (only blank lines so far), data, end, raw
+        self.uu_blank = b""  # the blank lines before the first other line
 
     def feed(self, chunk: bytes) -> bytes:
         if self.encoding == "base64":
-            data = self.pending + re.sub(rb"[^A-Za-z0-9+/=]", b"", chunk)
-            usable = len(data) - len(data) % 4
-            self.pending = data[usable:]
-            return binascii.a2b_base64(data[:usable]) if usable else b""
+            return self._base64(chunk)
         if self.encoding == "quoted-printable":
             data = self.pending + chunk
-            cut = data.rfind(b"\n") + 1
+            cut = data.rfind(b"\n") + 1  # after an LF, a2b_qp has no escape open
             self.pending = data[cut:]
             return binascii.a2b_qp(data[:cut])
+        if self.encoding in _UUENCODE:
+            return self._uu(chunk)
         return chunk
 
     def finish(self) -> bytes:
         rest, self.pending = self.pending, b""
-        if not rest:
-            return b""
         if self.encoding == "base64":
-            rest = rest + b"=" * (-len(rest) % 4)
-            try:
-                return binascii.a2b_base64(rest)
-            except binascii.Error:
-                return b""
+            return _base64_group(rest)
         if self.encoding == "quoted-printable":
             return binascii.a2b_qp(rest)
+        if self.encoding in _UUENCODE:
+            out = self._uu_line(rest) if rest else b""
+            return out + (self.uu_blank if self.uu_state == "start" else b"")
         return rest
+
+    def _base64(self, chunk: bytes) -> bytes:
+        data = self.pending + chunk.translate(None, _NOT_BASE64)
+        *closed, open_group = data.split(b"=")  # every "=" ends the group before it
+        out = [_base64_group(run) for run in closed]
+        usable = len(open_group) - len(open_group) % 4
+        self.pending = open_group[usable:]  # fewer than four data characters, no "="
+        out.append(binascii.a2b_base64(open_group[:usable]))
+        return b"".join(out)
+
+    def _uu(self, chunk: bytes) -> bytes:
+        if self.uu_state == "raw":
+            return chunk
+        data = self.pending + chunk
+        cut = data.rfind(b"\n") + 1
+        self.pending = data[cut:]
+        out = []
+        lines = data[:cut].split(b"\n")[:-1]
+        for index, line in enumerate(lines):
+            out.append(self._uu_line(line + b"\n"))
+            if self.uu_state == "raw":  # not uuencoded: the rest passes through
+                out.append(b"".join(rest + b"\n" for rest in lines[index + 1:]) + self.pending)
+                self.pending = b""
+                break
+        return b"".join(out)
+
+    def _uu_line(self, line: bytes) -> bytes:
+        text = line.rstrip(b"\r\n")
+        if self.uu_state == "start":
+            if not text.strip():
+                self.uu_blank += line
+                return b""
+            if _UU_BEGIN.match(text):
+                self.uu_state, self.uu_blank = "data", b""
+                return b""
+            self.uu_state = "raw"
+            out, self.uu_blank = self.uu_blank + line, b""
+            return out
+        if self.uu_state == "data":
+            if not text or text.strip(b" \t\r\n\f") == b"end":
+                self.uu_state = "end"
+                return b""
+            return _uu_decode_line(text)
+        return b""
+
+
+def _base64_group(run: bytes) -> bytes:
+    """Base64 data characters ended by padding or by the end of the part."""
+    rest = len(run) % 4
+    if rest == 1:
+        run, rest = run[:-1], 0
+    return binascii.a2b_base64(run + b"=" * (-rest % 4)) if run else b""
+
+
+def _uu_decode_line(text: bytes) -> bytes:
+    try:
+        return binascii.a2b_uu(text)
+    except binascii.Error:
+        # Broken encoders add characters past the line's length: decode what the length says.
+        length = (((text[0] - 32) & 63) * 4 + 5) // 3
+        try:
+            return binascii.a2b_uu(text[:length])
+        except binascii.Error:
+            return b""
 
 
 def parse_header_block(raw_headers: bytes) -> EmailMessage:

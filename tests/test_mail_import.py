@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import itertools
 import os
 import stat
 
+import mimegen
 from conftest import FIXTURES, crlf, make_mail
+from hypothesis import HealthCheck, given, settings
 
 from gwsync.crm import ActivityFilter
+from gwsync.imap import ImapSession
+from gwsync.mailimport import STREAM_THRESHOLD, _StreamedMail
+from gwsync.mime import parse_message
 
 DONE = "INBOX/CRM Erledigt [E]"
 OPEN = "INBOX/CRM Offen [O]"
 ARCHIVE = "INBOX/CRM Archiv"
+_seq = itertools.count(1)
 
 
 def test_mail_in_crm_folders_becomes_activities_and_is_archived(env):
@@ -278,3 +287,63 @@ def test_dovecot_gets_uid_move(env):
         assert {"MOVE", "UIDPLUS"} <= session.capabilities
     finally:
         session.logout()
+
+
+# -- large (streamed) and small mail read the same --------------------------------------------
+
+def _blob(size: int) -> bytes:
+    out, seed = bytearray(), b"seed"
+    while len(out) < size:
+        seed = hashlib.sha256(seed).digest()
+        out += seed
+    return bytes(out[:size])
+
+
+def test_a_large_mail_with_malformed_base64_imports_the_bytes_a_small_mail_gets(env):
+    blob = _blob(STREAM_THRESHOLD + 123_457)
+    # A stray padded line before the data, and padding in mid-stream (pieces encoded one by one).
+    pieces = [blob[:3_000_001], blob[3_000_001:6_000_000], blob[6_000_000:]]
+    text = b"".join(base64.b64encode(p) for p in pieces)
+    body = b"A===\n" + b"\n".join(text[i:i + 76] for i in range(0, len(text), 76)) + b"\n"
+    raw = crlf(b"From: Big <big@example.org>\nSubject: Broken base64\nMessage-ID: <big@x>\nMIME-Version: 1.0\n"
+               b"Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/plain; charset=utf-8\n\n"
+               b"See attached.\n--b\nContent-Type: application/pdf\nContent-Transfer-Encoding: base64\n"
+               b"Content-Disposition: attachment; filename*=utf-8''inv%E2%80%AEfdp.exe\n\n" + body + b"--b--\n")
+    assert len(raw) > STREAM_THRESHOLD and b"=" in text.rstrip(b"=")  # padding in mid-stream
+    env.append(DONE, raw)
+
+    code, out = env.cli_json("sync")
+
+    assert code == 0, out
+    assert out["accounts"]["alice"]["mail"]["imported"] == 1
+    (act,) = env.cli_json("activities")[1]
+    (doc,) = act["documents"]
+    stored = (env.dir / "documents" / doc["sha256"][:2] / doc["sha256"]).read_bytes()
+    assert stored == blob and doc["size"] == len(blob)
+    assert doc["filename"] == "invfdp.exe"
+    # The same mail as the server hands it out, read by the small-mail path: the same result.
+    (archived,) = env.messages(ARCHIVE).values()
+    small = parse_message(archived["raw"])
+    assert [(a.filename, a.data) for a in small.attachments] == [(doc["filename"], stored)]
+    assert small.body == act["body"] == "See attached."
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(mail=mimegen.mails(max_size=20_000, whole_messages=True))
+def test_streamed_and_whole_mail_read_the_same_from_dovecot(env, mail):
+    """Random MIME, as Dovecot stores and serves it: part by part (BODYSTRUCTURE, partial fetches)
+    and whole, the two paths give the same body, HTML and attachments."""
+    raw = b"X-Seq: %d\r\n" % next(_seq) + mail.raw
+    env.append(DONE, raw)
+    session = ImapSession.connect(env.config().account("alice").imap, env.password)
+    try:
+        session.select(DONE)
+        uid = max(session.uids())
+        whole = parse_message(session.fetch_raw([uid])[uid])
+        streamed = _StreamedMail(session, uid, crm=None, dry_run=True).parse()
+    finally:
+        session.logout()
+    assert (streamed.subject, streamed.body, streamed.body_html) == (whole.subject, whole.body, whole.body_html)
+    assert [(d.filename, d.content_type, d.sha256, d.size) for d in streamed.attachments] == [
+        (a.filename, a.content_type, hashlib.sha256(a.data).hexdigest(), len(a.data)) for a in whole.attachments]

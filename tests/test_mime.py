@@ -2,13 +2,18 @@
 
 import base64
 import binascii
+import hashlib
 import quopri
+import unicodedata
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gwsync.mime import StreamDecoder, content_key, html_to_text, parse_message, sanitise_filename
+import mimegen
+from gwsync.mailimport import MAX_STREAMED_TEXT
+from gwsync.mime import (Attachment, MailReader, StreamDecoder, content_key, decode_transfer, html_to_text,
+                         parse_header_block, parse_message, sanitise_filename)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "mail"
 
@@ -86,12 +91,37 @@ def test_long_names_keep_their_extension():
     assert name.endswith(".pdf") and len(name.encode()) <= 200
 
 
+@pytest.mark.parametrize("name, expected", [
+    ("inv\u202efdp.exe", "invfdp.exe"),  # RIGHT-TO-LEFT OVERRIDE: shown as "invexe.pdf"
+    ("\u2067photo\u2069 gpj.exe", "photo gpj.exe"),  # isolates
+    ("\u202a\u202b\u202c\u202d\u200e\u200f\u061cname.pdf", "name.pdf"),  # embeddings, marks
+    ("a\u200bb\u200c\u200d\u2060\ufeffc.txt", "abc.txt"),  # zero-width characters
+    ("\u202e\u200b", "attachment.txt"),  # nothing visible left
+    ("a\x85b\x9bc\u2028d\u2029e.txt", "a_b_c_d_e.txt"),  # C1 controls, line and paragraph separators
+])
+def test_invisible_format_controls_are_removed_from_names(name, expected):
+    assert sanitise_filename(name, "text/plain") == expected
+
+
+def test_a_bidi_override_in_a_mailed_name_is_removed():
+    raw = (b"From: a@example.org\r\nSubject: s\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=x\r\n"
+           b"\r\n--x\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--x\r\nContent-Type: application/pdf\r\n"
+           b"Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename*=utf-8''inv%E2%80%AEfdp.exe\r\n"
+           b"\r\nJVBERi0=\r\n--x--\r\n")
+    (attachment,) = parse_message(raw).attachments
+    assert attachment.filename == "invfdp.exe" and attachment.data == b"%PDF-"
+
+
+_INVISIBLE = {"Cc", "Cf", "Zl", "Zp"}
+
+
 @given(st.text())
 def test_sanitised_names_are_always_safe(name):
     safe = sanitise_filename(name)
     assert safe and len(safe.encode("utf-8")) <= 200
     assert "/" not in safe and "\\" not in safe and "\x00" not in safe
     assert not safe.startswith(".") and safe not in (".", "..")
+    assert not [c for c in safe if unicodedata.category(c) in _INVISIBLE]
 
 
 @settings(max_examples=200)
@@ -150,3 +180,122 @@ def test_an_html_only_mail_keeps_its_html_and_gets_a_text_body():
     assert "<script" in mail.body_html  # kept as sent; the web view sanitises where it shows it
     assert "<script" not in mail.body
     assert parse_message(b"Subject: plain\r\n\r\ntext").body_html is None
+
+
+# -- one decoding for small and streamed mail ---------------------------------------------------
+
+def _blob(size: int) -> bytes:
+    out, seed = bytearray(), b"seed"
+    while len(out) < size:
+        seed = hashlib.sha256(seed).digest()
+        out += seed
+    return bytes(out[:size])
+
+
+def _streamed(body: bytes, encoding: str, chunk: int) -> bytes:
+    decoder = StreamDecoder(encoding)
+    out = b"".join(decoder.feed(body[i:i + chunk]) for i in range(0, len(body), chunk))
+    return out + decoder.finish()
+
+
+def _one_attachment_mail(body: bytes, encoding: str = "base64") -> bytes:
+    return (b"From: a@example.org\r\nSubject: s\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=x\r\n"
+            b"\r\n--x\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--x\r\nContent-Type: application/pdf\r\n"
+            b"Content-Transfer-Encoding: " + encoding.encode() + b"\r\n"
+            b"Content-Disposition: attachment; filename=a.pdf\r\n\r\n" + body + b"\r\n--x--\r\n")
+
+
+def test_a_stray_padded_line_before_the_base64_decodes_the_same_on_both_paths():
+    blob = _blob(100_003)
+    body = b"A===\r\n" + base64.encodebytes(blob).replace(b"\n", b"\r\n")
+    (attachment,) = parse_message(_one_attachment_mail(body)).attachments
+    assert attachment.data == blob  # not the base64 text
+    assert _streamed(body, "base64", 4096) == blob  # no binascii.Error
+
+
+def test_padding_in_mid_stream_keeps_every_byte_on_both_paths():
+    blob = _blob(650_009)
+    # Encoded in pieces, as some mailers do: each piece of a length not divisible by 3 ends padded.
+    pieces = [blob[:1000], blob[1000:300_002], blob[300_002:]]
+    text = b"".join(base64.b64encode(p) for p in pieces)
+    body = b"\r\n".join(text[i:i + 76] for i in range(0, len(text), 76))
+    assert b"=" in text.rstrip(b"=")  # padding in mid-stream
+    (attachment,) = parse_message(_one_attachment_mail(body)).attachments
+    assert attachment.data == blob
+    assert _streamed(body, "base64", 65536) == blob
+
+
+def _read_streamed(mail: mimegen.GenMail, cuts: list[int]):
+    """The streamed path's reading of a mail (MailReader as mailimport feeds it), its leaves'
+    raw bytes cut into chunks at the given points as partial fetches deliver them."""
+    reader = MailReader(parse_header_block(mail.header), store=b"".join, max_text=MAX_STREAMED_TEXT)
+    for leaf in mail.leaves:
+        reader.add(parse_header_block(leaf.headers), lambda leaf=leaf: mimegen.chunked(leaf.body, cuts),
+                   len(leaf.body))
+    return reader.finish(Attachment)
+
+
+@settings(max_examples=400, deadline=None)
+@given(mimegen.mails(), st.lists(st.integers(0, 10 ** 6), max_size=8))
+def test_streamed_and_small_mail_read_the_same(mail, cuts):
+    small = parse_message(mail.raw)
+    streamed = _read_streamed(mail, cuts)
+    assert (streamed.subject, streamed.body, streamed.body_html) == (small.subject, small.body, small.body_html)
+    assert streamed.attachments == small.attachments
+    assert len(small.attachments) == len([leaf for leaf in mail.leaves if not leaf.is_text_body])
+
+
+_TOKENS = [b"begin 644 x.bin\n", b"end\n", b"\n", b"\r\n", b"=", b"==", b"A===", b"QUJD", b"QQ", b"M86)C\n",
+           b"=3D", b"=\r", b"=\n", b"=zz", b" ", b"\t", b"`\n", b"#86)C\n", b"!", b"\xe9", b"\x00"]
+
+
+@settings(max_examples=400)
+@given(st.sampled_from(["base64", "quoted-printable", "x-uuencode", "8bit"]),
+       st.lists(st.sampled_from(_TOKENS) | st.binary(max_size=20), max_size=40),
+       st.lists(st.integers(0, 2000), max_size=10))
+def test_where_the_chunks_are_cut_never_changes_the_decoding(encoding, tokens, cuts):
+    body = b"".join(tokens)
+    decoder = StreamDecoder(encoding)
+    streamed = b"".join(decoder.feed(chunk) for chunk in mimegen.chunked(body, cuts)) + decoder.finish()
+    assert streamed == decode_transfer(body, encoding)
+
+
+@given(st.binary(max_size=3000), st.lists(st.integers(0, 3000), max_size=4), st.data())
+def test_lenient_base64_recovers_pieces_and_skips_stray_lines(data, piece_cuts, draw):
+    cuts = sorted(piece_cuts)
+    text = b"".join(base64.b64encode(data[a:b]) for a, b in zip([0] + cuts, cuts + [len(data)]))
+    groups = [text[i:i + 4] for i in range(0, len(text), 4)]
+    for _ in range(draw.draw(st.integers(0, 4))):  # between groups: stray lines, junk, line breaks
+        groups.insert(draw.draw(st.integers(0, len(groups))),
+                      draw.draw(st.sampled_from([b"\r\nA===\r\n", b"\n====\n", b"=", b"!", b" ", b"\r\n", b"\xe9"])))
+    body = b"".join(groups)
+    assert decode_transfer(body, "base64") == data
+    chunks = mimegen.chunked(body, draw.draw(st.lists(st.integers(0, 5000), max_size=8)))
+    decoder = StreamDecoder("base64")
+    assert b"".join(decoder.feed(chunk) for chunk in chunks) + decoder.finish() == data
+
+
+@pytest.mark.parametrize("body, expected", [
+    (b"begin 644 a.txt\n#86)C\n`\nend\n", b"abc"),
+    (b"\n\nbegin 644 a.txt\r\n#86)C\r\n`\r\nend\r\nsignature\n", b"abc"),  # blank lines before, text after
+    (b"begin 644 a.txt\n#86)C!!\n\n#86)C\nend\n", b"abc"),  # junk after a line's length; a blank line ends
+    (b"not uuencoded\nat all\n", b"not uuencoded\nat all\n"),
+    (b"\n\n", b"\n\n"),
+])
+def test_uuencode_rules(body, expected):
+    assert decode_transfer(body, "x-uuencode") == expected
+    assert parse_message(_one_attachment_mail(body, "x-uuencode")).attachments[0].data == expected
+
+
+def test_an_attached_mail_is_kept_byte_for_byte_and_named_after_its_subject():
+    inner = b"Subject: Angebot\r\nX-Long: " + b"word " * 40 + b"\r\n\tfolded\r\n\r\nInner body.\r\n"
+    raw = _one_attachment_mail(inner, "7bit").replace(b"Content-Type: application/pdf", b"Content-Type: message/rfc822")
+    raw = raw.replace(b"Content-Disposition: attachment; filename=a.pdf\r\n", b"")
+    (attachment,) = parse_message(raw).attachments
+    assert attachment.content_type == "message/rfc822" and attachment.filename == "Angebot.eml"
+    assert attachment.data == inner
+
+
+def test_the_transfer_encoding_is_read_without_case_or_spaces():
+    (attachment,) = parse_message(_one_attachment_mail(b"YWJj", " Base64 ")).attachments
+    assert attachment.data == b"abc"
