@@ -291,7 +291,7 @@ def _release_hint(record, max_attempts: int) -> str:
     if record.outcome == QUARANTINED:
         return f"fixing the cause, then `gwsync retry {mail_id(record)}`"
     if record.outcome == FAILED:
-        return f"the next sync, which tries again ({record.attempts} of {max_attempts} attempts failed)"
+        return f"the next sync, which tries again: {record.attempts} of {max_attempts} attempts used"
     missing = set(record.missing or ())
     hints = []
     if missing & {"partner", "contact"}:
