@@ -1,4 +1,8 @@
-"""The `gwsync` command line: thin click commands over the Engine."""
+"""The `gwsync` command line: thin click commands over the Engine.
+
+Faults of the environment (GwsyncError: a full disk, a broken or locked database) become one
+line and their exit code in one place, the `main` group, for every command.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import click
 
 from . import __version__
 from .config import AREAS, Config, ConfigError, load_config
-from .engine import CredentialLocked, Engine
+from .engine import CredentialLocked, Engine, mail_id
+from .errors import GwsyncError
 from .imap import LoginFailed, MailServerError
 from .searches import activity_filter, summary_links
 from .state import FAILED, HELD, QUARANTINED
@@ -55,7 +60,17 @@ def _interactive() -> bool:
     return sys.stdout.isatty()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """Runs the commands; a GwsyncError from any of them is one line and its exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except GwsyncError as exc:
+            fail(str(exc), exc.exit_code)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="Config file (default: the platform's config dir; GWSYNC_CONFIG overrides).")
 @click.option("-v", "--verbose", count=True, help="More output; -vv for debug logs.")
@@ -277,10 +292,12 @@ def unlock(obj: Context, account: str) -> None:
         click.echo(f"{account} has no locked credential")
 
 
-def _release_hint(record) -> str:
-    if record.outcome != HELD:
-        return "a new version of the mail, or `gwsync sync` after fixing the cause" if record.outcome == QUARANTINED \
-            else "the next sync tries again"
+def _release_hint(record, max_attempts: int) -> str:
+    """What really releases the mail (`gwsync held`, `held --json`'s "released_by")."""
+    if record.outcome == QUARANTINED:
+        return f"fixing the cause, then `gwsync retry {mail_id(record)}`"
+    if record.outcome == FAILED:
+        return f"the next sync, which tries again: {record.attempts} of {max_attempts} attempts used"
     missing = set(record.missing or ())
     hints = []
     if missing & {"partner", "contact"}:
@@ -288,19 +305,21 @@ def _release_hint(record) -> str:
                      + (" of a partner" if "partner" in missing else ""))
     if missing & {"subject", "body"}:
         hints.append("filling " + " and ".join(sorted(missing & {"subject", "body"})) + " in `gwsync review`")
-    return "; ".join(hints)
+    return "; ".join(hints or [f"filling {', '.join(sorted(missing))}"]) + ", then the next sync"
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def held(obj: Context, as_json) -> None:
-    """Mail held back in its folder because mandatory fields are missing, and failed mail."""
+    """Mail held back in its folder because mandatory fields are missing, failed mail, and
+    quarantined mail (`gwsync retry ID` after fixing the cause), each with what releases it."""
     with obj.engine() as engine:
         rows = engine.state.not_imported()
-    data = [{"account": r.account, "folder": r.folder, "uid": r.uid, "outcome": r.outcome, "sender": r.sender,
-             "subject": r.subject, "missing": r.missing, "error": r.error, "attempts": r.attempts,
-             "released_by": _release_hint(r)} for r in rows]
+    max_attempts = obj.config.crm.max_attempts
+    data = [{"id": mail_id(r), "account": r.account, "folder": r.folder, "uid": r.uid, "outcome": r.outcome,
+             "sender": r.sender, "subject": r.subject, "missing": r.missing, "error": r.error,
+             "attempts": r.attempts, "released_by": _release_hint(r, max_attempts)} for r in rows]
     if as_json:
         emit_json(data)
         return
@@ -310,8 +329,31 @@ def held(obj: Context, as_json) -> None:
         why = f"missing {', '.join(d['missing'])}" if d["missing"] else d["error"]
         if d["missing"] and {"partner", "contact"} & set(d["missing"]) and d["sender"]:
             why += f" (released by `gwsync assign {d['sender']} --contact ID` or --new-contact NAME)"
-        click.echo(f"{d['account']}\t{d['folder']}\tUID {d['uid']}\t{d['outcome']}\t{d['sender'] or '-'}\t"
-                   f"{d['subject'] or ''}\t{why}")
+        elif not d["missing"]:
+            why += f" (released by {d['released_by']})"
+        click.echo(f"{d['id'] or '-'}\t{d['account']}\t{d['folder']}\tUID {d['uid']}\t{d['outcome']}\t"
+                   f"{d['sender'] or '-'}\t{d['subject'] or ''}\t{why}")
+
+
+@main.command()
+@click.argument("ids", nargs=-1, metavar="[ID]...")
+@click.option("--all", "everything", is_flag=True, help="Every failed and quarantined mail.")
+@click.pass_obj
+def retry(obj: Context, ids, everything) -> None:
+    """Release quarantined mail after fixing the cause: its failed attempts are forgotten and
+    the next sync tries it again. ID is the first column of `gwsync held` ("id" in --json)."""
+    if bool(ids) == everything:
+        fail("give the ids of the mails to retry (the first column of `gwsync held`) or --all", EXIT_USAGE)
+    with obj.engine() as engine:
+        released, unknown = engine.retry(ids, everything)
+    for r in released:
+        click.echo(f"{mail_id(r)}\t{r.account}\t{r.folder}\tUID {r.uid}\t{r.subject or ''}\t"
+                   "the next sync tries it again")
+    if everything and not released:
+        click.echo("no failed or quarantined mail")
+    if unknown:
+        fail(f"no failed or quarantined mail with id {', '.join(unknown)} (see `gwsync held`; held mail is "
+             "released by what it lacks, not by retry)", EXIT_FAILED)
 
 
 # -- activities ------------------------------------------------------------------------------
@@ -751,6 +793,8 @@ def serve(obj: Context, host: str | None, port: int | None) -> None:
     config = obj.config
     host = host or config.serve.host
     port = config.serve.port if port is None else port
+    with obj.engine():  # a database that cannot be opened is one line now, not a failing page later
+        pass
     try:
         server = make_server(config, host, port)
     except ConfigError as exc:

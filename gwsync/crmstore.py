@@ -14,6 +14,7 @@ import hashlib
 import os
 import tempfile
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -22,6 +23,7 @@ import sqlite_utils
 
 from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Document, Partner
 from .dbfiles import ensure_private_dir, open_private_db, transaction
+from .errors import file_fault
 
 ACTIVITY_COLUMNS = {
     "id": int, "key": str, "kind": str, "status": str, "subject": str, "body": str, "location": str,
@@ -59,7 +61,19 @@ class DocumentStore:
 
     def __init__(self, root: Path):
         self.root = root
-        ensure_private_dir(root)
+        with self._writing():
+            ensure_private_dir(root)
+
+    @contextmanager
+    def _writing(self):
+        """Errors of the file system (disk full, read-only) become StoreError naming the store."""
+        try:
+            yield
+        except OSError as exc:
+            fault = file_fault(exc, self.root, "document store")
+            if fault is None:
+                raise
+            raise fault from exc
 
     def path_for(self, sha256: str) -> Path:
         if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
@@ -69,26 +83,38 @@ class DocumentStore:
     def put(self, chunks: Iterator[bytes]) -> tuple[str, int]:
         digest = hashlib.sha256()
         size = 0
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
+        with self._writing():
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
         try:
-            with os.fdopen(fd, "wb") as out:
-                for chunk in chunks:
+            out = os.fdopen(fd, "wb")
+            try:
+                for chunk in chunks:  # errors of the source (the IMAP connection) pass as they are
                     digest.update(chunk)
                     size += len(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
+                    with self._writing():
+                        out.write(chunk)
+                with self._writing():
+                    out.flush()
+                    os.fsync(out.fileno())
+            finally:
+                try:
+                    out.close()
+                except OSError:
+                    pass  # a full disk fails the flush again: the error above says so already
             sha = digest.hexdigest()
             target = self.path_for(sha)
-            if target.exists():
-                os.unlink(tmp)
-            else:
-                target.parent.mkdir(exist_ok=True, mode=0o700)
-                os.replace(tmp, target)  # atomic: a crash leaves either nothing or the whole file
+            with self._writing():
+                if target.exists():
+                    os.unlink(tmp)
+                else:
+                    target.parent.mkdir(exist_ok=True, mode=0o700)
+                    os.replace(tmp, target)  # atomic: a crash leaves either nothing or the whole file
             return sha, size
         except BaseException:
-            if os.path.exists(tmp):
+            try:
                 os.unlink(tmp)
+            except OSError:
+                pass
             raise
 
 
@@ -103,7 +129,7 @@ def _now_precise() -> str:
 
 class EmbeddedCRM(CRMBackend):
     def __init__(self, database: Path, documents: Path, statuses: dict[str, str], link: str):
-        self.conn = open_private_db(database)
+        self.conn = open_private_db(database, "CRM database")
         self.db = sqlite_utils.Database(self.conn)
         self.documents = DocumentStore(documents)
         self._statuses = dict(statuses)

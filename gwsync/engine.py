@@ -4,13 +4,18 @@
     engine = Engine(load_config())          # or Engine(config, crm=MyCRMBackend())
     report = engine.sync()
     print(report.to_json())
+
+A fault of the environment (gwsync.errors.GwsyncError, e.g. a StoreError for a full disk or a
+corrupt database) stops a sync: every account shares the databases and the document store, so
+the accounts after it are not synced. The report keeps what was done before it, and its
+`stopped` names the fault.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from imapclient.exceptions import IMAPClientAbortError
@@ -21,9 +26,10 @@ from .calsync import CalendarResult, CalendarSync
 from .crm import CRMBackend
 from .dav import Collection
 from .crmstore import EmbeddedCRM
+from .errors import GwsyncError
 from .imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
 from .mailimport import MailImporter, MailResult, ProgressFn
-from .state import StateStore
+from .state import FAILED, QUARANTINED, MailRecord, StateStore
 
 log = logging.getLogger("gwsync")
 
@@ -35,6 +41,13 @@ class CredentialLocked(Exception):
 SERVICE_NAMES = {"imap": "IMAP", "caldav": "CalDAV"}
 # Connection errors, timeouts and 5xx answers: the area is tried again after these pauses.
 RETRY_DELAYS = (0.5, 2.0)
+MAIL_ID_LENGTH = 12
+
+
+def mail_id(record: MailRecord) -> str | None:
+    """The id that `gwsync held` shows and `gwsync retry` takes: the start of the mail's
+    content key (the sha256 of its bytes), the same in every folder and after UIDVALIDITY changes."""
+    return record.key.removeprefix("mail:")[:MAIL_ID_LENGTH] if record.key else None
 
 
 @dataclass
@@ -44,6 +57,11 @@ class AccountReport:
     errors: list[str] = field(default_factory=list)
     login_failed: bool = False  # a login was refused now, or its credential is locked
     transient: bool = False  # the last error was a connection problem, worth another try
+    stopped: str | None = None  # a fault of the environment that stopped the whole run
+
+    def stop(self, exc: GwsyncError) -> None:
+        self.errors.append(str(exc))
+        self.stopped = str(exc)
 
     def absorb(self, other: "AccountReport", errors: bool = True) -> None:
         """Add another attempt's results (and, unless told otherwise, its errors)."""
@@ -53,6 +71,7 @@ class AccountReport:
         if errors:
             self.errors += other.errors
             self.login_failed |= other.login_failed
+            self.stopped = self.stopped or other.stopped
 
 
     def error_lines(self) -> list[str]:
@@ -106,8 +125,14 @@ class SyncReport:
             return 3
         return 1 if any(r.failed for r in self.accounts.values()) else 0
 
+    @property
+    def stopped(self) -> str | None:
+        """The fault of the environment that stopped the run (the accounts after it did not sync)."""
+        return next((r.stopped for r in self.accounts.values() if r.stopped), None)
+
     def to_dict(self) -> dict:
-        return {"accounts": {name: report.to_dict() for name, report in self.accounts.items()}}
+        return {"accounts": {name: report.to_dict() for name, report in self.accounts.items()},
+                "stopped": self.stopped}
 
 
 class Engine:
@@ -115,7 +140,12 @@ class Engine:
         self.config = config
         self.crm = crm or EmbeddedCRM(config.crm.database, config.crm.documents, config.crm.statuses,
                                       config.crm.link)
-        self.state = StateStore(config.state_database)
+        try:
+            self.state = StateStore(config.state_database)
+        except BaseException:
+            if crm is None:
+                self.crm.close()
+            raise
         self._should_stop: Callable[[], bool] = lambda: False
 
     def close(self) -> None:
@@ -186,6 +216,10 @@ class Engine:
                                              f"[accounts.{account.name}.caldav] table in the config")
                     continue
                 self._sync_area_with_retries(account, area, acc_report, dry_run, force, progress)
+                if acc_report.stopped:
+                    break
+            if acc_report.stopped:
+                break  # the same databases and disk for every account: the others would fail alike
         return report
 
     def check_passwords(self, accounts: list[AccountConfig], only: list[str] | tuple[str, ...] | None = None) -> None:
@@ -204,14 +238,21 @@ class Engine:
         running an area again after a dropped connection is safe."""
         for delay in (*RETRY_DELAYS, None):
             attempt = AccountReport()
-            if area == "mail":
-                self._sync_mail(account, attempt, dry_run, progress)
-            else:
-                self._sync_calendar(account, area, attempt, dry_run, force)
-            if not attempt.transient or delay is None:
+            try:
+                if area == "mail":
+                    self._sync_mail(account, attempt, dry_run, progress)
+                else:
+                    self._sync_calendar(account, area, attempt, dry_run, force)
+            except GwsyncError as exc:  # the environment's fault: stop, count it against nothing
+                attempt.stop(exc)
+            if not attempt.transient or delay is None or attempt.stopped:
                 acc_report.absorb(attempt)
                 if not dry_run:
-                    self._record(account.name, area, attempt)
+                    try:
+                        self._record(account.name, area, attempt)
+                    except GwsyncError as exc:  # the state database failed just now
+                        if not acc_report.stopped:
+                            acc_report.stop(exc)
                 return
             acc_report.absorb(attempt, errors=False)  # keep what it did; its error is retried
             log.info("account %s, %s: %s; trying again in %.1f s", account.name, area, attempt.errors[-1], delay)
@@ -293,17 +334,24 @@ class Engine:
         except ConfigError as exc:
             acc_report.errors.append(f"account {name}: {exc}")
             return
+        importer = None
         try:
             importer = MailImporter(account, self.config.crm, self.crm, self.state, dry_run=dry_run,
                                     progress=progress, should_stop=self._should_stop)
             acc_report.mail = importer.run(session)
+        except GwsyncError:
+            session.logout()
+            acc_report.mail = importer.result if importer else None  # what was committed before it
+            raise
         except (ServerUnreachable, OSError, IMAPClientAbortError) as exc:
             session.abort()
+            acc_report.mail = importer.result if importer else None  # the batches committed before the drop
             acc_report.transient = True
             what = exc if isinstance(exc, ServerUnreachable) else f"connection lost ({exc})"
             acc_report.errors.append(f"account {name}: {what}; nothing is lost, run sync again")
         except MailServerError as exc:
             session.logout()
+            acc_report.mail = importer.result if importer else None
             acc_report.errors.append(f"account {name}: {exc}")
         except BaseException:
             session.abort()  # interrupted: the CRM transaction rolled back; the next run finishes
@@ -365,6 +413,28 @@ class Engine:
         for area in ("events", "tasks"):
             self.state.set_membership(account.name, area, activity_id, False, identity)
         return deleted
+
+    # -- failed and quarantined mail -------------------------------------------------------
+
+    def retry(self, ids: list[str] | tuple[str, ...] = (), everything: bool = False
+              ) -> tuple[list[MailRecord], list[str]]:
+        """Give failed and quarantined mail its attempts back, so that the next sync tries it
+        again: the mails with these ids (as `gwsync held` shows them), or all of them. Returns
+        the records released and the ids that name no failed or quarantined mail."""
+        failing = self.state.by_outcome(QUARANTINED) + self.state.by_outcome(FAILED)
+        if everything:
+            chosen, unknown = failing, []
+        else:
+            wanted = {given: given.strip().lower().removeprefix("mail:") for given in ids}
+
+            def named(record: MailRecord, given: str) -> bool:  # the id, or more of the key
+                return (len(given) >= MAIL_ID_LENGTH and record.key is not None
+                        and record.key.removeprefix("mail:").startswith(given))
+
+            chosen = [r for r in failing if any(named(r, w) for w in wanted.values())]
+            unknown = [given for given, w in wanted.items() if not any(named(r, w) for r in chosen)]
+        self.state.save([replace(r, outcome=FAILED, attempts=0) for r in chosen])
+        return chosen, unknown
 
     # -- unknown senders ---------------------------------------------------------------------
 

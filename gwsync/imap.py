@@ -31,6 +31,10 @@ class ServerUnreachable(MailServerError):
     """Could not connect, or the connection dropped: transient, worth retrying."""
 
 
+class MailGone(MailServerError):
+    """Another client expunged the mail meanwhile: the server answers NIL for it, or nothing."""
+
+
 @dataclass(frozen=True)
 class ImportFolder:
     name: str  # full name, decoded from modified UTF-7
@@ -158,24 +162,26 @@ class ImapSession:
         for start in range(0, len(uids), 2000):
             batch = uids[start:start + 2000]
             for uid, data in self.client.fetch(batch, ["RFC822.SIZE"]).items():
-                sizes[uid] = int(data[b"RFC822.SIZE"])
+                if data.get(b"RFC822.SIZE") is not None:  # NIL: expunged meanwhile
+                    sizes[uid] = int(data[b"RFC822.SIZE"])
         return sizes
 
     def fetch_raw(self, uids: list[int]) -> dict[int, bytes]:
-        """Whole messages, without setting \\Seen. A mail that vanished meanwhile is absent."""
+        """Whole messages, without setting \\Seen. A mail that vanished meanwhile is absent
+        (servers leave it out, or answer `BODY[] NIL` as Dovecot does during another client's expunge)."""
         if not uids:
             return {}
         result = self.client.fetch(uids, ["BODY.PEEK[]"])
-        return {uid: data[b"BODY[]"] for uid, data in result.items() if b"BODY[]" in data}
+        return {uid: data[b"BODY[]"] for uid, data in result.items() if data.get(b"BODY[]")}
 
     def fetch_chunks(self, uid: int, section: str = "", size: int | None = None,
                      chunk: int = CHUNK) -> Iterator[bytes]:
-        """One message or MIME part in partial fetches, so a huge mail is never held whole."""
+        """One message or MIME part in partial fetches, so a huge mail is never held whole.
+        MailGone when the mail vanished (NIL instead of the text, or no answer for the UID)."""
         offset = 0
         while size is None or offset < size:
             key = f"BODY[{section}]<{offset}>".encode()
-            data = self.client.fetch([uid], [f"BODY.PEEK[{section}]<{offset}.{chunk}>"]).get(uid, {})
-            piece = data.get(key)
+            piece = self._fetched(uid, f"BODY.PEEK[{section}]<{offset}.{chunk}>", key)
             if not piece:
                 return
             yield piece
@@ -184,11 +190,18 @@ class ImapSession:
                 return
 
     def fetch_section(self, uid: int, section: str) -> bytes:
-        data = self.client.fetch([uid], [f"BODY.PEEK[{section}]"]).get(uid, {})
-        return data.get(f"BODY[{section}]".encode()) or b""
+        return self._fetched(uid, f"BODY.PEEK[{section}]", f"BODY[{section}]".encode())
 
     def bodystructure(self, uid: int):
-        return self.client.fetch([uid], ["BODYSTRUCTURE"])[uid][b"BODYSTRUCTURE"]
+        return self._fetched(uid, "BODYSTRUCTURE", b"BODYSTRUCTURE")
+
+    def _fetched(self, uid: int, item: str, key: bytes):
+        """One item of one mail; MailGone when the server answers NIL or leaves the UID out,
+        as it does for a mail another client expunged meanwhile ("" stays an empty part)."""
+        value = self.client.fetch([uid], [item]).get(uid, {}).get(key)
+        if value is None:
+            raise MailGone(f"mail UID {uid} is gone (expunged by another client meanwhile)")
+        return value
 
     def uids_of_size(self, size: int) -> list[int]:
         """UIDs of the selected folder's mail of exactly this size (RFC822.SIZE)."""

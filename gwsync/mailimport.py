@@ -7,6 +7,10 @@ Crash safety comes from the order of work, per batch of mails:
   4. move the imported mails to the archive folder; 5. forget their state records.
 A process killed between any two steps re-runs into the same result: mail still in its folder
 whose key the CRM knows is moved, not imported again.
+
+Only a fault of the mail itself counts against it (retried, then quarantined). A fault of the
+environment (StoreError: a full disk, a broken database) stops the run and leaves the mail
+where it was; a dropped connection too. A mail that another client expunged meanwhile is skipped.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from .config import AccountConfig, CrmConfig
 from .crm import ActivityDraft, CRMBackend, Document
 from .decisions import SenderMatch, Step, failure_outcome, missing_fields, plan_mail, resolve_sender
-from .imap import FETCH_BATCH, ImapSession, ImportFolder, MailServerError, ServerUnreachable
+from .errors import GwsyncError
+from .imap import FETCH_BATCH, ImapSession, ImportFolder, MailGone, MailServerError, ServerUnreachable
 from .mime import (Attachment, MailReader, ParsedMail, content_key, parse_header_block, parse_headers,
                    parse_message)
 from .state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord, StateStore
@@ -104,11 +109,14 @@ class MailImporter:
         self.dry_run = dry_run
         self.progress = progress or (lambda done, total, what: None)
         self.statuses = crm.statuses()
+        # What the run has done so far: complete when run() returns, and what was committed
+        # when it ends early (a dropped connection, a full disk), so that it is still reported.
+        self.result = MailResult()
 
     # -- entry point -------------------------------------------------------------------------
 
     def run(self, session: ImapSession) -> MailResult:
-        result = MailResult()
+        result = self.result = MailResult()
         folders = session.import_folders(self.imap_cfg.import_root)
         if not self.dry_run:
             session.ensure_folder(self.imap_cfg.archive_folder)
@@ -183,10 +191,13 @@ class MailImporter:
         for uid in large:
             if self.should_stop():
                 return
-            key = self._streamed_key(session, uid, sizes[uid])
-            known = self.crm.existing_keys([key])
-            prepared = [self._prepare(uid, key, known.get(key), folder, records.get(uid),
-                                      lambda: _StreamedMail(session, uid, self.crm, self.dry_run).parse())]
+            try:
+                key = self._streamed_key(session, uid, sizes[uid])
+                known = self.crm.existing_keys([key])
+                prepared = [self._prepare(uid, key, known.get(key), folder, records.get(uid),
+                                          lambda: _StreamedMail(session, uid, self.crm, self.dry_run).parse())]
+            except MailGone:
+                continue  # expunged by someone else meanwhile
             self._commit(session, folder, uidvalidity, prepared, result)
             done += 1
             self.progress(done, total, folder.name)
@@ -203,7 +214,10 @@ class MailImporter:
             uids = [u for u in session.uids() if plan_mail(records.get(u)) is Step.PROCESS]
             sizes = session.sizes(uids) if uids else {}
             for uid in [u for u in uids if sizes.get(u, 0) > STREAM_THRESHOLD]:  # large: headers only
-                headers = parse_headers(parse_header_block(session.fetch_section(uid, "HEADER")), [])
+                try:
+                    headers = parse_headers(parse_header_block(session.fetch_section(uid, "HEADER")), [])
+                except MailGone:
+                    continue
                 match = resolve_sender(headers["sender"], self.crm.find_contact_by_email,
                                        self.crm.find_partner_by_domain)
                 pending.append(PendingMail(
@@ -262,8 +276,8 @@ class MailImporter:
                 unassigned=match.unassigned, message_id=parsed.message_id, start=parsed.date,
                 source=f"{self.account.name}:{folder.name}", owner=self.account.name, documents=documents)
             return _Prepared(uid=uid, key=key, draft=draft)
-        except (ServerUnreachable, IMAPClientAbortError, ConnectionError, TimeoutError):
-            raise  # the connection, not this mail: never count it against the mail
+        except (ServerUnreachable, IMAPClientAbortError, ConnectionError, TimeoutError, MailGone, GwsyncError):
+            raise  # the connection, the environment, or the mail is gone: never count it against the mail
         except Exception as exc:  # one bad mail must never block the others
             previous = record.attempts if record and record.outcome in (FAILED, QUARANTINED) else 0
             base.outcome, base.attempts = failure_outcome(previous, self.crm_cfg.max_attempts)
@@ -346,7 +360,10 @@ class MailImporter:
         for size in sorted({sizes[uid] for uid in keys if uid in sizes}):
             for cand in session.uids_of_size(size):
                 if size > STREAM_THRESHOLD:
-                    in_archive.add(self._streamed_key(session, cand, size))
+                    try:
+                        in_archive.add(self._streamed_key(session, cand, size))
+                    except MailGone:
+                        continue  # expunged from the archive meanwhile: not a copy to keep
                 else:
                     small_candidates.append(cand)
         for start in range(0, len(small_candidates), FETCH_BATCH):

@@ -63,7 +63,7 @@ def _now() -> str:
 
 class StateStore:
     def __init__(self, path: Path):
-        self.conn = open_private_db(path)
+        self.conn = open_private_db(path, "state database")
         self.db = sqlite_utils.Database(self.conn)
         if "messages" not in self.db.table_names():
             self._create_schema()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import logging
 import math
 import re
 import threading
@@ -32,10 +33,12 @@ from werkzeug.routing import IntegerConverter
 from ..config import Config
 from ..crm import ActivityFilter
 from ..engine import Engine
+from ..errors import GwsyncError
 from ..icalmap import parse_time
 from ..searches import QUICK_SEARCHES, quick_search
 from .sanitize import sanitise_mail_html
 
+log = logging.getLogger("gwsync.web")
 PAGE_SIZE = 50
 MAX_ID = 2 ** 63 - 1  # SQLite's largest integer: a larger id cannot exist (and would not bind)
 # A Host header: a name or IPv4 address, or an IPv6 address in brackets; an optional port.
@@ -232,6 +235,12 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
         # Flask has logged the traceback on stderr; the page says what the reader can do.
         return error_page("Something went wrong", "The page could not be built; the server's log says why. "
                                                   "Reloading may help if the database was busy.", 500)
+
+    @app.errorhandler(GwsyncError)
+    def environment_fault(exc):
+        # A broken or locked database, a full disk: the page and the log say which, and what to do.
+        log.error("%s", exc)
+        return error_page("Something went wrong", str(exc), 500)
 
     @app.errorhandler(400)
     def bad_request(exc):
