@@ -54,3 +54,76 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class CuttingProxy:
+    """A loopback TCP proxy in front of a real server that cuts the connection once the server
+    has sent `cut_after` bytes, and then refuses every new connection (the server seems gone).
+
+    A test that must drop a connection in the middle of an import can do it at a byte count,
+    not at a moment, so the result does not depend on how busy the machine is."""
+
+    def __init__(self, upstream_port: int, cut_after: int):
+        import socket
+
+        self.upstream_port = upstream_port
+        self.cut_after = cut_after
+        self.sent = 0
+        self.cut = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self.cut.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.cut.is_set():
+                client.close()
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source, target, from_server: bool) -> None:
+        try:
+            while not self.cut.is_set():
+                data = source.recv(65536)
+                if not data:
+                    break
+                if from_server:
+                    self.sent += len(data)
+                    if self.sent >= self.cut_after:
+                        self._cut(source, target)
+                        return
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def _cut(self, *sockets) -> None:
+        import socket
+
+        self.cut.set()
+        for sock in (*sockets, self.listener):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def __enter__(self) -> "CuttingProxy":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._cut()
