@@ -1,8 +1,13 @@
 """The CRM backend interface: what the sync engine needs from a CRM, as plain data.
 
 The embedded SQLite store (`gwsync.crmstore.EmbeddedCRM`) implements it; a host CRM can plug in
-its own class with the same methods (see the README, "Using gwsync as a library"). The engine
-never reaches into a backend's tables.
+its own class with the same methods (see the README, "Use it as a library"). The engine
+never reaches into a backend's tables. `gwsync.testing.crm_contract.CRMBackendContract` holds
+the pytest tests every backend must pass: each promise below is one of them.
+
+Addresses are compared case-insensitively (as `str.lower` does, non-ASCII letters included),
+with surrounding white space ignored. Timestamps are ISO 8601 in UTC with the offset written
+(`2026-05-01T10:00:00.123456+00:00`, fractions optional), so that they compare as text.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ class ActivityDraft:
     start: str | None = None
     end: str | None = None
     due: str | None = None
-    source: str | None = None  # e.g. "alice:INBOX/CRM Erledigt [E]"
+    source: str | None = None  # the mail import's folder, e.g. "alice:INBOX/CRM Erledigt [E]"
     owner: str | None = None  # the account (employee) the activity belongs to
     rrule: str | None = None  # recurrence rule of a recurring appointment (RFC 5545 RRULE value)
     documents: list[Document] = field(default_factory=list)
@@ -64,11 +69,14 @@ class Activity:
     end: str | None
     due: str | None
     link: str
+    # When the mail import created it: set for a draft of kind MAILEIN with a source, else None.
     imported_at: str | None
     source: str | None
     documents: list[Document] = field(default_factory=list)
     owner: str | None = None
     rrule: str | None = None
+    # Set by every update_activity; the `newest` conflict policy compares it as text with the
+    # calendar item's LAST-MODIFIED, so the backend's clock must be right.
     updated_at: str | None = None
     key: str | None = None
     body_html: str | None = None
@@ -110,9 +118,9 @@ class Partner:
 class ActivityFilter:
     imported: bool = False  # only activities that came from mail import
     unassigned: bool = False
-    imported_since: str | None = None  # ISO timestamp, for "imported today"
+    imported_since: str | None = None  # imported_at >= this (ISO 8601 UTC), for "imported today"
     kind: str | None = None
-    kinds: tuple[str, ...] | None = None
+    kinds: tuple[str, ...] | None = None  # any of these (an empty tuple matches nothing)
     owners: tuple[str | None, ...] | None = None  # None inside: activities without an owner
     partner_id: int | None = None
     contact_id: int | None = None
@@ -122,7 +130,8 @@ class ActivityFilter:
 
 
 class CRMBackend(abc.ABC):
-    """What gwsync needs from a CRM. Every write is idempotent.
+    """What gwsync needs from a CRM. Every write is idempotent. A lookup of an id that does not
+    exist returns None; a write to one raises LookupError.
 
     Identities: an activity id must never be given to another activity (AUTOINCREMENT or the
     like); give activities a `uuid` too, which survives even a restore from an older backup.
@@ -142,11 +151,13 @@ class CRMBackend(abc.ABC):
 
     @abc.abstractmethod
     def find_contact_by_email(self, address: str) -> Contact | None:
-        """The contact with this address among its communication entries (case-insensitive)."""
+        """The contact with this address among its communication entries (compared as the
+        module doc says), or None."""
 
     @abc.abstractmethod
     def find_partner_by_domain(self, domain: str) -> Partner | None:
-        """The business partner whose addresses use this domain, if exactly one does."""
+        """The business partner whose addresses use this domain (case-insensitive), if exactly
+        one does; None when none or several do."""
 
     @abc.abstractmethod
     def existing_keys(self, keys: Iterable[str]) -> dict[str, int]:
@@ -155,11 +166,16 @@ class CRMBackend(abc.ABC):
     @abc.abstractmethod
     def create_activities(self, drafts: list[ActivityDraft]) -> list[int]:
         """Create the activities (with their documents) in one transaction; return their ids
-        in order. A draft whose key exists already returns the existing id and changes nothing."""
+        in order. A draft whose key exists already (in the store or earlier in the same list)
+        returns the existing id and changes nothing. Whatever error stops the call leaves none of
+        them created."""
 
     @abc.abstractmethod
     def update_activity(self, activity_id: int, changes: dict) -> None:
-        """Set these fields (names as in Activity); also sets updated_at."""
+        """Set these fields (names as in Activity); also sets updated_at. Editable are at least
+        kind, status, subject, body, location, start, end, due, rrule, contact_id, partner_id,
+        owner and unassigned; any other name raises ValueError and changes nothing. No such
+        activity: LookupError."""
 
     @abc.abstractmethod
     def delete_activity(self, activity_id: int) -> None:
@@ -167,20 +183,24 @@ class CRMBackend(abc.ABC):
 
     @abc.abstractmethod
     def put_document(self, chunks: Iterator[bytes]) -> tuple[str, int]:
-        """Store document content; return (sha256, size). Storing the same content twice is a no-op."""
+        """Store document content; return (sha256 as lower-case hex, size in bytes). Storing the
+        same content twice is a no-op."""
 
     @abc.abstractmethod
     def get_activity(self, activity_id: int) -> Activity | None: ...
 
     @abc.abstractmethod
-    def list_activities(self, flt: ActivityFilter) -> list[Activity]: ...
+    def list_activities(self, flt: ActivityFilter) -> list[Activity]:
+        """The activities matching every field of the filter that is set, with their documents,
+        ordered by id (newest first if asked)."""
 
     def count_activities(self, flt: ActivityFilter) -> int:
         """How many activities match (limit and offset ignored); override with a cheaper query."""
         return len(self.list_activities(replace(flt, limit=None, offset=0)))
 
     @abc.abstractmethod
-    def add_contact(self, name: str, email: str, partner_id: int | None = None) -> Contact: ...
+    def add_contact(self, name: str, email: str, partner_id: int | None = None) -> Contact:
+        """A new contact with this default address; an unknown partner raises LookupError."""
 
     @abc.abstractmethod
     def add_partner(self, name: str, emails: list[str]) -> Partner: ...
@@ -200,16 +220,17 @@ class CRMBackend(abc.ABC):
 
     @abc.abstractmethod
     def add_contact_email(self, contact_id: int, email: str) -> Contact:
-        """Add a mail address to a contact's communication entries (idempotent)."""
+        """Add a mail address to a contact's communication entries (idempotent, the address
+        compared as the module doc says); an unknown contact raises LookupError."""
 
     @abc.abstractmethod
     def unassigned_senders(self) -> dict[str, int]:
-        """Sender address -> number of imported activities from it without a contact."""
+        """Sender address (lower case) -> number of activities from it marked unassigned."""
 
     @abc.abstractmethod
     def link_activities_from(self, address: str, contact_id: int, partner_id: int | None) -> int:
         """Give every activity from this address that has no contact this contact (and the partner,
-        where it has none); returns how many changed."""
+        where it has none) and clear its unassigned mark; returns how many changed."""
 
     def close(self) -> None:
         """Release resources; the default does nothing."""

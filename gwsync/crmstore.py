@@ -118,6 +118,11 @@ class DocumentStore:
             raise
 
 
+def _lower(value):
+    """SQLite's lower() folds ASCII only; addresses compare as Python's str.lower (see gwsync.crm)."""
+    return value.lower() if isinstance(value, str) else value
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -130,6 +135,7 @@ def _now_precise() -> str:
 class EmbeddedCRM(CRMBackend):
     def __init__(self, database: Path, documents: Path, statuses: dict[str, str], link: str):
         self.conn = open_private_db(database, "CRM database")
+        self.conn.create_function("unicode_lower", 1, _lower, deterministic=True)
         self.db = sqlite_utils.Database(self.conn)
         self.documents = DocumentStore(documents)
         self._statuses = dict(statuses)
@@ -237,14 +243,14 @@ class EmbeddedCRM(CRMBackend):
     def find_contact_by_email(self, address: str) -> Contact | None:
         row = self.conn.execute(
             "SELECT c.id, c.name, c.partner_id FROM communications m JOIN contacts c ON c.id = m.contact_id "
-            "WHERE m.kind = 'email' AND lower(m.value) = lower(?) ORDER BY m.is_default DESC, c.id LIMIT 1",
-            (address.strip(),),
+            "WHERE m.kind = 'email' AND unicode_lower(m.value) = ? ORDER BY m.is_default DESC, c.id LIMIT 1",
+            (address.strip().lower(),),
         ).fetchone()
         return self._contact(row) if row else None
 
     def find_partner_by_domain(self, domain: str) -> Partner | None:
         rows = self.conn.execute(
-            "SELECT DISTINCT partner_id FROM partner_addresses WHERE domain = lower(?)", (domain.strip(),)
+            "SELECT DISTINCT partner_id FROM partner_addresses WHERE domain = ?", (domain.strip().lower(),)
         ).fetchall()
         if len(rows) != 1:  # none, or ambiguous: better unassigned than wrongly assigned
             return None
@@ -334,6 +340,8 @@ class EmbeddedCRM(CRMBackend):
         if unknown:
             raise ValueError(f"cannot edit {', '.join(sorted(unknown))}")
         if not changes:
+            if self.get_activity(activity_id) is None:
+                raise LookupError(f"no activity with id {activity_id}")
             return
         sets = ", ".join(f'"{name}" = ?' for name in changes)
         with transaction(self.conn):
@@ -387,15 +395,15 @@ class EmbeddedCRM(CRMBackend):
 
     def unassigned_senders(self) -> dict[str, int]:
         return {row[0]: row[1] for row in self.conn.execute(
-            "SELECT lower(sender), count(*) FROM activities WHERE unassigned = 1 AND sender IS NOT NULL "
-            "GROUP BY lower(sender) ORDER BY count(*) DESC, lower(sender)")}
+            "SELECT unicode_lower(sender), count(*) FROM activities WHERE unassigned = 1 AND sender IS NOT NULL "
+            "GROUP BY unicode_lower(sender) ORDER BY count(*) DESC, unicode_lower(sender)")}
 
     def link_activities_from(self, address: str, contact_id: int, partner_id: int | None) -> int:
         with transaction(self.conn):
             cur = self.conn.execute(
                 "UPDATE activities SET contact_id = ?, partner_id = COALESCE(partner_id, ?), unassigned = 0, "
-                "updated_at = ? WHERE lower(sender) = lower(?) AND contact_id IS NULL",
-                (contact_id, partner_id, _now_precise(), address.strip()))
+                "updated_at = ? WHERE unicode_lower(sender) = ? AND contact_id IS NULL",
+                (contact_id, partner_id, _now_precise(), address.strip().lower()))
         return cur.rowcount
 
     # -- reads -------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Test helpers for gwsync and for the CRMs and servers that work with it."""

@@ -1,0 +1,37 @@
+"""CRMBackendContract on the embedded SQLite store and on the in-memory reference backend: the
+second shows the contract asks nothing a non-SQLite CRM could not do."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.register_assert_rewrite("gwsync.testing.crm_contract")
+
+from gwsync.crmstore import EmbeddedCRM  # noqa: E402
+from gwsync.testing.crm_contract import CRMBackendContract  # noqa: E402
+from gwsync.testing.memory_crm import MemoryCRM  # noqa: E402
+
+STATUSES = {"I": "Importiert", "O": "Offen", "E": "Erledigt"}
+
+
+class TestEmbeddedCRM(CRMBackendContract):
+    @pytest.fixture
+    def backend(self, tmp_path):
+        crm = EmbeddedCRM(tmp_path / "crm.db", tmp_path / "documents", STATUSES,
+                          "https://crm.example.com/activities/{id}")
+        yield crm
+        crm.close()
+
+    @pytest.fixture
+    def expected_statuses(self):
+        return STATUSES
+
+
+class TestMemoryCRM(CRMBackendContract):
+    @pytest.fixture
+    def backend(self):
+        return MemoryCRM(STATUSES)
+
+    @pytest.fixture
+    def expected_statuses(self):
+        return STATUSES
