@@ -27,7 +27,6 @@ from gwsync import dbfiles
 from gwsync.crm import ActivityFilter
 from gwsync.crmstore import EmbeddedCRM
 from gwsync.engine import Engine
-from gwsync.localservers import Dovecot
 from gwsync.mailimport import STREAM_THRESHOLD
 
 DONE = "INBOX/CRM Erledigt [E]"
