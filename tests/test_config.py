@@ -258,14 +258,18 @@ def _dav(**keys):
      "unknown key accounts.a.caldav.calendar (check the spelling against the README)"),
     ({"accounts": {"a": {"imap": IMAP, "sieve": {"starttls": True}}}},
      "unknown key accounts.a.sieve.starttls (check the spelling against the README)"),
-    ({"accounts": {"a": {"name": "b", "imap": IMAP}}}, "unknown key accounts.a.name (check the spelling against the README)"),
+    ({"accounts": {"a": {"name": "b", "imap": IMAP}}},
+     "unknown key accounts.a.name (check the spelling against the README)"),
     ({"accounts": {"a": {"imap": IMAP | {"secret": "x"}}}},
      "unknown key accounts.a.imap.secret (check the spelling against the README)"),
     # values outside their choices, with the whole message
     (_imap(security="ssl"), "accounts.a.imap.security must be one of tls, starttls, none, got 'ssl'"),
     ({"sync": {"conflict": "mine"}}, "sync.conflict must be one of newest, crm, groupware, got 'mine'"),
     ({"crm": {"kinds": {"NOTIZ": "notes"}}}, "crm.kinds.NOTIZ must be \"events\" or \"tasks\", got 'notes'"),
-    ({"crm": {"mandatory": ["partnr"]}}, "crm.mandatory: unknown field 'partnr' (known: partner, contact, subject, body)"),
+    ({"crm": {"kinds": {"NOTIZ": True}}}, "crm.kinds.NOTIZ must be \"events\" or \"tasks\", got True"),
+    ({"crm": {"kinds": {"NOTIZ": ["tasks"]}}}, "crm.kinds.NOTIZ must be \"events\" or \"tasks\", got ['tasks']"),
+    ({"crm": {"mandatory": ["partnr"]}},
+     "crm.mandatory: unknown field 'partnr' (known: partner, contact, subject, body)"),
     ({"accounts": {"a": {"areas": ["mail", 5], "imap": IMAP}}},
      "accounts.a.areas: unknown area 5 (use mail, events, tasks)"),
     ({"crm": {"statuses": {"A": "a"}, "done_status": "E"}},
@@ -514,6 +518,33 @@ def test_load_config_remembers_its_path(tmp_path):
     config = load_config(path)
     assert config.path == path and config.serve.secret.keyring == "gw" and config.serve.secret.username == "serve"
     assert config.serve.secret.where == "serve" and config.accounts == {}
+
+
+@pytest.mark.parametrize("data, message", [
+    # a misspelt key is named even when the key it misspells is required: the typo is the cause
+    ({"accounts": {"a": {"imap": {"hots": "h", "username": "u", "password_env": "X"}}}},
+     "unknown key accounts.a.imap.hots (check the spelling against the README)"),
+    ({"accounts": {"a": {"areas": ["events"], "caldav": {"ulr": "https://d/", "username": "u", "password": "p"}}}},
+     "unknown key accounts.a.caldav.ulr (check the spelling against the README)"),
+    # every value outside its choices names the value, as [imap] security always did
+    ({"accounts": {"a": {"imap": IMAP, "sieve": {"security": "ssl"}}}},
+     "accounts.a.sieve.security must be one of tls, starttls, none, got 'ssl'"),
+    ({"crm": {"statuses": {"E": 5}}}, "crm.statuses.E must be a string, got 5"),
+    # a key that would not read as one is quoted, so the message stays one line
+    ({"accounts": {"bob smith": {"imap": IMAP | {"hots": "h"}}}},
+     "unknown key accounts.'bob smith'.imap.hots (check the spelling against the README)"),
+    ({"accounts": {"a": {"imap": IMAP, "x\ny": 1}}},
+     "unknown key accounts.a.'x\\ny' (check the spelling against the README)"),
+    ({"accounts": {"a\n": {"areas": ["events"]}}},
+     "accounts.'a\\n': area events needs an [accounts.'a\\n'.caldav] table"),
+    # a key with choices names them whatever the wrong value is
+    (_imap(security=5), "accounts.a.imap.security must be one of tls, starttls, none, got 5"),
+    ({"sync": {"conflict": True}}, "sync.conflict must be one of newest, crm, groupware, got True"),
+])
+def test_each_wrong_key_is_named_with_its_value(data, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert str(err.value) == message
 
 
 VALID = {
