@@ -1,35 +1,61 @@
-"""The TOML config (SPEC section 2): loading, defaults, and one-line errors for bad keys.
+"""The TOML config (README: Configure): each key declared once, checked at load, one-line errors.
 
-Every key is checked when the file is loaded (types, ranges, non-empty names, the link
-template, one password source per table), so a run never starts with a config that fails
-half-way. Only the password itself is read later, when a login needs it; a source that gives
+Each key is a field of one of the dataclasses below: its name, type and default, and in
+`Annotated[..., Meta(...), Says(...)]` its range and the words for a value outside it. A
+default that follows other keys is marked `DERIVED` and filled in one place: the
+`__post_init__` of the table that holds what it follows, or `AccountConfig._complete` for
+what needs the account's name ([sieve] from [imap]). Loading goes in this order:
+
+1. unknown keys: each table's keys against its dataclass, all of one table's named at once;
+2. `msgspec.convert` builds the dataclasses, checking types and ranges; each table's
+   `__post_init__` then checks what spans keys (one password source, the link template) and
+   fills its derived defaults; `Config.__post_init__` completes the accounts;
+3. a refused value becomes one ConfigError line naming the key, its value and what is
+   allowed (`_explain`, from msgspec's error and the field's declaration).
+
+msgspec, not pydantic: it imports in a fraction of the time (every command loads the config
+first), converts to plain dataclasses, and both need the same translation to our messages.
+
+Only the password itself is read later, when a login needs it; a source that gives
 no password is a ConfigError too, raised before the login is tried.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import string
 import subprocess
 import tomllib
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import platformdirs
+from msgspec import Meta
 
 from .folders import parse_import_folder
 
-AREAS = ("mail", "events", "tasks")
+Area = Literal["mail", "events", "tasks"]
+Security = Literal["tls", "starttls", "none"]
+Conflict = Literal["newest", "crm", "groupware"]
+MandatoryField = Literal["partner", "contact", "subject", "body"]
+AREAS: tuple[str, ...] = typing.get_args(Area)
+SECURITY_MODES: tuple[str, ...] = typing.get_args(Security)
+CONFLICT_POLICIES: tuple[str, ...] = typing.get_args(Conflict)
+MANDATORY_FIELDS: tuple[str, ...] = typing.get_args(MandatoryField)
 DEFAULT_STATUSES = {"I": "Importiert", "O": "Offen", "E": "Erledigt"}
 DEFAULT_LINK = "http://127.0.0.1:8765/activities/{id}"
 DEFAULT_KINDS = {"TERMIN": "events", "BESPRECHUNG": "events", "AUFGABE": "tasks", "WIEDERVORLAGE": "tasks"}
-CONFLICT_POLICIES = ("newest", "crm", "groupware")
-SECURITY_MODES = ("tls", "starttls", "none")
 PASSWORD_SOURCES = ("password_command", "password_env", "password_keyring", "password")
 MAX_TIMEOUT = 3600  # seconds; a server silent for an hour is down, and sockets reject huge values
 MAX_INTERVAL = 86400  # seconds (one day); longer pauses are a job for a timer, not `watch`
 MAX_ATTEMPTS = 100
+DERIVED: Any = None  # the default follows other keys: the table's __post_init__ fills it in
 
 
 class ConfigError(Exception):
@@ -49,6 +75,48 @@ def _default_data_dir() -> Path:
 
 def _default_state_dir() -> Path:
     return Path(platformdirs.user_state_dir("gwsync"))
+
+
+class Says:
+    """What to say after a key's name when msgspec refuses its value ({value!r} is the value):
+    `message` for a value out of range or not matching, `above` for one over the upper bound
+    when that reads differently, `each` for a wrong element of a list."""
+
+    def __init__(self, message: str = "", *, above: str | None = None, each: str | None = None):
+        self.message, self.above, self.each = message, above, each
+
+
+class _Wrong(ValueError):
+    """A check in a table's __post_init__ failed. The message is what follows the table's key
+    path: ".key ..." or ": ..." (msgspec adds where it happened; `_explain` puts it in front)."""
+
+    MARK = "\x1e"  # tells our messages from msgspec's own
+
+    def __init__(self, rest: str):
+        super().__init__(self.MARK + rest)
+
+
+# -- value types: what a key holds, and what is said when it holds something else -----------------
+
+Text = Annotated[str, Meta(pattern=r"\S"), Says("must not be empty, got {value!r}")]  # a host, user, folder
+FilePath = Annotated[Path, Says("must not be empty, got {value!r}")]  # $VARS and ~ expanded
+Port = Annotated[int, Meta(ge=1, le=65535), Says("must be between 1 and 65535, got {value!r}")]
+Seconds = Annotated[float, Meta(ge=1, le=MAX_TIMEOUT),
+                    Says(f"must be a number of seconds from 1 to {MAX_TIMEOUT}, got {{value!r}}")]
+Command = Annotated[tuple[str, ...], Says(each="must be a non-empty list of strings")]  # program, arguments
+Share = Annotated[float, Meta(gt=0, le=1), Says("must be above 0 and at most 1")]
+DavUrl = Annotated[str, Meta(pattern="^https?://"), Says("must start with https:// (or http:// for a local server)")]
+WebUrl = Annotated[str, Meta(pattern="^https?://"), Says("must start with https:// or http://, got {value!r}")]
+
+
+def _check_command(key: str, value: tuple[str, ...] | str | None, at: str = "") -> None:
+    if value is None:
+        return
+    command = [value] if isinstance(value, str) else list(value)
+    if not command:
+        raise _Wrong(f"{at}.{key} must be a non-empty list of strings")
+    if not command[0].strip():
+        raise _Wrong(f"{at}.{key} must start with a program name, got {command!r}")
 
 
 @dataclass(frozen=True)
@@ -124,88 +192,242 @@ def _given(password: str, message: str) -> str:
     return password
 
 
-@dataclass(frozen=True)
-class ImapConfig:
-    host: str
-    username: str
-    secret: Secret
-    port: int = 993
-    security: str = "tls"
-    verify: bool = True
-    ca_file: str | None = None
-    import_root: str = "INBOX"
-    archive_folder: str = "INBOX/CRM Archiv"
-    timeout: float = 60.0
+# -- the tables ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class _Password:
+    """The password keys of a table: at most one source (exactly one where it is required)."""
+
+    password_command: Command | str | None = None  # the first line of its output
+    password_env: Text | None = None
+    password_keyring: Text | None = None  # service name; the user is the table's username
+    password: str | None = field(default=None, repr=False)
+    secret: Secret = field(default=DERIVED, init=False)  # set once the key path is known (_complete)
+
+    def _check_password(self, required: bool, at: str = "") -> None:
+        _check_command("password_command", self.password_command, at)
+        if self.password is not None and not self.password.strip():
+            raise _Wrong(f"{at}.password is empty: " + (
+                "set the password, or use password_command, password_env or password_keyring" if required else
+                "set a password or leave the key out"))
+        found = [key for key in PASSWORD_SOURCES if getattr(self, key) is not None]
+        if len(found) > 1:
+            raise _Wrong(f"{at}: set only one of {', '.join(PASSWORD_SOURCES)} (found {', '.join(found)})")
+        if required and not found:
+            raise _Wrong(f"{at}: set password_command, password_env, password_keyring or password")
+
+    @property
+    def _has_password(self) -> bool:
+        return any(getattr(self, key) is not None for key in PASSWORD_SOURCES)
+
+    def _name_secret(self, where: str, username: str) -> None:
+        command = self.password_command
+        object.__setattr__(self, "secret", Secret(
+            where=where, command=(command,) if isinstance(command, str) else command or None,
+            env=self.password_env, keyring=self.password_keyring, username=username, inline=self.password))
 
 
-@dataclass(frozen=True)
-class CaldavConfig:
-    url: str
-    username: str
-    secret: Secret
-    events: str = "calendar"  # collection name below url, or a full URL
-    tasks: str = "tasks"
+@dataclass(frozen=True, kw_only=True)
+class ImapConfig(_Password):
+    host: Text
+    username: Text
+    port: Port = DERIVED  # 993 for tls, 143 for starttls and none
+    security: Security = "tls"
     verify: bool = True
-    ca_file: str | None = None
-    timeout: float = 60.0
+    ca_file: Text | None = None
+    import_root: str = "INBOX"  # "" is the top level, for servers without INBOX/...
+    archive_folder: Text = DERIVED  # IMPORT_ROOT/CRM Archiv
+    timeout: Seconds = 60.0
+
+    def __post_init__(self) -> None:
+        if self.port is None:
+            object.__setattr__(self, "port", 993 if self.security == "tls" else 143)
+        if self.archive_folder is None:
+            object.__setattr__(self, "archive_folder",
+                               f"{self.import_root}/CRM Archiv" if self.import_root else "CRM Archiv")
+        archive = self.archive_folder
+        last = archive.replace("\\", "/").split("/")[-1].split(".")[-1]
+        if parse_import_folder(last) is not None or parse_import_folder(archive.rsplit("/", 1)[-1]) is not None:
+            raise _Wrong(f".archive_folder {archive!r} looks like an import folder (CRM ... [X]); "
+                         "choose a name without a [status] suffix")
+        self._check_password(required=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaldavConfig(_Password):
+    url: DavUrl  # the account's calendar home; a / is added when missing
+    username: Text
+    events: Text = "calendar"  # collection name below url, or a full URL
+    tasks: Text = "tasks"
+    verify: bool = True
+    ca_file: Text | None = None
+    timeout: Seconds = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.url.endswith("/"):
+            object.__setattr__(self, "url", self.url + "/")
+        self._check_password(required=True)
 
     def collection(self, area: str) -> str:
         return self.events if area == "events" else self.tasks
 
 
-@dataclass(frozen=True)
-class SieveConfig:
-    host: str
-    port: int
-    starttls: bool
-    username: str
-    secret: Secret
-    verify: bool = True
-    ca_file: str | None = None
+@dataclass(frozen=True, kw_only=True)
+class SieveConfig(_Password):
+    """[accounts.X.sieve]: server-side rules. Everything but the port defaults to [imap]'s
+    (AccountConfig._complete fills it in), the password too unless the table names its own."""
+
+    host: Text = DERIVED
+    port: Port = 4190
+    security: Security = DERIVED  # STARTTLS unless "none"
+    username: Text = DERIVED
+    verify: bool = DERIVED
+    ca_file: Text | None = DERIVED
+
+    @property
+    def starttls(self) -> bool:
+        return self.security != "none"
+
+    def _borrow(self, imap: ImapConfig | None, where: str) -> None:
+        for key, default in (("host", None), ("username", None), ("security", "starttls"), ("verify", True),
+                             ("ca_file", None)):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, getattr(imap, key) if imap else default)
+        if self.host is None or self.username is None:
+            raise _Wrong(f"{where}: set host and username (there is no [imap] table to take them from)")
+        self._check_password(required=imap is None, at=where)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AccountConfig:
-    name: str
-    areas: tuple[str, ...] = ("mail",)
-    interval: int = 300
+    areas: Annotated[tuple[Area, ...], Meta(min_length=1),
+                     Says(f"is empty: list at least one of {', '.join(AREAS)}",
+                          each=f": unknown area {{value!r}} (use {', '.join(AREAS)})")] = ("mail",)
+    interval: Annotated[int, Meta(ge=1, le=MAX_INTERVAL),
+                        Says("must be at least 1 second",
+                             above=f"must be at most {MAX_INTERVAL} seconds (one day), got {{value!r}}")] = 300
     imap: ImapConfig | None = None
     caldav: CaldavConfig | None = None
-    notify_command: tuple[str, ...] | None = None  # run with the import summary as last argument
-    sieve: SieveConfig | None = None  # server-side rules; host and credentials default to IMAP's
+    notify_command: Command | None = None  # run with the import summary as last argument
+    sieve: SieveConfig | None = None  # DERIVED from [imap] when the table is left out (see _complete)
+    name: str = field(default="", init=False)  # the key in [accounts], set by Config
+
+    def __post_init__(self) -> None:
+        for area in self.areas:
+            if self.areas.count(area) > 1:
+                raise _Wrong(f".areas lists {area!r} twice")
+        _check_command("notify_command", self.notify_command)
+
+    def _complete(self, name: str) -> None:
+        """What needs the account's name: the tables its areas need, [sieve] from [imap], and
+        where each password comes from (for messages about it)."""
+        where = _join("accounts", name)
+        object.__setattr__(self, "name", name)
+        for area in self.areas:
+            table = "imap" if area == "mail" else "caldav"
+            if getattr(self, table) is None:
+                raise _Wrong(f"{where}: area {area} needs an [{where}.{table}] table")
+        if self.sieve is not None or self.imap is not None:
+            sieve = self.sieve or SieveConfig()
+            sieve._borrow(self.imap, f"{where}.sieve")
+            object.__setattr__(self, "sieve", sieve)
+        for key, server in (("imap", self.imap), ("caldav", self.caldav), ("sieve", self.sieve)):
+            if server is not None:
+                server._name_secret(f"{where}.{key}", server.username)
+        if self.sieve is not None and self.imap is not None and not self.sieve._has_password:
+            object.__setattr__(self.sieve, "secret", self.imap.secret)
 
 
-@dataclass(frozen=True)
+def _check_link(link: str) -> None:
+    """[crm] link is a str.format template: `{id}` must be in it and is the only field, and
+    it must format an id. Otherwise the first import would commit and then fail on it."""
+    lone_brace = (f".link {link!r} has a lone {{ or }}; write {{{{ or }}}} for a literal brace and {{id}} "
+                  "for the activity id")
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(link) if name is not None]
+    except ValueError:
+        raise _Wrong(lone_brace)
+    for name in names:
+        if name != "id":
+            raise _Wrong(f".link {link!r} has the field {{{name}}}; only {{id}} (the activity id) is allowed")
+    if not names:
+        raise _Wrong(".link must contain {id}, e.g. https://crm.example.com/activities/{id}")
+    try:
+        link.format(id=1)
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:  # a format spec or conversion
+        raise _Wrong(f".link {link!r} cannot show an activity id ({exc}); write {{id}}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class CrmConfig:
-    database: Path
-    documents: Path
-    link: str = DEFAULT_LINK
-    mandatory: tuple[str, ...] = ()
-    statuses: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_STATUSES))
-    max_attempts: int = 3
+    database: FilePath = field(default_factory=lambda: _default_data_dir() / "crm.db")
+    documents: FilePath = DERIVED  # next to the database
+    link: str = DERIVED  # the web view's address from [serve], /activities/{id}
+    mandatory: Annotated[tuple[MandatoryField, ...],
+                         Says(each=f": unknown field {{value!r}} (known: {', '.join(MANDATORY_FIELDS)})")] = ()
+    statuses: Annotated[dict[str, str], Meta(min_length=1), Says("is empty: list at least one status key")] = \
+        field(default_factory=lambda: dict(DEFAULT_STATUSES))
+    max_attempts: Annotated[int, Meta(ge=1, le=MAX_ATTEMPTS),
+                            Says("must be at least 1", above=f"must be at most {MAX_ATTEMPTS}, got {{value!r}}")] = 3
     attachment_review: bool = False
-    kinds: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_KINDS))  # kind -> events | tasks
-    done_status: str = "E"  # a completed VTODO <-> this status
-    open_status: str = "O"  # status of items that come from the groupware without one
+    kinds: dict[str, Annotated[Literal["events", "tasks"], Says('must be "events" or "tasks", got {value!r}')]] = \
+        field(default_factory=dict)  # kind -> events | tasks, added to DEFAULT_KINDS
+    done_status: str = DERIVED  # a completed VTODO <-> this status; "E" if that is a status, else the first
+    open_status: str = DERIVED  # status of items from the groupware without one; "O", else the first
+
+    def __post_init__(self) -> None:
+        for key in self.statuses:
+            if not key or "[" in key or "]" in key or any(c.isspace() for c in key):  # as a folder reads it
+                raise _Wrong(f".statuses: {key!r} is not a usable status key")
+        for kind in self.kinds:
+            if not kind.strip():
+                raise _Wrong(f".kinds: {kind!r} is not a usable kind name")
+        if self.link is not None:
+            _check_link(self.link)
+        first = next(iter(self.statuses))
+        for key, default in (("documents", self.database.parent / "documents"),
+                             ("done_status", "E" if "E" in self.statuses else first),
+                             ("open_status", "O" if "O" in self.statuses else first)):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, default)
+        object.__setattr__(self, "kinds", DEFAULT_KINDS | self.kinds)
+        for key in ("done_status", "open_status"):
+            if getattr(self, key) not in self.statuses:
+                raise _Wrong(f".{key} {getattr(self, key)!r} is not one of the status keys in [crm.statuses]")
 
     def kinds_of(self, area: str) -> tuple[str, ...]:
         return tuple(sorted(kind for kind, target in self.kinds.items() if target == area))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class StateConfig:
+    database: FilePath = field(default_factory=lambda: _default_state_dir() / "state.db")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SyncConfig:
-    conflict: str = "newest"  # newest | crm | groupware
-    max_delete_share: float = 0.5  # the mass-deletion guard
+    conflict: Conflict = "newest"  # which side wins a field changed on both
+    max_delete_share: Share = 0.5  # the mass-deletion guard
 
 
-@dataclass(frozen=True)
-class ServeConfig:
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig(_Password):
     """[serve]: the web view. A password is required when it listens beyond loopback."""
 
-    host: str = "127.0.0.1"
-    port: int = 8765
-    secret: Secret | None = None  # the login password (password_command, _env, _keyring or password)
-    url: str | None = None  # where users open it (e.g. behind a proxy); default http://HOST:PORT
+    host: Text = "127.0.0.1"
+    port: Port = 8765
+    url: WebUrl | None = None  # where users open it (behind a proxy, say); default http://HOST:PORT
+    secret: Secret | None = field(default=None, init=False)  # type: ignore[assignment]  # the login
+    # password (keyring user "serve"); None without one, where every other table has one
+
+    def __post_init__(self) -> None:
+        self._check_password(required=False)
+        for key in ("host", "url"):
+            value = getattr(self, key) or ""
+            if "{" in value or "}" in value:  # the default [crm] link is a template made from them
+                raise _Wrong(f".{key} must not contain {{ or }} (it becomes part of [crm] link), got {value!r}")
+        if self._has_password:
+            self._name_secret("serve", "serve")
 
     @property
     def base_url(self) -> str:
@@ -217,14 +439,26 @@ def http_address(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Config:
-    crm: CrmConfig
-    state_database: Path
-    accounts: dict[str, AccountConfig]
-    path: Path | None = None
+    crm: CrmConfig = field(default_factory=CrmConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    accounts: dict[str, AccountConfig] = field(default_factory=dict)
     sync: SyncConfig = field(default_factory=SyncConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    path: Path | None = field(default=None, init=False)  # the file it was loaded from
+
+    def __post_init__(self) -> None:
+        if self.crm.link is None:
+            object.__setattr__(self.crm, "link", self.serve.base_url + "/activities/{id}")
+        for name, account in self.accounts.items():
+            if not name.strip():
+                raise _Wrong(f"accounts: {name!r} is not a usable account name")
+            account._complete(name)
+
+    @property
+    def state_database(self) -> Path:
+        return self.state.database
 
     @property
     def web_base(self) -> str | None:
@@ -241,333 +475,16 @@ class Config:
             raise ConfigError(f"no account {name!r} in the config (known: {known})")
 
 
-MANDATORY_FIELDS = ("partner", "contact", "subject", "body")
-
-
-class _Section:
-    """Reads one TOML table, remembering its dotted path so errors name the exact key."""
-
-    def __init__(self, data: Any, where: str):
-        if not isinstance(data, dict):
-            raise ConfigError(f"[{where}] must be a table, got {data!r}")
-        self.data = data
-        self.where = where
-        self.used: set[str] = set()
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
-        self.used.add(key)
-        if key not in self.data:
-            if required:
-                raise ConfigError(f"missing key {self.where}.{key}")
-            return default
-        value = self.data[key]
-        # TOML has no bool/int overlap in intent: reject `port = true`.
-        if isinstance(value, bool) and kind is not bool and not (isinstance(kind, tuple) and bool in kind):
-            raise ConfigError(f"{self.where}.{key} must be {_kind_name(kind)}, not a boolean")
-        if not isinstance(value, kind):
-            raise ConfigError(f"{self.where}.{key} must be {_kind_name(kind)}, got {value!r}")
-        return value
-
-    def text(self, key: str, default: str | None = None, required: bool = False) -> str | None:
-        """A string that must say something: a host, a user, a folder, a path."""
-        value = self.get(key, str, default, required)
-        if key in self.data and not value.strip():
-            raise ConfigError(f"{self.where}.{key} must not be empty, got {value!r}")
-        return value
-
-    def number(self, key: str, default: float, low: float, high: float, what: str) -> float:
-        """A number within [low, high]; NaN and the infinities are out of every range."""
-        value = self.get(key, (int, float), default)
-        if not low <= value <= high:
-            raise ConfigError(f"{self.where}.{key} must be {what} from {low} to {high}, got {value!r}")
-        return float(value)
-
-    def section(self, key: str) -> "_Section | None":
-        self.used.add(key)
-        if key not in self.data:
-            return None
-        return _Section(self.data[key], key if self.where == "config" else f"{self.where}.{key}")
-
-    def reject_unknown(self, allowed_extra: tuple[str, ...] = ()) -> None:
-        unknown = set(self.data) - self.used - set(allowed_extra)
-        if unknown:
-            names = ", ".join(f"{self.where}.{k}" for k in sorted(unknown))
-            raise ConfigError(f"unknown key {names} (check the spelling against the README)")
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {str: "a string", int: "an integer", bool: "true or false", list: "a list", dict: "a table",
-             float: "a number"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def _path(value: str) -> Path:
-    return Path(os.path.expandvars(value)).expanduser()
-
-
-def _command(sec: _Section, key: str, kind: type | tuple[type, ...]) -> list[str] | None:
-    command = sec.get(key, kind)
-    if isinstance(command, str):
-        command = [command]
-    if command is not None and (not command or not all(isinstance(c, str) for c in command)):
-        raise ConfigError(f"{sec.where}.{key} must be a non-empty list of strings")
-    if command is not None and not command[0].strip():
-        raise ConfigError(f"{sec.where}.{key} must start with a program name, got {command!r}")
-    return command
-
-
-def _secret(sec: _Section, username: str, required: bool = True) -> Secret:
-    """Where the table's password comes from: exactly one source (none, when not required)."""
-    command = _command(sec, "password_command", (list, str))
-    inline = sec.get("password", str)
-    if inline is not None and not inline.strip():
-        raise ConfigError(f"{sec.where}.password is empty: " + (
-            "set the password, or use password_command, password_env or password_keyring" if required else
-            "set a password or leave the key out"))
-    secret = Secret(
-        where=sec.where,
-        command=tuple(command) if command else None,
-        env=sec.text("password_env"),
-        keyring=sec.text("password_keyring"),
-        username=username,
-        inline=inline,
-    )
-    found = [key for key in PASSWORD_SOURCES if key in sec.data]
-    if len(found) > 1:
-        raise ConfigError(f"{sec.where}: set only one of {', '.join(PASSWORD_SOURCES)} (found {', '.join(found)})")
-    if required and not found:
-        raise ConfigError(f"{sec.where}: set password_command, password_env, password_keyring or password")
-    return secret
-
-
-def _check_link(link: str) -> None:
-    """[crm] link is a str.format template: `{id}` must be in it and is the only field, and
-    it must format an id. Otherwise the first import would commit and then fail on it."""
-    lone_brace = (f"crm.link {link!r} has a lone {{ or }}; write {{{{ or }}}} for a literal brace and {{id}} "
-                  "for the activity id")
-    try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(link) if name is not None]
-    except ValueError:
-        raise ConfigError(lone_brace)
-    for name in fields:
-        if name != "id":
-            raise ConfigError(f"crm.link {link!r} has the field {{{name}}}; only {{id}} (the activity id) is allowed")
-    if not fields:
-        raise ConfigError("crm.link must contain {id}, e.g. https://crm.example.com/activities/{id}")
-    try:
-        link.format(id=1)
-    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:  # a format spec or conversion
-        raise ConfigError(f"crm.link {link!r} cannot show an activity id ({exc}); write {{id}}")
-
-
-def _imap(sec: _Section, account: str) -> ImapConfig:
-    security = sec.get("security", str, "tls")
-    if security not in SECURITY_MODES:
-        raise ConfigError(f"{sec.where}.security must be one of {', '.join(SECURITY_MODES)}, got {security!r}")
-    username = sec.text("username", required=True)
-    default_port = {"tls": 993, "starttls": 143, "none": 143}[security]
-    import_root = sec.get("import_root", str, "INBOX")  # "" is the top level, for servers without INBOX/...
-    archive = sec.text("archive_folder", f"{import_root}/CRM Archiv" if import_root else "CRM Archiv")
-    last = archive.replace("\\", "/").split("/")[-1].split(".")[-1]
-    if parse_import_folder(last) is not None or parse_import_folder(archive.rsplit("/", 1)[-1]) is not None:
-        raise ConfigError(
-            f"{sec.where}.archive_folder {archive!r} looks like an import folder (CRM ... [X]); "
-            "choose a name without a [status] suffix"
-        )
-    port = sec.get("port", int, default_port)
-    if not 0 < port < 65536:
-        raise ConfigError(f"{sec.where}.port must be between 1 and 65535, got {port}")
-    imap = ImapConfig(
-        host=sec.text("host", required=True),
-        port=port,
-        security=security,
-        verify=sec.get("verify", bool, True),
-        ca_file=sec.text("ca_file"),
-        username=username,
-        secret=_secret(sec, username),
-        import_root=import_root,
-        archive_folder=archive,
-        timeout=sec.number("timeout", 60, 1, MAX_TIMEOUT, "a number of seconds"),
-    )
-    sec.reject_unknown()
-    return imap
-
-
-def _caldav(sec: _Section) -> CaldavConfig:
-    url = sec.get("url", str, required=True)
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"{sec.where}.url must start with https:// (or http:// for a local server)")
-    username = sec.text("username", required=True)
-    caldav = CaldavConfig(
-        url=url if url.endswith("/") else url + "/",
-        username=username,
-        secret=_secret(sec, username),
-        events=sec.text("events", "calendar"),
-        tasks=sec.text("tasks", "tasks"),
-        verify=sec.get("verify", bool, True),
-        ca_file=sec.text("ca_file"),
-        timeout=sec.number("timeout", 60, 1, MAX_TIMEOUT, "a number of seconds"),
-    )
-    sec.reject_unknown()
-    return caldav
-
-
-def _sieve(sec: "_Section | None", imap: ImapConfig | None) -> SieveConfig | None:
-    """[accounts.X.sieve]: everything defaults to the IMAP settings, port 4190."""
-    sec = sec or _Section({}, "sieve")
-    host = sec.text("host", imap.host if imap else None)
-    username = sec.text("username", imap.username if imap else None)
-    if host is None or username is None:
-        raise ConfigError(f"{sec.where}: set host and username (there is no [imap] table to take them from)")
-    own = _secret(sec, username, required=imap is None)
-    security = sec.get("security", str, imap.security if imap else "starttls")
-    if security not in SECURITY_MODES:
-        raise ConfigError(f"{sec.where}.security must be one of {', '.join(SECURITY_MODES)}")
-    port = sec.get("port", int, 4190)
-    if not 0 < port < 65536:
-        raise ConfigError(f"{sec.where}.port must be between 1 and 65535, got {port}")
-    verify = sec.get("verify", bool, imap.verify if imap else True)
-    ca_file = sec.text("ca_file", imap.ca_file if imap else None)
-    sec.reject_unknown()
-    return SieveConfig(host=host, port=port, starttls=security != "none", username=username,
-                       secret=own if own.configured or imap is None else imap.secret, verify=verify, ca_file=ca_file)
-
+# -- loading: unknown keys, then msgspec, then its error in our words ----------------------------
 
 def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
-    root = _Section(data, "config")
-    crm_sec = root.section("crm") or _Section({}, "crm")
-    crm_sec.where = "crm"
-    database = _path(crm_sec.text("database", str(_default_data_dir() / "crm.db")))
-    documents = _path(crm_sec.text("documents", str(database.parent / "documents")))
-    statuses_sec = crm_sec.section("statuses")
-    if statuses_sec is not None:
-        statuses = {}
-        for key, label in statuses_sec.data.items():
-            if not isinstance(label, str):
-                raise ConfigError(f"crm.statuses.{key} must be a string label")
-            if not key or "[" in key or "]" in key or any(c.isspace() for c in key):  # as a folder reads it
-                raise ConfigError(f"crm.statuses: {key!r} is not a usable status key")
-            statuses[key] = label
-        if not statuses:
-            raise ConfigError("crm.statuses is empty: list at least one status key")
-    else:
-        statuses = dict(DEFAULT_STATUSES)
-    mandatory = crm_sec.get("mandatory", list, [])
-    for item in mandatory:
-        if item not in MANDATORY_FIELDS:
-            raise ConfigError(
-                f"crm.mandatory: unknown field {item!r} (known: {', '.join(MANDATORY_FIELDS)})"
-            )
-    serve = _serve(root.section("serve") or _Section({}, "serve"))
-    link = crm_sec.get("link", str, serve.base_url + "/activities/{id}")
-    _check_link(link)
-    max_attempts = crm_sec.get("max_attempts", int, 3)
-    if max_attempts < 1:
-        raise ConfigError("crm.max_attempts must be at least 1")
-    if max_attempts > MAX_ATTEMPTS:
-        raise ConfigError(f"crm.max_attempts must be at most {MAX_ATTEMPTS}, got {max_attempts}")
-    kinds = dict(DEFAULT_KINDS)
-    kinds_sec = crm_sec.section("kinds")
-    if kinds_sec is not None:
-        for kind, target in kinds_sec.data.items():
-            if not kind.strip():
-                raise ConfigError(f"crm.kinds: {kind!r} is not a usable kind name")
-            if target not in ("events", "tasks"):
-                raise ConfigError(f"crm.kinds.{kind} must be \"events\" or \"tasks\", got {target!r}")
-            kinds[kind] = target
-    done_status = crm_sec.get("done_status", str, "E" if "E" in statuses else next(iter(statuses)))
-    open_status = crm_sec.get("open_status", str, "O" if "O" in statuses else next(iter(statuses)))
-    for key, value in (("done_status", done_status), ("open_status", open_status)):
-        if value not in statuses:
-            raise ConfigError(f"crm.{key} {value!r} is not one of the status keys in [crm.statuses]")
-    crm = CrmConfig(
-        database=database,
-        documents=documents,
-        link=link,
-        mandatory=tuple(mandatory),
-        statuses=statuses,
-        max_attempts=max_attempts,
-        attachment_review=crm_sec.get("attachment_review", bool, False),
-        kinds=kinds,
-        done_status=done_status,
-        open_status=open_status,
-    )
-    crm_sec.reject_unknown()
-
-    state_sec = root.section("state") or _Section({}, "state")
-    state_sec.where = "state"
-    state_db = _path(state_sec.text("database", str(_default_state_dir() / "state.db")))
-    state_sec.reject_unknown()
-
-    accounts: dict[str, AccountConfig] = {}
-    accounts_sec = root.section("accounts")
-    if accounts_sec is not None:
-        accounts_sec.where = "accounts"
-        for name in accounts_sec.data:
-            if not name.strip():
-                raise ConfigError(f"accounts: {name!r} is not a usable account name")
-            acc = accounts_sec.section(name)
-            areas = acc.get("areas", list, ["mail"])
-            for area in areas:
-                if area not in AREAS:
-                    raise ConfigError(f"accounts.{name}.areas: unknown area {area!r} (use {', '.join(AREAS)})")
-                if areas.count(area) > 1:
-                    raise ConfigError(f"accounts.{name}.areas lists {area!r} twice")
-            if not areas:
-                raise ConfigError(f"accounts.{name}.areas is empty: list at least one of {', '.join(AREAS)}")
-            interval = acc.get("interval", int, 300)
-            if interval < 1:
-                raise ConfigError(f"accounts.{name}.interval must be at least 1 second")
-            if interval > MAX_INTERVAL:
-                raise ConfigError(f"accounts.{name}.interval must be at most {MAX_INTERVAL} seconds (one day), "
-                                  f"got {interval}")
-            imap_sec = acc.section("imap")
-            imap = _imap(imap_sec, name) if imap_sec is not None else None
-            if "mail" in areas and imap is None:
-                raise ConfigError(f"accounts.{name}: area mail needs an [accounts.{name}.imap] table")
-            caldav_sec = acc.section("caldav")
-            caldav = _caldav(caldav_sec) if caldav_sec is not None else None
-            for area in ("events", "tasks"):
-                if area in areas and caldav is None:
-                    raise ConfigError(f"accounts.{name}: area {area} needs an [accounts.{name}.caldav] table")
-            notify = _command(acc, "notify_command", list)
-            sieve_sec = acc.section("sieve")
-            sieve = _sieve(sieve_sec, imap) if sieve_sec is not None or imap is not None else None
-            acc.reject_unknown()
-            accounts[name] = AccountConfig(name=name, areas=tuple(areas), interval=interval, imap=imap,
-                                           caldav=caldav, notify_command=tuple(notify) if notify else None,
-                                           sieve=sieve)
-    sync_sec = root.section("sync") or _Section({}, "sync")
-    sync_sec.where = "sync"
-    conflict = sync_sec.get("conflict", str, "newest")
-    if conflict not in CONFLICT_POLICIES:
-        raise ConfigError(f"sync.conflict must be one of {', '.join(CONFLICT_POLICIES)}, got {conflict!r}")
-    share = float(sync_sec.get("max_delete_share", (int, float), 0.5))
-    if not 0 < share <= 1:
-        raise ConfigError("sync.max_delete_share must be above 0 and at most 1")
-    sync_sec.reject_unknown()
-    root.reject_unknown()
-    return Config(crm=crm, state_database=state_db, accounts=accounts, path=path,
-                  sync=SyncConfig(conflict=conflict, max_delete_share=share), serve=serve)
-
-
-def _serve(sec: _Section) -> ServeConfig:
-    sec.where = "serve"
-    port = sec.get("port", int, 8765)
-    if not 0 < port < 65536:
-        raise ConfigError(f"serve.port must be between 1 and 65535, got {port}")
-    secret = _secret(sec, "serve", required=False)  # keyring user name: "serve"
-    url = sec.get("url", str)
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise ConfigError(f"serve.url must start with https:// or http://, got {url!r}")
-    host = sec.text("host", "127.0.0.1")
-    for key, value in (("host", host), ("url", url or "")):
-        if "{" in value or "}" in value:  # the default [crm] link is a template made from them
-            raise ConfigError(f"serve.{key} must not contain {{ or }} (it becomes part of [crm] link), got {value!r}")
-    serve = ServeConfig(host=host, port=port, secret=secret if secret.configured else None, url=url)
-    sec.reject_unknown()
-    return serve
+    _reject_unknown_keys(data, Config, "")
+    try:
+        config = msgspec.convert(data, Config, strict=True, dec_hook=_decode)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(str(exc), data)) from None
+    object.__setattr__(config, "path", path)
+    return config
 
 
 def load_config(path: Path | None = None) -> Config:
@@ -585,3 +502,153 @@ def load_config(path: Path | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path}: {exc}")
     return parse_config(data, path)
+
+
+def _decode(kind: type, value: Any) -> Any:
+    """The types msgspec leaves to us: paths, with $VARS and ~ expanded."""
+    if kind is Path:
+        if not isinstance(value, str):
+            raise TypeError(f"Expected `str`, got `{type(value).__name__}`")
+        if not value.strip():
+            raise ValueError("empty path")
+        return Path(os.path.expandvars(value)).expanduser()
+    raise NotImplementedError(kind)
+
+
+def _reject_unknown_keys(data: Any, kind: Any, where: str) -> None:
+    """Every table's keys against its dataclass (msgspec would skip unknown ones), all of a
+    table's unknown keys in one line. A value of the wrong type is left to msgspec."""
+    table = _plain(kind)
+    if not isinstance(data, dict):
+        return
+    if is_dataclass(table):
+        hints = _hints(typing.cast(type, table))
+        known = {f.name for f in fields(table) if f.init}
+        unknown = sorted(str(key) for key in data if key not in known)
+        if unknown:
+            names = ", ".join(_join(where or "config", key) for key in unknown)
+            raise ConfigError(f"unknown key {names} (check the spelling against the README)")
+        for key, value in data.items():
+            _reject_unknown_keys(value, hints[key], _join(where, key))
+    elif typing.get_origin(table) is dict:
+        for key, value in data.items():
+            _reject_unknown_keys(value, typing.get_args(table)[1], _join(where, str(key)))
+
+
+_AT = re.compile(r"(.*) - at `\$(.*)`", re.DOTALL)
+
+
+def _explain(error: str, data: dict[str, Any]) -> str:
+    """msgspec's error (what, and where as `$.crm.link`) as our one line naming the key."""
+    match = _AT.fullmatch(error)
+    what, path = match.groups() if match else (error, "")
+    where, value, kind, element = _locate(data, path)
+    if what.startswith(_Wrong.MARK):
+        return _after(where, what[len(_Wrong.MARK):])
+    if missing := re.fullmatch(r"Object missing required field `(.*)`", what):
+        return f"missing key {_join(where, missing[1])}"
+    says = _says(kind)
+    if element:
+        return _after(where, says.each.format(value=value) if says and says.each else
+                      f"has {value!r}, not {_kind_names(typing.get_args(_plain(kind))[0])}")
+    choices = [c for k in map(_plain, _members(kind)) if typing.get_origin(k) is Literal for c in typing.get_args(k)]
+    if re.fullmatch(r"Expected `[^`]*`, got `[^`]*`", what) and not choices:  # a key with choices names them
+        if any(is_dataclass(k) or typing.get_origin(k) is dict for k in map(_plain, _members(kind))):
+            return f"[{where}] must be a table, got {value!r}"
+        if isinstance(value, bool):
+            return f"{where} must be {_kind_names(kind)}, not a boolean"
+        return f"{where} must be {_kind_names(kind)}, got {value!r}"
+    if says:  # out of range, not matching, not one of the choices: in the key's own words
+        return _after(where, (says.above if says.above and "` <" in what else says.message).format(value=value))
+    if choices:
+        return f"{where} must be one of {', '.join(choices)}, got {value!r}"
+    return f"{where}: {what}"
+
+
+def _locate(data: Any, path: str) -> tuple[str, Any, Any, bool]:
+    """Follow msgspec's path ($.accounts[...].imap.port) through the data and the dataclasses:
+    the key path, its value, its declared type, and whether the error is in a list's element.
+    msgspec writes a dict key as [...]; the first entry that fails on its own is the one."""
+    where, value, kind, element = "", data, Config, False
+    for name, index in re.findall(r"\.([^.\[]+)|\[([^\]]*)\]", path):
+        if name:
+            kind = _hints(_plain(kind))[name]
+            value = value.get(name) if isinstance(value, dict) else None
+            where = _join(where, name)
+        elif index == "...":
+            kind = typing.get_args(_plain(kind))[1]
+            key = next((k for k, v in value.items() if _fails(v, kind)), "...")
+            value = value.get(key)
+            where = _join(where, key)
+        else:
+            value, element = value[int(index)], True
+    return where, value, kind, element
+
+
+def _fails(value: Any, kind: Any) -> bool:
+    try:
+        msgspec.convert(value, kind, strict=True, dec_hook=_decode)
+    except msgspec.ValidationError:
+        return True
+    return False
+
+
+def _after(where: str, rest: str) -> str:
+    """The key path, then what is wrong with it: "crm.link must ...", "crm.statuses: ..."."""
+    if not where:
+        return rest
+    return where + rest if rest[:1] in ".:" else f"{where} {rest}"
+
+
+def _join(where: str, key: str) -> str:
+    """A key path, quoting a key that would not read as one ("bob smith", or with a line break)."""
+    if not (key.isprintable() and re.fullmatch(r"[^\s.'\"\[\]]+", key)):
+        key = repr(key)
+    return f"{where}.{key}" if where else key
+
+
+@functools.cache
+def _hints(table: type) -> dict[str, Any]:
+    return typing.get_type_hints(table, include_extras=True)
+
+
+def _members(kind: Any) -> list[Any]:
+    """The types a key may hold, None left out: `Command | str | None` -> [Command, str]."""
+    if typing.get_origin(kind) is Annotated:
+        inner = typing.get_args(kind)[0]
+        if typing.get_origin(inner) not in (typing.Union, types.UnionType):
+            return [kind]
+        kind = inner
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return [k for k in typing.get_args(kind) if k is not type(None)]
+    return [kind]
+
+
+def _plain(kind: Any) -> Any:
+    """The type without its Annotated metadata, and without None when that is the only other choice."""
+    members = _members(kind)
+    kind = members[0] if len(members) == 1 else kind
+    return typing.get_args(kind)[0] if typing.get_origin(kind) is Annotated else kind
+
+
+def _says(kind: Any) -> Says | None:
+    for member in [kind, *_members(kind)]:
+        if typing.get_origin(member) is Annotated:
+            for meta in member.__metadata__:
+                if isinstance(meta, Says):
+                    return meta
+    return None
+
+
+_KIND_NAMES = {str: "a string", Path: "a string", int: "an integer", float: "an integer or a number",
+               bool: "true or false", tuple: "a list", list: "a list", dict: "a table"}
+
+
+def _kind_names(kind: Any) -> str:
+    names = []
+    for member in map(_plain, _members(kind)):
+        origin = typing.get_origin(member) or member
+        if origin is Literal:
+            origin = type(typing.get_args(member)[0])
+        names.append(_KIND_NAMES.get(origin, "a table" if is_dataclass(origin) else str(origin)))
+    return " or ".join(dict.fromkeys(names))

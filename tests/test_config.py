@@ -1,8 +1,10 @@
 """Config loading: defaults, and a one-line error naming the key for anything wrong."""
 
+import copy
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from click.testing import CliRunner
 
 from gwsync.cli import main
@@ -237,6 +239,63 @@ def _dav(**keys):
     ({"accounts": [{"imap": IMAP}]}, "[accounts] must be a table, got [{'imap': {'host': 'h', 'username': 'u', "
                                      "'password_env': 'X'}}]"),
     ({"accounts": {"a": {"imap": "h"}}}, "[accounts.a.imap] must be a table, got 'h'"),
+    ({"crm": {"statuses": 5}}, "[crm.statuses] must be a table, got 5"),
+    ({"accounts": {"a": {"imap": IMAP, "notify_command": "notify-send"}}},
+     "accounts.a.notify_command must be a list, got 'notify-send'"),
+    (_imap(password_command=5), "accounts.a.imap.password_command must be a list or a string, got 5"),
+    ({"crm": {"database": True}}, "crm.database must be a string, not a boolean"),
+    ({"sync": {"max_delete_share": "half"}}, "sync.max_delete_share must be an integer or a number, got 'half'"),
+    # unknown keys, at every level, all of a table's at once
+    ({"foo": 1}, "unknown key config.foo (check the spelling against the README)"),
+    ({"crm": {"databse": "x", "lnk": "y"}}, "unknown key crm.databse, crm.lnk (check the spelling against the README)"),
+    ({"state": {"path": "x"}}, "unknown key state.path (check the spelling against the README)"),
+    ({"sync": {"conflicts": "crm"}}, "unknown key sync.conflicts (check the spelling against the README)"),
+    ({"accounts": {"a": {"imap": IMAP, "intervall": 5}}},
+     "unknown key accounts.a.intervall (check the spelling against the README)"),
+    ({"accounts": {"a": {"imap": IMAP | {"tls": True}}}},
+     "unknown key accounts.a.imap.tls (check the spelling against the README)"),
+    ({"accounts": {"a": {"areas": ["events"], "caldav": DAV | {"calendar": "c"}}}},
+     "unknown key accounts.a.caldav.calendar (check the spelling against the README)"),
+    ({"accounts": {"a": {"imap": IMAP, "sieve": {"starttls": True}}}},
+     "unknown key accounts.a.sieve.starttls (check the spelling against the README)"),
+    ({"accounts": {"a": {"name": "b", "imap": IMAP}}},
+     "unknown key accounts.a.name (check the spelling against the README)"),
+    ({"accounts": {"a": {"imap": IMAP | {"secret": "x"}}}},
+     "unknown key accounts.a.imap.secret (check the spelling against the README)"),
+    # values outside their choices, with the whole message
+    (_imap(security="ssl"), "accounts.a.imap.security must be one of tls, starttls, none, got 'ssl'"),
+    ({"sync": {"conflict": "mine"}}, "sync.conflict must be one of newest, crm, groupware, got 'mine'"),
+    ({"crm": {"kinds": {"NOTIZ": "notes"}}}, "crm.kinds.NOTIZ must be \"events\" or \"tasks\", got 'notes'"),
+    ({"crm": {"kinds": {"NOTIZ": True}}}, "crm.kinds.NOTIZ must be \"events\" or \"tasks\", got True"),
+    ({"crm": {"kinds": {"NOTIZ": ["tasks"]}}}, "crm.kinds.NOTIZ must be \"events\" or \"tasks\", got ['tasks']"),
+    ({"crm": {"mandatory": ["partnr"]}},
+     "crm.mandatory: unknown field 'partnr' (known: partner, contact, subject, body)"),
+    ({"accounts": {"a": {"areas": ["mail", 5], "imap": IMAP}}},
+     "accounts.a.areas: unknown area 5 (use mail, events, tasks)"),
+    ({"crm": {"statuses": {"A": "a"}, "done_status": "E"}},
+     "crm.done_status 'E' is not one of the status keys in [crm.statuses]"),
+    ({"crm": {"open_status": "X"}}, "crm.open_status 'X' is not one of the status keys in [crm.statuses]"),
+    (_dav(url="dav.example.com"), "accounts.a.caldav.url must start with https:// (or http:// for a local server)"),
+    ({"accounts": {"a": {"areas": ["events"], "caldav": {"username": "u", "password_env": "X"}}}},
+     "missing key accounts.a.caldav.url"),
+    ({"accounts": {"a": {"areas": ["mail", "tasks"], "imap": IMAP}}},
+     "accounts.a: area tasks needs an [accounts.a.caldav] table"),
+    ({"accounts": {"a": {"imap": IMAP, "notify_command": []}}},
+     "accounts.a.notify_command must be a non-empty list of strings"),
+    ({"accounts": {"a": {"imap": IMAP, "notify_command": ["notify-send", 5]}}},
+     "accounts.a.notify_command must be a non-empty list of strings"),
+    ({"serve": {"host": "{x}"}}, "serve.host must not contain { or } (it becomes part of [crm] link), got '{x}'"),
+    # a [sieve] table without [imap] has nothing to borrow
+    ({"accounts": {"a": {"areas": ["events"], "caldav": DAV, "sieve": {"host": "h"}}}},
+     "accounts.a.sieve: set host and username (there is no [imap] table to take them from)"),
+    ({"accounts": {"a": {"areas": ["events"], "caldav": DAV, "sieve": {"host": "h", "username": "u"}}}},
+     "accounts.a.sieve: set password_command, password_env, password_keyring or password"),
+    ({"accounts": {"a": {"areas": ["events"], "caldav": DAV, "sieve": {"host": "h", "username": "u", "password": ""}}}},
+     "accounts.a.sieve.password is empty: set the password, or use password_command, password_env or "
+     "password_keyring"),
+    ({"accounts": {"a": {"imap": IMAP, "sieve": {"password_env": "Y", "password": "p"}}}},
+     "accounts.a.sieve: set only one of password_command, password_env, password_keyring, password "
+     "(found password_env, password)"),
 ])
 def test_each_bad_value_is_one_line_naming_key_value_and_what_is_allowed(data, message):
     with pytest.raises(ConfigError) as err:
@@ -411,3 +470,122 @@ def test_an_empty_sieve_password_is_refused_not_replaced_by_the_imap_one():
 def test_import_root_may_be_empty_and_then_the_archive_is_at_the_top_level():
     imap = parse_config(_imap(import_root="")).account("a").imap
     assert (imap.import_root, imap.archive_folder) == ("", "CRM Archiv")
+
+
+# -- derived defaults: each computed in one place, from the keys it follows ---------------------------
+
+def test_derived_defaults_follow_the_keys_they_come_from(monkeypatch, tmp_path):
+    monkeypatch.setenv("GW_HOME", str(tmp_path))
+    config = parse_config({
+        "crm": {"database": "$GW_HOME/crm.db", "statuses": {"A": "Auf", "Z": "Zu"}, "kinds": {"NOTIZ": "tasks"}},
+        "state": {"database": "~/s.db"},
+        "serve": {"host": "::1", "port": 9000},
+        "accounts": {
+            "a": {"areas": ["mail", "events"], "imap": IMAP | {"security": "starttls", "import_root": "Mail",
+                                                                "verify": False, "ca_file": "/ca.pem"},
+                  "caldav": DAV | {"url": "https://dav.example.com/u"}},
+            "b": {"imap": IMAP | {"security": "none"}, "sieve": {"port": 2000, "password_env": "S"}},
+            "c": {"areas": ["tasks"], "caldav": DAV},
+        },
+    })
+    crm = config.crm
+    assert (crm.database, crm.documents) == (tmp_path / "crm.db", tmp_path / "documents")
+    assert config.state_database == Path("~/s.db").expanduser()
+    assert (crm.done_status, crm.open_status) == ("A", "A")  # no E or O: the first status key
+    assert crm.kinds["NOTIZ"] == "tasks" and crm.kinds["TERMIN"] == "events"  # added to the defaults
+    assert crm.kinds_of("tasks") == ("AUFGABE", "NOTIZ", "WIEDERVORLAGE")
+    assert crm.link == "http://[::1]:9000/activities/{id}" and config.web_base == "http://[::1]:9000"
+    a, b = config.account("a"), config.account("b")
+    assert (a.name, b.name, a.areas, a.interval) == ("a", "b", ("mail", "events"), 300)
+    assert (a.imap.port, b.imap.port) == (143, 143)
+    assert a.imap.archive_folder == "Mail/CRM Archiv" and a.imap.timeout == 60.0
+    assert a.caldav.url == "https://dav.example.com/u/" and a.caldav.collection("events") == "calendar"
+    assert a.imap.secret.where == "accounts.a.imap" and a.caldav.secret.where == "accounts.a.caldav"
+    assert a.imap.secret.env == "X" and a.imap.secret.username == "u"
+    # [sieve] borrows what [imap] has: host, user, password, TLS settings; port 4190
+    sieve = a.sieve
+    assert (sieve.host, sieve.port, sieve.username, sieve.starttls) == ("h", 4190, "u", True)
+    assert (sieve.verify, sieve.ca_file, sieve.secret) == (False, "/ca.pem", a.imap.secret)
+    assert (b.sieve.port, b.sieve.starttls, b.sieve.secret.env, b.sieve.secret.where) == \
+        (2000, False, "S", "accounts.b.sieve")
+    assert config.account("c").sieve is None and config.account("c").imap is None
+    assert config.serve.secret is None and config.path is None
+
+
+def test_load_config_remembers_its_path(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[serve]\npassword_keyring = "gw"\n')
+    config = load_config(path)
+    assert config.path == path and config.serve.secret.keyring == "gw" and config.serve.secret.username == "serve"
+    assert config.serve.secret.where == "serve" and config.accounts == {}
+
+
+@pytest.mark.parametrize("data, message", [
+    # a misspelt key is named even when the key it misspells is required: the typo is the cause
+    ({"accounts": {"a": {"imap": {"hots": "h", "username": "u", "password_env": "X"}}}},
+     "unknown key accounts.a.imap.hots (check the spelling against the README)"),
+    ({"accounts": {"a": {"areas": ["events"], "caldav": {"ulr": "https://d/", "username": "u", "password": "p"}}}},
+     "unknown key accounts.a.caldav.ulr (check the spelling against the README)"),
+    # every value outside its choices names the value, as [imap] security always did
+    ({"accounts": {"a": {"imap": IMAP, "sieve": {"security": "ssl"}}}},
+     "accounts.a.sieve.security must be one of tls, starttls, none, got 'ssl'"),
+    ({"crm": {"statuses": {"E": 5}}}, "crm.statuses.E must be a string, got 5"),
+    # a key that would not read as one is quoted, so the message stays one line
+    ({"accounts": {"bob smith": {"imap": IMAP | {"hots": "h"}}}},
+     "unknown key accounts.'bob smith'.imap.hots (check the spelling against the README)"),
+    ({"accounts": {"a": {"imap": IMAP, "x\ny": 1}}},
+     "unknown key accounts.a.'x\\ny' (check the spelling against the README)"),
+    ({"accounts": {"a\n": {"areas": ["events"]}}},
+     "accounts.'a\\n': area events needs an [accounts.'a\\n'.caldav] table"),
+    # a key with choices names them whatever the wrong value is
+    (_imap(security=5), "accounts.a.imap.security must be one of tls, starttls, none, got 5"),
+    ({"sync": {"conflict": True}}, "sync.conflict must be one of newest, crm, groupware, got True"),
+])
+def test_each_wrong_key_is_named_with_its_value(data, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert str(err.value) == message
+
+
+VALID = {
+    "crm": {"database": "/tmp/crm.db", "link": "https://crm/{id}", "mandatory": ["partner"],
+            "statuses": {"I": "Importiert", "E": "Erledigt"}, "max_attempts": 3, "kinds": {"NOTIZ": "tasks"}},
+    "state": {"database": "/tmp/s.db"},
+    "sync": {"conflict": "crm", "max_delete_share": 0.5},
+    "serve": {"host": "127.0.0.1", "port": 8765, "url": "https://crm.example.com", "password_env": "W"},
+    "accounts": {"a": {
+        "areas": ["mail", "events"], "interval": 60, "notify_command": ["notify-send"],
+        "imap": IMAP | {"port": 993, "security": "tls", "verify": True, "timeout": 30, "archive_folder": "Archiv"},
+        "caldav": DAV | {"events": "calendar", "tasks": "tasks", "timeout": 30},
+        "sieve": {"port": 4190, "host": "h"},
+    }},
+}
+
+
+def _key_paths(table, prefix=()):
+    for key, value in table.items():
+        yield prefix + (key,)
+        if isinstance(value, dict):
+            yield from _key_paths(value, prefix + (key,))
+
+
+JUNK = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+).filter(lambda v: v is not None)  # TOML has no null
+
+
+@settings(max_examples=300, deadline=None)
+@given(path=st.sampled_from(sorted(_key_paths(VALID))), value=JUNK)
+def test_any_value_anywhere_loads_or_is_one_line_naming_its_table(path, value):
+    data = copy.deepcopy(VALID)
+    table = data
+    for key in path[:-1]:
+        table = table[key]
+    table[path[-1]] = value
+    try:
+        parse_config(data)
+    except ConfigError as exc:
+        message = str(exc)
+        assert "\n" not in message and path[0] in message, message
