@@ -170,6 +170,18 @@ class CRMBackend(abc.ABC):
         returns the existing id and changes nothing. Whatever error stops the call leaves none of
         them created."""
 
+    def create_activities_marked(self, drafts: list[ActivityDraft]) -> list[tuple[int, bool]]:
+        """As create_activities, each id paired with True if this call created it (False: the key
+        existed, or an earlier draft of the list had it). The import counts only those as its
+        own. This default asks existing_keys first, which misses a key another process writes in
+        between; a backend that can tell inside its transaction should override it."""
+        seen = set(self.existing_keys(d.key for d in drafts))
+        marked = []
+        for draft, activity_id in zip(drafts, self.create_activities(drafts)):
+            marked.append((activity_id, draft.key not in seen))
+            seen.add(draft.key)
+        return marked
+
     @abc.abstractmethod
     def update_activity(self, activity_id: int, changes: dict) -> None:
         """Set these fields (names as in Activity); also sets updated_at. Editable are at least

@@ -304,13 +304,16 @@ class EmbeddedCRM(CRMBackend):
     # -- writes ------------------------------------------------------------------------------
 
     def create_activities(self, drafts: list[ActivityDraft]) -> list[int]:
-        ids: list[int] = []
+        return [activity_id for activity_id, _ in self.create_activities_marked(drafts)]
+
+    def create_activities_marked(self, drafts: list[ActivityDraft]) -> list[tuple[int, bool]]:
+        ids: list[tuple[int, bool]] = []
         now = _now()
         with transaction(self.conn):
             for draft in drafts:
                 row = self.conn.execute("SELECT id FROM activities WHERE key = ?", (draft.key,)).fetchone()
                 if row:
-                    ids.append(row[0])
+                    ids.append((row[0], False))
                     continue
                 cur = self.conn.execute(
                     "INSERT INTO activities (key, kind, status, subject, body, location, contact_id, partner_id, "
@@ -329,7 +332,7 @@ class EmbeddedCRM(CRMBackend):
                         "VALUES (?,?,?,?,?,?,?)",
                         (activity_id, doc.filename, doc.content_type, doc.size, doc.sha256, doc.category,
                          doc.keyword))
-                ids.append(activity_id)
+                ids.append((activity_id, True))
         return ids
 
     EDITABLE = ("kind", "status", "subject", "body", "location", "start", "end", "due", "rrule", "contact_id",

@@ -313,27 +313,24 @@ class MailImporter:
         if self.dry_run:
             result.imported += len(drafts)
             return
-        ids = self.crm.create_activities(drafts) if drafts else []
-        by_key = dict(zip((d.key for d in drafts), ids))
+        marked = iter(self.crm.create_activities_marked(drafts) if drafts else [])
         to_move, recovered = [], {}
-        counted: set[str] = set()  # byte-identical copies of one mail make one activity
         for p in prepared:
-            activity_id = by_key.get(p.key) if p.draft is not None else p.known_activity
+            activity_id, created = next(marked) if p.draft is not None else (p.known_activity, False)
             if activity_id is None:
                 continue
             records.append(MailRecord(account=self.account.name, folder=folder.name, uidvalidity=uidvalidity,
                                       uid=p.uid, outcome=IMPORTED, key=p.key, activity_id=activity_id))
-            if p.draft is None:
-                recovered[p.uid] = p.key
-            else:
+            if created:  # only what this run created counts as its import
                 to_move.append(p.uid)
-            if p.draft is not None and p.key not in counted:
-                counted.add(p.key)
                 result.imported += 1
                 result.activities.append(ImportedActivity(
                     id=activity_id, link=self.crm_cfg.link.format(id=activity_id), subject=p.draft.subject,
                     folder=folder.name, unassigned=p.draft.unassigned))
             else:
+                # The CRM had it: an earlier run, another process, or an identical copy earlier
+                # in this batch. Its twin may be in the archive already: archive it as recovered.
+                recovered[p.uid] = p.key
                 result.archived_again += 1
         self.state.save(records)
         self._archive(session, folder, uidvalidity, to_move)

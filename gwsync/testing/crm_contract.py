@@ -282,6 +282,15 @@ class CRMBackendContract:
         assert backend.get_activity(ids[0]).subject == "First"
         assert backend.count_activities(ActivityFilter()) == 2
 
+    def test_create_marked_says_which_drafts_this_call_created(self, backend):
+        (first, created), = backend.create_activities_marked([self.draft(backend, "old")])
+        assert created
+        marked = backend.create_activities_marked([self.draft(backend, "old"), self.draft(backend, "new"),
+                                                   self.draft(backend, "new"), self.draft(backend, "other")])
+        assert [created for _, created in marked] == [False, True, False, True]
+        assert marked[0][0] == first and marked[1][0] == marked[2][0] != marked[3][0]
+        assert backend.count_activities(ActivityFilter()) == 3
+
     def test_create_is_one_transaction(self, backend):
         (kept,) = self.create(backend, self.draft(backend, "kept"))
         doc = self.document(backend, b"content", "a.txt")
