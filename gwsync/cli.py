@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .accountlock import AccountBusy
 from .config import AREAS, Config, ConfigError, load_config
 from .engine import CredentialLocked, Engine, mail_id
 from .errors import GwsyncError
@@ -519,7 +520,7 @@ def push(obj: Context, activity_id: int, as_, account) -> None:
             report = engine.push(activity_id, area, account)
         except ConfigError as exc:
             fail(str(exc), EXIT_USAGE)
-        except (LookupError, ValueError) as exc:
+        except (LookupError, ValueError, AccountBusy) as exc:
             fail(str(exc), EXIT_FAILED)
     for name, acc in report.accounts.items():
         for line in acc.error_lines():
@@ -544,6 +545,8 @@ def unpush(obj: Context, activity_id: int, account) -> None:
             fail(str(exc), EXIT_USAGE)
         except DavError as exc:
             fail(f"activity {activity_id}: {exc}", EXIT_FAILED)
+        except AccountBusy as exc:
+            fail(str(exc), EXIT_FAILED)
     click.echo(f"removed {count} groupware entr{'y' if count == 1 else 'ies'} of activity {activity_id}")
 
 
@@ -650,6 +653,8 @@ def review(obj: Context, account) -> None:
             fail(str(exc), EXIT_LOCKED)
         except MailServerError as exc:
             fail(f"account {selected.name}: {exc}", EXIT_FAILED)
+        except AccountBusy as exc:
+            fail(str(exc), EXIT_FAILED)
     sys.exit(code)
 
 

@@ -38,6 +38,7 @@ import msgspec
 import platformdirs
 from msgspec import Meta
 
+from .accountlock import DEFAULT_WAIT
 from .folders import parse_import_folder
 
 Area = Literal["mail", "events", "tasks"]
@@ -54,6 +55,7 @@ DEFAULT_KINDS = {"TERMIN": "events", "BESPRECHUNG": "events", "AUFGABE": "tasks"
 PASSWORD_SOURCES = ("password_command", "password_env", "password_keyring", "password")
 MAX_TIMEOUT = 3600  # seconds; a server silent for an hour is down, and sockets reject huge values
 MAX_INTERVAL = 86400  # seconds (one day); longer pauses are a job for a timer, not `watch`
+MAX_LOCK_WAIT = 86400  # seconds a run may wait for another run of the same account
 MAX_ATTEMPTS = 100
 DERIVED: Any = None  # the default follows other keys: the table's __post_init__ fills it in
 
@@ -402,6 +404,9 @@ class CrmConfig:
 @dataclass(frozen=True, kw_only=True)
 class StateConfig:
     database: FilePath = field(default_factory=lambda: _default_state_dir() / "state.db")
+    # How long a run waits while another run (sync, watch, review, push) has the same account.
+    lock_wait: Annotated[float, Meta(ge=0, le=MAX_LOCK_WAIT),
+                         Says(f"must be a number of seconds from 0 to {MAX_LOCK_WAIT}, got {{value!r}}")] = DEFAULT_WAIT
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from imapclient.exceptions import IMAPClientAbortError
 
+from .accountlock import AccountBusy, AccountLocks, FileAccountLocks
 from .config import AREAS, AccountConfig, Config, ConfigError
 from . import dav
 from .calsync import CalendarResult, CalendarSync
@@ -56,6 +58,7 @@ class AccountReport:
     calendars: dict[str, CalendarResult] = field(default_factory=dict)  # events / tasks
     errors: list[str] = field(default_factory=list)
     login_failed: bool = False  # a login was refused now, or its credential is locked
+    busy: bool = False  # another run held the account; nothing was done for it
     transient: bool = False  # the last error was a connection problem, worth another try
     stopped: str | None = None  # a fault of the environment that stopped the whole run
 
@@ -136,7 +139,7 @@ class SyncReport:
 
 
 class Engine:
-    def __init__(self, config: Config, crm: CRMBackend | None = None):
+    def __init__(self, config: Config, crm: CRMBackend | None = None, locks: AccountLocks | None = None):
         self.config = config
         self.crm = crm or EmbeddedCRM(config.crm.database, config.crm.documents, config.crm.statuses,
                                       config.crm.link)
@@ -146,6 +149,8 @@ class Engine:
             if crm is None:
                 self.crm.close()
             raise
+        # One run per account at a time (sync, watch rounds, review, push, unpush), across processes.
+        self.locks = locks or FileAccountLocks(config.state_database, config.state.lock_wait)
         self._should_stop: Callable[[], bool] = lambda: False
 
     def close(self) -> None:
@@ -198,9 +203,13 @@ class Engine:
     def sync(self, accounts: list[str] | tuple[str, ...] | None = None,
              only: list[str] | tuple[str, ...] | None = None, dry_run: bool = False,
              progress: ProgressFn | None = None, force: bool = False,
-             should_stop: Callable[[], bool] | None = None) -> SyncReport:
+             should_stop: Callable[[], bool] | None = None, lock_wait: float | None = None,
+             holder: str = "sync") -> SyncReport:
         """One sync of the accounts' areas. `should_stop` is asked between batches of mail and
-        between calendar items; when it says yes the sync ends early, with nothing half done."""
+        between calendar items; when it says yes the sync ends early, with nothing half done.
+        Each account is synced under its lock (`holder` names this run to others); an account
+        that stays busy beyond `lock_wait` (default: [state] lock_wait) gets one error line and
+        `busy`, and the others still sync. A dry run changes nothing and takes no lock."""
         self._should_stop = should_stop or (lambda: False)
         report = SyncReport()
         selected = self.select_accounts(accounts)
@@ -208,19 +217,27 @@ class Engine:
         for account in selected:
             areas = [a for a in (only or account.areas) if a in AREAS]
             acc_report = report.accounts.setdefault(account.name, AccountReport())
-            for area in areas:
-                if self._should_stop():
-                    break
-                if area != "mail" and account.caldav is None:
-                    acc_report.errors.append(f"account {account.name}: area {area} needs an "
-                                             f"[accounts.{account.name}.caldav] table in the config")
-                    continue
-                self._sync_area_with_retries(account, area, acc_report, dry_run, force, progress)
-                if acc_report.stopped:
-                    break
+            try:
+                with nullcontext() if dry_run else self.locks.hold(account.name, holder, lock_wait):
+                    self._sync_areas(account, areas, acc_report, dry_run, force, progress)
+            except AccountBusy as exc:
+                acc_report.busy = True
+                acc_report.errors.append(str(exc))
             if acc_report.stopped:
                 break  # the same databases and disk for every account: the others would fail alike
         return report
+
+    def _sync_areas(self, account, areas, acc_report, dry_run, force, progress) -> None:
+        for area in areas:
+            if self._should_stop():
+                break
+            if area != "mail" and account.caldav is None:
+                acc_report.errors.append(f"account {account.name}: area {area} needs an "
+                                         f"[accounts.{account.name}.caldav] table in the config")
+                continue
+            self._sync_area_with_retries(account, area, acc_report, dry_run, force, progress)
+            if acc_report.stopped:
+                break
 
     def check_passwords(self, accounts: list[AccountConfig], only: list[str] | tuple[str, ...] | None = None) -> None:
         """Read every password the run will need before its first login: a source that gives
@@ -375,27 +392,35 @@ class Engine:
         return candidates[0]
 
     def push(self, activity_id: int, area: str, account_name: str | None = None) -> SyncReport:
-        """Put any activity on the account's calendar (events) or task list (tasks), now."""
+        """Put any activity on the account's calendar (events) or task list (tasks), now.
+        Raises AccountBusy when another run holds the account beyond the wait."""
         account = self.calendar_account(account_name, area)
         self.check_passwords([account], [area])
         activity = self.crm.get_activity(activity_id)
         if activity is None:
             raise LookupError(f"no activity with id {activity_id}")
-        other = "tasks" if area == "events" else "events"
-        if any(l.account == account.name and l.area == other
-               for l in self.state.links_of_activity(activity_id, activity.identity)):
-            raise ValueError(f"activity {activity_id} is on the {other} collection already; `gwsync unpush` it first")
-        self.state.set_membership(account.name, area, activity_id, True, activity.identity)
-        self.state.set_membership(account.name, other, activity_id, False, activity.identity)
-        report = SyncReport()
-        acc_report = report.accounts.setdefault(account.name, AccountReport())
-        self._sync_calendar(account, area, acc_report, dry_run=False, force=False)
+        with self.locks.hold(account.name, "push"):
+            other = "tasks" if area == "events" else "events"
+            if any(l.account == account.name and l.area == other
+                   for l in self.state.links_of_activity(activity_id, activity.identity)):
+                raise ValueError(f"activity {activity_id} is on the {other} collection already; "
+                                 "`gwsync unpush` it first")
+            self.state.set_membership(account.name, area, activity_id, True, activity.identity)
+            self.state.set_membership(account.name, other, activity_id, False, activity.identity)
+            report = SyncReport()
+            acc_report = report.accounts.setdefault(account.name, AccountReport())
+            self._sync_calendar(account, area, acc_report, dry_run=False, force=False)
         return report
 
     def unpush(self, activity_id: int, account_name: str | None = None) -> int:
         """Delete the activity's groupware items (conditionally) and keep the activity; it stays
-        off the calendar until pushed again. Returns how many items were deleted."""
+        off the calendar until pushed again. Returns how many items were deleted. Raises
+        AccountBusy when another run holds the account beyond the wait."""
         account = self.calendar_account(account_name)
+        with self.locks.hold(account.name, "unpush"):
+            return self._unpush(account, activity_id)
+
+    def _unpush(self, account: AccountConfig, activity_id: int) -> int:
         activity = self.crm.get_activity(activity_id)
         identity = activity.identity if activity is not None else None
         deleted = 0

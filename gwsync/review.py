@@ -2,6 +2,8 @@
 
 Keyboard only, one question at a time, every answer with a default: Enter accepts it. The
 questions go through click.prompt, so tests drive the whole review through its input.
+Looking and asking take no lock (a review left open must not stop `watch` or cron syncs); the
+import after the last answer holds the account's lock, like a sync (AccountBusy if it stays busy).
 """
 
 from __future__ import annotations
@@ -127,6 +129,13 @@ def run_review(engine: Engine, account: AccountConfig) -> int:
     if not click.confirm(f"Import {count} mail(s) and sync {calendars}?", default=True):
         click.echo("Nothing imported.")
         return 0
+    with engine.locks.hold(account.name, "review"):
+        return _import(engine, account, areas, selection, overrides, skips)
+
+
+def _import(engine: Engine, account: AccountConfig, areas: list[str], selection: set[tuple[str, int]] | None,
+            overrides: dict[tuple[str, int], dict], skips: dict[str, set[str]]) -> int:
+    crm, config = engine.crm, engine.config
     code = 0
     if "mail" in areas and selection:
         session = engine.connect_imap(account)

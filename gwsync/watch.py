@@ -5,6 +5,8 @@ folder a small thread holds an IMAP connection in IDLE and only wakes the main t
 server announces new mail. SIGTERM and SIGINT set a stop flag that the import checks between
 batches and the calendar sync between items, so a stop never leaves half an item behind.
 A lock file next to the state database keeps a second `watch` from running on the same state.
+Each sync round takes the account's lock without waiting (gwsync.accountlock): when a `sync`,
+`review` or `push` has the account, the round is skipped and comes again after BUSY_RETRY.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ log = logging.getLogger("gwsync.watch")
 IDLE_RENEW = 24 * 60  # seconds; servers may drop an IDLE after 30 minutes (RFC 2177)
 IDLE_POLL = 1.0  # how often an IDLE thread looks at the stop flag
 MAX_BACKOFF = 300
+BUSY_RETRY = 5.0  # seconds until a round skipped for another run on the account comes again
 
 
 class AlreadyRunning(Exception):
@@ -157,15 +160,19 @@ class Watch:
                     woken, self._woken = self._woken, set()
                     self._wake_event.clear()
                 for account in due:
-                    ok = self._sync(account, None)
-                    failures[account.name] = 0 if ok else failures[account.name] + 1
-                    # Back off after failures: interval doubled per failure, at most MAX_BACKOFF more.
-                    pause = account.interval if ok else min(account.interval * 2 ** failures[account.name],
-                                                            account.interval + MAX_BACKOFF)
+                    outcome = self._sync(account, None)
+                    if outcome == "busy":  # not a failure: the other run syncs it; look again soon
+                        pause = min(account.interval, BUSY_RETRY)
+                    else:
+                        ok = outcome == "ok"
+                        failures[account.name] = 0 if ok else failures[account.name] + 1
+                        # Back off after failures: interval doubled per failure, at most MAX_BACKOFF more.
+                        pause = account.interval if ok else min(account.interval * 2 ** failures[account.name],
+                                                                account.interval + MAX_BACKOFF)
                     next_due[account.name] = time.monotonic() + pause
                 for name in woken - {a.name for a in due}:
-                    if "mail" in by_name[name].areas:
-                        self._sync(by_name[name], ["mail"])
+                    if "mail" in by_name[name].areas and self._sync(by_name[name], ["mail"]) == "busy":
+                        next_due[name] = min(next_due[name], time.monotonic() + BUSY_RETRY)
                 if self.idle and due and not self.stop.is_set():
                     self._refresh_idlers()  # with the interval syncs: new folders are picked up
                 timeout = max(0.0, min(next_due.values()) - time.monotonic())
@@ -176,14 +183,24 @@ class Watch:
             for idler in self._idlers.values():
                 idler.join(timeout=5)
 
-    def _sync(self, account: AccountConfig, only: list[str] | None) -> bool:
-        report = self.engine.sync(accounts=[account.name], only=only, should_stop=self.stop.is_set)
+    def _sync(self, account: AccountConfig, only: list[str] | None) -> str:
+        """One round under the account's lock, never waiting for it (this loop serves all
+        accounts and must stay responsive to stop): "ok", "failed" or "busy"."""
+        report = self.engine.sync(accounts=[account.name], only=only, should_stop=self.stop.is_set,
+                                  lock_wait=0, holder="watch")
         self._report(report, account)
-        return report.exit_code == 0
+        acc = report.accounts.get(account.name)
+        if acc is not None and acc.busy:
+            return "busy"
+        return "ok" if report.exit_code == 0 else "failed"
 
     def _report(self, report: SyncReport, account: AccountConfig) -> None:
         acc = report.accounts.get(account.name)
         if acc is None:
+            return
+        if acc.busy:
+            log.info("account %s: %s has it; trying again in %.0f s", account.name,
+                     self.engine.locks.holder(account.name) or "another run", min(account.interval, BUSY_RETRY))
             return
         if acc.mail is not None and acc.mail.imported:
             links = ", ".join(a.link for a in acc.mail.activities)
