@@ -15,7 +15,7 @@ One run:
      writes, so a crash costs nothing: every step can be repeated (CRM writes are keyed by UID,
      creates on the server by a UID derived from the activity, and an existing item answers a
      repeated create with 412);
-  6. save the sync token (not when the review left items out, nor after a stop).
+  6. save the sync token (not when the review left items out, an action failed, or after a stop).
 
 Identities: a link records the activity's identity (its uuid, see `Activity.identity`); a link
 whose id now names another activity (a CRM restored from an older backup) counts as "its
@@ -118,8 +118,9 @@ class DeleteOnServer(Action):
     name = "delete-groupware"
 
     def run(self, sync: "CalendarSync") -> None:
-        link = self.pair.link
-        sync.coll.delete(link.href, link.etag or "*")
+        link, item = self.pair.link, self.pair.item
+        # The ETag read this run when there is one: the server may have rewritten it unchanged.
+        sync.coll.delete(link.href, (item.etag if item is not None else link.etag) or "*")
         sync._drop(link)
         sync.result.counts["deleted_groupware"] += 1
 
@@ -288,6 +289,7 @@ class CalendarSync:
     def apply(self, plan: Plan) -> None:
         """Carry out the plan (a dry run counts it), then save the sync token."""
         writes_before = self.coll.writes
+        left_out = False
         if not self.dry_run:
             self._create_crm_activities(plan.actions)
         for action in plan.actions:
@@ -301,7 +303,10 @@ class CalendarSync:
                 raise
             except (DavError, BrokenItem, ValueError, LookupError) as exc:
                 self.result.errors.append(f"{self.where}, {self._describe(action.pair)}: {exc}")
-        new_token = plan.token
+                left_out = True
+        # A failed action leaves its item out: keep the old token, so the next run reads it
+        # again (an item whose link could not be written would otherwise never be seen again).
+        new_token = None if left_out else plan.token
         if not self.dry_run and new_token is not None:
             if self.coll.writes > writes_before:
                 new_token = self._past_own_writes(new_token)

@@ -214,3 +214,33 @@ def test_sync_dry_run_prints_the_plan_in_text_and_json(make_env):
     code, out = env.cli_json("sync")
     assert code == 0 and "plan" not in out["accounts"]["alice"]["events"]
     assert out["accounts"]["alice"]["events"]["created_crm"] == 1
+
+
+# Found by the state machine in test_reconcile.py:
+
+def test_an_item_whose_etag_the_server_rewrote_is_deleted_with_its_activity(world):
+    """The server gave the item a new ETag (same content) and the activity was deleted: the
+    delete must use the ETag just read, not the linked one, or it meets a 412 on every run."""
+    ids = synced(world)
+    href, _ = item_of(world, "C")
+    world.coll.touch(href)
+    world.crm.delete_activity(ids["C"])
+
+    result = world.sync()
+
+    assert result.errors == [] and result.counts["deleted_groupware"] == 1
+    assert href not in world.coll.items()
+
+
+def test_an_item_whose_write_back_failed_is_read_again_and_gets_no_twin(world):
+    """A new phone item became an activity, then writing the link into the item failed (a 403):
+    the next run must read that item again and link it, not put a second item on the server."""
+    world.coll.put("phone.ics", event("phone", "Vom Handy"))
+    world.coll.inject("update", error=DavError("CalDAV PUT: 403 forbidden"))
+    assert len(world.sync().errors) == 1
+
+    result = world.sync()
+
+    assert result.errors == [] and result.counts["created_groupware"] == 0
+    assert list(world.coll.items()) == ["/alice/calendar/phone.ics"] and len(world.activities()) == 1
+    assert [l.href for l in world.state.links("alice", "events")] == ["/alice/calendar/phone.ics"]
