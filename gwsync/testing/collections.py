@@ -11,7 +11,7 @@ What a test adds on top:
 - another client's writes (`put`, `remove`) and a server that rewrites an ETag without a change
   (`touch`);
 - `inject(method, error=..., before=...)`: raise an error, or first run something (another
-  client's edit, so the write meets a real 412), on the next call of a method;
+  client's edit, so the write meets a real 412), on the next call of a method; `reset_faults()`;
 - `sync_support=False` (a server without WebDAV sync) and `expire_tokens()`.
 """
 
@@ -71,6 +71,10 @@ class MemoryCollection:
             raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
         self._faults.append(_Fault(method, href, error, before, times))
 
+    def reset_faults(self) -> None:
+        """Forget the injected faults that have not been triggered yet."""
+        self._faults.clear()
+
     def put(self, href: str, data: str) -> str:
         """Another client writes the item, unconditionally; returns its new ETag."""
         return self._store(self._href(href), data)
@@ -85,8 +89,8 @@ class MemoryCollection:
         return self._store(href, self._items[href].data)
 
     def items(self) -> dict[str, Item]:
-        """Every item as it is now (no request counted)."""
-        return {h: Item(h, s.etag, s.data) for h, s in sorted(self._items.items())}
+        """Every item as it is now, oldest first (no request counted)."""
+        return {h: Item(h, s.etag, s.data) for h, s in self._items.items()}
 
     def expire_tokens(self) -> None:
         """Every token handed out so far becomes unknown to the server."""
