@@ -78,7 +78,7 @@ class Action:
     decision: Decision
     name: ClassVar[str] = ""
 
-    def run(self, sync: "CalendarSync") -> None:
+    def run(self, sync: CalendarSync) -> None:
         raise NotImplementedError
 
     def to_dict(self) -> dict:
@@ -101,14 +101,14 @@ class Forget(Action):
 
     name = "forget"
 
-    def run(self, sync: "CalendarSync") -> None:
+    def run(self, sync: CalendarSync) -> None:
         sync._drop(self.pair.link)
 
 
 class DeleteInCRM(Action):
     name = "delete-crm"
 
-    def run(self, sync: "CalendarSync") -> None:
+    def run(self, sync: CalendarSync) -> None:
         sync.crm.delete_activity(self.pair.activity.id)
         sync._drop(self.pair.link)
         sync.result.counts["deleted_crm"] += 1
@@ -117,7 +117,7 @@ class DeleteInCRM(Action):
 class DeleteOnServer(Action):
     name = "delete-groupware"
 
-    def run(self, sync: "CalendarSync") -> None:
+    def run(self, sync: CalendarSync) -> None:
         link, item = self.pair.link, self.pair.item
         # The ETag read this run when there is one: the server may have rewritten it unchanged.
         sync.coll.delete(link.href, (item.etag if item is not None else link.etag) or "*")
@@ -130,34 +130,55 @@ class CreateInCRM(Action):
 
     name = "create-crm"
 
-    def run(self, sync: "CalendarSync") -> None:
+    def run(self, sync: CalendarSync) -> None:
         sync._create_in_crm(self.pair, self.decision)
 
 
 class CreateOnServer(Action):
     name = "create-groupware"
 
-    def run(self, sync: "CalendarSync") -> None:
+    def run(self, sync: CalendarSync) -> None:
         sync._create_on_server(self.pair, self.decision)
 
 
 class Update(Action):
-    """Changes to one side or both (a conflict: the same field on both, settled by the policy),
-    or only the link: written into the item, or the item's new state recorded."""
+    """Changes to both sides (different fields); the subclasses below name the other updates."""
 
-    @property  # type: ignore[override]
-    def name(self) -> str:
-        decision = self.decision
-        if decision.conflicts:
-            return "conflict"
-        if decision.update_crm and decision.update_groupware:
-            return "update-both"
-        if decision.update_crm:
-            return "update-crm"
-        return "update-groupware" if decision.update_groupware else "link"
+    name = "update-both"
 
-    def run(self, sync: "CalendarSync") -> None:
+    def run(self, sync: CalendarSync) -> None:
         sync._update(self.pair, self.decision)
+
+
+class UpdateCRM(Update):
+    name = "update-crm"
+
+
+class UpdateGroupware(Update):
+    name = "update-groupware"
+
+
+class Conflict(Update):
+    """The same field changed on both sides: settled by `[sync] conflict`, and reported."""
+
+    name = "conflict"
+
+
+class Relink(Update):
+    """No change on either side: the link is written into the item, or the item's new state
+    (a new ETag, say) is recorded."""
+
+    name = "link"
+
+
+def _update_action(decision: Decision) -> type[Update]:
+    if decision.conflicts:
+        return Conflict
+    if decision.update_crm and decision.update_groupware:
+        return Update
+    if decision.update_crm:
+        return UpdateCRM
+    return UpdateGroupware if decision.update_groupware else Relink
 
 
 @dataclass(frozen=True)
@@ -514,7 +535,7 @@ class CalendarSync:
             return None  # nothing on either side (an item that went before it could be read again)
         if decision.is_noop and pair.item is None and pair.link is not None and decision.base == pair.link.base:
             return None  # unchanged on both sides, item not read: its link stays as it is
-        return Update(pair, decision)
+        return _update_action(decision)(pair, decision)
 
     def _guard_ok(self, plan: Plan) -> bool:
         total = plan.linked

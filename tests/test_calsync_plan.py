@@ -4,10 +4,9 @@ MemoryCollection, and `sync --dry-run` printing the plan against a real Radicale
 from __future__ import annotations
 
 import pytest
-
 from calworld import CalWorld, event
 
-from gwsync.calsync import CreateInCRM, CreateOnServer, DeleteInCRM, DeleteOnServer, Update
+from gwsync.calsync import CreateInCRM, CreateOnServer, DeleteInCRM, DeleteOnServer, Relink
 from gwsync.dav import DavError, DavUnreachable
 
 
@@ -68,6 +67,7 @@ def test_each_change_becomes_one_typed_action(tmp_path):
 
     plan = world.calsync().plan()
 
+    assert sorted(type(a).__name__ for a in plan.actions) == ["Conflict", "DeleteInCRM", "UpdateCRM", "UpdateGroupware"]
     entries = sorted((e["action"], e["subject"], tuple(e["fields"]), tuple(e["conflicts"])) for e in plan.to_list())
     assert entries == [("conflict", "D CRM", ("subject",), ("subject",)),
                        ("delete-crm", "B", (), ()),
@@ -97,7 +97,7 @@ def test_an_etag_rewritten_without_a_change_plans_only_recording_the_link(world)
     href, _ = item_of(world, "A")
     world.coll.touch(href)
     plan = world.calsync().plan()
-    assert [(type(a), a.name) for a in plan.actions] == [(Update, "link")]
+    assert [(type(a), a.name) for a in plan.actions] == [(Relink, "link")]
     writes = world.coll.writes
     world.sync()
     assert world.coll.writes == writes and world.calsync().plan().actions == ()
@@ -155,7 +155,7 @@ def test_an_item_that_keeps_changing_is_reported_and_the_others_sync(world):
     ids = synced(world)
     world.crm.update_activity(ids["C"], {"location": "X"})
     world.crm.update_activity(ids["D"], {"location": "Y"})
-    href, item = item_of(world, "C")
+    href, _ = item_of(world, "C")
     world.coll.inject("update", href=href, times=4, before=lambda coll: coll.touch(href))  # 1 + 3 retries
 
     result = world.sync()

@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 
 from calworld import CalWorld, event
-from hypothesis import settings, strategies as st
+from hypothesis import settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from gwsync.dav import DavError, DavUnreachable

@@ -2,7 +2,7 @@
 
 from .collections import MemoryCollection
 
-__all__ = ["MemoryCollection", "CollectionContract"]
+__all__ = ["CollectionContract", "MemoryCollection"]
 
 
 def __getattr__(name: str):

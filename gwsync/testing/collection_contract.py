@@ -59,7 +59,7 @@ class CollectionContract:
         assert f"UID:{uid}" in item.data and "SUMMARY:Erstellt" in item.data
 
     def test_href_for_gives_the_href_every_method_lists(self, collection):
-        uid, href, etag = self._create(collection, uid=new_uid("a b@c/d+e"))
+        _, href, etag = self._create(collection, uid=new_uid("a b@c/d+e"))
         assert href.startswith(collection.path if hasattr(collection, "path") else "/")
         assert collection.list_etags() == {href: etag}
         assert set(collection.multiget([href])) == {href}
@@ -96,7 +96,7 @@ class CollectionContract:
         assert collection.get(href) is None
 
     def test_delete_with_the_current_etag_removes_the_item(self, collection):
-        uid, href, etag = self._create(collection)
+        _, href, etag = self._create(collection)
         collection.delete(href, etag)
         assert collection.get(href) is None and collection.list_etags() == {}
 
@@ -108,7 +108,7 @@ class CollectionContract:
         assert collection.get(href).etag == current
 
     def test_deleting_a_missing_item_is_not_an_error(self, collection):
-        uid, href, etag = self._create(collection)
+        _, href, etag = self._create(collection)
         collection.delete(href, etag)
         collection.delete(href, etag)  # gone already: what was wanted
         assert collection.get(href) is None
@@ -136,13 +136,13 @@ class CollectionContract:
         assert token and changed == made and deleted == set()
 
     def test_changes_since_a_token_lists_exactly_what_changed_and_went(self, collection):
-        kept_uid, kept, kept_etag = self._create(collection, "Bleibt")
+        self._create(collection, "Bleibt")
         edited_uid, edited, edited_etag = self._create(collection, "Alt")
-        gone_uid, gone, gone_etag = self._create(collection, "Geht")
+        _, gone, gone_etag = self._create(collection, "Geht")
         token, _, _ = collection.changes_since(None)
         new_etag = collection.update(edited, event_text(edited_uid, "Neu"), edited_etag)
         collection.delete(gone, gone_etag)
-        added_uid, added, added_etag = self._create(collection, "Neu dazu")
+        _, added, added_etag = self._create(collection, "Neu dazu")
 
         token2, changed, deleted = collection.changes_since(token)
 
@@ -167,7 +167,7 @@ class CollectionContract:
 
     def test_requests_and_writes_are_counted(self, collection):
         requests, writes = collection.requests, collection.writes
-        uid, href, etag = self._create(collection)
+        uid, href, _ = self._create(collection)
         with pytest.raises(PreconditionFailed):
             collection.create(href, event_text(uid, "Zweimal"))
         collection.list_etags()

@@ -18,8 +18,8 @@ What a test adds on top:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from ..dav import DavError, Item, PreconditionFailed, SyncTokenInvalid
@@ -40,7 +40,7 @@ class _Fault:
     method: str
     href: str | None
     error: BaseException | None
-    before: Callable[["MemoryCollection"], object] | None
+    before: Callable[[MemoryCollection], object] | None
     times: int
 
 
@@ -63,7 +63,7 @@ class MemoryCollection:
     # -- what a test controls ----------------------------------------------------------------
 
     def inject(self, method: str, *, error: BaseException | None = None,
-               before: Callable[["MemoryCollection"], object] | None = None,
+               before: Callable[[MemoryCollection], object] | None = None,
                href: str | None = None, times: int = 1) -> None:
         """On the next `times` calls of `method` (for `href`, when given): run `before(self)`,
         then raise `error` if given, else carry out the call."""
