@@ -3,9 +3,11 @@
 Identities are never reused: activity ids come from AUTOINCREMENT (a deleted activity's id is
 never given out again), every activity has a random `uuid` (which tells activities apart even
 after a restore from an older backup rewinds the id counter), and the store has a UUID of its
-own in the `meta` table. Schema versions are kept in PRAGMA user_version:
-  0  the first release: activities without AUTOINCREMENT, no uuid, no meta table;
-  1  activities rebuilt with AUTOINCREMENT and a uuid column; meta holds the store id.
+own in the `meta` table.
+
+The schema is made and upgraded by MIGRATIONS (see gwsync/migrations.py), in the order it grew.
+Version 1 was the first one recorded: a database at 0 may be of any release before it, so the
+steps of version 1 check what is there.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ import sqlite_utils
 from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Document, Partner
 from .dbfiles import ensure_private_dir, open_private_db, transaction
 from .errors import file_fault
+from .migrations import Migration, add_column, latest, upgrade
 
+# The activities table as of schema version 1. A later column is a later migration (ALTER
+# TABLE), never an entry here: the version 1 rebuild must make the same table on every database.
 ACTIVITY_COLUMNS = {
     "id": int, "key": str, "kind": str, "status": str, "subject": str, "body": str, "location": str,
     "contact_id": int, "partner_id": int, "sender": str, "unassigned": int, "message_id": str,
@@ -32,10 +37,45 @@ ACTIVITY_COLUMNS = {
     "owner": str, "rrule": str, "updated_at": str, "body_html": str, "uuid": str,
 }
 ACTIVITY_REFERENCES = {"contact_id": "contacts", "partner_id": "partners"}
+FIRST_ACTIVITY_COLUMNS = dict(list(ACTIVITY_COLUMNS.items())[:list(ACTIVITY_COLUMNS).index("owner")])
 
 # The partner and contact pages of the web view list activities by these.
 LOOKUP_INDEXES = (("sender",), ("imported_at",), ("partner_id",), ("contact_id",))
-SCHEMA_VERSION = 1
+
+
+def _first_release(db: sqlite_utils.Database) -> None:
+    db.table("partners").create({"id": int, "name": str, "created_at": str}, pk="id", if_not_exists=True)
+    db.table("partner_addresses").create(
+        {"id": int, "partner_id": int, "email": str, "domain": str}, pk="id",
+        foreign_keys=[("partner_id", "partners", "id")], if_not_exists=True)
+    db.table("partner_addresses").create_index(["domain"], if_not_exists=True)
+    db.table("contacts").create({"id": int, "name": str, "partner_id": int, "created_at": str}, pk="id",
+                          foreign_keys=[("partner_id", "partners", "id")], if_not_exists=True)
+    db.table("communications").create(
+        {"id": int, "contact_id": int, "kind": str, "value": str, "is_default": int}, pk="id",
+        foreign_keys=[("contact_id", "contacts", "id")], if_not_exists=True)
+    db.table("communications").create_index(["value"], if_not_exists=True)
+    db.table("activities").create(FIRST_ACTIVITY_COLUMNS, pk="id", foreign_keys=[
+        (column, table, "id") for column, table in ACTIVITY_REFERENCES.items()], if_not_exists=True)
+    db.table("activities").create_index(["key"], unique=True, if_not_exists=True)
+    db.table("activities").create_index(["sender"], if_not_exists=True)
+    db.table("activities").create_index(["imported_at"], if_not_exists=True)
+    db.table("documents").create(
+        {"id": int, "activity_id": int, "filename": str, "content_type": str, "size": int,
+         "sha256": str, "category": str, "keyword": str}, pk="id",
+        foreign_keys=[("activity_id", "activities", "id")], if_not_exists=True)
+    db.table("documents").create_index(["activity_id"], if_not_exists=True)
+
+
+def _calendar_columns(db: sqlite_utils.Database) -> None:
+    for column in ("owner", "rrule", "updated_at"):
+        add_column(db, "activities", column, str)
+
+
+def _web_view_columns(db: sqlite_utils.Database) -> None:
+    add_column(db, "activities", "body_html", str)
+    for column in ("partner_id", "contact_id"):
+        db.table("activities").create_index([column], if_not_exists=True)
 
 
 def _activities_table_sql(name: str) -> str:
@@ -49,11 +89,41 @@ def _activities_table_sql(name: str) -> str:
     return f'CREATE TABLE "{name}" (\n   ' + ",\n   ".join(columns) + "\n)"
 
 
-def _create_activity_indexes(conn) -> None:
-    conn.execute('CREATE UNIQUE INDEX IF NOT EXISTS "idx_activities_key" ON "activities" ("key")')
-    conn.execute('CREATE UNIQUE INDEX IF NOT EXISTS "idx_activities_uuid" ON "activities" ("uuid")')
+def _never_reused_ids(db: sqlite_utils.Database) -> None:
+    """SQLite cannot add AUTOINCREMENT to a table, so the activities table is rebuilt (new table,
+    copy, drop, rename, indexes; the ids are copied unchanged, so the documents' references stay
+    valid) and every activity gets a uuid. The store gets its identity in `meta`, made once; a
+    copy of the file (a backup) keeps it."""
+    conn = db.conn
+    old_columns = {row[1] for row in conn.execute("PRAGMA table_info(activities)")}
+    conn.execute(_activities_table_sql("activities_rebuilt"))
+    copied = ", ".join(f'"{c}"' for c in ACTIVITY_COLUMNS if c in old_columns)
+    conn.execute(f"INSERT INTO activities_rebuilt ({copied}) SELECT {copied} FROM activities")
+    conn.execute("DROP TABLE activities")
+    conn.execute("ALTER TABLE activities_rebuilt RENAME TO activities")
+    missing = [row[0] for row in conn.execute("SELECT id FROM activities WHERE uuid IS NULL")]
+    conn.executemany("UPDATE activities SET uuid = ? WHERE id = ?",
+                     [(str(uuid.uuid4()), activity_id) for activity_id in missing])
+    conn.execute('CREATE UNIQUE INDEX "idx_activities_key" ON "activities" ("key")')
+    conn.execute('CREATE UNIQUE INDEX "idx_activities_uuid" ON "activities" ("uuid")')
     for (column,) in LOOKUP_INDEXES:
-        conn.execute(f'CREATE INDEX IF NOT EXISTS "idx_activities_{column}" ON "activities" ("{column}")')
+        conn.execute(f'CREATE INDEX "idx_activities_{column}" ON "activities" ("{column}")')
+    # Inserting explicit ids moves the counter already; make it explicit all the same.
+    top = conn.execute("SELECT coalesce(max(id), 0) FROM activities").fetchone()[0]
+    if conn.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'activities'",
+                    (top,)).rowcount == 0:
+        conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('activities', ?)", (top,))
+    conn.execute('CREATE TABLE "meta" ("name" TEXT PRIMARY KEY, "value" TEXT)')
+    conn.execute("INSERT INTO meta (name, value) VALUES ('store_id', ?)", (str(uuid.uuid4()),))
+
+
+MIGRATIONS = [
+    Migration(1, "partners, contacts, activities, documents: the first release", _first_release),
+    Migration(1, "activities: owner, rrule, updated_at (calendar sync)", _calendar_columns),
+    Migration(1, "activities: body_html; indexes on partner_id and contact_id (web view)", _web_view_columns),
+    Migration(1, "activities rebuilt with AUTOINCREMENT and a uuid each; the store id in meta", _never_reused_ids),
+]
+SCHEMA_VERSION = latest(MIGRATIONS)
 
 
 class DocumentStore:
@@ -141,94 +211,11 @@ class EmbeddedCRM(CRMBackend):
         self._statuses = dict(statuses)
         self.link_template = link
         self._store_id: str | None = None
-        self._create_schema()
-
-    def _create_schema(self) -> None:
-        db = self.db
-        if "partners" in db.table_names():
-            if self._version() < SCHEMA_VERSION:
-                self._upgrade()
-            self._add_missing_columns()
-            return
-        # Check again under BEGIN IMMEDIATE, so two processes opening a new database at the
-        # same moment cannot both create the schema.
-        with transaction(self.conn):
-            if "partners" not in db.table_names():
-                db["partners"].create({"id": int, "name": str, "created_at": str}, pk="id")
-                db["partner_addresses"].create(
-                    {"id": int, "partner_id": int, "email": str, "domain": str}, pk="id",
-                    foreign_keys=[("partner_id", "partners", "id")])
-                db["partner_addresses"].create_index(["domain"])
-                db["contacts"].create({"id": int, "name": str, "partner_id": int, "created_at": str}, pk="id",
-                                      foreign_keys=[("partner_id", "partners", "id")])
-                db["communications"].create(
-                    {"id": int, "contact_id": int, "kind": str, "value": str, "is_default": int}, pk="id",
-                    foreign_keys=[("contact_id", "contacts", "id")])
-                db["communications"].create_index(["value"])
-                self.conn.execute(_activities_table_sql("activities"))
-                _create_activity_indexes(self.conn)
-                db["documents"].create(
-                    {"id": int, "activity_id": int, "filename": str, "content_type": str, "size": int,
-                     "sha256": str, "category": str, "keyword": str}, pk="id",
-                    foreign_keys=[("activity_id", "activities", "id")])
-                db["documents"].create_index(["activity_id"])
-                self._create_meta()
-                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    def _version(self) -> int:
-        return self.conn.execute("PRAGMA user_version").fetchone()[0]
-
-    def _create_meta(self) -> None:
-        """The store's own identity, made once; a copy of the file (a backup) keeps it."""
-        self.conn.execute('CREATE TABLE IF NOT EXISTS "meta" ("name" TEXT PRIMARY KEY, "value" TEXT)')
-        self.conn.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('store_id', ?)", (str(uuid.uuid4()),))
-
-    def _upgrade(self) -> None:
-        """Version 0 -> 1, in one transaction: SQLite cannot add AUTOINCREMENT to a table, so the
-        activities table is rebuilt (new table, copy, drop, rename, indexes) and every existing
-        activity gets a uuid. A crash leaves either the old database or the new one."""
-        conn = self.conn
-        # DROP TABLE would check the documents' references row by row (and fail); the ids are
-        # copied unchanged, so the references stay valid. This pragma is a no-op inside a
-        # transaction: set it before BEGIN.
-        conn.execute("PRAGMA foreign_keys=OFF")
         try:
-            with transaction(conn):
-                if self._version() >= SCHEMA_VERSION:
-                    return  # another process upgraded it while this one waited for the lock
-                old_columns = {row[1] for row in conn.execute("PRAGMA table_info(activities)")}
-                conn.execute("DROP TABLE IF EXISTS activities_rebuilt")
-                conn.execute(_activities_table_sql("activities_rebuilt"))
-                copied = ", ".join(f'"{c}"' for c in ACTIVITY_COLUMNS if c in old_columns)
-                conn.execute(f"INSERT INTO activities_rebuilt ({copied}) SELECT {copied} FROM activities")
-                conn.execute("DROP TABLE activities")
-                conn.execute("ALTER TABLE activities_rebuilt RENAME TO activities")
-                missing = [row[0] for row in conn.execute("SELECT id FROM activities WHERE uuid IS NULL")]
-                conn.executemany("UPDATE activities SET uuid = ? WHERE id = ?",
-                                 [(str(uuid.uuid4()), activity_id) for activity_id in missing])
-                _create_activity_indexes(conn)
-                # Inserting explicit ids moves the counter already; make it explicit all the same.
-                top = conn.execute("SELECT coalesce(max(id), 0) FROM activities").fetchone()[0]
-                if conn.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'activities'",
-                                (top,)).rowcount == 0:
-                    conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('activities', ?)", (top,))
-                self._create_meta()
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        finally:
-            conn.execute("PRAGMA foreign_keys=ON")
-
-    def _add_missing_columns(self) -> None:
-        """Databases made by an earlier version gain the columns and indexes added since."""
-        table = self.db["activities"]
-        missing = {name: kind for name, kind in ACTIVITY_COLUMNS.items() if name not in table.columns_dict}
-        indexes = {tuple(index.columns) for index in table.indexes}
-        if missing or not set(LOOKUP_INDEXES) <= indexes:
-            with transaction(self.conn):
-                for name, kind in missing.items():
-                    if name not in table.columns_dict:
-                        table.add_column(name, kind)
-                for columns in LOOKUP_INDEXES:
-                    table.create_index(list(columns), if_not_exists=True)
+            upgrade(self.db, MIGRATIONS)
+        except BaseException:
+            self.conn.close()
+            raise
 
     def store_id(self) -> str:
         if self._store_id is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -115,7 +116,7 @@ def open_private_db(path: Path, what: str = "database") -> sqlite3.Connection:
         raise (database_fault(exc, path, what) or exc) from exc
     conn.path, conn.what = path, what
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
+        _use_wal(conn)
         # FULL: a commit survives power loss too; mail is moved to the archive only after it.
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
@@ -123,6 +124,23 @@ def open_private_db(path: Path, what: str = "database") -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch a file in rollback mode (new, or a restored backup) to WAL; WAL files stay so.
+
+    Of two processes converting a file at once, the loser gets "database is locked" at once,
+    not after the busy timeout (its shared lock would deadlock with the winner's): it tries
+    again, as a busy statement would wait."""
+    deadline = time.monotonic() + LOCK_TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except StoreError as exc:
+            if not exc.transient or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 @contextmanager

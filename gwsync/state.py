@@ -6,8 +6,12 @@ Losing it loses no mail and creates no duplicate.
 
 Calendar links and memberships record the activity's identity (`Activity.identity`) next to its
 id, so that an id given to another activity (a CRM restored from an older backup) is told from
-the activity that was linked. Schema versions are kept in PRAGMA user_version:
-  0  the first release; 1  links and membership have an `identity` column.
+the activity that was linked.
+
+The schema is made and upgraded by MIGRATIONS (see gwsync/migrations.py), in the order it grew.
+Version 1 (the identity columns) was recorded while the calendar and lock tables were still made
+on first use, so a database at 0 or 1 may hold any part of the schema: the steps of version 2
+check what is there.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from typing import Iterable
 import sqlite_utils
 
 from .dbfiles import open_private_db, transaction
+from .migrations import Migration, add_column, latest, upgrade
 
 IMPORTED, HELD, FAILED, QUARANTINED = "imported", "held", "failed", "quarantined"
-SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -61,94 +65,97 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _first_release(db: sqlite_utils.Database) -> None:
+    db.table("folders").create({"account": str, "folder": str, "uidvalidity": int, "last_sync": str},
+                         pk=("account", "folder"), if_not_exists=True)
+    db.table("messages").create(
+        {"account": str, "folder": str, "uidvalidity": int, "uid": int, "outcome": str, "key": str,
+         "activity_id": int, "attempts": int, "error": str, "missing": str, "sender": str,
+         "subject": str, "updated_at": str},
+        pk=("account", "folder", "uidvalidity", "uid"), if_not_exists=True)
+    db.table("messages").create_index(["outcome"], if_not_exists=True)
+    db.table("runs").create({"account": str, "area": str, "finished_at": str, "ok": int, "summary": str, "error": str},
+                      pk=("account", "area"), if_not_exists=True)
+
+
+def _calendar_tables(db: sqlite_utils.Database) -> None:
+    db.table("links").create(
+        {"account": str, "area": str, "activity_id": int, "uid": str, "href": str, "etag": str,
+         "base": str, "updated_at": str}, pk=("account", "area", "activity_id"), if_not_exists=True)
+    db.table("links").create_index(["account", "area", "href"], unique=True, if_not_exists=True)
+    db.table("collections").create({"account": str, "area": str, "url": str, "sync_token": str},
+                             pk=("account", "area"), if_not_exists=True)
+    db.table("membership").create({"account": str, "area": str, "activity_id": int, "included": int},
+                            pk=("account", "area", "activity_id"), if_not_exists=True)
+    db.table("item_failures").create(
+        {"account": str, "area": str, "href": str, "etag": str, "attempts": int, "error": str},
+        pk=("account", "area", "href"), if_not_exists=True)
+
+
+def _dav_cache(db: sqlite_utils.Database) -> None:
+    """Made on first use with the other calendar tables: a database whose calendar tables are
+    older than it never got it (and its calendar sync failed with "no such table")."""
+    db.table("dav_cache").create({"account": str, "area": str, "source": str, "url": str, "auth_type": str},
+                           pk=("account", "area"), if_not_exists=True)
+
+
+def _locks(db: sqlite_utils.Database) -> None:
+    db.table("locks").create({"account": str, "service": str, "reason": str, "locked_at": str},
+                       pk=("account", "service"), if_not_exists=True)
+
+
+def _last_success(db: sqlite_utils.Database) -> None:
+    add_column(db, "runs", "last_success", str)
+
+
+def _identities(db: sqlite_utils.Database) -> None:
+    """Existing links and memberships keep an unknown identity (NULL); the calendar sync checks
+    those against the item's UID."""
+    for table in ("links", "membership"):
+        add_column(db, table, "identity", str)
+
+
+MIGRATIONS = [
+    Migration(2, "folders, messages, runs: the first release", _first_release),
+    Migration(2, "links, collections, membership, item_failures (calendar sync)", _calendar_tables),
+    Migration(2, "dav_cache (calendar discovery)", _dav_cache),
+    Migration(2, "locks (credential locks)", _locks),
+    Migration(2, "runs: last_success", _last_success),
+    Migration(2, "links and membership: the activity's identity (recorded as version 1)", _identities),
+]
+SCHEMA_VERSION = latest(MIGRATIONS)
+
+
 class StateStore:
     def __init__(self, path: Path):
         self.conn = open_private_db(path, "state database")
         self.db = sqlite_utils.Database(self.conn)
-        if "messages" not in self.db.table_names():
-            self._create_schema()
-        if self.conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-            self._upgrade()
-
-    def _upgrade(self) -> None:
-        """Version 0 -> 1: links and membership gain the activity's identity (unknown, NULL, for
-        the rows there are; the calendar sync checks those against the item's UID)."""
-        with transaction(self.conn):
-            tables = self.db.table_names()
-            for table in ("links", "membership"):
-                if table in tables and "identity" not in self.db[table].columns_dict:
-                    self.conn.execute(f'ALTER TABLE "{table}" ADD COLUMN "identity" TEXT')
-            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    def _create_schema(self) -> None:
-        with transaction(self.conn):  # check again under the write lock (see crmstore)
-            if "messages" not in self.db.table_names():
-                self.db["folders"].create(
-                    {"account": str, "folder": str, "uidvalidity": int, "last_sync": str},
-                    pk=("account", "folder"))
-                self.db["messages"].create(
-                    {"account": str, "folder": str, "uidvalidity": int, "uid": int, "outcome": str, "key": str,
-                     "activity_id": int, "attempts": int, "error": str, "missing": str, "sender": str,
-                     "subject": str, "updated_at": str},
-                    pk=("account", "folder", "uidvalidity", "uid"))
-                self.db["messages"].create_index(["outcome"])
-                self.db["runs"].create(
-                    {"account": str, "area": str, "finished_at": str, "ok": int, "summary": str, "error": str,
-                     "last_success": str}, pk=("account", "area"))
+        try:
+            upgrade(self.db, MIGRATIONS)
+        except BaseException:
+            self.conn.close()
+            raise
 
     # -- credential locks --------------------------------------------------------------------
 
-    def _ensure_lock_table(self) -> None:
-        if "locks" in self.db.table_names():
-            return
-        with transaction(self.conn):
-            if "locks" not in self.db.table_names():
-                self.db["locks"].create({"account": str, "service": str, "reason": str, "locked_at": str},
-                                        pk=("account", "service"))
-
     def lock(self, account: str, service: str, reason: str) -> None:
         """Mark a credential locked after a refused login: no further login until unlocked."""
-        self._ensure_lock_table()
         with transaction(self.conn):
             self.conn.execute("INSERT OR REPLACE INTO locks VALUES (?,?,?,?)", (account, service, reason, _now()))
 
     def lock_of(self, account: str, service: str) -> dict | None:
-        self._ensure_lock_table()
         rows = list(self.db.query("SELECT * FROM locks WHERE account = ? AND service = ?", [account, service]))
         return rows[0] if rows else None
 
     def locks(self) -> list[dict]:
-        self._ensure_lock_table()
         return list(self.db.query("SELECT * FROM locks ORDER BY account, service"))
 
     def unlock(self, account: str) -> list[str]:
         """Clear the account's locks; returns the services that were locked."""
-        self._ensure_lock_table()
         with transaction(self.conn):
             services = [r[0] for r in self.conn.execute("SELECT service FROM locks WHERE account = ?", (account,))]
             self.conn.execute("DELETE FROM locks WHERE account = ?", (account,))
         return services
-
-    def _ensure_calendar_tables(self) -> None:
-        if "links" in self.db.table_names():
-            return
-        with transaction(self.conn):
-            if "links" not in self.db.table_names():
-                self.db["links"].create(
-                    {"account": str, "area": str, "activity_id": int, "uid": str, "href": str, "etag": str,
-                     "base": str, "updated_at": str, "identity": str}, pk=("account", "area", "activity_id"))
-                self.db["links"].create_index(["account", "area", "href"], unique=True)
-                self.db["collections"].create(
-                    {"account": str, "area": str, "url": str, "sync_token": str}, pk=("account", "area"))
-                self.db["dav_cache"].create(
-                    {"account": str, "area": str, "source": str, "url": str, "auth_type": str},
-                    pk=("account", "area"))
-                self.db["membership"].create(
-                    {"account": str, "area": str, "activity_id": int, "included": int, "identity": str},
-                    pk=("account", "area", "activity_id"))
-                self.db["item_failures"].create(
-                    {"account": str, "area": str, "href": str, "etag": str, "attempts": int, "error": str},
-                    pk=("account", "area", "href"))
 
     # -- calendar links ----------------------------------------------------------------------
 
@@ -159,14 +166,12 @@ class StateStore:
                             identity=row.get("identity"))
 
     def links(self, account: str, area: str) -> list[CalendarLink]:
-        self._ensure_calendar_tables()
         return [self._link(r) for r in self.db.query("SELECT * FROM links WHERE account = ? AND area = ?",
                                                      [account, area])]
 
     def links_of_activity(self, activity_id: int, identity: str | None = None) -> list[CalendarLink]:
         """The activity's links; with its identity, not those saved for another activity that
         held the id before (links saved before identities were recorded are included)."""
-        self._ensure_calendar_tables()
         return [link for link in map(self._link, self.db.query("SELECT * FROM links WHERE activity_id = ?",
                                                                [activity_id]))
                 if identity is None or link.identity in (None, identity)]
@@ -177,7 +182,6 @@ class StateStore:
         activity now holding the same id got meanwhile."""
         if not changes:
             return
-        self._ensure_calendar_tables()
         with transaction(self.conn):
             for op, value in changes:
                 if op == "save":
@@ -202,13 +206,11 @@ class StateStore:
 
     def dav_cache(self, account: str, area: str, source: str) -> tuple[str | None, str | None]:
         """(collection URL, auth scheme) found by an earlier run for the same config `source`."""
-        self._ensure_calendar_tables()
         row = self.conn.execute("SELECT source, url, auth_type FROM dav_cache WHERE account = ? AND area = ?",
                                 (account, area)).fetchone()
         return (row[1], row[2]) if row and row[0] == source else (None, None)
 
     def save_dav_cache(self, account: str, area: str, source: str, url: str | None, auth_type: str | None) -> None:
-        self._ensure_calendar_tables()
         with transaction(self.conn):
             if url is None:
                 self.conn.execute("DELETE FROM dav_cache WHERE account = ? AND area = ?", (account, area))
@@ -222,36 +224,30 @@ class StateStore:
 
     def membership_details(self, account: str, area: str) -> dict[int, tuple[bool, str | None]]:
         """activity id -> (included, the identity of the activity it was set for, if recorded)."""
-        self._ensure_calendar_tables()
         return {r[0]: (bool(r[1]), r[2]) for r in self.conn.execute(
             "SELECT activity_id, included, identity FROM membership WHERE account = ? AND area = ?", (account, area))}
 
     def set_membership(self, account: str, area: str, activity_id: int, included: bool,
                        identity: str | None = None) -> None:
-        self._ensure_calendar_tables()
         with transaction(self.conn):
             self.conn.execute("INSERT OR REPLACE INTO membership (account, area, activity_id, included, identity) "
                               "VALUES (?,?,?,?,?)", (account, area, activity_id, int(included), identity))
 
     def sync_token(self, account: str, area: str, url: str) -> str | None:
-        self._ensure_calendar_tables()
         row = self.conn.execute("SELECT url, sync_token FROM collections WHERE account = ? AND area = ?",
                                 (account, area)).fetchone()
         return row[1] if row and row[0] == url else None
 
     def save_sync_token(self, account: str, area: str, url: str, token: str | None) -> None:
-        self._ensure_calendar_tables()
         with transaction(self.conn):
             self.conn.execute("INSERT OR REPLACE INTO collections (account, area, url, sync_token) VALUES (?,?,?,?)",
                               (account, area, url, token))
 
     def item_failures(self, account: str, area: str) -> dict[str, dict]:
-        self._ensure_calendar_tables()
         return {r["href"]: r for r in self.db.query(
             "SELECT * FROM item_failures WHERE account = ? AND area = ?", [account, area])}
 
     def record_item_failure(self, account: str, area: str, href: str, etag: str | None, error: str) -> int:
-        self._ensure_calendar_tables()
         with transaction(self.conn):
             row = self.conn.execute(
                 "SELECT attempts, etag FROM item_failures WHERE account = ? AND area = ? AND href = ?",
@@ -262,7 +258,6 @@ class StateStore:
         return attempts
 
     def clear_item_failure(self, account: str, area: str, href: str) -> None:
-        self._ensure_calendar_tables()
         with transaction(self.conn):
             self.conn.execute("DELETE FROM item_failures WHERE account = ? AND area = ? AND href = ?",
                               (account, area, href))
@@ -345,9 +340,6 @@ class StateStore:
 
     def record_run(self, account: str, area: str, ok: bool, summary: dict, error: str | None) -> None:
         """The latest run of an area; `last_success` survives failed runs after it."""
-        if "last_success" not in self.db["runs"].columns_dict:  # a database from before the column
-            with transaction(self.conn):
-                self.db["runs"].add_column("last_success", str)
         now = _now()
         with transaction(self.conn):
             self.conn.execute(
