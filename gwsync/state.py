@@ -99,22 +99,33 @@ class StateStore:
     # -- credential locks --------------------------------------------------------------------
 
     def _ensure_lock_table(self) -> None:
-        if "locks" in self.db.table_names():
+        if "locks" in self.db.table_names() and "credential" in self.db["locks"].columns_dict:
             return
         with transaction(self.conn):
             if "locks" not in self.db.table_names():
-                self.db["locks"].create({"account": str, "service": str, "reason": str, "locked_at": str},
-                                        pk=("account", "service"))
+                self.db["locks"].create({"account": str, "service": str, "reason": str, "locked_at": str,
+                                         "credential": str}, pk=("account", "service"))
+            elif "credential" not in self.db["locks"].columns_dict:
+                # Locks from before credentials had keys: found by account and service (see lock_of).
+                self.conn.execute('ALTER TABLE "locks" ADD COLUMN "credential" TEXT')
 
-    def lock(self, account: str, service: str, reason: str) -> None:
-        """Mark a credential locked after a refused login: no further login until unlocked."""
+    def lock(self, account: str, service: str, reason: str, credential: str | None = None) -> None:
+        """Mark a credential locked after a refused login: no further login until unlocked.
+        `credential` names what was sent (see Engine.credential); every service that sends the
+        same one finds the lock."""
         self._ensure_lock_table()
         with transaction(self.conn):
-            self.conn.execute("INSERT OR REPLACE INTO locks VALUES (?,?,?,?)", (account, service, reason, _now()))
+            self.conn.execute("INSERT OR REPLACE INTO locks (account, service, reason, locked_at, credential) "
+                              "VALUES (?,?,?,?,?)", (account, service, reason, _now(), credential))
 
-    def lock_of(self, account: str, service: str) -> dict | None:
+    def lock_of(self, credential: str, users: Iterable[tuple[str, str]] = ()) -> dict | None:
+        """The lock on this credential, if any. `users` are the (account, service) pairs that
+        send it: they find the locks written before locks had a credential."""
         self._ensure_lock_table()
-        rows = list(self.db.query("SELECT * FROM locks WHERE account = ? AND service = ?", [account, service]))
+        rows = list(self.db.query("SELECT * FROM locks WHERE credential = ? ORDER BY locked_at", [credential]))
+        for account, service in users:
+            rows += self.db.query("SELECT * FROM locks WHERE credential IS NULL AND account = ? AND service = ?",
+                                  [account, service])
         return rows[0] if rows else None
 
     def locks(self) -> list[dict]:
@@ -125,7 +136,8 @@ class StateStore:
         """Clear the account's locks; returns the services that were locked."""
         self._ensure_lock_table()
         with transaction(self.conn):
-            services = [r[0] for r in self.conn.execute("SELECT service FROM locks WHERE account = ?", (account,))]
+            services = [r[0] for r in self.conn.execute("SELECT service FROM locks WHERE account = ? "
+                                                        "ORDER BY service", (account,))]
             self.conn.execute("DELETE FROM locks WHERE account = ?", (account,))
         return services
 
