@@ -1,16 +1,21 @@
-"""Two-way sync of one account's events or tasks collection with the CRM (SPEC 1.2).
+"""Two-way sync of one account's events or tasks collection with the CRM (README, "What a
+calendar sync does"). It plans, then applies.
 
 One run:
-  1. groupware changes: WebDAV sync (one REPORT with the stored token), or a full ETag listing
-     when the server has no sync support or refuses the token; changed items are fetched in
-     one multiget;
-  2. CRM side: the activities of the area's kinds owned by the account, plus pushed ones;
-  3. pairs (link, CRM side, groupware side) -> `reconcile` decisions (pure);
-  4. the mass-deletion guard;
-  5. each decision carried out with conditional writes; a 412 re-reads the item and decides
-     again; each pair's link is saved right after its writes, so a crash costs nothing: every
-     step can be repeated (CRM writes are keyed by UID, creates on the server by a UID derived
-     from the activity, and an existing item answers a repeated create with 412).
+  1. read the groupware changes: WebDAV sync (one REPORT with the stored token), or a full ETag
+     listing when the server has no sync support or refuses the token; changed items are
+     fetched in one multiget;
+  2. read the CRM side: the activities of the area's kinds owned by the account, plus pushed ones;
+  3. plan: pairs (link, CRM side, groupware side) -> `reconcile` decisions (pure) -> one typed
+     action per pair that has something to do (`Plan`); planning writes nothing anywhere, and
+     `sync --dry-run` prints the plan;
+  4. the mass-deletion guard, on the plan;
+  5. apply: the CRM creates in one transaction, then each action with conditional writes; a 412
+     re-reads that item and plans that pair again; each pair's link is saved right after its
+     writes, so a crash costs nothing: every step can be repeated (CRM writes are keyed by UID,
+     creates on the server by a UID derived from the activity, and an existing item answers a
+     repeated create with 412);
+  6. save the sync token (not when the review left items out, an action failed, or after a stop).
 
 Identities: a link records the activity's identity (its uuid, see `Activity.identity`); a link
 whose id now names another activity (a CRM restored from an older backup) counts as "its
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 from .config import AccountConfig, Config
 from .crm import ActivityDraft, ActivityFilter, CRMBackend
@@ -46,19 +52,157 @@ class CalendarResult:
     errors: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)  # one line each: item, fields, who won
     requests: int = 0
+    plan: list[dict] | None = None  # a dry run's plan (`Action.to_dict` of each action)
 
     @property
     def failed(self) -> bool:
         return bool(self.errors)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Pair:
     link: CalendarLink | None
     activity: object | None  # crm.Activity
     item: Item | None  # fetched this run (data and ETag)
     data: ItemData | None  # item parsed
     gone_on_server: bool = False
+
+
+# -- the plan: one typed action per pair ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Action:
+    """What to do for one pair, as decided by `reconcile`; `run` carries it out."""
+
+    pair: _Pair
+    decision: Decision
+    name: ClassVar[str] = ""
+
+    def run(self, sync: CalendarSync) -> None:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        pair, decision = self.pair, self.decision
+        activity = pair.activity.id if pair.activity is not None else (pair.link.activity_id if pair.link else None)
+        item = pair.link.href if pair.link else (pair.item.href if pair.item else None)
+        if pair.activity is not None:
+            subject = pair.activity.subject
+        elif pair.data is not None:
+            subject = pair.data.fields.get("subject")
+        else:
+            subject = (pair.link.base or {}).get("subject") if pair.link else None
+        fields = sorted(set(decision.update_crm) | set(decision.update_groupware))
+        return {"action": self.name, "activity": activity, "item": item, "subject": subject or "",
+                "fields": fields, "conflicts": list(decision.conflicts)}
+
+
+class Forget(Action):
+    """Gone on both sides: drop the link."""
+
+    name = "forget"
+
+    def run(self, sync: CalendarSync) -> None:
+        sync._drop(self.pair.link)
+
+
+class DeleteInCRM(Action):
+    name = "delete-crm"
+
+    def run(self, sync: CalendarSync) -> None:
+        sync.crm.delete_activity(self.pair.activity.id)
+        sync._drop(self.pair.link)
+        sync.result.counts["deleted_crm"] += 1
+
+
+class DeleteOnServer(Action):
+    name = "delete-groupware"
+
+    def run(self, sync: CalendarSync) -> None:
+        link, item = self.pair.link, self.pair.item
+        # The ETag read this run when there is one: the server may have rewritten it unchanged.
+        sync.coll.delete(link.href, (item.etag if item is not None else link.etag) or "*")
+        sync._drop(link)
+        sync.result.counts["deleted_groupware"] += 1
+
+
+class CreateInCRM(Action):
+    """A new (or, deleted in the CRM, edited) server item becomes an activity; its item gets the link."""
+
+    name = "create-crm"
+
+    def run(self, sync: CalendarSync) -> None:
+        sync._create_in_crm(self.pair, self.decision)
+
+
+class CreateOnServer(Action):
+    name = "create-groupware"
+
+    def run(self, sync: CalendarSync) -> None:
+        sync._create_on_server(self.pair, self.decision)
+
+
+class Update(Action):
+    """Changes to both sides (different fields); the subclasses below name the other updates."""
+
+    name = "update-both"
+
+    def run(self, sync: CalendarSync) -> None:
+        sync._update(self.pair, self.decision)
+
+
+class UpdateCRM(Update):
+    name = "update-crm"
+
+
+class UpdateGroupware(Update):
+    name = "update-groupware"
+
+
+class Conflict(Update):
+    """The same field changed on both sides: settled by `[sync] conflict`, and reported."""
+
+    name = "conflict"
+
+
+class Relink(Update):
+    """No change on either side: the link is written into the item, or the item's new state
+    (a new ETag, say) is recorded."""
+
+    name = "link"
+
+
+def _update_action(decision: Decision) -> type[Update]:
+    if decision.conflicts:
+        return Conflict
+    if decision.update_crm and decision.update_groupware:
+        return Update
+    if decision.update_crm:
+        return UpdateCRM
+    return UpdateGroupware if decision.update_groupware else Relink
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    token: str | None  # the sync token to save after applying (None: keep the stored one)
+    linked: int  # links before this run, for the mass-deletion guard
+    broken: tuple[tuple[str, str | None, str], ...] = ()  # (href, ETag, error) of unreadable items
+    recovered: tuple[str, ...] = ()  # items that failed before and read fine now
+    identities: tuple[CalendarLink, ...] = ()  # links that get their activity's identity recorded
+
+    def to_list(self) -> list[dict]:
+        return [action.to_dict() for action in self.actions]
+
+
+def plan_line(entry: dict) -> str:
+    """One line of a printed plan: action, activity and item, subject, fields."""
+    where = ", ".join(part for part in (
+        f"activity {entry['activity']}" if entry["activity"] is not None else "",
+        f"item {entry['item']}" if entry["item"] is not None else "new item") if part)
+    line = f"{entry['action']} {where}: {entry['subject']!r}"
+    if entry["fields"]:
+        line += f" ({', '.join(entry['fields'])})"
+    return line
 
 
 def calendar_key(account: str, uid: str) -> str:
@@ -96,7 +240,12 @@ class CalendarSync:
     def run(self) -> CalendarResult:
         start_requests = self.coll.requests
         try:
-            self._run()
+            plan = self.plan()
+            self._note_reads(plan)
+            if self.dry_run:
+                self.result.plan = plan.to_list()
+            if self._guard_ok(plan):
+                self.apply(plan)
         finally:
             self._flush_links()
             self.result.requests = self.coll.requests - start_requests
@@ -115,9 +264,9 @@ class CalendarSync:
         return read_item(item.data or "", self.done, self.open, trusted=linked, store=self.store,
                          kinds=self.config.crm.kinds)
 
-    def _run(self) -> None:
+    def plan(self) -> Plan:
+        """Read both sides and decide; writes nothing (not even to the state database)."""
         name, area = self.account.name, self.area
-        writes_before = self.coll.writes
         links = self.state.links(name, area)
         by_href = {l.href: l for l in links}
         token = self.state.sync_token(name, area, self.coll.url)
@@ -130,41 +279,59 @@ class CalendarSync:
             if href not in fetched:
                 deleted.add(href)  # listed, then gone before we could read it
         parsed: dict[str, ItemData] = {}
+        broken, recovered = [], []
         for href, item in fetched.items():
             try:
                 data = self._read(item, linked=href in by_href)
             except BrokenItem as exc:
-                self._item_failed(href, item.etag, str(exc))
+                broken.append((href, item.etag, str(exc)))
                 continue
-            if href in failures and not self.dry_run:
-                self.state.clear_item_failure(name, area, href)
+            if href in failures:
+                recovered.append(href)
             if data.component != self.component and href not in by_href:
                 continue  # e.g. a VTODO in the events collection: not this area's
             parsed[href] = data
+        pairs, identities = self._pairs(links, fetched, parsed, deleted)
+        actions = tuple(a for a in map(self._action_for, pairs) if a is not None)
+        if self.skip_hrefs:
+            new_token = None  # left-out items must come up again next time: keep the old token
+        return Plan(actions, new_token, len(links), tuple(broken), tuple(recovered), tuple(identities))
 
-        pairs = self._pairs(links, fetched, parsed, deleted)
-        decisions = [(pair, self._decide(pair)) for pair in pairs]
-        if not self._guard_ok(decisions, len(links)):
+    def _note_reads(self, plan: Plan) -> None:
+        """What reading found, whatever the guard says: broken items, items readable again."""
+        for href, etag, error in plan.broken:
+            self._item_failed(href, etag, error)
+        if self.dry_run:
             return
+        for href in plan.recovered:
+            self.state.clear_item_failure(self.account.name, self.area, href)
+        self._link_changes += [("save", link) for link in plan.identities]
+
+    def apply(self, plan: Plan) -> None:
+        """Carry out the plan (a dry run counts it), then save the sync token."""
+        writes_before = self.coll.writes
+        left_out = False
         if not self.dry_run:
-            self._create_crm_activities(decisions)
-        for pair, decision in decisions:
+            self._create_crm_activities(plan.actions)
+        for action in plan.actions:
             if self.should_stop():
                 return  # between items; the token stays, so the next run picks up the rest
             if len(self._link_changes) >= LINK_BATCH:
                 self._flush_links()
             try:
-                self._carry_out(pair, decision)
+                self._run_action(action)
             except (DavUnreachable, DavLoginFailed):
                 raise
             except (DavError, BrokenItem, ValueError, LookupError) as exc:
-                self.result.errors.append(f"{self.where}, {self._describe(pair)}: {exc}")
-        if self.skip_hrefs:
-            new_token = None  # left-out items must come up again next time: keep the old token
+                self.result.errors.append(f"{self.where}, {self._describe(action.pair)}: {exc}")
+                left_out = True
+        # A failed action leaves its item out: keep the old token, so the next run reads it
+        # again (an item whose link could not be written would otherwise never be seen again).
+        new_token = None if left_out else plan.token
         if not self.dry_run and new_token is not None:
             if self.coll.writes > writes_before:
                 new_token = self._past_own_writes(new_token)
-            self.state.save_sync_token(name, area, self.coll.url, new_token)
+            self.state.save_sync_token(self.account.name, self.area, self.coll.url, new_token)
 
     def _past_own_writes(self, token: str) -> str:
         """After writing, the next delta would list our own writes. Ask once more; when the delta
@@ -254,18 +421,20 @@ class CalendarSync:
             return None
         return included
 
-    def _pairs(self, links, fetched, parsed, deleted) -> list[_Pair]:
+    def _pairs(self, links, fetched, parsed, deleted) -> tuple[list[_Pair], list[CalendarLink]]:
+        """The pairs to decide on, and the links that lack their activity's identity."""
         activities = self._crm_activities()
         linked_ids = set()
         pairs = []
+        identities = []
         for link in links:
             activity = activities.get(link.activity_id) or self._linked_activity(link)
             if activity is not None and not self._same_activity(link, activity):
                 activity = None  # the id now names another activity: the linked one is gone
             if activity is not None:
                 linked_ids.add(activity.id)
-                if link.identity is None and activity.identity is not None and not self.dry_run:
-                    self._link_changes.append(("save", replace(link, identity=activity.identity)))
+                if link.identity is None and activity.identity is not None:
+                    identities.append(replace(link, identity=activity.identity))
             gone = link.href in deleted
             pairs.append(_Pair(link, activity, fetched.get(link.href) if link.href in parsed else None,
                                parsed.get(link.href), gone_on_server=gone))
@@ -291,7 +460,7 @@ class CalendarSync:
         for activity in activities.values():
             if activity.id not in linked_ids and activity.id not in matched_ids:
                 pairs.append(_Pair(None, activity, None, None))
-        return pairs
+        return pairs, identities
 
     def _uid_for(self, activity) -> str:
         """The UID of a new item for this activity: derived from what is never reused (the same
@@ -349,9 +518,29 @@ class CalendarSync:
             groupware = None
         return reconcile(base, crm, groupware, FIELDS, self.config.sync.conflict)
 
-    def _guard_ok(self, decisions, total: int) -> bool:
-        for side, attr in (("CRM", "delete_crm"), ("groupware", "delete_groupware")):
-            count = sum(1 for _, d in decisions if getattr(d, attr))
+    def _action_for(self, pair: _Pair) -> Action | None:
+        """The pair's action; None when there is nothing to do (not even a link to record)."""
+        decision = self._decide(pair)
+        if decision.forget:
+            return Forget(pair, decision)
+        if decision.delete_crm:
+            return DeleteInCRM(pair, decision)
+        if decision.delete_groupware:
+            return DeleteOnServer(pair, decision)
+        if decision.create_crm is not None:
+            return CreateInCRM(pair, decision)
+        if decision.create_groupware is not None:
+            return CreateOnServer(pair, decision)
+        if pair.activity is None:
+            return None  # nothing on either side (an item that went before it could be read again)
+        if decision.is_noop and pair.item is None and pair.link is not None and decision.base == pair.link.base:
+            return None  # unchanged on both sides, item not read: its link stays as it is
+        return _update_action(decision)(pair, decision)
+
+    def _guard_ok(self, plan: Plan) -> bool:
+        total = plan.linked
+        for side, kind in (("CRM", DeleteInCRM), ("groupware", DeleteOnServer)):
+            count = sum(1 for action in plan.actions if isinstance(action, kind))
             if guard_deletions(count, total, self.config.sync.max_delete_share) and not self.force:
                 self.result.errors.append(
                     f"{self.where}: this sync would delete {count} of {total} items on the {side} side, which "
@@ -365,37 +554,18 @@ class CalendarSync:
     def _link_for(self, activity) -> Link:
         return Link(self.config.crm.link.format(id=activity.id), activity.id, self.store, activity.uuid)
 
-    def _carry_out(self, pair: _Pair, decision: Decision, attempt: int = 0) -> None:
-        counts = self.result.counts
+    def _run_action(self, action: Action, attempt: int = 0) -> None:
         if self.dry_run:
-            self._count(decision)
+            self._count(action.decision)
             return
         try:
-            if decision.forget:
-                self._drop(pair.link)
-                return
-            if decision.delete_crm:
-                self.crm.delete_activity(pair.activity.id)
-                self._drop(pair.link)
-                counts["deleted_crm"] += 1
-                return
-            if decision.delete_groupware:
-                self.coll.delete(pair.link.href, pair.link.etag or "*")
-                self._drop(pair.link)
-                counts["deleted_groupware"] += 1
-                return
-            if decision.create_crm is not None:
-                self._create_in_crm(pair, decision)
-                return
-            if decision.create_groupware is not None:
-                self._create_on_server(pair, decision)
-                return
-            self._update(pair, decision)
+            action.run(self)
         except PreconditionFailed:
             if attempt >= MAX_RETRIES:
                 raise DavError("the item kept changing on the server; it will be synced next time")
-            fresh = self._reread(pair)
-            self._carry_out(fresh, self._decide(fresh), attempt + 1)
+            again = self._action_for(self._reread(action.pair))  # that pair only, as it is now
+            if again is not None:
+                self._run_action(again, attempt + 1)
 
     def _count(self, decision: Decision) -> None:
         counts = self.result.counts
@@ -421,10 +591,10 @@ class CalendarSync:
             subject=fields["subject"], body=fields["body"], location=fields["location"], start=fields["start"],
             end=fields["end"], due=fields["due"], rrule=fields["rrule"], owner=self.account.name)
 
-    def _create_crm_activities(self, decisions) -> None:
+    def _create_crm_activities(self, actions) -> None:
         """All activities this run creates, in one CRM transaction (idempotent by UID key)."""
-        drafts = [self._draft(pair.data.uid, decision.create_crm) for pair, decision in decisions
-                  if decision.create_crm is not None and pair.data is not None]
+        drafts = [self._draft(a.pair.data.uid, a.decision.create_crm) for a in actions
+                  if isinstance(a, CreateInCRM) and a.pair.data is not None]
         if drafts:
             existing = self.crm.existing_keys([d.key for d in drafts])
             ids = self.crm.create_activities(drafts)

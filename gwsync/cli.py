@@ -125,6 +125,11 @@ def sync(obj: Context, accounts, only, dry_run, force, as_json) -> None:
                                f"-{c['deleted_groupware']}, conflicts {c['conflicts']}")
                     for line in result.conflicts:
                         click.echo(f"  conflict: {line}")
+                    if result.plan:  # a dry run: the plan, one line per action
+                        from .calsync import plan_line
+
+                        for entry in result.plan:
+                            click.echo(f"{name} {area}: {plan_line(entry)}")
             for line in acc.error_lines():
                 click.echo(f"gwsync: {line}", err=True)
     sys.exit(report.exit_code)

@@ -193,7 +193,8 @@ class Collection:
     # -- writing -----------------------------------------------------------------------------
 
     def href_for(self, uid: str) -> str:
-        return self.path + quote(uid.replace("/", "_"), safe="@-_.") + ".ics"
+        # Spelled as listings spell hrefs (`_norm`), so a created item is found under its href.
+        return _norm(self.path + quote(uid.replace("/", "_"), safe="@-_.") + ".ics")
 
     def create(self, href: str, data: str) -> str:
         """PUT with If-None-Match: *; returns the new ETag. PreconditionFailed if it exists."""

@@ -111,6 +111,8 @@ class AccountReport:
                 "activities": [{"id": a.id, "link": a.link, "subject": a.subject} for a in self.mail.activities]}
         for area, result in self.calendars.items():
             out[area] = dict(result.counts) | {"conflict_details": result.conflicts, "requests": result.requests}
+            if result.plan is not None:  # a dry run: what the sync would do
+                out[area]["plan"] = result.plan
         out["error"] = self.error
         return out
 
@@ -127,7 +129,8 @@ def _merge_calendar(a: CalendarResult | None, b: CalendarResult) -> CalendarResu
     if a is None:
         return b
     return CalendarResult(counts={k: a.counts.get(k, 0) + v for k, v in b.counts.items()}, errors=b.errors,
-                          conflicts=a.conflicts + b.conflicts, requests=a.requests + b.requests)
+                          conflicts=a.conflicts + b.conflicts, requests=a.requests + b.requests,
+                          plan=b.plan if b.plan is not None else a.plan)
 
 
 @dataclass

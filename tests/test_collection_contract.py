@@ -1,0 +1,62 @@
+"""`CollectionContract` on every collection gwsync knows: the in-memory one and a real Radicale."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+from gwsync.dav import Collection
+from gwsync.testing import CollectionContract, MemoryCollection
+
+_users = itertools.count(1)
+
+
+class TestMemoryCollection(CollectionContract):
+    @pytest.fixture
+    def collection(self):
+        return MemoryCollection()
+
+
+class TestRadicaleCollection(CollectionContract):
+    @pytest.fixture
+    def collection(self, radicale):
+        from caldav.davclient import DAVClient
+
+        user = f"contract{os.getpid()}x{next(_users)}"
+        radicale.add_user(user)
+        url = radicale.make_calendar(user, "calendar", "VEVENT")
+        return Collection(DAVClient(url, username=user, password=radicale.password_for(user)), url)
+
+
+def test_memory_collection_hooks_for_tests():
+    """What the contract does not cover: another client's writes, faults, no sync support."""
+    from gwsync.dav import DavUnreachable, PreconditionFailed, SyncTokenInvalid
+    from gwsync.testing.collection_contract import event_text
+
+    coll = MemoryCollection()
+    etag = coll.put("x.ics", event_text("x", "Eins"))
+    href = coll.href_for("x")
+    token, _, _ = coll.changes_since(None)
+    touched = coll.touch(href)
+    assert touched != etag and coll.changes_since(token)[1] == {href: touched}
+
+    # a race: another client writes just before our update, which then meets a real 412
+    coll.inject("update", before=lambda c: c.put(href, event_text("x", "Fremd")))
+    with pytest.raises(PreconditionFailed):
+        coll.update(href, event_text("x", "Unser"), touched)
+    assert "SUMMARY:Fremd" in coll.get(href).data
+    coll.inject("get", error=DavUnreachable("down"), href="other.ics")
+    assert coll.get(href) is not None  # another href: not this fault
+    with pytest.raises(DavUnreachable):
+        coll.get("other.ics")
+    assert coll.get("other.ics") is None  # once only
+
+    coll.expire_tokens()
+    with pytest.raises(SyncTokenInvalid):
+        coll.changes_since(token)
+    fresh, _, _ = coll.changes_since(None)
+    assert coll.changes_since(fresh)[1:] == ({}, set())
+    with pytest.raises(SyncTokenInvalid):
+        MemoryCollection(sync_support=False).changes_since(None)
