@@ -25,14 +25,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import Busy
+
 DEFAULT_WAIT = 60.0  # seconds; [state] lock_wait
 POLL = 0.1
 
 log = logging.getLogger("gwsync")
 
 
-class AccountBusy(Exception):
-    """Another run holds the account's lock and did not let go within the wait."""
+class AccountBusy(Busy):
+    """Another run holds the account's lock and did not let go within the wait (exit 1)."""
 
 
 class AccountLocks(abc.ABC):

@@ -1,7 +1,9 @@
-"""The `gwsync` command line: thin click commands over the Engine.
+"""The `gwsync` command line: thin click commands over the Engine's public methods.
 
-Faults of the environment (GwsyncError: a full disk, a broken or locked database) become one
-line and their exit code in one place, the `main` group, for every command.
+Every failure gwsync knows (gwsync.errors.GwsyncError: a config error, a refused login, a locked
+credential, a server's refusal, a full disk, a broken or locked database) becomes one line and
+its exit code in one place, the `main` group, for every command. A command catches an error
+itself only to say more than its message does.
 """
 
 from __future__ import annotations
@@ -9,21 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .accountlock import AccountBusy
-from .config import AREAS, Config, ConfigError, load_config
-from .engine import CredentialLocked, Engine, mail_id
-from .errors import GwsyncError
-from .imap import LoginFailed, MailServerError
+from .config import AREAS, Config, load_config
+from .engine import Engine, mail_id
+from .errors import EXIT_FAILED, EXIT_USAGE, GwsyncError
 from .searches import activity_filter, summary_links
-from .state import FAILED, HELD, QUARANTINED
+from .state import FAILED, QUARANTINED
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+EXIT_OK = 0
 
 
 class Context:
@@ -35,10 +34,7 @@ class Context:
     @property
     def config(self) -> Config:
         if self._config is None:
-            try:
-                self._config = load_config(self.config_path)
-            except ConfigError as exc:
-                fail(f"config error: {exc}", EXIT_USAGE)
+            self._config = load_config(self.config_path)
         return self._config
 
     def engine(self) -> Engine:
@@ -62,13 +58,14 @@ def _interactive() -> bool:
 
 
 class _Main(click.Group):
-    """Runs the commands; a GwsyncError from any of them is one line and its exit code."""
+    """Runs the commands; a GwsyncError from any of them is one line and its exit code
+    (2 config or usage, 3 a refused login or locked credential, 1 anything else)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except GwsyncError as exc:
-            fail(str(exc), exc.exit_code)
+            fail(exc.line, exc.exit_code)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -101,12 +98,8 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int, quiet: bool
 @click.pass_obj
 def sync(obj: Context, accounts, only, dry_run, force, as_json) -> None:
     """Run one sync: import mail from the CRM folders (and the other areas configured)."""
-    with obj.engine() as engine:
-        try:
-            with _progress(obj, as_json) as progress:
-                report = engine.sync(accounts=accounts, only=only, dry_run=dry_run, progress=progress, force=force)
-        except ConfigError as exc:
-            fail(f"config error: {exc}", EXIT_USAGE)
+    with obj.engine() as engine, _progress(obj, as_json) as progress:
+        report = engine.sync(accounts=accounts, only=only, dry_run=dry_run, progress=progress, force=force)
     if as_json:
         emit_json(report.to_dict())
     else:
@@ -180,25 +173,14 @@ def folders(obj: Context, accounts, as_json) -> None:
     code = EXIT_OK
     out = []
     with obj.engine() as engine:
-        try:
-            selected = engine.select_accounts(accounts)
-        except ConfigError as exc:
-            fail(f"config error: {exc}", EXIT_USAGE)
-        statuses = engine.crm.statuses()
+        selected = engine.select_accounts(accounts)
+        statuses = engine.statuses()
         for account in selected:
             try:
                 found = engine.import_folders(account)
-            except (LoginFailed, CredentialLocked) as exc:
-                click.echo(f"gwsync: {exc}", err=True)
-                code = EXIT_LOCKED
-                continue
-            except ConfigError as exc:  # e.g. a password source that gives no password
-                click.echo(f"gwsync: config error: {exc}", err=True)
-                code = max(code, EXIT_USAGE)
-                continue
-            except MailServerError as exc:
-                click.echo(f"gwsync: account {account.name}: {exc}", err=True)
-                code = max(code, EXIT_FAILED)
+            except GwsyncError as exc:  # one account's failure: the others are still listed
+                click.echo(f"gwsync: {exc.line}", err=True)
+                code = max(code, exc.exit_code)  # 3 (a locked credential) decides over 2 and 1
                 continue
             for f in found:
                 known = f.status in statuses
@@ -224,22 +206,7 @@ def folders(obj: Context, accounts, as_json) -> None:
 def status(obj: Context, as_json) -> None:
     """Per account: last sync, its counts, held and failed mail, errors."""
     with obj.engine() as engine:
-        runs = engine.state.runs()
-        locks = engine.state.locks()
-        held = engine.state.by_outcome(HELD)
-        failed = engine.state.by_outcome(FAILED) + engine.state.by_outcome(QUARANTINED)
-        names = sorted(set(obj.config.accounts) | {r["account"] for r in runs})
-        out = {}
-        for name in names:
-            out[name] = {
-                "areas": {r["area"]: {"last_sync": r["finished_at"], "ok": bool(r["ok"]),
-                                      "last_success": r.get("last_success"), "counts": r["summary"],
-                                      "error": r["error"]} for r in runs if r["account"] == name},
-                "held": sum(1 for h in held if h.account == name),
-                "failed": sum(1 for f in failed if f.account == name),
-                "locked": [{"service": l["service"], "since": l["locked_at"], "reason": l["reason"]}
-                           for l in locks if l["account"] == name],
-            }
+        out = engine.status()
     if as_json:
         emit_json({"accounts": out})
         return
@@ -262,24 +229,16 @@ def status(obj: Context, as_json) -> None:
 def watch(obj: Context, accounts) -> None:
     """Sync every account at its interval and import new mail within seconds (IMAP IDLE),
     until stopped with Ctrl-C or SIGTERM."""
-    from .watch import AlreadyRunning, InstanceLock, Watch
+    from .watch import InstanceLock, Watch
 
     with obj.engine() as engine:
-        try:
-            selected = engine.select_accounts(accounts)
-        except ConfigError as exc:
-            fail(f"config error: {exc}", EXIT_USAGE)
-        try:
-            with InstanceLock(obj.config.state_database):
-                runner = Watch(engine, selected, say=lambda line: click.echo(line, err=line.startswith("gwsync")))
-                runner.install_signal_handlers()
-                names = ", ".join(a.name for a in selected)
-                click.echo(f"gwsync watch: syncing {names}; Ctrl-C or SIGTERM stops", err=True)
-                runner.run()
-        except AlreadyRunning as exc:
-            fail(str(exc), EXIT_FAILED)
-        except ConfigError as exc:  # a password source that gives no password: stop before any login
-            fail(f"config error: {exc}", EXIT_USAGE)
+        selected = engine.select_accounts(accounts)
+        with InstanceLock(obj.config.state_database):  # AlreadyRunning: exit 1
+            runner = Watch(engine, selected, say=lambda line: click.echo(line, err=line.startswith("gwsync")))
+            runner.install_signal_handlers()
+            names = ", ".join(a.name for a in selected)
+            click.echo(f"gwsync watch: syncing {names}; Ctrl-C or SIGTERM stops", err=True)
+            runner.run()
     click.echo("gwsync watch: stopped", err=True)
 
 
@@ -289,7 +248,7 @@ def watch(obj: Context, accounts) -> None:
 def unlock(obj: Context, account: str) -> None:
     """Clear a credential lock after fixing the password, so that gwsync logs in again."""
     with obj.engine() as engine:
-        services = engine.state.unlock(account)
+        services = engine.unlock(account)
     if services:
         click.echo(f"unlocked {account} ({', '.join(services)}); the next run logs in again")
     elif account not in obj.config.accounts:
@@ -321,7 +280,7 @@ def held(obj: Context, as_json) -> None:
     """Mail held back in its folder because mandatory fields are missing, failed mail, and
     quarantined mail (`gwsync retry ID` after fixing the cause), each with what releases it."""
     with obj.engine() as engine:
-        rows = engine.state.not_imported()
+        rows = engine.not_imported()
     max_attempts = obj.config.crm.max_attempts
     data = [{"id": mail_id(r), "account": r.account, "folder": r.folder, "uid": r.uid, "outcome": r.outcome,
              "sender": r.sender, "subject": r.subject, "missing": r.missing, "error": r.error,
@@ -395,7 +354,7 @@ def activities(obj: Context, imported, unassigned, today, kind, as_json) -> None
     """List CRM activities (the quick searches: --imported, --unassigned, --today)."""
     flt = activity_filter(imported=imported, unassigned=unassigned, today=today, kind=kind)
     with obj.engine() as engine:
-        items = [a.to_dict() for a in engine.crm.list_activities(flt)]
+        items = [a.to_dict() for a in engine.activities(flt)]
     emit_json(items) if as_json else _print_activities(items)
 
 
@@ -446,17 +405,17 @@ def _activity_changes(obj: Context, **values) -> dict:
 def _check_references(engine: Engine, changes: dict) -> None:
     """--contact/--partner must name existing records; a contact brings its partner along."""
     if "contact_id" in changes:
-        contact = engine.crm.get_contact(changes["contact_id"])
+        contact = engine.contact(changes["contact_id"])
         if contact is None:
             fail(f"--contact {changes['contact_id']}: no such contact (see `gwsync contact add`)", EXIT_USAGE)
         if "partner_id" not in changes and contact.partner_id is not None:
             changes["partner_id"] = contact.partner_id
-    if "partner_id" in changes and engine.crm.get_partner(changes["partner_id"]) is None:
+    if "partner_id" in changes and engine.partner(changes["partner_id"]) is None:
         fail(f"--partner {changes['partner_id']}: no such partner (see `gwsync partner add`)", EXIT_USAGE)
 
 
 def _show_activity(engine, activity_id: int, as_json: bool) -> None:
-    item = engine.crm.get_activity(activity_id)
+    item = engine.activity(activity_id)
     emit_json(item.to_dict()) if as_json else click.echo(activity_id)
 
 
@@ -477,7 +436,7 @@ def activity_add(obj: Context, as_json, **values) -> None:
     changes.setdefault("status", obj.config.crm.open_status)
     with obj.engine() as engine:
         _check_references(engine, changes)
-        (activity_id,) = engine.crm.create_activities([ActivityDraft(key=f"crm:{uuid.uuid4()}", **changes)])
+        activity_id = engine.create_activity(ActivityDraft(key=f"crm:{uuid.uuid4()}", **changes))
         _show_activity(engine, activity_id, as_json)
 
 
@@ -493,7 +452,7 @@ def activity_edit(obj: Context, activity_id: int, as_json, **values) -> None:
     with obj.engine() as engine:
         _check_references(engine, changes)
         try:
-            engine.crm.update_activity(activity_id, changes)
+            engine.update_activity(activity_id, changes)
         except LookupError as exc:
             fail(f"{exc} (see `gwsync activities`)", EXIT_FAILED)
         _show_activity(engine, activity_id, as_json)
@@ -505,9 +464,10 @@ def activity_edit(obj: Context, activity_id: int, as_json, **values) -> None:
 def activity_delete(obj: Context, activity_id: int) -> None:
     """Delete an activity; the next sync deletes its calendar item too."""
     with obj.engine() as engine:
-        if engine.crm.get_activity(activity_id) is None:
-            fail(f"no activity with id {activity_id} (see `gwsync activities`)", EXIT_FAILED)
-        engine.crm.delete_activity(activity_id)
+        try:
+            engine.delete_activity(activity_id)
+        except LookupError as exc:
+            fail(f"{exc} (see `gwsync activities`)", EXIT_FAILED)
     click.echo(f"deleted activity {activity_id}")
 
 
@@ -521,12 +481,7 @@ def push(obj: Context, activity_id: int, as_, account) -> None:
     """Put any activity on the calendar or task list, linked to the CRM; synced from then on."""
     area = "events" if as_ == "event" else "tasks"
     with obj.engine() as engine:
-        try:
-            report = engine.push(activity_id, area, account)
-        except ConfigError as exc:
-            fail(str(exc), EXIT_USAGE)
-        except (LookupError, ValueError, AccountBusy) as exc:
-            fail(str(exc), EXIT_FAILED)
+        report = engine.push(activity_id, area, account)
     for name, acc in report.accounts.items():
         for line in acc.error_lines():
             click.echo(f"gwsync: {line}", err=True)
@@ -541,17 +496,8 @@ def push(obj: Context, activity_id: int, as_, account) -> None:
 @click.pass_obj
 def unpush(obj: Context, activity_id: int, account) -> None:
     """Delete the activity's groupware entry and unlink it; the activity stays in the CRM."""
-    from .dav import DavError
-
     with obj.engine() as engine:
-        try:
-            count = engine.unpush(activity_id, account)
-        except ConfigError as exc:
-            fail(str(exc), EXIT_USAGE)
-        except DavError as exc:
-            fail(f"activity {activity_id}: {exc}", EXIT_FAILED)
-        except AccountBusy as exc:
-            fail(str(exc), EXIT_FAILED)
+        count = engine.unpush(activity_id, account)
     click.echo(f"removed {count} groupware entr{'y' if count == 1 else 'ies'} of activity {activity_id}")
 
 
@@ -562,7 +508,7 @@ def unpush(obj: Context, activity_id: int, account) -> None:
 def activity_show(obj: Context, activity_id: int, as_json) -> None:
     """Show one activity with its documents."""
     with obj.engine() as engine:
-        item = engine.crm.get_activity(activity_id)
+        item = engine.activity(activity_id)
     if item is None:
         fail(f"no activity with id {activity_id} (see `gwsync activities`)", EXIT_FAILED)
     data = item.to_dict()
@@ -642,24 +588,14 @@ def review(obj: Context, account) -> None:
     from .review import run_review
 
     with obj.engine() as engine:
-        try:
-            if account:
-                selected = engine.config.account(account)
-            else:
-                accounts = engine.select_accounts(None)
-                if len(accounts) != 1:
-                    fail("choose the account with --account (" + ", ".join(a.name for a in accounts) + ")",
-                         EXIT_USAGE)
-                selected = accounts[0]
-            code = run_review(engine, selected)
-        except ConfigError as exc:
-            fail(f"config error: {exc}", EXIT_USAGE)
-        except (LoginFailed, CredentialLocked) as exc:
-            fail(str(exc), EXIT_LOCKED)
-        except MailServerError as exc:
-            fail(f"account {selected.name}: {exc}", EXIT_FAILED)
-        except AccountBusy as exc:
-            fail(str(exc), EXIT_FAILED)
+        if account:
+            selected = engine.config.account(account)
+        else:
+            accounts = engine.select_accounts(None)
+            if len(accounts) != 1:
+                fail("choose the account with --account (" + ", ".join(a.name for a in accounts) + ")", EXIT_USAGE)
+            selected = accounts[0]
+        code = run_review(engine, selected)
     sys.exit(code)
 
 
@@ -669,33 +605,12 @@ def rules() -> None:
 
 
 def _rule_account(obj: Context, name: str | None):
-    try:
-        if name:
-            return obj.config.account(name)
-        accounts = [a for a in obj.config.accounts.values() if a.sieve is not None]
-        if len(accounts) != 1:
-            fail("choose the account with --account", EXIT_USAGE)
-        return accounts[0]
-    except ConfigError as exc:
-        fail(f"config error: {exc}", EXIT_USAGE)
-
-
-@contextmanager
-def _rule_errors(account: str):
-    """One line and the right exit code for what a rules command can meet. LoginFailed comes
-    before MailServerError, its base class: a refused login is a locked credential (exit 3)."""
-    from .sieve import SieveError
-
-    try:
-        yield
-    except (ValueError, ConfigError) as exc:
-        fail(str(exc), EXIT_USAGE)
-    except (LoginFailed, CredentialLocked) as exc:
-        fail(str(exc), EXIT_LOCKED)
-    except LookupError as exc:
-        fail(str(exc), EXIT_FAILED)
-    except (SieveError, MailServerError) as exc:
-        fail(f"account {account}: {exc}", EXIT_FAILED)
+    if name:
+        return obj.config.account(name)
+    accounts = [a for a in obj.config.accounts.values() if a.sieve is not None]
+    if len(accounts) != 1:
+        fail("choose the account with --account", EXIT_USAGE)
+    return accounts[0]
 
 
 @rules.command("add")
@@ -707,7 +622,7 @@ def rules_add(obj: Context, account, sender, folder) -> None:
     """File mail from ADDRESS or @DOMAIN into FOLDER (full name, or e.g. "CRM Kunde [O]";
     created when missing)."""
     selected = _rule_account(obj, account)
-    with obj.engine() as engine, _rule_errors(selected.name):
+    with obj.engine() as engine:
         rule = engine.add_rule(selected, sender, folder)
     click.echo(f"rule {rule.id}: mail from {rule.sender} -> {rule.folder}")
 
@@ -719,8 +634,8 @@ def rules_add(obj: Context, account, sender, folder) -> None:
 def rules_list(obj: Context, account, as_json) -> None:
     """The rules gwsync keeps on the server."""
     selected = _rule_account(obj, account)
-    with obj.engine() as engine, _rule_errors(selected.name), engine.sieve(selected) as sieve:
-        found = sieve.rules()
+    with obj.engine() as engine:
+        found = engine.rules(selected)
     if as_json:
         emit_json([{"id": r.id, "from": r.sender, "folder": r.folder} for r in found])
         return
@@ -737,8 +652,8 @@ def rules_list(obj: Context, account, as_json) -> None:
 def rules_remove(obj: Context, rule_id, account) -> None:
     """Remove a rule; with the last one, the user's own script is back as it was."""
     selected = _rule_account(obj, account)
-    with obj.engine() as engine, _rule_errors(selected.name), engine.sieve(selected) as sieve:
-        rule = sieve.remove(rule_id)
+    with obj.engine() as engine:
+        rule = engine.remove_rule(selected, rule_id)
     click.echo(f"removed rule {rule.id} (from {rule.sender} -> {rule.folder})")
 
 
@@ -761,7 +676,7 @@ def contact_add(obj: Context, name, email, partner_id, as_json) -> None:
         fail(f"--email {email!r} is not a mail address", EXIT_USAGE)
     with obj.engine() as engine:
         try:
-            c = engine.crm.add_contact(name, email, partner_id)
+            c = engine.add_contact(name, email, partner_id)
         except LookupError as exc:
             fail(f"{exc} (see `gwsync partner add`)", EXIT_USAGE)
     emit_json(c.__dict__) if as_json else click.echo(c.id)
@@ -784,7 +699,7 @@ def partner_add(obj: Context, name, emails, as_json) -> None:
         if "@" not in e:
             fail(f"--email {e!r} is not a mail address (use e.g. info@example.com)", EXIT_USAGE)
     with obj.engine() as engine:
-        p = engine.crm.add_partner(name, list(emails))
+        p = engine.add_partner(name, emails)
     emit_json(p.__dict__) if as_json else click.echo(p.id)
 
 
@@ -807,8 +722,6 @@ def serve(obj: Context, host: str | None, port: int | None) -> None:
         pass
     try:
         server = make_server(config, host, port)
-    except ConfigError as exc:
-        fail(f"config error: {exc}", EXIT_USAGE)
     except ServeError as exc:
         fail(str(exc), EXIT_FAILED)
 

@@ -38,6 +38,7 @@ import msgspec
 import platformdirs
 from msgspec import Meta
 
+from . import errors
 from .accountlock import DEFAULT_WAIT
 from .folders import parse_import_folder
 
@@ -60,8 +61,8 @@ MAX_ATTEMPTS = 100
 DERIVED: Any = None  # the default follows other keys: the table's __post_init__ fills it in
 
 
-class ConfigError(Exception):
-    """A missing, unknown or malformed config key. The CLI exits with code 2."""
+# A missing, unknown or malformed config key (the CLI exits with code 2): gwsync.errors' own.
+ConfigError = errors.ConfigError
 
 
 def default_config_path() -> Path:

@@ -13,22 +13,36 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
+import urllib3.exceptions
 from caldav.davclient import DAVClient
 from caldav.lib import error as caldav_error
+from caldav.lib.http_sync import requests as http
+
+from .errors import LoginRefused, ServiceError, ServiceUnreachable
 
 NS = {"d": "DAV:", "c": "urn:ietf:params:xml:ns:caldav"}
+# What the HTTP stack raises for a connection that fails or drops (niquests' errors are OSErrors;
+# urllib3's and urllib3-future's are not).
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (OSError, http.exceptions.RequestException,
+                                                     urllib3.exceptions.HTTPError)
+try:
+    import urllib3_future.exceptions
+
+    TRANSPORT_ERRORS += (urllib3_future.exceptions.HTTPError,)
+except ImportError:
+    pass
 MULTIGET_BATCH = 200
 
 
-class DavError(Exception):
+class DavError(ServiceError):
     """The CalDAV server refused a request."""
 
 
-class DavLoginFailed(DavError):
-    """401: the credentials were refused."""
+class DavLoginFailed(LoginRefused, DavError):
+    """401: the credentials were refused (exit 3)."""
 
 
-class DavUnreachable(DavError):
+class DavUnreachable(ServiceUnreachable, DavError):
     """No connection, a timeout, or a 5xx answer: transient."""
 
 
@@ -87,12 +101,10 @@ class Collection:
             raise DavLoginFailed(f"CalDAV {self.url}: login refused (HTTP 401)")
         except caldav_error.RateLimitError as exc:
             raise DavUnreachable(f"CalDAV {self.url}: server busy ({exc})")
-        except (OSError, ConnectionError, TimeoutError) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise DavUnreachable(f"CalDAV {self.url}: cannot connect ({_reason(exc)})")
-        except Exception as exc:  # niquests raises its own connection errors
-            if type(exc).__module__.split(".")[0] in ("niquests", "urllib3", "urllib3_future"):
-                raise DavUnreachable(f"CalDAV {self.url}: cannot connect ({_reason(exc)})")
-            raise
+        except caldav_error.DAVError as exc:
+            raise DavError(f"CalDAV {url}: {method} failed ({exc})")
         if response.status >= 500:
             raise DavUnreachable(f"CalDAV {url}: server error {response.status}")
         return response
@@ -109,7 +121,7 @@ class Collection:
             raise DavError(f"CalDAV collection {self.url} not found (check events/tasks in the config)")
         if response.status != 207:
             raise DavError(f"CalDAV collection {self.url}: PROPFIND answered {response.status}")
-        root = ET.fromstring(_body(response))
+        root = _parse(_body(response))
         if root.find(".//c:calendar", NS) is None:
             raise DavError(f"{self.url} is not a calendar collection")
 
@@ -137,7 +149,7 @@ class Collection:
             raise SyncTokenInvalid(f"CalDAV {self.url}: sync token refused")
         if response.status != 207:
             raise SyncTokenInvalid(f"CalDAV {self.url}: sync-collection answered {response.status}")
-        root = ET.fromstring(_body(response))
+        root = _parse(_body(response))
         new_token = root.findtext("d:sync-token", default=None, namespaces=NS)
         if not new_token:
             raise SyncTokenInvalid(f"CalDAV {self.url}: no sync token in the answer")
@@ -240,12 +252,20 @@ def _body(response) -> str:
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else (raw or "")
 
 
+def _parse(text: str) -> ET.Element:
+    """An answer's XML; a malformed answer is the server's fault, said as a DavError."""
+    try:
+        return ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise DavError(f"CalDAV: the server's answer is not well-formed XML ({exc})")
+
+
 def _norm(href: str) -> str:
     return quote(unquote(urlsplit(href).path), safe="/@-_.~!$&'()*+,;=:")
 
 
 def _multistatus(text: str):
-    return _multistatus_root(ET.fromstring(text))
+    return _multistatus_root(_parse(text))
 
 
 def _multistatus_root(root):

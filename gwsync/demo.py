@@ -114,8 +114,8 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
         click.echo(f"IMAP server: {type(server).__name__} on 127.0.0.1:{server.port}")
         click.echo(f"config:      {config_path}")
         with Engine(config) as engine:
-            acme = engine.crm.add_partner("ACME GmbH", ["info@acme.example"])
-            erika = engine.crm.add_contact("Erika Mustermann", "erika.mustermann@acme.example", acme.id)
+            acme = engine.add_partner("ACME GmbH", ["info@acme.example"])
+            erika = engine.add_contact("Erika Mustermann", "erika.mustermann@acme.example", acme.id)
             click.echo(f"CRM:         partner #{acme.id} {acme.name} (acme.example), contact #{erika.id} {erika.name}")
             _drop_sample_mail(server.port, _password(server))
             click.echo("")
@@ -132,7 +132,7 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
             if report.accounts["demo"].error:
                 click.echo(f"error: {report.accounts['demo'].error}", err=True)
             click.echo("")
-            for a in engine.crm.list_activities(ActivityFilter(imported=True)):
+            for a in engine.activities(ActivityFilter(imported=True)):
                 who = f"contact #{a.contact_id}" if a.contact_id else (
                     f"partner #{a.partner_id} by domain" if a.partner_id else "UNASSIGNED")
                 click.echo(f"  #{a.id} {a.kind} [{a.status}] {a.subject!r} from {a.sender} ({who})")
@@ -146,7 +146,7 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
                 if area in calendars:
                     c = calendars[area].counts
                     click.echo(f"  {area}: {c['created_crm']} new in the CRM, {c['created_groupware']} new on the server")
-            for a in engine.crm.list_activities(ActivityFilter(kinds=("TERMIN", "BESPRECHUNG", "AUFGABE",
+            for a in engine.activities(ActivityFilter(kinds=("TERMIN", "BESPRECHUNG", "AUFGABE",
                                                                       "WIEDERVORLAGE"))):
                 when = a.start or a.due or ""
                 click.echo(f"  #{a.id} {a.kind} {a.subject!r} {when}")
@@ -254,10 +254,9 @@ def _add_follow_up(engine) -> int:
 
     from .crm import ActivityDraft
 
-    (activity_id,) = engine.crm.create_activities([ActivityDraft(
+    return engine.create_activity(ActivityDraft(
         key=f"crm:{uuid.uuid4()}", kind="WIEDERVORLAGE", status="O", subject="Erika zurückrufen (Wartungsvertrag)",
-        due="2026-12-01T09:00:00+01:00[Europe/Berlin]", owner=USER)])
-    return activity_id
+        due="2026-12-01T09:00:00+01:00[Europe/Berlin]", owner=USER))
 
 
 def _items(dav_server: Radicale, home: str, name: str) -> dict:

@@ -5,19 +5,24 @@
     report = engine.sync()
     print(report.to_json())
 
-A fault of the environment (gwsync.errors.GwsyncError, e.g. a StoreError for a full disk or a
-corrupt database) stops a sync: every account shares the databases and the document store, so
-the accounts after it are not synced. The report keeps what was done before it, and its
-`stopped` names the fault.
+A fault of the environment (gwsync.errors.StoreError: a full disk, a corrupt database) stops a
+sync: every account shares the databases and the document store, so the accounts after it are
+not synced. The report keeps what was done before it, and its `stopped` names the fault.
+
+A refused login on any service locks the credential it sent (see `credential`): no service
+that sends the same credential logs in again until `unlock`. Front-ends (the CLI, review,
+watch, the web view, the demo) use only the Engine's public methods, never its stores.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import urlsplit
 
 from imapclient.exceptions import IMAPClientAbortError
 
@@ -25,22 +30,19 @@ from .accountlock import AccountBusy, AccountLocks, FileAccountLocks
 from .config import AREAS, AccountConfig, Config, ConfigError
 from . import dav
 from .calsync import CalendarResult, CalendarSync
-from .crm import CRMBackend
+from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Partner
 from .dav import Collection
 from .crmstore import EmbeddedCRM
-from .errors import GwsyncError
+from .errors import CredentialLocked, GwsyncError, LoginRefused, NotFound, ServiceError, StoreError, UsageError
 from .imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
-from .mailimport import MailImporter, MailResult, ProgressFn
-from .state import FAILED, QUARANTINED, MailRecord, StateStore
+from .mailimport import MailImporter, MailResult, PendingMail, ProgressFn
+from .state import FAILED, HELD, QUARANTINED, CalendarLink, MailRecord, StateStore
 
 log = logging.getLogger("gwsync")
 
+__all__ = ["Engine", "SyncReport", "AccountReport", "Selection", "CredentialLocked", "mail_id"]
 
-class CredentialLocked(Exception):
-    """An earlier login with this credential was refused; gwsync does not try it again."""
-
-
-SERVICE_NAMES = {"imap": "IMAP", "caldav": "CalDAV"}
+SERVICE_NAMES = {"imap": "IMAP", "caldav": "CalDAV", "sieve": "ManageSieve"}
 # Connection errors, timeouts and 5xx answers: the area is tried again after these pauses.
 RETRY_DELAYS = (0.5, 2.0)
 MAIL_ID_LENGTH = 12
@@ -50,6 +52,16 @@ def mail_id(record: MailRecord) -> str | None:
     """The id that `gwsync held` shows and `gwsync retry` takes: the start of the mail's
     content key (the sha256 of its bytes), the same in every folder and after UIDVALIDITY changes."""
     return record.key.removeprefix("mail:")[:MAIL_ID_LENGTH] if record.key else None
+
+
+@dataclass
+class Selection:
+    """What a review chose for one run: the mails to import, by (folder, UID), with the fields
+    it filled in, and per calendar area the new server items it left out (this run only)."""
+
+    mail: set[tuple[str, int]] | None = None  # None: every mail waiting
+    overrides: dict[tuple[str, int], dict] = field(default_factory=dict)
+    skip: dict[str, set[str]] = field(default_factory=dict)  # area -> hrefs
 
 
 @dataclass
@@ -155,6 +167,7 @@ class Engine:
         # One run per account at a time (sync, watch rounds, review, push, unpush), across processes.
         self.locks = locks or FileAccountLocks(config.state_database, config.state.lock_wait)
         self._should_stop: Callable[[], bool] = lambda: False
+        self._selection = Selection()
 
     def close(self) -> None:
         self.crm.close()
@@ -173,61 +186,128 @@ class Engine:
             raise ConfigError("the config has no [accounts.NAME] table: add one (see the README)")
         return list(self.config.accounts.values())
 
-    def check_lock(self, account: str, service: str) -> None:
-        lock = self.state.lock_of(account, service)
+    # -- credentials -----------------------------------------------------------------------
+
+    @staticmethod
+    def _server(account: AccountConfig, service: str):
+        return {"imap": account.imap, "caldav": account.caldav, "sieve": account.sieve}[service]
+
+    def credential(self, account: AccountConfig, service: str) -> str:
+        """The key of the credential a login to `service` sends: the user name, the server's
+        host and where the password comes from, e.g. "alice@mail.example.com
+        (accounts.alice.imap)". ManageSieve borrowing IMAP's host, user and password sends the
+        same credential as IMAP, so a lock on either stops both."""
+        cfg = self._server(account, service)
+        if cfg is None:
+            raise ConfigError(f"account {account.name} has no [accounts.{account.name}.{service}] table")
+        host = urlsplit(cfg.url).hostname if service == "caldav" else cfg.host
+        return f"{cfg.username}@{(host or '').lower()} ({cfg.secret.where})"
+
+    def _lock_of(self, account: AccountConfig, service: str) -> dict | None:
+        key = self.credential(account, service)
+        users = [(account.name, s) for s in SERVICE_NAMES
+                 if self._server(account, s) is not None and self.credential(account, s) == key]
+        return self.state.lock_of(key, users)
+
+    def is_locked(self, account: AccountConfig, service: str) -> bool:
+        """Whether the credential a login to `service` would send is locked."""
+        return self._lock_of(account, service) is not None
+
+    def check_lock(self, account: AccountConfig, service: str) -> None:
+        """Raise CredentialLocked (exit 3) when the credential a login to `service` would send
+        is locked, by a refused login on this service or any other that sends the same one."""
+        lock = self._lock_of(account, service)
         if lock:
             raise CredentialLocked(
-                f"account {account}: the {SERVICE_NAMES[service]} login was refused at {lock['locked_at']}, so gwsync "
-                f"does not try it again; fix the password, then run `gwsync unlock {account}`")
+                f"account {account.name}: the {SERVICE_NAMES.get(lock['service'], lock['service'])} login was "
+                f"refused at {lock['locked_at']}, so gwsync does not try it again; fix the password, then run "
+                f"`gwsync unlock {account.name}`")
 
-    def _locked_now(self, account: str, service: str, exc: Exception) -> str:
-        self.state.lock(account, service, str(exc))
-        return (f"account {account}: {exc}; the credential is now locked so that the server does not block the "
-                f"account: fix the password, then run `gwsync unlock {account}`")
+    def lock_refused(self, account: AccountConfig, service: str, exc: LoginRefused) -> LoginRefused:
+        """Lock the credential a refused login sent; returns the error to show, which says so."""
+        if getattr(exc, "locked", False):
+            return exc
+        self.state.lock(account.name, service, str(exc), self.credential(account, service))
+        out = exc.reworded(f"account {account.name}: {exc}; the credential is now locked so that the server does "
+                           f"not block the account: fix the password, then run `gwsync unlock {account.name}`")
+        out.locked = True
+        return out
+
+    @contextmanager
+    def _naming(self, account: AccountConfig) -> Iterator[None]:
+        """A server's error names the account (a refused login's does already)."""
+        try:
+            yield
+        except ServiceError as exc:
+            if str(exc).startswith(f"account {account.name}"):
+                raise
+            raise exc.reworded(f"account {account.name}: {exc}") from None
+
+    @contextmanager
+    def _locking(self, account: AccountConfig, service: str) -> Iterator[None]:
+        """Around everything that sends the credential of `service`: a refused login locks it."""
+        try:
+            yield
+        except LoginRefused as exc:
+            raise self.lock_refused(account, service, exc) from None
+
+    def locks(self) -> list[dict]:
+        """Every credential lock: account, service (whose login was refused), credential, reason, since."""
+        return self.state.locks()
+
+    def unlock(self, account: str) -> list[str]:
+        """Clear the account's credential locks, after the password was fixed; returns the
+        services whose login had been refused."""
+        return self.state.unlock(account)
 
     def connect_imap(self, account: AccountConfig) -> ImapSession:
         """Log in, unless the credential is locked; a refused login locks it (one attempt only)."""
         if account.imap is None:
             raise ConfigError(f"accounts.{account.name} has no [accounts.{account.name}.imap] table")
-        self.check_lock(account.name, "imap")
+        self.check_lock(account, "imap")
         password = account.imap.secret.resolve()
-        try:
+        with self._locking(account, "imap"):
             return ImapSession.connect(account.imap, password)
-        except LoginFailed as exc:
-            raise LoginFailed(self._locked_now(account.name, "imap", exc)) from None
 
     def import_folders(self, account: AccountConfig) -> list[ImportFolder]:
-        session = self.connect_imap(account)
-        try:
-            return session.import_folders(account.imap.import_root)
-        finally:
-            session.logout()
+        """The account's import folders on the server (one login)."""
+        with self._naming(account):
+            session = self.connect_imap(account)
+            try:
+                return session.import_folders(account.imap.import_root)
+            finally:
+                session.logout()
 
     def sync(self, accounts: list[str] | tuple[str, ...] | None = None,
              only: list[str] | tuple[str, ...] | None = None, dry_run: bool = False,
              progress: ProgressFn | None = None, force: bool = False,
              should_stop: Callable[[], bool] | None = None, lock_wait: float | None = None,
-             holder: str = "sync") -> SyncReport:
+             holder: str = "sync", selection: Selection | None = None) -> SyncReport:
         """One sync of the accounts' areas. `should_stop` is asked between batches of mail and
         between calendar items; when it says yes the sync ends early, with nothing half done.
         Each account is synced under its lock (`holder` names this run to others); an account
         that stays busy beyond `lock_wait` (default: [state] lock_wait) gets one error line and
-        `busy`, and the others still sync. A dry run changes nothing and takes no lock."""
+        `busy`, and the others still sync. A dry run changes nothing and takes no lock.
+        `selection` (from a review) narrows what the run imports; see Selection."""
         self._should_stop = should_stop or (lambda: False)
+        self._selection = selection or Selection()
         report = SyncReport()
         selected = self.select_accounts(accounts)
         self.check_passwords(selected, only)
-        for account in selected:
-            areas = [a for a in (only or account.areas) if a in AREAS]
-            acc_report = report.accounts.setdefault(account.name, AccountReport())
-            try:
-                with nullcontext() if dry_run else self.locks.hold(account.name, holder, lock_wait):
-                    self._sync_areas(account, areas, acc_report, dry_run, force, progress)
-            except AccountBusy as exc:
-                acc_report.busy = True
-                acc_report.errors.append(str(exc))
-            if acc_report.stopped:
-                break  # the same databases and disk for every account: the others would fail alike
+        try:
+            for account in selected:
+                areas = [a for a in (only or account.areas) if a in AREAS]
+                acc_report = report.accounts.setdefault(account.name, AccountReport())
+                try:
+                    with nullcontext() if dry_run else self.locks.hold(account.name, holder, lock_wait):
+                        self._sync_areas(account, areas, acc_report, dry_run, force, progress)
+                except AccountBusy as exc:
+                    acc_report.busy = True
+                    acc_report.errors.append(str(exc))
+                if acc_report.stopped:
+                    break  # the same databases and disk for every account: the others would fail alike
+        finally:
+            self._selection = Selection()
         return report
 
     def _sync_areas(self, account, areas, acc_report, dry_run, force, progress) -> None:
@@ -263,14 +343,19 @@ class Engine:
                     self._sync_mail(account, attempt, dry_run, progress)
                 else:
                     self._sync_calendar(account, area, attempt, dry_run, force)
-            except GwsyncError as exc:  # the environment's fault: stop, count it against nothing
+            except StoreError as exc:  # the environment's fault: stop, count it against nothing
                 attempt.stop(exc)
+            except GwsyncError as exc:  # a server's, or the config's: this area's error
+                attempt.errors.append(exc.line if str(exc).startswith(f"account {account.name}")
+                                      else f"account {account.name}, {area}: {exc.line}")
+                attempt.login_failed |= exc.exit_code == 3
+                attempt.transient = exc.transient
             if not attempt.transient or delay is None or attempt.stopped:
                 acc_report.absorb(attempt)
                 if not dry_run:
                     try:
                         self._record(account.name, area, attempt)
-                    except GwsyncError as exc:  # the state database failed just now
+                    except StoreError as exc:  # the state database failed just now
                         if not acc_report.stopped:
                             acc_report.stop(exc)
                 return
@@ -295,7 +380,7 @@ class Engine:
     def collection(self, account: AccountConfig, area: str) -> Collection:
         """The account's events or tasks collection. The first run finds and checks it; later
         runs reuse its URL and auth scheme, so that a sync with no changes is one request."""
-        self.check_lock(account.name, "caldav")
+        self.check_lock(account, "caldav")
         cfg = account.caldav
         verify: bool | str = cfg.ca_file or cfg.verify
         source = f"{cfg.url} {cfg.username} {cfg.collection(area)}"
@@ -303,9 +388,10 @@ class Engine:
         client = dav.connect(cfg.url, cfg.username, cfg.secret.resolve(), verify=verify, timeout=int(cfg.timeout),
                              auth_type=auth_type)
         if url is None:
-            url = dav.resolve_collection(client, cfg.url, cfg.collection(area))
-            collection = Collection(client, url)
-            collection.check()
+            with self._locking(account, "caldav"):
+                url = dav.resolve_collection(client, cfg.url, cfg.collection(area))
+                collection = Collection(client, url)
+                collection.check()
             self.state.save_dav_cache(account.name, area, source, url, dav.negotiated_auth_type(client))
         return Collection(client, url)
 
@@ -314,15 +400,13 @@ class Engine:
         name = account.name
         try:
             collection = self.collection(account, area)
-            result = CalendarSync(self.config, account, area, self.crm, self.state, collection,
-                                  dry_run=dry_run, force=force, should_stop=self._should_stop).run()
-        except CredentialLocked as exc:
+            with self._locking(account, "caldav"):
+                result = CalendarSync(self.config, account, area, self.crm, self.state, collection,
+                                      dry_run=dry_run, force=force, should_stop=self._should_stop,
+                                      skip_hrefs=self._selection.skip.get(area)).run()
+        except (CredentialLocked, LoginRefused) as exc:
             acc_report.login_failed = True
             acc_report.errors.append(str(exc))
-            return
-        except dav.DavLoginFailed as exc:
-            acc_report.login_failed = True
-            acc_report.errors.append(self._locked_now(name, "caldav", exc))
             return
         except dav.DavUnreachable as exc:
             acc_report.transient = True
@@ -357,9 +441,10 @@ class Engine:
         importer = None
         try:
             importer = MailImporter(account, self.config.crm, self.crm, self.state, dry_run=dry_run,
-                                    progress=progress, should_stop=self._should_stop)
+                                    progress=progress, should_stop=self._should_stop,
+                                    selection=self._selection.mail, overrides=self._selection.overrides)
             acc_report.mail = importer.run(session)
-        except GwsyncError:
+        except StoreError:
             session.logout()
             acc_report.mail = importer.result if importer else None  # what was committed before it
             raise
@@ -391,7 +476,7 @@ class Engine:
         candidates = [a for a in self.config.accounts.values() if a.caldav is not None]
         if len(candidates) != 1:
             names = ", ".join(a.name for a in candidates) or "none"
-            raise ConfigError(f"choose the account with --account (accounts with CalDAV: {names})")
+            raise UsageError(f"choose the account with --account (accounts with CalDAV: {names})")
         return candidates[0]
 
     def push(self, activity_id: int, area: str, account_name: str | None = None) -> SyncReport:
@@ -401,13 +486,13 @@ class Engine:
         self.check_passwords([account], [area])
         activity = self.crm.get_activity(activity_id)
         if activity is None:
-            raise LookupError(f"no activity with id {activity_id}")
+            raise NotFound(f"no activity with id {activity_id}")
         with self.locks.hold(account.name, "push"):
             other = "tasks" if area == "events" else "events"
             if any(l.account == account.name and l.area == other
                    for l in self.state.links_of_activity(activity_id, activity.identity)):
-                raise ValueError(f"activity {activity_id} is on the {other} collection already; "
-                                 "`gwsync unpush` it first")
+                raise GwsyncError(f"activity {activity_id} is on the {other} collection already; "
+                                  "`gwsync unpush` it first")
             self.state.set_membership(account.name, area, activity_id, True, activity.identity)
             self.state.set_membership(account.name, other, activity_id, False, activity.identity)
             report = SyncReport()
@@ -420,8 +505,13 @@ class Engine:
         off the calendar until pushed again. Returns how many items were deleted. Raises
         AccountBusy when another run holds the account beyond the wait."""
         account = self.calendar_account(account_name)
-        with self.locks.hold(account.name, "unpush"):
-            return self._unpush(account, activity_id)
+        with self.locks.hold(account.name, "unpush"), self._locking(account, "caldav"):
+            try:
+                return self._unpush(account, activity_id)
+            except dav.DavError as exc:
+                if isinstance(exc, LoginRefused):
+                    raise
+                raise exc.reworded(f"activity {activity_id}: {exc}") from None
 
     def _unpush(self, account: AccountConfig, activity_id: int) -> int:
         activity = self.crm.get_activity(activity_id)
@@ -510,14 +600,33 @@ class Engine:
 
     # -- server-side rules (Sieve) -----------------------------------------------------------
 
+    @contextmanager
     def sieve(self, account: AccountConfig):
+        """The account's rules on its ManageSieve server, logged in for the block, unless the
+        credential is locked; a refused login locks it. Errors name the account."""
         from .sieve import SieveRules
 
         cfg = account.sieve
         if cfg is None:
             raise ConfigError(f"account {account.name} has no [accounts.{account.name}.sieve] or imap table")
-        return SieveRules(cfg.host, cfg.port, cfg.username, cfg.secret.resolve(), cfg.starttls,
-                          tls=tls_context(cfg.verify, cfg.ca_file))
+        self.check_lock(account, "sieve")
+        password = cfg.secret.resolve()
+        with self._naming(account):
+            with self._locking(account, "sieve"):
+                rules = SieveRules(cfg.host, cfg.port, cfg.username, password, cfg.starttls,
+                                   tls=tls_context(cfg.verify, cfg.ca_file))
+            with rules:
+                yield rules
+
+    def rules(self, account: AccountConfig):
+        """The rules gwsync keeps on the account's ManageSieve server."""
+        with self.sieve(account) as sieve:
+            return sieve.rules()
+
+    def remove_rule(self, account: AccountConfig, rule_id: int):
+        """Remove one rule; with the last one, the user's own script is back as it was."""
+        with self.sieve(account) as sieve:
+            return sieve.remove(rule_id)
 
     def import_folder_name(self, account: AccountConfig, folder: str) -> str:
         """A full import folder name from a full name or just its last element, checked against
@@ -528,23 +637,131 @@ class Engine:
             f"{account.imap.import_root}/{folder}"
         parsed = parse_import_folder(full.rsplit("/", 1)[-1])
         if parsed is None:
-            raise ValueError(f"{folder!r} is not an import folder name: use `CRM <description> [<status>]`")
+            raise UsageError(f"{folder!r} is not an import folder name: use `CRM <description> [<status>]`")
         if parsed.status not in self.crm.statuses():
             known = ", ".join(sorted(self.crm.statuses()))
-            raise ValueError(f"{folder!r}: status key [{parsed.status}] is unknown to the CRM (known: {known})")
+            raise UsageError(f"{folder!r}: status key [{parsed.status}] is unknown to the CRM (known: {known})")
         return full
 
     def add_rule(self, account: AccountConfig, sender: str, folder: str):
         """File mail from `sender` (an address, or @domain) into an import folder, on the server."""
         sender = sender.strip().lower()
         if "@" not in sender or sender.endswith("@") or " " in sender:
-            raise ValueError(f"--from {sender!r}: give an address (a@b.example) or a domain (@b.example)")
+            raise UsageError(f"--from {sender!r}: give an address (a@b.example) or a domain (@b.example)")
         full = self.import_folder_name(account, folder)
-        session = self.connect_imap(account)
-        try:
-            session.ensure_folder(full)
-        finally:
-            session.logout()
+        with self._naming(account):
+            session = self.connect_imap(account)
+            try:
+                session.ensure_folder(full)
+            finally:
+                session.logout()
         with self.sieve(account) as rules:
             return rules.add(sender, full)
+
+    # -- review: what is waiting -------------------------------------------------------------
+
+    def pending_mail(self, account: AccountConfig) -> list[PendingMail]:
+        """The mail waiting in the account's import folders, as the import would see it (one
+        login, no lock, nothing changed): for a review to choose from."""
+        with self._naming(account):
+            session = self.connect_imap(account)
+            try:
+                return MailImporter(account, self.config.crm, self.crm, self.state).preview(session)
+            finally:
+                session.logout()
+
+    def waiting_items(self, account: AccountConfig, area: str) -> list:
+        """New items on the account's events or tasks collection that the CRM does not have yet,
+        as (href, item data): for a review to leave some out (Selection.skip)."""
+        with self._naming(account):
+            collection = self.collection(account, area)
+            with self._locking(account, "caldav"):
+                return CalendarSync(self.config, account, area, self.crm, self.state, collection).waiting()
+
+    # -- the CRM and the state, for front-ends -------------------------------------------------
+
+    def statuses(self) -> dict[str, str]:
+        """The CRM's status keys and their labels."""
+        return self.crm.statuses()
+
+    def activity(self, activity_id: int) -> Activity | None:
+        """One activity with its documents, or None."""
+        return self.crm.get_activity(activity_id)
+
+    def activities(self, flt: ActivityFilter) -> list[Activity]:
+        """The activities the filter selects (its order, limit and offset included)."""
+        return self.crm.list_activities(flt)
+
+    def count_activities(self, flt: ActivityFilter) -> int:
+        """How many activities the filter selects, without limit and offset."""
+        return self.crm.count_activities(flt)
+
+    def create_activity(self, draft: ActivityDraft) -> int:
+        """Create an activity (idempotent by its key); returns its id."""
+        (activity_id,) = self.crm.create_activities([draft])
+        return activity_id
+
+    def update_activity(self, activity_id: int, changes: dict) -> None:
+        """Change fields of an activity; LookupError when there is none with this id. The next
+        sync carries the change to its calendar item."""
+        self.crm.update_activity(activity_id, changes)
+
+    def delete_activity(self, activity_id: int) -> None:
+        """Delete an activity; the next sync deletes its calendar item too. NotFound when there
+        is none with this id."""
+        if self.crm.get_activity(activity_id) is None:
+            raise NotFound(f"no activity with id {activity_id}")
+        self.crm.delete_activity(activity_id)
+
+    def document_path(self, sha256: str) -> Path:
+        """The file of a stored document, by its content digest."""
+        return self.crm.document_path(sha256)
+
+    def calendar_links(self, activity: Activity) -> list[CalendarLink]:
+        """The calendar items an activity is linked to, on every account."""
+        return self.state.links_of_activity(activity.id, activity.identity)
+
+    def contact(self, contact_id: int) -> Contact | None:
+        return self.crm.get_contact(contact_id)
+
+    def partner(self, partner_id: int) -> Partner | None:
+        return self.crm.get_partner(partner_id)
+
+    def contacts(self) -> list[Contact]:
+        return self.crm.list_contacts()
+
+    def partners(self) -> list[Partner]:
+        return self.crm.list_partners()
+
+    def add_contact(self, name: str, email: str, partner_id: int | None = None) -> Contact:
+        """A new contact with `email` as its default address; LookupError for an unknown partner."""
+        return self.crm.add_contact(name, email, partner_id)
+
+    def add_partner(self, name: str, emails: list[str] | tuple[str, ...] = ()) -> Partner:
+        """A new business partner; the domains of `emails` assign mail from unknown people there."""
+        return self.crm.add_partner(name, list(emails))
+
+    def not_imported(self) -> list[MailRecord]:
+        """Mail held back, failed or quarantined, for `gwsync held` and the web view."""
+        return self.state.not_imported()
+
+    def status(self) -> dict[str, dict]:
+        """Per account (configured, or met in earlier runs): each area's last run, how many
+        mails are held and failed, and its credential locks."""
+        runs = self.state.runs()
+        locks = self.state.locks()
+        held = self.state.by_outcome(HELD)
+        failed = self.state.by_outcome(FAILED) + self.state.by_outcome(QUARANTINED)
+        out = {}
+        for name in sorted(set(self.config.accounts) | {r["account"] for r in runs}):
+            out[name] = {
+                "areas": {r["area"]: {"last_sync": r["finished_at"], "ok": bool(r["ok"]),
+                                      "last_success": r.get("last_success"), "counts": r["summary"],
+                                      "error": r["error"]} for r in runs if r["account"] == name},
+                "held": sum(1 for h in held if h.account == name),
+                "failed": sum(1 for f in failed if f.account == name),
+                "locked": [{"service": l["service"], "credential": l.get("credential"), "since": l["locked_at"],
+                            "reason": l["reason"]} for l in locks if l["account"] == name],
+            }
+        return out
 

@@ -1,41 +1,111 @@
 """gwsync's own errors: one line for the user, the exit code, and whether trying again may help.
 
-Errors of the environment (a full disk, a read-only, locked or damaged database) are translated
-into these where they happen, at the stores' edges, so that the layers above can tell them from
-a fault of one mail: they stop the run, count against no mail, and leave mail where it was. The
-command line prints `gwsync: <message>` and exits with `exit_code`; nothing else catches them.
+This is the one vocabulary of failures. Each adapter turns its library's errors into these at
+its own edge, in every method: the IMAP session (imap.py), the CalDAV collection (dav.py), the
+ManageSieve client (sieve.py), the stores (dbfiles.py, crmstore.py). The command line turns them
+into `gwsync: <message>` and the exit code in one place (the `main` group in cli.py): 2 for a
+config or usage error, 3 for a refused login or a locked credential, 1 for everything else.
+
+Errors of the environment (a full disk, a read-only, locked or damaged database) are StoreErrors:
+they stop a run, count against no mail, and leave mail where it was. A ServiceError is one
+server's refusal or fault; the run goes on with the other areas and accounts.
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import sqlite3
 import ssl
 from pathlib import Path
 
-EXIT_FAILED, EXIT_USAGE = 1, 2
+EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 1, 2, 3
 
 
 class GwsyncError(Exception):
     """A failure with a message fit for the user: it names the item and says what to do."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_FAILED, transient: bool = False):
+    exit_code = EXIT_FAILED
+    transient = False  # the same run later may succeed (a lock released, a server back)
+    prefix = ""  # put before the message on the command line, e.g. "config error: "
+
+    def __init__(self, message: str, exit_code: int | None = None, transient: bool | None = None):
         super().__init__(message)
         self.message = message
-        self.exit_code = exit_code
-        self.transient = transient  # the same run later may succeed (e.g. a lock released)
+        if exit_code is not None:
+            self.exit_code = exit_code
+        if transient is not None:
+            self.transient = transient
 
     def __str__(self) -> str:
         return self.message
+
+    @property
+    def line(self) -> str:
+        """The one line the command line prints after `gwsync: `."""
+        return self.prefix + self.message
+
+    def reworded(self, message: str) -> "GwsyncError":
+        """The same error (its class, exit code, transience) with another message, e.g. one
+        that names the account."""
+        other = copy.copy(self)
+        other.message = message
+        other.args = (message,)
+        return other
+
+
+class UsageError(GwsyncError, ValueError):
+    """A command was given something it cannot use (an unknown id, a malformed address)."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(GwsyncError):
+    """A missing, unknown or malformed config key, or a password source that gives none."""
+
+    exit_code = EXIT_USAGE
+    prefix = "config error: "
+
+
+class NotFound(GwsyncError, LookupError):
+    """The item named (an activity, a rule) does not exist."""
+
+
+class Busy(GwsyncError):
+    """Another run holds what this one needs (an account, the watch lock)."""
+
+    transient = True
 
 
 class StoreError(GwsyncError):
     """A database or the document store cannot be used: the environment's fault, never a mail's."""
 
-    def __init__(self, message: str, path: Path, exit_code: int = EXIT_FAILED, transient: bool = False):
+    def __init__(self, message: str, path: Path, exit_code: int | None = None, transient: bool | None = None):
         super().__init__(message, exit_code, transient)
         self.path = path
+
+
+class ServiceError(GwsyncError):
+    """A server (IMAP, CalDAV, ManageSieve) refused a request or failed."""
+
+
+class ServiceUnreachable(ServiceError):
+    """No connection, a dropped one, a timeout, or a server error (5xx): worth another try."""
+
+    transient = True
+
+
+class LoginRefused(ServiceError):
+    """The server refused the credential. The engine locks it: exit 3."""
+
+    exit_code = EXIT_LOCKED
+
+
+class CredentialLocked(GwsyncError):
+    """An earlier login with this credential was refused; gwsync does not send it again."""
+
+    exit_code = EXIT_LOCKED
 
 
 # Where the config names each store, for the messages that ask to fix a path.

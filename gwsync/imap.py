@@ -16,18 +16,19 @@ import imapclient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
 from .config import ImapConfig
+from .errors import LoginRefused, ServiceError, ServiceUnreachable
 from .folders import ImportFolderName, is_below, last_element, parse_import_folder
 
 
-class MailServerError(Exception):
+class MailServerError(ServiceError):
     """The IMAP server refused something or the connection broke."""
 
 
-class LoginFailed(MailServerError):
-    """The server rejected the credentials (AUTHENTICATIONFAILED or NO on LOGIN)."""
+class LoginFailed(LoginRefused, MailServerError):
+    """The server rejected the credentials (AUTHENTICATIONFAILED or NO on LOGIN): exit 3."""
 
 
-class ServerUnreachable(MailServerError):
+class ServerUnreachable(ServiceUnreachable, MailServerError):
     """Could not connect, or the connection dropped: transient, worth retrying."""
 
 
@@ -54,14 +55,15 @@ CHUNK = 1 << 20
 
 @contextmanager
 def _guard(what: str):
-    """Server refusals become MailServerError; a dropped connection (BYE, reset, timeout)
-    becomes ServerUnreachable, which is never counted against a folder or a mail."""
+    """Server refusals become MailServerError; a dropped connection (BYE, reset, timeout, any
+    socket error) becomes ServerUnreachable, which is never counted against a folder or a mail.
+    Every method of ImapSession that talks to the server runs inside it."""
     try:
         yield
-    except (IMAPClientAbortError, ConnectionError, TimeoutError, socket.timeout) as exc:
-        raise ServerUnreachable(f"connection lost during {what} ({_text(exc)})")
+    except (IMAPClientAbortError, OSError) as exc:  # ConnectionError, TimeoutError, ssl errors
+        raise ServerUnreachable(f"connection lost during {what} ({_text(exc)})") from exc
     except IMAPClientError as exc:
-        raise MailServerError(f"{what}: {_text(exc)}")
+        raise MailServerError(f"{what}: {_text(exc)}") from exc
 
 
 def tls_context(verify: bool = True, ca_file: str | None = None) -> ssl.SSLContext:
@@ -100,9 +102,13 @@ class ImapSession:
         except LoginError as exc:
             _close(client)
             raise LoginFailed(f"IMAP {where}: login as {cfg.username!r} refused ({_text(exc)})")
-        except (OSError, socket.timeout) as exc:
+        except (OSError, socket.timeout, IMAPClientAbortError) as exc:
             raise ServerUnreachable(f"IMAP {where}: connection lost during login ({exc})")
-        return cls(client)
+        except IMAPClientError as exc:  # e.g. LOGINDISABLED: the server takes no login over this connection
+            _close(client)
+            raise MailServerError(f"IMAP {where}: login as {cfg.username!r} not possible ({_text(exc)})")
+        with _guard(f"IMAP {where}: CAPABILITY"):
+            return cls(client)
 
     # -- folders -----------------------------------------------------------------------------
 
@@ -155,13 +161,16 @@ class ImapSession:
 
     def uids(self) -> list[int]:
         """UIDs of the selected folder's mail, without mail already marked \\Deleted."""
-        return sorted(self.client.search(["UNDELETED"]))
+        with _guard(f"listing the mail of {self.selected!r}"):
+            return sorted(self.client.search(["UNDELETED"]))
 
     def sizes(self, uids: list[int]) -> dict[int, int]:
         sizes: dict[int, int] = {}
         for start in range(0, len(uids), 2000):
             batch = uids[start:start + 2000]
-            for uid, data in self.client.fetch(batch, ["RFC822.SIZE"]).items():
+            with _guard(f"reading mail sizes in {self.selected!r}"):
+                answer = self.client.fetch(batch, ["RFC822.SIZE"])
+            for uid, data in answer.items():
                 if data.get(b"RFC822.SIZE") is not None:  # NIL: expunged meanwhile
                     sizes[uid] = int(data[b"RFC822.SIZE"])
         return sizes
@@ -171,7 +180,8 @@ class ImapSession:
         (servers leave it out, or answer `BODY[] NIL` as Dovecot does during another client's expunge)."""
         if not uids:
             return {}
-        result = self.client.fetch(uids, ["BODY.PEEK[]"])
+        with _guard(f"reading mail in {self.selected!r}"):
+            result = self.client.fetch(uids, ["BODY.PEEK[]"])
         return {uid: data[b"BODY[]"] for uid, data in result.items() if data.get(b"BODY[]")}
 
     def fetch_chunks(self, uid: int, section: str = "", size: int | None = None,
@@ -198,14 +208,16 @@ class ImapSession:
     def _fetched(self, uid: int, item: str, key: bytes):
         """One item of one mail; MailGone when the server answers NIL or leaves the UID out,
         as it does for a mail another client expunged meanwhile ("" stays an empty part)."""
-        value = self.client.fetch([uid], [item]).get(uid, {}).get(key)
+        with _guard(f"reading mail UID {uid} in {self.selected!r}"):
+            value = self.client.fetch([uid], [item]).get(uid, {}).get(key)
         if value is None:
             raise MailGone(f"mail UID {uid} is gone (expunged by another client meanwhile)")
         return value
 
     def uids_of_size(self, size: int) -> list[int]:
         """UIDs of the selected folder's mail of exactly this size (RFC822.SIZE)."""
-        return self.client.search(["LARGER", str(size - 1), "SMALLER", str(size + 1)])
+        with _guard(f"searching {self.selected!r}"):
+            return self.client.search(["LARGER", str(size - 1), "SMALLER", str(size + 1)])
 
     def examine(self, folder: str) -> int:
         """Select a folder read-only (EXAMINE); returns its UIDVALIDITY."""
@@ -219,8 +231,9 @@ class ImapSession:
         since a plain EXPUNGE would also remove mail the user marked deleted."""
         if not uids or "UIDPLUS" not in self.capabilities:
             return False
-        self.client.add_flags(uids, [imapclient.DELETED], silent=True)
-        self.client.uid_expunge(uids)
+        with _guard(f"deleting mail in {self.selected!r}"):
+            self.client.add_flags(uids, [imapclient.DELETED], silent=True)
+            self.client.uid_expunge(uids)
         return True
 
     def move(self, uids: list[int], destination: str) -> None:
@@ -237,6 +250,30 @@ class ImapSession:
                     self.client.uid_expunge(uids)
                 else:
                     self.client.expunge()
+
+    # -- IDLE (watch) -----------------------------------------------------------------------
+
+    def idle_start(self, folder: str) -> None:
+        """Open the folder read-only and start IDLE (RFC 2177) on it."""
+        self.examine(folder)
+        with _guard(f"IDLE on {folder!r}"):
+            self.client.idle()
+
+    def idle_wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds in IDLE; True when the server announced new mail."""
+        with _guard(f"IDLE on {self.selected!r}"):
+            responses = self.client.idle_check(timeout=timeout)
+        return any(len(r) > 1 and r[1] in (b"EXISTS", b"RECENT") for r in responses)
+
+    def idle_renew(self) -> None:
+        """End IDLE and start it again (servers may drop an IDLE after 30 minutes)."""
+        with _guard(f"IDLE on {self.selected!r}"):
+            self.client.idle_done()
+            self.client.idle()
+
+    def idle_done(self) -> None:
+        with _guard(f"IDLE on {self.selected!r}"):
+            self.client.idle_done()
 
     def logout(self) -> None:
         _close(self.client)

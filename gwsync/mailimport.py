@@ -24,7 +24,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from .config import AccountConfig, CrmConfig
 from .crm import ActivityDraft, CRMBackend, Document
 from .decisions import SenderMatch, Step, failure_outcome, missing_fields, plan_mail, resolve_sender
-from .errors import GwsyncError
+from .errors import StoreError
 from .imap import FETCH_BATCH, ImapSession, ImportFolder, MailGone, MailServerError, ServerUnreachable
 from .mime import (Attachment, MailReader, ParsedMail, content_key, parse_header_block, parse_headers,
                    parse_message)
@@ -276,7 +276,7 @@ class MailImporter:
                 unassigned=match.unassigned, message_id=parsed.message_id, start=parsed.date,
                 source=f"{self.account.name}:{folder.name}", owner=self.account.name, documents=documents)
             return _Prepared(uid=uid, key=key, draft=draft)
-        except (ServerUnreachable, IMAPClientAbortError, ConnectionError, TimeoutError, MailGone, GwsyncError):
+        except (ServerUnreachable, IMAPClientAbortError, ConnectionError, TimeoutError, MailGone, StoreError):
             raise  # the connection, the environment, or the mail is gone: never count it against the mail
         except Exception as exc:  # one bad mail must never block the others
             previous = record.attempts if record and record.outcome in (FAILED, QUARANTINED) else 0

@@ -3,17 +3,18 @@
 Keyboard only, one question at a time, every answer with a default: Enter accepts it. The
 questions go through click.prompt, so tests drive the whole review through its input.
 Looking and asking take no lock (a review left open must not stop `watch` or cron syncs); the
-import after the last answer holds the account's lock, like a sync (AccountBusy if it stays busy).
+import after the last answer is the engine's sync with the review's Selection, so it holds the
+account's lock, retries after a dropped connection and records the run, like `gwsync sync`.
+A refused login, here as everywhere, locks the credential (exit 3).
 """
 
 from __future__ import annotations
 
 import click
 
-from .calsync import CalendarSync
 from .config import AccountConfig
-from .engine import Engine
-from .mailimport import MailImporter, PendingMail
+from .engine import Engine, Selection, SyncReport
+from .mailimport import PendingMail
 from .searches import summary_links
 
 
@@ -51,7 +52,7 @@ def _required_text(question: str) -> str:
 
 
 def run_review(engine: Engine, account: AccountConfig) -> int:
-    crm, config = engine.crm, engine.config
+    config = engine.config
     areas_text = click.prompt("Areas to import (mail, events, tasks)", default=", ".join(account.areas))
     areas = [a.strip() for a in areas_text.replace(",", " ").split() if a.strip()]
     unknown = [a for a in areas if a not in ("mail", "events", "tasks")]
@@ -62,11 +63,7 @@ def run_review(engine: Engine, account: AccountConfig) -> int:
     overrides: dict[tuple[str, int], dict] = {}
     pending: list[PendingMail] = []
     if "mail" in areas:
-        session = engine.connect_imap(account)
-        try:
-            pending = MailImporter(account, config.crm, crm, engine.state).preview(session)
-        finally:
-            session.logout()
+        pending = engine.pending_mail(account)
         if not pending:
             click.echo("No mail waiting in the import folders.")
         else:
@@ -84,13 +81,13 @@ def run_review(engine: Engine, account: AccountConfig) -> int:
                 given: dict = {}
                 for field_name in mail.missing:
                     if field_name == "partner":
-                        partners = {p.id: p.name for p in crm.list_partners()}
+                        partners = {p.id: p.name for p in engine.partners()}
                         if not partners:
                             raise click.UsageError("partner is mandatory but the CRM has no partners: "
                                                    "add one with `gwsync partner add`")
                         given["partner_id"] = _choose(f"Partner for mail {n} (required)", partners)
                     elif field_name == "contact":
-                        contacts = {c.id: f"{c.name} <{', '.join(c.emails)}>" for c in crm.list_contacts()}
+                        contacts = {c.id: f"{c.name} <{', '.join(c.emails)}>" for c in engine.contacts()}
                         if not contacts:
                             raise click.UsageError("contact is mandatory but the CRM has no contacts: "
                                                    "add one with `gwsync contact add`")
@@ -113,8 +110,7 @@ def run_review(engine: Engine, account: AccountConfig) -> int:
     for area in ("events", "tasks"):
         if area not in areas or account.caldav is None:
             continue
-        sync = CalendarSync(config, account, area, crm, engine.state, engine.collection(account, area))
-        waiting = sync.waiting()
+        waiting = engine.waiting_items(account, area)
         if not waiting:
             continue
         click.echo(f"New {area} on the server:")
@@ -129,39 +125,26 @@ def run_review(engine: Engine, account: AccountConfig) -> int:
     if not click.confirm(f"Import {count} mail(s) and sync {calendars}?", default=True):
         click.echo("Nothing imported.")
         return 0
-    with engine.locks.hold(account.name, "review"):
-        return _import(engine, account, areas, selection, overrides, skips)
+    chosen_areas = [a for a in areas if (selection if a == "mail" else account.caldav is not None)]
+    if not chosen_areas:
+        return 0
+    report = engine.sync(accounts=[account.name], only=chosen_areas, holder="review",
+                         selection=Selection(mail=selection, overrides=overrides, skip=skips))
+    _show(report, account, config.web_base)
+    return report.exit_code
 
 
-def _import(engine: Engine, account: AccountConfig, areas: list[str], selection: set[tuple[str, int]] | None,
-            overrides: dict[tuple[str, int], dict], skips: dict[str, set[str]]) -> int:
-    crm, config = engine.crm, engine.config
-    code = 0
-    if "mail" in areas and selection:
-        session = engine.connect_imap(account)
-        try:
-            result = MailImporter(account, config.crm, crm, engine.state, selection=selection,
-                                  overrides=overrides).run(session)
-        finally:
-            session.logout()
-        click.echo(f"Imported {result.imported} mail(s):")
-        for a in result.activities:
+def _show(report: SyncReport, account: AccountConfig, web_base: str | None) -> None:
+    acc = report.accounts[account.name]
+    if acc.mail is not None:
+        click.echo(f"Imported {acc.mail.imported} mail(s):")
+        for a in acc.mail.activities:
             click.echo(f"  #{a.id} {a.subject!r}  {a.link}")
-        for line in summary_links(config.web_base, result.activities):
+        for line in summary_links(web_base, acc.mail.activities):
             click.echo(f"  {line}")
-        for line in result.errors:
-            click.echo(f"gwsync: {line}", err=True)
-            code = 1
-    for area in ("events", "tasks"):
-        if area in areas and account.caldav is not None:
-            sync = CalendarSync(config, account, area, crm, engine.state, engine.collection(account, area),
-                                skip_hrefs=skips.get(area))
-            result = sync.run()
-            c = result.counts
-            click.echo(f"{area}: {c['created_crm']} new in the CRM, {c['updated_crm']} updated; "
-                       f"{c['created_groupware']} new on the server, {c['updated_groupware']} updated")
-            for line in result.errors:
-                click.echo(f"gwsync: {line}", err=True)
-                code = 1
-    return code
-
+    for area, result in acc.calendars.items():
+        c = result.counts
+        click.echo(f"{area}: {c['created_crm']} new in the CRM, {c['updated_crm']} updated; "
+                   f"{c['created_groupware']} new on the server, {c['updated_groupware']} updated")
+    for line in acc.error_lines():
+        click.echo(f"gwsync: {line}", err=True)

@@ -18,9 +18,14 @@ from __future__ import annotations
 import json
 import re
 import ssl
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 from sievelib.managesieve import Client
+from sievelib.managesieve import Error as SievelibError
+
+from .errors import LoginRefused, NotFound, ServiceError, ServiceUnreachable, UsageError
 
 RULES_SCRIPT = "gwsync"
 MAIN_SCRIPT = "gwsync-main"
@@ -33,8 +38,16 @@ _PREAMBLE = re.compile(r'\A(?:\s+|#[^\n]*\n|/\*.*?\*/|require\s*(?:\[[^\]]*\]|"(
                        re.DOTALL)
 
 
-class SieveError(Exception):
-    """The ManageSieve server refused something (login, a script, a command)."""
+class SieveError(ServiceError):
+    """The ManageSieve server refused something (a script, a command)."""
+
+
+class SieveLoginRefused(LoginRefused, SieveError):
+    """The server refused the credential (exit 3)."""
+
+
+class SieveUnreachable(ServiceUnreachable, SieveError):
+    """No connection, or it dropped: transient."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +60,7 @@ class Rule:
 def quote(text: str) -> str:
     """A Sieve quoted string (RFC 5228 2.4.2): backslash and double quote escaped."""
     if "\r" in text or "\n" in text or "\x00" in text:
-        raise ValueError(f"{text!r}: line breaks and NUL cannot go into a rule")
+        raise UsageError(f"{text!r}: line breaks and NUL cannot go into a rule")
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -89,6 +102,13 @@ def without_include(script: str) -> str:
     return script.replace(_include_lines(script), "", 1)
 
 
+# sievelib waits 5 s for an answer, but a server may delay its answer to a login much longer
+# after refused ones (Dovecot's auth penalty: up to 15 s per client address); a refused login
+# must not look like a dead server. sievelib reads the class attribute of Client itself.
+READ_TIMEOUT = 30
+Client.read_timeout = max(Client.read_timeout, READ_TIMEOUT)
+
+
 class _Client(Client):
     """sievelib's client, with gwsync's TLS settings: its own STARTTLS trusts the system's
     certificate store only, so `ca_file` and `verify = false` would not reach it. (Name
@@ -102,22 +122,34 @@ class _Client(Client):
         self.sock = self._tls.wrap_socket(self.sock, server_hostname=self.srvhostname)
 
 
+@contextmanager
+def _guard(where: str) -> Iterator[None]:
+    """sievelib's errors and dropped connections become SieveErrors, for every public method."""
+    try:
+        yield
+    except (SievelibError, OSError) as exc:  # OSError: reset, timeout, TLS
+        raise SieveUnreachable(f"{where}: connection lost ({exc})") from exc
+
+
 class SieveRules:
-    """gwsync's rules on one account's ManageSieve server."""
+    """gwsync's rules on one account's ManageSieve server. A refused login is SieveLoginRefused,
+    any other failure a SieveError (SieveUnreachable for the connection)."""
 
     def __init__(self, host: str, port: int, username: str, password: str, starttls: bool,
                  tls: ssl.SSLContext | None = None):
+        self.where = f"ManageSieve {host}:{port}"
         self.client = _Client(host, port, tls)
         try:
             ok = self.client.connect(username, password, starttls=starttls, authmech="PLAIN")
         except ssl.SSLCertVerificationError as exc:
             raise SieveError(f"ManageSieve {host}:{port}: certificate not trusted ({exc.verify_message}); "
                              "set ca_file, or verify = false for a test server")
-        except Exception as exc:  # sievelib raises its own Error for refused connections and TLS trouble
-            raise SieveError(f"ManageSieve {host}:{port}: cannot connect ({exc}); is the server up, "
-                             "and is [sieve] port right?")
+        except (SievelibError, OSError) as exc:  # refused connections and TLS trouble
+            raise SieveUnreachable(f"ManageSieve {host}:{port}: cannot connect ({exc}); is the server up, "
+                                   "and is [sieve] port right?")
         if not ok:
-            raise SieveError(f"ManageSieve {host}:{port}: login as {username!r} refused")
+            self.close()
+            raise SieveLoginRefused(f"ManageSieve {host}:{port}: login as {username!r} refused")
 
     def close(self) -> None:
         try:
@@ -158,21 +190,24 @@ class SieveRules:
         return err.decode(errors="replace") if isinstance(err, bytes) else str(err)
 
     def rules(self) -> list[Rule]:
-        active, names = self._scripts()
-        return parse_rules(self._get(RULES_SCRIPT)) if RULES_SCRIPT in names else []
+        with _guard(self.where):
+            active, names = self._scripts()
+            return parse_rules(self._get(RULES_SCRIPT)) if RULES_SCRIPT in names else []
 
     def add(self, sender: str, folder: str) -> Rule:
         rules = self.rules()
         rule = Rule(id=max((r.id for r in rules), default=0) + 1, sender=sender, folder=folder)
-        self._store(rules + [rule])
+        with _guard(self.where):
+            self._store(rules + [rule])
         return rule
 
     def remove(self, rule_id: int) -> Rule:
         rules = self.rules()
         found = [r for r in rules if r.id == rule_id]
         if not found:
-            raise LookupError(f"no rule {rule_id} (see `gwsync rules list`)")
-        self._store([r for r in rules if r.id != rule_id])
+            raise NotFound(f"no rule {rule_id} (see `gwsync rules list`)")
+        with _guard(self.where):
+            self._store([r for r in rules if r.id != rule_id])
         return found[0]
 
     def _store(self, rules: list[Rule]) -> None:

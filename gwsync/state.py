@@ -115,6 +115,11 @@ def _identities(db: sqlite_utils.Database) -> None:
         add_column(db, table, "identity", str)
 
 
+def _lock_credentials(db: sqlite_utils.Database) -> None:
+    # Locks from before credentials had keys keep NULL and are found by account and service.
+    db.table("locks").add_column("credential", str)
+
+
 MIGRATIONS = [
     Migration(2, "folders, messages, runs: the first release", _first_release),
     Migration(2, "links, collections, membership, item_failures (calendar sync)", _calendar_tables),
@@ -122,6 +127,7 @@ MIGRATIONS = [
     Migration(2, "locks (credential locks)", _locks),
     Migration(2, "runs: last_success", _last_success),
     Migration(2, "links and membership: the activity's identity (recorded as version 1)", _identities),
+    Migration(3, "locks: the credential each lock is for", _lock_credentials),
 ]
 SCHEMA_VERSION = latest(MIGRATIONS)
 
@@ -138,13 +144,21 @@ class StateStore:
 
     # -- credential locks --------------------------------------------------------------------
 
-    def lock(self, account: str, service: str, reason: str) -> None:
-        """Mark a credential locked after a refused login: no further login until unlocked."""
+    def lock(self, account: str, service: str, reason: str, credential: str | None = None) -> None:
+        """Mark a credential locked after a refused login: no further login until unlocked.
+        `credential` names what was sent (see Engine.credential); every service that sends the
+        same one finds the lock."""
         with transaction(self.conn):
-            self.conn.execute("INSERT OR REPLACE INTO locks VALUES (?,?,?,?)", (account, service, reason, _now()))
+            self.conn.execute("INSERT OR REPLACE INTO locks (account, service, reason, locked_at, credential) "
+                              "VALUES (?,?,?,?,?)", (account, service, reason, _now(), credential))
 
-    def lock_of(self, account: str, service: str) -> dict | None:
-        rows = list(self.db.query("SELECT * FROM locks WHERE account = ? AND service = ?", [account, service]))
+    def lock_of(self, credential: str, users: Iterable[tuple[str, str]] = ()) -> dict | None:
+        """The lock on this credential, if any. `users` are the (account, service) pairs that
+        send it: they find the locks written before locks had a credential."""
+        rows = list(self.db.query("SELECT * FROM locks WHERE credential = ? ORDER BY locked_at", [credential]))
+        for account, service in users:
+            rows += self.db.query("SELECT * FROM locks WHERE credential IS NULL AND account = ? AND service = ?",
+                                  [account, service])
         return rows[0] if rows else None
 
     def locks(self) -> list[dict]:
@@ -153,7 +167,8 @@ class StateStore:
     def unlock(self, account: str) -> list[str]:
         """Clear the account's locks; returns the services that were locked."""
         with transaction(self.conn):
-            services = [r[0] for r in self.conn.execute("SELECT service FROM locks WHERE account = ?", (account,))]
+            services = [r[0] for r in self.conn.execute("SELECT service FROM locks WHERE account = ? "
+                                                        "ORDER BY service", (account,))]
             self.conn.execute("DELETE FROM locks WHERE account = ?", (account,))
         return services
 

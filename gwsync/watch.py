@@ -7,6 +7,9 @@ batches and the calendar sync between items, so a stop never leaves half an item
 A lock file next to the state database keeps a second `watch` from running on the same state.
 Each sync round takes the account's lock without waiting (gwsync.accountlock): when a `sync`,
 `review` or `push` has the account, the round is skipped and comes again after BUSY_RETRY.
+The IDLE threads log in through the watch, never on their own: once a login of the account was
+refused (by the server, or locked since an earlier run) none of them sends the credential again;
+the main thread locks it, and its rounds then say so without logging in.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from pathlib import Path
 from typing import Callable
 
 from .config import AccountConfig
-from .engine import CredentialLocked, Engine, SyncReport
-from .imap import ImapSession, LoginFailed, MailServerError, ServerUnreachable
+from .engine import Engine, SyncReport
+from .errors import Busy, CredentialLocked, GwsyncError, LoginRefused
+from .imap import ImapSession
 from .searches import summary_links
 
 log = logging.getLogger("gwsync.watch")
@@ -34,8 +38,8 @@ MAX_BACKOFF = 300
 BUSY_RETRY = 5.0  # seconds until a round skipped for another run on the account comes again
 
 
-class AlreadyRunning(Exception):
-    """Another `gwsync watch` holds the lock on this state database."""
+class AlreadyRunning(Busy):
+    """Another `gwsync watch` holds the lock on this state database (exit 1)."""
 
 
 class InstanceLock:
@@ -67,17 +71,18 @@ class InstanceLock:
 
 
 class IdleWatcher(threading.Thread):
-    """Holds one import folder in IMAP IDLE and calls `wake(account)` when mail arrives."""
+    """Holds one import folder in IMAP IDLE and calls `wake(account)` when mail arrives.
+    `login` opens its session (Watch.idle_login: never with a refused credential)."""
 
-    def __init__(self, engine: Engine, account: AccountConfig, folder: str, wake: Callable[[str], None],
-                 stop: threading.Event):
+    def __init__(self, login: Callable[[], ImapSession], account: AccountConfig, folder: str,
+                 wake: Callable[[str], None], stop: threading.Event):
         super().__init__(name=f"idle-{account.name}-{folder}", daemon=True)
+        self.login = login
         self.account = account
         self.folder = folder
         self.wake = wake
         self.stop_event = stop
         self.retired = threading.Event()
-        self.password = account.imap.secret.resolve()
 
     def retire(self) -> None:
         self.retired.set()
@@ -91,31 +96,28 @@ class IdleWatcher(threading.Thread):
             try:
                 self._idle_once()
                 backoff = 1.0
-            except LoginFailed:
-                return  # the main thread's next sync reports it and locks the credential
+            except (LoginRefused, CredentialLocked):
+                return  # the main thread locks the credential and reports it
             except Exception as exc:  # a watcher must outlive any server hiccup: log, wait, reconnect
                 log.info("IDLE on %s/%s: %s; reconnecting in %.0f s", self.account.name, self.folder, exc, backoff)
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, 60)
 
     def _idle_once(self) -> None:
-        session = ImapSession.connect(self.account.imap, self.password)
+        session = self.login()
         try:
-            session.client.select_folder(self.folder, readonly=True)
-            session.client.idle()
+            session.idle_start(self.folder)
             log.info("IDLE on %s/%s", self.account.name, self.folder)
             # Mail may have arrived between the last sync and this IDLE: look once.
             self.wake(self.account.name)
             started = time.monotonic()
             while not self._stopping():
-                responses = session.client.idle_check(timeout=IDLE_POLL)
-                if any(len(r) > 1 and r[1] in (b"EXISTS", b"RECENT") for r in responses):
+                if session.idle_wait(IDLE_POLL):
                     self.wake(self.account.name)
                 if time.monotonic() - started > IDLE_RENEW:
-                    session.client.idle_done()
-                    session.client.idle()
+                    session.idle_renew()
                     started = time.monotonic()
-            session.client.idle_done()
+            session.idle_done()
         finally:
             session.logout()
 
@@ -133,6 +135,38 @@ class Watch:
         self._wake_event = threading.Event()
         self._lock = threading.Lock()
         self._idlers: dict[tuple[str, str], IdleWatcher] = {}
+        self._login_lock = threading.Lock()  # one IDLE login at a time: a refusal stops the others
+        self._refused: dict[str, LoginRefused | None] = {}  # account -> the refusal not yet locked
+
+    def idle_login(self, account: AccountConfig, password: str) -> ImapSession:
+        """An IDLE thread's login. None is sent for an account whose login was refused or whose
+        credential is locked; a refusal is handed to the main thread, which locks it."""
+        with self._login_lock:
+            if account.name in self._refused:
+                raise CredentialLocked(f"account {account.name}: login refused earlier")
+            try:
+                return ImapSession.connect(account.imap, password)
+            except LoginRefused as exc:
+                self._refused[account.name] = exc
+                self._wake_event.set()
+                raise
+
+    def _lock_refused_logins(self) -> None:
+        """Lock (in the main thread, which owns the engine) what the IDLE threads were refused."""
+        with self._login_lock:
+            pending = [(name, exc) for name, exc in self._refused.items() if exc is not None]
+            for name, _ in pending:
+                self._refused[name] = None
+        by_name = {a.name: a for a in self.accounts}
+        for name, exc in pending:
+            self.say(f"gwsync: {self.engine.lock_refused(by_name[name], 'imap', exc)}")
+
+    def _stop_idling(self, account: AccountConfig) -> None:
+        """The account's credential is locked: its IDLE threads end and none logs in again."""
+        with self._login_lock:
+            self._refused.setdefault(account.name, None)
+        for key in [k for k in self._idlers if k[0] == account.name]:
+            self._idlers.pop(key).retire()
 
     def wake(self, account: str) -> None:
         with self._lock:
@@ -154,6 +188,7 @@ class Watch:
         by_name = {a.name: a for a in self.accounts}
         try:
             while not self.stop.is_set():
+                self._lock_refused_logins()
                 now = time.monotonic()
                 due = [a for a in self.accounts if next_due[a.name] <= now]
                 with self._lock:
@@ -190,6 +225,12 @@ class Watch:
                                   lock_wait=0, holder="watch")
         self._report(report, account)
         acc = report.accounts.get(account.name)
+        if acc is not None and acc.login_failed and account.imap is not None and self.engine.is_locked(account, "imap"):
+            self._stop_idling(account)
+        elif acc is not None and acc.mail is not None:  # logged in: unlocked since, IDLE may log in again
+            with self._login_lock:
+                if account.name in self._refused and self._refused[account.name] is None:
+                    del self._refused[account.name]
         if acc is not None and acc.busy:
             return "busy"
         return "ok" if report.exit_code == 0 else "failed"
@@ -234,17 +275,19 @@ class Watch:
         for account in self.accounts:
             if "mail" not in account.areas or account.imap is None:
                 continue
-            if self.engine.state.lock_of(account.name, "imap"):
+            if account.name in self._refused or self.engine.is_locked(account, "imap"):
                 continue
             try:
                 folders = self.engine.import_folders(account)
-            except (CredentialLocked, LoginFailed, ServerUnreachable, MailServerError, OSError):
-                continue  # the interval sync reports it
+                password = account.imap.secret.resolve()
+            except (GwsyncError, OSError):
+                continue  # the interval sync reports it (a refused login is locked already)
             for folder in folders:
                 wanted.add((account.name, folder.name))
                 if (account.name, folder.name) not in self._idlers or not self._idlers[
                         (account.name, folder.name)].is_alive():
-                    idler = IdleWatcher(self.engine, account, folder.name, self.wake, self.stop)
+                    idler = IdleWatcher(lambda a=account, pw=password: self.idle_login(a, pw), account, folder.name,
+                                        self.wake, self.stop)
                     self._idlers[(account.name, folder.name)] = idler
                     idler.start()
         for key in list(self._idlers):

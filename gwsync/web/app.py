@@ -250,27 +250,27 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
 
     @app.get("/")
     def index():
-        crm = engine().crm
-        counts = {name: crm.count_activities(quick_search(name)) for name in QUICK_SEARCHES}
-        held = engine().state.not_imported()
+        eng = engine()
+        counts = {name: eng.count_activities(quick_search(name)) for name in QUICK_SEARCHES}
+        held = eng.not_imported()
         return render_template("index.html", counts=counts, unknown=len(engine().unknown_senders()),
                                held=len(held))
 
     @app.get("/activities/<id:activity_id>")
     def activity(activity_id: int):
         eng = engine()
-        item = eng.crm.get_activity(activity_id)
+        item = eng.activity(activity_id)
         if item is None:
             abort(404, f"There is no activity #{activity_id}; it may have been deleted.")
-        contact = eng.crm.get_contact(item.contact_id) if item.contact_id else None
-        partner = eng.crm.get_partner(item.partner_id) if item.partner_id else None
+        contact = eng.contact(item.contact_id) if item.contact_id else None
+        partner = eng.partner(item.partner_id) if item.partner_id else None
         remote_images = request.args.get("images") == "remote"  # the reader asked for them
         safe = (sanitise_mail_html(item.body_html, remote_images=remote_images)
                 if item.body_html and not request.args.get("text") else None)
         page = render_template("activity.html", a=item, contact=contact, partner=partner,
                                html_body=Markup(safe.markup) if safe else None,
                                blocked_images=safe.blocked_images if safe else 0, remote_images=remote_images,
-                               links=eng.state.links_of_activity(activity_id, item.identity))
+                               links=eng.calendar_links(item))
         response = app.make_response(page)
         if remote_images:
             response.headers["Content-Security-Policy"] = PAGE_POLICY.replace("img-src 'self'",
@@ -279,11 +279,11 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
 
     @app.get("/activities/<id:activity_id>/documents/<id:number>")
     def document(activity_id: int, number: int):
-        item = engine().crm.get_activity(activity_id)
+        item = engine().activity(activity_id)
         if item is None or not 1 <= number <= len(item.documents):
             abort(404, f"Activity #{activity_id} has no document {number}.")
         doc = item.documents[number - 1]
-        path = engine().crm.document_path(doc.sha256)
+        path = engine().document_path(doc.sha256)
         if not path.is_file():
             abort(404, f"The file of {doc.filename} is missing from the document store.")
         ctype = (doc.content_type or "").lower()
@@ -304,19 +304,19 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
 
     @app.get("/partners/<id:partner_id>")
     def partner(partner_id: int):
-        found = engine().crm.get_partner(partner_id)
+        found = engine().partner(partner_id)
         if found is None:
             abort(404, f"There is no partner #{partner_id}.")
-        contacts = [c for c in engine().crm.list_contacts() if c.partner_id == partner_id]
+        contacts = [c for c in engine().contacts() if c.partner_id == partner_id]
         return _activity_list(engine(), ActivityFilter(partner_id=partner_id), f"Activities of {found.name}",
                               partner=found, contacts=contacts)
 
     @app.get("/contacts/<id:contact_id>")
     def contact(contact_id: int):
-        found = engine().crm.get_contact(contact_id)
+        found = engine().contact(contact_id)
         if found is None:
             abort(404, f"There is no contact #{contact_id}.")
-        partner = engine().crm.get_partner(found.partner_id) if found.partner_id else None
+        partner = engine().partner(found.partner_id) if found.partner_id else None
         return _activity_list(engine(), ActivityFilter(contact_id=contact_id), f"Activities of {found.name}",
                               contact=found, partner=partner)
 
@@ -326,9 +326,9 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
 
     def _unknown_page(error: str | None = None, status: int = 200):
         eng = engine()
-        partners = eng.crm.list_partners()
+        partners = eng.partners()
         names = {p.id: p.name for p in partners}
-        return render_template("unknown.html", senders=eng.unknown_senders(), contacts=eng.crm.list_contacts(),
+        return render_template("unknown.html", senders=eng.unknown_senders(), contacts=eng.contacts(),
                                partners=partners, partner_names=names, error=error), status
 
     @app.post("/unknown/assign")
@@ -364,7 +364,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
 
     @app.get("/held")
     def held():
-        rows = engine().state.not_imported()
+        rows = engine().not_imported()
         return render_template("held.html", rows=rows)
 
     # -- login -------------------------------------------------------------------------------
@@ -410,15 +410,15 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
 def _activity_list(eng: Engine, flt: ActivityFilter, title: str, **extra):
     given = request.args.get("page") or "1"
     page = _whole_number(given)
-    total = eng.crm.count_activities(flt)
+    total = eng.count_activities(flt)
     pages = max(1, math.ceil(total / PAGE_SIZE))
     if page is None or page > pages:  # nor can an offset grow beyond what SQLite holds
         abort(404, f"There is no page {given[:30]} of this list; it has {pages} page{'s' if pages > 1 else ''}.")
     paged = replace(flt, newest_first=True, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
-    items = eng.crm.list_activities(paged)
+    items = eng.activities(paged)
     # names of just the contacts and partners on this page (a CRM may have thousands)
-    contacts = {c.id: c.name for c in map(eng.crm.get_contact, {a.contact_id for a in items if a.contact_id}) if c}
-    partners = {p.id: p.name for p in map(eng.crm.get_partner, {a.partner_id for a in items if a.partner_id}) if p}
+    contacts = {c.id: c.name for c in map(eng.contact, {a.contact_id for a in items if a.contact_id}) if c}
+    partners = {p.id: p.name for p in map(eng.partner, {a.partner_id for a in items if a.partner_id}) if p}
     return render_template("list.html", title=title, items=items, total=total, page=page, pages=pages,
                            contact_names=contacts, partner_names=partners, **extra)
 
@@ -428,7 +428,7 @@ def _chosen_contact(eng: Engine, text: str) -> int | None:
     match = re.match(r"#([0-9]+)\b", text)
     if match:
         return _whole_number(match.group(1))
-    named = [c.id for c in eng.crm.list_contacts() if c.name.casefold() == text.casefold()]
+    named = [c.id for c in eng.contacts() if c.name.casefold() == text.casefold()]
     return named[0] if len(named) == 1 else None
 
 
