@@ -300,8 +300,9 @@ def test_every_earlier_state_database_reaches_the_schema_of_a_new_one_keeping_it
     state = StateStore(path)
     try:  # every table answers, also those an earlier version made on first use only
         assert [lock["account"] for lock in state.locks()] == (["bob"] if fixture == "state-v1.sqlite" else [])
-        state.lock("dave", "caldav", "login refused")
-        assert state.lock_of("dave", "caldav")["reason"] == "login refused"
+        state.lock("dave", "caldav", "login refused", credential="caldav dave@dav.example")
+        assert state.lock_of("caldav dave@dav.example")["reason"] == "login refused"
+        assert state.lock_of("other", users=[("dave", "caldav")]) is None  # keyed: found by its credential
         state.save_dav_cache("dave", "events", "src", "https://dav.example/dave/", "basic")
         assert state.dav_cache("dave", "events", "src") == ("https://dav.example/dave/", "basic")
         state.record_run("dave", "events", True, {}, None)
@@ -317,6 +318,9 @@ def test_the_version_1_state_keeps_its_lock_links_tokens_and_last_success(tmp_pa
     state = StateStore(path)
     try:
         assert [(l["account"], l["service"]) for l in state.locks()] == [("bob", "imap")]
+        # A lock from before locks had credentials still stops the service that set it.
+        assert state.lock_of("imap bob@mail.example", users=[("bob", "imap")])["account"] == "bob"
+        assert state.lock_of("imap bob@mail.example", users=[("alice", "imap")]) is None
         assert sorted(l.activity_id for l in state.links("alice", "events")) == [1, 5]
         assert all(l.identity and len(l.identity) == 36 for l in state.links("alice", "events"))
         assert state.sync_token("alice", "events", "https://dav.example/alice/calendar/") == "token-17"
