@@ -8,30 +8,38 @@ PreconditionFailed: the caller re-reads and reconciles, it never overwrites.
 
 from __future__ import annotations
 
+import functools
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urljoin, urlsplit
-
-import urllib3.exceptions
-from caldav.davclient import DAVClient
-from caldav.lib import error as caldav_error
-from caldav.lib.http_sync import requests as http
 
 from .errors import LoginRefused, ServiceError, ServiceUnreachable
 
-NS = {"d": "DAV:", "c": "urn:ietf:params:xml:ns:caldav"}
-# What the HTTP stack raises for a connection that fails or drops (niquests' errors are OSErrors;
-# urllib3's and urllib3-future's are not).
-TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (OSError, http.exceptions.RequestException,
-                                                     urllib3.exceptions.HTTPError)
-try:
-    import urllib3_future.exceptions
+if TYPE_CHECKING:  # the caldav library and its HTTP stack load on the first connect, not before
+    from caldav.davclient import DAVClient
 
-    TRANSPORT_ERRORS += (urllib3_future.exceptions.HTTPError,)
-except ImportError:
-    pass
+NS = {"d": "DAV:", "c": "urn:ietf:params:xml:ns:caldav"}
 MULTIGET_BATCH = 200
+
+
+@functools.cache
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """What the HTTP stack raises for a connection that fails or drops (niquests' errors are
+    OSErrors; urllib3's and urllib3-future's are not)."""
+    import urllib3.exceptions
+    from caldav.lib.http_sync import requests as http
+
+    errors: tuple[type[BaseException], ...] = (OSError, http.exceptions.RequestException,
+                                               urllib3.exceptions.HTTPError)
+    try:
+        import urllib3_future.exceptions
+
+        errors += (urllib3_future.exceptions.HTTPError,)
+    except ImportError:
+        pass
+    return errors
 
 
 class DavError(ServiceError):
@@ -65,6 +73,8 @@ def connect(url: str, username: str, password: str, verify: bool | str = True, t
             auth_type: str | None = None) -> DAVClient:
     """A client; with `auth_type` (remembered from an earlier run) the credentials go with the
     first request instead of after a 401 challenge, which saves a request per run."""
+    from caldav.davclient import DAVClient
+
     return DAVClient(url, username=username, password=password, ssl_verify_cert=verify, timeout=timeout,
                      require_tls=False, enable_rfc6764=False, auth_type=auth_type)
 
@@ -91,6 +101,8 @@ class Collection:
     # -- transport ---------------------------------------------------------------------------
 
     def _request(self, url: str, method: str, body: str = "", headers: dict | None = None):
+        from caldav.lib import error as caldav_error
+
         self.requests += 1
         try:
             response = self.client.request(url, method, body, headers or {})
@@ -101,7 +113,7 @@ class Collection:
             raise DavLoginFailed(f"CalDAV {self.url}: login refused (HTTP 401)")
         except caldav_error.RateLimitError as exc:
             raise DavUnreachable(f"CalDAV {self.url}: server busy ({exc})")
-        except TRANSPORT_ERRORS as exc:
+        except transport_errors() as exc:
             raise DavUnreachable(f"CalDAV {self.url}: cannot connect ({_reason(exc)})")
         except caldav_error.DAVError as exc:
             raise DavError(f"CalDAV {url}: {method} failed ({exc})")

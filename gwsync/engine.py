@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 from urllib.parse import urlsplit
 
 from imapclient.exceptions import IMAPClientAbortError
@@ -29,14 +29,15 @@ from imapclient.exceptions import IMAPClientAbortError
 from .accountlock import AccountBusy, AccountLocks, FileAccountLocks
 from .config import AREAS, AccountConfig, Config, ConfigError
 from . import dav
-from .calsync import CalendarResult, CalendarSync
 from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Partner
 from .dav import Collection
-from .crmstore import EmbeddedCRM
 from .errors import CredentialLocked, GwsyncError, LoginRefused, NotFound, ServiceError, StoreError, UsageError
 from .imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
-from .mailimport import MailImporter, MailResult, PendingMail, ProgressFn
 from .state import FAILED, HELD, QUARANTINED, CalendarLink, MailRecord, StateStore
+
+if TYPE_CHECKING:  # loaded by the areas that use them: a mail sync never reads iCalendar
+    from .calsync import CalendarResult
+    from .mailimport import MailResult, PendingMail, ProgressFn
 
 log = logging.getLogger("gwsync")
 
@@ -120,6 +121,8 @@ class AccountReport:
 def _merge_mail(a: MailResult | None, b: MailResult | None) -> MailResult | None:
     if a is None or b is None:
         return a or b
+    from .mailimport import MailResult
+
     return MailResult(imported=a.imported + b.imported, held=b.held, failed=b.failed,
                       archived_again=a.archived_again + b.archived_again, activities=a.activities + b.activities,
                       errors=b.errors, quarantined=b.quarantined)
@@ -128,6 +131,8 @@ def _merge_mail(a: MailResult | None, b: MailResult | None) -> MailResult | None
 def _merge_calendar(a: CalendarResult | None, b: CalendarResult) -> CalendarResult:
     if a is None:
         return b
+    from .calsync import CalendarResult
+
     return CalendarResult(counts={k: a.counts.get(k, 0) + v for k, v in b.counts.items()}, errors=b.errors,
                           conflicts=a.conflicts + b.conflicts, requests=a.requests + b.requests,
                           plan=b.plan if b.plan is not None else a.plan)
@@ -155,6 +160,8 @@ class SyncReport:
 
 class Engine:
     def __init__(self, config: Config, crm: CRMBackend | None = None, locks: AccountLocks | None = None):
+        from .crmstore import EmbeddedCRM  # not needed by a host CRM
+
         self.config = config
         self.crm = crm or EmbeddedCRM(config.crm.database, config.crm.documents, config.crm.statuses,
                                       config.crm.link)
@@ -397,6 +404,8 @@ class Engine:
 
     def _sync_calendar(self, account: AccountConfig, area: str, acc_report: AccountReport, dry_run: bool,
                        force: bool) -> None:
+        from .calsync import CalendarSync
+
         name = account.name
         try:
             collection = self.collection(account, area)
@@ -421,6 +430,8 @@ class Engine:
 
     def _sync_mail(self, account: AccountConfig, acc_report: AccountReport, dry_run: bool,
                    progress: ProgressFn | None) -> None:
+        from .mailimport import MailImporter
+
         name = account.name
         try:
             session = self.connect_imap(account)
@@ -663,6 +674,8 @@ class Engine:
     def pending_mail(self, account: AccountConfig) -> list[PendingMail]:
         """The mail waiting in the account's import folders, as the import would see it (one
         login, no lock, nothing changed): for a review to choose from."""
+        from .mailimport import MailImporter
+
         with self._naming(account):
             session = self.connect_imap(account)
             try:
@@ -673,6 +686,8 @@ class Engine:
     def waiting_items(self, account: AccountConfig, area: str) -> list:
         """New items on the account's events or tasks collection that the CRM does not have yet,
         as (href, item data): for a review to leave some out (Selection.skip)."""
+        from .calsync import CalendarSync
+
         with self._naming(account):
             collection = self.collection(account, area)
             with self._locking(account, "caldav"):

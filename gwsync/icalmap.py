@@ -1,6 +1,7 @@
 """Mapping between CRM activities and iCalendar items (pure: text in, text or data out).
 
-Reading uses the icalendar library. Writing an update edits the item's text at the level of
+Reading uses the icalendar library (imported on first use: a sync that reads no item, and
+every command that reads none, never loads it). Writing an update edits the item's text at the level of
 content lines: only the properties gwsync maps are replaced in the master component; every
 other line (alarms, attendees, recurrence overrides, X- properties, other clients' data) is
 kept byte-for-byte, folding included.
@@ -21,9 +22,11 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import icalendar
+if TYPE_CHECKING:
+    import icalendar
 
 FIELDS = ("kind", "status", "subject", "body", "location", "start", "end", "due", "rrule")
 EVENT, TODO = "VEVENT", "VTODO"
@@ -144,6 +147,8 @@ def read_item(text: str, done_status: str, open_status: str, trusted: bool = Tru
     """Parse an item. gwsync's own properties count when `trusted` (an item this store linked)
     or when the item carries this `store`'s identity. `kinds` (kind -> "events" or "tasks", as
     in [crm.kinds]) refuses a kind of the other component's area."""
+    import icalendar
+
     try:
         cal = icalendar.Calendar.from_ical(text)
         comp = _master(cal)
@@ -284,6 +289,8 @@ def _props_for(fields: dict, changed: set[str], component: str, done_status: str
     if "kind" in changed:
         props[KIND_PROP] = [fields["kind"]] if fields.get("kind") else []
     if "rrule" in changed:
+        import icalendar
+
         props["RRULE"] = [icalendar.vRecur.from_ical(fields["rrule"])] if fields.get("rrule") else []
     return props, zones
 
@@ -295,6 +302,8 @@ _TEXT_PROPS = {"SUMMARY", "DESCRIPTION", "LOCATION", "X-ALT-DESC", ACTIVITY_ID_P
 def _content_lines(component: str, props: dict[str, list]) -> dict[str, list[str]]:
     """Serialise properties; returns name -> physical lines (folded). Text properties are
     written directly (the write-back path runs once per item); the rest through icalendar."""
+    import icalendar
+
     out: dict[str, list[str]] = {name: [] for name in props}
     comp = icalendar.Todo() if component == TODO else icalendar.Event()
     for name, values in props.items():
@@ -454,6 +463,8 @@ def _own_level(entries: list[_Entry], begin: int, end: int) -> set[int]:
 
 
 def _vtimezone(key: str) -> str:
+    import icalendar
+
     try:
         tz = icalendar.Timezone.from_tzid(key)
     except Exception:
