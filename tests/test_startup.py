@@ -12,12 +12,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import gwsync
 from conftest import make_mail
 
 DONE = "INBOX/CRM Erledigt [E]"
+# The checkout under test, first on the child's path (whatever its working directory).
+CODE = Path(gwsync.__file__).resolve().parent.parent
 
 # Third-party stacks, by top-level package, that only calendar, web, rules or a terminal need.
 CALENDAR_STACK = {"caldav", "niquests", "urllib3", "icalendar"}
@@ -33,8 +37,9 @@ def imported_by(args: list[str], config=None) -> tuple[subprocess.CompletedProce
     process and the full names of every module it imported."""
     command = [sys.executable, "-c", args[0]] if config is None else \
         [sys.executable, "-m", "gwsync.cli", "--config", str(config), *args]
-    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+    path = os.pathsep.join(p for p in (str(CODE), os.environ.get("PYTHONPATH")) if p)
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120, cwd=CODE,
+                          env={**os.environ, "PYTHONPATH": path, "PYTHONPROFILEIMPORTTIME": "1"})
     modules = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
                if line.startswith("import time:") and "|" in line}
     modules.discard("imported package")  # the header line
