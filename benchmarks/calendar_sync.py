@@ -31,7 +31,7 @@ import _setup  # noqa: F401 - puts this checkout of gwsync first on sys.path
 from gwsync.config import parse_config  # noqa: E402
 from gwsync.crm import ActivityFilter  # noqa: E402
 from gwsync.engine import Engine  # noqa: E402
-from gwsync.localservers import Radicale  # noqa: E402
+from gwsync.demo.localservers import Radicale  # noqa: E402
 
 
 def calendar(n: int, prefix: str) -> str:
@@ -128,7 +128,7 @@ def bench_raw_puts(server: Radicale, home: str, user: str) -> float:
     import base64
     import http.client
 
-    from gwsync.dav import Collection, connect
+    from gwsync.calendar.dav import Collection, connect
 
     collection = Collection(connect(home, user, server.password_for(user), auth_type="basic"), home + "calendar/")
     collection.changes_since(None)  # Radicale keeps sync history once asked: the same server state as gwsync's

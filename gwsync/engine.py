@@ -28,15 +28,15 @@ from imapclient.exceptions import IMAPClientAbortError
 
 from .accountlock import AccountBusy, AccountLocks, FileAccountLocks
 from .config import AREAS, AccountConfig, Config, ConfigError
-from . import dav
-from .calsync import CalendarResult, CalendarSync
+from .calendar import dav
+from .calendar.sync import CalendarResult, CalendarSync
 from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Partner
-from .dav import Collection
-from .crmstore import EmbeddedCRM
+from .calendar.dav import Collection
+from .crm.embedded import EmbeddedCRM
 from .errors import CredentialLocked, GwsyncError, LoginRefused, NotFound, ServiceError, StoreError, UsageError
-from .imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
-from .mailimport import MailImporter, MailResult, PendingMail, ProgressFn
-from .state import FAILED, HELD, QUARANTINED, CalendarLink, MailRecord, StateStore
+from .mail.imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
+from .mail.importer import MailImporter, MailResult, PendingMail, ProgressFn
+from .storage.state import FAILED, HELD, QUARANTINED, CalendarLink, MailRecord, StateStore
 
 log = logging.getLogger("gwsync")
 
@@ -559,7 +559,7 @@ class Engine:
     def unknown_senders(self) -> list[dict]:
         """Addresses of unassigned imported mail and of held mail, with counts and the partner
         their domain matches, if any."""
-        from .decisions import sender_domain
+        from .mail.decisions import sender_domain
 
         counts: dict[str, dict] = {}
         for address, count in self.crm.unassigned_senders().items():
@@ -604,7 +604,7 @@ class Engine:
     def sieve(self, account: AccountConfig):
         """The account's rules on its ManageSieve server, logged in for the block, unless the
         credential is locked; a refused login locks it. Errors name the account."""
-        from .sieve import SieveRules
+        from .mail.sieve import SieveRules
 
         cfg = account.sieve
         if cfg is None:
@@ -631,7 +631,7 @@ class Engine:
     def import_folder_name(self, account: AccountConfig, folder: str) -> str:
         """A full import folder name from a full name or just its last element, checked against
         the pattern and the CRM's status keys."""
-        from .folders import parse_import_folder
+        from .mail.folders import parse_import_folder
 
         full = folder if "/" in folder or folder.upper().startswith("INBOX") else \
             f"{account.imap.import_root}/{folder}"

@@ -9,7 +9,10 @@ from pathlib import Path
 import click
 import pytest
 
-from gwsync import accountlock, config, dav, engine, errors, imap, sieve, watch
+from gwsync import accountlock, config, engine, errors
+from gwsync.calendar import dav
+from gwsync.cli import watch
+from gwsync.mail import imap, sieve
 from gwsync.cli import main
 
 PACKAGE = Path(engine.__file__).resolve().parent

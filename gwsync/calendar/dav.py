@@ -18,7 +18,7 @@ from caldav.davclient import DAVClient
 from caldav.lib import error as caldav_error
 from caldav.lib.http_sync import requests as http
 
-from .errors import LoginRefused, ServiceError, ServiceUnreachable
+from ..errors import LoginRefused, ServiceError, ServiceUnreachable
 
 NS = {"d": "DAV:", "c": "urn:ietf:params:xml:ns:caldav"}
 # What the HTTP stack raises for a connection that fails or drops (niquests' errors are OSErrors;
