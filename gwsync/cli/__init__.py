@@ -229,7 +229,7 @@ def status(obj: Context, as_json) -> None:
 def watch(obj: Context, accounts) -> None:
     """Sync every account at its interval and import new mail within seconds (IMAP IDLE),
     until stopped with Ctrl-C or SIGTERM."""
-    from .watch import InstanceLock, Watch
+    from .watcher import InstanceLock, Watch
 
     with obj.engine() as engine:
         selected = engine.select_accounts(accounts)
@@ -585,7 +585,7 @@ def assign(obj: Context, email, contact_id, new_contact, partner_id, as_json) ->
 def review(obj: Context, account) -> None:
     """Look first, then import: choose areas, leave out mail or items, fill mandatory fields,
     give attachments a category and keyword ([crm] attachment_review = true), see the result."""
-    from .review import run_review
+    from .reviewer import run_review
 
     with obj.engine() as engine:
         if account:

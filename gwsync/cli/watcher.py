@@ -31,7 +31,7 @@ from ..errors import Busy, CredentialLocked, GwsyncError, LoginRefused
 from ..mail.imap import ImapSession
 from ..crm.searches import summary_links
 
-log = logging.getLogger("gwsync.cli.watch")
+log = logging.getLogger("gwsync.watch")
 IDLE_RENEW = 24 * 60  # seconds; servers may drop an IDLE after 30 minutes (RFC 2177)
 IDLE_POLL = 1.0  # how often an IDLE thread looks at the stop flag
 MAX_BACKOFF = 300
