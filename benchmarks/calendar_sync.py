@@ -38,7 +38,7 @@ import _setup  # puts this checkout of gwsync first on sys.path
 from gwsync.config import load_config  # noqa: E402
 from gwsync.crm import ActivityFilter  # noqa: E402
 from gwsync.engine import Engine  # noqa: E402
-from gwsync.localservers import Radicale  # noqa: E402
+from gwsync.demo.localservers import Radicale  # noqa: E402
 
 
 def calendar(n: int, prefix: str) -> str:
@@ -174,7 +174,7 @@ def bench_raw_puts(server: Radicale, home: str, user: str) -> float:
     import base64
     import http.client
 
-    from gwsync.dav import Collection, connect
+    from gwsync.calendar.dav import Collection, connect
 
     collection = Collection(connect(home, user, server.password_for(user), auth_type="basic"), home + "calendar/")
     collection.changes_since(None)  # Radicale keeps sync history once asked: the same server state as gwsync's

@@ -24,7 +24,7 @@ from imapclient import IMAPClient
 
 from _setup import ROOT, imap_account, write_config
 
-from gwsync.localservers import Dovecot  # noqa: E402
+from gwsync.demo.localservers import Dovecot  # noqa: E402
 
 FOLDER = "INBOX/CRM Erledigt [E]"
 

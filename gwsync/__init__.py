@@ -23,12 +23,12 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from .config import Config, ConfigError, load_config, parse_config
     from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Document, Partner
-    from .crmstore import EmbeddedCRM
+    from .crm.embedded import EmbeddedCRM
     from .engine import Engine, SyncReport
 
 _WHERE = {"Config": "config", "ConfigError": "config", "load_config": "config", "parse_config": "config",
           "Activity": "crm", "ActivityDraft": "crm", "ActivityFilter": "crm", "Contact": "crm",
-          "CRMBackend": "crm", "Document": "crm", "Partner": "crm", "EmbeddedCRM": "crmstore",
+          "CRMBackend": "crm", "Document": "crm", "Partner": "crm", "EmbeddedCRM": "crm.embedded",
           "Engine": "engine", "SyncReport": "engine"}
 
 __all__ = ["Engine", "SyncReport", "Config", "ConfigError", "load_config", "parse_config", "CRMBackend",

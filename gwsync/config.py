@@ -40,7 +40,7 @@ from msgspec import Meta
 
 from . import errors
 from .accountlock import DEFAULT_WAIT
-from .folders import parse_import_folder
+from .mail.folders import parse_import_folder
 
 Area = Literal["mail", "events", "tasks"]
 Security = Literal["tls", "starttls", "none"]

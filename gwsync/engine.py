@@ -28,16 +28,16 @@ from imapclient.exceptions import IMAPClientAbortError
 
 from .accountlock import AccountBusy, AccountLocks, FileAccountLocks
 from .config import AREAS, AccountConfig, Config, ConfigError
-from . import dav
+from .calendar import dav
 from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Partner
-from .dav import Collection
+from .calendar.dav import Collection
 from .errors import CredentialLocked, GwsyncError, LoginRefused, NotFound, ServiceError, StoreError, UsageError
-from .imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
-from .state import FAILED, HELD, QUARANTINED, CalendarLink, MailRecord, StateStore
+from .mail.imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
+from .storage.state import FAILED, HELD, QUARANTINED, CalendarLink, MailRecord, StateStore
 
 if TYPE_CHECKING:  # loaded by the areas that use them: a mail sync never reads iCalendar
-    from .calsync import CalendarResult
-    from .mailimport import MailResult, PendingMail, ProgressFn
+    from .calendar.sync import CalendarResult
+    from .mail.importer import MailResult, PendingMail, ProgressFn
 
 log = logging.getLogger("gwsync")
 
@@ -121,7 +121,7 @@ class AccountReport:
 def _merge_mail(a: MailResult | None, b: MailResult | None) -> MailResult | None:
     if a is None or b is None:
         return a or b
-    from .mailimport import MailResult
+    from .mail.importer import MailResult
 
     return MailResult(imported=a.imported + b.imported, held=b.held, failed=b.failed,
                       archived_again=a.archived_again + b.archived_again, activities=a.activities + b.activities,
@@ -131,7 +131,7 @@ def _merge_mail(a: MailResult | None, b: MailResult | None) -> MailResult | None
 def _merge_calendar(a: CalendarResult | None, b: CalendarResult) -> CalendarResult:
     if a is None:
         return b
-    from .calsync import CalendarResult
+    from .calendar.sync import CalendarResult
 
     return CalendarResult(counts={k: a.counts.get(k, 0) + v for k, v in b.counts.items()}, errors=b.errors,
                           conflicts=a.conflicts + b.conflicts, requests=a.requests + b.requests,
@@ -160,7 +160,7 @@ class SyncReport:
 
 class Engine:
     def __init__(self, config: Config, crm: CRMBackend | None = None, locks: AccountLocks | None = None):
-        from .crmstore import EmbeddedCRM  # not needed by a host CRM
+        from .crm.embedded import EmbeddedCRM  # not needed by a host CRM
 
         self.config = config
         self.crm = crm or EmbeddedCRM(config.crm.database, config.crm.documents, config.crm.statuses,
@@ -404,7 +404,7 @@ class Engine:
 
     def _sync_calendar(self, account: AccountConfig, area: str, acc_report: AccountReport, dry_run: bool,
                        force: bool) -> None:
-        from .calsync import CalendarSync
+        from .calendar.sync import CalendarSync
 
         name = account.name
         try:
@@ -430,7 +430,7 @@ class Engine:
 
     def _sync_mail(self, account: AccountConfig, acc_report: AccountReport, dry_run: bool,
                    progress: ProgressFn | None) -> None:
-        from .mailimport import MailImporter
+        from .mail.importer import MailImporter
 
         name = account.name
         try:
@@ -570,7 +570,7 @@ class Engine:
     def unknown_senders(self) -> list[dict]:
         """Addresses of unassigned imported mail and of held mail, with counts and the partner
         their domain matches, if any."""
-        from .decisions import sender_domain
+        from .mail.decisions import sender_domain
 
         counts: dict[str, dict] = {}
         for address, count in self.crm.unassigned_senders().items():
@@ -615,7 +615,7 @@ class Engine:
     def sieve(self, account: AccountConfig):
         """The account's rules on its ManageSieve server, logged in for the block, unless the
         credential is locked; a refused login locks it. Errors name the account."""
-        from .sieve import SieveRules
+        from .mail.sieve import SieveRules
 
         cfg = account.sieve
         if cfg is None:
@@ -642,7 +642,7 @@ class Engine:
     def import_folder_name(self, account: AccountConfig, folder: str) -> str:
         """A full import folder name from a full name or just its last element, checked against
         the pattern and the CRM's status keys."""
-        from .folders import parse_import_folder
+        from .mail.folders import parse_import_folder
 
         full = folder if "/" in folder or folder.upper().startswith("INBOX") else \
             f"{account.imap.import_root}/{folder}"
@@ -674,7 +674,7 @@ class Engine:
     def pending_mail(self, account: AccountConfig) -> list[PendingMail]:
         """The mail waiting in the account's import folders, as the import would see it (one
         login, no lock, nothing changed): for a review to choose from."""
-        from .mailimport import MailImporter
+        from .mail.importer import MailImporter
 
         with self._naming(account):
             session = self.connect_imap(account)
@@ -686,7 +686,7 @@ class Engine:
     def waiting_items(self, account: AccountConfig, area: str) -> list:
         """New items on the account's events or tasks collection that the CRM does not have yet,
         as (href, item data): for a review to leave some out (Selection.skip)."""
-        from .calsync import CalendarSync
+        from .calendar.sync import CalendarSync
 
         with self._naming(account):
             collection = self.collection(account, area)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gwsync.calsync import CalendarResult, CalendarSync
+from gwsync.calendar.sync import CalendarResult, CalendarSync
 from gwsync.config import parse_config
 from gwsync.crm import ActivityDraft, ActivityFilter
-from gwsync.crmstore import EmbeddedCRM
-from gwsync.icalmap import read_item
-from gwsync.state import StateStore
+from gwsync.crm.embedded import EmbeddedCRM
+from gwsync.calendar.icalmap import read_item
+from gwsync.storage.state import StateStore
 from gwsync.testing import MemoryCollection
 
 LINK = "https://crm.example.com/activities/{id}"

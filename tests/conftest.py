@@ -17,7 +17,7 @@ from imapclient import IMAPClient
 from gwsync.cli import main
 from gwsync.config import load_config
 from gwsync.engine import Engine
-from gwsync.localservers import Dovecot, Radicale
+from gwsync.demo.localservers import Dovecot, Radicale
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 _user_counter = itertools.count(1)
@@ -87,7 +87,7 @@ class GwEnv:
 
     def dav_items(self, area: str) -> dict[str, tuple[str, str]]:
         """name -> (ETag, text) of every item in the collection."""
-        from gwsync.dav import Collection
+        from gwsync.calendar.dav import Collection
 
         coll = Collection(self.dav(), self.collection_url(area))
         items = coll.multiget(sorted(coll.list_etags()))

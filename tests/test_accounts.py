@@ -52,7 +52,7 @@ def test_a_wrong_password_reaches_each_server_exactly_once_over_several_runs(mak
 
 
 def test_an_unreachable_server_is_retried_and_never_locks(env):
-    from gwsync.localservers import free_port
+    from gwsync.demo.localservers import free_port
 
     port = env.dovecot.port
     env.config_path.write_text(env.config_path.read_text().replace(f"port = {port}", f"port = {free_port()}"))
@@ -82,7 +82,7 @@ def test_no_password_in_verbose_output_or_any_database_file(make_env, monkeypatc
 
 @pytest.fixture(scope="module")
 def tls_dovecot():
-    from gwsync.localservers import Dovecot
+    from gwsync.demo.localservers import Dovecot
 
     server = Dovecot.start(tls=True)
     yield server

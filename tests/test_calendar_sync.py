@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gwsync.crm import ActivityFilter
-from gwsync.icalmap import read_item
+from gwsync.calendar.icalmap import read_item
 
 OTHER = (Path(__file__).resolve().parent.parent / "fixtures" / "ical" / "other-client-event.ics").read_text()
 AREAS = ("events", "tasks")
@@ -181,8 +181,8 @@ def test_mass_deletion_guard_stops_and_force_passes(cal):
 def test_a_concurrent_change_between_read_and_write_loses_neither_edit(cal):
     """The server item changes after gwsync listed it and before it writes: the 412 makes gwsync
     read it again and merge, instead of overwriting the other client's edit."""
-    from gwsync.calsync import CalendarSync
-    from gwsync.dav import Collection
+    from gwsync.calendar.sync import CalendarSync
+    from gwsync.calendar.dav import Collection
 
     cal.dav_put("events", "c.ics", event("c", "Start"))
     sync(cal)
@@ -275,7 +275,7 @@ def test_wrong_collection_name_is_one_clear_error(make_env):
 
 
 def test_wrong_caldav_password_and_dead_server_are_one_line_each(make_env):
-    from gwsync.localservers import free_port
+    from gwsync.demo.localservers import free_port
 
     env = make_env(areas=("events",))
     original = env.config_path.read_text()
@@ -298,8 +298,8 @@ def test_wrong_caldav_password_and_dead_server_are_one_line_each(make_env):
 def test_a_foreign_edit_during_our_own_writes_is_never_skipped(cal):
     """After writing, gwsync takes a fresher sync token only when the delta holds nothing but its
     own writes; an edit by another client at that very moment must still reach the CRM."""
-    from gwsync.calsync import CalendarSync
-    from gwsync.dav import Collection
+    from gwsync.calendar.sync import CalendarSync
+    from gwsync.calendar.dav import Collection
 
     cal.dav_put("events", "x.ics", event("x", "Original"))
     sync(cal)
@@ -332,7 +332,7 @@ class _Crash(BaseException):
 
 
 def _run_with(cal, collection_class):
-    from gwsync.calsync import CalendarSync
+    from gwsync.calendar.sync import CalendarSync
 
     config = cal.config()
     account = config.account("alice")
@@ -350,7 +350,7 @@ def test_a_crash_right_after_creating_on_the_server_creates_no_twin(cal):
     """The PUT went through, the process died before saving the link. The rerun matches the item
     by the UID derived from the activity; and where the server's listing lags behind its writes,
     the repeated create meets its own item (412), adopts and links it."""
-    from gwsync.dav import Collection
+    from gwsync.calendar.dav import Collection
 
     class DiesAfterCreate(Collection):
         def create(self, href, data):
@@ -380,7 +380,7 @@ def test_a_crash_right_after_creating_on_the_server_creates_no_twin(cal):
 
 
 def test_a_crash_between_the_crm_create_and_the_link_write_back_creates_no_twin(cal):
-    from gwsync.dav import Collection
+    from gwsync.calendar.dav import Collection
 
     class DiesBeforeWriteBack(Collection):
         def update(self, href, data, etag):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from calworld import CalWorld, event
 
-from gwsync.calsync import CreateInCRM, CreateOnServer, DeleteInCRM, DeleteOnServer, Relink
-from gwsync.dav import DavError, DavUnreachable
+from gwsync.calendar.sync import CreateInCRM, CreateOnServer, DeleteInCRM, DeleteOnServer, Relink
+from gwsync.calendar.dav import DavError, DavUnreachable
 
 
 @pytest.fixture

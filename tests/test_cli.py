@@ -8,7 +8,7 @@ import sys
 
 from conftest import make_mail
 
-from gwsync.localservers import free_port
+from gwsync.demo.localservers import free_port
 
 DONE = "INBOX/CRM Erledigt [E]"
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from gwsync.dav import Collection
+from gwsync.calendar.dav import Collection
 from gwsync.testing import CollectionContract, MemoryCollection
 
 _users = itertools.count(1)
@@ -32,7 +32,7 @@ class TestRadicaleCollection(CollectionContract):
 
 def test_memory_collection_hooks_for_tests():
     """What the contract does not cover: another client's writes, faults, no sync support."""
-    from gwsync.dav import DavUnreachable, PreconditionFailed, SyncTokenInvalid
+    from gwsync.calendar.dav import DavUnreachable, PreconditionFailed, SyncTokenInvalid
     from gwsync.testing.collection_contract import event_text
 
     coll = MemoryCollection()

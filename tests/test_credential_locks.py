@@ -12,7 +12,7 @@ from conftest import make_mail
 from test_accounts import dovecot_failed_logins, radicale_failed_logins
 from test_watch import Running
 
-from gwsync.localservers import Dovecot
+from gwsync.demo.localservers import Dovecot
 
 DONE = "INBOX/CRM Erledigt [E]"
 

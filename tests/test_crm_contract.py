@@ -7,7 +7,7 @@ import pytest
 
 pytest.register_assert_rewrite("gwsync.testing.crm_contract")
 
-from gwsync.crmstore import EmbeddedCRM  # noqa: E402
+from gwsync.crm.embedded import EmbeddedCRM  # noqa: E402
 from gwsync.testing.crm_contract import CRMBackendContract  # noqa: E402
 from gwsync.testing.memory_crm import MemoryCRM  # noqa: E402
 

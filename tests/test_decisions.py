@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 from hypothesis import given, strategies as st
 
-from gwsync.decisions import Step, failure_outcome, missing_fields, plan_mail, resolve_sender
-from gwsync.state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord
+from gwsync.mail.decisions import Step, failure_outcome, missing_fields, plan_mail, resolve_sender
+from gwsync.storage.state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord
 
 
 @dataclass

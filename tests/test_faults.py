@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 from conftest import crlf, make_mail
 
-from gwsync import dbfiles
+from gwsync.storage import sqlite as dbfiles
 from gwsync.crm import ActivityFilter
-from gwsync.crmstore import EmbeddedCRM
+from gwsync.crm.embedded import EmbeddedCRM
 from gwsync.engine import Engine
-from gwsync.mailimport import STREAM_THRESHOLD
+from gwsync.mail.importer import STREAM_THRESHOLD
 
 DONE = "INBOX/CRM Erledigt [E]"
 ARCHIVE = "INBOX/CRM Archiv"
@@ -168,7 +168,7 @@ def test_only_faults_of_the_environment_become_store_errors(tmp_path):
 
 
 def test_a_dropped_connection_while_storing_a_document_is_not_a_disk_fault(tmp_path):
-    from gwsync.crmstore import DocumentStore
+    from gwsync.crm.embedded import DocumentStore
 
     store = DocumentStore(tmp_path / "documents")
 

@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from gwsync.folders import ImportFolderName, is_below, last_element, parse_import_folder
+from gwsync.mail.folders import ImportFolderName, is_below, last_element, parse_import_folder
 
 
 @pytest.mark.parametrize("name, expected", [

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from gwsync.icalmap import (BrokenItem, Link, format_time, link_is_current, new_item, normalise_time, parse_time,
+from gwsync.calendar.icalmap import (BrokenItem, Link, format_time, link_is_current, new_item, normalise_time, parse_time,
                             read_item, strip_link, uid_for_key, update_item)
 
 OTHER = (Path(__file__).resolve().parent.parent / "fixtures" / "ical" / "other-client-event.ics").read_text()

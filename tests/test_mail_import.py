@@ -13,9 +13,9 @@ from conftest import FIXTURES, crlf, make_mail
 from hypothesis import HealthCheck, given, settings
 
 from gwsync.crm import ActivityFilter
-from gwsync.imap import ImapSession
-from gwsync.mailimport import STREAM_THRESHOLD, _StreamedMail
-from gwsync.mime import parse_message
+from gwsync.mail.imap import ImapSession
+from gwsync.mail.importer import STREAM_THRESHOLD, _StreamedMail
+from gwsync.mail.mime import parse_message
 
 DONE = "INBOX/CRM Erledigt [E]"
 OPEN = "INBOX/CRM Offen [O]"
@@ -254,9 +254,9 @@ def test_imported_today_quick_search(env):
 
 def test_servers_without_move_get_copy_deleted_uid_expunge(env):
     """The fallback path, against the real server: COPY, \\Deleted, UID EXPUNGE of just these UIDs."""
-    from gwsync.imap import ImapSession
-    from gwsync.mailimport import MailImporter
-    from gwsync.state import StateStore
+    from gwsync.mail.imap import ImapSession
+    from gwsync.mail.importer import MailImporter
+    from gwsync.storage.state import StateStore
 
     env.append(DONE, make_mail(1), make_mail(2))
     with env.imap() as client:  # a mail the user marked deleted but did not expunge must survive
@@ -280,7 +280,7 @@ def test_servers_without_move_get_copy_deleted_uid_expunge(env):
 
 
 def test_dovecot_gets_uid_move(env):
-    from gwsync.imap import ImapSession
+    from gwsync.mail.imap import ImapSession
 
     session = ImapSession.connect(env.config().account("alice").imap, env.password)
     try:

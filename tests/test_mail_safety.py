@@ -12,12 +12,12 @@ import time
 from conftest import crlf, make_mail
 
 from gwsync.crm import ActivityFilter
-from gwsync.crmstore import EmbeddedCRM
+from gwsync.crm.embedded import EmbeddedCRM
 from gwsync.engine import Engine
-from gwsync.imap import ImapSession
-from gwsync.localservers import Dovecot
-from gwsync.mailimport import STREAM_THRESHOLD, MailImporter
-from gwsync.state import StateStore
+from gwsync.mail.imap import ImapSession
+from gwsync.demo.localservers import Dovecot
+from gwsync.mail.importer import STREAM_THRESHOLD, MailImporter
+from gwsync.storage.state import StateStore
 
 DONE = "INBOX/CRM Erledigt [E]"
 ARCHIVE = "INBOX/CRM Archiv"

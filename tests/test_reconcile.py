@@ -14,9 +14,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from gwsync.dav import DavError, DavUnreachable
-from gwsync.icalmap import FIELDS
-from gwsync.reconcile import Side, guard_deletions, reconcile
+from gwsync.calendar.dav import DavError, DavUnreachable
+from gwsync.calendar.icalmap import FIELDS
+from gwsync.calendar.reconcile import Side, guard_deletions, reconcile
 
 F = ("subject", "body", "start")
 BASE = {"subject": "a", "body": "b", "start": "2026-01-01"}

@@ -10,8 +10,8 @@ from conftest import make_mail
 from sievelib.managesieve import Client
 
 from gwsync.crm import ActivityFilter
-from gwsync.localservers import Dovecot
-from gwsync.sieve import quote
+from gwsync.demo.localservers import Dovecot
+from gwsync.mail.sieve import quote
 
 USER_SCRIPT = 'require ["fileinto"];\n# my own rule\nif header :contains "subject" "Rechnung" { fileinto "INBOX/Rechnungen"; }\n'
 

@@ -28,8 +28,8 @@ CALENDAR_STACK = {"caldav", "niquests", "urllib3", "icalendar"}
 WEB_STACK = {"flask", "werkzeug", "jinja2", "flask_wtf", "waitress", "nh3"}
 OTHER_STACKS = {"sievelib", "rich", "hypothesis", "pytest"}
 # gwsync's own modules for those areas and front-ends.
-OWN_MODULES = {"gwsync.calsync", "gwsync.icalmap", "gwsync.web", "gwsync.sieve", "gwsync.review",
-               "gwsync.watch", "gwsync.demo", "gwsync.testing"}
+OWN_MODULES = {"gwsync.calendar.sync", "gwsync.calendar.icalmap", "gwsync.web",
+               "gwsync.mail.sieve", "gwsync.cli.reviewer", "gwsync.cli.watcher", "gwsync.demo", "gwsync.testing"}
 
 
 def imported_by(args: list[str], config=None) -> tuple[subprocess.CompletedProcess, set[str]]:
@@ -74,7 +74,7 @@ def test_mail_sync_imports_mail_and_loads_no_calendar_stack(world):
     done, modules = imported_by(["sync", "--only", "mail"], world.config_path)
     assert done.returncode == 0, done.stderr[-1000:]
     assert "imported 1 mail(s)" in done.stdout
-    assert {"gwsync.mailimport", "gwsync.mime"} <= modules
+    assert {"gwsync.mail.importer", "gwsync.mail.mime"} <= modules
     assert not_needed(modules) == set()
 
 
@@ -89,12 +89,12 @@ def test_a_calendar_sync_loads_the_caldav_client(world):
     """The other side of the check: the calendar areas do load their stack, and the test sees it."""
     done, modules = imported_by(["sync", "--only", "events"], world.config_path)
     assert done.returncode == 0, done.stderr[-1000:]
-    assert {"caldav", "niquests", "gwsync.calsync"} <= not_needed(modules)
+    assert {"caldav", "niquests", "gwsync.calendar.sync"} <= not_needed(modules)
 
 
 def test_the_package_loads_its_public_names_on_first_use():
     code = ("import sys, gwsync\n"
-            "assert 'gwsync.engine' not in sys.modules and 'gwsync.crmstore' not in sys.modules\n"
+            "assert 'gwsync.engine' not in sys.modules and 'gwsync.crm.embedded' not in sys.modules\n"
             "from gwsync import Engine, load_config, EmbeddedCRM, CRMBackend\n"
             "import gwsync.engine, gwsync.config\n"
             "assert Engine is gwsync.engine.Engine and load_config is gwsync.config.load_config\n"

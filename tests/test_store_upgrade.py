@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from gwsync import crmstore
-from gwsync import state as state_module
+from gwsync.crm import embedded as crmstore
+from gwsync.storage import state as state_module
 from gwsync.crm import ActivityDraft, ActivityFilter
-from gwsync.crmstore import EmbeddedCRM
+from gwsync.crm.embedded import EmbeddedCRM
 from gwsync.errors import StoreError
-from gwsync.icalmap import EVENT, Link, new_item
-from gwsync.state import StateStore
+from gwsync.calendar.icalmap import EVENT, Link, new_item
+from gwsync.storage.state import StateStore
 
 ROOT = Path(__file__).resolve().parent.parent
 DATABASES = ROOT / "fixtures" / "databases"
@@ -375,8 +375,8 @@ def test_the_command_line_says_a_newer_database_in_one_line(env, which):
 # -- the migration mechanism ------------------------------------------------------------------------
 
 def test_migrations_run_once_in_order_from_the_version_the_database_has(tmp_path):
-    from gwsync.dbfiles import open_private_db
-    from gwsync.migrations import Migration, upgrade
+    from gwsync.storage.sqlite import open_private_db
+    from gwsync.storage.migrations import Migration, upgrade
 
     ran = []
 
@@ -405,7 +405,8 @@ def test_migrations_run_once_in_order_from_the_version_the_database_has(tmp_path
 CHILD = """
 import dataclasses, os, sys, time
 from pathlib import Path
-from gwsync import crmstore, migrations, state
+from gwsync.crm import embedded as crmstore
+from gwsync.storage import migrations, state
 
 which, path, log_path, start = sys.argv[1], Path(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 module = crmstore if which == "crm" else state
@@ -484,7 +485,7 @@ def _unchanged(path: Path, fixture: str, old: dict, old_schema: dict) -> None:
 
 @pytest.mark.parametrize("which, fixture", [("crm", "crm-v0.sqlite"), ("state", "state-v1-mail.sqlite")])
 def test_an_upgrade_failing_in_its_last_step_leaves_the_database_as_it_was(tmp_path, monkeypatch, which, fixture):
-    from gwsync.migrations import Migration
+    from gwsync.storage.migrations import Migration
 
     module = crmstore if which == "crm" else state_module
     path = earlier(tmp_path, fixture)
@@ -527,7 +528,7 @@ def test_a_process_killed_in_the_last_step_of_an_upgrade_leaves_the_database_as_
 @pytest.mark.parametrize("module", [crmstore, state_module], ids=["crm", "state"])
 def test_each_store_has_one_ordered_list_and_a_new_database_is_made_by_it(tmp_path, module):
     """No second way for the schema to come to be: a new database runs every step from 0."""
-    from gwsync.migrations import Migration
+    from gwsync.storage.migrations import Migration
 
     versions = [m.version for m in module.MIGRATIONS]
     assert versions == sorted(versions) and versions[0] >= 1 and versions[-1] == module.SCHEMA_VERSION

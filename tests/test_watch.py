@@ -14,7 +14,7 @@ import pytest
 from conftest import make_mail
 
 from gwsync.crm import ActivityFilter
-from gwsync.localservers import Dovecot
+from gwsync.demo.localservers import Dovecot
 
 DONE = "INBOX/CRM Erledigt [E]"
 

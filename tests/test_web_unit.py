@@ -157,8 +157,8 @@ def test_a_broken_database_gives_an_error_page_not_a_traceback(tmp_path):
 
 
 def test_summary_links_point_at_the_quick_searches_only_when_the_links_point_at_the_web_view():
-    from gwsync.mailimport import ImportedActivity
-    from gwsync.searches import summary_links
+    from gwsync.mail.importer import ImportedActivity
+    from gwsync.crm.searches import summary_links
 
     assigned = ImportedActivity(id=1, link="l", subject="s", folder="f")
     unknown = ImportedActivity(id=2, link="l", subject="s", folder="f", unassigned=True)

@@ -19,7 +19,7 @@ import itertools
 
 import pytest
 
-from ..dav import PreconditionFailed, SyncTokenInvalid
+from ..calendar.dav import PreconditionFailed, SyncTokenInvalid
 
 _uids = itertools.count(1)
 
@@ -36,7 +36,7 @@ def new_uid(name: str = "item") -> str:
 
 
 class CollectionContract:
-    """Tests for an adapter with the interface of `gwsync.dav.Collection`."""
+    """Tests for an adapter with the interface of `gwsync.calendar.dav.Collection`."""
 
     def _create(self, collection, summary: str = "Contract", uid: str | None = None) -> tuple[str, str, str]:
         uid = uid or new_uid()

@@ -1,6 +1,6 @@
 """An in-memory CalDAV collection, for tests here and in host CRMs.
 
-`MemoryCollection` offers what `CalendarSync` uses of `gwsync.dav.Collection` (url, requests,
+`MemoryCollection` offers what `CalendarSync` uses of `gwsync.calendar.dav.Collection` (url, requests,
 writes, check, list_etags, changes_since, multiget, get, href_for, create, update, delete) and
 keeps the same promises, checked by `CollectionContract` on it and on a real server: every write
 gets a new ETag; create sends If-None-Match: * and update/delete If-Match, a stale one is a 412
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-from ..dav import DavError, Item, PreconditionFailed, SyncTokenInvalid
+from ..calendar.dav import DavError, Item, PreconditionFailed, SyncTokenInvalid
 
 METHODS = ("check", "list_etags", "changes_since", "multiget", "get", "create", "update", "delete")
 MULTIGET_BATCH = 200  # as the real adapter: one request per batch

@@ -32,7 +32,7 @@ import pytest
 
 from gwsync.crm import ActivityDraft, ActivityFilter, CRMBackend, Document
 
-MAIL_KIND = "MAILEIN"  # what gwsync.mailimport writes
+MAIL_KIND = "MAILEIN"  # what gwsync.mail.importer writes
 EDITABLE = ("kind", "status", "subject", "body", "location", "start", "end", "due", "rrule", "contact_id",
             "partner_id", "owner", "unassigned")
 CLOCK_SLACK = timedelta(minutes=10)  # how far a backend's clock may be from this machine's

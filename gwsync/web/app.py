@@ -34,8 +34,8 @@ from ..config import Config
 from ..crm import ActivityFilter
 from ..engine import Engine
 from ..errors import GwsyncError
-from ..icalmap import parse_time
-from ..searches import QUICK_SEARCHES, quick_search
+from ..calendar.icalmap import parse_time
+from ..crm.searches import QUICK_SEARCHES, quick_search
 from .sanitize import sanitise_mail_html
 
 log = logging.getLogger("gwsync.web")

@@ -10,7 +10,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from ..config import Config, ConfigError, http_address
-from ..dbfiles import ensure_private_dir
+from ..storage.sqlite import ensure_private_dir
 from .app import create_app, is_loopback
 
 PASSWORD_KEYS = "password_command, password_env, password_keyring or password"

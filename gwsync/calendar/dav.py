@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-from .errors import LoginRefused, ServiceError, ServiceUnreachable
+from ..errors import LoginRefused, ServiceError, ServiceUnreachable
 
 if TYPE_CHECKING:  # the caldav library and its HTTP stack load on the first connect, not before
     from caldav.davclient import DAVClient

@@ -15,8 +15,8 @@ from typing import Iterator
 import imapclient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
-from .config import ImapConfig
-from .errors import LoginRefused, ServiceError, ServiceUnreachable
+from ..config import ImapConfig
+from ..errors import LoginRefused, ServiceError, ServiceUnreachable
 from .folders import ImportFolderName, is_below, last_element, parse_import_folder
 
 

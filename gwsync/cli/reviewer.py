@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import click
 
-from .config import AccountConfig
-from .engine import Engine, Selection, SyncReport
-from .mailimport import PendingMail
-from .searches import summary_links
+from ..config import AccountConfig
+from ..engine import Engine, Selection, SyncReport
+from ..mail.importer import PendingMail
+from ..crm.searches import summary_links
 
 
 def _numbers(text: str, upper: int) -> set[int]:

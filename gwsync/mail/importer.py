@@ -1,4 +1,4 @@
-"""The mail import pipeline (SPEC 1.1): import folders on IMAP -> MAILEIN activities in the CRM.
+"""The mail import pipeline (README: "What an import does"): import folders on IMAP -> MAILEIN activities in the CRM.
 
 Crash safety comes from the order of work, per batch of mails:
   1. fetch (BODY.PEEK) and parse; attachments go to the content-addressed document store;
@@ -21,14 +21,14 @@ from typing import Callable, Iterator
 
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
-from .config import AccountConfig, CrmConfig
-from .crm import ActivityDraft, CRMBackend, Document
+from ..config import AccountConfig, CrmConfig
+from ..crm import ActivityDraft, CRMBackend, Document
 from .decisions import SenderMatch, Step, failure_outcome, missing_fields, plan_mail, resolve_sender
-from .errors import StoreError
+from ..errors import StoreError
 from .imap import FETCH_BATCH, ImapSession, ImportFolder, MailGone, MailServerError, ServerUnreachable
 from .mime import (Attachment, MailReader, ParsedMail, content_key, parse_header_block, parse_headers,
                    parse_message)
-from .state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord, StateStore
+from ..storage.state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord, StateStore
 
 MAIL_KIND = "MAILEIN"
 # Mails above this size are streamed part by part instead of fetched whole, which keeps peak

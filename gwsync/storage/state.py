@@ -24,7 +24,7 @@ from typing import Iterable
 
 import sqlite_utils
 
-from .dbfiles import open_private_db, transaction
+from .sqlite import open_private_db, transaction
 from .migrations import Migration, add_column, latest, upgrade
 
 IMPORTED, HELD, FAILED, QUARANTINED = "imported", "held", "failed", "quarantined"

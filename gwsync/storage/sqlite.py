@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import StoreError, database_fault, file_fault
+from ..errors import StoreError, database_fault, file_fault
 
 # How long a statement waits for another program's lock before giving up with one line.
 LOCK_TIMEOUT = 30.0

@@ -1,6 +1,6 @@
 """The CRM backend interface: what the sync engine needs from a CRM, as plain data.
 
-The embedded SQLite store (`gwsync.crmstore.EmbeddedCRM`) implements it; a host CRM can plug in
+The embedded SQLite store (`gwsync.crm.embedded.EmbeddedCRM`) implements it; a host CRM can plug in
 its own class with the same methods (see the README, "Use it as a library"). The engine
 never reaches into a backend's tables. `gwsync.testing.crm_contract.CRMBackendContract` holds
 the pytest tests every backend must pass: each promise below is one of them.
@@ -93,7 +93,7 @@ class Activity:
         return self.uuid or self.key
 
     def calendar_fields(self) -> dict:
-        """The fields the calendar sync maps (see gwsync.icalmap.FIELDS)."""
+        """The fields the calendar sync maps (see gwsync.calendar.icalmap.FIELDS)."""
         return {"kind": self.kind, "status": self.status, "subject": self.subject or "", "body": self.body or "",
                 "location": self.location or None, "start": self.start, "end": self.end, "due": self.due,
                 "rrule": self.rrule}

@@ -23,10 +23,10 @@ from typing import Iterable, Iterator
 
 import sqlite_utils
 
-from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Document, Partner
-from .dbfiles import ensure_private_dir, open_private_db, transaction
-from .errors import file_fault
-from .migrations import Migration, add_column, latest, upgrade
+from . import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Document, Partner
+from ..storage.sqlite import ensure_private_dir, open_private_db, transaction
+from ..errors import file_fault
+from ..storage.migrations import Migration, add_column, latest, upgrade
 
 # The activities table as of schema version 1. A later column is a later migration (ALTER
 # TABLE), never an entry here: the version 1 rebuild must make the same table on every database.

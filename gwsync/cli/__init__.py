@@ -15,12 +15,12 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .config import AREAS, Config, load_config
-from .engine import Engine, mail_id
-from .errors import EXIT_FAILED, EXIT_USAGE, GwsyncError
-from .searches import activity_filter, summary_links
-from .state import FAILED, QUARANTINED
+from .. import __version__
+from ..config import AREAS, Config, load_config
+from ..engine import Engine, mail_id
+from ..errors import EXIT_FAILED, EXIT_USAGE, GwsyncError
+from ..crm.searches import activity_filter, summary_links
+from ..storage.state import FAILED, QUARANTINED
 
 EXIT_OK = 0
 
@@ -126,7 +126,7 @@ def sync(obj: Context, accounts, only, dry_run, force, as_json) -> None:
                     for line in result.conflicts:
                         click.echo(f"  conflict: {line}")
                     if result.plan:  # a dry run: the plan, one line per action
-                        from .calsync import plan_line
+                        from ..calendar.sync import plan_line
 
                         for entry in result.plan:
                             click.echo(f"{name} {area}: {plan_line(entry)}")
@@ -229,7 +229,7 @@ def status(obj: Context, as_json) -> None:
 def watch(obj: Context, accounts) -> None:
     """Sync every account at its interval and import new mail within seconds (IMAP IDLE),
     until stopped with Ctrl-C or SIGTERM."""
-    from .watch import InstanceLock, Watch
+    from .watcher import InstanceLock, Watch
 
     with obj.engine() as engine:
         selected = engine.select_accounts(accounts)
@@ -383,7 +383,7 @@ def _activity_options(func):
 
 
 def _activity_changes(obj: Context, **values) -> dict:
-    from .icalmap import normalise_time
+    from ..calendar.icalmap import normalise_time
 
     changes = {k: v for k, v in values.items() if v is not None}
     for name in ("start", "end", "due"):
@@ -426,7 +426,7 @@ def activity_add(obj: Context, as_json, **values) -> None:
     """Add an activity to the embedded CRM; prints its id."""
     import uuid
 
-    from .crm import ActivityDraft
+    from ..crm import ActivityDraft
 
     if not values.get("kind") or not values.get("subject"):
         fail("activity add needs --kind and --subject", EXIT_USAGE)
@@ -585,7 +585,7 @@ def assign(obj: Context, email, contact_id, new_contact, partner_id, as_json) ->
 def review(obj: Context, account) -> None:
     """Look first, then import: choose areas, leave out mail or items, fill mandatory fields,
     give attachments a category and keyword ([crm] attachment_review = true), see the result."""
-    from .review import run_review
+    from .reviewer import run_review
 
     with obj.engine() as engine:
         if account:
@@ -713,7 +713,7 @@ def serve(obj: Context, host: str | None, port: int | None) -> None:
     """The web view of the embedded CRM that the links open: activity pages, the quick searches,
     unknown senders (with the assign form) and held mail. Listens on loopback unless told
     otherwise; beyond loopback it needs a password in [serve]."""
-    from .web.server import ServeError, make_server, run_server
+    from ..web.server import ServeError, make_server, run_server
 
     config = obj.config
     host = host or config.serve.host
@@ -742,7 +742,7 @@ def serve(obj: Context, host: str | None, port: int | None) -> None:
 @click.option("--dovecot", is_flag=True, help="Use Dovecot (if installed) instead of the built-in pymap server.")
 def demo(keep: Path | None, dovecot: bool) -> None:
     """Run the main job end to end on a local IMAP server with sample mail."""
-    from .demo import run_demo
+    from ..demo import run_demo
 
     sys.exit(run_demo(keep, use_dovecot=dovecot))
 
@@ -761,6 +761,3 @@ def run() -> None:
         sys.exit(exc.exit_code)
     sys.exit(code or 0)
 
-
-if __name__ == "__main__":
-    run()

@@ -1,4 +1,4 @@
-"""Server-side rules (SPEC 1.4): Sieve filters that file mail into import folders.
+"""Server-side rules (README: "Server-side rules"): Sieve filters that file mail into import folders.
 
 gwsync keeps its rules in a script of its own ("gwsync"), one rule per `if`, each preceded by a
 comment that records it as JSON (the script on the server is the only copy). The user's active
@@ -25,7 +25,7 @@ from typing import Iterator
 from sievelib.managesieve import Client
 from sievelib.managesieve import Error as SievelibError
 
-from .errors import LoginRefused, NotFound, ServiceError, ServiceUnreachable, UsageError
+from ..errors import LoginRefused, NotFound, ServiceError, ServiceUnreachable, UsageError
 
 RULES_SCRIPT = "gwsync"
 MAIN_SCRIPT = "gwsync-main"

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import AccountConfig
-from .engine import Engine, SyncReport
-from .errors import Busy, CredentialLocked, GwsyncError, LoginRefused
-from .imap import ImapSession
-from .searches import summary_links
+from ..config import AccountConfig
+from ..engine import Engine, SyncReport
+from ..errors import Busy, CredentialLocked, GwsyncError, LoginRefused
+from ..mail.imap import ImapSession
+from ..crm.searches import summary_links
 
 log = logging.getLogger("gwsync.watch")
 IDLE_RENEW = 24 * 60  # seconds; servers may drop an IDLE after 30 minutes (RFC 2177)

@@ -9,7 +9,7 @@ import enum
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from .state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord
+from ..storage.state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord
 
 
 class _HasId(Protocol):
@@ -41,7 +41,7 @@ def sender_domain(address: str | None) -> str | None:
 def resolve_sender(address: str | None,
                    find_contact: Callable[[str], _Contactish | None],
                    find_partner: Callable[[str], _HasId | None]) -> SenderMatch:
-    """SPEC 1.1: exact address of a contact -> contact and its partner; else the domain against
+    """README, "What an import does": exact address of a contact -> contact and its partner; else the domain against
     the partners' addresses -> that partner, no contact; else nobody."""
     if not address:
         return SenderMatch(None, None)

@@ -31,13 +31,13 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
-from .config import AccountConfig, Config
-from .crm import ActivityDraft, ActivityFilter, CRMBackend
+from ..config import AccountConfig, Config
+from ..crm import ActivityDraft, ActivityFilter, CRMBackend
 from .dav import Collection, DavError, DavLoginFailed, DavUnreachable, Item, PreconditionFailed, SyncTokenInvalid
 from .icalmap import (EVENT, FIELDS, TODO, BrokenItem, ItemData, Link, link_is_current, new_item, read_item,
                       uid_for_key, update_item)
 from .reconcile import Decision, Side, guard_deletions, reconcile
-from .state import CalendarLink, StateStore
+from ..storage.state import CalendarLink, StateStore
 
 log = logging.getLogger("gwsync.calendar")
 COUNTS = ("created_crm", "updated_crm", "deleted_crm", "created_groupware", "updated_groupware",

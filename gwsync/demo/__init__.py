@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 import click
 from imapclient import IMAPClient
 
-from .config import load_config
-from .crm import ActivityFilter
-from .engine import Engine
+from ..config import load_config
+from ..crm import ActivityFilter
+from ..engine import Engine
 from .localservers import Dovecot, Pymap, Radicale, ServerUnavailable
 
 USER, PASSWORD = "demo", "demopass"
@@ -180,7 +180,7 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
 
 def _open_link(config, link: str) -> None:
     """Open the event's CRM link on the web view (`gwsync serve`), as a phone would."""
-    from .web.server import make_server
+    from ..web.server import make_server
 
     web = make_server(config, "127.0.0.1", 0)  # any free port: 8765 may be taken
     thread = threading.Thread(target=web.run, daemon=True)
@@ -212,7 +212,7 @@ def _drop_sample_mail(port: int, password: str) -> None:
     client = IMAPClient("127.0.0.1", port=port, ssl=False)
     client.login(USER, password)
     try:
-        samples = resources.files("gwsync") / "sample_mail"
+        samples = resources.files("gwsync.demo") / "sample_mail"
         for name, folder in PLACEMENT.items():
             if not client.folder_exists(folder):
                 _create_with_parents(client, folder)
@@ -252,7 +252,7 @@ def _make_calendars(dav_server: Radicale, home: str) -> None:
 def _add_follow_up(engine) -> int:
     import uuid
 
-    from .crm import ActivityDraft
+    from ..crm import ActivityDraft
 
     return engine.create_activity(ActivityDraft(
         key=f"crm:{uuid.uuid4()}", kind="WIEDERVORLAGE", status="O", subject="Erika zurückrufen (Wartungsvertrag)",
@@ -262,7 +262,7 @@ def _add_follow_up(engine) -> int:
 def _items(dav_server: Radicale, home: str, name: str) -> dict:
     from caldav.davclient import DAVClient
 
-    from .dav import Collection
+    from ..calendar.dav import Collection
 
     collection = Collection(DAVClient(home, username=USER, password=dav_server.password_for(USER)), home + name + "/")
     return {h: (i.etag, i.data) for h, i in collection.multiget(sorted(collection.list_etags())).items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, time, timezone
 
-from .crm import ActivityFilter
+from . import ActivityFilter
 
 # name -> title, in the order the web view lists them
 QUICK_SEARCHES = {

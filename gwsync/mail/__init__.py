@@ -1,0 +1,1 @@
+"""The mail side: folder names, MIME, the IMAP adapter, the import pipeline, Sieve rules."""
