@@ -34,11 +34,10 @@ from pathlib import Path
 from caldav.davclient import DAVClient
 
 import _setup  # puts this checkout of gwsync first on sys.path
-
-from gwsync.config import load_config  # noqa: E402
-from gwsync.crm import ActivityFilter  # noqa: E402
-from gwsync.engine import Engine  # noqa: E402
-from gwsync.demo.localservers import Radicale  # noqa: E402
+from gwsync.config import load_config
+from gwsync.crm import ActivityFilter
+from gwsync.demo.localservers import Radicale
+from gwsync.engine import Engine
 
 
 def calendar(n: int, prefix: str) -> str:

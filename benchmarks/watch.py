@@ -23,8 +23,7 @@ from pathlib import Path
 from imapclient import IMAPClient
 
 from _setup import ROOT, imap_account, write_config
-
-from gwsync.demo.localservers import Dovecot  # noqa: E402
+from gwsync.demo.localservers import Dovecot
 
 FOLDER = "INBOX/CRM Erledigt [E]"
 

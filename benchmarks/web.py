@@ -23,10 +23,9 @@ from pathlib import Path
 import requests
 
 from _setup import write_config
-
-from gwsync.config import load_config  # noqa: E402
-from gwsync.crm import ActivityDraft, Document  # noqa: E402
-from gwsync.engine import Engine  # noqa: E402
+from gwsync.config import load_config
+from gwsync.crm import ActivityDraft, Document
+from gwsync.engine import Engine
 
 HTML = ("<html><body><p>Dear Alice,</p><p>our <b>offer</b> no. {n} is attached.</p>"
         "<img src='https://tracker.example/p.gif?n={n}'><table><tr><td>Item</td><td>1.200 EUR</td></tr></table>"

@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from imapclient.exceptions import IMAPClientAbortError
 
 from .accountlock import AccountBusy, AccountLocks, FileAccountLocks
-from .config import AREAS, AccountConfig, Config, ConfigError
 from .calendar import dav
-from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Partner
 from .calendar.dav import Collection
+from .config import AREAS, AccountConfig, Config, ConfigError
+from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Partner
 from .errors import CredentialLocked, GwsyncError, LoginRefused, NotFound, ServiceError, StoreError, UsageError
 from .mail.imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
 from .storage.state import FAILED, HELD, QUARANTINED, CalendarLink, MailRecord, StateStore
@@ -79,7 +80,7 @@ class AccountReport:
         self.errors.append(str(exc))
         self.stopped = str(exc)
 
-    def absorb(self, other: "AccountReport", errors: bool = True) -> None:
+    def absorb(self, other: AccountReport, errors: bool = True) -> None:
         """Add another attempt's results (and, unless told otherwise, its errors)."""
         self.mail = _merge_mail(self.mail, other.mail)
         for area, result in other.calendars.items():
@@ -180,7 +181,7 @@ class Engine:
         self.crm.close()
         self.state.close()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc) -> None:

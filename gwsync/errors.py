@@ -46,7 +46,7 @@ class GwsyncError(Exception):
         """The one line the command line prints after `gwsync: `."""
         return self.prefix + self.message
 
-    def reworded(self, message: str) -> "GwsyncError":
+    def reworded(self, message: str) -> GwsyncError:
         """The same error (its class, exit code, transience) with another message, e.g. one
         that names the account."""
         other = copy.copy(self)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gwsync.calendar.icalmap import read_item
 from gwsync.calendar.sync import CalendarResult, CalendarSync
 from gwsync.config import parse_config
 from gwsync.crm import ActivityDraft, ActivityFilter
 from gwsync.crm.embedded import EmbeddedCRM
-from gwsync.calendar.icalmap import read_item
 from gwsync.storage.state import StateStore
 from gwsync.testing import MemoryCollection
 

@@ -16,8 +16,8 @@ from imapclient import IMAPClient
 
 from gwsync.cli import main
 from gwsync.config import load_config
-from gwsync.engine import Engine
 from gwsync.demo.localservers import Dovecot, Radicale
+from gwsync.engine import Engine
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 _user_counter = itertools.count(1)

@@ -14,7 +14,8 @@ import quopri
 import urllib.parse
 from dataclasses import dataclass
 
-from hypothesis import assume, strategies as st
+from hypothesis import assume
+from hypothesis import strategies as st
 
 
 @dataclass

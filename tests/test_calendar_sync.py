@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gwsync.crm import ActivityFilter
 from gwsync.calendar.icalmap import read_item
+from gwsync.crm import ActivityFilter
 
 OTHER = (Path(__file__).resolve().parent.parent / "fixtures" / "ical" / "other-client-event.ics").read_text()
 AREAS = ("events", "tasks")
@@ -181,8 +181,8 @@ def test_mass_deletion_guard_stops_and_force_passes(cal):
 def test_a_concurrent_change_between_read_and_write_loses_neither_edit(cal):
     """The server item changes after gwsync listed it and before it writes: the 412 makes gwsync
     read it again and merge, instead of overwriting the other client's edit."""
-    from gwsync.calendar.sync import CalendarSync
     from gwsync.calendar.dav import Collection
+    from gwsync.calendar.sync import CalendarSync
 
     cal.dav_put("events", "c.ics", event("c", "Start"))
     sync(cal)
@@ -298,8 +298,8 @@ def test_wrong_caldav_password_and_dead_server_are_one_line_each(make_env):
 def test_a_foreign_edit_during_our_own_writes_is_never_skipped(cal):
     """After writing, gwsync takes a fresher sync token only when the delta holds nothing but its
     own writes; an edit by another client at that very moment must still reach the CRM."""
-    from gwsync.calendar.sync import CalendarSync
     from gwsync.calendar.dav import Collection
+    from gwsync.calendar.sync import CalendarSync
 
     cal.dav_put("events", "x.ics", event("x", "Original"))
     sync(cal)

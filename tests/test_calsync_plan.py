@@ -4,10 +4,10 @@ MemoryCollection, and `sync --dry-run` printing the plan against a real Radicale
 from __future__ import annotations
 
 import pytest
-from calworld import CalWorld, event
 
-from gwsync.calendar.sync import CreateInCRM, CreateOnServer, DeleteInCRM, DeleteOnServer, Relink
+from calworld import CalWorld, event
 from gwsync.calendar.dav import DavError, DavUnreachable
+from gwsync.calendar.sync import CreateInCRM, CreateOnServer, DeleteInCRM, DeleteOnServer, Relink
 
 
 @pytest.fixture

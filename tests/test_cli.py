@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 from conftest import make_mail
-
 from gwsync.demo.localservers import free_port
 
 DONE = "INBOX/CRM Erledigt [E]"

@@ -16,11 +16,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import make_mail
-from hypothesis import given, settings, strategies as st
-from test_watch import Running, set_interval
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from conftest import make_mail
 from gwsync.crm import ActivityDraft, ActivityFilter
+from test_watch import Running, set_interval
 
 DONE = "INBOX/CRM Erledigt [E]"
 ARCHIVE = "INBOX/CRM Archiv"
@@ -283,17 +284,15 @@ def test_the_wait_is_bounded_and_names_the_holder_and_the_lock_is_free_after_the
     first, second = locks(tmp_path / "state.db"), locks(tmp_path / "state.db", wait=0.3)
     with first.hold("alice", "watch"):
         started = time.monotonic()
-        with pytest.raises(AccountBusy) as busy:
-            with second.hold("alice", "sync"):
-                pass
+        with pytest.raises(AccountBusy) as busy, second.hold("alice", "sync"):
+            pass
         assert 0.3 <= time.monotonic() - started < 2
         assert str(busy.value).startswith(f"account alice is busy: gwsync watch (pid {os.getpid()})")
         assert "\n" not in str(busy.value)
         with second.hold("bob", "sync"):  # other accounts are free
             pass
-    with pytest.raises(RuntimeError):
-        with second.hold("alice", "sync"):
-            raise RuntimeError("a sync that failed")
+    with pytest.raises(RuntimeError), second.hold("alice", "sync"):
+        raise RuntimeError("a sync that failed")
     with first.hold("alice", "sync", wait=0):  # released on the exception too
         pass
 

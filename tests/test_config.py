@@ -4,8 +4,9 @@ import copy
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gwsync.cli import main
 from gwsync.config import ConfigError, load_config, parse_config

@@ -8,11 +8,11 @@ import re
 import time
 
 import pytest
+
 from conftest import make_mail
+from gwsync.demo.localservers import Dovecot
 from test_accounts import dovecot_failed_logins, radicale_failed_logins
 from test_watch import Running
-
-from gwsync.demo.localservers import Dovecot
 
 DONE = "INBOX/CRM Erledigt [E]"
 

@@ -2,7 +2,8 @@
 
 from dataclasses import dataclass
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gwsync.mail.decisions import Step, failure_outcome, missing_fields, plan_mail, resolve_sender
 from gwsync.storage.state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord

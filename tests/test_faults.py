@@ -21,13 +21,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import crlf, make_mail
 
-from gwsync.storage import sqlite as dbfiles
+from conftest import crlf, make_mail
 from gwsync.crm import ActivityFilter
 from gwsync.crm.embedded import EmbeddedCRM
 from gwsync.engine import Engine
 from gwsync.mail.importer import STREAM_THRESHOLD
+from gwsync.storage import sqlite as dbfiles
 
 DONE = "INBOX/CRM Erledigt [E]"
 ARCHIVE = "INBOX/CRM Archiv"

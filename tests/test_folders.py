@@ -1,7 +1,8 @@
 """Import folder names: `CRM <description> [<status>]`."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gwsync.mail.folders import ImportFolderName, is_below, last_element, parse_import_folder
 

@@ -11,9 +11,9 @@ import pytest
 
 from gwsync import accountlock, config, engine, errors
 from gwsync.calendar import dav
+from gwsync.cli import main
 from gwsync.cli import watcher as watch  # the module; gwsync.cli.watch is the command
 from gwsync.mail import imap, sieve
-from gwsync.cli import main
 
 PACKAGE = Path(engine.__file__).resolve().parent
 FRONT_ENDS = ["cli/__init__.py", "cli/reviewer.py", "cli/watcher.py", "web/app.py", "demo/__init__.py"]

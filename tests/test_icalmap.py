@@ -3,10 +3,22 @@
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from gwsync.calendar.icalmap import (BrokenItem, Link, format_time, link_is_current, new_item, normalise_time, parse_time,
-                            read_item, strip_link, uid_for_key, update_item)
+from gwsync.calendar.icalmap import (
+    BrokenItem,
+    Link,
+    format_time,
+    link_is_current,
+    new_item,
+    normalise_time,
+    parse_time,
+    read_item,
+    strip_link,
+    uid_for_key,
+    update_item,
+)
 
 OTHER = (Path(__file__).resolve().parent.parent / "fixtures" / "ical" / "other-client-event.ics").read_text()
 LINK = Link("https://crm.example.com/activities/7", 7)

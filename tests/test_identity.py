@@ -12,7 +12,6 @@ import shutil
 import pytest
 
 from conftest import make_mail
-
 from gwsync.crm import ActivityFilter
 
 AREAS = ("mail", "events", "tasks")

@@ -8,10 +8,10 @@ import itertools
 import os
 import stat
 
-import mimegen
-from conftest import FIXTURES, crlf, make_mail
 from hypothesis import HealthCheck, given, settings
 
+import mimegen
+from conftest import FIXTURES, crlf, make_mail
 from gwsync.crm import ActivityFilter
 from gwsync.mail.imap import ImapSession
 from gwsync.mail.importer import STREAM_THRESHOLD, _StreamedMail

@@ -10,12 +10,11 @@ import signal
 import time
 
 from conftest import crlf, make_mail
-
 from gwsync.crm import ActivityFilter
 from gwsync.crm.embedded import EmbeddedCRM
+from gwsync.demo.localservers import Dovecot
 from gwsync.engine import Engine
 from gwsync.mail.imap import ImapSession
-from gwsync.demo.localservers import Dovecot
 from gwsync.mail.importer import STREAM_THRESHOLD, MailImporter
 from gwsync.storage.state import StateStore
 

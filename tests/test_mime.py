@@ -8,12 +8,22 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mimegen
 from gwsync.mail.importer import MAX_STREAMED_TEXT
-from gwsync.mail.mime import (Attachment, MailReader, StreamDecoder, content_key, decode_transfer, html_to_text,
-                         parse_header_block, parse_message, sanitise_filename)
+from gwsync.mail.mime import (
+    Attachment,
+    MailReader,
+    StreamDecoder,
+    content_key,
+    decode_transfer,
+    html_to_text,
+    parse_header_block,
+    parse_message,
+    sanitise_filename,
+)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "mail"
 

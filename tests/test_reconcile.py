@@ -9,11 +9,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from calworld import CalWorld, event
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from calworld import CalWorld, event
 from gwsync.calendar.dav import DavError, DavUnreachable
 from gwsync.calendar.icalmap import FIELDS
 from gwsync.calendar.reconcile import Side, guard_deletions, reconcile

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from conftest import make_mail
-
 from gwsync.crm import ActivityFilter
 
 DONE = "INBOX/CRM Erledigt [E]"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import make_mail
 from sievelib.managesieve import Client
 
+from conftest import make_mail
 from gwsync.crm import ActivityFilter
 from gwsync.demo.localservers import Dovecot
 from gwsync.mail.sieve import quote

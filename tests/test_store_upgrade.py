@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from gwsync.crm import embedded as crmstore
-from gwsync.storage import state as state_module
+from gwsync.calendar.icalmap import EVENT, Link, new_item
 from gwsync.crm import ActivityDraft, ActivityFilter
+from gwsync.crm import embedded as crmstore
 from gwsync.crm.embedded import EmbeddedCRM
 from gwsync.errors import StoreError
-from gwsync.calendar.icalmap import EVENT, Link, new_item
+from gwsync.storage import state as state_module
 from gwsync.storage.state import StateStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -375,8 +375,8 @@ def test_the_command_line_says_a_newer_database_in_one_line(env, which):
 # -- the migration mechanism ------------------------------------------------------------------------
 
 def test_migrations_run_once_in_order_from_the_version_the_database_has(tmp_path):
-    from gwsync.storage.sqlite import open_private_db
     from gwsync.storage.migrations import Migration, upgrade
+    from gwsync.storage.sqlite import open_private_db
 
     ran = []
 

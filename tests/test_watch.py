@@ -11,8 +11,8 @@ import threading
 import time
 
 import pytest
-from conftest import make_mail
 
+from conftest import make_mail
 from gwsync.crm import ActivityFilter
 from gwsync.demo.localservers import Dovecot
 

@@ -4,7 +4,8 @@ import html.parser
 import re
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gwsync.web.app import format_size, human_time, is_loopback
 from gwsync.web.sanitize import sanitise_mail_html
@@ -157,8 +158,8 @@ def test_a_broken_database_gives_an_error_page_not_a_traceback(tmp_path):
 
 
 def test_summary_links_point_at_the_quick_searches_only_when_the_links_point_at_the_web_view():
-    from gwsync.mail.importer import ImportedActivity
     from gwsync.crm.searches import summary_links
+    from gwsync.mail.importer import ImportedActivity
 
     assigned = ImportedActivity(id=1, link="l", subject="s", folder="f")
     unknown = ImportedActivity(id=2, link="l", subject="s", folder="f", unassigned=True)

@@ -21,7 +21,7 @@ import html
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -78,7 +78,7 @@ def format_time(value) -> str | None:
     key = getattr(value.tzinfo, "key", None)
     if key and key not in ("UTC", "Etc/UTC", "GMT", "Z"):
         return f"{value.isoformat(timespec='seconds')}[{key}]"
-    return value.astimezone(timezone.utc).isoformat(timespec="seconds")
+    return value.astimezone(UTC).isoformat(timespec="seconds")
 
 
 def normalise_time(text: str | None) -> str | None:
@@ -89,7 +89,7 @@ def normalise_time(text: str | None) -> str | None:
 def _ical_ready(value):
     """iCalendar has no fixed UTC offsets without a VTIMEZONE: turn them into UTC."""
     if isinstance(value, datetime) and value.tzinfo is not None and not getattr(value.tzinfo, "key", None):
-        return value.astimezone(timezone.utc)
+        return value.astimezone(UTC)
     return value
 
 
@@ -109,7 +109,7 @@ class ItemData:
     recorded_kind: str | None = None  # X-GWSYNC-KIND and X-GWSYNC-STATUS as found, trusted or not
     recorded_status: str | None = None
 
-    def has_link(self, link: "Link") -> bool:
+    def has_link(self, link: Link) -> bool:
         """True when the item already carries exactly this link (no write-back needed)."""
         lines = [line for line in self.description.replace("\r\n", "\n").split("\n") if _LINK_LINE.match(line)]
         expected_alt = alt_description(strip_link(self.description), link)
@@ -208,7 +208,7 @@ def read_item(text: str, done_status: str, open_status: str, trusted: bool = Tru
         uid=uid, component=comp.name, fields=fields,
         description=str(comp.get("DESCRIPTION", "")), alt_description=str(comp.get("X-ALT-DESC", "")),
         activity_id=int(str(activity_id)) if activity_id and str(activity_id).strip().isdigit() else None,
-        modified=format_time(modified.astimezone(timezone.utc)) if isinstance(modified, datetime)
+        modified=format_time(modified.astimezone(UTC)) if isinstance(modified, datetime)
         and modified.tzinfo else None,
         store=item_store, activity_uuid=activity_uuid, recorded_kind=recorded_kind, recorded_status=recorded_status,
     )
@@ -285,7 +285,7 @@ def _props_for(fields: dict, changed: set[str], component: str, done_status: str
             done = fields.get("status") == done_status
             props["STATUS"] = ["COMPLETED" if done else "NEEDS-ACTION"]
             props["PERCENT-COMPLETE"] = [100] if done else []
-            props["COMPLETED"] = [datetime.now(timezone.utc).replace(microsecond=0)] if done else []
+            props["COMPLETED"] = [datetime.now(UTC).replace(microsecond=0)] if done else []
     if "kind" in changed:
         props[KIND_PROP] = [fields["kind"]] if fields.get("kind") else []
     if "rrule" in changed:
@@ -358,7 +358,7 @@ def new_item(uid: str, component: str, fields: dict, done_status: str, link: Lin
              alarm: bool = False) -> str:
     """A whole new VCALENDAR for an activity."""
     lines = ["BEGIN:VCALENDAR", "VERSION:2.0", f"PRODID:{PRODID}", "__TIMEZONES__", f"BEGIN:{component}"]
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     lines += [f"UID:{_escape_uid(uid)}", f"DTSTAMP:{stamp}"]
     changed = set(FIELDS)
     props, zones = _props_for(fields, changed, component, done_status, link, include_link=link is not None)

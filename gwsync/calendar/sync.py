@@ -33,11 +33,22 @@ from typing import ClassVar
 
 from ..config import AccountConfig, Config
 from ..crm import ActivityDraft, ActivityFilter, CRMBackend
-from .dav import Collection, DavError, DavLoginFailed, DavUnreachable, Item, PreconditionFailed, SyncTokenInvalid
-from .icalmap import (EVENT, FIELDS, TODO, BrokenItem, ItemData, Link, link_is_current, new_item, read_item,
-                      uid_for_key, update_item)
-from .reconcile import Decision, Side, guard_deletions, reconcile
 from ..storage.state import CalendarLink, StateStore
+from .dav import Collection, DavError, DavLoginFailed, DavUnreachable, Item, PreconditionFailed, SyncTokenInvalid
+from .icalmap import (
+    EVENT,
+    FIELDS,
+    TODO,
+    BrokenItem,
+    ItemData,
+    Link,
+    link_is_current,
+    new_item,
+    read_item,
+    uid_for_key,
+    update_item,
+)
+from .reconcile import Decision, Side, guard_deletions, reconcile
 
 log = logging.getLogger("gwsync.calendar")
 COUNTS = ("created_crm", "updated_crm", "deleted_crm", "created_groupware", "updated_groupware",

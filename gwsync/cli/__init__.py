@@ -17,9 +17,9 @@ import click
 
 from .. import __version__
 from ..config import AREAS, Config, load_config
+from ..crm.searches import activity_filter, summary_links
 from ..engine import Engine, mail_id
 from ..errors import EXIT_FAILED, EXIT_USAGE, GwsyncError
-from ..crm.searches import activity_filter, summary_links
 from ..storage.state import FAILED, QUARANTINED
 
 EXIT_OK = 0

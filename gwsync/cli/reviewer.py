@@ -13,9 +13,9 @@ from __future__ import annotations
 import click
 
 from ..config import AccountConfig
+from ..crm.searches import summary_links
 from ..engine import Engine, Selection, SyncReport
 from ..mail.importer import PendingMail
-from ..crm.searches import summary_links
 
 
 def _numbers(text: str, upper: int) -> set[int]:

@@ -21,15 +21,15 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..config import AccountConfig
+from ..crm.searches import summary_links
 from ..engine import Engine, SyncReport
 from ..errors import Busy, CredentialLocked, GwsyncError, LoginRefused
 from ..mail.imap import ImapSession
-from ..crm.searches import summary_links
 
 log = logging.getLogger("gwsync.watch")
 IDLE_RENEW = 24 * 60  # seconds; servers may drop an IDLE after 30 minutes (RFC 2177)
@@ -50,7 +50,7 @@ class InstanceLock:
         self.path = Path(str(state_database) + ".watch.lock")
         self.fd: int | None = None
 
-    def __enter__(self) -> "InstanceLock":
+    def __enter__(self) -> InstanceLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:

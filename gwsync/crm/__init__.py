@@ -13,8 +13,8 @@ with surrounding white space ignored. Timestamps are ISO 8601 in UTC with the of
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterable, Iterator
 
 
 @dataclass

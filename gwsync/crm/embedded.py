@@ -16,17 +16,17 @@ import hashlib
 import os
 import tempfile
 import uuid
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import sqlite_utils
 
-from . import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Document, Partner
-from ..storage.sqlite import ensure_private_dir, open_private_db, transaction
 from ..errors import file_fault
 from ..storage.migrations import Migration, add_column, latest, upgrade
+from ..storage.sqlite import ensure_private_dir, open_private_db, transaction
+from . import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Document, Partner
 
 # The activities table as of schema version 1. A later column is a later migration (ALTER
 # TABLE), never an entry here: the version 1 rebuild must make the same table on every database.
@@ -194,12 +194,12 @@ def _lower(value):
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _now_precise() -> str:
     """For updated_at, which the `newest` conflict policy compares."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 class EmbeddedCRM(CRMBackend):

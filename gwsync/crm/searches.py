@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, time, timezone
+from datetime import UTC, datetime, time
 
 from . import ActivityFilter
 
@@ -18,7 +18,7 @@ def today_start_utc(now: datetime | None = None) -> str:
     """Local midnight of today, as an ISO timestamp in UTC (imported_at is stored in UTC)."""
     now = now or datetime.now().astimezone()
     local_midnight = datetime.combine(now.date(), time.min, tzinfo=now.tzinfo)
-    return local_midnight.astimezone(timezone.utc).isoformat(timespec="seconds")
+    return local_midnight.astimezone(UTC).isoformat(timespec="seconds")
 
 
 def activity_filter(imported: bool = False, unassigned: bool = False, today: bool = False,

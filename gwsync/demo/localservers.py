@@ -184,7 +184,7 @@ class Dovecot(_LocalServer):
     sieve_port: int = 0  # ManageSieve, when started with sieve=True
 
     @classmethod
-    def start(cls, tls: bool = False, sieve: bool = False) -> "Dovecot":
+    def start(cls, tls: bool = False, sieve: bool = False) -> Dovecot:
         """With tls=True, the server gets a certificate for 127.0.0.1 and localhost, signed by a
         throw-away CA (`ca_file`), and listens for implicit TLS on `tls_port`."""
         directory = Path(tempfile.mkdtemp(prefix="gwsync-dovecot-", dir="/tmp"))
@@ -286,7 +286,7 @@ class Pymap(_LocalServer):
     proc: subprocess.Popen | None = None
 
     @classmethod
-    def start(cls, user: str = "demo", password: str = "demopass") -> "Pymap":
+    def start(cls, user: str = "demo", password: str = "demopass") -> Pymap:
         server = cls(user=user, password=password, port=free_port())
         server.proc = subprocess.Popen(
             [sys.executable, "-c", "from pymap.main import main; main()", "--host", "127.0.0.1", "--port", str(server.port),
@@ -336,7 +336,7 @@ class Radicale(_LocalServer):
     log_level: str = "warning"
 
     @classmethod
-    def start(cls, log_level: str = "warning") -> "Radicale":
+    def start(cls, log_level: str = "warning") -> Radicale:
         """log_level "info" logs one line per request (benchmarks count them)."""
         directory = Path(tempfile.mkdtemp(prefix="gwsync-radicale-"))
         (directory / "users").write_text("")

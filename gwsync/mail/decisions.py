@@ -6,8 +6,9 @@ Kept apart so that they can be read in one sitting and tested exhaustively.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from ..storage.state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord
 

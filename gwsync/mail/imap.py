@@ -6,11 +6,10 @@ UID EXPUNGE where the server lacks MOVE.
 
 from __future__ import annotations
 
-import socket
 import ssl
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import imapclient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
@@ -84,7 +83,7 @@ class ImapSession:
         self.selected: str | None = None
 
     @classmethod
-    def connect(cls, cfg: ImapConfig, password: str) -> "ImapSession":
+    def connect(cls, cfg: ImapConfig, password: str) -> ImapSession:
         where = f"{cfg.host}:{cfg.port}"
         context = tls_context(cfg.verify, cfg.ca_file) if cfg.security != "none" else None
         try:
@@ -95,14 +94,14 @@ class ImapSession:
         except ssl.SSLCertVerificationError as exc:
             raise MailServerError(f"IMAP {where}: certificate not trusted ({exc.verify_message}); "
                                   "set ca_file, or verify = false for a test server")
-        except (OSError, socket.timeout, IMAPClientError) as exc:
+        except (TimeoutError, OSError, IMAPClientError) as exc:
             raise ServerUnreachable(f"IMAP {where}: cannot connect ({exc})")
         try:
             client.login(cfg.username, password)
         except LoginError as exc:
             _close(client)
             raise LoginFailed(f"IMAP {where}: login as {cfg.username!r} refused ({_text(exc)})")
-        except (OSError, socket.timeout, IMAPClientAbortError) as exc:
+        except (TimeoutError, OSError, IMAPClientAbortError) as exc:
             raise ServerUnreachable(f"IMAP {where}: connection lost during login ({exc})")
         except IMAPClientError as exc:  # e.g. LOGINDISABLED: the server takes no login over this connection
             _close(client)

@@ -16,19 +16,18 @@ where it was; a dropped connection too. A mail that another client expunged mean
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
 from ..config import AccountConfig, CrmConfig
 from ..crm import ActivityDraft, CRMBackend, Document
-from .decisions import SenderMatch, Step, failure_outcome, missing_fields, plan_mail, resolve_sender
 from ..errors import StoreError
-from .imap import FETCH_BATCH, ImapSession, ImportFolder, MailGone, MailServerError, ServerUnreachable
-from .mime import (Attachment, MailReader, ParsedMail, content_key, parse_header_block, parse_headers,
-                   parse_message)
 from ..storage.state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord, StateStore
+from .decisions import SenderMatch, Step, failure_outcome, missing_fields, plan_mail, resolve_sender
+from .imap import FETCH_BATCH, ImapSession, ImportFolder, MailGone, MailServerError, ServerUnreachable
+from .mime import Attachment, MailReader, ParsedMail, content_key, parse_header_block, parse_headers, parse_message
 
 MAIL_KIND = "MAILEIN"
 # Mails above this size are streamed part by part instead of fetched whole, which keeps peak

@@ -24,10 +24,11 @@ import html.parser
 import mimetypes
 import re
 import unicodedata
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import timezone
+from datetime import UTC
 from email.message import EmailMessage, Message
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 
 @dataclass
@@ -211,8 +212,8 @@ def _date(value: str) -> str | None:
     if parsed is None:
         return None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc).isoformat()
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC).isoformat()
 
 
 def _is_attachment(part: Message) -> bool:
@@ -328,7 +329,7 @@ def _attachment_name(part: Message, ctype: str, head: bytes) -> str:
     return sanitise_filename(name, ctype)
 
 
-def _decoded(chunks: Iterable[bytes], decoder: "StreamDecoder") -> Iterator[bytes]:
+def _decoded(chunks: Iterable[bytes], decoder: StreamDecoder) -> Iterator[bytes]:
     for chunk in chunks:
         out = decoder.feed(chunk)
         if out:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import re
 import ssl
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 from sievelib.managesieve import Client
 from sievelib.managesieve import Error as SievelibError
@@ -118,7 +118,7 @@ class _Client(Client):
         super().__init__(host, port)
         self._tls = tls or ssl.create_default_context()
 
-    def _Client__enable_ssl(self, keyfile=None, certfile=None) -> None:  # noqa: N802 - sievelib's name
+    def _Client__enable_ssl(self, keyfile=None, certfile=None) -> None:
         self.sock = self._tls.wrap_socket(self.sock, server_hostname=self.srvhostname)
 
 
@@ -157,7 +157,7 @@ class SieveRules:
         except Exception:
             pass
 
-    def __enter__(self) -> "SieveRules":
+    def __enter__(self) -> SieveRules:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -171,7 +171,7 @@ class SieveRules:
         """The script exactly as stored. sievelib's getscript() splits and re-joins lines, which
         drops the final newline and turns CRLF into LF: the user's script would not come back
         byte for byte. So read the literal by its declared size."""
-        code, _data, content = self.client._Client__send_command(  # noqa: SLF001 - see above
+        code, _data, content = self.client._Client__send_command(
             "GETSCRIPT", [name.encode("utf-8")], withcontent=True)
         if code != "OK":
             raise SieveError(f"cannot read Sieve script {name!r}: {self._err()}")

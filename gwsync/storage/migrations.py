@@ -25,8 +25,8 @@ from pathlib import Path
 
 import sqlite_utils
 
-from .sqlite import transaction
 from ..errors import StoreError
+from .sqlite import transaction
 
 
 @dataclass(frozen=True)

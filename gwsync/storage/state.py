@@ -17,15 +17,15 @@ check what is there.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterable
 
 import sqlite_utils
 
-from .sqlite import open_private_db, transaction
 from .migrations import Migration, add_column, latest, upgrade
+from .sqlite import open_private_db, transaction
 
 IMPORTED, HELD, FAILED, QUARANTINED = "imported", "held", "failed", "quarantined"
 
@@ -62,7 +62,7 @@ class CalendarLink:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _first_release(db: sqlite_utils.Database) -> None:

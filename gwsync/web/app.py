@@ -20,9 +20,9 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Callable
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, flash, g, redirect, render_template, request, send_file, session, url_for
@@ -30,12 +30,12 @@ from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
 from werkzeug.routing import IntegerConverter
 
+from ..calendar.icalmap import parse_time
 from ..config import Config
 from ..crm import ActivityFilter
+from ..crm.searches import QUICK_SEARCHES, quick_search
 from ..engine import Engine
 from ..errors import GwsyncError
-from ..calendar.icalmap import parse_time
-from ..crm.searches import QUICK_SEARCHES, quick_search
 from .sanitize import sanitise_mail_html
 
 log = logging.getLogger("gwsync.web")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlsplit
 
 from ..config import Config, ConfigError, http_address
