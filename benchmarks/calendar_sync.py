@@ -235,7 +235,8 @@ fileext = ".ics"
     changed_time, changed_requests = measure(server, lambda: vdir("sync"))
     print(f"  vdirsyncer start-up    : {startup:7.2f} s  (`vdirsyncer --version`, best of {runs})")
     print(f"  vdirsyncer discover    : {discover_time:7.2f} s  {discover_requests:6d} requests")
-    print(f"  vdirsyncer first sync  : {first_time:7.2f} s  {first_requests:6d} requests  (downloads only: no write-back)")
+    print(f"  vdirsyncer first sync  : {first_time:7.2f} s  {first_requests:6d} requests  "
+          "(downloads only: no write-back)")
     print(f"  vdirsyncer no change   : {noop_best:7.2f} s  {noop_requests:6d} requests  (best of {runs}; "
           f"median {noop_median:.2f} s)")
     print(f"  vdirsyncer {changes:2d} changed  : {changed_time:7.2f} s  {changed_requests:6d} requests")

@@ -141,22 +141,22 @@ class Secret:
         if self.command:
             try:
                 out = subprocess.run(list(self.command), capture_output=True, check=True, timeout=60)
-            except FileNotFoundError:
-                raise ConfigError(f"{self.where}.password_command: program {self.command[0]!r} not found")
+            except FileNotFoundError as exc:
+                raise ConfigError(f"{self.where}.password_command: program {self.command[0]!r} not found") from exc
             except subprocess.CalledProcessError as exc:
                 raise ConfigError(
                     f"{self.where}.password_command exited with code {exc.returncode}; run it by hand to see why"
-                )
-            except subprocess.TimeoutExpired:
-                raise ConfigError(f"{self.where}.password_command did not finish within 60 s")
+                ) from exc
+            except subprocess.TimeoutExpired as exc:
+                raise ConfigError(f"{self.where}.password_command did not finish within 60 s") from exc
             except OSError as exc:  # a directory, no execute permission, ...
                 raise ConfigError(f"{self.where}.password_command: cannot run {self.command[0]!r} "
-                                  f"({exc.strerror or exc})")
+                                  f"({exc.strerror or exc})") from exc
             try:
                 text = out.stdout.decode("utf-8")
-            except UnicodeDecodeError:
+            except UnicodeDecodeError as exc:
                 raise ConfigError(f"{self.where}.password_command printed bytes that are not UTF-8; "
-                                  "make it print the password as text")
+                                  "make it print the password as text") from exc
             # Only the first line: `pass show` prints the password and then other fields.
             return _given(text.splitlines()[0] if text else "",
                           f"{self.where}.password_command printed no password (its first line is empty); "
@@ -174,7 +174,7 @@ class Secret:
                 value = keyring.get_password(self.keyring, self.username)
             except KeyringError as exc:
                 raise ConfigError(f"{self.where}.password_keyring: the system keyring is not available ({exc}); "
-                                  "use password_command or password_env instead")
+                                  "use password_command or password_env instead") from exc
             if value is None:
                 raise ConfigError(
                     f"{self.where}.password_keyring: no password stored for service {self.keyring!r}, "
@@ -348,8 +348,8 @@ def _check_link(link: str) -> None:
                   "for the activity id")
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(link) if name is not None]
-    except ValueError:
-        raise _Wrong(lone_brace)
+    except ValueError as exc:
+        raise _Wrong(lone_brace) from exc
     for name in names:
         if name != "id":
             raise _Wrong(f".link {link!r} has the field {{{name}}}; only {{id}} (the activity id) is allowed")
@@ -358,7 +358,7 @@ def _check_link(link: str) -> None:
     try:
         link.format(id=1)
     except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:  # a format spec or conversion
-        raise _Wrong(f".link {link!r} cannot show an activity id ({exc}); write {{id}}")
+        raise _Wrong(f".link {link!r} cannot show an activity id ({exc}); write {{id}}") from exc
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -476,9 +476,9 @@ class Config:
     def account(self, name: str) -> AccountConfig:
         try:
             return self.accounts[name]
-        except KeyError:
+        except KeyError as exc:
             known = ", ".join(sorted(self.accounts)) or "none"
-            raise ConfigError(f"no account {name!r} in the config (known: {known})")
+            raise ConfigError(f"no account {name!r} in the config (known: {known})") from exc
 
 
 # -- loading: unknown keys, then msgspec, then its error in our words ----------------------------
@@ -497,16 +497,16 @@ def load_config(path: Path | None = None) -> Config:
     path = path or default_config_path()
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"no config file at {path} (create one, see the README, or pass --config)")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"no config file at {path} (create one, see the README, or pass --config)") from exc
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}")
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     try:
         data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"config {path} is not UTF-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path} is not UTF-8") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config {path}: {exc}")
+        raise ConfigError(f"config {path}: {exc}") from exc
     return parse_config(data, path)
 
 

@@ -535,9 +535,9 @@ class Engine:
             collection = self.collection(account, link.area)
             try:
                 collection.delete(link.href, link.etag or "*")
-            except dav.PreconditionFailed:
+            except dav.PreconditionFailed as exc:
                 raise dav.DavError(f"the item of activity {activity_id} changed on the server since the last sync; "
-                                   "run `gwsync sync` first, then unpush")
+                                   "run `gwsync sync` first, then unpush") from exc
             self.state.drop_link(account.name, link.area, activity_id, link.href)
             deleted += 1
         for area in ("events", "tasks"):

@@ -46,7 +46,7 @@ def _lines(text: bytes, width: int) -> list[bytes]:
 def base64_body(draw, data: bytes, nl: bytes) -> bytes:
     # Encoded in pieces: every piece whose length is not a multiple of 3 leaves padding in mid-stream.
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=3)))
-    pieces = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+    pieces = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)], strict=True)]
     text = b"".join(base64.b64encode(p) for p in pieces)
     lines = _lines(text, draw(st.sampled_from([76, 64, 4, 72]) | st.integers(1, 120)))
     for _ in range(draw(st.integers(0, 3))):  # stray lines anywhere

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 
 from conftest import make_mail
@@ -121,7 +123,7 @@ def test_password_from_keyring_command_and_env(env, monkeypatch):
 
     class MemoryKeyring(KeyringBackend):
         priority = 1
-        store = {("gwsync-test", env.user): env.password}
+        store: ClassVar[dict[tuple[str, str], str]] = {("gwsync-test", env.user): env.password}
 
         def get_password(self, service, username):
             return self.store.get((service, username))
@@ -174,7 +176,8 @@ def test_several_accounts_each_with_its_own_credentials_and_status(make_env):
         f'username = "{other.user}"', f'username = "{other.user}"\ntimeout = 5').replace(
         "[accounts.bob.imap]\nhost = \"127.0.0.1\"", "[accounts.bob.imap]\nhost = \"127.0.0.9\""))
     code, out = env.cli_json("sync")
-    assert code == 1 and out["accounts"]["alice"]["error"] is None and "cannot connect" in out["accounts"]["bob"]["error"]
+    assert code == 1 and out["accounts"]["alice"]["error"] is None
+    assert "cannot connect" in out["accounts"]["bob"]["error"]
     code, status = env.cli_json("status")
     bob = status["accounts"]["bob"]["areas"]["mail"]
     assert bob["ok"] is False and bob["last_success"] is not None and "cannot connect" in bob["error"]

@@ -90,7 +90,8 @@ def test_demo_runs_on_the_builtin_server_with_nothing_but_the_package():
     assert "Bestellung 2026-114.pdf" in proc.stdout
     assert "events: 1 new in the CRM, 0 new on the server" in proc.stdout
     assert "tasks: 0 new in the CRM, 1 new on the server" in proc.stdout
-    assert "the phone's event now carries the CRM link: DESCRIPTION:CRM: http://127.0.0.1:8765/activities/" in proc.stdout
+    assert ("the phone's event now carries the CRM link: DESCRIPTION:CRM: http://127.0.0.1:8765/activities/"
+            in proc.stdout)
     assert "calendar requests: 2 (one per collection" in proc.stdout
     assert "web view (gwsync serve): the event's link opens the activity page 'Jahresgespräch ACME'" in proc.stdout
 

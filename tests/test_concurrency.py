@@ -273,7 +273,7 @@ def test_lock_wait_in_the_config(value, ok):
     if ok:
         assert parse_config({"state": {"lock_wait": value}}).state.lock_wait == value
     else:
-        with pytest.raises(ConfigError, match="state.lock_wait"):
+        with pytest.raises(ConfigError, match=r"state\.lock_wait"):
             parse_config({"state": {"lock_wait": value}})
     assert parse_config({}).state.lock_wait == 60
 
@@ -328,9 +328,9 @@ def test_the_lock_is_released_when_a_holding_process_is_killed(tmp_path):
         assert proc.stdout.readline().strip() == "held"
         from gwsync.accountlock import AccountBusy
 
-        with pytest.raises(AccountBusy, match=f"pid {proc.pid}"):
-            with locks(tmp_path / "state.db", wait=0).hold("alice", "sync"):
-                pass
+        second = locks(tmp_path / "state.db", wait=0)
+        with pytest.raises(AccountBusy, match=f"pid {proc.pid}"), second.hold("alice", "sync"):
+            pass
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

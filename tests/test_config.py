@@ -37,9 +37,11 @@ def test_spec_example_config_loads(tmp_path):
 @pytest.mark.parametrize("data, message", [
     ({"crm": {"databse": "x"}}, "unknown key crm.databse"),
     ({"accounts": {"a": {"imap": {"username": "u"}}}}, "missing key accounts.a.imap.host"),
-    ({"accounts": {"a": {"imap": {"host": "h", "username": "u", "port": "993"}}}}, "accounts.a.imap.port must be an integer"),
+    ({"accounts": {"a": {"imap": {"host": "h", "username": "u", "port": "993"}}}},
+     "accounts.a.imap.port must be an integer"),
     ({"accounts": {"a": {"imap": {"host": "h", "username": "u", "security": "ssl"}}}}, "accounts.a.imap.security"),
-    ({"accounts": {"a": {"areas": ["mail", "calendar"], "imap": {"host": "h", "username": "u"}}}}, "unknown area 'calendar'"),
+    ({"accounts": {"a": {"areas": ["mail", "calendar"], "imap": {"host": "h", "username": "u"}}}},
+     "unknown area 'calendar'"),
     ({"accounts": {"a": {"areas": ["mail"]}}}, "area mail needs an [accounts.a.imap] table"),
     ({"accounts": {"a": {"imap": {"host": "h", "username": "u", "archive_folder": "INBOX/CRM Archiv [E]"}}}},
      "looks like an import folder"),

@@ -163,7 +163,7 @@ def test_only_faults_of_the_environment_become_store_errors(tmp_path):
     conn.close()
     notes = tmp_path / "notes.txt"
     notes.write_bytes(b"not a database at all\n" * 100)
-    with pytest.raises(StoreError, match="notes.txt is not an SQLite database"):
+    with pytest.raises(StoreError, match=r"notes\.txt is not an SQLite database"):
         dbfiles.open_private_db(notes, "CRM database")
 
 

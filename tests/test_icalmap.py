@@ -139,8 +139,8 @@ def test_time_forms():
 
 
 @given(st.datetimes(timezones=st.sampled_from([None, "Europe/Berlin", "UTC", "America/New_York"]).map(
-    lambda z: None if z is None else __import__("zoneinfo").ZoneInfo(z)), min_value=__import__("datetime").datetime(1971, 1, 1),
-    max_value=__import__("datetime").datetime(2037, 1, 1)))
+    lambda z: None if z is None else __import__("zoneinfo").ZoneInfo(z)),
+    min_value=__import__("datetime").datetime(1971, 1, 1), max_value=__import__("datetime").datetime(2037, 1, 1)))
 def test_time_strings_round_trip(value):
     value = value.replace(microsecond=0, fold=0)
     text = format_time(value)

@@ -33,7 +33,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(env):
     env.append(DONE, *mails)
     rng = random.Random(20261126)
     partial_kills = 0
-    for attempt in range(15):
+    for _attempt in range(15):
         proc = env.subprocess("-q", "sync")
         time.sleep(rng.uniform(0.3, 3.0))
         killed = proc.poll() is None
@@ -162,7 +162,8 @@ def test_a_mail_larger_than_the_stream_threshold_is_streamed_part_by_part(env):
                b"MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\n--b\n"
                b"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n\n"
                b"Anbei die gro=C3=9Fe Datei.\n--b\nContent-Type: text/html; charset=utf-8\n\n"
-               b"<p>Anbei die <b>gro\xc3\x9fe</b> Datei.</p>\n--b\nContent-Type: application/zip\nContent-Transfer-Encoding: base64\n"
+               b"<p>Anbei die <b>gro\xc3\x9fe</b> Datei.</p>\n--b\nContent-Type: application/zip\n"
+               b"Content-Transfer-Encoding: base64\n"
                b"Content-Disposition: attachment; filename=\"../big.zip\"\n\n" + encoded + b"--b--\n")
     assert len(raw) > STREAM_THRESHOLD
     env.append(DONE, raw, make_mail(1))
@@ -219,7 +220,8 @@ def test_ctrl_c_in_the_middle_is_one_line_and_the_next_run_finishes(env):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130
-    assert err.decode().strip().splitlines() == ["gwsync: interrupted; nothing is lost, run the command again to finish"]
+    assert err.decode().strip().splitlines() == [
+        "gwsync: interrupted; nothing is lost, run the command again to finish"]
     with env.engine() as engine:
         assert 0 < len(engine.crm.list_activities(ActivityFilter())) < 4000  # it really stopped mid-import
     code, result = env.cli_json("sync")

@@ -116,7 +116,8 @@ def test_invisible_format_controls_are_removed_from_names(name, expected):
 def test_a_bidi_override_in_a_mailed_name_is_removed():
     raw = (b"From: a@example.org\r\nSubject: s\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=x\r\n"
            b"\r\n--x\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--x\r\nContent-Type: application/pdf\r\n"
-           b"Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename*=utf-8''inv%E2%80%AEfdp.exe\r\n"
+           b"Content-Transfer-Encoding: base64\r\n"
+           b"Content-Disposition: attachment; filename*=utf-8''inv%E2%80%AEfdp.exe\r\n"
            b"\r\nJVBERi0=\r\n--x--\r\n")
     (attachment,) = parse_message(raw).attachments
     assert attachment.filename == "invfdp.exe" and attachment.data == b"%PDF-"
@@ -178,8 +179,9 @@ def test_html_to_text_survives_broken_markup():
 
 def test_the_html_alternative_is_kept_beside_the_text():
     raw = (b"From: a@example.org\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
-           b"Content-Type: multipart/alternative; boundary=x\r\n\r\n--x\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
-           b"Gr\xc3\xbc\xc3\x9fe\r\n--x\r\nContent-Type: text/html; charset=iso-8859-1\r\n\r\n<p>Gr\xfc\xdfe</p>\r\n--x--\r\n")
+           b"Content-Type: multipart/alternative; boundary=x\r\n\r\n"
+           b"--x\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n"
+           b"--x\r\nContent-Type: text/html; charset=iso-8859-1\r\n\r\n<p>Gr\xfc\xdfe</p>\r\n--x--\r\n")
     mail = parse_message(raw)
     assert mail.body == "Grüße" and mail.body_html.strip() == "<p>Grüße</p>"
     assert mail.attachments == []
@@ -273,7 +275,7 @@ def test_where_the_chunks_are_cut_never_changes_the_decoding(encoding, tokens, c
 @given(st.binary(max_size=3000), st.lists(st.integers(0, 3000), max_size=4), st.data())
 def test_lenient_base64_recovers_pieces_and_skips_stray_lines(data, piece_cuts, draw):
     cuts = sorted(piece_cuts)
-    text = b"".join(base64.b64encode(data[a:b]) for a, b in zip([0] + cuts, cuts + [len(data)]))
+    text = b"".join(base64.b64encode(data[a:b]) for a, b in zip([0] + cuts, cuts + [len(data)], strict=True))
     groups = [text[i:i + 4] for i in range(0, len(text), 4)]
     for _ in range(draw.draw(st.integers(0, 4))):  # between groups: stray lines, junk, line breaks
         groups.insert(draw.draw(st.integers(0, len(groups))),

@@ -13,7 +13,8 @@ from gwsync.crm import ActivityFilter
 from gwsync.demo.localservers import Dovecot
 from gwsync.mail.sieve import quote
 
-USER_SCRIPT = 'require ["fileinto"];\n# my own rule\nif header :contains "subject" "Rechnung" { fileinto "INBOX/Rechnungen"; }\n'
+USER_SCRIPT = ('require ["fileinto"];\n# my own rule\n'
+               'if header :contains "subject" "Rechnung" { fileinto "INBOX/Rechnungen"; }\n')
 
 
 @pytest.fixture(scope="module")

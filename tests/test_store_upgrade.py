@@ -73,7 +73,7 @@ def test_a_crm_database_from_before_is_upgraded_keeping_its_data_and_never_reuse
     assert len(store) == 36
     # Every old row is still there, column for column (the new uuid column aside).
     new_columns = [c[1] for c in sqlite3.connect(path).execute("PRAGMA table_info(activities)")]
-    kept = [tuple(v for c, v in zip(new_columns, row) if c != "uuid") for row in rows(path, "activities")]
+    kept = [tuple(v for c, v in zip(new_columns, row, strict=True) if c != "uuid") for row in rows(path, "activities")]
     assert kept[:3] == old["activities"]
     for table in ("documents", "partners", "contacts", "communications", "partner_addresses"):
         assert rows(path, table) == old[table], table

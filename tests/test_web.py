@@ -71,7 +71,7 @@ def hostile_mail(tracker: str) -> bytes:
 <a href="javascript:fetch('{tracker}/js-link')">click me</a>
 <a href="https://acme.example/offer">the offer online</a>
 <iframe src="{tracker}/frame"></iframe><svg><image href="{tracker}/svg.gif"/></svg>
-</body></html>"""
+</body></html>"""  # noqa: E501 - the mail's HTML as a sender writes it
     b64 = __import__("base64").encodebytes
     return crlf(f"""From: Erika Mustermann <erika@acme.example>
 To: alice@example.com

@@ -110,13 +110,13 @@ class Collection:
             status = getattr(exc, "status", None) or ""
             if "403" in str(status) or "403" in str(exc)[:200]:
                 return _Forbidden()
-            raise DavLoginFailed(f"CalDAV {self.url}: login refused (HTTP 401)")
+            raise DavLoginFailed(f"CalDAV {self.url}: login refused (HTTP 401)") from exc
         except caldav_error.RateLimitError as exc:
-            raise DavUnreachable(f"CalDAV {self.url}: server busy ({exc})")
+            raise DavUnreachable(f"CalDAV {self.url}: server busy ({exc})") from exc
         except transport_errors() as exc:
-            raise DavUnreachable(f"CalDAV {self.url}: cannot connect ({_reason(exc)})")
+            raise DavUnreachable(f"CalDAV {self.url}: cannot connect ({_reason(exc)})") from exc
         except caldav_error.DAVError as exc:
-            raise DavError(f"CalDAV {url}: {method} failed ({exc})")
+            raise DavError(f"CalDAV {url}: {method} failed ({exc})") from exc
         if response.status >= 500:
             raise DavUnreachable(f"CalDAV {url}: server error {response.status}")
         return response
@@ -128,7 +128,8 @@ class Collection:
 
     def check(self) -> None:
         """Fail clearly when the collection does not exist or is not a calendar."""
-        response = self._request(self.url, "PROPFIND", _PROPFIND_TYPE, {"Depth": "0", "Content-Type": "application/xml"})
+        response = self._request(self.url, "PROPFIND", _PROPFIND_TYPE,
+                                 {"Depth": "0", "Content-Type": "application/xml"})
         if isinstance(response, _Forbidden) or response.status == 404:
             raise DavError(f"CalDAV collection {self.url} not found (check events/tasks in the config)")
         if response.status != 207:
@@ -144,7 +145,7 @@ class Collection:
         if isinstance(response, _Forbidden) or response.status != 207:
             raise DavError(f"CalDAV {self.url}: listing answered {getattr(response, 'status', 403)}")
         items = {}
-        for href, status, props in _multistatus(_body(response)):
+        for href, _status, props in _multistatus(_body(response)):
             if _norm(href) == _norm(self.path) or props.find(".//d:collection", NS) is not None:
                 continue
             etag = props.findtext(".//d:getetag", default=None, namespaces=NS)
@@ -269,7 +270,7 @@ def _parse(text: str) -> ET.Element:
     try:
         return ET.fromstring(text)
     except ET.ParseError as exc:
-        raise DavError(f"CalDAV: the server's answer is not well-formed XML ({exc})")
+        raise DavError(f"CalDAV: the server's answer is not well-formed XML ({exc})") from exc
 
 
 def _norm(href: str) -> str:
@@ -321,7 +322,7 @@ def resolve_collection(client: DAVClient, home: str, name_or_url: str) -> str:
     if isinstance(response, _Forbidden) or response.status != 207:
         raise DavError(f"CalDAV {home}: cannot list collections ({getattr(response, 'status', 403)}); check url")
     names = []
-    for href, status, props in _multistatus(_body(response)):
+    for href, _status, props in _multistatus(_body(response)):
         if props.find(".//c:calendar", NS) is None:
             continue
         segment = unquote(urlsplit(href).path.rstrip("/").rsplit("/", 1)[-1])

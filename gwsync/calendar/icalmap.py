@@ -58,8 +58,8 @@ def parse_time(text: str | None):
         base = datetime.fromisoformat(match["base"])
         try:
             zone = ZoneInfo(match["zone"])
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {match['zone']!r}")
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {match['zone']!r}") from exc
         return base.replace(tzinfo=None).replace(tzinfo=zone)
     if len(text) == 10:
         return date.fromisoformat(text)
@@ -349,7 +349,7 @@ def _logical_lines(physical: list[str]) -> list[_Entry]:
         elif line == "":
             continue
         else:
-            name = re.split(r"[;:]", line, 1)[0].strip().upper()
+            name = re.split(r"[;:]", line, maxsplit=1)[0].strip().upper()
             entries.append(_Entry(name=name, physical=[line]))
     return entries
 

@@ -571,9 +571,9 @@ class CalendarSync:
             return
         try:
             action.run(self)
-        except PreconditionFailed:
+        except PreconditionFailed as exc:
             if attempt >= MAX_RETRIES:
-                raise DavError("the item kept changing on the server; it will be synced next time")
+                raise DavError("the item kept changing on the server; it will be synced next time") from exc
             again = self._action_for(self._reread(action.pair))  # that pair only, as it is now
             if again is not None:
                 self._run_action(again, attempt + 1)
@@ -609,7 +609,7 @@ class CalendarSync:
         if drafts:
             existing = self.crm.existing_keys([d.key for d in drafts])
             ids = self.crm.create_activities(drafts)
-            for draft, activity_id in zip(drafts, ids):
+            for draft, activity_id in zip(drafts, ids, strict=True):
                 if draft.key in existing:  # created by a run that died before linking: bring it up to date
                     self.crm.update_activity(activity_id, {k: getattr(draft, k) for k in FIELDS})
                 self._created[draft.key] = self.crm.get_activity(activity_id)
@@ -648,13 +648,13 @@ class CalendarSync:
                         alarm=activity.kind == "WIEDERVORLAGE")
         try:
             etag = self.coll.create(href, text)
-        except PreconditionFailed:
+        except PreconditionFailed as exc:
             existing = self.coll.get(href)
             if existing is None:
                 raise
             data = self._read(existing, linked=False)
             if data.uid != uid or not self._may_adopt(data, activity):
-                raise DavError(f"{href} exists on the server and belongs to another item")
+                raise DavError(f"{href} exists on the server and belongs to another item") from exc
             # Our own item from a run that died before saving the link: adopt it, then merge.
             self._save(activity, uid, href, existing.etag, data.fields)
             adopted = _Pair(CalendarLink(self.account.name, self.area, activity.id, uid, href, existing.etag,

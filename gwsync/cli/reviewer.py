@@ -114,7 +114,7 @@ def run_review(engine: Engine, account: AccountConfig) -> int:
         if not waiting:
             continue
         click.echo(f"New {area} on the server:")
-        for n, (href, data) in enumerate(waiting, 1):
+        for n, (_href, data) in enumerate(waiting, 1):
             when = data.fields.get("start") or data.fields.get("due") or ""
             click.echo(f"  {n}. {data.fields['subject']!r} {when}")
         left_out = _ask_numbers("Leave out (numbers, Enter for none)", len(waiting))

@@ -55,11 +55,11 @@ class InstanceLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError as exc:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise AlreadyRunning(f"another gwsync watch (pid {holder}) is running on {self.path.with_suffix('')}; "
-                                 "stop it first, or give this one its own [state] database")
+                                 "stop it first, or give this one its own [state] database") from exc
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd

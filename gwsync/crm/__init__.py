@@ -177,7 +177,7 @@ class CRMBackend(abc.ABC):
         between; a backend that can tell inside its transaction should override it."""
         seen = set(self.existing_keys(d.key for d in drafts))
         marked = []
-        for draft, activity_id in zip(drafts, self.create_activities(drafts)):
+        for draft, activity_id in zip(drafts, self.create_activities(drafts), strict=True):
             marked.append((activity_id, draft.key not in seen))
             seen.add(draft.key)
         return marked
@@ -244,5 +244,5 @@ class CRMBackend(abc.ABC):
         """Give every activity from this address that has no contact this contact (and the partner,
         where it has none) and clear its unassigned mark; returns how many changed."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a backend with nothing to release leaves it out
         """Release resources; the default does nothing."""

@@ -145,12 +145,13 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
             for area in ("events", "tasks"):
                 if area in calendars:
                     c = calendars[area].counts
-                    click.echo(f"  {area}: {c['created_crm']} new in the CRM, {c['created_groupware']} new on the server")
+                    click.echo(f"  {area}: {c['created_crm']} new in the CRM, "
+                               f"{c['created_groupware']} new on the server")
             for a in engine.activities(ActivityFilter(kinds=("TERMIN", "BESPRECHUNG", "AUFGABE",
                                                                       "WIEDERVORLAGE"))):
                 when = a.start or a.due or ""
                 click.echo(f"  #{a.id} {a.kind} {a.subject!r} {when}")
-            (etag, text), = _items(dav_server, dav_home, "calendar").values()
+            (_etag, text), = _items(dav_server, dav_home, "calendar").values()
             link_line = next(l for l in text.replace("\n ", "").splitlines() if l.startswith("DESCRIPTION"))
             click.echo(f"  the phone's event now carries the CRM link: {link_line}")
             click.echo(f"  the follow-up #{erika_call} is on the phone's task list: "

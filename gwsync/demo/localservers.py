@@ -53,9 +53,9 @@ def _wait_until_bindable(port: int, timeout: float = 10.0) -> None:
             try:
                 sock.bind(("127.0.0.1", port))
                 return
-            except OSError:
+            except OSError as exc:
                 if time.monotonic() > deadline:
-                    raise ServerUnavailable(f"port {port} stayed busy")
+                    raise ServerUnavailable(f"port {port} stayed busy") from exc
                 time.sleep(0.1)
 
 
@@ -236,12 +236,13 @@ class Dovecot(_LocalServer):
         if os.geteuid() == 0:
             for path in [self.directory, *self.directory.rglob("*")]:
                 os.chown(path, entry.pw_uid, entry.pw_gid)
-        self.proc = subprocess.Popen(
-            [binary, "-F", "-c", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.directory / "stderr.log", "ab"),
-            start_new_session=True,
-        )
+        with open(self.directory / "stderr.log", "ab") as stderr:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [binary, "-F", "-c", str(conf)],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
         wait_for_port(self.port, self.proc, log=self.directory / "dovecot.log")
         if self.sieve_port:
             wait_for_port(self.sieve_port, self.proc, log=self.directory / "dovecot.log")
@@ -289,8 +290,9 @@ class Pymap(_LocalServer):
     def start(cls, user: str = "demo", password: str = "demopass") -> Pymap:
         server = cls(user=user, password=password, port=free_port())
         server.proc = subprocess.Popen(
-            [sys.executable, "-c", "from pymap.main import main; main()", "--host", "127.0.0.1", "--port", str(server.port),
-             "--no-tls", "dict", "--demo-user", user, "--demo-password", password],
+            [sys.executable, "-c", "from pymap.main import main; main()",
+             "--host", "127.0.0.1", "--port", str(server.port), "--no-tls",
+             "dict", "--demo-user", user, "--demo-password", password],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -353,12 +355,13 @@ class Radicale(_LocalServer):
         self.port = free_port()
         conf = self.directory / "radicale.conf"
         conf.write_text(RADICALE_CONF.format(dir=self.directory, port=self.port, log_level=self.log_level))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "radicale", "--config", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.directory / "radicale.log", "ab"),
-            start_new_session=True,
-        )
+        with open(self.directory / "radicale.log", "ab") as stderr:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "radicale", "--config", str(conf)],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
         wait_for_port(self.port, self.proc, log=self.directory / "radicale.log")
 
     @property

@@ -93,19 +93,19 @@ class ImapSession:
                 client.starttls(context)
         except ssl.SSLCertVerificationError as exc:
             raise MailServerError(f"IMAP {where}: certificate not trusted ({exc.verify_message}); "
-                                  "set ca_file, or verify = false for a test server")
+                                  "set ca_file, or verify = false for a test server") from exc
         except (TimeoutError, OSError, IMAPClientError) as exc:
-            raise ServerUnreachable(f"IMAP {where}: cannot connect ({exc})")
+            raise ServerUnreachable(f"IMAP {where}: cannot connect ({exc})") from exc
         try:
             client.login(cfg.username, password)
         except LoginError as exc:
             _close(client)
-            raise LoginFailed(f"IMAP {where}: login as {cfg.username!r} refused ({_text(exc)})")
+            raise LoginFailed(f"IMAP {where}: login as {cfg.username!r} refused ({_text(exc)})") from exc
         except (TimeoutError, OSError, IMAPClientAbortError) as exc:
-            raise ServerUnreachable(f"IMAP {where}: connection lost during login ({exc})")
+            raise ServerUnreachable(f"IMAP {where}: connection lost during login ({exc})") from exc
         except IMAPClientError as exc:  # e.g. LOGINDISABLED: the server takes no login over this connection
             _close(client)
-            raise MailServerError(f"IMAP {where}: login as {cfg.username!r} not possible ({_text(exc)})")
+            raise MailServerError(f"IMAP {where}: login as {cfg.username!r} not possible ({_text(exc)})") from exc
         with _guard(f"IMAP {where}: CAPABILITY"):
             return cls(client)
 

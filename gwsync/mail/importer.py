@@ -194,7 +194,7 @@ class MailImporter:
                 key = self._streamed_key(session, uid, sizes[uid])
                 known = self.crm.existing_keys([key])
                 prepared = [self._prepare(uid, key, known.get(key), folder, records.get(uid),
-                                          lambda: _StreamedMail(session, uid, self.crm, self.dry_run).parse())]
+                                          lambda uid=uid: _StreamedMail(session, uid, self.crm, self.dry_run).parse())]
             except MailGone:
                 continue  # expunged by someone else meanwhile
             self._commit(session, folder, uidvalidity, prepared, result)
@@ -256,7 +256,8 @@ class MailImporter:
             match = resolve_sender(parsed.sender, self.crm.find_contact_by_email, self.crm.find_partner_by_domain)
             given = self.overrides.get((folder.name, uid), {})
             if given:
-                match = SenderMatch(given.get("contact_id", match.contact_id), given.get("partner_id", match.partner_id))
+                match = SenderMatch(given.get("contact_id", match.contact_id),
+                                    given.get("partner_id", match.partner_id))
                 parsed.subject = given.get("subject", parsed.subject)
                 parsed.body = given.get("body", parsed.body)
             missing = missing_fields(self.crm_cfg.mandatory, partner_id=match.partner_id,
@@ -266,7 +267,8 @@ class MailImporter:
                 base.outcome, base.missing = HELD, missing
                 return _Prepared(uid=uid, key=key, record=base)
             documents = [self._store(att) for att in parsed.attachments]
-            for doc, (category, keyword) in zip(documents, given.get("documents", [])):
+            # The review form may name fewer documents than the mail has: the rest keep no category.
+            for doc, (category, keyword) in zip(documents, given.get("documents", []), strict=False):
                 doc.category, doc.keyword = category or None, keyword or None
             draft = ActivityDraft(
                 key=key, kind=MAIL_KIND, status=folder.status, subject=parsed.subject, body=parsed.body,

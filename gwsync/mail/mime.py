@@ -385,8 +385,8 @@ def sanitise_filename(name: str | None, content_type: str = "application/octet-s
 
 
 class _TextExtractor(html.parser.HTMLParser):
-    _BLOCK = {"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "blockquote", "pre"}
-    _SKIP = {"script", "style", "head", "title"}
+    _BLOCK = frozenset({"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "blockquote", "pre"})
+    _SKIP = frozenset({"script", "style", "head", "title"})
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)

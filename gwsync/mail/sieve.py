@@ -143,10 +143,10 @@ class SieveRules:
             ok = self.client.connect(username, password, starttls=starttls, authmech="PLAIN")
         except ssl.SSLCertVerificationError as exc:
             raise SieveError(f"ManageSieve {host}:{port}: certificate not trusted ({exc.verify_message}); "
-                             "set ca_file, or verify = false for a test server")
+                             "set ca_file, or verify = false for a test server") from exc
         except (SievelibError, OSError) as exc:  # refused connections and TLS trouble
             raise SieveUnreachable(f"ManageSieve {host}:{port}: cannot connect ({exc}); is the server up, "
-                                   "and is [sieve] port right?")
+                                   "and is [sieve] port right?") from exc
         if not ok:
             self.close()
             raise SieveLoginRefused(f"ManageSieve {host}:{port}: login as {username!r} refused")
@@ -191,7 +191,7 @@ class SieveRules:
 
     def rules(self) -> list[Rule]:
         with _guard(self.where):
-            active, names = self._scripts()
+            _active, names = self._scripts()
             return parse_rules(self._get(RULES_SCRIPT)) if RULES_SCRIPT in names else []
 
     def add(self, sender: str, folder: str) -> Rule:

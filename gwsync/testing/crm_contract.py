@@ -236,7 +236,7 @@ class CRMBackendContract:
                                partner_id=partner.id, body_html="<p>Hello</p>", start="2026-03-02T09:15:00+00:00")
         unassigned = self.mail_draft(backend, "mail-2", unassigned=True)
         drafts = [appointment, task, mail, unassigned]
-        for draft, activity_id in zip(drafts, backend.create_activities(drafts)):
+        for draft, activity_id in zip(drafts, backend.create_activities(drafts), strict=True):
             got = backend.get_activity(activity_id)
             assert got.id == activity_id
             for name in ("key", "kind", "status", "subject", "body", "location", "contact_id", "partner_id",
@@ -325,7 +325,7 @@ class CRMBackendContract:
 
     def test_existing_keys_across_many_keys(self, backend):
         created = backend.create_activities([self.draft(backend, f"bulk-{i}") for i in range(0, 1300, 2)])
-        wanted = {f"bulk-{i}": activity_id for i, activity_id in zip(range(0, 1300, 2), created)}
+        wanted = {f"bulk-{i}": activity_id for i, activity_id in zip(range(0, 1300, 2), created, strict=True)}
         asked = (f"bulk-{i}" for i in range(1300))  # any iterable, 1300 keys, half of them known
         assert backend.existing_keys(asked) == wanted
         assert backend.existing_keys([]) == {}
@@ -451,7 +451,7 @@ class CRMBackendContract:
             "mail_otto": self.mail_draft(backend, "m3", sender="otto@other.example", contact_id=otto.id,
                                          partner_id=other.id, owner=None),
         }
-        ids = dict(zip(drafts, backend.create_activities(list(drafts.values()))))
+        ids = dict(zip(drafts, backend.create_activities(list(drafts.values())), strict=True))
         return {**ids, "all": sorted(ids.values()), "acme": acme.id, "erika": erika.id, "other": other.id,
                 "otto": otto.id}
 
