@@ -30,7 +30,7 @@ from imapclient.exceptions import IMAPClientAbortError
 from .accountlock import AccountBusy, AccountLocks, FileAccountLocks
 from .calendar import dav
 from .calendar.dav import Collection
-from .config import AREAS, AccountConfig, Config, ConfigError
+from .config import AREAS, AccountConfig, CaldavConfig, Config, ConfigError, ImapConfig
 from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Partner
 from .errors import CredentialLocked, GwsyncError, LoginRefused, NotFound, ServiceError, StoreError, UsageError
 from .mail.imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
@@ -159,6 +159,20 @@ class SyncReport:
                 "stopped": self.stopped}
 
 
+def _imap(account: AccountConfig) -> ImapConfig:
+    """The account's [imap] table; a ConfigError that names it when the account has none."""
+    if account.imap is None:
+        raise ConfigError(f"accounts.{account.name} has no [accounts.{account.name}.imap] table")
+    return account.imap
+
+
+def _caldav(account: AccountConfig) -> CaldavConfig:
+    """The account's [caldav] table; a ConfigError that names it when the account has none."""
+    if account.caldav is None:
+        raise ConfigError(f"account {account.name!r} has no [accounts.{account.name}.caldav] table")
+    return account.caldav
+
+
 class Engine:
     def __init__(self, config: Config, crm: CRMBackend | None = None, locks: AccountLocks | None = None):
         from .crm.embedded import EmbeddedCRM  # not needed by a host CRM
@@ -173,7 +187,7 @@ class Engine:
                 self.crm.close()
             raise
         # One run per account at a time (sync, watch rounds, review, push, unpush), across processes.
-        self.locks = locks or FileAccountLocks(config.state_database, config.state.lock_wait)
+        self.run_locks = locks or FileAccountLocks(config.state_database, config.state.lock_wait)
         self._should_stop: Callable[[], bool] = lambda: False
         self._selection = Selection()
 
@@ -233,7 +247,7 @@ class Engine:
 
     def lock_refused(self, account: AccountConfig, service: str, exc: LoginRefused) -> LoginRefused:
         """Lock the credential a refused login sent; returns the error to show, which says so."""
-        if getattr(exc, "locked", False):
+        if exc.locked:
             return exc
         self.state.lock(account.name, service, str(exc), self.credential(account, service))
         out = exc.reworded(f"account {account.name}: {exc}; the credential is now locked so that the server does "
@@ -270,19 +284,18 @@ class Engine:
 
     def connect_imap(self, account: AccountConfig) -> ImapSession:
         """Log in, unless the credential is locked; a refused login locks it (one attempt only)."""
-        if account.imap is None:
-            raise ConfigError(f"accounts.{account.name} has no [accounts.{account.name}.imap] table")
+        imap = _imap(account)
         self.check_lock(account, "imap")
-        password = account.imap.secret.resolve()
+        password = imap.secret.resolve()
         with self._locking(account, "imap"):
-            return ImapSession.connect(account.imap, password)
+            return ImapSession.connect(imap, password)
 
     def import_folders(self, account: AccountConfig) -> list[ImportFolder]:
         """The account's import folders on the server (one login)."""
         with self._naming(account):
             session = self.connect_imap(account)
             try:
-                return session.import_folders(account.imap.import_root)
+                return session.import_folders(_imap(account).import_root)
             finally:
                 session.logout()
 
@@ -307,7 +320,7 @@ class Engine:
                 areas = [a for a in (only or account.areas) if a in AREAS]
                 acc_report = report.accounts.setdefault(account.name, AccountReport())
                 try:
-                    with nullcontext() if dry_run else self.locks.hold(account.name, holder, lock_wait):
+                    with nullcontext() if dry_run else self.run_locks.hold(account.name, holder, lock_wait):
                         self._sync_areas(account, areas, acc_report, dry_run, force, progress)
                 except AccountBusy as exc:
                     acc_report.busy = True
@@ -389,7 +402,7 @@ class Engine:
         """The account's events or tasks collection. The first run finds and checks it; later
         runs reuse its URL and auth scheme, so that a sync with no changes is one request."""
         self.check_lock(account, "caldav")
-        cfg = account.caldav
+        cfg = _caldav(account)
         verify: bool | str = cfg.ca_file or cfg.verify
         source = f"{cfg.url} {cfg.username} {cfg.collection(area)}"
         url, auth_type = self.state.dav_cache(account.name, area, source)
@@ -499,7 +512,7 @@ class Engine:
         activity = self.crm.get_activity(activity_id)
         if activity is None:
             raise NotFound(f"no activity with id {activity_id}")
-        with self.locks.hold(account.name, "push"):
+        with self.run_locks.hold(account.name, "push"):
             other = "tasks" if area == "events" else "events"
             if any(l.account == account.name and l.area == other
                    for l in self.state.links_of_activity(activity_id, activity.identity)):
@@ -517,7 +530,7 @@ class Engine:
         off the calendar until pushed again. Returns how many items were deleted. Raises
         AccountBusy when another run holds the account beyond the wait."""
         account = self.calendar_account(account_name)
-        with self.locks.hold(account.name, "unpush"), self._locking(account, "caldav"):
+        with self.run_locks.hold(account.name, "unpush"), self._locking(account, "caldav"):
             try:
                 return self._unpush(account, activity_id)
             except dav.DavError as exc:
@@ -599,6 +612,7 @@ class Engine:
         if contact_id is not None:
             contact = self.crm.add_contact_email(contact_id, email)
         else:
+            assert new_contact is not None  # one of the two, checked above
             known = self.crm.find_contact_by_email(email)
             if known is not None and known.name.strip().casefold() != new_contact.strip().casefold():
                 raise ValueError(f"{email} belongs to contact #{known.id} {known.name} already; "
@@ -646,7 +660,7 @@ class Engine:
         from .mail.folders import parse_import_folder
 
         full = folder if "/" in folder or folder.upper().startswith("INBOX") else \
-            f"{account.imap.import_root}/{folder}"
+            f"{_imap(account).import_root}/{folder}"
         parsed = parse_import_folder(full.rsplit("/", 1)[-1])
         if parsed is None:
             raise UsageError(f"{folder!r} is not an import folder name: use `CRM <description> [<status>]`")
@@ -730,8 +744,13 @@ class Engine:
         self.crm.delete_activity(activity_id)
 
     def document_path(self, sha256: str) -> Path:
-        """The file of a stored document, by its content digest."""
-        return self.crm.document_path(sha256)
+        """The file of a stored document, by its content digest. Only a backend that keeps its
+        documents as files has one (the embedded store does; CRMBackend does not ask for it)."""
+        path_of = getattr(self.crm, "document_path", None)
+        if path_of is None:
+            raise UsageError(f"the CRM backend ({type(self.crm).__name__}) keeps its documents itself: "
+                             "ask it for them")
+        return Path(path_of(sha256))
 
     def calendar_links(self, activity: Activity) -> list[CalendarLink]:
         """The calendar items an activity is linked to, on every account."""

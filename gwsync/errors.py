@@ -19,6 +19,7 @@ import os
 import sqlite3
 import ssl
 from pathlib import Path
+from typing import Self
 
 EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 1, 2, 3
 
@@ -46,7 +47,7 @@ class GwsyncError(Exception):
         """The one line the command line prints after `gwsync: `."""
         return self.prefix + self.message
 
-    def reworded(self, message: str) -> GwsyncError:
+    def reworded(self, message: str) -> Self:
         """The same error (its class, exit code, transience) with another message, e.g. one
         that names the account."""
         other = copy.copy(self)
@@ -100,6 +101,7 @@ class LoginRefused(ServiceError):
     """The server refused the credential. The engine locks it: exit 3."""
 
     exit_code = EXIT_LOCKED
+    locked = False  # True once the engine has locked the credential (and said so in the message)
 
 
 class CredentialLocked(GwsyncError):

@@ -185,3 +185,14 @@ def _drain(running: Running) -> list[str]:
     while not running.lines.empty():
         out.append(running.lines.get())
     return out
+
+
+def test_the_engine_lists_and_clears_the_locks_for_a_library_user(make_env, monkeypatch):
+    """`Engine.locks()` and `Engine.unlock()`, as the README's "Use it as a library" lists them."""
+    env = make_env()
+    wrong_imap_password(env, monkeypatch)
+    assert env.cli("sync").exit_code == 3
+    with env.engine() as engine:
+        assert [(lock["account"], lock["service"]) for lock in engine.locks()] == [("alice", "imap")]
+        assert engine.unlock("alice") == ["imap"]
+        assert engine.locks() == []

@@ -35,3 +35,15 @@ class TestMemoryCRM(CRMBackendContract):
     @pytest.fixture
     def expected_statuses(self):
         return STATUSES
+
+
+def test_the_engine_says_so_when_a_host_crm_has_no_document_files(tmp_path):
+    from gwsync.config import parse_config
+    from gwsync.engine import Engine
+    from gwsync.errors import UsageError
+
+    config = parse_config({"crm": {"database": str(tmp_path / "crm.db")},
+                           "state": {"database": str(tmp_path / "state.db")}})
+    with Engine(config, crm=MemoryCRM(STATUSES)) as engine, \
+            pytest.raises(UsageError, match=r"\(MemoryCRM\) keeps its documents itself"):
+        engine.document_path("0" * 64)

@@ -25,14 +25,14 @@ MULTIGET_BATCH = 200
 
 
 @functools.cache
-def transport_errors() -> tuple[type[BaseException], ...]:
+def transport_errors() -> tuple[type[Exception], ...]:
     """What the HTTP stack raises for a connection that fails or drops (niquests' errors are
     OSErrors; urllib3's and urllib3-future's are not)."""
     import urllib3.exceptions
     from caldav.lib.http_sync import requests as http
 
-    errors: tuple[type[BaseException], ...] = (OSError, http.exceptions.RequestException,
-                                               urllib3.exceptions.HTTPError)
+    errors: tuple[type[Exception], ...] = (OSError, http.exceptions.RequestException,
+                                           urllib3.exceptions.HTTPError)
     try:
         import urllib3_future.exceptions
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import html
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING
@@ -143,7 +144,7 @@ def _master(cal: icalendar.Calendar):
 
 
 def read_item(text: str, done_status: str, open_status: str, trusted: bool = True, store: str | None = None,
-              kinds: dict[str, str] | None = None) -> ItemData:
+              kinds: Mapping[str, str] | None = None) -> ItemData:
     """Parse an item. gwsync's own properties count when `trusted` (an item this store linked)
     or when the item carries this `store`'s identity. `kinds` (kind -> "events" or "tasks", as
     in [crm.kinds]) refuses a kind of the other component's area."""
@@ -325,7 +326,8 @@ def _fold(line: str, limit: int = 75) -> list[str]:
     data = line.encode("utf-8")
     if len(data) <= limit:
         return [line]
-    parts, start, width = [], 0, limit
+    parts: list[str] = []
+    start, width = 0, limit
     while start < len(data):
         end = min(start + width, len(data))
         while end < len(data) and (data[end] & 0xC0) == 0x80:  # back up to a character boundary
@@ -425,10 +427,10 @@ def _tzid(entry: _Entry) -> str:
 
 def _master_range(entries: list[_Entry]) -> tuple[int, int, str] | None:
     """Index of BEGIN and END of the master VEVENT/VTODO (the one without RECURRENCE-ID)."""
-    candidates = []
+    candidates: list[tuple[int, int, str]] = []
     depth = 0
-    start = None
-    comp_name = None
+    start: int | None = None
+    comp_name = ""
     for i, entry in enumerate(entries):
         line = entry.physical[0]
         upper = line.upper()

@@ -48,24 +48,20 @@ def changed_fields(before: dict | None, after: dict, fields) -> set[str]:
 def reconcile(base: dict | None, crm: Side | None, groupware: Side | None, fields, policy: str = "newest") -> Decision:
     if policy not in POLICIES:
         raise ValueError(f"unknown conflict policy {policy!r}")
-    if crm is None and groupware is None:
-        return Decision(forget=base is not None)
-    if base is None:
-        if groupware is None:
-            return Decision(create_groupware=dict(crm.fields), base=dict(crm.fields))
-        if crm is None:
-            return Decision(create_crm=dict(groupware.fields), base=dict(groupware.fields))
-        # Both exist but were never linked (e.g. the state was lost): treat every difference
-        # as changed on both sides.
-        return _merge({}, crm, groupware, fields, policy, unknown_base=True)
     if crm is None:
-        if not changed_fields(base, groupware.fields, fields):
+        if groupware is None:
+            return Decision(forget=base is not None)
+        if base is not None and not changed_fields(base, groupware.fields, fields):
             return Decision(delete_groupware=True)
         return Decision(create_crm=dict(groupware.fields), base=dict(groupware.fields))
     if groupware is None:
-        if not changed_fields(base, crm.fields, fields):
+        if base is not None and not changed_fields(base, crm.fields, fields):
             return Decision(delete_crm=True)
         return Decision(create_groupware=dict(crm.fields), base=dict(crm.fields))
+    if base is None:
+        # Both exist but were never linked (e.g. the state was lost): treat every difference
+        # as changed on both sides.
+        return _merge({}, crm, groupware, fields, policy, unknown_base=True)
     return _merge(base, crm, groupware, fields, policy)
 
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from ..config import AccountConfig, Config
-from ..crm import ActivityDraft, ActivityFilter, CRMBackend
-from ..storage.state import CalendarLink, StateStore
+from ..crm import Activity, ActivityDraft, ActivityFilter, CRMBackend
+from ..storage.state import CalendarLink, LinkChange, StateStore
 from .dav import Collection, DavError, DavLoginFailed, DavUnreachable, Item, PreconditionFailed, SyncTokenInvalid
 from .icalmap import (
     EVENT,
@@ -73,7 +73,7 @@ class CalendarResult:
 @dataclass(frozen=True)
 class _Pair:
     link: CalendarLink | None
-    activity: object | None  # crm.Activity
+    activity: Activity | None
     item: Item | None  # fetched this run (data and ETag)
     data: ItemData | None  # item parsed
     gone_on_server: bool = False
@@ -96,6 +96,7 @@ class Action:
         pair, decision = self.pair, self.decision
         activity = pair.activity.id if pair.activity is not None else (pair.link.activity_id if pair.link else None)
         item = pair.link.href if pair.link else (pair.item.href if pair.item else None)
+        subject: str | None
         if pair.activity is not None:
             subject = pair.activity.subject
         elif pair.data is not None:
@@ -113,6 +114,7 @@ class Forget(Action):
     name = "forget"
 
     def run(self, sync: CalendarSync) -> None:
+        assert self.pair.link is not None  # "forget" needs a link: gone on both sides since it
         sync._drop(self.pair.link)
 
 
@@ -120,6 +122,7 @@ class DeleteInCRM(Action):
     name = "delete-crm"
 
     def run(self, sync: CalendarSync) -> None:
+        assert self.pair.activity is not None and self.pair.link is not None  # linked, still in the CRM
         sync.crm.delete_activity(self.pair.activity.id)
         sync._drop(self.pair.link)
         sync.result.counts["deleted_crm"] += 1
@@ -130,6 +133,7 @@ class DeleteOnServer(Action):
 
     def run(self, sync: CalendarSync) -> None:
         link, item = self.pair.link, self.pair.item
+        assert link is not None  # only a linked item is deleted
         # The ETag read this run when there is one: the server may have rewritten it unchanged.
         sync.coll.delete(link.href, (item.etag if item is not None else link.etag) or "*")
         sync._drop(link)
@@ -242,8 +246,8 @@ class CalendarSync:
         self.where = f"account {account.name}, {area}"
         # Link changes are written in batches: one transaction per LINK_BATCH items. Losing
         # unwritten ones to a crash costs nothing; the next run matches items and activities.
-        self._link_changes: list[tuple[str, object]] = []
-        self._created: dict[str, object] = {}  # key -> the crm.Activity this run created for it
+        self._link_changes: list[LinkChange] = []
+        self._created: dict[str, Activity | None] = {}  # key -> the activity this run created for it
         self.store = crm.store_id()
 
     # -- entry point -------------------------------------------------------------------------
@@ -406,7 +410,7 @@ class CalendarSync:
                 found.append((href, data))
         return found
 
-    def _crm_activities(self) -> dict[int, object]:
+    def _crm_activities(self) -> dict[int, Activity]:
         owners: tuple = (self.account.name,)
         with_area = [a for a in self.config.accounts.values() if self.area in a.areas]
         if len(with_area) == 1 and with_area[0].name == self.account.name:
@@ -452,7 +456,7 @@ class CalendarSync:
         linked_hrefs = {l.href for l in links}
         # Unlinked on both sides: match an item to its activity before creating anything
         # (a lost state database, or a run that died between a create and saving its link).
-        by_uid: dict[str, object] = {}
+        by_uid: dict[str, Activity] = {}
         for activity in activities.values():
             if activity.id in linked_ids:
                 continue
@@ -605,7 +609,7 @@ class CalendarSync:
     def _create_crm_activities(self, actions) -> None:
         """All activities this run creates, in one CRM transaction (idempotent by UID key)."""
         drafts = [self._draft(a.pair.data.uid, a.decision.create_crm) for a in actions
-                  if isinstance(a, CreateInCRM) and a.pair.data is not None]
+                  if isinstance(a, CreateInCRM) and a.pair.data is not None and a.decision.create_crm is not None]
         if drafts:
             existing = self.crm.existing_keys([d.key for d in drafts])
             ids = self.crm.create_activities(drafts)
@@ -617,6 +621,7 @@ class CalendarSync:
     def _create_in_crm(self, pair: _Pair, decision: Decision) -> None:
         data, item = pair.data, pair.item
         fields = decision.create_crm
+        assert data is not None and item is not None and fields is not None  # a new item, read this run
         key = calendar_key(self.account.name, data.uid)
         activity = self._created.get(key)
         if activity is None:  # decided again after a 412: create it now
@@ -642,6 +647,7 @@ class CalendarSync:
     def _create_on_server(self, pair: _Pair, decision: Decision) -> None:
         activity = pair.activity
         fields = decision.create_groupware
+        assert activity is not None and fields is not None  # an activity that has no item yet
         uid = self._uid_for(activity)
         href = self.coll.href_for(uid)
         text = new_item(uid, self.component, fields, self.done, self._link_for(activity),
@@ -674,12 +680,15 @@ class CalendarSync:
         return data.activity_uuid is None or data.activity_uuid == activity.uuid
 
     def _update(self, pair: _Pair, decision: Decision) -> None:
-        activity = pair.activity
-        if pair.link is None:  # matched without a link (lost state, or adopting): link it now
-            data = pair.data
-            self._save(activity, data.uid, pair.item.href, pair.item.etag, data.fields)
-            pair = _Pair(CalendarLink(self.account.name, self.area, activity.id, data.uid, pair.item.href,
-                                      pair.item.etag, data.fields, activity.identity), activity, pair.item, data)
+        activity, saved, base = pair.activity, pair.link, decision.base
+        assert activity is not None and base is not None  # an update: both sides are there, merged
+        if saved is None:  # matched without a link (lost state, or adopting): link it now
+            data, found = pair.data, pair.item
+            assert data is not None and found is not None  # unlinked: the item was read this run
+            self._save(activity, data.uid, found.href, found.etag, data.fields)
+            saved = CalendarLink(self.account.name, self.area, activity.id, data.uid, found.href, found.etag,
+                                 data.fields, activity.identity)
+            pair = _Pair(saved, activity, found, data)
         if decision.conflicts:
             self.result.counts["conflicts"] += 1
             self.result.conflicts.append(
@@ -689,31 +698,31 @@ class CalendarSync:
         if decision.update_crm:
             self.crm.update_activity(activity.id, dict(decision.update_crm))
             self.result.counts["updated_crm"] += 1
-        etag = pair.link.etag
+        etag = saved.etag
         link = self._link_for(activity)
         item = pair.item
         needs_link = item is not None and not (pair.data.has_link(link) if pair.data is not None
                                                else link_is_current(item.data or "", link))
-        stale = pair.data.stale_recorded(decision.base) if needs_link and pair.data and decision.base else set()
+        stale = pair.data.stale_recorded(base) if needs_link and pair.data and base else set()
         if decision.update_groupware or needs_link:
             if item is None:
-                item = self.coll.get(pair.link.href)
+                item = self.coll.get(saved.href)
                 if item is None:
-                    raise PreconditionFailed(pair.link.href)
-                if item.etag != pair.link.etag:
-                    raise PreconditionFailed(pair.link.href)  # changed since the listing: decide again
-            text = update_item(item.data or "", decision.base, set(decision.update_groupware) | stale, self.done,
+                    raise PreconditionFailed(saved.href)
+                if item.etag != saved.etag:
+                    raise PreconditionFailed(saved.href)  # changed since the listing: decide again
+            text = update_item(item.data or "", base, set(decision.update_groupware) | stale, self.done,
                                link, include_link=needs_link or "body" in decision.update_groupware)
             etag = self.coll.update(item.href, text, item.etag or "*")
             if decision.update_groupware:
                 self.result.counts["updated_groupware"] += 1
         elif item is not None:
             etag = item.etag
-        if decision.base is not None:
-            self._save(activity, pair.link.uid, pair.link.href, etag, decision.base)
+        self._save(activity, saved.uid, saved.href, etag, base)
 
     def _winner(self, decision: Decision, pair: _Pair) -> str:
         field_name = decision.conflicts[0]
+        assert decision.base is not None and pair.activity is not None  # a conflict: both sides merged
         return "CRM" if decision.base.get(field_name) == pair.activity.calendar_fields().get(field_name) else \
             "groupware"
 

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -21,6 +22,9 @@ from ..crm.searches import activity_filter, summary_links
 from ..engine import Engine, mail_id
 from ..errors import EXIT_FAILED, EXIT_USAGE, GwsyncError
 from ..storage.state import FAILED, QUARANTINED
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 EXIT_OK = 0
 
@@ -44,7 +48,7 @@ class Context:
             fail(f"cannot open the databases: {exc}", EXIT_USAGE)
 
 
-def fail(message: str, code: int = EXIT_FAILED) -> None:
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     click.echo(f"gwsync: {message}", err=True)
     sys.exit(code)
 
@@ -140,8 +144,8 @@ class _progress:
 
     def __init__(self, obj: Context, as_json: bool):
         self.enabled = sys.stderr.isatty() and obj.verbosity >= 0 and not as_json
-        self.bar = None
-        self.tasks: dict[str, int] = {}
+        self.bar: Progress | None = None
+        self.tasks: dict[str, TaskID] = {}
 
     def __enter__(self):
         if not self.enabled:
@@ -153,6 +157,7 @@ class _progress:
         return self.update
 
     def update(self, done: int, total: int, what: str) -> None:
+        assert self.bar is not None  # given out by __enter__, which made the bar
         if what not in self.tasks:
             self.tasks[what] = self.bar.add_task(what, total=total or None)
         self.bar.update(self.tasks[what], completed=done, total=total or None)
@@ -282,9 +287,10 @@ def held(obj: Context, as_json) -> None:
     with obj.engine() as engine:
         rows = engine.not_imported()
     max_attempts = obj.config.crm.max_attempts
-    data = [{"id": mail_id(r), "account": r.account, "folder": r.folder, "uid": r.uid, "outcome": r.outcome,
-             "sender": r.sender, "subject": r.subject, "missing": r.missing, "error": r.error,
-             "attempts": r.attempts, "released_by": _release_hint(r, max_attempts)} for r in rows]
+    data: list[dict[str, Any]] = [
+        {"id": mail_id(r), "account": r.account, "folder": r.folder, "uid": r.uid, "outcome": r.outcome,
+         "sender": r.sender, "subject": r.subject, "missing": r.missing, "error": r.error,
+         "attempts": r.attempts, "released_by": _release_hint(r, max_attempts)} for r in rows]
     if as_json:
         emit_json(data)
         return

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ..config import AccountConfig
@@ -144,6 +145,7 @@ class Watch:
         with self._login_lock:
             if account.name in self._refused:
                 raise CredentialLocked(f"account {account.name}: login refused earlier")
+            assert account.imap is not None  # only mail accounts are watched with IDLE
             try:
                 return ImapSession.connect(account.imap, password)
             except LoginRefused as exc:
@@ -241,7 +243,7 @@ class Watch:
             return
         if acc.busy:
             log.info("account %s: %s has it; trying again in %.0f s", account.name,
-                     self.engine.locks.holder(account.name) or "another run", min(account.interval, BUSY_RETRY))
+                     self.engine.run_locks.holder(account.name) or "another run", min(account.interval, BUSY_RETRY))
             return
         if acc.mail is not None and acc.mail.imported:
             links = ", ".join(a.link for a in acc.mail.activities)
@@ -286,7 +288,7 @@ class Watch:
                 wanted.add((account.name, folder.name))
                 if (account.name, folder.name) not in self._idlers or not self._idlers[
                         (account.name, folder.name)].is_alive():
-                    idler = IdleWatcher(lambda a=account, pw=password: self.idle_login(a, pw), account, folder.name,
+                    idler = IdleWatcher(partial(self.idle_login, account, password), account, folder.name,
                                         self.wake, self.stop)
                     self._idlers[(account.name, folder.name)] = idler
                     idler.start()

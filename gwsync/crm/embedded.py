@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import sqlite_utils
 
@@ -27,6 +29,8 @@ from ..errors import file_fault
 from ..storage.migrations import Migration, add_column, latest, upgrade
 from ..storage.sqlite import ensure_private_dir, open_private_db, transaction
 from . import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Document, Partner
+
+_T = TypeVar("_T")
 
 # The activities table as of schema version 1. A later column is a later migration (ALTER
 # TABLE), never an entry here: the version 1 rebuild must make the same table on every database.
@@ -197,6 +201,18 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _new_id(cursor: sqlite3.Cursor) -> int:
+    """The id the INSERT just run on this cursor gave its row."""
+    assert cursor.lastrowid is not None  # set by every INSERT
+    return cursor.lastrowid
+
+
+def _made(record: _T | None) -> _T:
+    """A record this connection has just written, read back."""
+    assert record is not None
+    return record
+
+
 def _now_precise() -> str:
     """For updated_at, which the `newest` conflict policy compares."""
     return datetime.now(UTC).isoformat(timespec="microseconds")
@@ -312,7 +328,7 @@ class EmbeddedCRM(CRMBackend):
                      now if draft.source and draft.kind == "MAILEIN" else None, now, draft.owner, draft.rrule,
                      _now_precise(), draft.body_html, str(uuid.uuid4())),
                 )
-                activity_id = cur.lastrowid
+                activity_id = _new_id(cur)
                 for doc in draft.documents:
                     self.conn.execute(
                         "INSERT INTO documents (activity_id, filename, content_type, size, sha256, category, keyword) "
@@ -350,26 +366,26 @@ class EmbeddedCRM(CRMBackend):
 
     def add_partner(self, name: str, emails: list[str]) -> Partner:
         with transaction(self.conn):
-            partner_id = self.conn.execute(
-                "INSERT INTO partners (name, created_at) VALUES (?, ?)", (name, _now())).lastrowid
+            partner_id = _new_id(self.conn.execute(
+                "INSERT INTO partners (name, created_at) VALUES (?, ?)", (name, _now())))
             for addr in emails:
                 addr = addr.strip().lower()
                 domain = addr.rsplit("@", 1)[-1]
                 self.conn.execute("INSERT INTO partner_addresses (partner_id, email, domain) VALUES (?,?,?)",
                                   (partner_id, addr, domain))
-        return self.get_partner(partner_id)
+        return _made(self.get_partner(partner_id))
 
     def add_contact(self, name: str, email: str, partner_id: int | None = None) -> Contact:
         if partner_id is not None and self.get_partner(partner_id) is None:
             raise LookupError(f"no partner with id {partner_id}")
         with transaction(self.conn):
-            contact_id = self.conn.execute(
+            contact_id = _new_id(self.conn.execute(
                 "INSERT INTO contacts (name, partner_id, created_at) VALUES (?,?,?)",
-                (name, partner_id, _now())).lastrowid
+                (name, partner_id, _now())))
             self.conn.execute(
                 "INSERT INTO communications (contact_id, kind, value, is_default) VALUES (?, 'email', ?, 1)",
                 (contact_id, email.strip().lower()))
-        return self.get_contact(contact_id)
+        return _made(self.get_contact(contact_id))
 
     def add_contact_email(self, contact_id: int, email: str) -> Contact:
         contact = self.get_contact(contact_id)
@@ -381,7 +397,7 @@ class EmbeddedCRM(CRMBackend):
                 self.conn.execute(
                     "INSERT INTO communications (contact_id, kind, value, is_default) VALUES (?, 'email', ?, 0)",
                     (contact_id, email))
-        return self.get_contact(contact_id)
+        return _made(self.get_contact(contact_id))
 
     def unassigned_senders(self) -> dict[str, int]:
         return {row[0]: row[1] for row in self.conn.execute(

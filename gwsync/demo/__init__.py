@@ -162,10 +162,12 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
             click.echo(f"second sync: imported {again.imported if again else 0} (nothing is imported twice); "
                        f"calendar requests: {sum(r.requests for r in second.calendars.values())} "
                        "(one per collection when nothing changed)")
-            archived = _count(server.port, _password(server), config.account("demo").imap.archive_folder)
+            demo_imap = config.account("demo").imap
+            assert demo_imap is not None  # the demo's account has mail
+            archived = _count(server.port, _password(server), demo_imap.archive_folder)
             click.echo(f"archive folder holds {archived} mail(s); the CRM folders are empty again")
             code = report.exit_code
-        _open_link(config, re.search(r"CRM: (\S+)", text.replace("\n ", "")).group(1))
+        _open_link(config, _first(r"CRM: (\S+)", text.replace("\n ", "")))
         if keep:
             click.echo("")
             click.echo(f"kept in {workdir}; try: gwsync --config {config_path} activities")
@@ -179,6 +181,14 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _first(pattern: str, text: str) -> str:
+    """The first group of the pattern's first match; the demo wrote the text, so it is there."""
+    found = re.search(pattern, text)
+    if found is None:
+        raise RuntimeError(f"the demo expected {pattern!r} in {text[:200]!r}")
+    return found.group(1)
+
+
 def _open_link(config, link: str) -> None:
     """Open the event's CRM link on the web view (`gwsync serve`), as a phone would."""
     from ..web.server import make_server
@@ -190,7 +200,7 @@ def _open_link(config, link: str) -> None:
         local = f"http://127.0.0.1:{web.effective_port}{urlsplit(link).path}"
         with urllib.request.urlopen(local, timeout=10) as response:
             page = response.read().decode()
-        title = re.search(r"<h1>(.*?)</h1>", page).group(1)
+        title = _first(r"<h1>(.*?)</h1>", page)
         partner = re.search(r'class="partner">(.*?)</a>', page)
         click.echo("")
         click.echo(f"web view (gwsync serve): the event's link opens the activity page {title!r}"

@@ -18,12 +18,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
 from ..config import AccountConfig, CrmConfig
 from ..crm import ActivityDraft, CRMBackend, Document
-from ..errors import StoreError
+from ..errors import ConfigError, StoreError
 from ..storage.state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord, StateStore
 from .decisions import SenderMatch, Step, failure_outcome, missing_fields, plan_mail, resolve_sender
 from .imap import FETCH_BATCH, ImapSession, ImportFolder, MailGone, MailServerError, ServerUnreachable
@@ -101,6 +102,8 @@ class MailImporter:
         self.selection = selection
         self.overrides = overrides or {}
         self.account = account
+        if account.imap is None:
+            raise ConfigError(f"accounts.{account.name} has no [accounts.{account.name}.imap] table")
         self.imap_cfg = account.imap
         self.crm_cfg = crm_cfg
         self.crm = crm
@@ -182,7 +185,7 @@ class MailImporter:
                 if uid not in raws:
                     continue  # expunged by someone else meanwhile
                 prepared.append(self._prepare(uid, keys[uid], known.get(keys[uid]), folder, records.get(uid),
-                                              lambda raw=raws[uid]: parse_message(raw)))
+                                              partial(parse_message, raws[uid])))
             del raws
             self._commit(session, folder, uidvalidity, prepared, result)
             done += len(batch)
@@ -194,7 +197,7 @@ class MailImporter:
                 key = self._streamed_key(session, uid, sizes[uid])
                 known = self.crm.existing_keys([key])
                 prepared = [self._prepare(uid, key, known.get(key), folder, records.get(uid),
-                                          lambda uid=uid: _StreamedMail(session, uid, self.crm, self.dry_run).parse())]
+                                          _StreamedMail(session, uid, self.crm, self.dry_run).parse)]
             except MailGone:
                 continue  # expunged by someone else meanwhile
             self._commit(session, folder, uidvalidity, prepared, result)
@@ -315,7 +318,8 @@ class MailImporter:
             result.imported += len(drafts)
             return
         marked = iter(self.crm.create_activities_marked(drafts) if drafts else [])
-        to_move, recovered = [], {}
+        to_move: list[int] = []
+        recovered: dict[int, str | None] = {}
         for p in prepared:
             activity_id, created = next(marked) if p.draft is not None else (p.known_activity, False)
             if activity_id is None:
@@ -323,6 +327,7 @@ class MailImporter:
             records.append(MailRecord(account=self.account.name, folder=folder.name, uidvalidity=uidvalidity,
                                       uid=p.uid, outcome=IMPORTED, key=p.key, activity_id=activity_id))
             if created:  # only what this run created counts as its import
+                assert p.draft is not None  # created: from its draft
                 to_move.append(p.uid)
                 result.imported += 1
                 result.activities.append(ImportedActivity(
@@ -416,7 +421,7 @@ class _StreamedMail:
             mime_section = "HEADER" if section == "1" and not structure.is_multipart else f"{section}.MIME"
             size = int(part[6]) if len(part) > 6 and isinstance(part[6], int) else None
             reader.add(parse_header_block(self.session.fetch_section(self.uid, mime_section)),
-                       lambda section=section, size=size: self.session.fetch_chunks(self.uid, section, size), size)
+                       partial(self.session.fetch_chunks, self.uid, section, size), size)
         return reader.finish(lambda name, ctype, stored: Document(filename=name, content_type=ctype,
                                                                    sha256=stored[0], size=stored[1]))
 

@@ -27,8 +27,9 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC
-from email.message import EmailMessage, Message
-from typing import Any
+from email.message import Message
+from functools import partial
+from typing import Any, cast
 
 
 @dataclass
@@ -82,13 +83,15 @@ class _Part(Message):
 def _parse(raw: bytes) -> Message:
     msg = email.message_from_bytes(raw, _class=_Part, policy=_POLICY)
     for part in msg.walk():
-        part._parsing = False
+        if isinstance(part, _Part):  # every part is: the parser makes them of _class
+            part._parsing = False
     return msg
 
 
 def _raw_body(part: Message) -> bytes:
     """A leaf's body exactly as it was in the mail, still transfer-encoded."""
-    payload = part._payload  # the public get_payload() would decode or re-encode it
+    # The public get_payload() would decode or re-encode it; typeshed does not declare _payload.
+    payload = part._payload  # type: ignore[attr-defined]
     if isinstance(payload, str):  # the bytes parser keeps 8-bit bytes as surrogate escapes
         return payload.encode("ascii", "surrogateescape")
     return payload or b""
@@ -98,8 +101,12 @@ def parse_message(raw: bytes) -> ParsedMail:
     msg = _parse(raw)
     reader = MailReader(msg, store=b"".join)
     for part in _leaves(msg):
-        reader.add(part, lambda part=part: [_raw_body(part)])
+        reader.add(part, partial(_raw_chunks, part))
     return reader.finish(Attachment)
+
+
+def _raw_chunks(part: Message) -> list[bytes]:
+    return [_raw_body(part)]
 
 
 def parse_headers(msg: Message, warnings: list[str]) -> dict:
@@ -111,8 +118,8 @@ def parse_headers(msg: Message, warnings: list[str]) -> dict:
             for _display, addr in email.utils.getaddresses([value]):
                 if addr and "@" in addr:
                     recipients.append(addr.strip().lower())
-    message_id = _header(msg, "Message-ID", warnings).strip()
-    message_id = message_id.split()[0] if message_id.strip("<> ") else None
+    header_id = _header(msg, "Message-ID", warnings).strip()
+    message_id = header_id.split()[0] if header_id.strip("<> ") else None
     return {
         "message_id": message_id,
         "subject": _clean_text(_header(msg, "Subject", warnings)),
@@ -224,13 +231,13 @@ def _is_attachment(part: Message) -> bool:
     return disposition == "attachment" or bool(_raw_filename(part))
 
 
-def _leaves(msg: Message):
+def _leaves(msg: Message) -> Iterator[Message]:
     """Leaf parts in order; a message/* part (an attached mail) is one leaf, its content unparsed."""
     if msg.get_content_maintype() == "multipart":
         payload = msg.get_payload()
         if isinstance(payload, list):
             for sub in payload:
-                yield from _leaves(sub)
+                yield from _leaves(cast(Message, sub))  # a multipart's payload is a list of parts
         return
     yield msg
 
@@ -242,9 +249,9 @@ def _raw_filename(part: Message) -> str | None:
         name = None
     if not name:
         try:
-            name = part.get_param("name")
-            if isinstance(name, tuple):  # RFC 2231 value
-                name = email.utils.collapse_rfc2231_value(name)
+            param = part.get_param("name")
+            # An RFC 2231 value is a tuple.
+            name = email.utils.collapse_rfc2231_value(param) if isinstance(param, tuple) else param
         except Exception:
             name = None
     if name:
@@ -562,6 +569,6 @@ def _uu_decode_line(text: bytes) -> bytes:
             return b""
 
 
-def parse_header_block(raw_headers: bytes) -> EmailMessage:
+def parse_header_block(raw_headers: bytes) -> Message:
     """Parse just a header block (for streamed mails whose body is fetched part by part)."""
     return email.message_from_bytes(raw_headers, policy=_POLICY)

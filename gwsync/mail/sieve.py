@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,7 +91,9 @@ def with_include(script: str) -> str:
     """The user's script with gwsync's two lines after its require block (once)."""
     if f'include :personal "{RULES_SCRIPT}"; {TAG}' in script:
         return script
-    end = _PREAMBLE.match(script).end()
+    preamble = _PREAMBLE.match(script)
+    assert preamble is not None  # the pattern matches the empty string too
+    end = preamble.end()
     head = script[:end]
     newline = "\r\n" if "\r\n" in script else "\n"
     if head and not head.endswith("\n"):
@@ -113,6 +116,8 @@ class _Client(Client):
     """sievelib's client, with gwsync's TLS settings: its own STARTTLS trusts the system's
     certificate store only, so `ca_file` and `verify = false` would not reach it. (Name
     mangling makes `_Client__enable_ssl` the method sievelib's STARTTLS calls.)"""
+
+    sock: socket.socket  # sievelib's connection, set when it connects
 
     def __init__(self, host: str, port: int, tls: ssl.SSLContext | None):
         super().__init__(host, port)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 from ..errors import StoreError, database_fault, file_fault
 
@@ -28,7 +29,7 @@ class _Cursor(sqlite3.Cursor):
     """A cursor whose environment errors are StoreErrors naming the database."""
 
     def _fault(self, exc: sqlite3.Error) -> BaseException:
-        return self.connection.fault(exc)
+        return cast(_Connection, self.connection).fault(exc)  # _Connection makes its cursors of this class
 
     def execute(self, *args):
         try:

@@ -61,6 +61,10 @@ class CalendarLink:
     identity: str | None = None  # the activity's identity when linked; None: saved before it was recorded
 
 
+# ("save", CalendarLink) or ("drop", (account, area, activity_id[, href])): see apply_link_changes.
+LinkChange = tuple[str, CalendarLink | tuple]
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -191,15 +195,15 @@ class StateStore:
                                                                [activity_id]))
                 if identity is None or link.identity in (None, identity)]
 
-    def apply_link_changes(self, changes: list[tuple[str, object]]) -> None:
+    def apply_link_changes(self, changes: list[LinkChange]) -> None:
         """Several ("save", CalendarLink) / ("drop", (account, area, activity_id[, href])) in one
         transaction. A drop with the href removes that link only, never a newer link that an
         activity now holding the same id got meanwhile."""
         if not changes:
             return
         with transaction(self.conn):
-            for op, value in changes:
-                if op == "save":
+            for _op, value in changes:
+                if isinstance(value, CalendarLink):  # ("save", link)
                     link = value
                     self.conn.execute(
                         "DELETE FROM links WHERE account = ? AND area = ? AND href = ? AND activity_id != ?",

@@ -27,6 +27,7 @@ import json
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -82,16 +83,17 @@ class CRMBackendContract:
 
     def draft(self, backend: CRMBackend, key: str, **fields) -> ActivityDraft:
         """An appointment-like draft, as the calendar sync or the CLI writes one."""
-        values = {"kind": self.KINDS[0], "status": self.status(backend), "subject": f"subject of {key}"}
+        values: dict[str, Any] = {"kind": self.KINDS[0], "status": self.status(backend), "subject": f"subject of {key}"}
         values.update(fields)
         return ActivityDraft(key=key, **values)
 
     def mail_draft(self, backend: CRMBackend, key: str, sender: str = "someone@unknown.example",
                    **fields) -> ActivityDraft:
         """A draft as the mail import writes one."""
-        values = {"kind": MAIL_KIND, "status": self.status(backend), "subject": f"mail {key}", "body": "Hello",
-                  "sender": sender, "message_id": f"<{key}@mail.example>", "start": "2026-03-02T09:15:00+00:00",
-                  "source": "alice:INBOX/CRM Erledigt [E]", "owner": "alice"}
+        values: dict[str, Any] = {
+            "kind": MAIL_KIND, "status": self.status(backend), "subject": f"mail {key}", "body": "Hello",
+            "sender": sender, "message_id": f"<{key}@mail.example>", "start": "2026-03-02T09:15:00+00:00",
+            "source": "alice:INBOX/CRM Erledigt [E]", "owner": "alice"}
         values.update(fields)
         return ActivityDraft(key=key, **values)
 

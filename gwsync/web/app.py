@@ -463,7 +463,9 @@ def format_size(size: int | None) -> str:
         return ""
     if size < 1024:
         return f"{size} bytes"
-    for unit in ("KB", "MB", "GB"):
-        size /= 1024
-        if size < 1024 or unit == "GB":
-            return f"{size:.1f} {unit}"
+    scaled = float(size)
+    for unit in ("KB", "MB"):
+        scaled /= 1024
+        if scaled < 1024:
+            return f"{scaled:.1f} {unit}"
+    return f"{scaled / 1024:.1f} GB"

@@ -43,7 +43,7 @@ def secret_key(directory: Path) -> bytes:
 def make_server(config: Config, host: str, port: int):
     """A waitress server for the web view, bound but not yet serving. A password from [serve]
     is required to listen beyond loopback."""
-    from waitress import create_server
+    from waitress.server import create_server
 
     password = config.serve.secret.resolve() if config.serve.secret else None
     public = urlsplit(config.serve.url).hostname if config.serve.url else None
