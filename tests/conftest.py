@@ -44,6 +44,24 @@ def dovecot():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def cyrus():
+    """Cyrus IMAP with Debian's default hierarchy separator "." (started in well under a second)."""
+    from cyrus_server import Cyrus
+
+    with Cyrus.start(separator=".") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def cyrus_slash():
+    """Cyrus IMAP with `unixhierarchysep: yes`: "/" separates folder levels."""
+    from cyrus_server import Cyrus
+
+    with Cyrus.start(separator="/") as server:
+        yield server
+
+
 def crlf(raw: bytes) -> bytes:
     return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
