@@ -73,6 +73,7 @@ class AccountReport:
     login_failed: bool = False  # a login was refused now, or its credential is locked
     busy: bool = False  # another run held the account; nothing was done for it
     transient: bool = False  # the last error was a connection problem, worth another try
+    misconfigured: bool = False  # the config must change (a certificate that does not fit): exit 2
     stopped: str | None = None  # a fault of the environment that stopped the whole run
 
     def stop(self, exc: GwsyncError) -> None:
@@ -87,6 +88,7 @@ class AccountReport:
         if errors:
             self.errors += other.errors
             self.login_failed |= other.login_failed
+            self.misconfigured |= other.misconfigured
             self.stopped = self.stopped or other.stopped
 
 
@@ -146,6 +148,8 @@ class SyncReport:
     def exit_code(self) -> int:
         if any(r.login_failed for r in self.accounts.values()):
             return 3
+        if any(r.misconfigured for r in self.accounts.values()):
+            return 2
         return 1 if any(r.failed for r in self.accounts.values()) else 0
 
     @property
@@ -356,6 +360,7 @@ class Engine:
                 attempt.errors.append(exc.line if str(exc).startswith(f"account {account.name}")
                                       else f"account {account.name}, {area}: {exc.line}")
                 attempt.login_failed |= exc.exit_code == 3
+                attempt.misconfigured |= exc.exit_code == 2
                 attempt.transient = exc.transient
             if not attempt.transient or delay is None or attempt.stopped:
                 acc_report.absorb(attempt)
@@ -441,13 +446,12 @@ class Engine:
             return
         except ServerUnreachable as exc:
             acc_report.transient = True
-            acc_report.errors.append(f"account {name}: {exc}; is the server up? gwsync will try again next run")
+            again = "" if exc.server_answered else " is the server up?"
+            acc_report.errors.append(f"account {name}: {exc};{again} gwsync will try again next run")
             return
-        except MailServerError as exc:
+        except (MailServerError, ConfigError) as exc:
             acc_report.errors.append(f"account {name}: {exc}")
-            return
-        except ConfigError as exc:
-            acc_report.errors.append(f"account {name}: {exc}")
+            acc_report.misconfigured |= exc.exit_code == 2
             return
         importer = None
         try:
@@ -639,14 +643,13 @@ class Engine:
         with self.sieve(account) as sieve:
             return sieve.remove(rule_id)
 
-    def import_folder_name(self, account: AccountConfig, folder: str) -> str:
-        """A full import folder name from a full name or just its last element, checked against
-        the pattern and the CRM's status keys."""
-        from .mail.folders import parse_import_folder
+    def import_folder_name(self, account: AccountConfig, folder: str, session: ImapSession) -> str:
+        """A full import folder name from a full name (in the server's separator) or a name
+        below the import root, checked against the pattern and the CRM's status keys."""
+        from .mail.folders import last_element, parse_import_folder
 
-        full = folder if "/" in folder or folder.upper().startswith("INBOX") else \
-            f"{account.imap.import_root}/{folder}"
-        parsed = parse_import_folder(full.rsplit("/", 1)[-1])
+        full = session.folder_name(account.imap.import_root, folder)
+        parsed = parse_import_folder(last_element(full, session.separator()))
         if parsed is None:
             raise UsageError(f"{folder!r} is not an import folder name: use `CRM <description> [<status>]`")
         if parsed.status not in self.crm.statuses():
@@ -659,10 +662,10 @@ class Engine:
         sender = sender.strip().lower()
         if "@" not in sender or sender.endswith("@") or " " in sender:
             raise UsageError(f"--from {sender!r}: give an address (a@b.example) or a domain (@b.example)")
-        full = self.import_folder_name(account, folder)
         with self._naming(account):
             session = self.connect_imap(account)
             try:
+                full = self.import_folder_name(account, folder, session)
                 session.ensure_folder(full)
             finally:
                 session.logout()

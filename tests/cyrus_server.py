@@ -89,7 +89,7 @@ def imapd_binaries() -> Path:
     with tempfile.TemporaryDirectory(prefix="gwsync-cyrus-deb-") as download:
         os.chmod(download, 0o777)  # apt's download user (_apt) writes here
         fetched = subprocess.run(["apt-get", "download", f"cyrus-imapd={version}"], cwd=download,
-                                 capture_output=True, text=True)
+                                 capture_output=True, text=True, check=False)
         debs = list(Path(download).glob("cyrus-imapd_*.deb"))
         if fetched.returncode != 0 or not debs:
             raise ServerUnavailable(f"apt-get download cyrus-imapd={version} failed: {fetched.stderr.strip()[-500:]}")
@@ -118,7 +118,7 @@ class Cyrus(_LocalServer):
     users: set[str] = field(default_factory=set)
 
     @classmethod
-    def start(cls, separator: str = ".", sieve_extensions: str | None = None) -> "Cyrus":
+    def start(cls, separator: str = ".", sieve_extensions: str | None = None) -> Cyrus:
         imapd_bin = imapd_binaries()
         directory = Path(tempfile.mkdtemp(prefix="gwsync-cyrus-", dir="/tmp"))
         os.chmod(directory, 0o755)
@@ -154,7 +154,7 @@ class Cyrus(_LocalServer):
 
     def _saslpasswd(self, user: str, password: str) -> None:
         result = subprocess.run(["saslpasswd2", "-f", str(self.directory / "sasldb2"), "-p", "-c", "-u", "localhost",
-                                 user], input=password.encode(), capture_output=True)
+                                 user], input=password.encode(), capture_output=True, check=False)
         if result.returncode != 0:
             raise ServerUnavailable(f"saslpasswd2 {user} failed: {result.stderr.decode(errors='replace')}")
 

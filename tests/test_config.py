@@ -19,7 +19,9 @@ def test_defaults():
     alice = config.account("alice")
     assert alice.areas == ("mail",) and alice.interval == 300
     assert alice.imap.port == 993 and alice.imap.security == "tls" and alice.imap.verify
-    assert alice.imap.import_root == "INBOX" and alice.imap.archive_folder == "INBOX/CRM Archiv"
+    assert alice.imap.import_root == "INBOX" and alice.imap.archive_folder is None  # named by the server:
+    assert alice.imap.archive_in("INBOX", "/") == "INBOX/CRM Archiv"
+    assert alice.imap.archive_in("INBOX", ".") == "INBOX.CRM Archiv"
     assert config.crm.statuses == {"I": "Importiert", "O": "Offen", "E": "Erledigt"}
     assert config.crm.mandatory == ()
     assert "{id}" in config.crm.link
@@ -469,7 +471,9 @@ def test_an_empty_sieve_password_is_refused_not_replaced_by_the_imap_one():
 
 def test_import_root_may_be_empty_and_then_the_archive_is_at_the_top_level():
     imap = parse_config(_imap(import_root="")).account("a").imap
-    assert (imap.import_root, imap.archive_folder) == ("", "CRM Archiv")
+    assert (imap.import_root, imap.archive_folder) == ("", None)
+    assert imap.archive_in("", "/") == "CRM Archiv"  # a personal namespace without prefix (Dovecot)
+    assert imap.archive_in("INBOX", ".") == "INBOX.CRM Archiv"  # below INBOX. (Cyrus)
 
 
 # -- derived defaults: each computed in one place, from the keys it follows ---------------------------
@@ -498,7 +502,8 @@ def test_derived_defaults_follow_the_keys_they_come_from(monkeypatch, tmp_path):
     a, b = config.account("a"), config.account("b")
     assert (a.name, b.name, a.areas, a.interval) == ("a", "b", ("mail", "events"), 300)
     assert (a.imap.port, b.imap.port) == (143, 143)
-    assert a.imap.archive_folder == "Mail/CRM Archiv" and a.imap.timeout == 60.0
+    assert a.imap.archive_in("Mail", "/") == "Mail/CRM Archiv" and a.imap.timeout == 60.0
+    assert parse_config(_imap(archive_folder="Archiv")).account("a").imap.archive_in("Mail", ".") == "Archiv"
     assert a.caldav.url == "https://dav.example.com/u/" and a.caldav.collection("events") == "calendar"
     assert a.imap.secret.where == "accounts.a.imap" and a.caldav.secret.where == "accounts.a.caldav"
     assert a.imap.secret.env == "X" and a.imap.secret.username == "u"

@@ -161,7 +161,7 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
             click.echo(f"second sync: imported {again.imported if again else 0} (nothing is imported twice); "
                        f"calendar requests: {sum(r.requests for r in second.calendars.values())} "
                        "(one per collection when nothing changed)")
-            archived = _count(server.port, _password(server), config.account("demo").imap.archive_folder)
+            archived = _count(server.port, _password(server), config.account("demo").imap.archive_in("INBOX", "/"))
             click.echo(f"archive folder holds {archived} mail(s); the CRM folders are empty again")
             code = report.exit_code
         _open_link(config, re.search(r"CRM: (\S+)", text.replace("\n ", "")).group(1))
