@@ -175,4 +175,6 @@ class Cyrus(_LocalServer):
 
     @property
     def caldav_url(self) -> str:
+        """The calendar homes (USER/ below it; "Default" holds VEVENT and VTODO). A user's home
+        answers 500 until the user's INBOX exists: log in over IMAP once first."""
         return f"http://127.0.0.1:{self.http_port}/dav/calendars/user/"
