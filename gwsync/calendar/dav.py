@@ -62,6 +62,10 @@ class SyncTokenInvalid(DavError):
     """The server does not know the token (expired, or no sync support): list in full instead."""
 
 
+class SyncUnsupported(SyncTokenInvalid):
+    """The collection has no WebDAV sync (sync-collection) at all: list by ETag."""
+
+
 @dataclass
 class Item:
     href: str  # path on the server, e.g. /alice/calendar/x.ics
@@ -97,6 +101,7 @@ class Collection:
         self.path = urlsplit(self.url).path
         self.requests = 0  # HTTP requests sent, for the benchmark and the tests
         self.writes = 0  # successful PUTs and DELETEs
+        self.sync_support: bool | None = None  # whether sync-collection works here, once asked
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -109,7 +114,8 @@ class Collection:
         except caldav_error.AuthorizationError as exc:
             status = getattr(exc, "status", None) or ""
             if "403" in str(status) or "403" in str(exc)[:200]:
-                return _Forbidden()
+                body = getattr(exc, "body", None) or b""
+                return _Forbidden(body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body))
             raise DavLoginFailed(f"CalDAV {self.url}: login refused (HTTP 401)")
         except caldav_error.RateLimitError as exc:
             raise DavUnreachable(f"CalDAV {self.url}: server busy ({exc})")
@@ -157,14 +163,21 @@ class Collection:
         With no token, every item counts as changed. Raises SyncTokenInvalid to ask for a listing."""
         body = _SYNC_COLLECTION.format(token=_xml_escape(token or ""))
         response = self._request(self.url, "REPORT", body, {"Depth": "1", "Content-Type": "application/xml"})
-        if isinstance(response, _Forbidden) or response.status in (400, 403, 409, 412, 415, 501):
-            raise SyncTokenInvalid(f"CalDAV {self.url}: sync token refused")
-        if response.status != 207:
-            raise SyncTokenInvalid(f"CalDAV {self.url}: sync-collection answered {response.status}")
+        if isinstance(response, _Forbidden) or response.status != 207:
+            status = response.status
+            # Refused without a token, or with the report named as unsupported (SabreDAV 1.8:
+            # 403 ReportNotSupported): the server has no sync. Else only this token is unknown
+            # (Radicale answers 403, Xandikos 412).
+            if not token or "supported-report" in _text(response) or status in (405, 501):
+                self.sync_support = False
+                raise SyncUnsupported(f"CalDAV {self.url}: no WebDAV sync (sync-collection answered {status})")
+            raise SyncTokenInvalid(f"CalDAV {self.url}: sync token refused ({status})")
         root = _parse(_body(response))
         new_token = root.findtext("d:sync-token", default=None, namespaces=NS)
         if not new_token:
-            raise SyncTokenInvalid(f"CalDAV {self.url}: no sync token in the answer")
+            self.sync_support = False
+            raise SyncUnsupported(f"CalDAV {self.url}: no sync token in the sync-collection answer")
+        self.sync_support = True
         changed, deleted = {}, set()
         for href, status, props in _multistatus_root(root):
             if _norm(href) == _norm(self.path):
@@ -185,6 +198,9 @@ class Collection:
             body = _MULTIGET.format(hrefs="".join(f"<d:href>{_xml_escape(quote(unquote(h)))}</d:href>"
                                                   for h in batch))
             response = self._request(self.url, "REPORT", body, {"Depth": "1", "Content-Type": "application/xml"})
+            if response.status == 404:  # SabreDAV 1.8 fails the whole report for one missing item
+                found.update((href, item) for href in batch if (item := self.get(_norm(href))) is not None)
+                continue
             if isinstance(response, _Forbidden) or response.status != 207:
                 raise DavError(f"CalDAV {self.url}: multiget answered {getattr(response, 'status', 403)}")
             for href, status, props in _multistatus(_body(response)):
@@ -220,10 +236,12 @@ class Collection:
         response = self._request(self._absolute(href), "DELETE", "", {"If-Match": etag})
         if isinstance(response, _Forbidden):
             raise DavError(f"CalDAV DELETE {href}: forbidden")
-        if response.status == 412:
-            raise PreconditionFailed(href)
         if response.status == 404:
             return  # gone already: what we wanted
+        if response.status == 412:
+            if self.get(href) is None:  # If-Match on a missing item is a 412 too (SabreDAV)
+                return
+            raise PreconditionFailed(href)
         if response.status not in (200, 204):
             raise DavError(f"CalDAV DELETE {href}: {response.status}")
         self.writes += 1
@@ -254,7 +272,12 @@ def _reason(exc: Exception) -> str:
 
 
 class _Forbidden:
+    """A 403 answer (the caldav library raises it as an error; its body comes along)."""
+
     status = 403
+
+    def __init__(self, text: str = ""):
+        self.text = text
 
 
 def _body(response) -> str:
@@ -262,6 +285,10 @@ def _body(response) -> str:
     if raw is None:
         raw = getattr(response, "raw", b"")
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else (raw or "")
+
+
+def _text(response) -> str:
+    return response.text if isinstance(response, _Forbidden) else _body(response)
 
 
 def _parse(text: str) -> ET.Element:
