@@ -8,7 +8,7 @@ error that says what to fix; `verify = false`: one warning line per run."""
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from servers.dav import Xandikos
@@ -64,7 +64,7 @@ def test_a_day_later_gwsync_asks_again_whether_the_server_has_webdav_sync(make_e
     env = make_env(areas=("events",), calserver=sabredav_basic)
     env.dav_put("events", "e.ics", event("e", "Termin"))
     sync(env)
-    store_token(env, "events", no_sync_marker(datetime.now(timezone.utc) - timedelta(days=1, minutes=1)))
+    store_token(env, "events", no_sync_marker(datetime.now(UTC) - timedelta(days=1, minutes=1)))
     before = sabredav_basic.request_count()
 
     code, out = sync(env)
@@ -73,7 +73,7 @@ def test_a_day_later_gwsync_asks_again_whether_the_server_has_webdav_sync(make_e
     assert [line.split()[:2] for line in sabredav_basic.requests()[before:]] == [["403", "REPORT"],
                                                                                  ["207", "PROPFIND"]]
     since = datetime.fromisoformat(stored_token(env, "events")[len(NO_SYNC):])
-    assert datetime.now(timezone.utc) - since < timedelta(minutes=1)  # remembered afresh
+    assert datetime.now(UTC) - since < timedelta(minutes=1)  # remembered afresh
     assert [a.subject for a in activities(env)] == ["Termin"]
 
 
@@ -114,7 +114,7 @@ def test_a_server_without_login_needs_no_password_and_one_that_asks_says_so(make
     assert result.exit_code == 2
     line = one_line(result)
     assert "account alice" in line and "asks for a login" in line and "password_env" in line
-    code, status = env.cli_json("status")
+    _, status = env.cli_json("status")
     assert status["accounts"]["alice"]["locked"] == []
 
 
@@ -189,7 +189,7 @@ def test_a_certificate_for_other_names_is_a_config_error_that_names_them(make_en
     line = one_line(result)
     assert "account alice" in line and "certificate is for DNS:127.0.0.1, not for 127.0.0.1" in line, line
     assert "IP:127.0.0.1" in line and "url" in line and "try again" not in line
-    code, status = env.cli_json("status")
+    _, status = env.cli_json("status")
     assert status["accounts"]["alice"]["locked"] == []
 
 

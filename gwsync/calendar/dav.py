@@ -137,8 +137,8 @@ class Collection:
         except caldav_error.AuthorizationError as exc:
             status = getattr(exc, "status", None) or ""
             if "403" in str(status) or "403" in str(exc)[:200]:
-                body = getattr(exc, "body", None) or b""
-                return _Forbidden(body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body))
+                raw = getattr(exc, "body", None) or b""
+                return _Forbidden(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))
             if self.client.password is None:  # no password to refuse: nothing to lock
                 raise DavConfigError(f"CalDAV {self.url}: the server asks for a login; set password_command, "
                                      "password_env, password_keyring or password in the account's [caldav] table")
@@ -293,7 +293,7 @@ class Collection:
         return etag or ""
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: BaseException) -> str:
     """The useful part of a connection error ("[Errno 111] Connection refused"), not urllib3's
     whole nested message."""
     match = re.search(r"\[Errno -?\d+\][^'\")\]]*", str(exc))
@@ -341,12 +341,12 @@ def _certificate_names(host: str, port: int, verify: bool | str) -> list[str]:
     context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
     context.check_hostname = False
     try:
-        with socket.create_connection((host, port), timeout=10) as sock:
-            with context.wrap_socket(sock) as tls:
-                cert = tls.getpeercert() or {}
+        with socket.create_connection((host, port), timeout=10) as sock, context.wrap_socket(sock) as tls:
+            cert = tls.getpeercert() or {}
     except (OSError, ValueError):
         return []
-    return [f"{kind}:{value}" for kind, value in cert.get("subjectAltName", ())]
+    names: tuple[tuple[str, str], ...] = cert.get("subjectAltName", ())  # type: ignore[assignment]
+    return [f"{kind}:{value}" for kind, value in names]
 
 
 class _Forbidden:

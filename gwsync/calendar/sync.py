@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 
 from ..config import AccountConfig, Config
@@ -53,7 +53,7 @@ NO_SYNC_RECHECK = timedelta(days=1)  # then ask again: the server may have been 
 
 
 def no_sync_marker(now: datetime | None = None) -> str:
-    return NO_SYNC + (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")
+    return NO_SYNC + (now or datetime.now(UTC)).isoformat(timespec="seconds")
 
 
 def no_sync_since(token: str | None) -> datetime | None:
@@ -63,7 +63,7 @@ def no_sync_since(token: str | None) -> datetime | None:
     try:
         return datetime.fromisoformat(token[len(NO_SYNC):])
     except ValueError:
-        return datetime.min.replace(tzinfo=timezone.utc)  # unreadable: ask again
+        return datetime.min.replace(tzinfo=UTC)  # unreadable: ask again
 
 
 @dataclass
@@ -373,9 +373,10 @@ class CalendarSync:
 
     def _server_changes(self, token: str | None, by_href: dict[str, CalendarLink]):
         since = no_sync_since(token)
-        if since is not None and datetime.now(timezone.utc) - since < NO_SYNC_RECHECK:
+        if since is not None and datetime.now(UTC) - since < NO_SYNC_RECHECK:
             # No sync-collection here, found out less than a day ago: list, without asking again.
-            new_token, changed, deleted, complete = token, self.coll.list_etags(), set(), True
+            new_token, changed, complete = token, self.coll.list_etags(), True
+            deleted: set[str] = set()
         else:
             new_token, changed, deleted, complete = self._sync_report(None if since else token)
         if complete:

@@ -129,9 +129,10 @@ class Xandikos(_DavServer):
     def _launch(self, args: list[str]) -> None:
         self.port = free_port()
         log = self.directory / "xandikos.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "xandikos", *args, "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=open(log, "ab"), start_new_session=True)
+        with open(log, "ab") as errors:  # the child keeps its own copy of the file
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "xandikos", *args, "-p", str(self.port)],
+                stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True)
         wait_for_port(self.port, self.proc, log=log)
 
     def add_user(self, user: str) -> str:
@@ -216,9 +217,11 @@ class SabreDAV(_DavServer):
         (directory / "server.php").write_text(SABRE_SERVER_PHP.replace("AUTH ===", f"'{auth}' ==="))
         server = cls(directory=directory, auth=auth, port=free_port())
         log = directory / "php.log"
-        server.proc = subprocess.Popen(
-            [php, "-d", "include_path=.:/usr/share/php", "-S", f"127.0.0.1:{server.port}", str(directory / "server.php")],
-            cwd=directory, stdout=subprocess.DEVNULL, stderr=open(log, "ab"), start_new_session=True)
+        with open(log, "ab") as errors:  # the child keeps its own copy of the file
+            server.proc = subprocess.Popen(
+                [php, "-d", "include_path=.:/usr/share/php", "-S", f"127.0.0.1:{server.port}",
+                 str(directory / "server.php")],
+                cwd=directory, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True)
         wait_for_port(server.port, server.proc, log=log)
         return server
 
