@@ -45,6 +45,7 @@ from .mail.folders import parse_import_folder
 Area = Literal["mail", "events", "tasks"]
 Security = Literal["tls", "starttls", "none"]
 Conflict = Literal["newest", "crm", "groupware"]
+DavAuth = Literal["password", "none"]
 MandatoryField = Literal["partner", "contact", "subject", "body"]
 AREAS: tuple[str, ...] = typing.get_args(Area)
 SECURITY_MODES: tuple[str, ...] = typing.get_args(Security)
@@ -270,6 +271,7 @@ class CaldavConfig(_Password):
     username: Text
     events: Text = "calendar"  # collection name below url, or a full URL
     tasks: Text = "tasks"
+    auth: DavAuth = DERIVED  # "password" where a password source is set, else "none" (no login)
     verify: bool = True
     ca_file: Text | None = None
     timeout: Seconds = 60.0
@@ -277,7 +279,12 @@ class CaldavConfig(_Password):
     def __post_init__(self) -> None:
         if not self.url.endswith("/"):
             object.__setattr__(self, "url", self.url + "/")
-        self._check_password(required=True)
+        if self.auth is None:
+            object.__setattr__(self, "auth", "password" if self._has_password else "none")
+        if self.auth == "none" and self._has_password:
+            found = ", ".join(key for key in PASSWORD_SOURCES if getattr(self, key) is not None)
+            raise _Wrong(f': auth = "none" sends no password; remove {found}, or set auth = "password"')
+        self._check_password(required=self.auth == "password")
 
     def collection(self, area: str) -> str:
         return self.events if area == "events" else self.tasks

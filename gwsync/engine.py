@@ -31,11 +31,14 @@ from .config import AREAS, AccountConfig, Config, ConfigError
 from .calendar import dav
 from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Partner
 from .calendar.dav import Collection
-from .errors import CredentialLocked, GwsyncError, LoginRefused, NotFound, ServiceError, StoreError, UsageError
+from .errors import (EXIT_USAGE, CredentialLocked, GwsyncError, LoginRefused, NotFound, ServiceError, StoreError,
+                     UsageError)
 from .mail.imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
 from .storage.state import FAILED, HELD, QUARANTINED, CalendarLink, MailRecord, StateStore
 
 if TYPE_CHECKING:  # loaded by the areas that use them: a mail sync never reads iCalendar
+    from caldav.davclient import DAVClient
+
     from .calendar.sync import CalendarResult
     from .mail.importer import MailResult, PendingMail, ProgressFn
 
@@ -73,7 +76,7 @@ class AccountReport:
     login_failed: bool = False  # a login was refused now, or its credential is locked
     busy: bool = False  # another run held the account; nothing was done for it
     transient: bool = False  # the last error was a connection problem, worth another try
-    misconfigured: bool = False  # the config must change (a certificate that does not fit): exit 2
+    config_error: bool = False  # an error only a change of the config fixes (exit 2)
     stopped: str | None = None  # a fault of the environment that stopped the whole run
 
     def stop(self, exc: GwsyncError) -> None:
@@ -88,7 +91,7 @@ class AccountReport:
         if errors:
             self.errors += other.errors
             self.login_failed |= other.login_failed
-            self.misconfigured |= other.misconfigured
+            self.config_error |= other.config_error
             self.stopped = self.stopped or other.stopped
 
 
@@ -148,8 +151,8 @@ class SyncReport:
     def exit_code(self) -> int:
         if any(r.login_failed for r in self.accounts.values()):
             return 3
-        if any(r.misconfigured for r in self.accounts.values()):
-            return 2
+        if any(r.config_error for r in self.accounts.values()):
+            return EXIT_USAGE
         return 1 if any(r.failed for r in self.accounts.values()) else 0
 
     @property
@@ -179,6 +182,7 @@ class Engine:
         self.locks = locks or FileAccountLocks(config.state_database, config.state.lock_wait)
         self._should_stop: Callable[[], bool] = lambda: False
         self._selection = Selection()
+        self._dav_clients: dict[tuple, DAVClient] = {}  # the CalDAV client of the account syncing now
 
     def close(self) -> None:
         self.crm.close()
@@ -319,6 +323,7 @@ class Engine:
                     break  # the same databases and disk for every account: the others would fail alike
         finally:
             self._selection = Selection()
+            self._dav_clients = {}
         return report
 
     def _sync_areas(self, account, areas, acc_report, dry_run, force, progress) -> None:
@@ -341,7 +346,7 @@ class Engine:
             areas = set(only or account.areas)
             if "mail" in areas and account.imap is not None:
                 account.imap.secret.resolve()
-            if areas & {"events", "tasks"} and account.caldav is not None:
+            if areas & {"events", "tasks"} and account.caldav is not None and account.caldav.auth != "none":
                 account.caldav.secret.resolve()
 
     def _sync_area_with_retries(self, account, area, acc_report, dry_run, force, progress) -> None:
@@ -360,7 +365,7 @@ class Engine:
                 attempt.errors.append(exc.line if str(exc).startswith(f"account {account.name}")
                                       else f"account {account.name}, {area}: {exc.line}")
                 attempt.login_failed |= exc.exit_code == 3
-                attempt.misconfigured |= exc.exit_code == 2
+                attempt.config_error |= exc.exit_code == EXIT_USAGE
                 attempt.transient = exc.transient
             if not attempt.transient or delay is None or attempt.stopped:
                 acc_report.absorb(attempt)
@@ -397,8 +402,15 @@ class Engine:
         verify: bool | str = cfg.ca_file or cfg.verify
         source = f"{cfg.url} {cfg.username} {cfg.collection(area)}"
         url, auth_type = self.state.dav_cache(account.name, area, source)
-        client = dav.connect(cfg.url, cfg.username, cfg.secret.resolve(), verify=verify, timeout=int(cfg.timeout),
-                             auth_type=auth_type)
+        password = cfg.secret.resolve() if cfg.auth != "none" else None
+        # One client per account and run: the events and tasks collections share its session,
+        # so a Digest challenge is answered once per run, not once per collection.
+        key = (account.name, cfg.url, cfg.username, password, str(verify), auth_type)
+        client = self._dav_clients.get(key)
+        if client is None:
+            client = dav.connect(cfg.url, cfg.username, password, verify=verify, timeout=int(cfg.timeout),
+                                 auth_type=auth_type)
+            self._dav_clients = {key: client}
         if url is None:
             with self._locking(account, "caldav"):
                 url = dav.resolve_collection(client, cfg.url, cfg.collection(area))
@@ -428,6 +440,7 @@ class Engine:
             return
         except (dav.DavError, ConfigError) as exc:
             acc_report.errors.append(f"account {name}, {area}: {exc}")
+            acc_report.config_error |= exc.exit_code == EXIT_USAGE  # a certificate or login the config must fix
             # Maybe the collection moved or the auth scheme changed: find it afresh next time.
             self.state.save_dav_cache(name, area, "", None, None)
             return
@@ -451,7 +464,7 @@ class Engine:
             return
         except (MailServerError, ConfigError) as exc:
             acc_report.errors.append(f"account {name}: {exc}")
-            acc_report.misconfigured |= exc.exit_code == 2
+            acc_report.config_error |= exc.exit_code == EXIT_USAGE
             return
         importer = None
         try:

@@ -228,8 +228,12 @@ def _dav(**keys):
                           "password (found password_env, password)"),
     ({"accounts": {"a": {"imap": {"host": "h", "username": "u"}}}},
      "accounts.a.imap: set password_command, password_env, password_keyring or password"),
-    ({"accounts": {"a": {"areas": ["events"], "caldav": {"url": "https://d/", "username": "u"}}}},
+    ({"accounts": {"a": {"areas": ["events"], "caldav": {"url": "https://d/", "username": "u", "auth": "password"}}}},
      "accounts.a.caldav: set password_command, password_env, password_keyring or password"),
+    # auth: "password" (the default where a password source is set) or "none" (a server without login)
+    (_dav(auth="none"), 'accounts.a.caldav: auth = "none" sends no password; remove password_env, '
+                        'or set auth = "password"'),
+    (_dav(auth="basic"), "accounts.a.caldav.auth must be one of password, none, got 'basic'"),
     ({"serve": {"password": " "}}, "serve.password is empty: set a password or leave the key out"),
     # a value of the wrong TOML type: one line naming the key, the value and the type wanted
     (_imap(timeout="abc"), "accounts.a.imap.timeout must be an integer or a number, got 'abc'"),
@@ -313,6 +317,8 @@ def test_each_bad_value_is_one_line_naming_key_value_and_what_is_allowed(data, m
     _imap(timeout=1, archive_folder="Archiv"),
     _imap(timeout=3600.0),
     _dav(timeout=30),
+    {"accounts": {"a": {"areas": ["events"], "caldav": {"url": "http://127.0.0.1:8080/", "username": "u"}}}},
+    {"accounts": {"a": {"areas": ["events"], "caldav": {"url": "https://d/", "username": "u", "auth": "none"}}}},
     {"accounts": {"a": {"interval": 86400, "imap": IMAP}}},
     {"crm": {"max_attempts": 100}, "sync": {"max_delete_share": 1}},
     {"serve": {"port": 65535}},
