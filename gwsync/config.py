@@ -45,6 +45,7 @@ from .mail.folders import parse_import_folder
 Area = Literal["mail", "events", "tasks"]
 Security = Literal["tls", "starttls", "none"]
 Conflict = Literal["newest", "crm", "groupware"]
+DavAuth = Literal["password", "none"]
 MandatoryField = Literal["partner", "contact", "subject", "body"]
 AREAS: tuple[str, ...] = typing.get_args(Area)
 SECURITY_MODES: tuple[str, ...] = typing.get_args(Security)
@@ -58,6 +59,7 @@ MAX_TIMEOUT = 3600  # seconds; a server silent for an hour is down, and sockets 
 MAX_INTERVAL = 86400  # seconds (one day); longer pauses are a job for a timer, not `watch`
 MAX_LOCK_WAIT = 86400  # seconds a run may wait for another run of the same account
 MAX_ATTEMPTS = 100
+ARCHIVE = "CRM Archiv"  # the archive folder's default name, below the import root
 DERIVED: Any = None  # the default follows other keys: the table's __post_init__ fills it in
 
 
@@ -238,22 +240,29 @@ class ImapConfig(_Password):
     security: Security = "tls"
     verify: bool = True
     ca_file: Text | None = None
-    import_root: str = "INBOX"  # "" is the top level, for servers without INBOX/...
-    archive_folder: Text = DERIVED  # IMPORT_ROOT/CRM Archiv
+    import_root: str = "INBOX"  # "" is the top of the server's personal namespace
+    # None: "CRM Archiv" below the import root, joined with the separator the server reports
+    # (archive_in); a folder name is only known once connected.
+    archive_folder: Text | None = None
     timeout: Seconds = 60.0
 
     def __post_init__(self) -> None:
         if self.port is None:
             object.__setattr__(self, "port", 993 if self.security == "tls" else 143)
-        if self.archive_folder is None:
-            object.__setattr__(self, "archive_folder",
-                               f"{self.import_root}/CRM Archiv" if self.import_root else "CRM Archiv")
         archive = self.archive_folder
-        last = archive.replace("\\", "/").split("/")[-1].split(".")[-1]
-        if parse_import_folder(last) is not None or parse_import_folder(archive.rsplit("/", 1)[-1]) is not None:
-            raise _Wrong(f".archive_folder {archive!r} looks like an import folder (CRM ... [X]); "
-                         "choose a name without a [status] suffix")
+        if archive is not None:
+            last = archive.replace("\\", "/").split("/")[-1].split(".")[-1]
+            if parse_import_folder(last) is not None or parse_import_folder(archive.rsplit("/", 1)[-1]) is not None:
+                raise _Wrong(f".archive_folder {archive!r} looks like an import folder (CRM ... [X]); "
+                             "choose a name without a [status] suffix")
         self._check_password(required=True)
+
+    def archive_in(self, root: str, separator: str | None) -> str:
+        """The archive folder on a server whose import root is `root` (import_root, or the top
+        of the personal namespace for "") and whose hierarchy separator is `separator`."""
+        if self.archive_folder is not None:
+            return self.archive_folder
+        return f"{root}{separator}{ARCHIVE}" if root and separator else ARCHIVE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -262,6 +271,7 @@ class CaldavConfig(_Password):
     username: Text
     events: Text = "calendar"  # collection name below url, or a full URL
     tasks: Text = "tasks"
+    auth: DavAuth = DERIVED  # "password" where a password source is set, else "none" (no login)
     verify: bool = True
     ca_file: Text | None = None
     timeout: Seconds = 60.0
@@ -269,7 +279,12 @@ class CaldavConfig(_Password):
     def __post_init__(self) -> None:
         if not self.url.endswith("/"):
             object.__setattr__(self, "url", self.url + "/")
-        self._check_password(required=True)
+        if self.auth is None:
+            object.__setattr__(self, "auth", "password" if self._has_password else "none")
+        if self.auth == "none" and self._has_password:
+            found = ", ".join(key for key in PASSWORD_SOURCES if getattr(self, key) is not None)
+            raise _Wrong(f': auth = "none" sends no password; remove {found}, or set auth = "password"')
+        self._check_password(required=self.auth == "password")
 
     def collection(self, area: str) -> str:
         return self.events if area == "events" else self.tasks

@@ -32,11 +32,22 @@ from .calendar import dav
 from .calendar.dav import Collection
 from .config import AREAS, AccountConfig, CaldavConfig, Config, ConfigError, ImapConfig
 from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Partner
-from .errors import CredentialLocked, GwsyncError, LoginRefused, NotFound, ServiceError, StoreError, UsageError
+from .errors import (
+    EXIT_USAGE,
+    CredentialLocked,
+    GwsyncError,
+    LoginRefused,
+    NotFound,
+    ServiceError,
+    StoreError,
+    UsageError,
+)
 from .mail.imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
 from .storage.state import FAILED, HELD, QUARANTINED, CalendarLink, MailRecord, StateStore
 
 if TYPE_CHECKING:  # loaded by the areas that use them: a mail sync never reads iCalendar
+    from caldav.davclient import DAVClient
+
     from .calendar.sync import CalendarResult
     from .mail.importer import MailResult, PendingMail, ProgressFn
 
@@ -74,6 +85,7 @@ class AccountReport:
     login_failed: bool = False  # a login was refused now, or its credential is locked
     busy: bool = False  # another run held the account; nothing was done for it
     transient: bool = False  # the last error was a connection problem, worth another try
+    config_error: bool = False  # an error only a change of the config fixes (exit 2)
     stopped: str | None = None  # a fault of the environment that stopped the whole run
 
     def stop(self, exc: GwsyncError) -> None:
@@ -88,6 +100,7 @@ class AccountReport:
         if errors:
             self.errors += other.errors
             self.login_failed |= other.login_failed
+            self.config_error |= other.config_error
             self.stopped = self.stopped or other.stopped
 
 
@@ -147,6 +160,8 @@ class SyncReport:
     def exit_code(self) -> int:
         if any(r.login_failed for r in self.accounts.values()):
             return 3
+        if any(r.config_error for r in self.accounts.values()):
+            return EXIT_USAGE
         return 1 if any(r.failed for r in self.accounts.values()) else 0
 
     @property
@@ -190,6 +205,7 @@ class Engine:
         self.run_locks = locks or FileAccountLocks(config.state_database, config.state.lock_wait)
         self._should_stop: Callable[[], bool] = lambda: False
         self._selection = Selection()
+        self._dav_clients: dict[tuple, DAVClient] = {}  # the CalDAV client of the account syncing now
 
     def close(self) -> None:
         self.crm.close()
@@ -329,6 +345,7 @@ class Engine:
                     break  # the same databases and disk for every account: the others would fail alike
         finally:
             self._selection = Selection()
+            self._dav_clients = {}
         return report
 
     def _sync_areas(self, account, areas, acc_report, dry_run, force, progress) -> None:
@@ -351,7 +368,7 @@ class Engine:
             areas = set(only or account.areas)
             if "mail" in areas and account.imap is not None:
                 account.imap.secret.resolve()
-            if areas & {"events", "tasks"} and account.caldav is not None:
+            if areas & {"events", "tasks"} and account.caldav is not None and account.caldav.auth != "none":
                 account.caldav.secret.resolve()
 
     def _sync_area_with_retries(self, account, area, acc_report, dry_run, force, progress) -> None:
@@ -370,6 +387,7 @@ class Engine:
                 attempt.errors.append(exc.line if str(exc).startswith(f"account {account.name}")
                                       else f"account {account.name}, {area}: {exc.line}")
                 attempt.login_failed |= exc.exit_code == 3
+                attempt.config_error |= exc.exit_code == EXIT_USAGE
                 attempt.transient = exc.transient
             if not attempt.transient or delay is None or attempt.stopped:
                 acc_report.absorb(attempt)
@@ -406,8 +424,15 @@ class Engine:
         verify: bool | str = cfg.ca_file or cfg.verify
         source = f"{cfg.url} {cfg.username} {cfg.collection(area)}"
         url, auth_type = self.state.dav_cache(account.name, area, source)
-        client = dav.connect(cfg.url, cfg.username, cfg.secret.resolve(), verify=verify, timeout=int(cfg.timeout),
-                             auth_type=auth_type)
+        password = cfg.secret.resolve() if cfg.auth != "none" else None
+        # One client per account and run: the events and tasks collections share its session,
+        # so a Digest challenge is answered once per run, not once per collection.
+        key = (account.name, cfg.url, cfg.username, password, str(verify), auth_type)
+        client = self._dav_clients.get(key)
+        if client is None:
+            client = dav.connect(cfg.url, cfg.username, password, verify=verify, timeout=int(cfg.timeout),
+                                 auth_type=auth_type)
+            self._dav_clients = {key: client}
         if url is None:
             with self._locking(account, "caldav"):
                 url = dav.resolve_collection(client, cfg.url, cfg.collection(area))
@@ -437,6 +462,7 @@ class Engine:
             return
         except (dav.DavError, ConfigError) as exc:
             acc_report.errors.append(f"account {name}, {area}: {exc}")
+            acc_report.config_error |= exc.exit_code == EXIT_USAGE  # a certificate or login the config must fix
             # Maybe the collection moved or the auth scheme changed: find it afresh next time.
             self.state.save_dav_cache(name, area, "", None, None)
             return
@@ -455,13 +481,12 @@ class Engine:
             return
         except ServerUnreachable as exc:
             acc_report.transient = True
-            acc_report.errors.append(f"account {name}: {exc}; is the server up? gwsync will try again next run")
+            again = "" if exc.server_answered else " is the server up?"
+            acc_report.errors.append(f"account {name}: {exc};{again} gwsync will try again next run")
             return
-        except MailServerError as exc:
+        except (MailServerError, ConfigError) as exc:
             acc_report.errors.append(f"account {name}: {exc}")
-            return
-        except ConfigError as exc:
-            acc_report.errors.append(f"account {name}: {exc}")
+            acc_report.config_error |= exc.exit_code == EXIT_USAGE
             return
         importer = None
         try:
@@ -654,14 +679,13 @@ class Engine:
         with self.sieve(account) as sieve:
             return sieve.remove(rule_id)
 
-    def import_folder_name(self, account: AccountConfig, folder: str) -> str:
-        """A full import folder name from a full name or just its last element, checked against
-        the pattern and the CRM's status keys."""
-        from .mail.folders import parse_import_folder
+    def import_folder_name(self, account: AccountConfig, folder: str, session: ImapSession) -> str:
+        """A full import folder name from a full name (in the server's separator) or a name
+        below the import root, checked against the pattern and the CRM's status keys."""
+        from .mail.folders import last_element, parse_import_folder
 
-        full = folder if "/" in folder or folder.upper().startswith("INBOX") else \
-            f"{_imap(account).import_root}/{folder}"
-        parsed = parse_import_folder(full.rsplit("/", 1)[-1])
+        full = session.folder_name(_imap(account).import_root, folder)
+        parsed = parse_import_folder(last_element(full, session.separator()))
         if parsed is None:
             raise UsageError(f"{folder!r} is not an import folder name: use `CRM <description> [<status>]`")
         if parsed.status not in self.crm.statuses():
@@ -674,10 +698,10 @@ class Engine:
         sender = sender.strip().lower()
         if "@" not in sender or sender.endswith("@") or " " in sender:
             raise UsageError(f"--from {sender!r}: give an address (a@b.example) or a domain (@b.example)")
-        full = self.import_folder_name(account, folder)
         with self._naming(account):
             session = self.connect_imap(account)
             try:
+                full = self.import_folder_name(account, folder, session)
                 session.ensure_folder(full)
             finally:
                 session.logout()

@@ -97,6 +97,14 @@ class ServiceUnreachable(ServiceError):
     transient = True
 
 
+class ServiceMisconfigured(ServiceError):
+    """The server cannot be used as the config says (its certificate does not fit the host or
+    the trusted CAs, it takes logins only over TLS): the config must change, so exit 2 and no
+    retry."""
+
+    exit_code = EXIT_USAGE
+
+
 class LoginRefused(ServiceError):
     """The server refused the credential. The engine locks it: exit 3."""
 

@@ -16,8 +16,9 @@ from imapclient import IMAPClient
 
 from gwsync.cli import main
 from gwsync.config import load_config
-from gwsync.demo.localservers import Dovecot, Radicale
+from gwsync.demo.localservers import Dovecot
 from gwsync.engine import Engine
+from servers.dav import RadicaleServer, SabreDAV, Xandikos
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 _user_counter = itertools.count(1)
@@ -25,9 +26,51 @@ _user_counter = itertools.count(1)
 
 @pytest.fixture(scope="session")
 def radicale():
-    server = Radicale.start()
+    server = RadicaleServer.start()
     yield server
     server.stop()
+
+
+# The CalDAV servers the calendar flows and the collection contract run on. No skip when one is
+# missing: scripts/test installs them, and a silent skip would hide that.
+CALDAV_SERVERS = ("radicale", "xandikos", "xandikos-auth", "sabredav-basic", "sabredav-digest")
+WITH_WEBDAV_SYNC = ("radicale", "xandikos", "xandikos-auth")  # SabreDAV 1.8 has no sync-collection
+
+
+@pytest.fixture(scope="session")
+def xandikos():
+    with Xandikos.start() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def xandikos_auth():
+    with Xandikos.start(auth=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def sabredav_basic():
+    with SabreDAV.start("basic") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def sabredav_digest():
+    with SabreDAV.start("digest") as server:
+        yield server
+
+
+@pytest.fixture(params=CALDAV_SERVERS)
+def calserver(request):
+    """Each CalDAV server in turn (started once per session, on first use)."""
+    return request.getfixturevalue(request.param.replace("-", "_"))
+
+
+@pytest.fixture(params=WITH_WEBDAV_SYNC)
+def sync_calserver(request):
+    """Each CalDAV server with WebDAV sync, for what only sync tokens show."""
+    return request.getfixturevalue(request.param.replace("-", "_"))
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +85,24 @@ def dovecot():
     if problems:
         print("\nDovecot reported:\n" + "\n".join(problems[-30:]))
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def cyrus():
+    """Cyrus IMAP with Debian's default hierarchy separator "." (started in well under a second)."""
+    from cyrus_server import Cyrus
+
+    with Cyrus.start(separator=".") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def cyrus_slash():
+    """Cyrus IMAP with `unixhierarchysep: yes`: "/" separates folder levels."""
+    from cyrus_server import Cyrus
+
+    with Cyrus.start(separator="/") as server:
+        yield server
 
 
 def crlf(raw: bytes) -> bytes:
@@ -65,17 +126,17 @@ class GwEnv:
     password: str
     dir: Path
     config_path: Path
-    radicale: Radicale | None = None
+    radicale: RadicaleServer | None = None  # the CalDAV server, when it is the suite's Radicale
+    calserver: object = None  # the CalDAV server (any of servers.dav's)
+    collections: tuple[str, str] = ("calendar", "tasks")  # the events and tasks collections' names
 
     # -- CalDAV, as another client would use it ----------------------------------------------
 
     def dav(self):
-        from caldav.davclient import DAVClient
-
-        return DAVClient(self.radicale.url, username=self.user, password=self.radicale.password_for(self.user))
+        return self.calserver.client(self.user)
 
     def collection_url(self, area: str) -> str:
-        return f"{self.radicale.url}{self.user}/{'calendar' if area == 'events' else 'tasks'}/"
+        return self.calserver.calendar_url(self.user, self.collections[0 if area == "events" else 1])
 
     def dav_put(self, area: str, name: str, text: str, etag: str | None = None) -> str:
         headers = {"Content-Type": "text/calendar; charset=utf-8"}
@@ -83,7 +144,9 @@ class GwEnv:
             headers["If-Match"] = etag
         response = self.dav().request(self.collection_url(area) + name, "PUT", crlf(text.encode()).decode(), headers)
         assert response.status in (200, 201, 204), response.status
-        return response.headers["ETag"]
+        if response.headers.get("ETag"):
+            return response.headers["ETag"]
+        return self.dav().request(self.collection_url(area) + name, "GET").headers["ETag"]  # no ETag on PUT
 
     def dav_items(self, area: str) -> dict[str, tuple[str, str]]:
         """name -> (ETag, text) of every item in the collection."""
@@ -180,16 +243,27 @@ CALDAV_TEMPLATE = """
 [accounts.alice.caldav]
 url = "{url}"
 username = "{user}"
-password = "{password}"
-events = "calendar"
-tasks = "tasks"
+{password}events = "{events}"
+tasks = "{tasks}"
 """
 
 
+def caldav_table(server, user: str, names: tuple[str, str]) -> str:
+    """The [accounts.alice.caldav] table for a user of a CalDAV server: no password where the
+    server has no auth, the server's CA where it has TLS."""
+    password = f'password = "{server.password_for(user)}"\n' if server.auth != "none" else ""
+    if server.ca_file:
+        password += f'ca_file = "{server.ca_file}"\n'
+    return CALDAV_TEMPLATE.format(url=server.home(user), user=user, password=password, events=names[0],
+                                  tasks=names[1])
+
+
 def build_env(dovecot, root: Path, request, mandatory: tuple[str, ...] = (), crm_extra: str = "",
-              areas=("mail",), extra: str = "", link: str | None = "https://crm.example.com/activities/{id}") -> GwEnv:
-    """A fresh mail user (and CalDAV user, for the calendar areas) with a config below `root`.
-    `link=None` leaves [crm] link at its default, the web view's activity page."""
+              areas=("mail",), extra: str = "", link: str | None = "https://crm.example.com/activities/{id}",
+              calserver=None) -> GwEnv:
+    """A fresh mail user (and CalDAV user, for the calendar areas, on `calserver` or else the
+    suite's Radicale) with a config below `root`. `link=None` leaves [crm] link at its default,
+    the web view's activity page."""
     user = f"user{os.getpid()}x{next(_user_counter)}"
     password = dovecot.password_for(user)
     env_name = f"GWSYNC_TEST_PW_{user.upper()}"
@@ -197,21 +271,23 @@ def build_env(dovecot, root: Path, request, mandatory: tuple[str, ...] = (), crm
     workdir = root / user
     workdir.mkdir()
     config_path = workdir / "config.toml"
-    radicale = None
     caldav = ""
+    names = ("calendar", "tasks")
     if "events" in areas or "tasks" in areas:
-        radicale = request.getfixturevalue("radicale")
-        home = radicale.add_user(user)
-        caldav = CALDAV_TEMPLATE.format(url=home, user=user, password=radicale.password_for(user))
+        calserver = calserver or request.getfixturevalue("radicale")
+        calserver.add_user(user)
+        names = calserver.collection_names(user)
+        caldav = caldav_table(calserver, user, names)
     config_path.write_text(CONFIG_TEMPLATE.format(
         dir=workdir, port=dovecot.port, user=user, env=env_name, link=f'link = "{link}"\n' if link else "",
         mandatory=json.dumps(list(mandatory)), crm_extra=crm_extra, areas=json.dumps(list(areas)),
         caldav=caldav) + extra)
     env = GwEnv(dovecot=dovecot, user=user, password=password, dir=workdir, config_path=config_path,
-                radicale=radicale)
-    if radicale is not None:
-        radicale.make_calendar(user, "calendar", "VEVENT")
-        radicale.make_calendar(user, "tasks", "VTODO")
+                radicale=calserver if isinstance(calserver, RadicaleServer) else None, calserver=calserver,
+                collections=names)
+    if calserver is not None:
+        calserver.make_calendar(user, names[0], "VEVENT")
+        calserver.make_calendar(user, names[1], "VTODO")
     return env
 
 

@@ -103,7 +103,7 @@ def test_tls_verifies_certificates_by_default(env, tls_dovecot, security):
     env.append(DONE, make_mail(1))
 
     untrusted = env.cli("sync")  # the test CA is not in the system's trust store
-    assert untrusted.exit_code == 1 and "certificate not trusted" in untrusted.stderr
+    assert untrusted.exit_code == 2 and "certificate not trusted" in untrusted.stderr
     assert "ca_file" in untrusted.stderr
 
     env.config_path.write_text(text.replace('security = ', f'ca_file = "{tls_dovecot.ca_file}"\nsecurity = '))

@@ -1,4 +1,5 @@
-"""`CollectionContract` on every collection gwsync knows: the in-memory one and a real Radicale."""
+"""`CollectionContract` on every collection gwsync knows: the in-memory one and every CalDAV server
+of the test matrix (Radicale, Xandikos with and without auth, SabreDAV with Basic and Digest)."""
 
 from __future__ import annotations
 
@@ -19,15 +20,19 @@ class TestMemoryCollection(CollectionContract):
         return MemoryCollection()
 
 
-class TestRadicaleCollection(CollectionContract):
+class TestMemoryCollectionWithoutSync(CollectionContract):
     @pytest.fixture
-    def collection(self, radicale):
-        from caldav.davclient import DAVClient
+    def collection(self):
+        return MemoryCollection(sync_support=False)
 
+
+class TestDavCollection(CollectionContract):
+    @pytest.fixture
+    def collection(self, calserver):
         user = f"contract{os.getpid()}x{next(_users)}"
-        radicale.add_user(user)
-        url = radicale.make_calendar(user, "calendar", "VEVENT")
-        return Collection(DAVClient(url, username=user, password=radicale.password_for(user)), url)
+        calserver.add_user(user)
+        url = calserver.make_calendar(user, calserver.collection_names(user)[0], "VEVENT")
+        return Collection(calserver.client(user, url), url)
 
 
 def test_memory_collection_hooks_for_tests():

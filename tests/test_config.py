@@ -20,7 +20,9 @@ def test_defaults():
     alice = config.account("alice")
     assert alice.areas == ("mail",) and alice.interval == 300
     assert alice.imap.port == 993 and alice.imap.security == "tls" and alice.imap.verify
-    assert alice.imap.import_root == "INBOX" and alice.imap.archive_folder == "INBOX/CRM Archiv"
+    assert alice.imap.import_root == "INBOX" and alice.imap.archive_folder is None  # named by the server:
+    assert alice.imap.archive_in("INBOX", "/") == "INBOX/CRM Archiv"
+    assert alice.imap.archive_in("INBOX", ".") == "INBOX.CRM Archiv"
     assert config.crm.statuses == {"I": "Importiert", "O": "Offen", "E": "Erledigt"}
     assert config.crm.mandatory == ()
     assert "{id}" in config.crm.link
@@ -229,8 +231,12 @@ def _dav(**keys):
                           "password (found password_env, password)"),
     ({"accounts": {"a": {"imap": {"host": "h", "username": "u"}}}},
      "accounts.a.imap: set password_command, password_env, password_keyring or password"),
-    ({"accounts": {"a": {"areas": ["events"], "caldav": {"url": "https://d/", "username": "u"}}}},
+    ({"accounts": {"a": {"areas": ["events"], "caldav": {"url": "https://d/", "username": "u", "auth": "password"}}}},
      "accounts.a.caldav: set password_command, password_env, password_keyring or password"),
+    # auth: "password" (the default where a password source is set) or "none" (a server without login)
+    (_dav(auth="none"), 'accounts.a.caldav: auth = "none" sends no password; remove password_env, '
+                        'or set auth = "password"'),
+    (_dav(auth="basic"), "accounts.a.caldav.auth must be one of password, none, got 'basic'"),
     ({"serve": {"password": " "}}, "serve.password is empty: set a password or leave the key out"),
     # a value of the wrong TOML type: one line naming the key, the value and the type wanted
     (_imap(timeout="abc"), "accounts.a.imap.timeout must be an integer or a number, got 'abc'"),
@@ -314,6 +320,8 @@ def test_each_bad_value_is_one_line_naming_key_value_and_what_is_allowed(data, m
     _imap(timeout=1, archive_folder="Archiv"),
     _imap(timeout=3600.0),
     _dav(timeout=30),
+    {"accounts": {"a": {"areas": ["events"], "caldav": {"url": "http://127.0.0.1:8080/", "username": "u"}}}},
+    {"accounts": {"a": {"areas": ["events"], "caldav": {"url": "https://d/", "username": "u", "auth": "none"}}}},
     {"accounts": {"a": {"interval": 86400, "imap": IMAP}}},
     {"crm": {"max_attempts": 100}, "sync": {"max_delete_share": 1}},
     {"serve": {"port": 65535}},
@@ -472,7 +480,9 @@ def test_an_empty_sieve_password_is_refused_not_replaced_by_the_imap_one():
 
 def test_import_root_may_be_empty_and_then_the_archive_is_at_the_top_level():
     imap = parse_config(_imap(import_root="")).account("a").imap
-    assert (imap.import_root, imap.archive_folder) == ("", "CRM Archiv")
+    assert (imap.import_root, imap.archive_folder) == ("", None)
+    assert imap.archive_in("", "/") == "CRM Archiv"  # a personal namespace without prefix (Dovecot)
+    assert imap.archive_in("INBOX", ".") == "INBOX.CRM Archiv"  # below INBOX. (Cyrus)
 
 
 # -- derived defaults: each computed in one place, from the keys it follows ---------------------------
@@ -501,7 +511,8 @@ def test_derived_defaults_follow_the_keys_they_come_from(monkeypatch, tmp_path):
     a, b = config.account("a"), config.account("b")
     assert (a.name, b.name, a.areas, a.interval) == ("a", "b", ("mail", "events"), 300)
     assert (a.imap.port, b.imap.port) == (143, 143)
-    assert a.imap.archive_folder == "Mail/CRM Archiv" and a.imap.timeout == 60.0
+    assert a.imap.archive_in("Mail", "/") == "Mail/CRM Archiv" and a.imap.timeout == 60.0
+    assert parse_config(_imap(archive_folder="Archiv")).account("a").imap.archive_in("Mail", ".") == "Archiv"
     assert a.caldav.url == "https://dav.example.com/u/" and a.caldav.collection("events") == "calendar"
     assert a.imap.secret.where == "accounts.a.imap" and a.caldav.secret.where == "accounts.a.caldav"
     assert a.imap.secret.env == "X" and a.imap.secret.username == "u"

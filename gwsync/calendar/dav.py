@@ -9,19 +9,25 @@ PreconditionFailed: the caller re-reads and reconciles, it never overwrites.
 from __future__ import annotations
 
 import functools
+import logging
 import re
+import socket
+import ssl
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-from ..errors import LoginRefused, ServiceError, ServiceUnreachable
+from ..errors import ConfigError, LoginRefused, ServiceError, ServiceUnreachable
 
 if TYPE_CHECKING:  # the caldav library and its HTTP stack load on the first connect, not before
     from caldav.davclient import DAVClient
 
 NS = {"d": "DAV:", "c": "urn:ietf:params:xml:ns:caldav"}
 MULTIGET_BATCH = 200
+log = logging.getLogger(__name__)
+_unverified_warned: set[str] = set()  # servers reached with verify = false, warned about once per process
 
 
 @functools.cache
@@ -54,12 +60,22 @@ class DavUnreachable(ServiceUnreachable, DavError):
     """No connection, a timeout, or a 5xx answer: transient."""
 
 
+class DavConfigError(ConfigError, DavError):
+    """The fault is in the config, not the server's state: the certificate does not match the
+    URL or is not trusted, or the server asks for a login that the config does not have. Exit 2;
+    trying again does not help."""
+
+
 class PreconditionFailed(DavError):
     """412: the item changed (or exists) on the server since we read it."""
 
 
 class SyncTokenInvalid(DavError):
     """The server does not know the token (expired, or no sync support): list in full instead."""
+
+
+class SyncUnsupported(SyncTokenInvalid):
+    """The collection has no WebDAV sync (sync-collection) at all: list by ETag."""
 
 
 @dataclass
@@ -69,12 +85,23 @@ class Item:
     data: str | None = None
 
 
-def connect(url: str, username: str, password: str, verify: bool | str = True, timeout: int = 60,
+def connect(url: str, username: str, password: str | None, verify: bool | str = True, timeout: int = 60,
             auth_type: str | None = None) -> DAVClient:
     """A client; with `auth_type` (remembered from an earlier run) the credentials go with the
-    first request instead of after a 401 challenge, which saves a request per run."""
+    first request instead of after a 401 challenge, which saves a request per run. With no
+    password (a server without login) no credentials go at all. With `verify` false, one
+    warning line per server and process, instead of the HTTP library's two per request."""
     from caldav.davclient import DAVClient
 
+    if verify is False:
+        warnings.filterwarnings("ignore", message="Unverified HTTPS request")
+        server = urlsplit(url).netloc
+        if url.startswith("https:") and server not in _unverified_warned:
+            _unverified_warned.add(server)
+            log.warning("CalDAV %s: certificate checks are off (verify = false); anyone between gwsync and the "
+                        "server can read the password and the calendars", server)
+    if password is None:
+        return DAVClient(url, ssl_verify_cert=verify, timeout=timeout, require_tls=False, enable_rfc6764=False)
     return DAVClient(url, username=username, password=password, ssl_verify_cert=verify, timeout=timeout,
                      require_tls=False, enable_rfc6764=False, auth_type=auth_type)
 
@@ -97,6 +124,7 @@ class Collection:
         self.path = urlsplit(self.url).path
         self.requests = 0  # HTTP requests sent, for the benchmark and the tests
         self.writes = 0  # successful PUTs and DELETEs
+        self.sync_support: bool | None = None  # whether sync-collection works here, once asked
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -109,11 +137,19 @@ class Collection:
         except caldav_error.AuthorizationError as exc:
             status = getattr(exc, "status", None) or ""
             if "403" in str(status) or "403" in str(exc)[:200]:
-                return _Forbidden()
+                raw = getattr(exc, "body", None) or b""
+                return _Forbidden(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))
+            if self.client.password is None:  # no password to refuse: nothing to lock
+                raise DavConfigError(
+                    f"CalDAV {self.url}: the server asks for a login; set password_command, password_env, "
+                    "password_keyring or password in the account's [caldav] table") from exc
             raise DavLoginFailed(f"CalDAV {self.url}: login refused (HTTP 401)") from exc
         except caldav_error.RateLimitError as exc:
             raise DavUnreachable(f"CalDAV {self.url}: server busy ({exc})") from exc
         except transport_errors() as exc:
+            certificate = _certificate_error(exc)
+            if certificate is not None:
+                raise DavConfigError(_explain_certificate(url, certificate, self.client.ssl_verify_cert)) from exc
             raise DavUnreachable(f"CalDAV {self.url}: cannot connect ({_reason(exc)})") from exc
         except caldav_error.DAVError as exc:
             raise DavError(f"CalDAV {url}: {method} failed ({exc})") from exc
@@ -158,14 +194,21 @@ class Collection:
         With no token, every item counts as changed. Raises SyncTokenInvalid to ask for a listing."""
         body = _SYNC_COLLECTION.format(token=_xml_escape(token or ""))
         response = self._request(self.url, "REPORT", body, {"Depth": "1", "Content-Type": "application/xml"})
-        if isinstance(response, _Forbidden) or response.status in (400, 403, 409, 412, 415, 501):
-            raise SyncTokenInvalid(f"CalDAV {self.url}: sync token refused")
-        if response.status != 207:
-            raise SyncTokenInvalid(f"CalDAV {self.url}: sync-collection answered {response.status}")
+        if isinstance(response, _Forbidden) or response.status != 207:
+            status = response.status
+            # Refused without a token, or with the report named as unsupported (SabreDAV 1.8:
+            # 403 ReportNotSupported): the server has no sync. Else only this token is unknown
+            # (Radicale answers 403, Xandikos 412).
+            if not token or "supported-report" in _text(response) or status in (405, 501):
+                self.sync_support = False
+                raise SyncUnsupported(f"CalDAV {self.url}: no WebDAV sync (sync-collection answered {status})")
+            raise SyncTokenInvalid(f"CalDAV {self.url}: sync token refused ({status})")
         root = _parse(_body(response))
         new_token = root.findtext("d:sync-token", default=None, namespaces=NS)
         if not new_token:
-            raise SyncTokenInvalid(f"CalDAV {self.url}: no sync token in the answer")
+            self.sync_support = False
+            raise SyncUnsupported(f"CalDAV {self.url}: no sync token in the sync-collection answer")
+        self.sync_support = True
         changed, deleted = {}, set()
         for href, status, props in _multistatus_root(root):
             if _norm(href) == _norm(self.path):
@@ -186,6 +229,9 @@ class Collection:
             body = _MULTIGET.format(hrefs="".join(f"<d:href>{_xml_escape(quote(unquote(h)))}</d:href>"
                                                   for h in batch))
             response = self._request(self.url, "REPORT", body, {"Depth": "1", "Content-Type": "application/xml"})
+            if response.status == 404:  # SabreDAV 1.8 fails the whole report for one missing item
+                found.update((href, item) for href in batch if (item := self.get(_norm(href))) is not None)
+                continue
             if isinstance(response, _Forbidden) or response.status != 207:
                 raise DavError(f"CalDAV {self.url}: multiget answered {getattr(response, 'status', 403)}")
             for href, status, props in _multistatus(_body(response)):
@@ -221,10 +267,12 @@ class Collection:
         response = self._request(self._absolute(href), "DELETE", "", {"If-Match": etag})
         if isinstance(response, _Forbidden):
             raise DavError(f"CalDAV DELETE {href}: forbidden")
-        if response.status == 412:
-            raise PreconditionFailed(href)
         if response.status == 404:
             return  # gone already: what we wanted
+        if response.status == 412:
+            if self.get(href) is None:  # If-Match on a missing item is a 412 too (SabreDAV)
+                return
+            raise PreconditionFailed(href)
         if response.status not in (200, 204):
             raise DavError(f"CalDAV DELETE {href}: {response.status}")
         self.writes += 1
@@ -247,15 +295,69 @@ class Collection:
         return etag or ""
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: BaseException) -> str:
     """The useful part of a connection error ("[Errno 111] Connection refused"), not urllib3's
     whole nested message."""
     match = re.search(r"\[Errno -?\d+\][^'\")\]]*", str(exc))
     return match.group(0).strip() if match else type(exc).__name__
 
 
+def _certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate check that failed, wherever the HTTP stack wrapped it."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        todo += [e for e in (current.__cause__, current.__context__, getattr(current, "reason", None),
+                             *current.args) if isinstance(e, BaseException)]
+    return None
+
+
+def _explain_certificate(url: str, exc: ssl.SSLCertVerificationError, verify: bool | str) -> str:
+    """What to fix, in one line: a certificate for other names (named), or one signed by a CA
+    that is not trusted (set ca_file)."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or 443
+    detail = getattr(exc, "verify_message", "") or str(exc)
+    where = f"CalDAV {parts.scheme}://{parts.netloc}/"
+    if "mismatch" in detail:
+        names = _certificate_names(host, port, verify)
+        listed = ", ".join(names) if names else "other names"
+        hint = ""
+        if any(name == f"DNS:{host}" for name in names):
+            hint = f" (it names {host} as a DNS name; an IP address must be listed as IP:{host})"
+        return (f"{where}: the server's certificate is for {listed}, not for {host}{hint}; use a name from the "
+                "certificate in url, or give the server a certificate for that address")
+    return (f"{where}: the server's certificate is not trusted ({detail}); set ca_file in the account's [caldav] "
+            "table to the certificate of the CA that signed it (for a self-signed one, the certificate itself)")
+
+
+def _certificate_names(host: str, port: int, verify: bool | str) -> list[str]:
+    """The names in the server's certificate (subjectAltName), read over a connection that
+    checks the chain but not the name; empty when that fails too."""
+    context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+    context.check_hostname = False
+    try:
+        with socket.create_connection((host, port), timeout=10) as sock, context.wrap_socket(sock) as tls:
+            cert = tls.getpeercert() or {}
+    except (OSError, ValueError):
+        return []
+    names: tuple[tuple[str, str], ...] = cert.get("subjectAltName", ())  # type: ignore[assignment]
+    return [f"{kind}:{value}" for kind, value in names]
+
+
 class _Forbidden:
+    """A 403 answer (the caldav library raises it as an error; its body comes along)."""
+
     status = 403
+
+    def __init__(self, text: str = ""):
+        self.text = text
 
 
 def _body(response) -> str:
@@ -263,6 +365,10 @@ def _body(response) -> str:
     if raw is None:
         raw = getattr(response, "raw", b"")
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else (raw or "")
+
+
+def _text(response) -> str:
+    return response.text if isinstance(response, _Forbidden) else _body(response)
 
 
 def _parse(text: str) -> ET.Element:
@@ -311,9 +417,10 @@ _MULTIGET = ('<?xml version="1.0" encoding="utf-8"?><c:calendar-multiget xmlns:d
 
 def resolve_collection(client: DAVClient, home: str, name_or_url: str) -> str:
     """A collection's URL from its name (the last path segment or display name below the
-    account URL) or from a full URL."""
-    if name_or_url.startswith(("http://", "https://")):
-        return name_or_url if name_or_url.endswith("/") else name_or_url + "/"
+    account URL), its path on the server (starting with /), or a full URL."""
+    if name_or_url.startswith(("http://", "https://", "/")):
+        url = urljoin(home, name_or_url)
+        return url if url.endswith("/") else url + "/"
     home = home if home.endswith("/") else home + "/"
     probe = Collection(client, home)
     response = probe._request(home, "PROPFIND", '<?xml version="1.0" encoding="utf-8"?><d:propfind xmlns:d="DAV:">'

@@ -2,8 +2,10 @@
 calendar sync does"). It plans, then applies.
 
 One run:
-  1. read the groupware changes: WebDAV sync (one REPORT with the stored token), or a full ETag
-     listing when the server has no sync support or refuses the token; changed items are
+  1. read the groupware changes: WebDAV sync (one REPORT with the stored token); when the server
+     refuses the token, one full sync-collection for a fresh one; when it has no sync at all
+     (SabreDAV 1.8), a full ETag listing, and a marker in place of the token so that the next
+     runs list without asking again (they ask once more a day later); changed items are
      fetched in one multiget;
   2. read the CRM side: the activities of the area's kinds owned by the account, plus pushed ones;
   3. plan: pairs (link, CRM side, groupware side) -> `reconcile` decisions (pure) -> one typed
@@ -29,12 +31,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 
 from ..config import AccountConfig, Config
 from ..crm import Activity, ActivityDraft, ActivityFilter, CRMBackend
 from ..storage.state import CalendarLink, LinkChange, StateStore
-from .dav import Collection, DavError, DavLoginFailed, DavUnreachable, Item, PreconditionFailed, SyncTokenInvalid
+from .dav import (
+    Collection,
+    DavError,
+    DavLoginFailed,
+    DavUnreachable,
+    Item,
+    PreconditionFailed,
+    SyncTokenInvalid,
+    SyncUnsupported,
+)
 from .icalmap import (
     EVENT,
     FIELDS,
@@ -55,6 +67,22 @@ COUNTS = ("created_crm", "updated_crm", "deleted_crm", "created_groupware", "upd
           "deleted_groupware", "conflicts")
 MAX_RETRIES = 3
 LINK_BATCH = 200
+NO_SYNC = "gwsync:no-sync-collection:"  # stored in place of a token, with the time it was found out
+NO_SYNC_RECHECK = timedelta(days=1)  # then ask again: the server may have been upgraded
+
+
+def no_sync_marker(now: datetime | None = None) -> str:
+    return NO_SYNC + (now or datetime.now(UTC)).isoformat(timespec="seconds")
+
+
+def no_sync_since(token: str | None) -> datetime | None:
+    """When the collection was found to have no WebDAV sync, if the stored token says so."""
+    if not token or not token.startswith(NO_SYNC):
+        return None
+    try:
+        return datetime.fromisoformat(token[len(NO_SYNC):])
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)  # unreadable: ask again
 
 
 @dataclass
@@ -353,6 +381,8 @@ class CalendarSync:
         holds nothing but them, take the fresher token (so the next sync with no changes reads
         nothing). Anything else in it keeps the older token: no foreign change is ever skipped."""
         self._flush_links()
+        if no_sync_since(token) is not None:
+            return token  # no sync-collection: the next run lists anyway
         current = {l.href: l.etag for l in self.state.links(self.account.name, self.area)}
         try:
             fresh, changed, deleted = self.coll.changes_since(token)
@@ -365,18 +395,13 @@ class CalendarSync:
     # -- reading the server ------------------------------------------------------------------
 
     def _server_changes(self, token: str | None, by_href: dict[str, CalendarLink]):
-        try:
-            new_token, changed, deleted = self.coll.changes_since(token)
-            complete = token is None  # an initial sync-collection lists every item
-        except SyncTokenInvalid:
-            log.info("%s: no usable sync token; listing the collection", self.where)
-            new_token, changed, deleted, complete = None, self.coll.list_etags(), set(), True
-            if token is not None:
-                # The token expired: get a fresh one (one extra request), then use the listing.
-                try:
-                    new_token, _, _ = self.coll.changes_since(None)
-                except SyncTokenInvalid:
-                    new_token = None
+        since = no_sync_since(token)
+        if since is not None and datetime.now(UTC) - since < NO_SYNC_RECHECK:
+            # No sync-collection here, found out less than a day ago: list, without asking again.
+            new_token, changed, complete = token, self.coll.list_etags(), True
+            deleted: set[str] = set()
+        else:
+            new_token, changed, deleted, complete = self._sync_report(None if since else token)
         if complete:
             deleted = {h for h in by_href if h not in changed}
         deleted = {h for h in deleted if h in by_href}
@@ -384,6 +409,24 @@ class CalendarSync:
         changed = {h: e for h, e in changed.items()
                    if h not in deleted and (h not in by_href or by_href[h].etag != e)}
         return new_token, changed, deleted
+
+    def _sync_report(self, token: str | None) -> tuple[str | None, dict[str, str], set[str], bool]:
+        """(new token, changed, deleted, complete listing?) by WebDAV sync, or by a listing."""
+        try:
+            new_token, changed, deleted = self.coll.changes_since(token)
+            return new_token, changed, deleted, token is None  # an initial sync-collection lists every item
+        except SyncUnsupported:
+            log.info("%s: the server has no WebDAV sync; listing the collection", self.where)
+            return no_sync_marker(), self.coll.list_etags(), set(), True
+        except SyncTokenInvalid:
+            # The token expired, or the server forgot it (Radicale answers 403, Xandikos 412):
+            # one full sync-collection lists every item and gives a fresh token.
+            log.info("%s: sync token refused; listing the collection", self.where)
+        try:
+            new_token, changed, deleted = self.coll.changes_since(None)
+        except SyncUnsupported:
+            return no_sync_marker(), self.coll.list_etags(), set(), True
+        return new_token, changed, deleted, True
 
     def _item_failed(self, href: str, etag: str | None, error: str) -> None:
         if self.dry_run:

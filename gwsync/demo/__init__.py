@@ -164,7 +164,7 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
                        "(one per collection when nothing changed)")
             demo_imap = config.account("demo").imap
             assert demo_imap is not None  # the demo's account has mail
-            archived = _count(server.port, _password(server), demo_imap.archive_folder)
+            archived = _count(server.port, _password(server), demo_imap.archive_in("INBOX", "/"))
             click.echo(f"archive folder holds {archived} mail(s); the CRM folders are empty again")
             code = report.exit_code
         _open_link(config, _first(r"CRM: (\S+)", text.replace("\n ", "")))

@@ -129,7 +129,7 @@ service stats {{
   }}
 }}
 protocol imap {{
-  mail_max_userip_connections = 100
+  mail_max_userip_connections = {max_userip_connections}
 }}
 """
 
@@ -182,16 +182,19 @@ class Dovecot(_LocalServer):
     tls_port: int = 0  # implicit TLS (imaps); STARTTLS works on `port` too
     ca_file: Path | None = None  # the throw-away CA that signed the server's certificate
     sieve_port: int = 0  # ManageSieve, when started with sieve=True
+    max_userip_connections: int = 100  # Dovecot's own default is 10
 
     @classmethod
-    def start(cls, tls: bool = False, sieve: bool = False) -> Dovecot:
+    def start(cls, tls: bool = False, sieve: bool = False, max_userip_connections: int = 100) -> Dovecot:
         """With tls=True, the server gets a certificate for 127.0.0.1 and localhost, signed by a
-        throw-away CA (`ca_file`), and listens for implicit TLS on `tls_port`."""
+        throw-away CA (`ca_file`), and listens for implicit TLS on `tls_port`. Past
+        `max_userip_connections` sessions of one user, a login gets `NO [LIMIT]`."""
         directory = Path(tempfile.mkdtemp(prefix="gwsync-dovecot-", dir="/tmp"))
         os.chmod(directory, 0o755)
         for sub in ("run", "state", "mail", "home"):
             (directory / sub).mkdir()
-        server = cls(directory=directory, sieve_port=free_port() if sieve else 0)
+        server = cls(directory=directory, sieve_port=free_port() if sieve else 0,
+                     max_userip_connections=max_userip_connections)
         if tls:
             server.ca_file = _make_certificates(directory)
         server._launch()
@@ -232,7 +235,8 @@ class Dovecot(_LocalServer):
         sieve = SIEVE_CONF.format(sieve_port=self.sieve_port) if self.sieve_port else ""
         conf.write_text(DOVECOT_CONF.format(dir=self.directory, port=self.port, user=user, ssl=ssl,
                                             tls_port=self.tls_port, group=_group_name(entry.pw_gid), sieve=sieve,
-                                            protocols="imap sieve" if self.sieve_port else "imap"))
+                                            protocols="imap sieve" if self.sieve_port else "imap",
+                                            max_userip_connections=self.max_userip_connections))
         if os.geteuid() == 0:
             for path in [self.directory, *self.directory.rglob("*")]:
                 os.chown(path, entry.pw_uid, entry.pw_gid)
@@ -285,14 +289,16 @@ class Pymap(_LocalServer):
     port: int = 0
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
+    sieve_port: int = 0  # its ManageSieve (Sieve without the include extension)
 
     @classmethod
     def start(cls, user: str = "demo", password: str = "demopass") -> Pymap:
-        server = cls(user=user, password=password, port=free_port())
+        server = cls(user=user, password=password, port=free_port(), sieve_port=free_port())
         server.proc = subprocess.Popen(
             [sys.executable, "-c", "from pymap.main import main; main()",
-             "--host", "127.0.0.1", "--port", str(server.port), "--no-tls",
-             "dict", "--demo-user", user, "--demo-password", password],
+             "--host", "127.0.0.1", "--port", str(server.port),
+             "--sieve-host", "127.0.0.1", "--sieve-port", str(server.sieve_port),
+             "--no-tls", "dict", "--demo-user", user, "--demo-password", password],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,

@@ -2,10 +2,18 @@
 
 Reading never sets \\Seen (BODY.PEEK only). Moving uses UID MOVE, or COPY + \\Deleted +
 UID EXPUNGE where the server lacks MOVE.
+
+Folder names gwsync makes (the archive's default, a rule's folder given by its short name, the
+import root "") are built from what the server reports: its hierarchy separator (LIST) and
+its personal namespace (NAMESPACE), never by pasting "/". A login the server turns away for a
+reason other than the credential ([LIMIT], [UNAVAILABLE], [INUSE], [SERVERBUG]) is transient
+and locks nothing; a certificate that does not fit is a config error that says what to fix.
 """
 
 from __future__ import annotations
 
+import re
+import socket
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +23,7 @@ import imapclient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
 from ..config import ImapConfig
-from ..errors import LoginRefused, ServiceError, ServiceUnreachable
+from ..errors import LoginRefused, ServiceError, ServiceMisconfigured, ServiceUnreachable, UsageError
 from .folders import ImportFolderName, is_below, last_element, parse_import_folder
 
 
@@ -29,6 +37,12 @@ class LoginFailed(LoginRefused, MailServerError):
 
 class ServerUnreachable(ServiceUnreachable, MailServerError):
     """Could not connect, or the connection dropped: transient, worth retrying."""
+
+    server_answered = False  # True: it is up, but turned the login away for now ([LIMIT], ...)
+
+
+class MailServerMisconfigured(ServiceMisconfigured, MailServerError):
+    """The server's certificate does not fit, or it takes no login over this connection: exit 2."""
 
 
 class MailGone(MailServerError):
@@ -45,6 +59,12 @@ class ImportFolder:
     def status(self) -> str:
         return self.parsed.status
 
+
+# Response codes (RFC 5530) of a NO on LOGIN that say "not now", not "wrong password".
+TRANSIENT_LOGIN_CODES = frozenset({"LIMIT", "UNAVAILABLE", "INUSE", "SERVERBUG"})
+_RESPONSE_CODE = re.compile(r"^\s*\[([A-Za-z-]+)")
+# OpenSSL's verify results that mean "the certificate is for other names".
+_NAME_MISMATCH = {62, 64}  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
 # A FETCH answer per batch costs about one round trip; 250 small mails make one fetch of well
 # under 10 MB. Large mails are streamed in chunks instead (see fetch_chunks).
@@ -81,6 +101,7 @@ class ImapSession:
         self.capabilities = {(c.decode("ascii", "replace") if isinstance(c, bytes) else c).upper()
                              for c in client.capabilities()}
         self.selected: str | None = None
+        self._separator: tuple[str | None] | None = None  # (separator,) once asked
 
     @classmethod
     def connect(cls, cfg: ImapConfig, password: str) -> ImapSession:
@@ -92,15 +113,15 @@ class ImapSession:
             if cfg.security == "starttls":
                 client.starttls(context)
         except ssl.SSLCertVerificationError as exc:
-            raise MailServerError(f"IMAP {where}: certificate not trusted ({exc.verify_message}); "
-                                  "set ca_file, or verify = false for a test server") from exc
+            names = _certificate_names(cfg, context) if exc.verify_code in _NAME_MISMATCH else None
+            raise MailServerMisconfigured(certificate_problem(f"IMAP {where}", cfg.host, exc, names)) from None
         except (TimeoutError, OSError, IMAPClientError) as exc:
             raise ServerUnreachable(f"IMAP {where}: cannot connect ({exc})") from exc
         try:
             client.login(cfg.username, password)
         except LoginError as exc:
             _close(client)
-            raise LoginFailed(f"IMAP {where}: login as {cfg.username!r} refused ({_text(exc)})") from exc
+            raise login_refusal(f"IMAP {where}", cfg.username, _text(exc)) from None
         except (TimeoutError, OSError, IMAPClientAbortError) as exc:
             raise ServerUnreachable(f"IMAP {where}: connection lost during login ({exc})") from exc
         except IMAPClientError as exc:  # e.g. LOGINDISABLED: the server takes no login over this connection
@@ -112,7 +133,8 @@ class ImapSession:
     # -- folders -----------------------------------------------------------------------------
 
     def import_folders(self, root: str) -> list[ImportFolder]:
-        """Import folders at any depth below `root`, names decoded from modified UTF-7."""
+        """Import folders at any depth below `root` (import_root), names decoded from modified UTF-7."""
+        root = self.import_root(root)
         delimiter = self.delimiter(root)
         pattern = f"{root}{delimiter}*" if root and delimiter else "*"
         found = []
@@ -135,6 +157,45 @@ class ImapSession:
         delim = listing[0][1]
         return delim.decode() if isinstance(delim, bytes) else delim
 
+    def separator(self) -> str | None:
+        """The hierarchy separator of the personal folders, as LIST reports it for INBOX."""
+        if self._separator is None:
+            self._separator = (self.delimiter(""),)
+        return self._separator[0]
+
+    def personal_prefix(self) -> str:
+        """The personal namespace's prefix ("" on Dovecot, "INBOX." on Cyrus); "" when the
+        server has no NAMESPACE (RFC 2342)."""
+        if "NAMESPACE" not in self.capabilities:
+            return ""
+        with _guard("IMAP NAMESPACE"):
+            personal = self.client.namespace().personal
+        prefix = personal[0][0] if personal else ""
+        return prefix if isinstance(prefix, str) else prefix.decode("utf-8", "replace")
+
+    def import_root(self, configured: str) -> str:
+        """The import root's full name: as configured, or for "" the top of the personal
+        namespace ("INBOX" where personal folders live below INBOX, as on Cyrus)."""
+        if configured:
+            return configured
+        prefix, sep = self.personal_prefix(), self.separator()
+        return prefix[:-len(sep)] if sep and prefix.endswith(sep) else prefix
+
+    def archive_folder(self, cfg: ImapConfig) -> str:
+        """The archive folder: as configured, or "CRM Archiv" below the import root."""
+        return cfg.archive_in(self.import_root(cfg.import_root), self.separator())
+
+    def folder_name(self, import_root: str, folder: str) -> str:
+        """A folder named by the user: a full name in the server's separator, or a name below
+        the import root (which may have levels of its own), joined with that separator."""
+        root, sep = self.import_root(import_root), self.separator()
+        if sep and sep != "/" and "/" in folder:
+            raise UsageError(f"{folder!r}: this server separates folder levels with {sep!r}, not '/'; "
+                             f"write {folder.replace('/', sep)!r}")
+        if not root or not sep or is_below(folder, root, sep):
+            return folder
+        return f"{root}{sep}{folder}"
+
     def _list(self, pattern: str):
         with _guard(f"IMAP LIST {pattern!r}"):
             return self.client.list_folders("", pattern)
@@ -146,7 +207,9 @@ class ImapSession:
             try:
                 self.client.create_folder(name)
             except IMAPClientError as exc:
-                if isinstance(exc, IMAPClientAbortError) or "ALREADYEXISTS" not in str(exc).upper():
+                # Another client made it meanwhile, and not every server says [ALREADYEXISTS]
+                # (Cyrus: "Mailbox already exists"): what counts is whether it is there now.
+                if isinstance(exc, IMAPClientAbortError) or not self.client.folder_exists(name):
                     raise
 
     # -- messages ----------------------------------------------------------------------------
@@ -283,6 +346,62 @@ class ImapSession:
             self.client.shutdown()
         except Exception:
             pass
+
+
+def login_refusal(where: str, username: str, text: str) -> MailServerError:
+    """The error for a NO on LOGIN. Only a refused credential locks it: no response code or an
+    auth code (AUTHENTICATIONFAILED, ...). A server that is full or busy ([LIMIT], ...) turns
+    the login away for now: transient, retried, never locked."""
+    match = _RESPONSE_CODE.match(text)
+    code = match.group(1).upper() if match else None
+    if code in TRANSIENT_LOGIN_CODES:
+        busy = ServerUnreachable(f"{where}: the server turned the login as {username!r} away for now ({text}); "
+                                 "the password was not refused")
+        busy.server_answered = True
+        return busy
+    if code == "PRIVACYREQUIRED":
+        return MailServerMisconfigured(f"{where}: the server takes the login as {username!r} only over TLS "
+                                       f"({text}); set security = \"tls\" or \"starttls\"")
+    return LoginFailed(f"{where}: login as {username!r} refused ({text})")
+
+
+def certificate_problem(where: str, host: str, exc: ssl.SSLCertVerificationError,
+                        names: list[str] | None = None) -> str:
+    """What is wrong with the server's certificate, and what to set: the names it is for when
+    they are not `host`, `ca_file` when no trusted CA signed it."""
+    reason = exc.verify_message or str(exc)
+    if exc.verify_code in _NAME_MISMATCH:
+        listed = ", ".join(names) if names else "other names"
+        hint = (f"; it names {host} as a DNS name, which does not cover the IP address: have it issued with "
+                f"IP:{host}, or connect by a DNS name" if names and f"DNS:{host}" in names else "")
+        return (f"{where}: the server's certificate is for {listed}, not for the host {host!r} ({reason}){hint}; "
+                "set host to a name the certificate lists")
+    return (f"{where}: certificate not trusted ({reason}); set ca_file to the certificate of the CA that "
+            "signed it (PEM), or verify = false for a test server")
+
+
+def _certificate_names(cfg: ImapConfig, context: ssl.SSLContext | None) -> list[str] | None:
+    """The names (subjectAltName) of the server's certificate, read over a second connection
+    that checks the CA but not the name; None when that fails too."""
+    if context is None:
+        return None
+    relaxed = tls_context(cfg.verify, cfg.ca_file)
+    relaxed.check_hostname = False
+    try:
+        if cfg.security == "tls":  # the handshake alone, no IMAP
+            with socket.create_connection((cfg.host, cfg.port), timeout=cfg.timeout) as raw, \
+                    relaxed.wrap_socket(raw, server_hostname=cfg.host) as tls:
+                cert = tls.getpeercert() or {}
+        else:
+            client = imapclient.IMAPClient(cfg.host, port=cfg.port, ssl=False, timeout=cfg.timeout)
+            try:
+                client.starttls(relaxed)
+                cert = client.socket().getpeercert() or {}
+            finally:
+                _close(client)
+    except (OSError, IMAPClientError):
+        return None
+    return [f"{entry[0]}:{entry[1]}" for entry in cert.get("subjectAltName", ()) if len(entry) == 2] or None
 
 
 def _close(client: imapclient.IMAPClient) -> None:

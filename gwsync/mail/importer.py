@@ -114,14 +114,16 @@ class MailImporter:
         # What the run has done so far: complete when run() returns, and what was committed
         # when it ends early (a dropped connection, a full disk), so that it is still reported.
         self.result = MailResult()
+        self.archive = ""  # the archive folder's full name on the server, known once run() is connected
 
     # -- entry point -------------------------------------------------------------------------
 
     def run(self, session: ImapSession) -> MailResult:
         result = self.result = MailResult()
         folders = session.import_folders(self.imap_cfg.import_root)
+        self.archive = session.archive_folder(self.imap_cfg)
         if not self.dry_run:
-            session.ensure_folder(self.imap_cfg.archive_folder)
+            session.ensure_folder(self.archive)
             self.state.forget_folders_except(self.account.name, [f.name for f in folders])
         for folder in folders:
             if self.should_stop():
@@ -345,7 +347,7 @@ class MailImporter:
     def _archive(self, session: ImapSession, folder: ImportFolder, uidvalidity: int, uids: list[int]) -> None:
         if self.dry_run or not uids:
             return
-        session.move(uids, self.imap_cfg.archive_folder)
+        session.move(uids, self.archive)
         self.state.forget(self.account.name, folder.name, uidvalidity, uids)
 
     def _archive_recovered(self, session: ImapSession, folder: ImportFolder, uidvalidity: int,
@@ -356,7 +358,7 @@ class MailImporter:
         if self.dry_run or not keys:
             return
         sizes = session.sizes(list(keys))
-        archive = self.imap_cfg.archive_folder
+        archive = self.archive
         session.examine(archive)
         in_archive: set[str] = set()
         small_candidates: list[int] = []

@@ -11,14 +11,22 @@ and nothing else of it is touched; removing the last rule removes exactly those 
 Without an active script, gwsync activates a small one of its own ("gwsync-main") and removes
 it with the last rule. Every script is checked by the server (CHECKSCRIPT) before it is stored.
 The ManageSieve protocol (RFC 5804) is spoken by the sievelib library.
+
+Order of a change: the server's SIEVE capabilities first (without `fileinto` and `include` the
+rules cannot work: one line says what the server lacks, nothing is stored); then the scripts,
+remembering each one's text before; any failure after the first PUTSCRIPT puts back what was
+there (texts, the active script) and removes what gwsync added.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import re
 import socket
 import ssl
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -26,7 +34,9 @@ from dataclasses import asdict, dataclass
 from sievelib.managesieve import Client
 from sievelib.managesieve import Error as SievelibError
 
-from ..errors import LoginRefused, NotFound, ServiceError, ServiceUnreachable, UsageError
+from ..errors import LoginRefused, NotFound, ServiceError, ServiceMisconfigured, ServiceUnreachable, UsageError
+
+log = logging.getLogger("gwsync.sieve")
 
 RULES_SCRIPT = "gwsync"
 MAIN_SCRIPT = "gwsync-main"
@@ -49,6 +59,13 @@ class SieveLoginRefused(LoginRefused, SieveError):
 
 class SieveUnreachable(ServiceUnreachable, SieveError):
     """No connection, or it dropped: transient."""
+
+
+class SieveMisconfigured(ServiceMisconfigured, SieveError):
+    """The server's certificate does not fit the config (exit 2)."""
+
+
+NEEDED_EXTENSIONS = ("fileinto", "include")  # filing into a folder; gwsync's script included by the user's
 
 
 @dataclass(frozen=True)
@@ -136,6 +153,13 @@ def _guard(where: str) -> Iterator[None]:
         raise SieveUnreachable(f"{where}: connection lost ({exc})") from exc
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
 class SieveRules:
     """gwsync's rules on one account's ManageSieve server. A refused login is SieveLoginRefused,
     any other failure a SieveError (SieveUnreachable for the connection)."""
@@ -144,11 +168,16 @@ class SieveRules:
                  tls: ssl.SSLContext | None = None):
         self.where = f"ManageSieve {host}:{port}"
         self.client = _Client(host, port, tls)
+        if not starttls and not _loopback(host):
+            log.warning("%s: security = \"none\" sends the password unencrypted", self.where)
         try:
-            ok = self.client.connect(username, password, starttls=starttls, authmech="PLAIN")
+            with warnings.catch_warnings():  # sievelib's own words for the line above, on every connect
+                warnings.filterwarnings("ignore", "Credentials are sent over an unencrypted connection")
+                ok = self.client.connect(username, password, starttls=starttls, authmech="PLAIN")
         except ssl.SSLCertVerificationError as exc:
-            raise SieveError(f"ManageSieve {host}:{port}: certificate not trusted ({exc.verify_message}); "
-                             "set ca_file, or verify = false for a test server") from exc
+            from .imap import certificate_problem
+
+            raise SieveMisconfigured(certificate_problem(self.where, host, exc)) from None
         except (SievelibError, OSError) as exc:  # refused connections and TLS trouble
             raise SieveUnreachable(f"ManageSieve {host}:{port}: cannot connect ({exc}); is the server up, "
                                    "and is [sieve] port right?") from exc
@@ -199,7 +228,16 @@ class SieveRules:
             _active, names = self._scripts()
             return parse_rules(self._get(RULES_SCRIPT)) if RULES_SCRIPT in names else []
 
+    def _check_extensions(self) -> None:
+        offered = {ext.lower() for ext in self.client.get_sieve_capabilities() or []}
+        missing = [ext for ext in NEEDED_EXTENSIONS if ext not in offered]
+        if missing:
+            raise SieveError(f"{self.where}: the server's Sieve lacks the {' and '.join(missing)} extension, which "
+                             "gwsync's rules need; file the mail with your mail program's filters instead "
+                             f"(the server offers: {', '.join(sorted(offered)) or 'nothing'})")
+
     def add(self, sender: str, folder: str) -> Rule:
+        self._check_extensions()
         rules = self.rules()
         rule = Rule(id=max((r.id for r in rules), default=0) + 1, sender=sender, folder=folder)
         with _guard(self.where):
@@ -216,7 +254,32 @@ class SieveRules:
         return found[0]
 
     def _store(self, rules: list[Rule]) -> None:
+        """Store the rules; on any failure, put back what was there before."""
         active, names = self._scripts()
+        before = {name: self._get(name) for name in (RULES_SCRIPT, active) if name is not None and name in names}
+        try:
+            self._change(rules, active, names)
+        except BaseException:
+            self._restore(active, names, before)
+            raise
+
+    def _restore(self, active: str | None, names: list[str], before: dict[str, str]) -> None:
+        """Back to the scripts as they were (best effort: when the connection is gone, the
+        original error says so, and the next command finds the state the server kept)."""
+        try:
+            now_active, now = self._scripts()
+            if now_active != active:
+                self.client.setactive(active or "")
+            for name, text in before.items():
+                if self._get(name) != text:
+                    self.client.putscript(name, text)
+            for name in (MAIN_SCRIPT, RULES_SCRIPT):
+                if name in now and name not in names:
+                    self.client.deletescript(name)
+        except (SievelibError, OSError, SieveError) as exc:
+            log.debug("%s: could not undo a failed change: %s", self.where, exc)
+
+    def _change(self, rules: list[Rule], active: str | None, names: list[str]) -> None:
         if rules:
             self._put(RULES_SCRIPT, render_rules(rules))  # the include target exists first
             if active is None:

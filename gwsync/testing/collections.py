@@ -5,7 +5,8 @@ writes, check, list_etags, changes_since, multiget, get, href_for, create, updat
 keeps the same promises, checked by `CollectionContract` on it and on a real server: every write
 gets a new ETag; create sends If-None-Match: * and update/delete If-Match, a stale one is a 412
 (PreconditionFailed); RFC 6578 sync tokens list exactly what changed or went since; an unknown or
-expired token raises SyncTokenInvalid.
+expired token raises SyncTokenInvalid; without sync support, every sync request raises
+SyncUnsupported.
 
 What a test adds on top:
 - another client's writes (`put`, `remove`) and a server that rewrites an ETag without a change
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-from ..calendar.dav import DavError, Item, PreconditionFailed, SyncTokenInvalid
+from ..calendar.dav import DavError, Item, PreconditionFailed, SyncTokenInvalid, SyncUnsupported
 
 METHODS = ("check", "list_etags", "changes_since", "multiget", "get", "create", "update", "delete")
 MULTIGET_BATCH = 200  # as the real adapter: one request per batch
@@ -108,7 +109,7 @@ class MemoryCollection:
     def changes_since(self, token: str | None) -> tuple[str, dict[str, str], set[str]]:
         self._call("changes_since")
         if not self.sync_support:
-            raise SyncTokenInvalid(f"CalDAV {self.url}: sync-collection answered 501")
+            raise SyncUnsupported(f"CalDAV {self.url}: sync-collection answered 501")
         if token is None:
             return self._token(), {h: s.etag for h, s in self._items.items()}, set()
         since = self._parse_token(token)
