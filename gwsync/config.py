@@ -60,6 +60,7 @@ MAX_INTERVAL = 86400  # seconds (one day); longer pauses are a job for a timer, 
 MAX_LOCK_WAIT = 86400  # seconds a run may wait for another run of the same account
 MAX_ATTEMPTS = 100
 ARCHIVE = "CRM Archiv"  # the archive folder's default name, below the import root
+MAX_CONNECTIONS = 100  # IMAP connections of one account at a time (Dovecot allows 10 per user and IP)
 DERIVED: Any = None  # the default follows other keys: the table's __post_init__ fills it in
 
 
@@ -245,6 +246,10 @@ class ImapConfig(_Password):
     # (archive_in); a folder name is only known once connected.
     archive_folder: Text | None = None
     timeout: Seconds = 60.0
+    # `watch` holds at most this many connections, the sync's own included: IDLE on the rest
+    max_connections: Annotated[int, Meta(ge=1, le=MAX_CONNECTIONS),
+                               Says("must be at least 1 (the sync's own connection), got {value!r}",
+                                    above=f"must be at most {MAX_CONNECTIONS}, got {{value!r}}")] = 3
 
     def __post_init__(self) -> None:
         if self.port is None:

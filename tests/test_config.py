@@ -23,6 +23,7 @@ def test_defaults():
     assert alice.imap.import_root == "INBOX" and alice.imap.archive_folder is None  # named by the server:
     assert alice.imap.archive_in("INBOX", "/") == "INBOX/CRM Archiv"
     assert alice.imap.archive_in("INBOX", ".") == "INBOX.CRM Archiv"
+    assert alice.imap.max_connections == 3
     assert config.crm.statuses == {"I": "Importiert", "O": "Offen", "E": "Erledigt"}
     assert config.crm.mandatory == ()
     assert "{id}" in config.crm.link
@@ -194,6 +195,9 @@ def _dav(**keys):
     ({"sync": {"max_delete_share": 1.5}}, "sync.max_delete_share must be above 0 and at most 1"),
     ({"sync": {"max_delete_share": float("nan")}}, "sync.max_delete_share must be above 0 and at most 1"),
     (_imap(port=0), "accounts.a.imap.port must be between 1 and 65535, got 0"),
+    (_imap(max_connections=0), "accounts.a.imap.max_connections must be at least 1 (the sync's own connection), got 0"),
+    (_imap(max_connections=101), "accounts.a.imap.max_connections must be at most 100, got 101"),
+    (_imap(max_connections=2.5), "accounts.a.imap.max_connections must be an integer, got 2.5"),
     ({"accounts": {"a": {"imap": IMAP, "sieve": {"port": 0}}}},
      "accounts.a.sieve.port must be between 1 and 65535, got 0"),
     ({"accounts": {"a": {"imap": IMAP, "sieve": {"port": 65536}}}},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import signal
@@ -9,12 +10,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from imapclient import IMAPClient
 
 from conftest import make_mail
 from gwsync.crm import ActivityFilter
-from gwsync.demo.localservers import Dovecot
+from gwsync.demo.localservers import Dovecot, Pymap
 
 DONE = "INBOX/CRM Erledigt [E]"
 
@@ -76,7 +79,7 @@ def test_new_mail_is_imported_within_seconds_although_the_interval_is_minutes(en
     set_interval(env, 600)
     env.create(DONE)
     w = watching(env)
-    w.wait_for(r"IDLE on alice/INBOX/CRM Erledigt \[E\]", 15)
+    w.wait_for(r"IDLE with NOTIFY on alice: every import folder below 'INBOX'", 15)  # Dovecot offers NOTIFY
     time.sleep(0.5)
     appended = time.monotonic()
     env.append(DONE, make_mail(1))
@@ -144,12 +147,132 @@ def test_watch_recovers_after_a_server_restart_without_unlock(make_env, watching
         set_interval(env, 2)
         env.create(DONE)
         w = watching(env)
-        w.wait_for(r"IDLE on alice/", 15)
+        w.wait_for(r"IDLE with NOTIFY on alice", 15)
         server.restart(same_port=True)
         env.append(DONE, make_mail(1))
         w.wait_for(r"alice: imported 1 mail", 30)
         assert w.stop() == 0
         code, status = env.cli_json("status")
         assert status["accounts"]["alice"]["locked"] == []
+    finally:
+        server.stop()
+
+
+# -- the connection budget ---------------------------------------------------------------------------
+
+class ConnectionCount(threading.Thread):
+    """Samples, every 20 ms, how many TCP connections process `pid` holds to `port` on loopback
+    (from /proc: the sockets among its file descriptors that /proc/net/tcp shows established)."""
+
+    def __init__(self, pid: int, port: int):
+        super().__init__(daemon=True)
+        self.pid, self.port = pid, port
+        self.most = 0
+        self.done = threading.Event()
+
+    def now(self) -> int:
+        ours = set()
+        for fd in Path(f"/proc/{self.pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                ours.add(target[8:-1])
+        count = 0
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            remote_port = int(fields[2].split(":")[1], 16)
+            if remote_port == self.port and fields[3] == "01" and fields[9] in ours:  # 01: ESTABLISHED
+                count += 1
+        return count
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            try:
+                self.most = max(self.most, self.now())
+            except (FileNotFoundError, ProcessLookupError):
+                return
+
+
+def on_server(env, server, username: str, password: str) -> None:
+    """Point the env's account at another server and login."""
+    text = re.sub(r"port = \d+", f"port = {server.port}", env.config_path.read_text())
+    text = re.sub(r'username = ".*"', f'username = "{username}"', text)
+    text = re.sub(r'password_env = ".*"', f'password = "{password}"', text)
+    env.config_path.write_text(text)
+
+
+def test_twelve_import_folders_on_a_stock_dovecot_stay_within_the_connection_budget(make_env, watching):
+    """Dovecot allows 10 connections per user and IP. Watch must leave room for the user's
+    other clients, and never be refused (a refusal used to lock the credential)."""
+    server = Dovecot.start(max_userip_connections=10)  # Dovecot's own default
+    try:
+        env = make_env()
+        on_server(env, server, env.user, env.password)
+        env.dovecot = server
+        set_interval(env, 600)
+        folders = [f"INBOX/Kunden/CRM Kunde {n:02} [O]" for n in range(12)]
+        env.create(*folders)
+        w = watching(env)
+        count = ConnectionCount(w.proc.pid, server.port)
+        count.start()
+        w.wait_for(r"IDLE .*on alice", 15)
+        time.sleep(1)  # the first sync, woken by the watch, runs now
+        phones = []  # the user's phone, with as many connections as the budget leaves (10 - 3)
+        for _ in range(7):
+            phone = IMAPClient("127.0.0.1", port=server.port, ssl=False, timeout=10)
+            phone.login(env.user, env.password)
+            phones.append(phone)
+        for phone in phones:
+            phone.logout()
+        for n, folder in enumerate((folders[0], folders[6], folders[11]), start=1):
+            appended = time.monotonic()
+            env.append(folder, make_mail(n))
+            w.wait_for(rf"alice: imported 1 mail\(s\): https://crm.example.com/activities/{n}$", 10)
+            assert time.monotonic() - appended < 10
+        count.done.set()
+        assert w.stop() == 0
+        assert not [line for line in w.seen if line.startswith("gwsync:")]
+        assert 1 <= count.most <= 2, f"{count.most} connections at once"  # NOTIFY: one watch, one sync
+        code, status = env.cli_json("status")
+        assert status["accounts"]["alice"]["locked"] == []
+    finally:
+        server.stop()
+
+
+def test_without_notify_idle_on_the_budget_and_status_polling_for_the_rest(make_env, watching):
+    """pymap has IDLE but no NOTIFY: with max_connections = 2 one connection IDLEs on the first
+    import folder and polls the other three with STATUS every 30 s."""
+    server = Pymap.start(user="demo", password="demopass")
+    try:
+        env = make_env()
+        on_server(env, server, "demo", "demopass")
+        set_interval(env, 600)
+        env.config_path.write_text(env.config_path.read_text().replace("[accounts.alice.imap]",
+                                                                       "[accounts.alice.imap]\nmax_connections = 2"))
+        folders = [f"INBOX/CRM Kunde {n} [O]" for n in range(4)]
+        client = IMAPClient("127.0.0.1", port=server.port, ssl=False)
+        client.login("demo", "demopass")
+        for folder in folders:
+            client.create_folder(folder)
+        w = watching(env)
+        count = ConnectionCount(w.proc.pid, server.port)
+        count.start()
+        w.wait_for(r"IDLE on alice/INBOX/CRM Kunde 0 \[O\]", 15)
+        w.wait_for(r"polling alice: 3 import folder\(s\) every 30 s", 5)
+        time.sleep(1)
+        appended = time.monotonic()
+        client.append(folders[0], make_mail(1))
+        w.wait_for(r"alice: imported 1 mail\(s\): https://crm.example.com/activities/1$", 10)
+        assert time.monotonic() - appended < 5  # IDLE
+        appended = time.monotonic()
+        client.append(folders[3], make_mail(2))
+        w.wait_for(r"alice: imported 1 mail\(s\): https://crm.example.com/activities/2$", 40)
+        assert time.monotonic() - appended < 35  # the next STATUS poll, and the sync it wakes
+        count.done.set()
+        client.logout()
+        assert w.stop() == 0
+        assert 1 <= count.most <= 2, f"{count.most} connections at once"
     finally:
         server.stop()

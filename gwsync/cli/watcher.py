@@ -1,8 +1,15 @@
 """`gwsync watch`: every account synced at its interval, new mail imported within seconds.
 
-One main thread runs all syncs (the engine is not shared between threads). For each import
-folder a small thread holds an IMAP connection in IDLE and only wakes the main thread when the
-server announces new mail. SIGTERM and SIGINT set a stop flag that the import checks between
+One main thread runs all syncs (the engine is not shared between threads). Small threads hold
+IMAP connections in IDLE and only wake the main thread when the server announces new mail, within
+the account's connection budget (`[imap] max_connections`, the sync's own connection included),
+so that the user's other clients can still log in:
+- where the server offers NOTIFY (RFC 5465), one connection watches every folder below the
+  import root, new import folders included;
+- elsewhere one connection per import folder IDLEs, up to the budget; the last of them also
+  polls the remaining folders with STATUS every POLL_EVERY seconds.
+The folders are listed by the main thread (between syncs, so within the sync's connection).
+SIGTERM and SIGINT set a stop flag that the import checks between
 batches and the calendar sync between items, so a stop never leaves half an item behind.
 A lock file next to the state database keeps a second `watch` from running on the same state.
 Each sync round takes the account's lock without waiting (gwsync.accountlock): when a `sync`,
@@ -30,6 +37,7 @@ from ..config import AccountConfig
 from ..crm.searches import summary_links
 from ..engine import Engine, SyncReport
 from ..errors import Busy, CredentialLocked, GwsyncError, LoginRefused
+from ..mail.folders import last_element, parse_import_folder
 from ..mail.imap import ImapSession
 
 log = logging.getLogger("gwsync.watch")
@@ -37,6 +45,7 @@ IDLE_RENEW = 24 * 60  # seconds; servers may drop an IDLE after 30 minutes (RFC 
 IDLE_POLL = 1.0  # how often an IDLE thread looks at the stop flag
 MAX_BACKOFF = 300
 BUSY_RETRY = 5.0  # seconds until a round skipped for another run on the account comes again
+POLL_EVERY = 30.0  # seconds between STATUS polls of the import folders beyond the connection budget
 
 
 class AlreadyRunning(Busy):
@@ -71,19 +80,49 @@ class InstanceLock:
             os.close(self.fd)
 
 
+@dataclass(frozen=True)
+class Duty:
+    """What one watch connection does: IDLE on `folder` and poll `polled` with STATUS, or (with
+    `notify`) IDLE with NOTIFY on every folder below `root`."""
+
+    folder: str = ""
+    polled: tuple[str, ...] = ()
+    notify: bool = False
+    root: str = ""
+    delimiter: str | None = None
+
+    def is_import_folder(self, name: str) -> bool:
+        return parse_import_folder(last_element(name, self.delimiter)) is not None
+
+
+def plan(folders: list[str], budget: int, notify: bool, root: str = "", delimiter: str | None = None) -> list[Duty]:
+    """The duties of an account's watch connections; `budget` is how many it may hold (its
+    max_connections less the sync's own)."""
+    if budget < 1:
+        return []
+    if notify:
+        return [Duty(notify=True, root=root, delimiter=delimiter)]
+    idle, rest = folders[:budget], tuple(folders[budget:])
+    return [Duty(folder=folder, polled=rest if n == len(idle) - 1 else ()) for n, folder in enumerate(idle)]
+
+
 class IdleWatcher(threading.Thread):
-    """Holds one import folder in IMAP IDLE and calls `wake(account)` when mail arrives.
+    """Holds one IMAP connection in IDLE and calls `wake(account)` when mail arrives. Its duty
+    may change while it runs (`assign`): it then starts over on the same connection.
     `login` opens its session (Watch.idle_login: never with a refused credential)."""
 
-    def __init__(self, login: Callable[[], ImapSession], account: AccountConfig, folder: str,
+    def __init__(self, login: Callable[[], ImapSession], account: AccountConfig, duty: Duty,
                  wake: Callable[[str], None], stop: threading.Event):
-        super().__init__(name=f"idle-{account.name}-{folder}", daemon=True)
+        super().__init__(name=f"idle-{account.name}-{duty.folder or 'notify'}", daemon=True)
         self.login = login
         self.account = account
-        self.folder = folder
+        self.duty = duty
         self.wake = wake
         self.stop_event = stop
         self.retired = threading.Event()
+
+    def assign(self, duty: Duty) -> None:
+        self.duty = duty  # one reference, read by the thread between waits
 
     def retire(self) -> None:
         self.retired.set()
@@ -100,27 +139,63 @@ class IdleWatcher(threading.Thread):
             except (LoginRefused, CredentialLocked):
                 return  # the main thread locks the credential and reports it
             except Exception as exc:  # a watcher must outlive any server hiccup: log, wait, reconnect
-                log.info("IDLE on %s/%s: %s; reconnecting in %.0f s", self.account.name, self.folder, exc, backoff)
+                log.info("IDLE on %s/%s: %s; reconnecting in %.0f s", self.account.name,
+                         self.duty.folder or self.duty.root, exc, backoff)
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, 60)
 
     def _idle_once(self) -> None:
         session = self.login()
         try:
-            session.idle_start(self.folder)
-            log.info("IDLE on %s/%s", self.account.name, self.folder)
-            # Mail may have arrived between the last sync and this IDLE: look once.
-            self.wake(self.account.name)
-            started = time.monotonic()
             while not self._stopping():
-                if session.idle_wait(IDLE_POLL):
-                    self.wake(self.account.name)
-                if time.monotonic() - started > IDLE_RENEW:
-                    session.idle_renew()
-                    started = time.monotonic()
-            session.idle_done()
+                self._serve(session, self.duty)
         finally:
             session.logout()
+
+    def _serve(self, session: ImapSession, duty: Duty) -> None:
+        """IDLE for `duty` until it changes or the watch stops."""
+        name = self.account.name
+        if duty.notify:
+            session.notify_start(duty.root)
+            log.info("IDLE with NOTIFY on %s: every import folder below %r on one connection", name, duty.root)
+        else:
+            seen = self._poll(session, duty.polled)  # before the wake below: what comes later is news
+            session.idle_start(duty.folder)
+            log.info("IDLE on %s/%s", name, duty.folder)
+            if duty.polled:
+                log.info("polling %s: %d import folder(s) every %.0f s with STATUS (beyond [accounts.%s.imap] "
+                         "max_connections = %d)", name, len(duty.polled), POLL_EVERY, name,
+                         self.account.imap.max_connections if self.account.imap else 0)
+        # Mail may have arrived between the last sync and this IDLE: look once.
+        self.wake(name)
+        renewed = polled = time.monotonic()
+        while not self._stopping() and self.duty is duty:
+            if duty.notify:
+                news = session.notify_wait(IDLE_POLL)
+                if news.other or news.overflow or any(map(duty.is_import_folder, news.folders)):
+                    self.wake(name)
+                if news.overflow:  # the server stopped notifying: ask again
+                    session.idle_done()
+                    session.notify_start(duty.root)
+            elif session.idle_wait(IDLE_POLL):
+                self.wake(name)
+            now = time.monotonic()
+            if duty.polled and now - polled >= POLL_EVERY:
+                news_meanwhile = session.idle_done()
+                fresh = self._poll(session, duty.polled)
+                session.idle_resume()
+                if news_meanwhile or fresh != seen:
+                    self.wake(name)
+                seen, polled, renewed = fresh, now, now
+            elif now - renewed > IDLE_RENEW:
+                if session.idle_renew():
+                    self.wake(name)
+                renewed = now
+        session.idle_done()  # a changed duty: what came meanwhile is seen by the wake of the next
+
+    @staticmethod
+    def _poll(session: ImapSession, folders: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+        return {folder: session.uidnext(folder) for folder in folders}
 
 
 @dataclass
@@ -135,7 +210,8 @@ class Watch:
         self._woken: set[str] = set()
         self._wake_event = threading.Event()
         self._lock = threading.Lock()
-        self._idlers: dict[tuple[str, str], IdleWatcher] = {}
+        self._idlers: dict[tuple[str, int], IdleWatcher] = {}  # (account, connection; -1 for NOTIFY)
+        self._no_budget: set[str] = set()  # accounts told that max_connections leaves no IDLE
         self._login_lock = threading.Lock()  # one IDLE login at a time: a refusal stops the others
         self._refused: dict[str, LoginRefused | None] = {}  # account -> the refusal not yet locked
 
@@ -272,26 +348,57 @@ class Watch:
             self.say(f"gwsync: account {account.name}: notify_command failed ({exc})")
 
     def _refresh_idlers(self) -> None:
-        """One IDLE connection per import folder; new folders are picked up, gone ones dropped."""
-        wanted: set[tuple[str, str]] = set()
+        """The watch connections each account's budget allows (see `plan`); new folders are
+        picked up and gone ones dropped. Connections no longer needed are closed before new
+        ones log in, so the budget holds during the change too."""
+        wanted: dict[tuple[str, int], tuple[AccountConfig, str, Duty]] = {}
         for account in self.accounts:
             if "mail" not in account.areas or account.imap is None:
                 continue
             if account.name in self._refused or self.engine.is_locked(account, "imap"):
                 continue
             try:
-                folders = self.engine.import_folders(account)
+                duties = self._plan(account)
                 password = account.imap.secret.resolve()
             except (GwsyncError, OSError):
                 continue  # the interval sync reports it (a refused login is locked already)
-            for folder in folders:
-                wanted.add((account.name, folder.name))
-                if (account.name, folder.name) not in self._idlers or not self._idlers[
-                        (account.name, folder.name)].is_alive():
-                    idler = IdleWatcher(partial(self.idle_login, account, password), account, folder.name,
-                                        self.wake, self.stop)
-                    self._idlers[(account.name, folder.name)] = idler
-                    idler.start()
-        for key in list(self._idlers):
-            if key not in wanted:
-                self._idlers.pop(key).retire()
+            for n, duty in enumerate(duties):
+                wanted[(account.name, -1 if duty.notify else n)] = (account, password, duty)
+        gone = [self._idlers.pop(key) for key in list(self._idlers)
+                if key not in wanted or not self._idlers[key].is_alive()]
+        for idler in gone:
+            idler.retire()
+        for idler in gone:
+            idler.join(timeout=IDLE_POLL + 5)
+        for key, (account, password, duty) in wanted.items():
+            if key in self._idlers:
+                if self._idlers[key].duty != duty:
+                    self._idlers[key].assign(duty)
+                continue
+            idler = IdleWatcher(partial(self.idle_login, account, password), account, duty,
+                                self.wake, self.stop)
+            self._idlers[key] = idler
+            idler.start()
+
+    def _plan(self, account: AccountConfig) -> list[Duty]:
+        """List the account's import folders and see whether the server offers NOTIFY (one
+        login, in the main thread: within the sync's connection of the budget)."""
+        assert account.imap is not None
+        budget = account.imap.max_connections - 1
+        if budget < 1:
+            if account.name not in self._no_budget:
+                self._no_budget.add(account.name)
+                log.info("account %s: max_connections = 1 leaves none for IDLE; new mail comes with the interval "
+                         "sync", account.name)
+            return []
+        root = account.imap.import_root
+        session = self.engine.connect_imap(account)
+        try:
+            folders = [folder.name for folder in session.import_folders(root)]
+            notify = "NOTIFY" in session.capabilities
+            delimiter = session.delimiter(root) if notify else None
+        finally:
+            session.logout()
+        if not folders and not notify:
+            return []
+        return plan(folders, budget, notify, root, delimiter)

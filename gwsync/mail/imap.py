@@ -1,7 +1,8 @@
 """The IMAP adapter: a small, typed layer over imapclient for what the mail import needs.
 
 Reading never sets \\Seen (BODY.PEEK only). Moving uses UID MOVE, or COPY + \\Deleted +
-UID EXPUNGE where the server lacks MOVE.
+UID EXPUNGE where the server lacks MOVE. For `watch`: IDLE on one folder, or IDLE with NOTIFY
+(RFC 5465, sent raw: imapclient has no method for it) on every folder below the import root.
 
 Folder names gwsync makes (the archive's default, a rule's folder given by its short name, the
 import root "") are built from what the server reports: its hierarchy separator (LIST) and
@@ -13,6 +14,7 @@ and locks nothing; a certificate that does not fit is a config error that says w
 from __future__ import annotations
 
 import re
+import select
 import socket
 import ssl
 from collections.abc import Iterator
@@ -20,7 +22,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import imapclient
+from imapclient import imap_utf7
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
+from imapclient.response_parser import parse_response
 
 from ..config import ImapConfig
 from ..errors import LoginRefused, ServiceError, ServiceMisconfigured, ServiceUnreachable, UsageError
@@ -65,6 +69,17 @@ TRANSIENT_LOGIN_CODES = frozenset({"LIMIT", "UNAVAILABLE", "INUSE", "SERVERBUG"}
 _RESPONSE_CODE = re.compile(r"^\s*\[([A-Za-z-]+)")
 # OpenSSL's verify results that mean "the certificate is for other names".
 _NAME_MISMATCH = {62, 64}  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+
+
+@dataclass(frozen=True)
+class News:
+    """What the server announced during IDLE with NOTIFY: the folders a STATUS line named, and
+    whether something else came (`other`), or the server gave up notifying (`overflow`)."""
+
+    folders: frozenset[str] = frozenset()
+    other: bool = False
+    overflow: bool = False
+
 
 # A FETCH answer per batch costs about one round trip; 250 small mails make one fetch of well
 # under 10 MB. Large mails are streamed in chunks instead (see fetch_chunks).
@@ -313,7 +328,14 @@ class ImapSession:
                 else:
                     self.client.expunge()
 
-    # -- IDLE (watch) -----------------------------------------------------------------------
+    def uidnext(self, folder: str) -> tuple[int, int]:
+        """(UIDVALIDITY, UIDNEXT) of a folder by STATUS, without selecting it: they change
+        whenever mail arrives."""
+        with _guard(f"STATUS of {folder!r}"):
+            status = self.client.folder_status(folder, ["UIDVALIDITY", "UIDNEXT"])
+        return int(status.get(b"UIDVALIDITY", 0)), int(status.get(b"UIDNEXT", 0))
+
+    # -- IDLE and NOTIFY (watch) ---------------------------------------------------------------
 
     def idle_start(self, folder: str) -> None:
         """Open the folder read-only and start IDLE (RFC 2177) on it."""
@@ -321,21 +343,105 @@ class ImapSession:
         with _guard(f"IDLE on {folder!r}"):
             self.client.idle()
 
-    def idle_wait(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds in IDLE; True when the server announced new mail."""
-        with _guard(f"IDLE on {self.selected!r}"):
-            responses = self.client.idle_check(timeout=timeout)
-        return any(len(r) > 1 and r[1] in (b"EXISTS", b"RECENT") for r in responses)
-
-    def idle_renew(self) -> None:
-        """End IDLE and start it again (servers may drop an IDLE after 30 minutes)."""
-        with _guard(f"IDLE on {self.selected!r}"):
-            self.client.idle_done()
+    def notify_start(self, root: str) -> None:
+        """Ask for a STATUS line whenever mail arrives in `root` or any folder below it (the
+        whole personal namespace for root ""), then IDLE, so that the lines come at once:
+        `NOTIFY SET (subtree ROOT (MessageNew))` (RFC 5465), for servers that offer NOTIFY."""
+        if "NOTIFY" not in self.capabilities:
+            raise MailServerError("the server does not offer NOTIFY")
+        mailboxes = b"subtree " + _quoted(root) if root else b"personal"
+        with _guard(f"NOTIFY on {root or 'all folders'!r}"):
+            # imapclient has no NOTIFY; _raw_command sends a command it does not know, and
+            # raises on BAD. The folder name is ASCII (modified UTF-7), so no literal is needed.
+            typ, data = self.client._raw_command(b"NOTIFY", [b"SET", b"(" + mailboxes + b" (MessageNew))"],
+                                                 uid=False)
+            if typ != "OK":
+                raise IMAPClientError(f"NOTIFY failed: {data[0].decode(errors='replace') if data else typ}")
+            self.selected = None
             self.client.idle()
 
-    def idle_done(self) -> None:
-        with _guard(f"IDLE on {self.selected!r}"):
-            self.client.idle_done()
+    def idle_wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds in IDLE; True when the server announced new mail."""
+        return any(re.match(rb"\* \d+ (EXISTS|RECENT)", line) for line in self._idle_lines(timeout))
+
+    def notify_wait(self, timeout: float) -> News:
+        """Wait up to `timeout` seconds in IDLE with NOTIFY; what the server announced."""
+        folders: set[str] = set()
+        other = overflow = False
+        for line in self._idle_lines(timeout):
+            if b"[NOTIFICATIONOVERFLOW]" in line.upper():
+                overflow = True
+            elif line.upper().startswith(b"* STATUS "):
+                name = _status_folder(line)
+                if name is None:
+                    other = True
+                else:
+                    folders.add(name)
+            elif not re.match(rb"\* (OK|\d+ EXPUNGE)\b", line, re.IGNORECASE):
+                other = True  # e.g. EXISTS: something changed, look
+        return News(frozenset(folders), other, overflow)
+
+    def _idle_lines(self, timeout: float) -> list[bytes]:
+        """The server's untagged lines within `timeout` seconds of IDLE. Unlike imapclient's
+        idle_check, a line is always read whole (pymap sends one response in pieces, which
+        idle_check's non-blocking read cuts: "unterminated line"), and a connection closed by
+        the server (BYE, or EOF) raises ServerUnreachable instead of returning nothing forever."""
+        where = f"IDLE on {self.selected or 'all folders'!r}"
+        lines: list[bytes] = []
+        with _guard(where):
+            poller = select.poll()
+            poller.register(self.client.socket(), select.POLLIN)
+            if not self._buffered() and not poller.poll(timeout * 1000):
+                return lines
+            while True:
+                line = self._read_line()
+                if line.upper().startswith(b"* BYE"):
+                    raise ServerUnreachable(f"connection lost during {where} ({line[6:].decode(errors='replace')})")
+                lines.append(line)
+                if not self._buffered():
+                    return lines
+
+    def _buffered(self) -> bool:
+        """Whether a response is waiting, already read from the socket or readable now."""
+        sock = self.client.socket()
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)
+        try:
+            return bool(self.client._imap.file.peek(1))
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return False
+        finally:
+            sock.settimeout(timeout)
+
+    def _read_line(self) -> bytes:
+        """One response line (blocking, with the session's timeout), any literal in it read
+        along and put in its place as a quoted string (Dovecot 2.3 names a folder in a NOTIFY
+        STATUS line as a literal in UTF-8, not in modified UTF-7)."""
+        imap = self.client._imap
+        line: bytes = imap._get_line()
+        while (literal := re.search(rb"\{(\d+)\+?\}$", line)) is not None:
+            text: bytes = imap.read(int(literal[1]))
+            line = line[:literal.start()] + _quote(text) + imap._get_line()
+        return line
+
+    def idle_renew(self) -> bool:
+        """End IDLE and start it again (servers may drop an IDLE after 30 minutes); True when
+        the server announced new mail meanwhile."""
+        news = self.idle_done()
+        self.idle_resume()
+        return news
+
+    def idle_resume(self) -> None:
+        """IDLE again after idle_done (on the same folder, or with the same NOTIFY)."""
+        with _guard(f"IDLE on {self.selected or 'all folders'!r}"):
+            self.client.idle()
+
+    def idle_done(self) -> bool:
+        """End IDLE; True when the server announced new mail just before (EXISTS, or a STATUS
+        from NOTIFY), which the caller must not lose."""
+        with _guard(f"IDLE on {self.selected or 'all folders'!r}"):
+            _, responses = self.client.idle_done()
+        return any(len(r) > 1 and (r[0] == b"STATUS" or r[1] in (b"EXISTS", b"RECENT")) for r in responses)
 
     def logout(self) -> None:
         _close(self.client)
@@ -412,6 +518,29 @@ def _close(client: imapclient.IMAPClient) -> None:
             client.shutdown()
         except Exception:
             pass
+
+
+def _quoted(folder: str) -> bytes:
+    """A folder name as an IMAP quoted string, in modified UTF-7."""
+    return _quote(imap_utf7.encode(folder))
+
+
+def _quote(text: bytes) -> bytes:
+    return b'"' + text.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _status_folder(line: bytes) -> str | None:
+    """The folder a `* STATUS folder (...)` line names, decoded; None when it does not parse."""
+    try:
+        parsed = parse_response([line[2:]])
+    except (IMAPClientError, ValueError):
+        return None
+    if len(parsed) < 2:
+        return None
+    name = parsed[1]
+    if not isinstance(name, bytes):
+        return str(name)  # a name of digits only parses as a number
+    return name.decode("utf-8", "replace") if not name.isascii() else imap_utf7.decode(name)
 
 
 def _text(exc: Exception) -> str:
