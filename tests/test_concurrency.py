@@ -90,7 +90,7 @@ def test_watch_beside_a_sync_loop_archives_each_mail_once(env):
     watch = Running(env)
     synced, codes, errors = [], [], []
     try:
-        watch.wait_for(r"IDLE on alice/", 15)
+        watch.wait_for(r"IDLE with NOTIFY on alice", 15)
         arriving = threading.Thread(target=lambda: [
             (env.append(DONE, *(make_mail(n) for n in range(first, first + 250))), time.sleep(0.5))
             for first in range(0, total, 250)])
@@ -125,7 +125,7 @@ def test_watch_skips_a_busy_round_quietly_and_tries_again_soon(env):
         with lock_holder(env).hold("alice", "sync"):
             watch = Running(env)
             watch.wait_for(rf"account alice: gwsync sync \(pid {os.getpid()}\) has it; trying again in 5 s", 20)
-            watch.wait_for(r"IDLE on alice/", 15)  # its look at the folder finds the account busy too
+            watch.wait_for(r"IDLE with NOTIFY on alice", 15)  # its look at the folder finds the account busy too
             watch.wait_for(r"account alice: .* has it; trying again", 5)
             assert seqs(env, DONE) == [1]
         released = time.monotonic()

@@ -13,9 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from imapclient import IMAPClient
 
 from conftest import make_mail
+from gwsync.cli.watcher import Duty, plan
 from gwsync.crm import ActivityFilter
 from gwsync.demo.localservers import Dovecot, Pymap
 
@@ -236,7 +239,7 @@ def test_twelve_import_folders_on_a_stock_dovecot_stay_within_the_connection_bud
         assert not [line for line in w.seen if line.startswith("gwsync:")]
         assert 1 <= count.most <= 2, f"{count.most} connections at once"  # NOTIFY: one watch, one sync
         code, status = env.cli_json("status")
-        assert status["accounts"]["alice"]["locked"] == []
+        assert code == 0 and status["accounts"]["alice"]["locked"] == []
     finally:
         server.stop()
 
@@ -276,3 +279,18 @@ def test_without_notify_idle_on_the_budget_and_status_polling_for_the_rest(make_
         assert 1 <= count.most <= 2, f"{count.most} connections at once"
     finally:
         server.stop()
+
+
+@given(st.lists(st.text(min_size=1), unique=True, max_size=30), st.integers(min_value=-1, max_value=12),
+       st.booleans())
+def test_plan_stays_within_the_budget_and_covers_every_folder(folders, budget, notify):
+    duties = plan(folders, budget, notify, "INBOX", "/")
+    assert len(duties) <= max(budget, 0)
+    if budget < 1:
+        assert duties == []
+    elif notify:
+        assert duties == [Duty(notify=True, root="INBOX", delimiter="/")]
+    else:
+        watched = [d.folder for d in duties] + [f for d in duties for f in d.polled]
+        assert sorted(watched) == sorted(folders)  # each folder once: by IDLE or by STATUS polling
+        assert all(not d.polled for d in duties[:-1])
