@@ -391,9 +391,9 @@ class Watch:
                 log.info("account %s: max_connections = 1 leaves none for IDLE; new mail comes with the interval "
                          "sync", account.name)
             return []
-        root = account.imap.import_root
         session = self.engine.connect_imap(account)
         try:
+            root = session.import_root(account.imap.import_root)  # "" named by the server's namespace
             folders = [folder.name for folder in session.import_folders(root)]
             notify = "NOTIFY" in session.capabilities
             delimiter = session.delimiter(root) if notify else None
