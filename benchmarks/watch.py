@@ -88,7 +88,8 @@ def main() -> None:
             latencies.append(time.perf_counter() - start)
         latencies.sort()
         print(f"APPEND -> CRM activity over {args.mails} mails in {len(folders)} folder(s): "
-              f"median {statistics.median(latencies) * 1000:.0f} ms, 90th percentile {latencies[int(len(latencies) * 0.9) - 1] * 1000:.0f} ms, "
+              f"median {statistics.median(latencies) * 1000:.0f} ms, "
+              f"90th percentile {latencies[int(len(latencies) * 0.9) - 1] * 1000:.0f} ms, "
               f"worst {latencies[-1] * 1000:.0f} ms")
         time.sleep(2)
         cpu_before, wall_before = cpu_seconds(watch.pid), time.perf_counter()
