@@ -9,12 +9,12 @@ import os
 import pytest
 
 from gwsync.calendar.dav import Collection
-from gwsync.testing import CollectionContract, MemoryCollection
+from gwsync.testing import CollectionContract, CollectionSyncContract, MemoryCollection
 
 _users = itertools.count(1)
 
 
-class TestMemoryCollection(CollectionContract):
+class TestMemoryCollection(CollectionContract, CollectionSyncContract):
     @pytest.fixture
     def collection(self):
         return MemoryCollection()
@@ -26,13 +26,23 @@ class TestMemoryCollectionWithoutSync(CollectionContract):
         return MemoryCollection(sync_support=False)
 
 
+def _dav_collection(server) -> Collection:
+    user = f"contract{os.getpid()}x{next(_users)}"
+    server.add_user(user)
+    url = server.make_calendar(user, server.collection_names(user)[0], "VEVENT")
+    return Collection(server.client(user, url), url)
+
+
 class TestDavCollection(CollectionContract):
     @pytest.fixture
     def collection(self, calserver):
-        user = f"contract{os.getpid()}x{next(_users)}"
-        calserver.add_user(user)
-        url = calserver.make_calendar(user, calserver.collection_names(user)[0], "VEVENT")
-        return Collection(calserver.client(user, url), url)
+        return _dav_collection(calserver)
+
+
+class TestDavCollectionSync(CollectionSyncContract):
+    @pytest.fixture
+    def collection(self, sync_calserver):
+        return _dav_collection(sync_calserver)
 
 
 def test_memory_collection_hooks_for_tests():

@@ -4,10 +4,11 @@ backend, and the contract suites every collection and every CRM backend must pas
 from .collections import MemoryCollection
 from .memory_crm import MemoryCRM
 
-__all__ = ["CRMBackendContract", "CollectionContract", "MemoryCRM", "MemoryCollection"]
+__all__ = ["CRMBackendContract", "CollectionContract", "CollectionSyncContract", "MemoryCRM", "MemoryCollection"]
 
 # The contract suites import pytest: load them only when a test asks for them.
-_CONTRACTS = {"CollectionContract": ".collection_contract", "CRMBackendContract": ".crm_contract"}
+_CONTRACTS = {"CollectionContract": ".collection_contract", "CollectionSyncContract": ".collection_contract",
+              "CRMBackendContract": ".crm_contract"}
 
 
 def __getattr__(name: str):

@@ -36,13 +36,17 @@ def new_uid(name: str = "item") -> str:
     return f"contract-{name}-{next(_uids)}"
 
 
+def create_item(collection, summary: str = "Contract", uid: str | None = None) -> tuple[str, str, str]:
+    """Create one event through the adapter: (uid, href, etag)."""
+    uid = uid or new_uid()
+    href = collection.href_for(uid)
+    return uid, href, collection.create(href, event_text(uid, summary))
+
+
 class CollectionContract:
     """Tests for an adapter with the interface of `gwsync.calendar.dav.Collection`."""
 
-    def _create(self, collection, summary: str = "Contract", uid: str | None = None) -> tuple[str, str, str]:
-        uid = uid or new_uid()
-        href = collection.href_for(uid)
-        return uid, href, collection.create(href, event_text(uid, summary))
+    _create = staticmethod(create_item)
 
     # -- reading and writing -----------------------------------------------------------------
 
@@ -134,15 +138,6 @@ class CollectionContract:
 
     # -- WebDAV sync -------------------------------------------------------------------------
 
-    @staticmethod
-    def _needs_sync(collection) -> None:
-        """Skip a sync test on a collection without WebDAV sync (SabreDAV 1.8, for one);
-        test_without_sync_support_every_sync_request_says_so covers those."""
-        try:
-            collection.changes_since(None)
-        except SyncUnsupported:
-            pytest.skip("the server has no WebDAV sync (sync-collection)")
-
     def test_without_sync_support_every_sync_request_says_so(self, collection):
         self._create(collection)
         try:
@@ -156,14 +151,41 @@ class CollectionContract:
         else:
             assert collection.sync_support is True
 
+    # -- counters ----------------------------------------------------------------------------
+
+    def test_requests_and_writes_are_counted(self, collection):
+        requests, writes = collection.requests, collection.writes
+        uid, href, _ = self._create(collection)
+        with pytest.raises(PreconditionFailed):
+            collection.create(href, event_text(uid, "Zweimal"))
+        collection.list_etags()
+        assert collection.writes == writes + 1  # a refused write is no write
+        assert collection.requests >= requests + 3
+
+
+
+class CollectionSyncContract:
+    """The WebDAV sync (RFC 6578) tests, for a collection whose server has sync-collection. A
+    collection with sync passes both contracts: `class TestX(CollectionContract,
+    CollectionSyncContract)`; one without passes `CollectionContract` alone, which checks that
+    it says so (SabreDAV 1.8, for one)."""
+
+    _create = staticmethod(create_item)
+
+    @pytest.fixture(autouse=True)
+    def _has_sync(self, collection):
+        try:
+            collection.changes_since(None)
+        except SyncUnsupported:
+            pytest.fail("this collection has no WebDAV sync: test it with CollectionContract alone")
+
+
     def test_changes_since_no_token_lists_every_item_and_gives_a_token(self, collection):
-        self._needs_sync(collection)
         made = dict(self._create(collection, f"S{n}")[1:] for n in range(2))
         token, changed, deleted = collection.changes_since(None)
         assert token and changed == made and deleted == set()
 
     def test_changes_since_a_token_lists_exactly_what_changed_and_went(self, collection):
-        self._needs_sync(collection)
         self._create(collection, "Bleibt")
         edited_uid, edited, edited_etag = self._create(collection, "Alt")
         _, gone, gone_etag = self._create(collection, "Geht")
@@ -180,27 +202,14 @@ class CollectionContract:
         assert collection.changes_since(token2)[1:] == ({}, set())
 
     def test_changes_since_the_latest_token_is_empty(self, collection):
-        self._needs_sync(collection)
         self._create(collection)
         token, _, _ = collection.changes_since(None)
         token2, changed, deleted = collection.changes_since(token)
         assert (changed, deleted) == ({}, set()) and token2
 
     def test_an_unknown_token_raises_sync_token_invalid(self, collection):
-        self._needs_sync(collection)
         for token in ("http://radicale.org/ns/sync/0000000000000000000000000000000000000000",
                       "urn:gwsync:no-such-token"):
             with pytest.raises(SyncTokenInvalid) as refused:
                 collection.changes_since(token)
             assert not isinstance(refused.value, SyncUnsupported)  # the server has sync: only the token is bad
-
-    # -- counters ----------------------------------------------------------------------------
-
-    def test_requests_and_writes_are_counted(self, collection):
-        requests, writes = collection.requests, collection.writes
-        uid, href, _ = self._create(collection)
-        with pytest.raises(PreconditionFailed):
-            collection.create(href, event_text(uid, "Zweimal"))
-        collection.list_etags()
-        assert collection.writes == writes + 1  # a refused write is no write
-        assert collection.requests >= requests + 3
