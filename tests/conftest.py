@@ -18,7 +18,7 @@ from gwsync.cli import main
 from gwsync.config import load_config
 from gwsync.demo.localservers import Dovecot
 from gwsync.engine import Engine
-from servers.dav import RadicaleServer, SabreDAV, Xandikos
+from servers.dav import CyrusDav, RadicaleServer, SabreDAV, Xandikos
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 _user_counter = itertools.count(1)
@@ -33,8 +33,13 @@ def radicale():
 
 # The CalDAV servers the calendar flows and the collection contract run on. No skip when one is
 # missing: scripts/test installs them, and a silent skip would hide that.
-CALDAV_SERVERS = ("radicale", "xandikos", "xandikos-auth", "sabredav-basic", "sabredav-digest")
-WITH_WEBDAV_SYNC = ("radicale", "xandikos", "xandikos-auth")  # SabreDAV 1.8 has no sync-collection
+CALDAV_SERVERS = ("radicale", "xandikos", "xandikos-auth", "sabredav-basic", "sabredav-digest", "cyrus")
+WITH_WEBDAV_SYNC = ("radicale", "xandikos", "xandikos-auth", "cyrus")  # SabreDAV 1.8 has no sync-collection
+DAV_FIXTURES = {"cyrus": "cyrus_dav"}  # the fixture `cyrus` is the Cyrus server itself
+
+
+def dav_fixture(request):
+    return request.getfixturevalue(DAV_FIXTURES.get(request.param, request.param.replace("-", "_")))
 
 
 @pytest.fixture(scope="session")
@@ -64,13 +69,13 @@ def sabredav_digest():
 @pytest.fixture(params=CALDAV_SERVERS)
 def calserver(request):
     """Each CalDAV server in turn (started once per session, on first use)."""
-    return request.getfixturevalue(request.param.replace("-", "_"))
+    return dav_fixture(request)
 
 
 @pytest.fixture(params=WITH_WEBDAV_SYNC)
 def sync_calserver(request):
     """Each CalDAV server with WebDAV sync, for what only sync tokens show."""
-    return request.getfixturevalue(request.param.replace("-", "_"))
+    return dav_fixture(request)
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +99,12 @@ def cyrus():
 
     with Cyrus.start(separator=".") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def cyrus_dav(cyrus):
+    """The CalDAV of the Cyrus server (its httpd, with the Cyrus users and passwords)."""
+    return CyrusDav(cyrus=cyrus)
 
 
 @pytest.fixture(scope="session")

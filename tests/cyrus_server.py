@@ -118,7 +118,8 @@ class Cyrus(_LocalServer):
     users: set[str] = field(default_factory=set)
 
     @classmethod
-    def start(cls, separator: str = ".", sieve_extensions: str | None = None) -> Cyrus:
+    def start(cls, separator: str = ".", sieve_extensions: str | None = None, settings: str = "") -> Cyrus:
+        """`settings`: more imapd.conf lines (e.g. "maxlogins_per_user: 2\n")."""
         imapd_bin = imapd_binaries()
         directory = Path(tempfile.mkdtemp(prefix="gwsync-cyrus-", dir="/tmp"))
         os.chmod(directory, 0o755)
@@ -129,7 +130,7 @@ class Cyrus(_LocalServer):
         for program in ("imapd", "idled"):  # the cache may lie where the cyrus user cannot reach (~root)
             shutil.copy2(imapd_bin / program, directory / "bin" / program)
         conf = directory / "imapd.conf"
-        extra = f"sieve_extensions: {sieve_extensions}\n" if sieve_extensions else ""
+        extra = (f"sieve_extensions: {sieve_extensions}\n" if sieve_extensions else "") + settings
         conf.write_text(IMAPD_CONF.format(dir=directory, unixhierarchysep="yes" if separator == "/" else "no",
                                           extra=extra))
         (directory / "cyrus.conf").write_text(CYRUS_CONF.format(

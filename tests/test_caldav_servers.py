@@ -217,3 +217,18 @@ def test_verify_false_warns_once_per_run_not_per_request(make_env, autocert_xand
     lines = stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "verify = false" in lines[0] and "127.0.0.1" in lines[0], lines
     assert [a.subject for a in activities(env)] == ["Termin"]
+
+
+# -- Cyrus ---------------------------------------------------------------------------------------
+
+def test_an_item_the_server_refuses_is_named_with_the_servers_reason(make_env, cyrus_dav):
+    """Cyrus 3.6 refuses a timed event without an end (zero length; RFC 5545 allows it) with
+    403 valid-calendar-data. The error says why, in the server's words, not just "forbidden"."""
+    env = make_env(areas=("events",), calserver=cyrus_dav)
+    env.cli("activity", "add", "--kind", "TERMIN", "--subject", "Ohne Ende", "--start", "2026-12-09T10:00")
+
+    code, out = sync(env)
+
+    assert code == 1
+    assert "DTEND must occur after DTSTART" in out["error"] and "valid-calendar-data" in out["error"], out
+    assert env.dav_items("events") == {}

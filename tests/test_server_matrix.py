@@ -191,6 +191,43 @@ def test_a_connection_limit_on_login_is_retried_and_never_locks(tmp_path, reques
         assert code == 0, out
 
 
+@pytest.mark.parametrize("text, locks", [
+    ("[AUTHENTICATIONFAILED] Authentication failed.", True),  # Dovecot
+    ("Login failed: authentication failure", True),  # Cyrus: no code
+    ("[LIMIT] Maximum number of connections from user+IP exceeded (mail_max_userip_connections=10)", False),
+    ("Too many open connections (2 of 2 for alice)", False),  # Cyrus maxlogins_per_user: no code
+    ("[AUTHENTICATIONFAILED] Too many open connections", True),  # a code decides, not the words
+])
+def test_which_login_refusals_lock(text, locks):
+    from gwsync.mail.imap import LoginFailed, ServerUnreachable, login_refusal
+
+    error = login_refusal("IMAP host", "alice", text)
+    assert isinstance(error, LoginFailed if locks else ServerUnreachable), error
+
+
+def test_cyrus_maxlogins_per_user_on_login_is_retried_and_never_locks(tmp_path, request):
+    """Cyrus's `maxlogins_per_user` answers the login past it `NO Too many open connections
+    (2 of 2 for USER)`, with no response code; that is not a wrong password either."""
+    from cyrus_server import Cyrus
+
+    with Cyrus.start(settings="maxlogins_per_user: 2\n") as server:
+        env = build_env(server, tmp_path, request)
+        env.config_path.write_text(env.config_path.read_text().replace('archive_folder = "INBOX/CRM Archiv"\n', ""))
+        held = [env.imap(), env.imap()]  # the user's phone and laptop
+        try:
+            result = env.cli("sync")
+            line = one_line(result)
+            assert result.exit_code == 1 and "Too many open connections" in line, line
+            assert "locked" not in result.stderr
+            code, status = env.cli_json("status")
+            assert status["accounts"]["alice"]["locked"] == []
+        finally:
+            for client in held:
+                client.logout()
+        code, out = env.cli_json("sync")
+        assert code == 0, out
+
+
 @pytest.fixture(scope="module")
 def pymap_sieve():
     from gwsync.demo.localservers import Pymap, wait_for_port

@@ -294,3 +294,26 @@ def test_plan_stays_within_the_budget_and_covers_every_folder(folders, budget, n
         watched = [d.folder for d in duties] + [f for d in duties for f in d.polled]
         assert sorted(watched) == sorted(folders)  # each folder once: by IDLE or by STATUS polling
         assert all(not d.polled for d in duties[:-1])
+
+
+def test_on_cyrus_a_mail_delivered_through_lmtp_is_imported_within_seconds(cyrus, tmp_path, request, watching):
+    """Cyrus has no NOTIFY: watch IDLEs on the import folder. Cyrus sends IDLE notices at once
+    only while its idled daemon runs (the fixture's does; without it they came after 56.7 s).
+    The mail comes the way real mail comes: LMTP to lmtpd, filed by gwsync's Sieve rule."""
+    from conftest import build_env
+
+    env = build_env(cyrus, tmp_path, request)
+    text = env.config_path.read_text().replace('archive_folder = "INBOX/CRM Archiv"\n', "")
+    env.config_path.write_text(text + f"\n[accounts.alice.sieve]\nport = {cyrus.sieve_port}\n")
+    set_interval(env, 600)
+    added = env.cli("rules", "add", "--from", "@acme.example", "CRM Kunde [O]")
+    assert added.exit_code == 0 and "-> INBOX.CRM Kunde [O]" in added.stdout, added.stdout + added.stderr
+    w = watching(env)
+    w.wait_for(r"IDLE on alice/INBOX\.CRM Kunde \[O\]", 15)
+    time.sleep(0.5)
+    delivered = time.monotonic()
+    cyrus.deliver(env.user, make_mail(1, sender="einkauf@acme.example"))
+    w.wait_for(r"alice: imported 1 mail\(s\): https://crm.example.com/activities/1$", 10)
+    assert time.monotonic() - delivered < 5
+    assert w.stop() == 0
+    assert env.messages("INBOX.CRM Kunde [O]") == {} and len(env.messages("INBOX.CRM Archiv")) == 1

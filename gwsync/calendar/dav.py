@@ -266,7 +266,7 @@ class Collection:
     def delete(self, href: str, etag: str) -> None:
         response = self._request(self._absolute(href), "DELETE", "", {"If-Match": etag})
         if isinstance(response, _Forbidden):
-            raise DavError(f"CalDAV DELETE {href}: forbidden")
+            raise DavError(f"CalDAV DELETE {href}: forbidden{_refusal(response.text)}")
         if response.status == 404:
             return  # gone already: what we wanted
         if response.status == 412:
@@ -281,7 +281,7 @@ class Collection:
         headers = {"Content-Type": "text/calendar; charset=utf-8", **condition}
         response = self._request(self._absolute(href), "PUT", data, headers)
         if isinstance(response, _Forbidden):
-            raise DavError(f"CalDAV PUT {href}: forbidden")
+            raise DavError(f"CalDAV PUT {href}: forbidden{_refusal(response.text)}")
         if response.status == 412:
             raise PreconditionFailed(href)
         if response.status not in (200, 201, 204):
@@ -358,6 +358,22 @@ class _Forbidden:
 
     def __init__(self, text: str = ""):
         self.text = text
+
+
+def _refusal(text: str) -> str:
+    """The server's reason in a 403 body (RFC 4918 DAV:error: the failed precondition and its
+    DAV:responsedescription, e.g. Cyrus "valid-calendar-data: DTEND must occur after DTSTART"),
+    as ` (...)`, or "" when it gives none."""
+    import re
+
+    error = re.search(r"<(?:\w+:)?error\b[^>]*>(.*?)</(?:\w+:)?error>", text, re.S)
+    if not error:
+        return ""
+    inner = error.group(1)
+    description = re.search(r"<(?:\w+:)?responsedescription[^>]*>(.*?)</", inner, re.S)
+    condition = re.search(r"<(?:\w+:)?([\w-]+)\s*/>", inner)
+    parts = [part for part in (condition and condition.group(1), description and description.group(1).strip()) if part]
+    return f" ({': '.join(parts)})"[:300] if parts else ""
 
 
 def _body(response) -> str:

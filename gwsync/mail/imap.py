@@ -66,6 +66,9 @@ class ImportFolder:
 
 # Response codes (RFC 5530) of a NO on LOGIN that say "not now", not "wrong password".
 TRANSIENT_LOGIN_CODES = frozenset({"LIMIT", "UNAVAILABLE", "INUSE", "SERVERBUG"})
+# Refusals that mean [LIMIT] but come without a response code: Cyrus's maxlogins_per_user and
+# maxlogins_per_host ("NO Too many open connections (2 of 2 for alice)").
+TRANSIENT_LOGIN_TEXTS = ("too many open connections",)
 _RESPONSE_CODE = re.compile(r"^\s*\[([A-Za-z-]+)")
 # OpenSSL's verify results that mean "the certificate is for other names".
 _NAME_MISMATCH = {62, 64}  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
@@ -460,7 +463,7 @@ def login_refusal(where: str, username: str, text: str) -> MailServerError:
     the login away for now: transient, retried, never locked."""
     match = _RESPONSE_CODE.match(text)
     code = match.group(1).upper() if match else None
-    if code in TRANSIENT_LOGIN_CODES:
+    if code in TRANSIENT_LOGIN_CODES or (code is None and any(t in text.lower() for t in TRANSIENT_LOGIN_TEXTS)):
         busy = ServerUnreachable(f"{where}: the server turned the login as {username!r} away for now ({text}); "
                                  "the password was not refused")
         busy.server_answered = True

@@ -259,3 +259,37 @@ class RadicaleServer(Radicale, _DavServer):
 
     def request_count(self) -> int:
         return Radicale.request_count(self)
+
+
+@dataclass
+class CyrusDav(_DavServer):
+    """The CalDAV of a Cyrus test server (its httpd; `tests/cyrus_server.Cyrus`), Basic auth with
+    the Cyrus user's password, calendars at /dav/calendars/user/USER/NAME/. Every user has
+    "Default" (VEVENT and VTODO); others are made with MKCALENDAR. Stopping it leaves the Cyrus
+    server to the fixture that started it."""
+
+    cyrus: object  # cyrus_server.Cyrus, which lives outside this package
+    proc: subprocess.Popen | None = None  # nothing of its own to stop
+    directory: Path | None = None
+
+    @property
+    def port(self) -> int:  # type: ignore[override]
+        return self.cyrus.http_port
+
+    def password_for(self, user: str) -> str:  # type: ignore[override]
+        return self.cyrus.password_for(user)
+
+    def add_user(self, user: str) -> str:
+        """A Cyrus user with its INBOX (one IMAP login creates it; until then the user's
+        calendar home answers 500); returns the calendar home."""
+        from imapclient import IMAPClient
+
+        with IMAPClient("127.0.0.1", port=self.cyrus.port, ssl=False) as client:
+            client.login(user, self.password_for(user))
+        return self.home(user)
+
+    def home(self, user: str) -> str:
+        return f"{self.url}dav/calendars/user/{user}/"
+
+    def request_count(self) -> int:
+        return 0  # Cyrus logs requests only through syslog
