@@ -241,9 +241,13 @@ class ImapConfig(_Password):
     security: Security = "tls"
     verify: bool = True
     ca_file: Text | None = None
-    import_root: str = "INBOX"  # "" is the top of the server's personal namespace
-    # None: "CRM Archiv" below the import root, joined with the separator the server reports
-    # (archive_in); a folder name is only known once connected.
+    # The seed's import folder (a full name): its own mail is imported with [crm] default_status,
+    # the CRM folders below it as usual; it is then the import root. Created when missing.
+    import_folder: Text | None = None
+    # DERIVED: the import folder, else "INBOX"; "" is the top of the server's personal namespace
+    import_root: str = DERIVED
+    # None: "CRM Archiv" below the import root (beside the import folder), joined with the
+    # separator the server reports (archive_in); a folder name is only known once connected.
     archive_folder: Text | None = None
     timeout: Seconds = 60.0
     # `watch` holds at most this many connections, the sync's own included: IDLE on the rest
@@ -254,6 +258,11 @@ class ImapConfig(_Password):
     def __post_init__(self) -> None:
         if self.port is None:
             object.__setattr__(self, "port", 993 if self.security == "tls" else 143)
+        if self.import_root is None:
+            object.__setattr__(self, "import_root", self.import_folder or "INBOX")
+        elif self.import_folder is not None and self.import_root != self.import_folder:
+            raise _Wrong(f": import_folder {self.import_folder!r} is the import root; remove import_root "
+                         f"{self.import_root!r} (the CRM folders go below the import folder)")
         archive = self.archive_folder
         if archive is not None:
             last = archive.replace("\\", "/").split("/")[-1].split(".")[-1]
@@ -264,9 +273,12 @@ class ImapConfig(_Password):
 
     def archive_in(self, root: str, separator: str | None) -> str:
         """The archive folder on a server whose import root is `root` (import_root, or the top
-        of the personal namespace for "") and whose hierarchy separator is `separator`."""
+        of the personal namespace for "") and whose hierarchy separator is `separator`: below
+        the root, or with an import folder beside it (its own mail must not be archived into it)."""
         if self.archive_folder is not None:
             return self.archive_folder
+        if self.import_folder is not None:
+            root = root.rsplit(separator, 1)[0] if separator and separator in root else ""
         return f"{root}{separator}{ARCHIVE}" if root and separator else ARCHIVE
 
 
@@ -397,6 +409,7 @@ class CrmConfig:
         field(default_factory=dict)  # kind -> events | tasks, added to DEFAULT_KINDS
     done_status: str = DERIVED  # a completed VTODO <-> this status; "E" if that is a status, else the first
     open_status: str = DERIVED  # status of items from the groupware without one; "O", else the first
+    default_status: str = DERIVED  # mail lying in the import folder itself; "I", else the first
 
     def __post_init__(self) -> None:
         for key in self.statuses:
@@ -410,11 +423,12 @@ class CrmConfig:
         first = next(iter(self.statuses))
         for key, default in (("documents", self.database.parent / "documents"),
                              ("done_status", "E" if "E" in self.statuses else first),
-                             ("open_status", "O" if "O" in self.statuses else first)):
+                             ("open_status", "O" if "O" in self.statuses else first),
+                             ("default_status", "I" if "I" in self.statuses else first)):
             if getattr(self, key) is None:
                 object.__setattr__(self, key, default)
         object.__setattr__(self, "kinds", DEFAULT_KINDS | self.kinds)
-        for key in ("done_status", "open_status"):
+        for key in ("done_status", "open_status", "default_status"):
             if getattr(self, key) not in self.statuses:
                 raise _Wrong(f".{key} {getattr(self, key)!r} is not one of the status keys in [crm.statuses]")
 

@@ -308,10 +308,13 @@ class Engine:
 
     def import_folders(self, account: AccountConfig) -> list[ImportFolder]:
         """The account's import folders on the server (one login)."""
+        from .mail.importer import own_status
+
         with self._naming(account):
             session = self.connect_imap(account)
             try:
-                return session.import_folders(_imap(account).import_root)
+                session.ensure_import_folder(_imap(account))  # created when missing, as by a sync
+                return session.import_folders(_imap(account).import_root, own_status(account, self.config.crm))
             finally:
                 session.logout()
 

@@ -25,6 +25,7 @@ def test_defaults():
     assert alice.imap.archive_in("INBOX", ".") == "INBOX.CRM Archiv"
     assert alice.imap.max_connections == 3
     assert config.crm.statuses == {"I": "Importiert", "O": "Offen", "E": "Erledigt"}
+    assert config.crm.default_status == "I"  # mail lying in the import folder itself
     assert config.crm.mandatory == ()
     assert "{id}" in config.crm.link
 
@@ -288,6 +289,11 @@ def _dav(**keys):
     ({"crm": {"statuses": {"A": "a"}, "done_status": "E"}},
      "crm.done_status 'E' is not one of the status keys in [crm.statuses]"),
     ({"crm": {"open_status": "X"}}, "crm.open_status 'X' is not one of the status keys in [crm.statuses]"),
+    ({"crm": {"default_status": "X"}}, "crm.default_status 'X' is not one of the status keys in [crm.statuses]"),
+    (_imap(import_folder=""), "accounts.a.imap.import_folder must not be empty, got ''"),
+    (_imap(import_folder="INBOX/CRM Import", import_root="INBOX"),
+     "accounts.a.imap: import_folder 'INBOX/CRM Import' is the import root; remove import_root 'INBOX' "
+     "(the CRM folders go below the import folder)"),
     (_dav(url="dav.example.com"), "accounts.a.caldav.url must start with https:// (or http:// for a local server)"),
     ({"accounts": {"a": {"areas": ["events"], "caldav": {"username": "u", "password_env": "X"}}}},
      "missing key accounts.a.caldav.url"),
@@ -321,6 +327,7 @@ def test_each_bad_value_is_one_line_naming_key_value_and_what_is_allowed(data, m
     {"crm": {"link": "https://crm.example.com/activities/{id}"}},
     {"crm": {"link": "https://crm.example.com/a/{id:06d}?x={{literal}}&again={id}"}},
     _imap(import_root=""),  # servers whose folders are not below INBOX
+    _imap(import_folder="INBOX/CRM Import", import_root="INBOX/CRM Import"),  # the same folder, said twice
     _imap(timeout=1, archive_folder="Archiv"),
     _imap(timeout=3600.0),
     _dav(timeout=30),
@@ -489,6 +496,16 @@ def test_import_root_may_be_empty_and_then_the_archive_is_at_the_top_level():
     assert imap.archive_in("INBOX", ".") == "INBOX.CRM Archiv"  # below INBOX. (Cyrus)
 
 
+def test_the_import_folder_is_the_import_root_and_the_archive_sits_beside_it():
+    imap = parse_config(_imap(import_folder="INBOX/CRM Import")).account("a").imap
+    assert (imap.import_folder, imap.import_root, imap.archive_folder) == ("INBOX/CRM Import",) * 2 + (None,)
+    assert imap.archive_in("INBOX/CRM Import", "/") == "INBOX/CRM Archiv"  # same parent, not below it
+    assert imap.archive_in("INBOX.CRM Import", ".") == "INBOX.CRM Archiv"  # named in the server's separator
+    assert imap.archive_in("CRM Import", "/") == "CRM Archiv"  # at the top level: beside it there too
+    assert parse_config(_imap(import_folder="X", archive_folder="Old")).account("a").imap.archive_in("X", "/") == "Old"
+    assert parse_config(MINIMAL).account("alice").imap.import_folder is None  # INBOX stays the root
+
+
 # -- derived defaults: each computed in one place, from the keys it follows ---------------------------
 
 def test_derived_defaults_follow_the_keys_they_come_from(monkeypatch, tmp_path):
@@ -508,7 +525,7 @@ def test_derived_defaults_follow_the_keys_they_come_from(monkeypatch, tmp_path):
     crm = config.crm
     assert (crm.database, crm.documents) == (tmp_path / "crm.db", tmp_path / "documents")
     assert config.state_database == Path("~/s.db").expanduser()
-    assert (crm.done_status, crm.open_status) == ("A", "A")  # no E or O: the first status key
+    assert (crm.done_status, crm.open_status, crm.default_status) == ("A", "A", "A")  # no E, O, I: the first
     assert crm.kinds["NOTIZ"] == "tasks" and crm.kinds["TERMIN"] == "events"  # added to the defaults
     assert crm.kinds_of("tasks") == ("AUFGABE", "NOTIZ", "WIEDERVORLAGE")
     assert crm.link == "http://[::1]:9000/activities/{id}" and config.web_base == "http://[::1]:9000"

@@ -381,3 +381,43 @@ def test_a_certificate_from_an_unknown_ca_points_at_ca_file_and_is_not_retried(m
         assert time.monotonic() - started < 2  # no retry pauses (0.5 s, then 2 s)
         _tls_config(env, server.tls_port, server.ca_file)
         assert env.cli("sync").exit_code == 0
+
+
+def test_mail_in_the_import_folder_itself_is_imported_with_the_default_status(menv):
+    """The seed's import folder: its own mail gets [crm] default_status (I), the CRM folders
+    below it their own status, the archive sits beside it; folders outside it are not scanned."""
+    own, kunde = in_inbox(menv, "CRM Import"), in_inbox(menv, "CRM Import", "CRM Kunde [O]")
+    text = menv.config_path.read_text().replace('import_root = "INBOX"', f'import_folder = "{own}"')
+    menv.config_path.write_text(text)
+    code, listed = menv.cli_json("folders")  # created when missing, listed with its status
+    assert code == 0 and [(f["folder"], f["status"], f["status_label"]) for f in listed] == [(own, "I", "Importiert")]
+    menv.append(own, make_mail(1))
+    menv.append(kunde, make_mail(2))
+    menv.append("INBOX", make_mail(3))  # the mailbox's own mail
+    outside = in_inbox(menv, "CRM Erledigt [E]")  # not below the import folder
+    menv.append(outside, make_mail(4))
+    code, listed = menv.cli_json("folders")
+    assert code == 0 and [(f["folder"], f["status"]) for f in listed] == [(own, "I"), (kunde, "O")]
+
+    code, out = menv.cli_json("sync")
+    assert code == 0 and out["accounts"]["alice"]["mail"]["imported"] == 2, out
+    with menv.engine() as engine:
+        activities = engine.crm.list_activities(ActivityFilter())
+    assert sorted((a.subject, a.status) for a in activities) == [("Test mail 1", "I"), ("Test mail 2", "O")]
+    archive = in_inbox(menv, "CRM Archiv")  # beside the import folder, not in it
+    assert len(menv.messages(archive)) == 2 and menv.messages(own) == {} and menv.messages(kunde) == {}
+    assert len(menv.messages("INBOX")) == 1 and len(menv.messages(outside)) == 1
+    code, out = menv.cli_json("sync")  # nothing twice
+    assert code == 0 and out["accounts"]["alice"]["mail"]["imported"] == 0, out
+
+
+def test_without_an_import_folder_the_mail_of_inbox_itself_is_never_imported(menv):
+    menv.append("INBOX", make_mail(1))
+    menv.append(in_inbox(menv, "CRM Offen [O]"), make_mail(2))
+    code, listed = menv.cli_json("folders")
+    assert code == 0 and [f["folder"] for f in listed] == [in_inbox(menv, "CRM Offen [O]")]
+    code, out = menv.cli_json("sync")
+    assert code == 0 and out["accounts"]["alice"]["mail"]["imported"] == 1, out
+    assert len(menv.messages("INBOX")) == 1
+    with menv.engine() as engine:
+        assert [a.subject for a in engine.crm.list_activities(ActivityFilter())] == ["Test mail 2"]

@@ -317,3 +317,12 @@ def test_on_cyrus_a_mail_delivered_through_lmtp_is_imported_within_seconds(cyrus
     assert time.monotonic() - delivered < 5
     assert w.stop() == 0
     assert env.messages("INBOX.CRM Kunde [O]") == {} and len(env.messages("INBOX.CRM Archiv")) == 1
+
+
+def test_with_notify_news_of_the_import_folder_itself_wakes_the_sync_and_of_the_root_without_one_not():
+    with_own = plan(["INBOX/CRM Import"], 2, True, "INBOX/CRM Import", "/", own="INBOX/CRM Import")
+    assert with_own == [Duty(notify=True, root="INBOX/CRM Import", delimiter="/", own="INBOX/CRM Import")]
+    assert with_own[0].is_import_folder("INBOX/CRM Import")  # its own mail is imported
+    assert with_own[0].is_import_folder("INBOX/CRM Import/CRM Kunde [O]")
+    (without,) = plan([], 2, True, "INBOX", "/")
+    assert not without.is_import_folder("INBOX")  # INBOX's own mail is never imported

@@ -90,18 +90,23 @@ class Duty:
     notify: bool = False
     root: str = ""
     delimiter: str | None = None
+    own: str = ""  # the import folder (the root, whose own mail is imported), or ""
 
     def is_import_folder(self, name: str) -> bool:
+        # NOTIFY's subtree includes the root itself: its news counts only when it is the import folder
+        if self.own and name == self.own:
+            return True
         return parse_import_folder(last_element(name, self.delimiter)) is not None
 
 
-def plan(folders: list[str], budget: int, notify: bool, root: str = "", delimiter: str | None = None) -> list[Duty]:
+def plan(folders: list[str], budget: int, notify: bool, root: str = "", delimiter: str | None = None,
+         own: str = "") -> list[Duty]:
     """The duties of an account's watch connections; `budget` is how many it may hold (its
-    max_connections less the sync's own)."""
+    max_connections less the sync's own). `own` is the import folder, when configured."""
     if budget < 1:
         return []
     if notify:
-        return [Duty(notify=True, root=root, delimiter=delimiter)]
+        return [Duty(notify=True, root=root, delimiter=delimiter, own=own)]
     idle, rest = folders[:budget], tuple(folders[budget:])
     return [Duty(folder=folder, polled=rest if n == len(idle) - 1 else ()) for n, folder in enumerate(idle)]
 
@@ -391,14 +396,19 @@ class Watch:
                 log.info("account %s: max_connections = 1 leaves none for IDLE; new mail comes with the interval "
                          "sync", account.name)
             return []
+        from ..mail.importer import own_status
+
         session = self.engine.connect_imap(account)
         try:
+            session.ensure_import_folder(account.imap)  # its own mail is watched too, from the start
             root = session.import_root(account.imap.import_root)  # "" named by the server's namespace
-            folders = [folder.name for folder in session.import_folders(root)]
+            found = session.import_folders(root, own_status(account, self.engine.config.crm))
+            folders = [folder.name for folder in found]
             notify = "NOTIFY" in session.capabilities
             delimiter = session.delimiter(root) if notify else None
         finally:
             session.logout()
         if not folders and not notify:
             return []
-        return plan(folders, budget, notify, root, delimiter)
+        own = root if account.imap.import_folder else ""
+        return plan(folders, budget, notify, root, delimiter, own)

@@ -150,12 +150,22 @@ class ImapSession:
 
     # -- folders -----------------------------------------------------------------------------
 
-    def import_folders(self, root: str) -> list[ImportFolder]:
-        """Import folders at any depth below `root` (import_root), names decoded from modified UTF-7."""
+    def import_folders(self, root: str, own_status: str | None = None) -> list[ImportFolder]:
+        """Import folders at any depth below `root` (import_root), names decoded from modified UTF-7.
+        With `own_status` (an import_folder is configured) the root itself is one too: its own
+        mail gets that status. Without, the root's own mail (INBOX's) is never imported."""
         root = self.import_root(root)
+        found = []
+        if own_status is not None and root:
+            own = self._list(root)
+            if not own:
+                return []  # not made yet (a dry run or review before the first sync): nothing in it
+            if b"\\NOSELECT" not in {f.upper() for f in own[0][0]}:
+                delim = own[0][1].decode() if isinstance(own[0][1], bytes) else own[0][1]
+                found.append(ImportFolder(name=root, delimiter=delim,
+                                          parsed=ImportFolderName(last_element(root, delim), own_status)))
         delimiter = self.delimiter(root)
         pattern = f"{root}{delimiter}*" if root and delimiter else "*"
-        found = []
         for flags, delim, name in self._list(pattern):
             if b"\\NOSELECT" in {f.upper() for f in flags}:
                 continue
@@ -202,6 +212,16 @@ class ImapSession:
     def archive_folder(self, cfg: ImapConfig) -> str:
         """The archive folder: as configured, or "CRM Archiv" below the import root."""
         return cfg.archive_in(self.import_root(cfg.import_root), self.separator())
+
+    def ensure_import_folder(self, cfg: ImapConfig) -> None:
+        """Create the configured import folder when missing, named in the server's separator."""
+        if cfg.import_folder is None:
+            return
+        sep = self.separator()
+        if sep and sep != "/" and "/" in cfg.import_folder:
+            raise UsageError(f"import_folder {cfg.import_folder!r}: this server separates folder levels with "
+                             f"{sep!r}, not '/'; write {cfg.import_folder.replace('/', sep)!r}")
+        self.ensure_folder(cfg.import_folder)
 
     def folder_name(self, import_root: str, folder: str) -> str:
         """A folder named by the user: a full name in the server's separator, or a name below

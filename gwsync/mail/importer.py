@@ -89,6 +89,12 @@ class _Prepared:
     known_activity: int | None = None  # the CRM had this key already
 
 
+def own_status(account: AccountConfig, crm_cfg: CrmConfig) -> str | None:
+    """The status of mail lying in the import folder itself ([crm] default_status); None
+    without an import_folder: then the import root's own mail (INBOX's) is never imported."""
+    return crm_cfg.default_status if account.imap is not None and account.imap.import_folder else None
+
+
 class MailImporter:
     def __init__(self, account: AccountConfig, crm_cfg: CrmConfig, crm: CRMBackend, state: StateStore,
                  dry_run: bool = False, progress: ProgressFn | None = None,
@@ -116,11 +122,17 @@ class MailImporter:
         self.result = MailResult()
         self.archive = ""  # the archive folder's full name on the server, known once run() is connected
 
+    @property
+    def own_status(self) -> str | None:
+        return own_status(self.account, self.crm_cfg)
+
     # -- entry point -------------------------------------------------------------------------
 
     def run(self, session: ImapSession) -> MailResult:
         result = self.result = MailResult()
-        folders = session.import_folders(self.imap_cfg.import_root)
+        if not self.dry_run:
+            session.ensure_import_folder(self.imap_cfg)
+        folders = session.import_folders(self.imap_cfg.import_root, self.own_status)
         self.archive = session.archive_folder(self.imap_cfg)
         if not self.dry_run:
             session.ensure_folder(self.archive)
@@ -210,7 +222,7 @@ class MailImporter:
         """The mail waiting in the import folders, parsed and resolved, without importing it."""
         pending: list[PendingMail] = []
         statuses = self.statuses
-        for folder in session.import_folders(self.imap_cfg.import_root):
+        for folder in session.import_folders(self.imap_cfg.import_root, self.own_status):
             if folder.status not in statuses:
                 continue
             uidvalidity = session.examine(folder.name)
