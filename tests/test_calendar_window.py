@@ -67,7 +67,8 @@ def test_an_item_is_outside_only_when_it_ends_before_or_starts_after_the_window(
     start = date.fromordinal(TODAY.toordinal() + offset)
     end = date.fromordinal(start.toordinal() + length)
     data = _item(f"DTSTART;VALUE=DATE:{start:%Y%m%d}\nDTEND;VALUE=DATE:{end:%Y%m%d}\n")
-    overlaps = end >= date.fromordinal(TODAY.toordinal() - past) and start <= date.fromordinal(TODAY.toordinal() + future)
+    first_day, last_day = (date.fromordinal(TODAY.toordinal() + days) for days in (-past, future))
+    overlaps = end >= first_day and start <= last_day
     assert in_window(data, TODAY, past, future) is overlaps
 
 

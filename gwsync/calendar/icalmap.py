@@ -548,5 +548,6 @@ def uid_for_key(key: str) -> str:
     return f"gwsync-{uuid.uuid5(uuid.NAMESPACE_URL, 'gwsync:' + key)}"
 
 
-__all__ = ["FIELDS", "busy_fields", "in_window", "BrokenItem", "ItemData", "Link", "read_item", "new_item", "update_item", "link_is_current",
+__all__ = ["FIELDS", "busy_fields", "in_window",
+           "BrokenItem", "ItemData", "Link", "read_item", "new_item", "update_item", "link_is_current",
            "parse_time", "format_time", "normalise_time", "strip_link", "uid_for_key"]
