@@ -47,6 +47,7 @@ Security = Literal["tls", "starttls", "none"]
 Conflict = Literal["newest", "crm", "groupware"]
 DavAuth = Literal["password", "none"]
 MandatoryField = Literal["partner", "contact", "subject", "body"]
+Private = Literal["skip", "busy", "import"]
 AREAS: tuple[str, ...] = typing.get_args(Area)
 SECURITY_MODES: tuple[str, ...] = typing.get_args(Security)
 CONFLICT_POLICIES: tuple[str, ...] = typing.get_args(Conflict)
@@ -59,6 +60,7 @@ MAX_TIMEOUT = 3600  # seconds; a server silent for an hour is down, and sockets 
 MAX_INTERVAL = 86400  # seconds (one day); longer pauses are a job for a timer, not `watch`
 MAX_LOCK_WAIT = 86400  # seconds a run may wait for another run of the same account
 MAX_ATTEMPTS = 100
+MAX_DAYS = 36500  # a hundred years: the widest date window
 ARCHIVE = "CRM Archiv"  # the archive folder's default name, below the import root
 MAX_CONNECTIONS = 100  # IMAP connections of one account at a time (Dovecot allows 10 per user and IP)
 DERIVED: Any = None  # the default follows other keys: the table's __post_init__ fills it in
@@ -111,6 +113,7 @@ Seconds = Annotated[float, Meta(ge=1, le=MAX_TIMEOUT),
                     Says(f"must be a number of seconds from 1 to {MAX_TIMEOUT}, got {{value!r}}")]
 Command = Annotated[tuple[str, ...], Says(each="must be a non-empty list of strings")]  # program, arguments
 Share = Annotated[float, Meta(gt=0, le=1), Says("must be above 0 and at most 1")]
+Days = Annotated[int, Meta(ge=0, le=MAX_DAYS), Says(f"must be a number of days from 0 to {MAX_DAYS}, got {{value!r}}")]
 DavUrl = Annotated[str, Meta(pattern="^https?://"), Says("must start with https:// (or http:// for a local server)")]
 WebUrl = Annotated[str, Meta(pattern="^https?://"), Says("must start with https:// or http://, got {value!r}")]
 
@@ -448,6 +451,9 @@ class StateConfig:
 class SyncConfig:
     conflict: Conflict = "newest"  # which side wins a field changed on both
     max_delete_share: Share = 0.5  # the mass-deletion guard
+    private: Private = "skip"  # CLASS:PRIVATE/CONFIDENTIAL items: left out, imported as "Privat", or imported
+    past_days: Days = 30  # items that ended longer ago than this are not imported
+    future_days: Days = 365  # nor those starting later than this
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,6 +28,7 @@ def test_defaults():
     assert config.crm.default_status == "I"  # mail lying in the import folder itself
     assert config.crm.mandatory == ()
     assert "{id}" in config.crm.link
+    assert (config.sync.private, config.sync.past_days, config.sync.future_days) == ("skip", 30, 365)
 
 
 def test_spec_example_config_loads(tmp_path):
@@ -195,6 +196,9 @@ def _dav(**keys):
     ({"sync": {"max_delete_share": 0}}, "sync.max_delete_share must be above 0 and at most 1"),
     ({"sync": {"max_delete_share": 1.5}}, "sync.max_delete_share must be above 0 and at most 1"),
     ({"sync": {"max_delete_share": float("nan")}}, "sync.max_delete_share must be above 0 and at most 1"),
+    ({"sync": {"past_days": -1}}, "sync.past_days must be a number of days from 0 to 36500, got -1"),
+    ({"sync": {"future_days": 36501}}, "sync.future_days must be a number of days from 0 to 36500, got 36501"),
+    ({"sync": {"past_days": 1.5}}, "sync.past_days must be an integer, got 1.5"),
     (_imap(port=0), "accounts.a.imap.port must be between 1 and 65535, got 0"),
     (_imap(max_connections=0), "accounts.a.imap.max_connections must be at least 1 (the sync's own connection), got 0"),
     (_imap(max_connections=101), "accounts.a.imap.max_connections must be at most 100, got 101"),
@@ -279,6 +283,7 @@ def _dav(**keys):
     # values outside their choices, with the whole message
     (_imap(security="ssl"), "accounts.a.imap.security must be one of tls, starttls, none, got 'ssl'"),
     ({"sync": {"conflict": "mine"}}, "sync.conflict must be one of newest, crm, groupware, got 'mine'"),
+    ({"sync": {"private": "hide"}}, "sync.private must be one of skip, busy, import, got 'hide'"),
     ({"crm": {"kinds": {"NOTIZ": "notes"}}}, "crm.kinds.NOTIZ must be \"events\" or \"tasks\", got 'notes'"),
     ({"crm": {"kinds": {"NOTIZ": True}}}, "crm.kinds.NOTIZ must be \"events\" or \"tasks\", got True"),
     ({"crm": {"kinds": {"NOTIZ": ["tasks"]}}}, "crm.kinds.NOTIZ must be \"events\" or \"tasks\", got ['tasks']"),
@@ -335,6 +340,8 @@ def test_each_bad_value_is_one_line_naming_key_value_and_what_is_allowed(data, m
     {"accounts": {"a": {"areas": ["events"], "caldav": {"url": "https://d/", "username": "u", "auth": "none"}}}},
     {"accounts": {"a": {"interval": 86400, "imap": IMAP}}},
     {"crm": {"max_attempts": 100}, "sync": {"max_delete_share": 1}},
+    {"sync": {"past_days": 0, "future_days": 36500, "private": "busy"}},
+    {"sync": {"past_days": 36500, "future_days": 0, "private": "import"}},
     {"serve": {"port": 65535}},
     {"accounts": {"a": {"imap": IMAP, "sieve": {"port": 4190, "password_env": "Y"}}}},
 ])

@@ -22,7 +22,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -37,6 +37,7 @@ ACTIVITY_UUID_PROP = "X-GWSYNC-ACTIVITY-UUID"
 STORE_PROP = "X-GWSYNC-STORE"
 KIND_PROP = "X-GWSYNC-KIND"
 STATUS_PROP = "X-GWSYNC-STATUS"
+PRIVATE_CLASSES = ("PRIVATE", "CONFIDENTIAL")
 _LINK_LINE = re.compile(r"^CRM: \S+\s*$")
 
 
@@ -109,6 +110,9 @@ class ItemData:
     activity_uuid: str | None = None  # X-GWSYNC-ACTIVITY-UUID (None when not trusted)
     recorded_kind: str | None = None  # X-GWSYNC-KIND and X-GWSYNC-STATUS as found, trusted or not
     recorded_status: str | None = None
+    private: bool = False  # CLASS:PRIVATE or CLASS:CONFIDENTIAL
+    first: date | None = None  # the day it starts (a task: its due day), None when undated
+    last: date | None = None  # the day its last occurrence ends; None: undated or open-ended
 
     def has_link(self, link: Link) -> bool:
         """True when the item already carries exactly this link (no write-back needed)."""
@@ -186,6 +190,8 @@ def read_item(text: str, done_status: str, open_status: str, trusted: bool = Tru
         rrule = comp.get("RRULE")
         if isinstance(rrule, list):
             rrule = rrule[0]
+        first, last = _span(start, end, due, rrule)
+        private = str(comp.get("CLASS", "")).strip().upper() in PRIVATE_CLASSES
         fields = {
             "kind": kind,
             "status": status,
@@ -212,7 +218,56 @@ def read_item(text: str, done_status: str, open_status: str, trusted: bool = Tru
         modified=format_time(modified.astimezone(UTC)) if isinstance(modified, datetime)
         and modified.tzinfo else None,
         store=item_store, activity_uuid=activity_uuid, recorded_kind=recorded_kind, recorded_status=recorded_status,
+        private=private, first=first, last=last,
     )
+
+
+def _day(value) -> date | None:
+    if value is None:
+        return None
+    return value.date() if isinstance(value, datetime) else value
+
+
+def _day_of(value) -> date:
+    day = _day(value)
+    assert day is not None  # a value read from the item, not a missing one
+    return day
+
+
+def _span(start, end, due, rrule) -> tuple[date | None, date | None]:
+    """(first day, last day) of an item: the last occurrence's end for a recurring one
+    (UNTIL, or COUNT expanded); None as the last day when it never ends or has no date."""
+    first, last = _day(start) or _day(due), _day(end) or _day(due) or _day(start)
+    if rrule is None or first is None or last is None:
+        return first, last
+    length = last - first
+    until = rrule.get("UNTIL")
+    if until:
+        return first, _day_of(until[0]) + length
+    count = rrule.get("COUNT")
+    if not count or start is None:
+        return first, None  # open-ended: always counts
+    from dateutil.rrule import rrulestr  # type: ignore[import-untyped]  # icalendar's own dependency
+
+    dtstart = start if isinstance(start, datetime) else datetime.combine(start, datetime.min.time())
+    occurrences = list(rrulestr(rrule.to_ical().decode(), dtstart=dtstart))
+    return first, (_day_of(occurrences[-1]) if occurrences else first) + length
+
+
+def in_window(data: ItemData, today: date, past_days: int, future_days: int) -> bool:
+    """Does any of the item fall within [today - past_days, today + future_days]? Undated and
+    open-ended items always do."""
+    if data.last is not None and data.last < today - timedelta(days=past_days):
+        return False
+    return data.first is None or data.first <= today + timedelta(days=future_days)
+
+
+BUSY_SUBJECT = "Privat"
+
+
+def busy_fields(fields: dict) -> dict:
+    """A private item as a busy block: its times only, subject "Privat"."""
+    return {**fields, "subject": BUSY_SUBJECT, "body": "", "location": None}
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -493,5 +548,6 @@ def uid_for_key(key: str) -> str:
     return f"gwsync-{uuid.uuid5(uuid.NAMESPACE_URL, 'gwsync:' + key)}"
 
 
-__all__ = ["FIELDS", "BrokenItem", "ItemData", "Link", "read_item", "new_item", "update_item", "link_is_current",
+__all__ = ["FIELDS", "busy_fields", "in_window",
+           "BrokenItem", "ItemData", "Link", "read_item", "new_item", "update_item", "link_is_current",
            "parse_time", "format_time", "normalise_time", "strip_link", "uid_for_key"]

@@ -10,14 +10,23 @@ One run:
   2. read the CRM side: the activities of the area's kinds owned by the account, plus pushed ones;
   3. plan: pairs (link, CRM side, groupware side) -> `reconcile` decisions (pure) -> one typed
      action per pair that has something to do (`Plan`); planning writes nothing anywhere, and
-     `sync --dry-run` prints the plan;
+     `sync --dry-run` prints the plan. New server items that are private (`[sync] private =
+     "skip"`) or outside the date window get no pair: nothing is imported, nothing written
+     into them; items already linked stay linked whatever their CLASS or dates;
   4. the mass-deletion guard, on the plan;
   5. apply: the CRM creates in one transaction, then each action with conditional writes; a 412
      re-reads that item and plans that pair again; each pair's link is saved right after its
      writes, so a crash costs nothing: every step can be repeated (CRM writes are keyed by UID,
      creates on the server by a UID derived from the activity, and an existing item answers a
      repeated create with 412);
-  6. save the sync token (not when the review left items out, an action failed, or after a stop).
+  6. save the sync token (not when the review left items out, an action failed, or after a stop),
+     with the day the earliest item left out for starting after the window enters it: on that
+     day the collection is listed again (the item itself may never change, so no delta lists it).
+
+Privacy: with `[sync] private = "busy"`, every CLASS:PRIVATE or CONFIDENTIAL item is read as a
+busy block (subject "Privat", no description or location), linked or not, so its details
+never reach the CRM; gwsync writes no link into such an item (that would rewrite its
+description): it stays linked by the state database and by its UID.
 
 Identities: a link records the activity's identity (its uuid, see `Activity.identity`); a link
 whose id now names another activity (a CRM restored from an older backup) counts as "its
@@ -31,7 +40,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import ClassVar
 
 from ..config import AccountConfig, Config
@@ -54,6 +63,8 @@ from .icalmap import (
     BrokenItem,
     ItemData,
     Link,
+    busy_fields,
+    in_window,
     link_is_current,
     new_item,
     read_item,
@@ -69,6 +80,22 @@ MAX_RETRIES = 3
 LINK_BATCH = 200
 NO_SYNC = "gwsync:no-sync-collection:"  # stored in place of a token, with the time it was found out
 NO_SYNC_RECHECK = timedelta(days=1)  # then ask again: the server may have been upgraded
+RELIST = "gwsync:relist-on:"  # "<day> <token>": list the collection again on that day
+
+
+def with_relist(token: str, day: date | None) -> str:
+    return f"{RELIST}{day.isoformat()} {token}" if day is not None else token
+
+
+def split_relist(token: str | None) -> tuple[str | None, date | None]:
+    """(the token inside, the day to list again) of a stored token."""
+    if not token or not token.startswith(RELIST):
+        return token, None
+    day, _, inner = token[len(RELIST):].partition(" ")
+    try:
+        return inner or None, date.fromisoformat(day)
+    except ValueError:
+        return None, None  # unreadable: list again now
 
 
 def no_sync_marker(now: datetime | None = None) -> str:
@@ -232,6 +259,7 @@ class Plan:
     broken: tuple[tuple[str, str | None, str], ...] = ()  # (href, ETag, error) of unreadable items
     recovered: tuple[str, ...] = ()  # items that failed before and read fine now
     identities: tuple[CalendarLink, ...] = ()  # links that get their activity's identity recorded
+    relist: date | None = None  # when an item left out for starting after the window enters it
 
     def to_list(self) -> list[dict]:
         return [action.to_dict() for action in self.actions]
@@ -276,6 +304,8 @@ class CalendarSync:
         # unwritten ones to a crash costs nothing; the next run matches items and activities.
         self._link_changes: list[LinkChange] = []
         self._created: dict[str, Activity | None] = {}  # key -> the activity this run created for it
+        self._today = datetime.now(UTC).date()  # for the date window; set again by each plan
+        self._relist: date | None = None  # the earliest day an item left out for the future enters it
         self.store = crm.store_id()
 
     # -- entry point -------------------------------------------------------------------------
@@ -303,16 +333,40 @@ class CalendarSync:
         self._link_changes.append(("drop", (self.account.name, self.area, link.activity_id, link.href)))
 
     def _read(self, item: Item, linked: bool) -> ItemData:
-        """Parse an item; gwsync's own properties count on linked items and on this store's."""
-        return read_item(item.data or "", self.done, self.open, trusted=linked, store=self.store,
+        """Parse an item; gwsync's own properties count on linked items and on this store's.
+        A private item is read as a busy block when `[sync] private = "busy"`."""
+        data = read_item(item.data or "", self.done, self.open, trusted=linked, store=self.store,
                          kinds=self.config.crm.kinds)
+        if self._busy(data):
+            data = replace(data, fields=busy_fields(data.fields))
+        return data
+
+    def _busy(self, data: ItemData) -> bool:
+        return data.private and self.config.sync.private == "busy"
+
+    def _left_out(self, data: ItemData, today: date) -> str | None:
+        """Why a new server item is not imported: "private", "past", "future"; None: it is."""
+        sync = self.config.sync
+        if data.private and sync.private == "skip":
+            return "private"
+        if in_window(data, today, sync.past_days, sync.future_days):
+            return None
+        return "future" if data.first is not None and data.first > today else "past"
+
+    def _relist_day(self, data: ItemData) -> date:
+        assert data.first is not None  # left out for the future: it has a first day
+        return data.first - timedelta(days=self.config.sync.future_days)
 
     def plan(self) -> Plan:
         """Read both sides and decide; writes nothing (not even to the state database)."""
         name, area = self.account.name, self.area
         links = self.state.links(name, area)
         by_href = {l.href: l for l in links}
-        token = self.state.sync_token(name, area, self.coll.url)
+        token, relist = split_relist(self.state.sync_token(name, area, self.coll.url))
+        self._today = datetime.now(UTC).date()
+        if relist is not None and relist <= self._today:
+            token, relist = None, None  # an item left out for the future enters the window: list again
+        self._relist = relist
         new_token, changed, deleted = self._server_changes(token, by_href)
         failures = self.state.item_failures(name, area)
         retry = [h for h, f in failures.items() if f["attempts"] < self.config.crm.max_attempts
@@ -338,7 +392,8 @@ class CalendarSync:
         actions = tuple(a for a in map(self._action_for, pairs) if a is not None)
         if self.skip_hrefs:
             new_token = None  # left-out items must come up again next time: keep the old token
-        return Plan(actions, new_token, len(links), tuple(broken), tuple(recovered), tuple(identities))
+        return Plan(actions, new_token, len(links), tuple(broken), tuple(recovered), tuple(identities),
+                    self._relist)
 
     def _note_reads(self, plan: Plan) -> None:
         """What reading found, whatever the guard says: broken items, items readable again."""
@@ -374,7 +429,8 @@ class CalendarSync:
         if not self.dry_run and new_token is not None:
             if self.coll.writes > writes_before:
                 new_token = self._past_own_writes(new_token)
-            self.state.save_sync_token(self.account.name, self.area, self.coll.url, new_token)
+            self.state.save_sync_token(self.account.name, self.area, self.coll.url,
+                                       with_relist(new_token, plan.relist))
 
     def _past_own_writes(self, token: str) -> str:
         """After writing, the next delta would list our own writes. Ask once more; when the delta
@@ -449,7 +505,7 @@ class CalendarSync:
                 data = self._read(item, linked=False)
             except BrokenItem:
                 continue
-            if data.component == self.component:
+            if data.component == self.component and self._left_out(data, datetime.now(UTC).date()) is None:
                 found.append((href, data))
         return found
 
@@ -514,6 +570,12 @@ class CalendarSync:
                 activity = self.crm.get_activity(keyed[calendar_key(self.account.name, data.uid)])
             if activity is not None:
                 matched_ids.add(activity.id)
+            elif (why := self._left_out(data, self._today)) is not None:
+                log.info("%s, item %s: not imported (%s)", self.where, href, why)
+                if why == "future":
+                    day = self._relist_day(data)
+                    self._relist = day if self._relist is None else min(self._relist, day)
+                continue  # a new item that stays out of the CRM: no pair, nothing written into it
             pairs.append(_Pair(None, activity, fetched[href], data))
         for activity in activities.values():
             if activity.id not in linked_ids and activity.id not in matched_ids:
@@ -679,8 +741,8 @@ class CalendarSync:
         old ETag: the next sync reads the item again."""
         link = self._link_for(activity)
         stale = data.stale_recorded(fields)
-        if data.has_link(link) and not stale:
-            return item.etag
+        if (data.has_link(link) and not stale) or self._busy(data):
+            return item.etag  # a busy block: writing the link would replace its description
         text = update_item(item.data or "", fields, stale, self.done, link, include_link=True)
         try:
             return self.coll.update(item.href, text, item.etag or "*")
@@ -744,7 +806,8 @@ class CalendarSync:
         etag = saved.etag
         link = self._link_for(activity)
         item = pair.item
-        needs_link = item is not None and not (pair.data.has_link(link) if pair.data is not None
+        needs_link = item is not None and not (pair.data.has_link(link) or self._busy(pair.data)
+                                               if pair.data is not None
                                                else link_is_current(item.data or "", link))
         stale = pair.data.stale_recorded(base) if needs_link and pair.data and base else set()
         if decision.update_groupware or needs_link:
