@@ -269,6 +269,16 @@ def caldav_table(server, user: str, names: tuple[str, str]) -> str:
                                   tasks=names[1])
 
 
+def _wide_window(extra: str) -> str:
+    """Test items carry fixed dates; a window of a century keeps them in it whatever today is,
+    unless the test sets its own (`[sync] past_days` in `extra`)."""
+    if "past_days" in extra:
+        return extra
+    if "[sync]" in extra:
+        return extra.replace("[sync]\n", "[sync]\npast_days = 36500\n", 1)
+    return extra + "\n[sync]\npast_days = 36500\n"
+
+
 def build_env(dovecot, root: Path, request, mandatory: tuple[str, ...] = (), crm_extra: str = "",
               areas=("mail",), extra: str = "", link: str | None = "https://crm.example.com/activities/{id}",
               calserver=None) -> GwEnv:
@@ -292,7 +302,7 @@ def build_env(dovecot, root: Path, request, mandatory: tuple[str, ...] = (), crm
     config_path.write_text(CONFIG_TEMPLATE.format(
         dir=workdir, port=dovecot.port, user=user, env=env_name, link=f'link = "{link}"\n' if link else "",
         mandatory=json.dumps(list(mandatory)), crm_extra=crm_extra, areas=json.dumps(list(areas)),
-        caldav=caldav) + extra)
+        caldav=caldav) + _wide_window(extra))
     env = GwEnv(dovecot=dovecot, user=user, password=password, dir=workdir, config_path=config_path,
                 radicale=calserver if isinstance(calserver, RadicaleServer) else None, calserver=calserver,
                 collections=names)

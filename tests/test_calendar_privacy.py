@@ -86,7 +86,7 @@ def test_busy_imports_a_private_item_as_privat_with_nothing_else(make_env):
 
 
 def test_items_entirely_before_the_window_are_not_imported_open_ended_ones_are(make_env):
-    env = make_env(areas=AREAS)
+    env = make_env(areas=AREAS, extra="\n[sync]\npast_days = 30\n")  # the default, stated: the suite widens it
     long_ago = datetime.now(UTC).date() - timedelta(days=730)
     env.dav_put("events", "old.ics", event("old", "Vor zwei Jahren", long_ago))
     until = f"RRULE:FREQ=WEEKLY;UNTIL={stamp(long_ago + timedelta(days=70))}T000000Z\n"

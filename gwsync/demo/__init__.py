@@ -74,9 +74,9 @@ VERSION:2.0
 PRODID:-//A Phone//EN
 BEGIN:VEVENT
 UID:phone-meeting-1@demo.example
-DTSTAMP:20261126T080000Z
-DTSTART;TZID=Europe/Berlin:20261203T100000
-DTEND;TZID=Europe/Berlin:20261203T110000
+DTSTAMP:{stamp}T080000Z
+DTSTART;TZID=Europe/Berlin:{day}T100000
+DTEND;TZID=Europe/Berlin:{day}T110000
 SUMMARY:Jahresgespräch ACME
 LOCATION:Hamburg
 ATTENDEE;CN=Erika Mustermann:mailto:erika.mustermann@acme.example
@@ -256,8 +256,19 @@ def _make_calendars(dav_server: Radicale, home: str) -> None:
     dav_server.make_calendar(USER, "calendar", "VEVENT")
     dav_server.make_calendar(USER, "tasks", "VTODO")
     client = DAVClient(home, username=USER, password=dav_server.password_for(USER))
-    client.request(home + "calendar/phone-meeting-1.ics", "PUT", PHONE_EVENT.replace("\n", "\r\n"),
+    client.request(home + "calendar/phone-meeting-1.ics", "PUT", _phone_event().replace("\n", "\r\n"),
                    {"Content-Type": "text/calendar; charset=utf-8"})
+
+
+def _in_days(days: int):
+    """A day near today, so the demo's items always fall inside the sync's date window."""
+    import datetime
+
+    return datetime.date.today() + datetime.timedelta(days=days)
+
+
+def _phone_event() -> str:
+    return PHONE_EVENT.format(stamp=_in_days(0).strftime("%Y%m%d"), day=_in_days(6).strftime("%Y%m%d"))
 
 
 def _add_follow_up(engine) -> int:
@@ -267,7 +278,7 @@ def _add_follow_up(engine) -> int:
 
     return engine.create_activity(ActivityDraft(
         key=f"crm:{uuid.uuid4()}", kind="WIEDERVORLAGE", status="O", subject="Erika zurückrufen (Wartungsvertrag)",
-        due="2026-12-01T09:00:00+01:00[Europe/Berlin]", owner=USER))
+        due=f"{_in_days(4).isoformat()}T09:00:00+01:00[Europe/Berlin]", owner=USER))
 
 
 def _items(dav_server: Radicale, home: str, name: str) -> dict:
