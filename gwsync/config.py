@@ -112,6 +112,7 @@ Seconds = Annotated[float, Meta(ge=1, le=MAX_TIMEOUT),
 Command = Annotated[tuple[str, ...], Says(each="must be a non-empty list of strings")]  # program, arguments
 Share = Annotated[float, Meta(gt=0, le=1), Says("must be above 0 and at most 1")]
 DavUrl = Annotated[str, Meta(pattern="^https?://"), Says("must start with https:// (or http:// for a local server)")]
+Address = Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]  # a mail address: local@domain.tld
 WebUrl = Annotated[str, Meta(pattern="^https?://"), Says("must start with https:// or http://, got {value!r}")]
 
 
@@ -333,6 +334,10 @@ class AccountConfig:
     caldav: CaldavConfig | None = None
     notify_command: Command | None = None  # run with the import summary as last argument
     sieve: SieveConfig | None = None  # DERIVED from [imap] when the table is left out (see _complete)
+    # The employee's own addresses: mail from one of them is outgoing (MAILAUS). Default: the
+    # IMAP username if it is an address, else none. Lower-cased by _complete.
+    addresses: Annotated[tuple[Address, ...],
+                         Says(each="must be a list of mail addresses (name@example.com), got {value!r}")] = DERIVED
     name: str = field(default="", init=False)  # the key in [accounts], set by Config
 
     def __post_init__(self) -> None:
@@ -346,6 +351,10 @@ class AccountConfig:
         where each password comes from (for messages about it)."""
         where = _join("accounts", name)
         object.__setattr__(self, "name", name)
+        if self.addresses is None:
+            username = self.imap.username if self.imap is not None else ""
+            object.__setattr__(self, "addresses", (username,) if re.fullmatch(r"[^@\s]+@[^@\s]+", username) else ())
+        object.__setattr__(self, "addresses", tuple(dict.fromkeys(a.strip().lower() for a in self.addresses)))
         for area in self.areas:
             table = "imap" if area == "mail" else "caldav"
             if getattr(self, table) is None:
