@@ -419,3 +419,21 @@ def test_an_outgoing_mail_to_an_unknown_recipient_is_assigned_by_that_recipient(
         acts = engine.crm.list_activities(ActivityFilter())
     assert sorted((a.kind, a.unassigned, a.contact_id is not None) for a in acts) == [
         ("MAILAUS", False, True), ("MAILEIN", False, True)]
+
+
+def test_outgoing_mail_held_for_a_contact_is_released_by_assigning_its_recipient(make_env):
+    env = make_env(mandatory=("contact",))
+    own_addresses(env, "alice@firma.example")
+    env.append(DONE, sent_mail(1, to="neu@kunde.example", cc="bob@firma.example"))
+    env.cli_json("sync")
+    assert len(env.messages(DONE)) == 1  # held: no contact yet
+
+    code, rows = env.cli_json("unknown")
+    assert [(r["email"], r["held"]) for r in rows] == [("neu@kunde.example", 1)]
+    code, assigned = env.cli_json("assign", "neu@kunde.example", "--new-contact", "Neu Kunde")
+    assert assigned["held_to_release"] == 1
+    code, out = env.cli_json("sync")
+    assert out["accounts"]["alice"]["mail"]["imported"] == 1
+    with env.engine() as engine:
+        (act,) = engine.crm.list_activities(ActivityFilter())
+    assert (act.kind, act.contact_id, act.unassigned) == ("MAILAUS", assigned["contact_id"], False)
