@@ -115,6 +115,7 @@ Command = Annotated[tuple[str, ...], Says(each="must be a non-empty list of stri
 Share = Annotated[float, Meta(gt=0, le=1), Says("must be above 0 and at most 1")]
 Days = Annotated[int, Meta(ge=0, le=MAX_DAYS), Says(f"must be a number of days from 0 to {MAX_DAYS}, got {{value!r}}")]
 DavUrl = Annotated[str, Meta(pattern="^https?://"), Says("must start with https:// (or http:// for a local server)")]
+Address = Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]  # a mail address: local@domain.tld
 WebUrl = Annotated[str, Meta(pattern="^https?://"), Says("must start with https:// or http://, got {value!r}")]
 
 
@@ -348,6 +349,10 @@ class AccountConfig:
     caldav: CaldavConfig | None = None
     notify_command: Command | None = None  # run with the import summary as last argument
     sieve: SieveConfig | None = None  # DERIVED from [imap] when the table is left out (see _complete)
+    # The employee's own addresses: mail from one of them is outgoing (MAILAUS). Default: the
+    # IMAP username if it is an address, else none. Lower-cased by _complete.
+    addresses: Annotated[tuple[Address, ...],
+                         Says(each="must be a list of mail addresses (name@example.com), got {value!r}")] = DERIVED
     name: str = field(default="", init=False)  # the key in [accounts], set by Config
 
     def __post_init__(self) -> None:
@@ -361,6 +366,10 @@ class AccountConfig:
         where each password comes from (for messages about it)."""
         where = _join("accounts", name)
         object.__setattr__(self, "name", name)
+        if self.addresses is None:
+            username = self.imap.username if self.imap is not None else ""
+            object.__setattr__(self, "addresses", (username,) if re.fullmatch(r"[^@\s]+@[^@\s]+", username) else ())
+        object.__setattr__(self, "addresses", tuple(dict.fromkeys(a.strip().lower() for a in self.addresses)))
         for area in self.areas:
             table = "imap" if area == "mail" else "caldav"
             if getattr(self, table) is None:

@@ -31,6 +31,19 @@ def test_defaults():
     assert (config.sync.private, config.sync.past_days, config.sync.future_days) == ("skip", 30, 365)
 
 
+def test_an_accounts_own_addresses_default_to_its_imap_username_if_that_is_an_address():
+    imap = {"host": "h", "password_env": "X"}
+    assert parse_config(MINIMAL).account("alice").addresses == ()
+    named = parse_config({"accounts": {"a": {"imap": imap | {"username": "Alice@Firma.example"}}}})
+    assert named.account("a").addresses == ("alice@firma.example",)
+    given = parse_config({"accounts": {"a": {"addresses": ["Vertrieb@Firma.example", "alice@firma.example",
+                                                           "vertrieb@firma.example"],
+                                             "imap": imap | {"username": "alice@firma.example"}}}})
+    assert given.account("a").addresses == ("vertrieb@firma.example", "alice@firma.example")
+    none = parse_config({"accounts": {"a": {"addresses": [], "imap": imap | {"username": "alice@firma.example"}}}})
+    assert none.account("a").addresses == ()  # no mail counts as outgoing
+
+
 def test_spec_example_config_loads(tmp_path):
     text = (Path(__file__).resolve().parent.parent / "examples" / "config.toml").read_text()
     path = tmp_path / "c.toml"
@@ -53,6 +66,10 @@ def test_spec_example_config_loads(tmp_path):
     ({"crm": {"link": "https://crm/"}}, "crm.link must contain {id}"),
     ({"crm": {"mandatory": ["partnr"]}}, "unknown field 'partnr'"),
     ({"crm": {"statuses": {}}}, "crm.statuses is empty"),
+    ({"accounts": {"a": {"addresses": ["vertrieb"], "imap": {"host": "h", "username": "u"}}}},
+     "accounts.a.addresses must be a list of mail addresses (name@example.com), got 'vertrieb'"),
+    ({"accounts": {"a": {"addresses": "a@firma.example", "imap": {"host": "h", "username": "u"}}}},
+     "accounts.a.addresses must be a list, got 'a@firma.example'"),
 ])
 def test_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as err:

@@ -5,7 +5,17 @@ from dataclasses import dataclass
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gwsync.mail.decisions import Step, failure_outcome, missing_fields, plan_mail, resolve_sender
+from gwsync.mail.decisions import (
+    INCOMING,
+    OUTGOING,
+    Step,
+    failure_outcome,
+    missing_fields,
+    plan_mail,
+    resolve_mail,
+    resolve_recipients,
+    resolve_sender,
+)
 from gwsync.storage.state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord
 
 
@@ -49,6 +59,46 @@ def test_unknown_and_missing_senders_are_unassigned():
     assert resolve(None).partner_id is None
     assert resolve("").contact_id is None
     assert resolve("no-at-sign").partner_id is None
+
+
+OWN = ("alice@firma.example", "Vertrieb@Firma.example")
+
+
+def mail(sender, *recipients):
+    return resolve_mail(sender, list(recipients), OWN, CONTACTS.get, PARTNERS.get)
+
+
+def test_mail_from_an_own_address_is_outgoing_and_resolved_by_its_first_recipient_with_a_contact():
+    m = mail("vertrieb@firma.example", "x@unknown.example", "someone@other.example", "erika@acme.example")
+    assert (m.kind, m.match.contact_id, m.match.partner_id, m.correspondent) == (
+        OUTGOING, 1, 10, "x@unknown.example")
+
+
+def test_outgoing_mail_without_a_contact_takes_the_first_partner_domain_else_nobody():
+    m = mail("alice@firma.example", "x@unknown.example", "someone@other.example", "b@acme.example")
+    assert (m.kind, m.match.contact_id, m.match.partner_id, m.match.unassigned) == (OUTGOING, None, 11, True)
+    m = mail("alice@firma.example", "x@unknown.example")
+    assert (m.match.contact_id, m.match.partner_id, m.correspondent) == (None, None, "x@unknown.example")
+    m = mail("alice@firma.example")  # no recipient at all (a draft, Bcc only)
+    assert (m.kind, m.match.unassigned, m.correspondent) == (OUTGOING, True, None)
+
+
+def test_mail_from_anyone_else_is_incoming_and_resolved_by_its_sender():
+    m = mail("erika@acme.example", "alice@firma.example")
+    assert (m.kind, m.match.contact_id, m.correspondent) == (INCOMING, 1, "erika@acme.example")
+    assert mail(None, "erika@acme.example").kind == INCOMING
+    assert resolve_mail("alice@firma.example", ["erika@acme.example"], (), CONTACTS.get, PARTNERS.get).kind == INCOMING
+
+
+@given(st.lists(st.sampled_from([*CONTACTS, "x@other.example", "y@acme.example", "z@nowhere.example"]), max_size=5))
+def test_recipients_resolve_to_the_first_contact_else_the_first_partner_domain(recipients):
+    m = resolve_recipients(recipients, CONTACTS.get, PARTNERS.get)
+    contacts = [CONTACTS[r] for r in recipients if r in CONTACTS]
+    partners = [PARTNERS[r.split("@")[1]] for r in recipients if r.split("@")[1] in PARTNERS]
+    if contacts:
+        assert (m.contact_id, m.partner_id) == (contacts[0].id, contacts[0].partner_id)
+    else:
+        assert (m.contact_id, m.partner_id) == (None, partners[0].id if partners else None)
 
 
 @given(st.emails())

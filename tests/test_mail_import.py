@@ -347,3 +347,93 @@ def test_streamed_and_whole_mail_read_the_same_from_dovecot(env, mail):
     assert (streamed.subject, streamed.body, streamed.body_html) == (whole.subject, whole.body, whole.body_html)
     assert [(d.filename, d.content_type, d.sha256, d.size) for d in streamed.attachments] == [
         (a.filename, a.content_type, hashlib.sha256(a.data).hexdigest(), len(a.data)) for a in whole.attachments]
+
+
+# -- recipients: outgoing mail, To and Cc ------------------------------------------------------------
+
+def own_addresses(env, *addresses: str) -> None:
+    """[accounts.alice] addresses: the test users' IMAP names are no addresses."""
+    text = env.config_path.read_text()
+    env.config_path.write_text(text.replace("[accounts.alice]\n", f"[accounts.alice]\naddresses = {list(addresses)!r}\n"
+                                            .replace("'", '"'), 1))
+
+
+def sent_mail(n: int, to: str, cc: str = "", sender: str = "Alice Example <Alice@Firma.example>") -> bytes:
+    return crlf((f"From: {sender}\nTo: {to}\n" + (f"Cc: {cc}\n" if cc else "") +
+                 f"Subject: Sent {n}\nMessage-ID: <s{n}@firma.example>\n\nBody of sent mail {n}.\n").encode())
+
+
+def test_mail_sent_by_the_employee_is_outgoing_and_resolved_by_its_recipients(env):
+    own_addresses(env, "alice@firma.example")
+    with env.engine() as engine:
+        acme = engine.crm.add_partner("ACME", ["info@acme.example"])
+        erika = engine.crm.add_contact("Erika Mustermann", "erika@acme.example", acme.id)
+    env.append(DONE,
+               sent_mail(1, to="=?utf-8?q?Gr=C3=BC=C3=9Fe?= <stranger@nowhere.example>, Erika <Erika@ACME.example>",
+                         cc="bob@firma.example"),
+               sent_mail(2, to="einkauf@acme.example"),
+               sent_mail(3, to="stranger@nowhere.example"),
+               make_mail(4, sender="=?utf-8?q?Mustermann=2C_Erika?= <erika@acme.example>",
+                         extra_headers="Cc: bob@firma.example, Buchhaltung <buha@acme.example>\n"))
+
+    code, out = env.cli_json("sync")
+
+    assert code == 0, out
+    with env.engine() as engine:
+        acts = {a.subject: a for a in engine.crm.list_activities(ActivityFilter())}
+    to_erika, to_acme, to_stranger, from_erika = (acts[s] for s in ("Sent 1", "Sent 2", "Sent 3", "Test mail 4"))
+    assert (to_erika.kind, to_erika.contact_id, to_erika.partner_id, to_erika.unassigned) == (
+        "MAILAUS", erika.id, acme.id, False)
+    assert (to_erika.sender, to_erika.sender_name) == ("alice@firma.example", "Alice Example")
+    assert (to_erika.recipients_to, to_erika.recipients_cc) == (
+        ["stranger@nowhere.example", "erika@acme.example"], ["bob@firma.example"])
+    assert (to_acme.kind, to_acme.contact_id, to_acme.partner_id) == ("MAILAUS", None, acme.id)
+    assert (to_stranger.kind, to_stranger.contact_id, to_stranger.partner_id, to_stranger.unassigned) == (
+        "MAILAUS", None, None, True)
+    assert (from_erika.kind, from_erika.contact_id, from_erika.sender_name) == (
+        "MAILEIN", erika.id, "Mustermann, Erika")
+    assert (from_erika.recipients_to, from_erika.recipients_cc) == (
+        ["alice@example.com"], ["bob@firma.example", "buha@acme.example"])
+    assert all(a.imported_at for a in acts.values())
+
+    code, shown = env.cli_json("activity", "show", str(to_erika.id))
+    assert code == 0
+    assert (shown["sender_name"], shown["recipients_to"], shown["recipients_cc"]) == (
+        "Alice Example", ["stranger@nowhere.example", "erika@acme.example"], ["bob@firma.example"])
+    text = env.cli("activity", "show", str(to_erika.id)).stdout
+    assert "from: Alice Example <alice@firma.example>" in text
+    assert "to: stranger@nowhere.example, erika@acme.example" in text and "cc: bob@firma.example" in text
+
+
+def test_an_outgoing_mail_to_an_unknown_recipient_is_assigned_by_that_recipient(env):
+    own_addresses(env, "vertrieb@firma.example", "alice@firma.example")
+    env.append(DONE, sent_mail(1, to="Neu <neu@kunde.example>", sender="vertrieb@firma.example"),
+               make_mail(2, sender="neu@kunde.example"))
+    assert env.cli_json("sync")[0] == 0
+
+    code, rows = env.cli_json("unknown")
+    assert code == 0 and [(r["email"], r["imported"]) for r in rows] == [("neu@kunde.example", 2)]
+    result = env.cli("assign", "neu@kunde.example", "--new-contact", "Neu Kunde")
+    assert result.exit_code == 0, result.stderr
+    with env.engine() as engine:
+        acts = engine.crm.list_activities(ActivityFilter())
+    assert sorted((a.kind, a.unassigned, a.contact_id is not None) for a in acts) == [
+        ("MAILAUS", False, True), ("MAILEIN", False, True)]
+
+
+def test_outgoing_mail_held_for_a_contact_is_released_by_assigning_its_recipient(make_env):
+    env = make_env(mandatory=("contact",))
+    own_addresses(env, "alice@firma.example")
+    env.append(DONE, sent_mail(1, to="neu@kunde.example", cc="bob@firma.example"))
+    env.cli_json("sync")
+    assert len(env.messages(DONE)) == 1  # held: no contact yet
+
+    code, rows = env.cli_json("unknown")
+    assert [(r["email"], r["held"]) for r in rows] == [("neu@kunde.example", 1)]
+    code, assigned = env.cli_json("assign", "neu@kunde.example", "--new-contact", "Neu Kunde")
+    assert assigned["held_to_release"] == 1
+    code, out = env.cli_json("sync")
+    assert out["accounts"]["alice"]["mail"]["imported"] == 1
+    with env.engine() as engine:
+        (act,) = engine.crm.list_activities(ActivityFilter())
+    assert (act.kind, act.contact_id, act.unassigned) == ("MAILAUS", assigned["contact_id"], False)

@@ -50,6 +50,33 @@ def test_malformed_headers_degrade_to_readable_values():
     assert mail.message_id is None
 
 
+RECIPIENTS_MAIL = (
+    b"From: =?utf-8?q?M=C3=BCller=2C_Hans?= <Hans.Mueller@Acme.example>\r\n"
+    b"To: \"Mustermann, Erika\" <Erika@Kunde.example>, bob@kunde.example,\r\n"
+    b" =?iso-8859-1?q?J=F6rg?= <joerg@kunde.example>\r\n"
+    b"To: erika@kunde.example, not-an-address\r\n"
+    b"Cc: =?utf-8?b?w4RydGU=?= <aerzte@praxis.example>\r\n"
+    b"Subject: Angebot\r\n\r\nHallo\r\n")
+
+
+def test_to_cc_and_the_senders_display_name_are_read_and_decoded():
+    mail = parse_message(RECIPIENTS_MAIL)
+    assert mail.sender == "hans.mueller@acme.example"
+    assert mail.sender_name == "Müller, Hans"  # the encoded comma does not split the name
+    assert mail.to == ["erika@kunde.example", "bob@kunde.example", "joerg@kunde.example"]  # each once
+    assert mail.cc == ["aerzte@praxis.example"]
+    assert mail.recipients == mail.to + mail.cc
+
+
+def test_the_streamed_path_reads_the_same_recipients_and_name():
+    head, _, body = RECIPIENTS_MAIL.partition(b"\r\n\r\n")
+    reader = MailReader(parse_header_block(head + b"\r\n\r\n"), store=b"".join, max_text=MAX_STREAMED_TEXT)
+    reader.add(parse_header_block(b"Content-Type: text/plain\r\n\r\n"), lambda: [body], len(body))
+    streamed = reader.finish(Attachment)
+    small = parse_message(RECIPIENTS_MAIL)
+    assert (streamed.to, streamed.cc, streamed.sender_name) == (small.to, small.cc, small.sender_name)
+
+
 def test_nested_multipart_body_and_attachments():
     mail = fixture("nested-multipart.eml")
     assert mail.body == "Plain body of the nested mail."
@@ -253,6 +280,7 @@ def test_streamed_and_small_mail_read_the_same(mail, cuts):
     small = parse_message(mail.raw)
     streamed = _read_streamed(mail, cuts)
     assert (streamed.subject, streamed.body, streamed.body_html) == (small.subject, small.body, small.body_html)
+    assert (streamed.to, streamed.cc, streamed.sender_name) == (small.to, small.cc, small.sender_name)
     assert streamed.attachments == small.attachments
     assert len(small.attachments) == len([leaf for leaf in mail.leaves if not leaf.is_text_body])
 

@@ -344,3 +344,35 @@ def test_wrong_passwords_double_the_wait_per_client_in_bounded_memory():
     assert throttle.begin("2001:db8::1") == 0
     throttle.passed("2001:db8::1")  # the right password: a clean slate
     assert throttle.begin("2001:db8::1") == 0
+
+
+def test_the_activity_page_shows_the_senders_name_to_and_cc_and_assigns_outgoing_mail_by_its_recipient(tmp_path):
+    from gwsync.crm import ActivityDraft
+    from gwsync.engine import Engine
+
+    config, app = web_app(tmp_path)
+    with Engine(config) as engine:
+        incoming, outgoing = engine.crm.create_activities([
+            ActivityDraft(key="in", kind="MAILEIN", status="I", subject="Anfrage", sender="erika@acme.example",
+                          sender_name="Mustermann, Erika <script>", recipients_to=["alice@firma.example"],
+                          recipients_cc=["bob@firma.example", "buha@acme.example"]),
+            ActivityDraft(key="out", kind="MAILAUS", status="I", subject="Angebot", sender="alice@firma.example",
+                          sender_name="Alice", recipients_to=["neu@kunde.example", "zweit@kunde.example"],
+                          unassigned=True, source="alice:INBOX/CRM Neu [I]")])
+    client = app.test_client()
+    page = client.get(f"/activities/{incoming}").text
+    assert "Mustermann, Erika &lt;script&gt; &lt;erika@acme.example&gt;" in page
+    assert re.search(r"<dt>To</dt><dd>alice@firma.example</dd>", page)
+    assert re.search(r"<dt>Cc</dt><dd>bob@firma.example, buha@acme.example</dd>", page)
+    page = client.get(f"/activities/{outgoing}").text
+    assert re.search(r"<dt>To</dt><dd>neu@kunde.example <span class=\"warn\">unassigned</span> · "
+                     r"<a href=\"/unknown#neu@kunde.example\">assign</a>, zweit@kunde.example</dd>", page)
+    assert "/unknown#alice@firma.example" not in page
+    listed = client.get("/searches/unassigned").text
+    assert "to neu@kunde.example" in listed and "alice@firma.example" not in listed
+    with Engine(config) as engine:
+        engine.crm.update_activity(incoming, {"unassigned": True})
+    page = client.get(f"/activities/{incoming}").text
+    assert re.search(r"<dt>From</dt><dd>Mustermann, Erika &lt;script&gt; &lt;erika@acme.example&gt; "
+                     r"<span class=\"warn\">unassigned</span> · "
+                     r"<a href=\"/unknown#erika@acme.example\">assign</a></dd>", page)

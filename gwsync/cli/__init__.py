@@ -525,6 +525,11 @@ def activity_show(obj: Context, activity_id: int, as_json) -> None:
                 "message_id", "start", "end", "due", "location", "source", "imported_at", "link"):
         if data.get(key) not in (None, ""):
             click.echo(f"{key}: {data[key]}")
+    if data["sender"] and data["sender_name"]:
+        click.echo(f"from: {data['sender_name']} <{data['sender']}>")
+    for key, label in (("recipients_to", "to"), ("recipients_cc", "cc")):
+        if data[key]:
+            click.echo(f"{label}: {', '.join(data[key])}")
     for doc in data["documents"]:
         click.echo(f"document: {doc['filename']} ({doc['content_type']}, {doc['size']} bytes, sha256 {doc['sha256']})")
     if data["body"]:

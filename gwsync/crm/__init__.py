@@ -16,6 +16,9 @@ import abc
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
+# The kinds the mail import writes: mail received, and mail sent from the account's own address.
+MAIL_KINDS = ("MAILEIN", "MAILAUS")
+
 
 @dataclass
 class Document:
@@ -50,6 +53,9 @@ class ActivityDraft:
     rrule: str | None = None  # recurrence rule of a recurring appointment (RFC 5545 RRULE value)
     documents: list[Document] = field(default_factory=list)
     body_html: str | None = None  # a mail's HTML body as sent; whoever shows it must sanitise it
+    sender_name: str | None = None  # a mail's From display name, decoded
+    recipients_to: list[str] = field(default_factory=list)  # a mail's To addresses (lower case, in order)
+    recipients_cc: list[str] = field(default_factory=list)  # its Cc addresses
 
 
 @dataclass
@@ -69,7 +75,7 @@ class Activity:
     end: str | None
     due: str | None
     link: str
-    # When the mail import created it: set for a draft of kind MAILEIN with a source, else None.
+    # When the mail import created it: set for a draft of a kind in MAIL_KINDS with a source, else None.
     imported_at: str | None
     source: str | None
     documents: list[Document] = field(default_factory=list)
@@ -83,6 +89,17 @@ class Activity:
     # Never given to another activity, not even by a store restored from an older backup (ids
     # can be: a restore rewinds the id counter). None when the backend has none.
     uuid: str | None = None
+    sender_name: str | None = None
+    recipients_to: list[str] = field(default_factory=list)
+    recipients_cc: list[str] = field(default_factory=list)
+
+    @property
+    def correspondent(self) -> str | None:
+        """The address a mail was resolved by, and is assigned by (`gwsync assign`): the sender,
+        or for outgoing mail (MAILAUS) the first recipient, To then Cc."""
+        if self.kind == MAIL_KINDS[1]:
+            return next(iter(self.recipients_to + self.recipients_cc), None)
+        return self.sender
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -237,12 +254,14 @@ class CRMBackend(abc.ABC):
 
     @abc.abstractmethod
     def unassigned_senders(self) -> dict[str, int]:
-        """Sender address (lower case) -> number of activities from it marked unassigned."""
+        """Address (lower case) -> number of activities marked unassigned whose correspondent it
+        is (Activity.correspondent: the sender; for outgoing mail, MAILAUS, the first recipient)."""
 
     @abc.abstractmethod
     def link_activities_from(self, address: str, contact_id: int, partner_id: int | None) -> int:
-        """Give every activity from this address that has no contact this contact (and the partner,
-        where it has none) and clear its unassigned mark; returns how many changed."""
+        """Give every activity whose correspondent is this address (as unassigned_senders counts)
+        and that has no contact this contact (and the partner, where it has none) and clear its
+        unassigned mark; returns how many changed."""
 
     def close(self) -> None:  # noqa: B027 - optional: a backend with nothing to release leaves it out
         """Release resources; the default does nothing."""

@@ -13,6 +13,7 @@ steps of version 1 check what is there.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import tempfile
@@ -28,7 +29,7 @@ import sqlite_utils
 from ..errors import file_fault
 from ..storage.migrations import Migration, add_column, latest, upgrade
 from ..storage.sqlite import ensure_private_dir, open_private_db, transaction
-from . import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Document, Partner
+from . import MAIL_KINDS, Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Document, Partner
 
 _T = TypeVar("_T")
 
@@ -121,12 +122,24 @@ def _never_reused_ids(db: sqlite_utils.Database) -> None:
     conn.execute("INSERT INTO meta (name, value) VALUES ('store_id', ?)", (str(uuid.uuid4()),))
 
 
+def _mail_recipients(db: sqlite_utils.Database) -> None:
+    """To and Cc as JSON lists of addresses (NULL: none), the sender's display name."""
+    for column in ("sender_name", "recipients_to", "recipients_cc"):
+        db.conn.execute(f'ALTER TABLE activities ADD COLUMN "{column}" TEXT')
+
+
 MIGRATIONS = [
     Migration(1, "partners, contacts, activities, documents: the first release", _first_release),
     Migration(1, "activities: owner, rrule, updated_at (calendar sync)", _calendar_columns),
     Migration(1, "activities: body_html; indexes on partner_id and contact_id (web view)", _web_view_columns),
     Migration(1, "activities rebuilt with AUTOINCREMENT and a uuid each; the store id in meta", _never_reused_ids),
+    Migration(2, "activities: sender_name, recipients_to, recipients_cc (mail recipients)", _mail_recipients),
 ]
+
+# The address an activity is assigned by (Activity.correspondent): an outgoing mail's first
+# recipient, To then Cc; else the sender.
+_CORRESPONDENT = ("unicode_lower(CASE WHEN kind = 'MAILAUS' THEN coalesce(json_extract(recipients_to, '$[0]'), "
+                  "json_extract(recipients_cc, '$[0]')) ELSE sender END)")
 SCHEMA_VERSION = latest(MIGRATIONS)
 
 
@@ -211,6 +224,10 @@ def _made(record: _T | None) -> _T:
     """A record this connection has just written, read back."""
     assert record is not None
     return record
+
+
+def _json_list(values: list[str]) -> str | None:
+    return json.dumps(values, ensure_ascii=False) if values else None
 
 
 def _now_precise() -> str:
@@ -321,12 +338,14 @@ class EmbeddedCRM(CRMBackend):
                 cur = self.conn.execute(
                     "INSERT INTO activities (key, kind, status, subject, body, location, contact_id, partner_id, "
                     "sender, unassigned, message_id, start, end, due, source, imported_at, created_at, owner, "
-                    "rrule, updated_at, body_html, uuid) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "rrule, updated_at, body_html, uuid, sender_name, recipients_to, recipients_cc) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (draft.key, draft.kind, draft.status, draft.subject, draft.body, draft.location,
                      draft.contact_id, draft.partner_id, draft.sender, int(draft.unassigned),
                      draft.message_id, draft.start, draft.end, draft.due, draft.source,
-                     now if draft.source and draft.kind == "MAILEIN" else None, now, draft.owner, draft.rrule,
-                     _now_precise(), draft.body_html, str(uuid.uuid4())),
+                     now if draft.source and draft.kind in MAIL_KINDS else None, now, draft.owner, draft.rrule,
+                     _now_precise(), draft.body_html, str(uuid.uuid4()), draft.sender_name,
+                     _json_list(draft.recipients_to), _json_list(draft.recipients_cc)),
                 )
                 activity_id = _new_id(cur)
                 for doc in draft.documents:
@@ -401,14 +420,14 @@ class EmbeddedCRM(CRMBackend):
 
     def unassigned_senders(self) -> dict[str, int]:
         return {row[0]: row[1] for row in self.conn.execute(
-            "SELECT unicode_lower(sender), count(*) FROM activities WHERE unassigned = 1 AND sender IS NOT NULL "
-            "GROUP BY unicode_lower(sender) ORDER BY count(*) DESC, unicode_lower(sender)")}
+            f"SELECT {_CORRESPONDENT} AS address, count(*) FROM activities WHERE unassigned = 1 "
+            "GROUP BY address HAVING address IS NOT NULL ORDER BY count(*) DESC, address")}
 
     def link_activities_from(self, address: str, contact_id: int, partner_id: int | None) -> int:
         with transaction(self.conn):
             cur = self.conn.execute(
                 "UPDATE activities SET contact_id = ?, partner_id = COALESCE(partner_id, ?), unassigned = 0, "
-                "updated_at = ? WHERE unicode_lower(sender) = ? AND contact_id IS NULL",
+                f"updated_at = ? WHERE {_CORRESPONDENT} = ? AND contact_id IS NULL",
                 (contact_id, partner_id, _now_precise(), address.strip().lower()))
         return cur.rowcount
 
@@ -437,7 +456,9 @@ class EmbeddedCRM(CRMBackend):
             link=self.link_template.format(id=row["id"]), imported_at=row["imported_at"],
             source=row["source"], documents=docs, owner=row.get("owner"), rrule=row.get("rrule"),
             updated_at=row.get("updated_at"), key=row["key"], body_html=row.get("body_html"),
-            uuid=row.get("uuid"),
+            uuid=row.get("uuid"), sender_name=row.get("sender_name"),
+            recipients_to=json.loads(row.get("recipients_to") or "[]"),
+            recipients_cc=json.loads(row.get("recipients_cc") or "[]"),
         )
 
     def get_activity(self, activity_id: int) -> Activity | None:

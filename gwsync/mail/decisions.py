@@ -54,6 +54,46 @@ def resolve_sender(address: str | None,
     return SenderMatch(None, partner.id if partner is not None else None)
 
 
+def resolve_recipients(recipients: list[str],
+                       find_contact: Callable[[str], _Contactish | None],
+                       find_partner: Callable[[str], _HasId | None]) -> SenderMatch:
+    """README, "Outgoing mail": the first recipient (To, then Cc) with a contact -> that contact and its
+    partner; else the first recipient whose domain is a partner's -> that partner, no contact; else nobody."""
+    for address in recipients:
+        contact = find_contact(address.strip().lower())
+        if contact is not None:
+            return SenderMatch(contact.id, contact.partner_id)
+    for address in recipients:
+        domain = sender_domain(address)
+        partner = find_partner(domain) if domain else None
+        if partner is not None:
+            return SenderMatch(None, partner.id)
+    return SenderMatch(None, None)
+
+
+INCOMING, OUTGOING = "MAILEIN", "MAILAUS"
+
+
+@dataclass(frozen=True)
+class MailMatch:
+    kind: str  # INCOMING, or OUTGOING: sent from one of the account's own addresses
+    match: SenderMatch
+    # The address to assign to a contact (`gwsync unknown`): the sender, or an outgoing mail's first recipient.
+    correspondent: str | None
+
+
+def resolve_mail(sender: str | None, recipients: list[str], own_addresses: tuple[str, ...],
+                 find_contact: Callable[[str], _Contactish | None],
+                 find_partner: Callable[[str], _HasId | None]) -> MailMatch:
+    """Mail from one of the account's own addresses is outgoing and resolved by its recipients;
+    any other by its sender."""
+    own = {a.strip().lower() for a in own_addresses}
+    if sender and sender.strip().lower() in own:
+        return MailMatch(OUTGOING, resolve_recipients(recipients, find_contact, find_partner),
+                         recipients[0] if recipients else None)
+    return MailMatch(INCOMING, resolve_sender(sender, find_contact, find_partner), sender)
+
+
 def missing_fields(mandatory: tuple[str, ...], *, partner_id: int | None, contact_id: int | None,
                    subject: str, body: str) -> list[str]:
     """The configured mandatory fields that the activity would lack."""
@@ -88,5 +128,6 @@ def failure_outcome(previous_attempts: int, max_attempts: int) -> tuple[str, int
     return (QUARANTINED if attempts >= max_attempts else FAILED), attempts
 
 
-__all__ = ["SenderMatch", "resolve_sender", "missing_fields", "Step", "plan_mail", "failure_outcome",
+__all__ = ["SenderMatch", "resolve_sender", "resolve_recipients", "MailMatch", "resolve_mail", "INCOMING",
+           "OUTGOING", "missing_fields", "Step", "plan_mail", "failure_outcome",
            "sender_domain", "HELD", "FAILED", "IMPORTED", "QUARANTINED"]

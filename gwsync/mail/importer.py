@@ -26,11 +26,10 @@ from ..config import AccountConfig, CrmConfig
 from ..crm import ActivityDraft, CRMBackend, Document
 from ..errors import ConfigError, StoreError
 from ..storage.state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord, StateStore
-from .decisions import SenderMatch, Step, failure_outcome, missing_fields, plan_mail, resolve_sender
+from .decisions import MailMatch, SenderMatch, Step, failure_outcome, missing_fields, plan_mail, resolve_mail
 from .imap import FETCH_BATCH, ImapSession, ImportFolder, MailGone, MailServerError, ServerUnreachable
 from .mime import Attachment, MailReader, ParsedMail, content_key, parse_header_block, parse_headers, parse_message
 
-MAIL_KIND = "MAILEIN"
 # Mails above this size are streamed part by part instead of fetched whole, which keeps peak
 # memory flat whatever the attachment size.
 STREAM_THRESHOLD = 8 << 20
@@ -234,8 +233,7 @@ class MailImporter:
                     headers = parse_headers(parse_header_block(session.fetch_section(uid, "HEADER")), [])
                 except MailGone:
                     continue
-                match = resolve_sender(headers["sender"], self.crm.find_contact_by_email,
-                                       self.crm.find_partner_by_domain)
+                match = self._resolve(headers["sender"], headers["to"], headers["cc"]).match
                 pending.append(PendingMail(
                     folder=folder.name, uid=uid, status=folder.status, sender=headers["sender"],
                     subject=headers["subject"], body="", attachments=[f"({sizes[uid] >> 20} MB mail)"],
@@ -250,8 +248,7 @@ class MailImporter:
                     if uid not in raws or content_key(raws[uid]) in known:
                         continue
                     parsed = parse_message(raws[uid])
-                    match = resolve_sender(parsed.sender, self.crm.find_contact_by_email,
-                                           self.crm.find_partner_by_domain)
+                    match = self._resolve(parsed.sender, parsed.to, parsed.cc).match
                     pending.append(PendingMail(
                         folder=folder.name, uid=uid, status=folder.status, sender=parsed.sender,
                         subject=parsed.subject, body=parsed.body,
@@ -270,7 +267,8 @@ class MailImporter:
                           key=key)
         try:
             parsed = parse()
-            match = resolve_sender(parsed.sender, self.crm.find_contact_by_email, self.crm.find_partner_by_domain)
+            resolved = self._resolve(parsed.sender, parsed.to, parsed.cc)
+            match = resolved.match
             given = self.overrides.get((folder.name, uid), {})
             if given:
                 match = SenderMatch(given.get("contact_id", match.contact_id),
@@ -279,7 +277,8 @@ class MailImporter:
                 parsed.body = given.get("body", parsed.body)
             missing = missing_fields(self.crm_cfg.mandatory, partner_id=match.partner_id,
                                      contact_id=match.contact_id, subject=parsed.subject, body=parsed.body)
-            base.sender, base.subject = parsed.sender, parsed.subject
+            # Held for want of a contact: the address to assign (an outgoing mail's recipient).
+            base.sender, base.subject = resolved.correspondent, parsed.subject
             if missing:
                 base.outcome, base.missing = HELD, missing
                 return _Prepared(uid=uid, key=key, record=base)
@@ -288,11 +287,12 @@ class MailImporter:
             for doc, (category, keyword) in zip(documents, given.get("documents", []), strict=False):
                 doc.category, doc.keyword = category or None, keyword or None
             draft = ActivityDraft(
-                key=key, kind=MAIL_KIND, status=folder.status, subject=parsed.subject, body=parsed.body,
+                key=key, kind=resolved.kind, status=folder.status, subject=parsed.subject, body=parsed.body,
                 body_html=parsed.body_html if "body" not in given else None,  # an edited body drops the HTML
                 contact_id=match.contact_id, partner_id=match.partner_id, sender=parsed.sender,
                 unassigned=match.unassigned, message_id=parsed.message_id, start=parsed.date,
-                source=f"{self.account.name}:{folder.name}", owner=self.account.name, documents=documents)
+                source=f"{self.account.name}:{folder.name}", owner=self.account.name, documents=documents,
+                sender_name=parsed.sender_name or None, recipients_to=parsed.to, recipients_cc=parsed.cc)
             return _Prepared(uid=uid, key=key, draft=draft)
         except (ServerUnreachable, IMAPClientAbortError, ConnectionError, TimeoutError, MailGone, StoreError):
             raise  # the connection, the environment, or the mail is gone: never count it against the mail
@@ -301,6 +301,12 @@ class MailImporter:
             base.outcome, base.attempts = failure_outcome(previous, self.crm_cfg.max_attempts)
             base.error = f"{type(exc).__name__}: {exc}"[:500]
             return _Prepared(uid=uid, key=key, record=base)
+
+    def _resolve(self, sender: str | None, to: list[str], cc: list[str]) -> MailMatch:
+        """Incoming mail by its sender; mail from the account's own addresses by its recipients."""
+        recipients = list(dict.fromkeys(to + cc))
+        return resolve_mail(sender, recipients, self.account.addresses, self.crm.find_contact_by_email,
+                            self.crm.find_partner_by_domain)
 
     def _store(self, att: Attachment | Document) -> Document:
         if isinstance(att, Document):  # streamed attachments are stored while being read

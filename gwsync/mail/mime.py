@@ -44,13 +44,19 @@ class ParsedMail:
     message_id: str | None
     subject: str
     sender: str | None  # lower-cased address, None when the From header has none
-    sender_name: str
-    recipients: list[str]
+    sender_name: str  # the From header's display name, RFC 2047 words decoded ("" when none)
+    to: list[str]  # the To header's addresses, lower-cased, in order, each once
+    cc: list[str]  # the Cc header's addresses, as `to`
     date: str | None  # ISO 8601 in UTC
     body: str
     attachments: list[Attachment] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     body_html: str | None = None  # the HTML body as sent (unsanitised: sanitise where it is shown)
+
+    @property
+    def recipients(self) -> list[str]:
+        """To, then Cc: the order in which an outgoing mail's recipients are resolved."""
+        return self.to + [a for a in self.cc if a not in self.to]
 
 
 def content_key(raw: bytes) -> str:
@@ -112,12 +118,6 @@ def _raw_chunks(part: Message) -> list[bytes]:
 def parse_headers(msg: Message, warnings: list[str]) -> dict:
     """The header fields gwsync maps, each read defensively."""
     sender_name, sender = _first_address(msg, "From", warnings)
-    recipients = []
-    for name in ("To", "Cc"):
-        for value in _header_values(msg, name, warnings):
-            for _display, addr in email.utils.getaddresses([value]):
-                if addr and "@" in addr:
-                    recipients.append(addr.strip().lower())
     header_id = _header(msg, "Message-ID", warnings).strip()
     message_id = header_id.split()[0] if header_id.strip("<> ") else None
     return {
@@ -125,7 +125,8 @@ def parse_headers(msg: Message, warnings: list[str]) -> dict:
         "subject": _clean_text(_header(msg, "Subject", warnings)),
         "sender": sender,
         "sender_name": sender_name,
-        "recipients": recipients,
+        "to": _addresses(msg, "To", warnings),
+        "cc": _addresses(msg, "Cc", warnings),
         "date": _date(_header(msg, "Date", warnings)),
     }
 
@@ -195,9 +196,36 @@ def _clean_text(text: str) -> str:
 _ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
 
 
+def _address_pairs(msg: Message, name: str, warnings: list[str]) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """Each value of an address header (decoded, for a fallback search) with its (display name,
+    address) pairs. The pairs are split before RFC 2047 words are decoded, so that an encoded
+    comma or quote in a display name ("=?utf-8?q?M=C3=BCller=2C_Hans?=") cannot split it."""
+    try:
+        raw_values = msg.get_all(name) or []
+    except Exception as exc:
+        warnings.append(f"header {name}: {exc}")
+        return
+    for raw in raw_values:
+        decoded = _unfold(_header_text(raw))
+        if isinstance(raw, email.header.Header):  # raw 8-bit bytes: only the decoded text is readable
+            pairs = email.utils.getaddresses([decoded])
+        else:
+            pairs = [(_decode_words(display), addr) for display, addr in email.utils.getaddresses([_unfold(raw)])]
+        yield decoded, pairs
+
+
+def _addresses(msg: Message, name: str, warnings: list[str]) -> list[str]:
+    found: list[str] = []
+    for _value, pairs in _address_pairs(msg, name, warnings):
+        for _display, addr in pairs:
+            addr = addr.strip().lower()
+            if _ADDRESS.fullmatch(addr) and addr not in found:
+                found.append(addr)
+    return found
+
+
 def _first_address(msg: Message, name: str, warnings: list[str]) -> tuple[str, str | None]:
-    for value in _header_values(msg, name, warnings):
-        pairs = email.utils.getaddresses([value])
+    for value, pairs in _address_pairs(msg, name, warnings):
         for display, addr in pairs:
             addr = addr.strip()
             if _ADDRESS.fullmatch(addr):

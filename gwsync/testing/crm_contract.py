@@ -34,6 +34,7 @@ import pytest
 from gwsync.crm import ActivityDraft, ActivityFilter, CRMBackend, Document
 
 MAIL_KIND = "MAILEIN"  # what gwsync.mail.importer writes
+OUTGOING_MAIL_KIND = "MAILAUS"  # what it writes for mail sent from the account's own address
 EDITABLE = ("kind", "status", "subject", "body", "location", "start", "end", "due", "rrule", "contact_id",
             "partner_id", "owner", "unassigned")
 CLOCK_SLACK = timedelta(minutes=10)  # how far a backend's clock may be from this machine's
@@ -235,15 +236,21 @@ class CRMBackendContract:
             owner="alice", rrule="FREQ=WEEKLY;COUNT=3")
         task = self.draft(backend, "calendar:alice:uid-2", kind=self.KINDS[1], due="2026-12-03", body="")
         mail = self.mail_draft(backend, "mail-1", sender="erika@acme.example", contact_id=contact.id,
-                               partner_id=partner.id, body_html="<p>Hello</p>", start="2026-03-02T09:15:00+00:00")
+                               partner_id=partner.id, body_html="<p>Hello</p>", start="2026-03-02T09:15:00+00:00",
+                               sender_name="Mustermann, Erika",
+                               recipients_to=["alice@firma.example", "bob@firma.example"],
+                               recipients_cc=["jörg@müller.example"])
         unassigned = self.mail_draft(backend, "mail-2", unassigned=True)
-        drafts = [appointment, task, mail, unassigned]
+        outgoing = self.mail_draft(backend, "mail-3", kind=OUTGOING_MAIL_KIND, sender="alice@firma.example",
+                                   sender_name="Alice", recipients_to=["erika@acme.example"], contact_id=contact.id,
+                                   partner_id=partner.id)
+        drafts = [appointment, task, mail, unassigned, outgoing]
         for draft, activity_id in zip(drafts, backend.create_activities(drafts), strict=True):
             got = backend.get_activity(activity_id)
             assert got.id == activity_id
             for name in ("key", "kind", "status", "subject", "body", "location", "contact_id", "partner_id",
                          "sender", "unassigned", "message_id", "start", "end", "due", "source", "owner", "rrule",
-                         "body_html"):
+                         "body_html", "sender_name", "recipients_to", "recipients_cc"):
                 assert getattr(got, name) == getattr(draft, name), (draft.key, name)
             assert got.documents == []
             assert isinstance(got.link, str)
@@ -253,9 +260,17 @@ class CRMBackendContract:
                 _near_now(got.updated_at)
 
     def test_imported_at_is_set_for_imported_mail_only(self, backend):
-        mail, appointment = self.create(backend, self.mail_draft(backend, "mail"), self.draft(backend, "appt"))
+        mail, outgoing, appointment = self.create(
+            backend, self.mail_draft(backend, "mail"), self.mail_draft(backend, "sent", kind=OUTGOING_MAIL_KIND),
+            self.draft(backend, "appt"))
         _near_now(backend.get_activity(mail).imported_at)
+        _near_now(backend.get_activity(outgoing).imported_at)
         assert backend.get_activity(appointment).imported_at is None
+
+    def test_recipients_and_sender_name_default_to_none_given(self, backend):
+        (appointment,) = self.create(backend, self.draft(backend, "no-mail"))
+        got = backend.get_activity(appointment)
+        assert (got.sender_name, got.recipients_to, got.recipients_cc) == (None, [], [])
 
     def test_activities_are_json_for_the_cli(self, backend):
         doc = self.document(backend, b"%PDF-1.4 offer", "offer.pdf", category="offer", keyword="2026")
@@ -570,6 +585,30 @@ class CRMBackendContract:
         assert backend.unassigned_senders() == {"ann@unknown.example": 1}
         assert backend.link_activities_from("sam@unknown.example", sam.id, acme.id) == 0  # again: nothing to do
         assert backend.link_activities_from("nobody@unknown.example", sam.id, None) == 0
+
+    def test_outgoing_mail_counts_and_links_by_its_first_recipient(self, backend):
+        """Unassigned outgoing mail (MAILAUS) is sent by the employee: the address to assign is its
+        first recipient (To, then Cc), not the sender."""
+        acme = backend.add_partner("ACME", ["info@acme.example"])
+
+        def sent(key, to, cc=(), **fields):
+            return self.mail_draft(backend, key, kind=OUTGOING_MAIL_KIND, sender="alice@firma.example",
+                                   recipients_to=list(to), recipients_cc=list(cc), unassigned=True, **fields)
+        ids = self.create(backend,
+                          sent("o1", ["Sam@Unknown.example", "ann@unknown.example"]),
+                          sent("o2", [], ["SAM@unknown.example"], partner_id=acme.id),
+                          sent("o3", ["ann@unknown.example"], ["sam@unknown.example"]),
+                          sent("o4", []),  # no recipient: nobody to assign
+                          self.mail_draft(backend, "i1", sender="sam@unknown.example", unassigned=True))
+        assert backend.unassigned_senders() == {"sam@unknown.example": 3, "ann@unknown.example": 1}
+        sam = backend.add_contact("Sam", "sam@unknown.example", acme.id)
+        assert backend.link_activities_from("sam@unknown.example", sam.id, acme.id) == 3
+        first, second, third, fourth, incoming = (backend.get_activity(i) for i in ids)
+        assert (first.contact_id, first.partner_id, first.unassigned) == (sam.id, acme.id, False)
+        assert (second.contact_id, second.partner_id) == (sam.id, acme.id)
+        assert (third.contact_id, third.unassigned) == (None, True)  # sent to ann first
+        assert fourth.contact_id is None and incoming.contact_id == sam.id
+        assert backend.unassigned_senders() == {"ann@unknown.example": 1}
 
     def test_link_activities_without_a_partner(self, backend):
         (activity_id,) = self.create(backend, self.mail_draft(backend, "np", sender="jörg@müller.example",

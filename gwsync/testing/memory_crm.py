@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from gwsync.crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Partner
+from gwsync.crm import MAIL_KINDS, Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Partner
 
 EDITABLE = ("kind", "status", "subject", "body", "location", "start", "end", "due", "rrule", "contact_id",
             "partner_id", "owner", "unassigned")
@@ -118,9 +118,11 @@ class MemoryCRM(CRMBackend):
             location=draft.location, contact_id=draft.contact_id, partner_id=draft.partner_id,
             sender=draft.sender, unassigned=draft.unassigned, message_id=draft.message_id, start=draft.start,
             end=draft.end, due=draft.due, link=self.link.format(id=activity_id),
-            imported_at=now if draft.source and draft.kind == MAIL_KIND else None, source=draft.source,
+            imported_at=now if draft.source and draft.kind in MAIL_KINDS else None, source=draft.source,
             documents=copy.deepcopy(list(draft.documents)), owner=draft.owner, rrule=draft.rrule,
-            updated_at=now, key=draft.key, body_html=draft.body_html, uuid=str(uuid.uuid4()))
+            updated_at=now, key=draft.key, body_html=draft.body_html, uuid=str(uuid.uuid4()),
+            sender_name=draft.sender_name, recipients_to=list(draft.recipients_to),
+            recipients_cc=list(draft.recipients_cc))
 
     def update_activity(self, activity_id: int, changes: dict) -> None:
         unknown = set(changes) - set(EDITABLE)
@@ -153,14 +155,14 @@ class MemoryCRM(CRMBackend):
     def unassigned_senders(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for a in self.activities.values():
-            if a.unassigned and a.sender:
-                counts[_address(a.sender)] = counts.get(_address(a.sender), 0) + 1
+            if a.unassigned and a.correspondent:
+                counts[_address(a.correspondent)] = counts.get(_address(a.correspondent), 0) + 1
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def link_activities_from(self, address: str, contact_id: int, partner_id: int | None) -> int:
         address = _address(address)
         changed = [a for a in self.activities.values()
-                   if a.sender and _address(a.sender) == address and a.contact_id is None]
+                   if a.correspondent and _address(a.correspondent) == address and a.contact_id is None]
         for a in changed:
             self.activities[a.id] = replace(a, contact_id=contact_id, unassigned=False, updated_at=_now(),
                                             partner_id=a.partner_id if a.partner_id is not None else partner_id)
