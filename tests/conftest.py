@@ -269,14 +269,15 @@ def caldav_table(server, user: str, names: tuple[str, str]) -> str:
                                   tasks=names[1])
 
 
-def _wide_window(extra: str) -> str:
+def _wide_window(config: str, extra: str) -> str:
     """Test items carry fixed dates; a window of a century keeps them in it whatever today is,
-    unless the test sets its own (`[sync] past_days` in `extra`)."""
+    unless the test sets its own (`[sync] past_days` in `extra`). The table goes before the
+    accounts, so tests that copy an account's tables from one config to another copy no [sync]."""
     if "past_days" in extra:
-        return extra
+        return config + extra
     if "[sync]" in extra:
-        return extra.replace("[sync]\n", "[sync]\npast_days = 36500\n", 1)
-    return extra + "\n[sync]\npast_days = 36500\n"
+        return config + extra.replace("[sync]\n", "[sync]\npast_days = 36500\n", 1)
+    return config.replace("[accounts.alice]\n", "[sync]\npast_days = 36500\n\n[accounts.alice]\n", 1) + extra
 
 
 def build_env(dovecot, root: Path, request, mandatory: tuple[str, ...] = (), crm_extra: str = "",
@@ -299,10 +300,10 @@ def build_env(dovecot, root: Path, request, mandatory: tuple[str, ...] = (), crm
         calserver.add_user(user)
         names = calserver.collection_names(user)
         caldav = caldav_table(calserver, user, names)
-    config_path.write_text(CONFIG_TEMPLATE.format(
+    config_path.write_text(_wide_window(CONFIG_TEMPLATE.format(
         dir=workdir, port=dovecot.port, user=user, env=env_name, link=f'link = "{link}"\n' if link else "",
         mandatory=json.dumps(list(mandatory)), crm_extra=crm_extra, areas=json.dumps(list(areas)),
-        caldav=caldav) + _wide_window(extra))
+        caldav=caldav), extra))
     env = GwEnv(dovecot=dovecot, user=user, password=password, dir=workdir, config_path=config_path,
                 radicale=calserver if isinstance(calserver, RadicaleServer) else None, calserver=calserver,
                 collections=names)
