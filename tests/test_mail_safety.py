@@ -26,6 +26,23 @@ def _seq_numbers(raws) -> list[int]:
     return sorted(int(re.search(rb"X-Seq: (\d+)", raw).group(1)) for raw in raws)
 
 
+def _activity_count(env) -> int:
+    """Activities committed so far, read beside the running sync (the CRM database is in WAL mode)."""
+    import sqlite3
+
+    path = env.dir / "crm.db"
+    if not path.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            return int(conn.execute("SELECT count(*) FROM activities").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:  # not created yet, or being upgraded: nothing committed that counts
+        return 0
+
+
 def test_sigkill_at_random_moments_loses_and_duplicates_nothing(env):
     total = 600
     # Some attachments make parts of the run slower, so kills land in different steps.
@@ -34,8 +51,15 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(env):
     rng = random.Random(20261126)
     partial_kills = 0
     for _attempt in range(15):
+        done_before = _activity_count(env)
         proc = env.subprocess("-q", "sync")
-        time.sleep(rng.uniform(0.3, 3.0))
+        # Kill once the run has committed a random number of further activities, a random moment
+        # later: a kill at a fixed time could land after a fast machine finished the whole run.
+        target = done_before + rng.randint(1, 150)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and _activity_count(env) < target and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.3))
         killed = proc.poll() is None
         if killed:
             proc.send_signal(signal.SIGKILL)
