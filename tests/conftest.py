@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -90,6 +91,21 @@ def dovecot():
     if problems:
         print("\nDovecot reported:\n" + "\n".join(problems[-30:]))
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def sieve_dovecot():
+    """A Dovecot with Pigeonhole's ManageSieve and LDA, for the rules tests of every file."""
+    with Dovecot.start(sieve=True) as server:
+        yield server
+
+
+def use_sieve_dovecot(env, server: Dovecot):
+    """Point `env`'s account at `server` for IMAP and ManageSieve (Sieve borrows IMAP's credential)."""
+    env.dovecot = server
+    text = re.sub(r"port = \d+", f"port = {server.port}", env.config_path.read_text(), count=1)
+    env.config_path.write_text(text + f"\n[accounts.alice.sieve]\nport = {server.sieve_port}\n")
+    return env
 
 
 @pytest.fixture(scope="session")

@@ -4,36 +4,21 @@ credential (IMAP, CalDAV, ManageSieve) locks it, exits 3, and nothing sends it a
 
 from __future__ import annotations
 
-import re
 import time
 
 import pytest
 
-from conftest import make_mail
-from gwsync.demo.localservers import Dovecot
+from conftest import make_mail, use_sieve_dovecot
 from test_accounts import dovecot_failed_logins, radicale_failed_logins
 from test_watch import Running
 
 DONE = "INBOX/CRM Erledigt [E]"
 
 
-@pytest.fixture(scope="module")
-def sieve_dovecot():
-    server = Dovecot.start(sieve=True)
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def senv(make_env, sieve_dovecot):
     """An account whose IMAP and ManageSieve are one Dovecot (Sieve borrows IMAP's credential)."""
-    def factory(**kw):
-        env = make_env(**kw)
-        env.dovecot = sieve_dovecot
-        text = re.sub(r"port = \d+", f"port = {sieve_dovecot.port}", env.config_path.read_text(), count=1)
-        env.config_path.write_text(text + f"\n[accounts.alice.sieve]\nport = {sieve_dovecot.sieve_port}\n")
-        return env
-    return factory
+    return lambda **kw: use_sieve_dovecot(make_env(**kw), sieve_dovecot)
 
 
 def wrong_imap_password(env, monkeypatch) -> None:

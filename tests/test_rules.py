@@ -8,7 +8,7 @@ import re
 import pytest
 from sievelib.managesieve import Client
 
-from conftest import make_mail
+from conftest import make_mail, use_sieve_dovecot
 from gwsync.crm import ActivityFilter
 from gwsync.demo.localservers import Dovecot
 from gwsync.mail.sieve import quote
@@ -17,20 +17,9 @@ USER_SCRIPT = ('require ["fileinto"];\n# my own rule\n'
                'if header :contains "subject" "Rechnung" { fileinto "INBOX/Rechnungen"; }\n')
 
 
-@pytest.fixture(scope="module")
-def sieve_dovecot():
-    server = Dovecot.start(sieve=True)
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def senv(make_env, sieve_dovecot):
-    env = make_env()
-    env.dovecot = sieve_dovecot
-    text = re.sub(r"port = \d+", f"port = {sieve_dovecot.port}", env.config_path.read_text())
-    env.config_path.write_text(text + f"\n[accounts.alice.sieve]\nport = {sieve_dovecot.sieve_port}\n")
-    return env
+    return use_sieve_dovecot(make_env(), sieve_dovecot)
 
 
 def sieve_client(env) -> Client:

@@ -11,17 +11,11 @@ import re
 import pytest
 from sievelib.managesieve import Client
 
-from conftest import build_env, make_mail
+from conftest import build_env, make_mail, use_sieve_dovecot
 from gwsync.crm import ActivityFilter
 from gwsync.demo.localservers import Dovecot
 
-SERVERS = {"dovecot": "dovecot_sieve", "cyrus.": "cyrus", "cyrus/": "cyrus_slash"}
-
-
-@pytest.fixture(scope="module")
-def dovecot_sieve():
-    with Dovecot.start(sieve=True) as server:
-        yield server
+SERVERS = {"dovecot": "sieve_dovecot", "cyrus.": "cyrus", "cyrus/": "cyrus_slash"}
 
 
 @pytest.fixture(params=list(SERVERS))
@@ -261,13 +255,11 @@ def test_rules_on_a_server_without_include_say_what_it_lacks_and_leave_nothing(p
 USER_SCRIPT = 'require ["fileinto"];\nif header :contains "subject" "Rechnung" { fileinto "INBOX/Rechnungen"; }\n'
 
 
-def test_a_failure_after_a_putscript_takes_back_what_was_stored(dovecot_sieve, tmp_path, request, monkeypatch):
+def test_a_failure_after_a_putscript_takes_back_what_was_stored(sieve_dovecot, tmp_path, request, monkeypatch):
     from gwsync.mail import sieve
 
-    env = build_env(dovecot_sieve, tmp_path, request)
-    env.config_path.write_text(env.config_path.read_text()
-                               + f"\n[accounts.alice.sieve]\nport = {dovecot_sieve.sieve_port}\n")
-    client = Client("127.0.0.1", dovecot_sieve.sieve_port)
+    env = use_sieve_dovecot(build_env(sieve_dovecot, tmp_path, request), sieve_dovecot)
+    client = Client("127.0.0.1", sieve_dovecot.sieve_port)
     assert client.connect(env.user, env.password, starttls=False, authmech="PLAIN")
     real_put = sieve.SieveRules._put
 
@@ -290,10 +282,8 @@ def test_a_failure_after_a_putscript_takes_back_what_was_stored(dovecot_sieve, t
     assert env.cli_json("rules", "list")[1] == [{"id": 1, "from": "@acme.example", "folder": "INBOX/CRM Kunde [O]"}]
 
 
-def test_rules_over_plain_text_print_no_library_warning(dovecot_sieve, tmp_path, request):
-    env = build_env(dovecot_sieve, tmp_path, request)
-    env.config_path.write_text(env.config_path.read_text()
-                               + f"\n[accounts.alice.sieve]\nport = {dovecot_sieve.sieve_port}\n")
+def test_rules_over_plain_text_print_no_library_warning(sieve_dovecot, tmp_path, request):
+    env = use_sieve_dovecot(build_env(sieve_dovecot, tmp_path, request), sieve_dovecot)
     proc = env.subprocess("rules", "list")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and err.decode() == "", err.decode()
