@@ -30,7 +30,7 @@ from imapclient.exceptions import IMAPClientAbortError
 from .accountlock import AccountBusy, AccountLocks, FileAccountLocks
 from .calendar import dav
 from .calendar.dav import Collection
-from .config import AREAS, AccountConfig, CaldavConfig, Config, ConfigError, ImapConfig
+from .config import AREAS, AccountConfig, CaldavConfig, Config, ConfigError, ImapConfig, Secret
 from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Partner
 from .errors import (
     EXIT_USAGE,
@@ -206,6 +206,9 @@ class Engine:
         self._should_stop: Callable[[], bool] = lambda: False
         self._selection = Selection()
         self._dav_clients: dict[tuple, DAVClient] = {}  # the CalDAV client of the account syncing now
+        # Passwords read during one run (None outside runs): a password command runs once per run,
+        # not once for the check, once per login and once per retry.
+        self._passwords: dict[Secret, str] | None = None
 
     def close(self) -> None:
         self.crm.close()
@@ -302,7 +305,7 @@ class Engine:
         """Log in, unless the credential is locked; a refused login locks it (one attempt only)."""
         imap = _imap(account)
         self.check_lock(account, "imap")
-        password = imap.secret.resolve()
+        password = self._password(imap.secret)
         with self._locking(account, "imap"):
             return ImapSession.connect(imap, password)
 
@@ -333,23 +336,23 @@ class Engine:
         self._selection = selection or Selection()
         report = SyncReport()
         selected = self.select_accounts(accounts)
-        self.check_passwords(selected, only)
-        try:
-            for account in selected:
-                areas = [a for a in (only or account.areas) if a in AREAS]
-                acc_report = report.accounts.setdefault(account.name, AccountReport())
-                try:
-                    with nullcontext() if dry_run else self.run_locks.hold(account.name, holder, lock_wait):
-                        self._sync_areas(account, areas, acc_report, dry_run, force, progress)
-                except AccountBusy as exc:
-                    acc_report.busy = True
-                    acc_report.errors.append(str(exc))
-                if acc_report.stopped:
-                    break  # the same databases and disk for every account: the others would fail alike
-        finally:
-            self._selection = Selection()
-            self._dav_clients = {}
-        return report
+        with self._one_run():
+            self.check_passwords(selected, only)
+            try:
+                for account in selected:
+                    areas = [a for a in (only or account.areas) if a in AREAS]
+                    acc_report = report.accounts.setdefault(account.name, AccountReport())
+                    try:
+                        with nullcontext() if dry_run else self.run_locks.hold(account.name, holder, lock_wait):
+                            self._sync_areas(account, areas, acc_report, dry_run, force, progress)
+                    except AccountBusy as exc:
+                        acc_report.busy = True
+                        acc_report.errors.append(str(exc))
+                    if acc_report.stopped:
+                        break  # the same databases and disk for every account: the others would fail alike
+            finally:
+                self._selection = Selection()
+            return report
 
     def _sync_areas(self, account, areas, acc_report, dry_run, force, progress) -> None:
         for area in areas:
@@ -363,6 +366,25 @@ class Engine:
             if acc_report.stopped:
                 break
 
+    def _password(self, secret: Secret) -> str:
+        if self._passwords is None:
+            return secret.resolve()
+        if secret not in self._passwords:
+            self._passwords[secret] = secret.resolve()
+        return self._passwords[secret]
+
+    @contextmanager
+    def _one_run(self) -> Iterator[None]:
+        """One run (a sync, a push): within it each password source is read once, and one CalDAV
+        client serves an account's collections; afterwards both are forgotten (a long-running
+        watch reads a changed password at its next run)."""
+        self._passwords = {}
+        try:
+            yield
+        finally:
+            self._passwords = None
+            self._dav_clients = {}  # the CalDAV session of the run, too
+
     def check_passwords(self, accounts: list[AccountConfig], only: list[str] | tuple[str, ...] | None = None) -> None:
         """Read every password the run will need before its first login: a source that gives
         none is a ConfigError (exit 2) while no server has seen a login, so nothing is locked
@@ -370,9 +392,9 @@ class Engine:
         for account in accounts:
             areas = set(only or account.areas)
             if "mail" in areas and account.imap is not None:
-                account.imap.secret.resolve()
+                self._password(account.imap.secret)
             if areas & {"events", "tasks"} and account.caldav is not None and account.caldav.auth != "none":
-                account.caldav.secret.resolve()
+                self._password(account.caldav.secret)
 
     def _sync_area_with_retries(self, account, area, acc_report, dry_run, force, progress) -> None:
         """Connection problems are retried after short pauses; every step is idempotent, so
@@ -427,7 +449,7 @@ class Engine:
         verify: bool | str = cfg.ca_file or cfg.verify
         source = f"{cfg.url} {cfg.username} {cfg.collection(area)}"
         url, auth_type = self.state.dav_cache(account.name, area, source)
-        password = cfg.secret.resolve() if cfg.auth != "none" else None
+        password = self._password(cfg.secret) if cfg.auth != "none" else None
         # One client per account and run: the events and tasks collections share its session,
         # so a Digest challenge is answered once per run, not once per collection.
         key = (account.name, cfg.url, cfg.username, password, str(verify), auth_type)
@@ -536,22 +558,23 @@ class Engine:
         """Put any activity on the account's calendar (events) or task list (tasks), now.
         Raises AccountBusy when another run holds the account beyond the wait."""
         account = self.calendar_account(account_name, area)
-        self.check_passwords([account], [area])
-        activity = self.crm.get_activity(activity_id)
-        if activity is None:
-            raise NotFound(f"no activity with id {activity_id}")
-        with self.run_locks.hold(account.name, "push"):
-            other = "tasks" if area == "events" else "events"
-            if any(l.account == account.name and l.area == other
-                   for l in self.state.links_of_activity(activity_id, activity.identity)):
-                raise GwsyncError(f"activity {activity_id} is on the {other} collection already; "
-                                  "`gwsync unpush` it first")
-            self.state.set_membership(account.name, area, activity_id, True, activity.identity)
-            self.state.set_membership(account.name, other, activity_id, False, activity.identity)
-            report = SyncReport()
-            acc_report = report.accounts.setdefault(account.name, AccountReport())
-            self._sync_calendar(account, area, acc_report, dry_run=False, force=False)
-        return report
+        with self._one_run():
+            self.check_passwords([account], [area])
+            activity = self.crm.get_activity(activity_id)
+            if activity is None:
+                raise NotFound(f"no activity with id {activity_id}")
+            with self.run_locks.hold(account.name, "push"):
+                other = "tasks" if area == "events" else "events"
+                if any(l.account == account.name and l.area == other
+                       for l in self.state.links_of_activity(activity_id, activity.identity)):
+                    raise GwsyncError(f"activity {activity_id} is on the {other} collection already; "
+                                      "`gwsync unpush` it first")
+                self.state.set_membership(account.name, area, activity_id, True, activity.identity)
+                self.state.set_membership(account.name, other, activity_id, False, activity.identity)
+                report = SyncReport()
+                acc_report = report.accounts.setdefault(account.name, AccountReport())
+                self._sync_calendar(account, area, acc_report, dry_run=False, force=False)
+            return report
 
     def unpush(self, activity_id: int, account_name: str | None = None) -> int:
         """Delete the activity's groupware items (conditionally) and keep the activity; it stays
@@ -664,7 +687,7 @@ class Engine:
         if cfg is None:
             raise ConfigError(f"account {account.name} has no [accounts.{account.name}.sieve] or imap table")
         self.check_lock(account, "sieve")
-        password = cfg.secret.resolve()
+        password = self._password(cfg.secret)
         with self._naming(account):
             with self._locking(account, "sieve"):
                 rules = SieveRules(cfg.host, cfg.port, cfg.username, password, cfg.starttls,

@@ -182,3 +182,20 @@ def test_several_accounts_each_with_its_own_credentials_and_status(make_env):
     bob = status["accounts"]["bob"]["areas"]["mail"]
     assert bob["ok"] is False and bob["last_success"] is not None and "cannot connect" in bob["error"]
 
+
+
+def test_a_password_command_runs_once_per_run(make_env):
+    """A password command may prompt (a GPG agent) or be slow: one sync reads each source once,
+    not once for the up-front check, once per login and once per retry."""
+    env = make_env(areas=("mail", "events"))
+    runs = env.dir / "password-command-runs"
+    text = env.config_path.read_text()
+    env_line = f'password_env = "GWSYNC_TEST_PW_{env.user.upper()}"'
+    command = f'password_command = ["sh", "-c", "echo run >> {runs}; printf %s {env.password}"]'
+    env.config_path.write_text(text.replace(env_line, command, 1))
+    env.append(DONE, make_mail(1))
+    code, out = env.cli_json("sync")
+    assert code == 0 and out["accounts"]["alice"]["mail"]["imported"] == 1
+    assert runs.read_text().count("run") == 1
+    code, _ = env.cli_json("sync")  # the next run reads it again: a changed password is picked up
+    assert code == 0 and runs.read_text().count("run") == 2
