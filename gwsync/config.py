@@ -52,7 +52,7 @@ AREAS: tuple[str, ...] = typing.get_args(Area)
 SECURITY_MODES: tuple[str, ...] = typing.get_args(Security)
 CONFLICT_POLICIES: tuple[str, ...] = typing.get_args(Conflict)
 MANDATORY_FIELDS: tuple[str, ...] = typing.get_args(MandatoryField)
-DEFAULT_STATUSES = {"I": "Importiert", "O": "Offen", "E": "Erledigt"}
+DEFAULT_STATUSES = {"I": "Importiert", "O": "Offen", "E": "Erledigt", "S": "Storniert"}
 DEFAULT_LINK = "http://127.0.0.1:8765/activities/{id}"
 DEFAULT_KINDS = {"TERMIN": "events", "BESPRECHUNG": "events", "AUFGABE": "tasks", "WIEDERVORLAGE": "tasks"}
 PASSWORD_SOURCES = ("password_command", "password_env", "password_keyring", "password")
@@ -422,6 +422,7 @@ class CrmConfig:
     done_status: str = DERIVED  # a completed VTODO <-> this status; "E" if that is a status, else the first
     open_status: str = DERIVED  # status of items from the groupware without one; "O", else the first
     default_status: str = DERIVED  # mail lying in the import folder itself; "I", else the first
+    cancelled_status: str = DERIVED  # a meeting its organizer cancelled; "S" (Storniert), else the first
 
     def __post_init__(self) -> None:
         for key in self.statuses:
@@ -436,11 +437,12 @@ class CrmConfig:
         for key, default in (("documents", self.database.parent / "documents"),
                              ("done_status", "E" if "E" in self.statuses else first),
                              ("open_status", "O" if "O" in self.statuses else first),
-                             ("default_status", "I" if "I" in self.statuses else first)):
+                             ("default_status", "I" if "I" in self.statuses else first),
+                             ("cancelled_status", "S" if "S" in self.statuses else first)):
             if getattr(self, key) is None:
                 object.__setattr__(self, key, default)
         object.__setattr__(self, "kinds", DEFAULT_KINDS | self.kinds)
-        for key in ("done_status", "open_status", "default_status"):
+        for key in ("done_status", "open_status", "default_status", "cancelled_status"):
             if getattr(self, key) not in self.statuses:
                 raise _Wrong(f".{key} {getattr(self, key)!r} is not one of the status keys in [crm.statuses]")
 

@@ -24,7 +24,7 @@ def test_defaults():
     assert alice.imap.archive_in("INBOX", "/") == "INBOX/CRM Archiv"
     assert alice.imap.archive_in("INBOX", ".") == "INBOX.CRM Archiv"
     assert alice.imap.max_connections == 3
-    assert config.crm.statuses == {"I": "Importiert", "O": "Offen", "E": "Erledigt"}
+    assert config.crm.statuses == {"I": "Importiert", "O": "Offen", "E": "Erledigt", "S": "Storniert"}
     assert config.crm.default_status == "I"  # mail lying in the import folder itself
     assert config.crm.mandatory == ()
     assert "{id}" in config.crm.link

@@ -73,7 +73,8 @@ def test_a_crm_database_from_before_is_upgraded_keeping_its_data_and_never_reuse
     assert len(store) == 36
     # Every old row is still there, column for column (the columns added since aside, empty but the uuid).
     new_columns = [c[1] for c in sqlite3.connect(path).execute("PRAGMA table_info(activities)")]
-    added = ("uuid", "sender_name", "recipients_to", "recipients_cc")
+    added = ("uuid", "sender_name", "recipients_to", "recipients_cc", "participants", "delegated_to", "request",
+             "project", "attendees")
     kept = [tuple(v for c, v in zip(new_columns, row, strict=True) if c not in added)
             for row in rows(path, "activities")]
     assert kept[:3] == old["activities"]

@@ -31,6 +31,29 @@ class Document:
 
 
 @dataclass
+class Attendee:
+    """A meeting's attendee (or organizer) as the calendar item names them, resolved like a
+    mail's sender: an employee (an account name), else a contact and its partner."""
+
+    email: str  # lower case
+    name: str | None = None
+    contact_id: int | None = None
+    partner_id: int | None = None
+    employee: str | None = None  # the account whose address this is
+    organizer: bool = False
+
+
+def attendees_from(values: Iterable) -> list[Attendee]:
+    """Attendees from Attendee objects or from dicts with its fields (as `--json` writes them)."""
+    return [v if isinstance(v, Attendee) else Attendee(**v) for v in values]
+
+
+# The team fields (README, "A team on one CRM"): who takes part, who it is delegated to, and the
+# seed's free references. Not calendar fields: the calendar sync derives them, never merges them.
+TEAM_FIELDS = ("participants", "delegated_to", "request", "project", "attendees")
+
+
+@dataclass
 class ActivityDraft:
     """An activity to create. `key` makes the write idempotent: the same key, the same activity."""
 
@@ -56,6 +79,11 @@ class ActivityDraft:
     sender_name: str | None = None  # a mail's From display name, decoded
     recipients_to: list[str] = field(default_factory=list)  # a mail's To addresses (lower case, in order)
     recipients_cc: list[str] = field(default_factory=list)  # its Cc addresses
+    participants: list[str] = field(default_factory=list)  # employees (account names), the owner included
+    delegated_to: str | None = None  # an employee ("Delegiert an")
+    request: str | None = None  # free reference ("Hauptanfrage")
+    project: str | None = None  # free reference ("Hauptprojekt")
+    attendees: list[Attendee] = field(default_factory=list)
 
 
 @dataclass
@@ -92,6 +120,17 @@ class Activity:
     sender_name: str | None = None
     recipients_to: list[str] = field(default_factory=list)
     recipients_cc: list[str] = field(default_factory=list)
+    participants: list[str] = field(default_factory=list)
+    delegated_to: str | None = None
+    request: str | None = None
+    project: str | None = None
+    attendees: list[Attendee] = field(default_factory=list)
+
+    @property
+    def employees(self) -> list[str]:
+        """Everyone on the team this activity concerns: owner, participants, delegate (in order, once)."""
+        names = [self.owner, *self.participants, self.delegated_to]
+        return list(dict.fromkeys(n for n in names if n))
 
     @property
     def correspondent(self) -> str | None:
@@ -139,6 +178,7 @@ class ActivityFilter:
     kind: str | None = None
     kinds: tuple[str, ...] | None = None  # any of these (an empty tuple matches nothing)
     owners: tuple[str | None, ...] | None = None  # None inside: activities without an owner
+    involving: str | None = None  # owned by, delegated to, or with this employee as a participant
     partner_id: int | None = None
     contact_id: int | None = None
     newest_first: bool = False  # by id; the default is oldest first
@@ -203,8 +243,20 @@ class CRMBackend(abc.ABC):
     def update_activity(self, activity_id: int, changes: dict) -> None:
         """Set these fields (names as in Activity); also sets updated_at. Editable are at least
         kind, status, subject, body, location, start, end, due, rrule, contact_id, partner_id,
-        owner and unassigned; any other name raises ValueError and changes nothing. No such
-        activity: LookupError."""
+        owner, unassigned, participants, delegated_to, request, project and attendees (a list of
+        Attendee or of dicts with Attendee's fields); any other name raises ValueError and changes
+        nothing. No such activity: LookupError."""
+
+    @abc.abstractmethod
+    def add_participant(self, activity_id: int, name: str) -> bool:
+        """Add this employee to the activity's participants, atomically (two accounts' syncs
+        may add themselves at once, and neither may lose the other). True if it was added;
+        False if already there. No such activity: LookupError. Does not change updated_at."""
+
+    @abc.abstractmethod
+    def remove_participant(self, activity_id: int, name: str) -> bool:
+        """Remove this employee from the participants, atomically; True if it was there.
+        No such activity: LookupError. Does not change updated_at."""
 
     @abc.abstractmethod
     def delete_activity(self, activity_id: int) -> None:

@@ -20,6 +20,7 @@ import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
@@ -29,7 +30,19 @@ import sqlite_utils
 from ..errors import file_fault
 from ..storage.migrations import Migration, add_column, latest, upgrade
 from ..storage.sqlite import ensure_private_dir, open_private_db, transaction
-from . import MAIL_KINDS, Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Document, Partner
+from . import (
+    MAIL_KINDS,
+    TEAM_FIELDS,
+    Activity,
+    ActivityDraft,
+    ActivityFilter,
+    Attendee,
+    Contact,
+    CRMBackend,
+    Document,
+    Partner,
+    attendees_from,
+)
 
 _T = TypeVar("_T")
 
@@ -128,12 +141,20 @@ def _mail_recipients(db: sqlite_utils.Database) -> None:
         db.conn.execute(f'ALTER TABLE activities ADD COLUMN "{column}" TEXT')
 
 
+def _team_columns(db: sqlite_utils.Database) -> None:
+    """Participants and attendees as JSON lists (NULL: none); delegate, request and project."""
+    for column in ("participants", "delegated_to", "request", "project", "attendees"):
+        db.conn.execute(f'ALTER TABLE activities ADD COLUMN "{column}" TEXT')
+    db.conn.execute('CREATE INDEX "idx_activities_delegated_to" ON "activities" ("delegated_to")')
+
+
 MIGRATIONS = [
     Migration(1, "partners, contacts, activities, documents: the first release", _first_release),
     Migration(1, "activities: owner, rrule, updated_at (calendar sync)", _calendar_columns),
     Migration(1, "activities: body_html; indexes on partner_id and contact_id (web view)", _web_view_columns),
     Migration(1, "activities rebuilt with AUTOINCREMENT and a uuid each; the store id in meta", _never_reused_ids),
     Migration(2, "activities: sender_name, recipients_to, recipients_cc (mail recipients)", _mail_recipients),
+    Migration(3, "activities: participants, delegated_to, request, project, attendees (a team)", _team_columns),
 ]
 
 # The address an activity is assigned by (Activity.correspondent): an outgoing mail's first
@@ -228,6 +249,10 @@ def _made(record: _T | None) -> _T:
 
 def _json_list(values: list[str]) -> str | None:
     return json.dumps(values, ensure_ascii=False) if values else None
+
+
+def _json_attendees(attendees: list[Attendee]) -> str | None:
+    return json.dumps([asdict(a) for a in attendees], ensure_ascii=False) if attendees else None
 
 
 def _now_precise() -> str:
@@ -338,14 +363,17 @@ class EmbeddedCRM(CRMBackend):
                 cur = self.conn.execute(
                     "INSERT INTO activities (key, kind, status, subject, body, location, contact_id, partner_id, "
                     "sender, unassigned, message_id, start, end, due, source, imported_at, created_at, owner, "
-                    "rrule, updated_at, body_html, uuid, sender_name, recipients_to, recipients_cc) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "rrule, updated_at, body_html, uuid, sender_name, recipients_to, recipients_cc, "
+                    "participants, delegated_to, request, project, attendees) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (draft.key, draft.kind, draft.status, draft.subject, draft.body, draft.location,
                      draft.contact_id, draft.partner_id, draft.sender, int(draft.unassigned),
                      draft.message_id, draft.start, draft.end, draft.due, draft.source,
                      now if draft.source and draft.kind in MAIL_KINDS else None, now, draft.owner, draft.rrule,
                      _now_precise(), draft.body_html, str(uuid.uuid4()), draft.sender_name,
-                     _json_list(draft.recipients_to), _json_list(draft.recipients_cc)),
+                     _json_list(draft.recipients_to), _json_list(draft.recipients_cc),
+                     _json_list(draft.participants), draft.delegated_to, draft.request, draft.project,
+                     _json_attendees(draft.attendees)),
                 )
                 activity_id = _new_id(cur)
                 for doc in draft.documents:
@@ -358,7 +386,7 @@ class EmbeddedCRM(CRMBackend):
         return ids
 
     EDITABLE = ("kind", "status", "subject", "body", "location", "start", "end", "due", "rrule", "contact_id",
-                "partner_id", "owner", "unassigned")
+                "partner_id", "owner", "unassigned", *TEAM_FIELDS)
 
     def update_activity(self, activity_id: int, changes: dict) -> None:
         unknown = set(changes) - set(self.EDITABLE)
@@ -368,12 +396,36 @@ class EmbeddedCRM(CRMBackend):
             if self.get_activity(activity_id) is None:
                 raise LookupError(f"no activity with id {activity_id}")
             return
+        changes = dict(changes)
+        if "participants" in changes:
+            changes["participants"] = _json_list(list(dict.fromkeys(changes["participants"] or [])))
+        if "attendees" in changes:
+            changes["attendees"] = _json_attendees(attendees_from(changes["attendees"] or []))
         sets = ", ".join(f'"{name}" = ?' for name in changes)
         with transaction(self.conn):
             cur = self.conn.execute(f"UPDATE activities SET {sets}, updated_at = ? WHERE id = ?",
                                     [*changes.values(), _now_precise(), activity_id])
         if cur.rowcount == 0:
             raise LookupError(f"no activity with id {activity_id}")
+
+    def add_participant(self, activity_id: int, name: str) -> bool:
+        return self._change_participants(activity_id, name, add=True)
+
+    def remove_participant(self, activity_id: int, name: str) -> bool:
+        return self._change_participants(activity_id, name, add=False)
+
+    def _change_participants(self, activity_id: int, name: str, add: bool) -> bool:
+        with transaction(self.conn):  # BEGIN IMMEDIATE: the read and the write are one step
+            row = self.conn.execute("SELECT participants FROM activities WHERE id = ?", (activity_id,)).fetchone()
+            if row is None:
+                raise LookupError(f"no activity with id {activity_id}")
+            names = json.loads(row[0] or "[]")
+            if (name in names) == add:
+                return False
+            names = [*names, name] if add else [n for n in names if n != name]
+            self.conn.execute("UPDATE activities SET participants = ? WHERE id = ?",
+                              (_json_list(names), activity_id))
+        return True
 
     def delete_activity(self, activity_id: int) -> None:
         with transaction(self.conn):
@@ -459,6 +511,9 @@ class EmbeddedCRM(CRMBackend):
             uuid=row.get("uuid"), sender_name=row.get("sender_name"),
             recipients_to=json.loads(row.get("recipients_to") or "[]"),
             recipients_cc=json.loads(row.get("recipients_cc") or "[]"),
+            participants=json.loads(row.get("participants") or "[]"), delegated_to=row.get("delegated_to"),
+            request=row.get("request"), project=row.get("project"),
+            attendees=attendees_from(json.loads(row.get("attendees") or "[]")),
         )
 
     def get_activity(self, activity_id: int) -> Activity | None:
@@ -505,6 +560,10 @@ class EmbeddedCRM(CRMBackend):
                 clauses.append("owner IS NULL")
             where.append("(" + (" OR ".join(clauses) or "0") + ")")
             params.extend(named)
+        if flt.involving is not None:
+            where.append("(owner = ? OR delegated_to = ? OR EXISTS "
+                         "(SELECT 1 FROM json_each(activities.participants) WHERE value = ?))")
+            params.extend([flt.involving] * 3)
         for column in ("partner_id", "contact_id"):
             if getattr(flt, column) is not None:
                 where.append(f"{column} = ?")

@@ -31,12 +31,12 @@ from typing import Any
 
 import pytest
 
-from gwsync.crm import ActivityDraft, ActivityFilter, CRMBackend, Document
+from gwsync.crm import ActivityDraft, ActivityFilter, Attendee, CRMBackend, Document
 
 MAIL_KIND = "MAILEIN"  # what gwsync.mail.importer writes
 OUTGOING_MAIL_KIND = "MAILAUS"  # what it writes for mail sent from the account's own address
 EDITABLE = ("kind", "status", "subject", "body", "location", "start", "end", "due", "rrule", "contact_id",
-            "partner_id", "owner", "unassigned")
+            "partner_id", "owner", "unassigned", "participants", "delegated_to", "request", "project", "attendees")
 CLOCK_SLACK = timedelta(minutes=10)  # how far a backend's clock may be from this machine's
 
 
@@ -233,7 +233,10 @@ class CRMBackendContract:
             backend, "calendar:alice:uid-1", status=self.status(backend, 1), subject="Kick-off",
             body="Agenda:\n1. Hello\n2. Ümlauts", location="Room 1", contact_id=contact.id, partner_id=partner.id,
             start="2026-12-01T10:00:00[Europe/Berlin]", end="2026-12-01T11:30:00[Europe/Berlin]",
-            owner="alice", rrule="FREQ=WEEKLY;COUNT=3")
+            owner="alice", rrule="FREQ=WEEKLY;COUNT=3", participants=["alice", "bob"], delegated_to="carol",
+            request="Anfrage 2026-17", project="Projekt Nord",
+            attendees=[Attendee("alice@firma.example", "Alice", employee="alice", organizer=True),
+                       Attendee("erika@acme.example", "Erika", contact_id=contact.id, partner_id=partner.id)])
         task = self.draft(backend, "calendar:alice:uid-2", kind=self.KINDS[1], due="2026-12-03", body="")
         mail = self.mail_draft(backend, "mail-1", sender="erika@acme.example", contact_id=contact.id,
                                partner_id=partner.id, body_html="<p>Hello</p>", start="2026-03-02T09:15:00+00:00",
@@ -250,7 +253,8 @@ class CRMBackendContract:
             assert got.id == activity_id
             for name in ("key", "kind", "status", "subject", "body", "location", "contact_id", "partner_id",
                          "sender", "unassigned", "message_id", "start", "end", "due", "source", "owner", "rrule",
-                         "body_html", "sender_name", "recipients_to", "recipients_cc"):
+                         "body_html", "sender_name", "recipients_to", "recipients_cc", "participants",
+                         "delegated_to", "request", "project", "attendees"):
                 assert getattr(got, name) == getattr(draft, name), (draft.key, name)
             assert got.documents == []
             assert isinstance(got.link, str)
@@ -385,7 +389,9 @@ class CRMBackendContract:
         changes = {"kind": self.KINDS[1], "status": self.status(backend, 1), "subject": "New subject",
                    "body": "New body", "location": "Room 2", "start": "2026-12-01", "end": None,
                    "due": "2026-12-02T12:00:00+00:00", "rrule": "FREQ=DAILY;COUNT=2", "contact_id": contact.id,
-                   "partner_id": partner.id, "owner": "bob", "unassigned": False}
+                   "partner_id": partner.id, "owner": "bob", "unassigned": False, "participants": ["bob", "carol"],
+                   "delegated_to": "dave", "request": "A-1", "project": "P-2",
+                   "attendees": [Attendee("erika@acme.example", "Erika", contact.id, partner.id)]}
         assert set(changes) == set(EDITABLE)
         before = backend.get_activity(activity_id)
         backend.update_activity(activity_id, changes)
@@ -397,6 +403,35 @@ class CRMBackendContract:
         backend.update_activity(activity_id, {"subject": "One field only"})
         assert replace(backend.get_activity(activity_id), updated_at=None) == \
             replace(after, subject="One field only", updated_at=None)
+
+    def test_team_fields_are_cleared_and_attendees_given_as_dicts(self, backend):
+        (activity_id,) = self.create(backend, self.draft(
+            backend, "team", participants=["alice"], delegated_to="bob", request="R", project="P",
+            attendees=[Attendee("erika@acme.example")]))
+        backend.update_activity(activity_id, {"attendees": [{"email": "otto@other.example", "name": "Otto"}]})
+        assert backend.get_activity(activity_id).attendees == [Attendee("otto@other.example", "Otto")]
+        backend.update_activity(activity_id, {"participants": [], "delegated_to": None, "request": None,
+                                              "project": None, "attendees": []})
+        got = backend.get_activity(activity_id)
+        assert (got.participants, got.delegated_to, got.request, got.project, got.attendees) == \
+            ([], None, None, None, [])
+        assert json.loads(json.dumps(got.to_dict()))["attendees"] == []
+
+    def test_participants_are_added_and_removed_once(self, backend):
+        (activity_id,) = self.create(backend, self.draft(backend, "with", owner="alice", participants=["alice"]))
+        before = backend.get_activity(activity_id)
+        assert backend.add_participant(activity_id, "bob") is True
+        assert backend.add_participant(activity_id, "bob") is False
+        assert backend.get_activity(activity_id).participants == ["alice", "bob"]
+        assert backend.remove_participant(activity_id, "alice") is True
+        assert backend.remove_participant(activity_id, "alice") is False
+        after = backend.get_activity(activity_id)
+        assert after.participants == ["bob"]
+        assert after.updated_at == before.updated_at  # not an edit of the activity's content
+        backend.delete_activity(activity_id)
+        for change in (backend.add_participant, backend.remove_participant):
+            with pytest.raises(LookupError):
+                change(activity_id, "bob")
 
     def test_update_sets_updated_at(self, backend):
         (activity_id,) = self.create(backend, self.draft(backend, "stamp"))
@@ -521,6 +556,17 @@ class CRMBackendContract:
             sorted([p["mail_unknown"], p["task_bob"], p["appt_nobody"], p["mail_otto"]])
         assert self.listed(backend, owners=()) == []
         assert self.listed(backend, owners=("carol",)) == []
+
+    def test_list_involving_an_employee(self, backend, population):
+        p = population
+        a, b = self.KINDS
+        ids = self.create(backend, self.draft(backend, "with-carol", kind=a, owner="alice",
+                                              participants=["alice", "carol"]),
+                          self.draft(backend, "to-carol", kind=b, owner="bob", delegated_to="carol"))
+        assert self.listed(backend, involving="carol") == ids
+        assert self.listed(backend, involving="alice") == sorted([p["mail_erika"], p["appt_alice"], ids[0]])
+        assert self.listed(backend, involving="alice", kind=b) == []
+        assert self.listed(backend, involving="nobody") == []
 
     def test_list_by_partner_and_contact(self, backend, population):
         p = population

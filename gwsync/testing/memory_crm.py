@@ -15,10 +15,20 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from gwsync.crm import MAIL_KINDS, Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Partner
+from gwsync.crm import (
+    MAIL_KINDS,
+    TEAM_FIELDS,
+    Activity,
+    ActivityDraft,
+    ActivityFilter,
+    Contact,
+    CRMBackend,
+    Partner,
+    attendees_from,
+)
 
 EDITABLE = ("kind", "status", "subject", "body", "location", "start", "end", "due", "rrule", "contact_id",
-            "partner_id", "owner", "unassigned")
+            "partner_id", "owner", "unassigned", *TEAM_FIELDS)
 MAIL_KIND = "MAILEIN"
 
 
@@ -122,7 +132,9 @@ class MemoryCRM(CRMBackend):
             documents=copy.deepcopy(list(draft.documents)), owner=draft.owner, rrule=draft.rrule,
             updated_at=now, key=draft.key, body_html=draft.body_html, uuid=str(uuid.uuid4()),
             sender_name=draft.sender_name, recipients_to=list(draft.recipients_to),
-            recipients_cc=list(draft.recipients_cc))
+            recipients_cc=list(draft.recipients_cc), participants=list(dict.fromkeys(draft.participants)),
+            delegated_to=draft.delegated_to, request=draft.request, project=draft.project,
+            attendees=copy.deepcopy(draft.attendees))
 
     def update_activity(self, activity_id: int, changes: dict) -> None:
         unknown = set(changes) - set(EDITABLE)
@@ -130,7 +142,31 @@ class MemoryCRM(CRMBackend):
             raise ValueError(f"cannot edit {', '.join(sorted(unknown))}")
         if activity_id not in self.activities:
             raise LookupError(f"no activity with id {activity_id}")
+        changes = dict(changes)
+        if "participants" in changes:
+            changes["participants"] = list(dict.fromkeys(changes["participants"] or []))
+        if "attendees" in changes:
+            changes["attendees"] = copy.deepcopy(attendees_from(changes["attendees"] or []))
         self.activities[activity_id] = replace(self.activities[activity_id], **changes, updated_at=_now())
+
+    def add_participant(self, activity_id: int, name: str) -> bool:
+        activity = self._existing(activity_id)
+        if name in activity.participants:
+            return False
+        activity.participants.append(name)
+        return True
+
+    def remove_participant(self, activity_id: int, name: str) -> bool:
+        activity = self._existing(activity_id)
+        if name not in activity.participants:
+            return False
+        activity.participants.remove(name)
+        return True
+
+    def _existing(self, activity_id: int) -> Activity:
+        if activity_id not in self.activities:
+            raise LookupError(f"no activity with id {activity_id}")
+        return self.activities[activity_id]
 
     def delete_activity(self, activity_id: int) -> None:
         self.activities.pop(activity_id, None)
@@ -176,5 +212,6 @@ def _matches(a: Activity, flt: ActivityFilter) -> bool:
             and (not flt.kind or a.kind == flt.kind)
             and (flt.kinds is None or a.kind in flt.kinds)
             and (flt.owners is None or a.owner in flt.owners)
+            and (flt.involving is None or flt.involving in (a.owner, a.delegated_to, *a.participants))
             and (flt.partner_id is None or a.partner_id == flt.partner_id)
             and (flt.contact_id is None or a.contact_id == flt.contact_id))
