@@ -74,11 +74,12 @@ def test_a_crm_database_from_before_is_upgraded_keeping_its_data_and_never_reuse
     # Every old row is still there, column for column (the columns added since aside, empty but the uuid).
     new_columns = [c[1] for c in sqlite3.connect(path).execute("PRAGMA table_info(activities)")]
     added = ("uuid", "sender_name", "recipients_to", "recipients_cc", "participants", "delegated_to", "request",
-             "project", "attendees")
+             "project", "attendees", "private")
     kept = [tuple(v for c, v in zip(new_columns, row, strict=True) if c not in added)
             for row in rows(path, "activities")]
     assert kept[:3] == old["activities"]
-    assert all(row[new_columns.index(c)] is None for row in rows(path, "activities")[:3] for c in added[1:])
+    assert all(row[new_columns.index(c)] == (0 if c == "private" else None)
+               for row in rows(path, "activities")[:3] for c in added[1:])
     assert (mail.sender_name, mail.recipients_to, mail.recipients_cc) == (None, [], [])
     for table in ("documents", "partners", "contacts", "communications", "partner_addresses"):
         assert rows(path, table) == old[table], table

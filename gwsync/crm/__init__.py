@@ -50,7 +50,7 @@ def attendees_from(values: Iterable) -> list[Attendee]:
 
 # The team fields (README, "A team on one CRM"): who takes part, who it is delegated to, and the
 # seed's free references. Not calendar fields: the calendar sync derives them, never merges them.
-TEAM_FIELDS = ("participants", "delegated_to", "request", "project", "attendees")
+TEAM_FIELDS = ("participants", "delegated_to", "request", "project", "attendees", "private")
 
 
 @dataclass
@@ -84,6 +84,7 @@ class ActivityDraft:
     request: str | None = None  # free reference ("Hauptanfrage")
     project: str | None = None  # free reference ("Hauptprojekt")
     attendees: list[Attendee] = field(default_factory=list)
+    private: bool = False  # from a CLASS:PRIVATE or CONFIDENTIAL item: details for its owner only
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Activity:
     request: str | None = None
     project: str | None = None
     attendees: list[Attendee] = field(default_factory=list)
+    private: bool = False  # from a CLASS:PRIVATE or CONFIDENTIAL item: details for its owner only
 
     @property
     def employees(self) -> list[str]:
@@ -243,7 +245,7 @@ class CRMBackend(abc.ABC):
     def update_activity(self, activity_id: int, changes: dict) -> None:
         """Set these fields (names as in Activity); also sets updated_at. Editable are at least
         kind, status, subject, body, location, start, end, due, rrule, contact_id, partner_id,
-        owner, unassigned, participants, delegated_to, request, project and attendees (a list of
+        owner, unassigned, participants, delegated_to, request, project, attendees and private (a list of
         Attendee or of dicts with Attendee's fields); any other name raises ValueError and changes
         nothing. No such activity: LookupError."""
 

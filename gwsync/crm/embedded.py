@@ -142,9 +142,11 @@ def _mail_recipients(db: sqlite_utils.Database) -> None:
 
 
 def _team_columns(db: sqlite_utils.Database) -> None:
-    """Participants and attendees as JSON lists (NULL: none); delegate, request and project."""
+    """Participants and attendees as JSON lists (NULL: none); delegate, request and project;
+    the private mark."""
     for column in ("participants", "delegated_to", "request", "project", "attendees"):
         db.conn.execute(f'ALTER TABLE activities ADD COLUMN "{column}" TEXT')
+    db.conn.execute('ALTER TABLE activities ADD COLUMN "private" INTEGER NOT NULL DEFAULT 0')
     db.conn.execute('CREATE INDEX "idx_activities_delegated_to" ON "activities" ("delegated_to")')
 
 
@@ -364,8 +366,8 @@ class EmbeddedCRM(CRMBackend):
                     "INSERT INTO activities (key, kind, status, subject, body, location, contact_id, partner_id, "
                     "sender, unassigned, message_id, start, end, due, source, imported_at, created_at, owner, "
                     "rrule, updated_at, body_html, uuid, sender_name, recipients_to, recipients_cc, "
-                    "participants, delegated_to, request, project, attendees) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "participants, delegated_to, request, project, attendees, private) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (draft.key, draft.kind, draft.status, draft.subject, draft.body, draft.location,
                      draft.contact_id, draft.partner_id, draft.sender, int(draft.unassigned),
                      draft.message_id, draft.start, draft.end, draft.due, draft.source,
@@ -373,7 +375,7 @@ class EmbeddedCRM(CRMBackend):
                      _now_precise(), draft.body_html, str(uuid.uuid4()), draft.sender_name,
                      _json_list(draft.recipients_to), _json_list(draft.recipients_cc),
                      _json_list(draft.participants), draft.delegated_to, draft.request, draft.project,
-                     _json_attendees(draft.attendees)),
+                     _json_attendees(draft.attendees), int(draft.private)),
                 )
                 activity_id = _new_id(cur)
                 for doc in draft.documents:
@@ -401,6 +403,8 @@ class EmbeddedCRM(CRMBackend):
             changes["participants"] = _json_list(list(dict.fromkeys(changes["participants"] or [])))
         if "attendees" in changes:
             changes["attendees"] = _json_attendees(attendees_from(changes["attendees"] or []))
+        if "private" in changes:
+            changes["private"] = int(bool(changes["private"]))
         sets = ", ".join(f'"{name}" = ?' for name in changes)
         with transaction(self.conn):
             cur = self.conn.execute(f"UPDATE activities SET {sets}, updated_at = ? WHERE id = ?",
@@ -513,7 +517,7 @@ class EmbeddedCRM(CRMBackend):
             recipients_cc=json.loads(row.get("recipients_cc") or "[]"),
             participants=json.loads(row.get("participants") or "[]"), delegated_to=row.get("delegated_to"),
             request=row.get("request"), project=row.get("project"),
-            attendees=attendees_from(json.loads(row.get("attendees") or "[]")),
+            attendees=attendees_from(json.loads(row.get("attendees") or "[]")), private=bool(row.get("private")),
         )
 
     def get_activity(self, activity_id: int) -> Activity | None:

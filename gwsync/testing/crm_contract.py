@@ -36,7 +36,8 @@ from gwsync.crm import ActivityDraft, ActivityFilter, Attendee, CRMBackend, Docu
 MAIL_KIND = "MAILEIN"  # what gwsync.mail.importer writes
 OUTGOING_MAIL_KIND = "MAILAUS"  # what it writes for mail sent from the account's own address
 EDITABLE = ("kind", "status", "subject", "body", "location", "start", "end", "due", "rrule", "contact_id",
-            "partner_id", "owner", "unassigned", "participants", "delegated_to", "request", "project", "attendees")
+            "partner_id", "owner", "unassigned", "participants", "delegated_to", "request", "project", "attendees",
+            "private")
 CLOCK_SLACK = timedelta(minutes=10)  # how far a backend's clock may be from this machine's
 
 
@@ -236,7 +237,8 @@ class CRMBackendContract:
             owner="alice", rrule="FREQ=WEEKLY;COUNT=3", participants=["alice", "bob"], delegated_to="carol",
             request="Anfrage 2026-17", project="Projekt Nord",
             attendees=[Attendee("alice@firma.example", "Alice", employee="alice", organizer=True),
-                       Attendee("erika@acme.example", "Erika", contact_id=contact.id, partner_id=partner.id)])
+                       Attendee("erika@acme.example", "Erika", contact_id=contact.id, partner_id=partner.id)],
+            private=True)
         task = self.draft(backend, "calendar:alice:uid-2", kind=self.KINDS[1], due="2026-12-03", body="")
         mail = self.mail_draft(backend, "mail-1", sender="erika@acme.example", contact_id=contact.id,
                                partner_id=partner.id, body_html="<p>Hello</p>", start="2026-03-02T09:15:00+00:00",
@@ -254,7 +256,7 @@ class CRMBackendContract:
             for name in ("key", "kind", "status", "subject", "body", "location", "contact_id", "partner_id",
                          "sender", "unassigned", "message_id", "start", "end", "due", "source", "owner", "rrule",
                          "body_html", "sender_name", "recipients_to", "recipients_cc", "participants",
-                         "delegated_to", "request", "project", "attendees"):
+                         "delegated_to", "request", "project", "attendees", "private"):
                 assert getattr(got, name) == getattr(draft, name), (draft.key, name)
             assert got.documents == []
             assert isinstance(got.link, str)
@@ -391,7 +393,7 @@ class CRMBackendContract:
                    "due": "2026-12-02T12:00:00+00:00", "rrule": "FREQ=DAILY;COUNT=2", "contact_id": contact.id,
                    "partner_id": partner.id, "owner": "bob", "unassigned": False, "participants": ["bob", "carol"],
                    "delegated_to": "dave", "request": "A-1", "project": "P-2",
-                   "attendees": [Attendee("erika@acme.example", "Erika", contact.id, partner.id)]}
+                   "attendees": [Attendee("erika@acme.example", "Erika", contact.id, partner.id)], "private": True}
         assert set(changes) == set(EDITABLE)
         before = backend.get_activity(activity_id)
         backend.update_activity(activity_id, changes)

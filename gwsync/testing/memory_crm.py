@@ -134,7 +134,7 @@ class MemoryCRM(CRMBackend):
             sender_name=draft.sender_name, recipients_to=list(draft.recipients_to),
             recipients_cc=list(draft.recipients_cc), participants=list(dict.fromkeys(draft.participants)),
             delegated_to=draft.delegated_to, request=draft.request, project=draft.project,
-            attendees=copy.deepcopy(draft.attendees))
+            attendees=copy.deepcopy(draft.attendees), private=draft.private)
 
     def update_activity(self, activity_id: int, changes: dict) -> None:
         unknown = set(changes) - set(EDITABLE)
