@@ -174,6 +174,15 @@ class SyncReport:
                 "stopped": self.stopped}
 
 
+# The activity fields that name employees (accounts of the config), with the role an error names.
+EMPLOYEE_FIELDS = {"owner": "owner", "delegated_to": "delegate", "participants": "participant"}
+
+
+def _with_owner(owner: str | None, participants) -> list[str]:
+    """The participants with the owner first, each once (the owner always takes part)."""
+    return list(dict.fromkeys([owner, *participants] if owner else participants))
+
+
 def _imap(account: AccountConfig) -> ImapConfig:
     """The account's [imap] table; a ConfigError that names it when the account has none."""
     if account.imap is None:
@@ -777,14 +786,58 @@ class Engine:
         return self.crm.count_activities(flt)
 
     def create_activity(self, draft: ActivityDraft) -> int:
-        """Create an activity (idempotent by its key); returns its id."""
-        (activity_id,) = self.crm.create_activities([draft])
+        """Create an activity (idempotent by its key); returns its id. Its owner, delegate and
+        participants must be employees (UsageError, nothing created); the owner is made a
+        participant."""
+        self._check_employees({name: getattr(draft, name) for name in EMPLOYEE_FIELDS})
+        (activity_id,) = self.crm.create_activities([replace(
+            draft, participants=_with_owner(draft.owner, draft.participants))])
         return activity_id
 
     def update_activity(self, activity_id: int, changes: dict) -> None:
         """Change fields of an activity; LookupError when there is none with this id. The next
-        sync carries the change to its calendar item."""
+        sync carries the change to its calendar item.
+
+        Owner, delegate and participants must be employees (UsageError, nothing changed). The
+        owner stays a participant: new participants get the owner (the new one, if it changes
+        too); a new owner alone replaces the old one among the participants, so that the old
+        owner's calendar copy leaves at the next sync."""
+        self._check_employees(changes)
+        if "owner" in changes or "participants" in changes:
+            current = self.crm.get_activity(activity_id)
+            if current is None:
+                raise NotFound(f"no activity with id {activity_id}")
+            owner = changes.get("owner", current.owner)
+            if "participants" in changes:
+                changes = changes | {"participants": _with_owner(owner, changes["participants"])}
+            else:
+                # One atomic step each (a sync may add its account meanwhile), in an order that a
+                # repeat of an interrupted change completes: the old owner out, the new one in,
+                # then the owner itself.
+                if current.owner and current.owner != owner:
+                    self.crm.remove_participant(activity_id, current.owner)
+                if owner:
+                    self.crm.add_participant(activity_id, owner)
         self.crm.update_activity(activity_id, changes)
+
+    def employees(self) -> list[str]:
+        """The team: the accounts of the config, by name."""
+        return sorted(self.config.accounts)
+
+    def employee(self, name: str, role: str = "employee") -> str:
+        """`name`, if it is an employee (an account of the config); else a UsageError (exit 2)
+        naming it, in its `role` (owner, delegate, participant), and the known ones."""
+        if name not in self.config.accounts:
+            raise UsageError(f"{role} {name!r} is not an employee: no account {name!r} in the config "
+                             f"(known: {', '.join(self.employees()) or 'none'})")
+        return name
+
+    def _check_employees(self, fields: dict) -> None:
+        for name, role in EMPLOYEE_FIELDS.items():
+            value = fields.get(name)
+            for person in (value or []) if name == "participants" else [value]:
+                if person is not None:
+                    self.employee(person, role)
 
     def delete_activity(self, activity_id: int) -> None:
         """Delete an activity; the next sync deletes its calendar item too. NotFound when there

@@ -337,11 +337,11 @@ def _print_activities(items: list[dict]) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table("id", "kind", "status", "subject", "sender", "contact", "partner", "docs")
+        table = Table("id", "kind", "status", "subject", "sender", "contact", "partner", "owner", "docs")
         for a in items:
             sender = (a["sender"] or "") + (" (unassigned)" if a["unassigned"] else "")
             table.add_row(str(a["id"]), a["kind"], a["status"], a["subject"], sender, str(a["contact_id"] or ""),
-                          str(a["partner_id"] or ""), str(len(a["documents"])))
+                          str(a["partner_id"] or ""), a["owner"] or "", str(len(a["documents"])))
         Console().print(table)
     else:
         for a in items:
@@ -354,14 +354,36 @@ def _print_activities(items: list[dict]) -> None:
 @click.option("--unassigned", is_flag=True, help="Only imported mail with no contact.")
 @click.option("--today", is_flag=True, help="Only what was imported today.")
 @click.option("--kind", help="Only this activity kind, e.g. MAILEIN.")
+@click.option("--owner", metavar="NAME", help="Only the activities of this employee (an account of the config).")
+@click.option("--mine", is_flag=True, help="Only mine: those I own, am delegated or take part in "
+              "(owner, delegate or participant).")
+@click.option("--account", metavar="NAME", help="Who I am for --mine (default: the only account).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def activities(obj: Context, imported, unassigned, today, kind, as_json) -> None:
-    """List CRM activities (the quick searches: --imported, --unassigned, --today)."""
-    flt = activity_filter(imported=imported, unassigned=unassigned, today=today, kind=kind)
+def activities(obj: Context, imported, unassigned, today, kind, owner, mine, account, as_json) -> None:
+    """List CRM activities, all of them unless told otherwise (the quick searches: --imported,
+    --unassigned, --today; --mine, with them: my imports today, my unassigned mail)."""
+    if account is not None and not mine:
+        fail("--account goes with --mine (it says who is asking)", EXIT_USAGE)
     with obj.engine() as engine:
+        if owner is not None:
+            engine.employee(owner, "--owner")
+        me = _me(engine, account) if mine else None
+        flt = activity_filter(imported=imported, unassigned=unassigned, today=today, kind=kind, owner=owner,
+                              involving=me)
         items = [a.to_dict() for a in engine.activities(flt)]
     emit_json(items) if as_json else _print_activities(items)
+
+
+def _me(engine: Engine, account: str | None) -> str:
+    """The employee asking for "mine": the account named, else the only one."""
+    if account is not None:
+        return engine.employee(account, "--account")
+    names = engine.employees()
+    if len(names) != 1:
+        fail(f"--mine: say which account you are with --account ({', '.join(names) or 'the config has none'})",
+             EXIT_USAGE)
+    return names[0]
 
 
 @main.group()
@@ -381,7 +403,15 @@ def _activity_options(func):
         click.option("--body"),
         click.option("--contact", "contact_id", type=int, help="The contact's id (see `gwsync contact add`)."),
         click.option("--partner", "partner_id", type=int, help="The business partner's id."),
-        click.option("--account", help="The account (employee) the activity belongs to."),
+        # the team fields (README, "A team on one CRM"): employees are the accounts of the config
+        click.option("--owner", "--account", "owner", metavar="NAME",
+                     help="The employee the activity belongs to (always among the participants)."),
+        click.option("--with", "participants", multiple=True, metavar="NAME",
+                     help="An employee taking part besides the owner (repeatable; on edit the list replaces "
+                          "the old one, --with \"\" leaves only the owner)."),
+        click.option("--delegate", "delegated_to", metavar="NAME", help="The employee it is delegated to."),
+        click.option("--request", metavar="TEXT", help="The main request it belongs to (a free reference)."),
+        click.option("--project", metavar="TEXT", help="The main project it belongs to (a free reference)."),
         click.option("--json", "as_json", is_flag=True, help="Print the activity as JSON."),
     ]):
         func = option(func)
@@ -391,7 +421,7 @@ def _activity_options(func):
 def _activity_changes(obj: Context, **values) -> dict:
     from ..calendar.icalmap import normalise_time
 
-    changes = {k: v for k, v in values.items() if v is not None}
+    changes = {k: v for k, v in values.items() if v is not None and v != ()}  # (): no --with given
     for name in ("start", "end", "due"):
         if name in changes:
             try:
@@ -401,10 +431,12 @@ def _activity_changes(obj: Context, **values) -> dict:
     if "status" in changes and changes["status"] not in obj.config.crm.statuses:
         known = ", ".join(obj.config.crm.statuses)
         fail(f"--status {changes['status']!r} is not a status key (known: {known})", EXIT_USAGE)
-    if "account" in changes:
-        if changes["account"] not in obj.config.accounts:
-            fail(f"--account {changes['account']!r}: no such account in the config", EXIT_USAGE)
-        changes["owner"] = changes.pop("account")
+    # Employees are checked by the Engine (an unknown one: exit 2, naming the known ones).
+    if "participants" in changes:
+        changes["participants"] = [name for name in changes["participants"] if name]
+    for name in ("delegated_to", "request", "project"):
+        if changes.get(name) == "":
+            changes[name] = None
     return changes
 
 
@@ -451,7 +483,8 @@ def activity_add(obj: Context, as_json, **values) -> None:
 @_activity_options
 @click.pass_obj
 def activity_edit(obj: Context, activity_id: int, as_json, **values) -> None:
-    """Change fields of an activity (only the options given); `--end ""` clears a field."""
+    """Change fields of an activity (only the options given); `--end ""` clears a field, `--with ""`
+    the participants besides the owner. A new owner replaces the old one among the participants."""
     changes = _activity_changes(obj, **values)
     if not changes:
         fail("nothing to change: give at least one option, e.g. --subject", EXIT_USAGE)
@@ -530,6 +563,14 @@ def activity_show(obj: Context, activity_id: int, as_json) -> None:
     for key, label in (("recipients_to", "to"), ("recipients_cc", "cc")):
         if data[key]:
             click.echo(f"{label}: {', '.join(data[key])}")
+    # the team fields
+    if data["owner"]:
+        click.echo(f"owner: {data['owner']}")
+    if data["participants"]:
+        click.echo(f"participants: {', '.join(data['participants'])}")
+    for key in ("delegated_to", "request", "project"):
+        if data[key] not in (None, ""):
+            click.echo(f"{key}: {data[key]}")
     for doc in data["documents"]:
         click.echo(f"document: {doc['filename']} ({doc['content_type']}, {doc['size']} bytes, sha256 {doc['sha256']})")
     if data["body"]:
