@@ -5,9 +5,12 @@
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import make_mail
 from gwsync.crm import ActivityFilter, searches
@@ -251,3 +254,123 @@ def test_searches_for_a_user_lists_theirs_first_then_everyones():
     mine = searches_for("alice")
     assert list(mine) == [*MY_SEARCHES, *QUICK_SEARCHES]
     assert mine["my-today"] == "My imports today" and mine["my-unassigned"] == "My unassigned mail"
+
+
+# -- the Engine's rules, over the in-memory CRM ------------------------------------------------------
+
+TEAM = ("alice", "bob", "carol")
+
+
+def memory_engine(tmp_path, crm=None):
+    from gwsync.config import parse_config
+    from gwsync.engine import Engine
+    from gwsync.testing.memory_crm import MemoryCRM
+
+    imap = {"host": "127.0.0.1", "username": "u@example.com", "password_env": "UNUSED"}
+    config = parse_config({"crm": {"database": str(tmp_path / "crm.db")},
+                           "state": {"database": str(tmp_path / "state.db")},
+                           "accounts": {name: {"imap": imap} for name in TEAM}})
+    return Engine(config, crm=crm or MemoryCRM())
+
+
+def draft(**fields):
+    from gwsync.crm import ActivityDraft
+
+    return ActivityDraft(key=f"crm:{uuid.uuid4()}", kind="TERMIN", status="O",
+                         subject="Runde", **fields)
+
+
+def test_a_new_owner_keeps_a_participant_a_sync_adds_meanwhile(tmp_path):
+    """A sync adds its account (atomically) between the edit's read and its write: not lost."""
+    from gwsync.testing.memory_crm import MemoryCRM
+
+    class SyncMeanwhile(MemoryCRM):
+        joined = False
+
+        def get_activity(self, activity_id):
+            found = super().get_activity(activity_id)
+            if found is not None and not self.joined:
+                self.joined = True
+                self.add_participant(activity_id, "carol")  # carol's copy joins right now
+            return found
+
+    with memory_engine(tmp_path, SyncMeanwhile()) as engine:
+        activity_id = engine.create_activity(draft(owner="alice"))
+        engine.crm.joined = False
+        engine.update_activity(activity_id, {"owner": "bob"})
+        found = engine.activity(activity_id)
+        assert found.owner == "bob" and sorted(found.participants) == ["bob", "carol"]
+
+
+@pytest.mark.parametrize("dies_in", ["remove_participant", "add_participant", "update_activity"])
+def test_an_interrupted_owner_change_is_finished_by_running_it_again(tmp_path, dies_in):
+    from gwsync.testing.memory_crm import MemoryCRM
+
+    class DiesOnce(MemoryCRM):
+        died = False
+
+    def dying(name):
+        def method(self, *args):
+            if not self.died:
+                self.died = True
+                raise KeyboardInterrupt  # the process stops right here
+            return getattr(MemoryCRM, name)(self, *args)
+        return method
+
+    setattr(DiesOnce, dies_in, dying(dies_in))
+    with memory_engine(tmp_path, DiesOnce()) as engine:
+        engine.crm.died = True  # not while creating
+        activity_id = engine.create_activity(draft(owner="alice", participants=["carol"]))
+        engine.crm.died = False
+        with pytest.raises(KeyboardInterrupt):
+            engine.update_activity(activity_id, {"owner": "bob", "subject": "Bei Bob"})
+        engine.update_activity(activity_id, {"owner": "bob", "subject": "Bei Bob"})
+        found = engine.activity(activity_id)
+        assert (found.owner, sorted(found.participants), found.subject) == ("bob", ["bob", "carol"], "Bei Bob")
+
+
+def test_an_unknown_employee_changes_nothing_in_the_engine(tmp_path):
+    from gwsync.errors import UsageError
+
+    with memory_engine(tmp_path) as engine:
+        activity_id = engine.create_activity(draft(owner="alice"))
+        for changes in ({"owner": "dave"}, {"delegated_to": "dave"}, {"participants": ["bob", "dave"]},
+                        {"subject": "x", "owner": "bob", "participants": ["dave"]}):
+            with pytest.raises(UsageError, match=r"'dave' is not an employee.*known: alice, bob, carol"):
+                engine.update_activity(activity_id, changes)
+        found = engine.activity(activity_id)
+        assert (found.owner, found.participants, found.delegated_to, found.subject) == ("alice", ["alice"], None,
+                                                                                        "Runde")
+        with pytest.raises(UsageError, match="delegate 'dave'"):
+            engine.create_activity(draft(owner="alice", delegated_to="dave"))
+        assert len(engine.activities(ActivityFilter())) == 1
+
+
+EDITS = st.one_of(
+    st.tuples(st.just("owner"), st.sampled_from(TEAM)),
+    st.tuples(st.just("participants"), st.lists(st.sampled_from(TEAM), max_size=4)),
+    st.tuples(st.just("both"), st.sampled_from(TEAM), st.lists(st.sampled_from(TEAM), max_size=4)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(start=st.lists(st.sampled_from(TEAM), max_size=3), first=st.sampled_from(TEAM),
+       edits=st.lists(EDITS, max_size=6))
+def test_the_owner_is_always_a_participant_and_only_a_new_owner_alone_drops_the_old(tmp_path_factory, start,
+                                                                                      first, edits):
+    with memory_engine(tmp_path_factory.mktemp("crm")) as engine:
+        activity_id = engine.create_activity(draft(owner=first, participants=start))
+        owner, expected = first, {first, *start}
+        for edit_ in edits:
+            if edit_[0] == "owner":
+                expected = (expected - {owner}) | {edit_[1]}
+                owner = edit_[1]
+                engine.update_activity(activity_id, {"owner": owner})
+            else:
+                owner = edit_[1] if edit_[0] == "both" else owner
+                expected = {owner, *edit_[-1]}
+                engine.update_activity(activity_id, {"participants": edit_[-1]}
+                                       | ({"owner": owner} if edit_[0] == "both" else {}))
+            found = engine.activity(activity_id)
+            assert found.owner == owner and set(found.participants) == expected
+            assert len(found.participants) == len(expected)  # each once
