@@ -519,12 +519,10 @@ def test_sigterm_stops_it_cleanly(world):
 
 # -- in a real browser -----------------------------------------------------------------------
 
-def test_in_chromium_the_calendar_link_leads_to_the_partners_activities(world, tmp_path):
+def chromium(tmp_path):
+    """Debian's Chromium, headless, with a phone's window and its console log kept."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as arrived
-    from selenium.webdriver.support.wait import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
@@ -533,7 +531,15 @@ def test_in_chromium_the_calendar_link_leads_to_the_partners_activities(world, t
                  "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=412,915"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+
+
+def test_in_chromium_the_calendar_link_leads_to_the_partners_activities(world, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as arrived
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    driver = chromium(tmp_path)
     # A click that follows a link or sends a form returns before the next page is there.
     wait = WebDriverWait(driver, 10).until
     try:
@@ -763,3 +769,34 @@ def test_push_and_unpush_from_the_page(team):
     assert unpushed.status_code == 200 and "Removed 1 calendar item from alice&#39;s calendar." in unpushed.text
     assert team.alice.dav_items("events") == {}
     assert team.alice.cli_json("activity", "show", str(activity))[1]["subject"] == "Jour fixe"  # kept
+
+
+def test_in_chromium_bob_logs_in_and_edits_an_activity(team, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as arrived
+    from selenium.webdriver.support.select import Select
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    activity = team.ids["Unbekannt an Bob"]
+    driver = chromium(tmp_path)
+    wait = WebDriverWait(driver, 10).until
+    try:
+        driver.get(f"{team.url}/activities/{activity}/edit")  # to the login first, then back here
+        driver.find_element(By.NAME, "user").send_keys("bob")
+        driver.find_element(By.NAME, "password").send_keys(BOB_WEB)
+        driver.find_element(By.XPATH, "//button[text()='Log in']").click()
+        wait(arrived.presence_of_element_located((By.NAME, "subject")))
+        assert "Logged in as bob" in driver.page_source
+        Select(driver.find_element(By.NAME, "status")).select_by_value("E")
+        driver.find_element(By.CSS_SELECTOR, 'input[name="participants"][value="alice"]').click()
+        driver.find_element(By.NAME, "project").send_keys("Projekt Süd")
+        driver.find_element(By.XPATH, "//button[text()='Save']").click()
+        notice = wait(arrived.presence_of_element_located((By.CSS_SELECTOR, ".notice")))
+        assert notice.text == "Saved."
+        assert driver.find_element(By.TAG_NAME, "h1").text == "Unbekannt an Bob"
+        problems = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")]
+        assert problems == []
+    finally:
+        driver.quit()
+    shown = team.alice.cli_json("activity", "show", str(activity))[1]
+    assert (shown["status"], shown["participants"], shown["project"]) == ("E", ["bob", "alice"], "Projekt Süd")

@@ -384,12 +384,13 @@ ALICE_PW, BOB_PW = "alice s3cret", "bob s3cret"
 
 
 def team_data(tmp_path, users: dict | None = None, **serve) -> dict:
+    """alice and bob, each with their own login to the web view (`users`; {}: none)."""
+    users = {"alice": {"password": ALICE_PW}, "bob": {"password": BOB_PW}} if users is None else users
     account = {"areas": ["mail"]}
     return {"crm": {"database": str(tmp_path / "crm.db")}, "state": {"database": str(tmp_path / "state.db")},
             "accounts": {name: account | {"imap": {"host": "127.0.0.1", "username": f"{name}@firma.example",
                                                    "password": "imap"}} for name in ("alice", "bob")},
-            "serve": serve | {"users": users if users is not None else {"alice": {"password": ALICE_PW},
-                                                                        "bob": {"password": BOB_PW}}}}
+            "serve": serve | ({"users": users} if users != {} else {})}
 
 
 def team_app(tmp_path):
@@ -666,3 +667,19 @@ def test_the_edit_form_refuses_bad_input_with_one_line_and_changes_nothing(tmp_p
     with Engine(config) as engine:
         assert engine.activity(ids["meeting"]) == before
     assert alice.post("/activities/999/edit", data=good).status_code == 404
+
+
+def test_push_and_unpush_refuse_what_names_no_calendar(tmp_path):
+    config, app = team_app(tmp_path)  # alice and bob sync mail only: no calendar to push to
+    ids = seed_team(config)
+    alice = logged_in(app, "alice", ALICE_PW)
+    page = alice.get(f"/activities/{ids['meeting']}").text
+    assert f'href="/activities/{ids["meeting"]}/edit"' in page and "/push" not in page
+    for path, form, says in (("push", {"area": "events", "account": "alice"}, "Push: &#39;alice&#39; is not an "
+                              "account with a calendar (known: none)."),
+                             ("push", {"area": "journal", "account": "alice"}, "Push: &#39;journal&#39; is neither "
+                              "events nor tasks."),
+                             ("unpush", {"account": "bob"}, "Unpush: &#39;bob&#39; is not an account with a calendar")):
+        refused = alice.post(f"/activities/{ids['meeting']}/{path}", data=form)
+        assert refused.status_code == 400 and says in refused.text, (path, form)
+    assert alice.post("/activities/999/push", data={"area": "events", "account": "alice"}).status_code == 404
