@@ -711,6 +711,7 @@ def edit_fields(page: str) -> dict:
         chosen = re.search(rf'<select name="{name}".*?<option value="([^"]*)" selected', page, re.DOTALL)
         form[name] = chosen.group(1) if chosen else ""
     form["participants"] = re.findall(r'name="participants" value="([^"]+)" checked', page)
+    form["participants_seen"] = re.findall(r'name="participants_seen" value="([^"]+)"', page)
     return form
 
 

@@ -610,6 +610,7 @@ def edit_form(client, activity_id: int) -> dict:
         chosen = re.search(rf'<select name="{name}".*?<option value="([^"]*)" selected', page.text, re.DOTALL)
         form[name] = chosen.group(1) if chosen else ""
     form["participants"] = re.findall(r'name="participants" value="([^"]+)" checked', page.text)
+    form["participants_seen"] = re.findall(r'name="participants_seen" value="([^"]+)"', page.text)
     return form
 
 
@@ -683,3 +684,24 @@ def test_push_and_unpush_refuse_what_names_no_calendar(tmp_path):
         refused = alice.post(f"/activities/{ids['meeting']}/{path}", data=form)
         assert refused.status_code == 400 and says in refused.text, (path, form)
     assert alice.post("/activities/999/push", data={"area": "events", "account": "alice"}).status_code == 404
+
+
+def test_the_edit_form_keeps_a_participant_a_sync_added_after_it_was_opened(tmp_path):
+    from gwsync.engine import Engine
+
+    config, app = team_app(tmp_path)
+    ids = seed_team(config)
+    alice = logged_in(app, "alice", ALICE_PW)
+    form = edit_form(alice, ids["alice-mail"])
+    assert form["participants"] == form["participants_seen"] == ["alice"]
+    with Engine(config) as engine:  # bob files the same mail meanwhile: his sync adds him (updated_at stays)
+        assert engine.crm.add_participant(ids["alice-mail"], "bob")
+    assert alice.post(f"/activities/{ids['alice-mail']}/edit", data=form | {"status": "E"}).status_code == 303
+    with Engine(config) as engine:
+        a = engine.activity(ids["alice-mail"])
+    assert (a.status, a.participants) == ("E", ["alice", "bob"])
+    # what the reader unticks goes; the owner stays one whatever the boxes say
+    form = edit_form(alice, ids["alice-mail"])
+    assert alice.post(f"/activities/{ids['alice-mail']}/edit", data=form | {"participants": []}).status_code == 303
+    with Engine(config) as engine:
+        assert engine.activity(ids["alice-mail"]).participants == ["alice"]

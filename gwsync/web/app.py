@@ -183,7 +183,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None,
     app.jinja_env.trim_blocks = app.jinja_env.lstrip_blocks = True
     CSRFProtect(app)
     statuses = config.crm.statuses
-    assigning = threading.Lock()  # also around edits: a form sent twice finds the first one's result
+    writing = threading.Lock()  # around each form's write: a form sent twice finds the first one's result
     users = dict(users or {})
     login_required = password is not None or bool(users)
     # What a session that logged in carries: tied to the password, so changing it ends the
@@ -420,7 +420,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None,
         if chosen and contact_id is None:
             return _unknown_page(f"Assigning {email}: no contact {chosen!r}; pick one from the list as you type.", 400)
         try:
-            with assigning:  # a double-clicked form: the second request finds the first one's contact
+            with writing:  # a double-clicked form: the second request finds the first one's contact
                 result = engine().assign(email, contact_id=contact_id, new_contact=new_contact,
                                          partner_id=partner_id if new_contact else None)
         except (LookupError, ValueError) as exc:
@@ -443,28 +443,29 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None,
     def kinds_for(item: Activity) -> list[str]:
         return list(dict.fromkeys([*config.crm.kinds, *MAIL_KINDS, item.kind]))
 
-    def edit_page(item: Activity, values: dict, seen: str, error: str | None = None, status: int = 200):
-        return render_template("edit.html", a=item, values=values, seen=seen, error=error, kinds=kinds_for(item),
-                               statuses=statuses, accounts=accounts), status
+    def edit_page(item: Activity, values: dict, seen: str, seen_participants: list[str], error: str | None = None,
+                  status: int = 200):
+        return render_template("edit.html", a=item, values=values, seen=seen, seen_participants=seen_participants,
+                               error=error, kinds=kinds_for(item), statuses=statuses, accounts=accounts), status
 
     @app.get("/activities/<id:activity_id>/edit")
     def edit(activity_id: int):
         item = changeable(activity_id)
-        return edit_page(item, {key: getattr(item, key) for key in EDITED}, item.updated_at or "")
+        return edit_page(item, {key: getattr(item, key) for key in EDITED}, item.updated_at or "", item.participants)
 
     @app.post("/activities/<id:activity_id>/edit")
     def save(activity_id: int):
-        item = changeable(activity_id)
         form = request.form
         sent = {key: form.get(key, "") for key in EDITED} | {"participants": form.getlist("participants")}
-        try:
-            values = edited_values(item, form, kinds_for(item), list(statuses), accounts)
-        except ValueError as exc:
-            return edit_page(item, sent, form.get("updated_at", ""), f"{exc}.", 400)
-        with assigning:  # the check and the write together: of two forms sent at once, the second sees the first
+        seen, seen_participants = form.get("updated_at", ""), form.getlist("participants_seen")
+        with writing:  # the check and the write together: of two forms sent at once, the second sees the first
             current = changeable(activity_id)
-            if form.get("updated_at", "") != (current.updated_at or ""):
-                return edit_page(current, sent, current.updated_at or "",
+            try:
+                values = edited_values(current, form, kinds_for(current), list(statuses), accounts)
+            except ValueError as exc:
+                return edit_page(current, sent, seen, seen_participants, f"{exc}.", 400)
+            if seen != (current.updated_at or ""):
+                return edit_page(current, sent, current.updated_at or "", current.participants,
                                  "The activity was changed since you opened this form (by a sync or someone else): "
                                  "check the fields and send it again.", 409)
             changes = {key: value for key, value in values.items() if getattr(current, key) != value}
@@ -560,15 +561,20 @@ EDITED = ("kind", "status", "subject", "owner", "delegated_to", "participants", 
 
 
 def edited_values(item: Activity, form, kinds: list[str], statuses: list[str], accounts: list[str]) -> dict:
-    """The edit form's fields, checked: ValueError says what is wrong with the first bad one.
-    Names must be accounts; a new owner replaces the old one among the participants (as a
-    changed owner does everywhere: the old owner's calendar copy leaves) and is one of them."""
+    """The edit form's fields over the activity as it is now, checked: ValueError says what is
+    wrong with the first bad one. Names must be accounts. Participants change by what the
+    reader ticked or unticked against what the form showed (`participants_seen`): a sync may
+    have added one since, without changing updated_at, and that one stays. A new owner replaces
+    the old one among the participants (as a changed owner does everywhere: the old owner's
+    calendar copy leaves); the owner is always one of them."""
     known = f"(known: {', '.join(accounts) or 'none'})"
 
     def text(key: str, name: str) -> str | None:
         value = form.get(key, "").strip()
-        if len(value) > MAX_TEXT or not value.isprintable():
-            raise ValueError(f"{name} is longer than {MAX_TEXT} characters or has control characters")
+        if len(value) > MAX_TEXT:
+            raise ValueError(f"{name} is longer than {MAX_TEXT} characters")
+        if not value.isprintable():
+            raise ValueError(f"{name} has a line break or another control character; write it on one line")
         return value or None
 
     def employee(key: str, name: str, empty_ok: bool) -> str | None:
@@ -585,10 +591,13 @@ def edited_values(item: Activity, form, kinds: list[str], statuses: list[str], a
     subject = text("subject", "subject") or ""
     owner = employee("owner", "owner", empty_ok=item.owner is None)
     delegate = employee("delegated_to", "delegate", empty_ok=True)
-    participants = list(dict.fromkeys(name.strip() for name in form.getlist("participants")))
-    for name in participants:
+    ticked = list(dict.fromkeys(name.strip() for name in form.getlist("participants")))
+    for name in ticked:
         if name not in accounts:
             raise ValueError(f"participant {name!r} is not an account {known}")
+    seen = {name.strip() for name in form.getlist("participants_seen")}
+    participants = [name for name in item.participants if name in ticked or name not in seen]
+    participants += [name for name in ticked if name not in seen and name not in participants]
     if owner != item.owner and item.owner in participants:
         participants.remove(item.owner)
     if owner is not None and owner not in participants:
