@@ -505,10 +505,6 @@ class ServeConfig(_Password):
             user._name_secret(_join("serve.users", name), name)
 
     @property
-    def login_required(self) -> bool:
-        return self.secret is not None or bool(self.users)
-
-    @property
     def base_url(self) -> str:
         return self.url.rstrip("/") if self.url else http_address(self.host, self.port)
 

@@ -528,6 +528,7 @@ def test_a_private_item_shows_its_details_only_to_its_owner(tmp_path):
     page = alice.get(f"/activities/{ids['private']}")
     assert page.status_code == 200 and "<h1>Privat</h1>" in page.text
     assert "Thu 03 Dec 2026" in page.text and "09:00" in page.text and "10:00" in page.text  # the times stay
+    assert "<dt>Contact</dt>" not in page.text and "only bob sees its details" in page.text
     for secret in SECRETS:
         assert secret not in page.text, secret
     assert alice.get(f"/activities/{ids['private']}/documents/1").status_code == 404
