@@ -217,8 +217,8 @@ def test_my_imports_and_my_unassigned_mail_on_two_mailboxes(make_env):
         def named(name: str, me: str | None = None) -> set[str]:
             return {a.subject for a in engine.activities(searches.quick_search(name, me=me))}
 
-        assert named("my-today", "bob") == {"Bob bekannt", "Bob unbekannt"}
-        assert named("my-unassigned", "alice") == {"Alice unbekannt"}
+        assert named("mine-today", "bob") == {"Bob bekannt", "Bob unbekannt"}
+        assert named("mine-unassigned", "alice") == {"Alice unbekannt"}
         assert named("mine", "alice") == {"Alice bekannt", "Alice unbekannt", "Runde"}
         assert named("all") == subjects() and len(named("all")) == 5
         assert engine.activity(meeting["id"]).participants == ["bob", "alice"]
@@ -234,9 +234,9 @@ def test_quick_searches_mine_and_all_as_filters():
     today = quick_search("today", now=NOW).imported_since
     assert quick_search("all", now=NOW) == ActivityFilter()
     assert quick_search("mine", me="bob", now=NOW) == ActivityFilter(involving="bob")
-    assert quick_search("my-today", me="bob", now=NOW) == ActivityFilter(imported=True, imported_since=today,
+    assert quick_search("mine-today", me="bob", now=NOW) == ActivityFilter(imported=True, imported_since=today,
                                                                          involving="bob")
-    assert quick_search("my-unassigned", me="bob", now=NOW) == ActivityFilter(imported=True, unassigned=True,
+    assert quick_search("mine-unassigned", me="bob", now=NOW) == ActivityFilter(imported=True, unassigned=True,
                                                                               involving="bob")
     # everyone's searches do not depend on who asks
     assert quick_search("unassigned", me="bob") == quick_search("unassigned")
@@ -253,7 +253,7 @@ def test_searches_for_a_user_lists_theirs_first_then_everyones():
     assert "all" in QUICK_SEARCHES and not set(MY_SEARCHES) & set(QUICK_SEARCHES)
     mine = searches_for("alice")
     assert list(mine) == [*MY_SEARCHES, *QUICK_SEARCHES]
-    assert mine["my-today"] == "My imports today" and mine["my-unassigned"] == "My unassigned mail"
+    assert mine["mine-today"] == "My imports today" and mine["mine-unassigned"] == "My unassigned mail"
 
 
 # -- the Engine's rules, over the in-memory CRM ------------------------------------------------------

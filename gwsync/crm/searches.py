@@ -19,14 +19,14 @@ QUICK_SEARCHES = {
 # One employee's searches: name -> title, in the order the web view lists them (before everyone's).
 MY_SEARCHES = {
     "mine": "Mine",
-    "my-today": "My imports today",
-    "my-unassigned": "My unassigned mail",
+    "mine-today": "My imports today",
+    "mine-unassigned": "My unassigned mail",
 }
 # What each search selects, as activity_filter's (imported, unassigned, today); an employee's
 # search adds `involving=me`.
 _SELECTS = {"today": (True, False, True), "unassigned": (True, True, False), "imported": (True, False, False),
-            "all": (False, False, False), "mine": (False, False, False), "my-today": (True, False, True),
-            "my-unassigned": (True, True, False)}
+            "all": (False, False, False), "mine": (False, False, False), "mine-today": (True, False, True),
+            "mine-unassigned": (True, True, False)}
 
 
 def today_start_utc(now: datetime | None = None) -> str:

@@ -43,7 +43,7 @@ from ..accountlock import AccountBusy
 from ..calendar.icalmap import BUSY_SUBJECT, parse_time
 from ..config import Config
 from ..crm import MAIL_KINDS, Activity, ActivityFilter
-from ..crm.searches import QUICK_SEARCHES, quick_search
+from ..crm.searches import MY_SEARCHES, quick_search, searches_for
 from ..engine import Engine
 from ..errors import GwsyncError
 from .sanitize import sanitise_mail_html
@@ -61,8 +61,6 @@ ACTIVE_TYPES = ("text/html", "application/xhtml+xml", "image/svg+xml", "text/xml
 MAX_TEXT = 1000  # characters of a subject, request or project typed into the edit form
 
 # The viewer's own share of two quick searches (owner, delegate or participant), and everything.
-MY_SEARCHES = {"mine-today": ("My imports today", "today"), "mine-unassigned": ("My unassigned mail", "unassigned")}
-ALL_SEARCH = {"all": "All activities"}
 
 MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")  # RFC 6838 names only
 
@@ -310,7 +308,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None,
     @app.get("/")
     def index():
         eng = engine()
-        counts = {name: eng.count_activities(search_filter(name, g.viewer)) for name in searches_for(g.viewer)}
+        counts = {name: eng.count_activities(quick_search(name, g.viewer)) for name in searches_for(g.viewer)}
         held = eng.not_imported()
         return render_template("index.html", counts=counts, unknown=len(engine().unknown_senders()),
                                held=len(held))
@@ -368,7 +366,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None,
             abort(404, f"The search {name!r} needs to know who you are: it works with a login per employee "
                        "([serve.users.NAME]) or a config with one account.")
         try:
-            flt = search_filter(name, g.viewer)
+            flt = quick_search(name, g.viewer)
         except KeyError:
             abort(404, f"There is no quick search {name!r}.")
         return _activity_list(engine(), flt, searches_for(g.viewer)[name], shown)
@@ -613,24 +611,6 @@ def private_view(item: Activity) -> Activity:
                    sender=None, sender_name=None, recipients_to=[], recipients_cc=[], contact_id=None,
                    partner_id=None, unassigned=False, message_id=None, source=None, participants=[],
                    delegated_to=None, request=None, project=None)
-
-
-def searches_for(viewer: str | None) -> dict[str, str]:
-    """The searches the viewer has, name -> title, in the order the pages list them: their own
-    (when the view knows who reads), the team's quick searches, and everything."""
-    mine = {name: title for name, (title, _) in MY_SEARCHES.items()} if viewer else {}
-    return mine | QUICK_SEARCHES | ALL_SEARCH
-
-
-def search_filter(name: str, viewer: str | None, now: datetime | None = None) -> ActivityFilter:
-    """The filter of one of searches_for(viewer); KeyError for another name."""
-    if name in ALL_SEARCH:
-        return ActivityFilter()
-    if name in MY_SEARCHES:
-        if viewer is None:
-            raise KeyError(name)
-        return replace(quick_search(MY_SEARCHES[name][1], now), involving=viewer)
-    return quick_search(name, now)
 
 
 def _mark(key: bytes, text: str) -> str:
