@@ -764,7 +764,7 @@ def partner_add(obj: Context, name, emails, as_json) -> None:
 def serve(obj: Context, host: str | None, port: int | None) -> None:
     """The web view of the embedded CRM that the links open: activity pages, the quick searches,
     unknown senders (with the assign form) and held mail. Listens on loopback unless told
-    otherwise; beyond loopback it needs a password in [serve]."""
+    otherwise; beyond loopback it needs a password in [serve] or a login per employee ([serve.users.NAME])."""
     from ..web.server import ServeError, make_server, run_server
 
     config = obj.config
