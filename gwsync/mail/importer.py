@@ -30,7 +30,7 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from ..config import AccountConfig, CrmConfig
 from ..crm import ActivityDraft, CRMBackend, Document
 from ..errors import ConfigError, StoreError
-from ..storage.state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord, StateStore
+from ..storage.state import FAILED, HELD, IMPORTED, LEFT_OUT, QUARANTINED, MailRecord, StateStore
 from .decisions import MailMatch, SenderMatch, Step, failure_outcome, missing_fields, plan_mail, resolve_mail
 from .imap import FETCH_BATCH, ImapSession, ImportFolder, MailGone, MailServerError, ServerUnreachable
 from .mime import (
@@ -93,6 +93,7 @@ class PendingMail:
     contact_id: int | None
     partner_id: int | None
     missing: list[str]
+    left_out: bool = False  # left out by an earlier review: it stays out until a review takes it in
 
 
 @dataclass
@@ -116,13 +117,17 @@ class MailImporter:
                  dry_run: bool = False, progress: ProgressFn | None = None,
                  should_stop: Callable[[], bool] | None = None,
                  selection: set[tuple[str, int]] | None = None,
-                 overrides: dict[tuple[str, int], dict] | None = None):
+                 overrides: dict[tuple[str, int], dict] | None = None,
+                 left_out: dict[tuple[str, int], tuple[str | None, str]] | None = None):
         self.should_stop = should_stop or (lambda: False)
         # The interactive review: only these (folder, UID) are imported, with fields filled in
         # by the user ("partner_id", "contact_id", "subject", "body", "documents": [(category,
         # keyword), ...]).
         self.selection = selection
         self.overrides = overrides or {}
+        # The mails the review leaves out, (folder, UID) -> (sender, subject): recorded, so that
+        # they stay in their folders until a review takes them in (`selection` names them then).
+        self.left_out = left_out or {}
         self.account = account
         if account.imap is None:
             raise ConfigError(f"accounts.{account.name} has no [accounts.{account.name}.imap] table")
@@ -183,17 +188,27 @@ class MailImporter:
         if not self.dry_run:
             self.state.forget(account, folder.name, uidvalidity, [u for u in records if u not in present])
 
-        to_process, to_move = [], []
+        to_process, to_move, left_out = [], [], []
         for uid in uids:
             step = plan_mail(records.get(uid))
-            if self.selection is not None and step is Step.PROCESS and (folder.name, uid) not in self.selection:
-                continue  # left out in the review: it stays in its folder, untouched
+            chosen = self.selection is not None and (folder.name, uid) in self.selection
+            if step is Step.LEFT_OUT and chosen:
+                step = Step.PROCESS  # taken in by this review
+            if step is Step.PROCESS and (folder.name, uid) in self.left_out:
+                left_out.append(uid)  # left out by this review: it stays in its folder, untouched
+                continue
+            if self.selection is not None and step is Step.PROCESS and not chosen:
+                continue  # arrived after the review looked: the next sync imports it
             if step is Step.PROCESS:
                 to_process.append(uid)
             elif step is Step.MOVE_ONLY:
                 to_move.append(uid)
-            else:
+            elif step is Step.SKIP:
                 result.quarantined += 1
+        if left_out and not self.dry_run:
+            self.state.save([MailRecord(account=account, folder=folder.name, uidvalidity=uidvalidity, uid=uid,
+                                        outcome=LEFT_OUT, sender=self.left_out[(folder.name, uid)][0],
+                                        subject=self.left_out[(folder.name, uid)][1]) for uid in left_out])
         if to_move:
             result.archived_again += len(to_move)
             self._archive_recovered(session, folder, uidvalidity, {uid: records[uid].key for uid in to_move})
@@ -242,7 +257,8 @@ class MailImporter:
                 continue
             uidvalidity = session.examine(folder.name)
             records = self.state.records(self.account.name, folder.name, uidvalidity)
-            uids = [u for u in session.uids() if plan_mail(records.get(u)) is Step.PROCESS]
+            steps = {u: plan_mail(records.get(u)) for u in session.uids()}
+            uids = [u for u, step in steps.items() if step in (Step.PROCESS, Step.LEFT_OUT)]
             sizes = session.sizes(uids) if uids else {}
             for uid in [u for u in uids if sizes.get(u, 0) > STREAM_THRESHOLD]:  # large: headers only
                 try:
@@ -256,7 +272,8 @@ class MailImporter:
                     contact_id=match.contact_id, partner_id=match.partner_id,
                     missing=[m for m in missing_fields(self.crm_cfg.mandatory, partner_id=match.partner_id,
                                                        contact_id=match.contact_id, subject=headers["subject"],
-                                                       body="x") if m != "body"]))
+                                                       body="x") if m != "body"],
+                    left_out=steps[uid] is Step.LEFT_OUT))
             for batch in _batches([u for u in uids if sizes.get(u, 0) <= STREAM_THRESHOLD], sizes):
                 raws = session.fetch_raw(batch)
                 keys = {uid: mail_keys(raw) for uid, raw in raws.items()}
@@ -273,7 +290,8 @@ class MailImporter:
                         partner_id=match.partner_id,
                         missing=missing_fields(self.crm_cfg.mandatory, partner_id=match.partner_id,
                                                contact_id=match.contact_id, subject=parsed.subject,
-                                               body=parsed.body)))
+                                               body=parsed.body),
+                        left_out=steps[uid] is Step.LEFT_OUT))
         return pending
 
     def _known(self, keys: Iterable[MailKeys]) -> dict[str, int]:
