@@ -386,6 +386,14 @@ class MailImporter:
             activity_id, created = next(marked) if p.draft is not None else (p.known_activity, False)
             if activity_id is None:
                 continue
+            if not created:
+                # The CRM had it: an earlier run, another process, a copy earlier in this batch, or
+                # another employee who filed the same mail. The filer takes part in it, before the
+                # state says "imported" (a run that dies here adds them next time).
+                try:
+                    self.crm.add_participant(activity_id, self.account.name)
+                except LookupError:
+                    continue  # deleted since: nothing recorded, the next run imports the mail afresh
             records.append(MailRecord(account=self.account.name, folder=folder.name, uidvalidity=uidvalidity,
                                       uid=p.uid, outcome=IMPORTED, key=p.key, activity_id=activity_id))
             if created:  # only what this run created counts as its import
@@ -396,11 +404,7 @@ class MailImporter:
                     id=activity_id, link=self.crm_cfg.link.format(id=activity_id), subject=p.draft.subject,
                     folder=folder.name, unassigned=p.draft.unassigned))
             else:
-                # The CRM had it: an earlier run, another process, a copy earlier in this batch, or
-                # another employee who filed the same mail. The filer takes part in it (before the
-                # state says "imported", so a run that dies here adds them next time); its twin
-                # may be in the archive already: archive it as recovered.
-                self.crm.add_participant(activity_id, self.account.name)
+                # Its twin may be in the archive already: archive it as recovered.
                 recovered[p.uid] = p.key
                 result.archived_again += 1
         self.state.save(records)
