@@ -21,7 +21,8 @@ One run:
      writes, so a crash costs nothing: every step can be repeated (CRM writes are keyed by UID,
      creates on the server by a UID derived from the activity, and an existing item answers a
      repeated create with 412);
-  6. save the sync token (not when the review left items out, an action failed, or after a stop),
+  6. save the sync token (not when an action failed, or after a stop; items a review left out are
+     recorded, and taking one in drops the token, so that the next run lists the collection),
      with the day the earliest item left out for starting after the window enters it: on that
      day the collection is listed again (the item itself may never change, so no delta lists it).
 
