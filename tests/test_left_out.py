@@ -158,3 +158,38 @@ def test_a_held_calendar_item_deleted_on_the_server_is_no_longer_listed(make_env
     env.dav_delete("events", "x.ics")
     code, out = env.cli_json("sync")
     assert code == 0 and held(env) == [] and subjects(env) == []
+
+
+# -- what "filled" means for a calendar item, as units ---------------------------------------------
+
+def test_item_addresses_are_the_attendees_then_the_organizer_each_once():
+    from gwsync.calendar.mandatory import item_addresses
+
+    text = event("x", "S", attendees=("Erika@ACME.example", "bob@firma.example", "erika@acme.example"),
+                 organizer="alice@firma.example").replace("mailto:bob", "MAILTO:bob")
+    assert item_addresses(text) == ["erika@acme.example", "bob@firma.example", "alice@firma.example"]
+    assert item_addresses(event("y", "S", attendees=("one@x.example",))) == ["one@x.example"]
+    assert item_addresses(event("z", "S")) == [] and item_addresses("not iCalendar") == []
+
+
+def test_check_item_takes_the_first_external_attendee_with_a_contact_then_a_partner_domain():
+    from types import SimpleNamespace
+
+    from gwsync.calendar.mandatory import check_item
+
+    contacts = {"erika@acme.example": SimpleNamespace(id=7, partner_id=3),
+                "bob@firma.example": SimpleNamespace(id=9, partner_id=None)}
+    partners = {"kunde.example": SimpleNamespace(id=5)}
+    find_contact, find_partner = contacts.get, partners.get
+    fields = {"subject": "Termin", "body": ""}
+    employees = {"bob@firma.example"}
+
+    def check(mandatory, addresses, given=fields):
+        match, missing = check_item(mandatory, given, addresses, employees, find_contact, find_partner)
+        return (match.contact_id, match.partner_id), missing
+
+    assert check(("contact",), ["bob@firma.example", "erika@acme.example"]) == ((7, 3), [])
+    assert check(("contact", "partner"), ["neu@kunde.example"]) == ((None, 5), ["contact"])
+    assert check(("partner",), ["bob@firma.example"]) == ((None, None), ["partner"])  # an employee: not a contact
+    assert check(("subject", "body"), []) == ((None, None), ["body"])
+    assert check(("subject",), [], {"subject": "  ", "body": "x"}) == ((None, None), ["subject"])
