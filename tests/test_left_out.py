@@ -34,6 +34,15 @@ def event(uid: str, summary: str | None, attendees: tuple[str, ...] = (), organi
     return "\n".join(lines + ["END:VEVENT", "END:VCALENDAR"]) + "\n"
 
 
+def web_page(env, path: str) -> str:
+    from gwsync.web.app import create_app
+
+    app = create_app(env.config(), b"k" * 32)
+    response = app.test_client().get(path, headers={"Host": "127.0.0.1:8765"})
+    assert response.status_code == 200
+    return response.get_data(as_text=True)
+
+
 def held(env) -> list[dict]:
     code, rows = env.cli_json("held")
     assert code == 0
@@ -56,6 +65,7 @@ def test_mail_left_out_in_review_stays_out_until_taken_in(env):
     (row,) = held(env)
     assert (row["outcome"], row["subject"], row["folder"]) == ("left-out", "Test mail 2", DONE)
     assert "gwsync review" in row["released_by"]
+    assert "Left out in the review" in web_page(env, "/held")
 
     # The review shows it again; taken in, it is imported.
     second = env.cli("review", input="mail\n1\ny\n")
@@ -90,6 +100,7 @@ def test_a_calendar_item_left_out_in_review_stays_out_until_taken_in(make_env):
     assert "X-GWSYNC" not in env.dav_items("events")["b.ics"][1]  # nothing written into it
     (row,) = held(env)
     assert (row["outcome"], row["subject"], row["area"]) == ("left-out", "Arzt", "events")
+    assert "Arzt" in web_page(env, "/held") and "Left out in the review" in web_page(env, "/held")
 
     second = env.cli("review", input="events\n1\ny\n")  # take it in
     assert second.exit_code == 0, second.stdout + second.stderr
@@ -118,6 +129,7 @@ def test_a_calendar_item_without_a_mandatory_contact_is_held_until_an_attendee_h
     assert "erika@acme.example" in rows["Besprechung ACME"]["released_by"]
     review = env.cli("review", input="events\n\nn\n")
     assert "NEEDS contact" in review.stdout
+    assert "erika@acme.example" in web_page(env, "/held") and "Lacks: contact." in web_page(env, "/held")
 
     # Still no contact: still held, and the item is not written.
     code, out = env.cli_json("sync")
