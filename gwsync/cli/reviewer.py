@@ -172,6 +172,7 @@ def _show(report: SyncReport, account: AccountConfig, web_base: str | None) -> N
     for area, result in acc.calendars.items():
         c = result.counts
         click.echo(f"{area}: {c['created_crm']} new in the CRM, {c['updated_crm']} updated; "
-                   f"{c['created_groupware']} new on the server, {c['updated_groupware']} updated")
+                   f"{c['created_groupware']} new on the server, {c['updated_groupware']} updated"
+                   + (f"; {result.held} held for a mandatory field (`gwsync held`)" if result.held else ""))
     for line in acc.error_lines():
         click.echo(f"gwsync: {line}", err=True)
