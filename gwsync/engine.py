@@ -43,7 +43,16 @@ from .errors import (
     UsageError,
 )
 from .mail.imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
-from .storage.state import FAILED, HELD, QUARANTINED, CalendarLink, MailRecord, StateStore
+from .storage.state import (
+    FAILED,
+    HELD,
+    LEFT_OUT,
+    QUARANTINED,
+    CalendarItemRecord,
+    CalendarLink,
+    MailRecord,
+    StateStore,
+)
 
 if TYPE_CHECKING:  # loaded by the areas that use them: a mail sync never reads iCalendar
     from caldav.davclient import DAVClient
@@ -70,11 +79,17 @@ def mail_id(record: MailRecord) -> str | None:
 @dataclass
 class Selection:
     """What a review chose for one run: the mails to import, by (folder, UID), with the fields
-    it filled in, and per calendar area the new server items it left out (this run only)."""
+    it filled in, and what it left out or took in. What it leaves out is recorded in the state
+    database and stays out of the CRM (every later sync and watch leave it alone) until a review
+    takes it in."""
 
-    mail: set[tuple[str, int]] | None = None  # None: every mail waiting
+    mail: set[tuple[str, int]] | None = None  # None: every mail waiting; else new ones and those taken in
     overrides: dict[tuple[str, int], dict] = field(default_factory=dict)
-    skip: dict[str, set[str]] = field(default_factory=dict)  # area -> hrefs
+    skip: dict[str, set[str]] = field(default_factory=dict)  # area -> hrefs of new items left out
+    # Mails left out, (folder, UID) -> (sender, subject), as `gwsync held` lists them.
+    left_out_mail: dict[tuple[str, int], tuple[str | None, str]] = field(default_factory=dict)
+    subjects: dict[str, str] = field(default_factory=dict)  # href -> subject of the items in `skip`
+    take_in: dict[str, set[str]] = field(default_factory=dict)  # area -> hrefs of items left out before
 
 
 @dataclass
@@ -126,6 +141,8 @@ class AccountReport:
                 "activities": [{"id": a.id, "link": a.link, "subject": a.subject} for a in self.mail.activities]}
         for area, result in self.calendars.items():
             out[area] = dict(result.counts) | {"conflict_details": result.conflicts, "requests": result.requests}
+            if result.held:  # new items kept out for want of a mandatory field (`gwsync held`)
+                out[area]["held"] = result.held
             if result.plan is not None:  # a dry run: what the sync would do
                 out[area]["plan"] = result.plan
         out["error"] = self.error
@@ -149,7 +166,7 @@ def _merge_calendar(a: CalendarResult | None, b: CalendarResult) -> CalendarResu
 
     return CalendarResult(counts={k: a.counts.get(k, 0) + v for k, v in b.counts.items()}, errors=b.errors,
                           conflicts=a.conflicts + b.conflicts, requests=a.requests + b.requests,
-                          plan=b.plan if b.plan is not None else a.plan)
+                          plan=b.plan if b.plan is not None else a.plan, held=b.held)
 
 
 @dataclass
@@ -353,6 +370,8 @@ class Engine:
                     acc_report = report.accounts.setdefault(account.name, AccountReport())
                     try:
                         with nullcontext() if dry_run else self.run_locks.hold(account.name, holder, lock_wait):
+                            if not dry_run:
+                                self._record_review(account)
                             self._sync_areas(account, areas, acc_report, dry_run, force, progress)
                     except AccountBusy as exc:
                         acc_report.busy = True
@@ -362,6 +381,17 @@ class Engine:
             finally:
                 self._selection = Selection()
             return report
+
+    def _record_review(self, account: AccountConfig) -> None:
+        """The calendar items the review left out or took in (its mails: by the import, which
+        knows their folders' UIDVALIDITY)."""
+        chosen = self._selection
+        for area, hrefs in chosen.take_in.items():
+            self.state.take_in(account.name, area, hrefs)
+        self.state.save_calendar_items([
+            CalendarItemRecord(account=account.name, area=area, href=href, outcome=LEFT_OUT,
+                               subject=chosen.subjects.get(href)) for area, hrefs in chosen.skip.items()
+            for href in hrefs])
 
     def _sync_areas(self, account, areas, acc_report, dry_run, force, progress) -> None:
         for area in areas:
@@ -483,9 +513,10 @@ class Engine:
         try:
             collection = self.collection(account, area)
             with self._locking(account, "caldav"):
+                left_out = {r.href for r in self.state.calendar_items(name, area, LEFT_OUT)}
                 result = CalendarSync(self.config, account, area, self.crm, self.state, collection,
                                       dry_run=dry_run, force=force, should_stop=self._should_stop,
-                                      skip_hrefs=self._selection.skip.get(area)).run()
+                                      skip_hrefs=left_out | self._selection.skip.get(area, set())).run()
         except (CredentialLocked, LoginRefused) as exc:
             acc_report.login_failed = True
             acc_report.errors.append(str(exc))
@@ -526,7 +557,8 @@ class Engine:
         try:
             importer = MailImporter(account, self.config.crm, self.crm, self.state, dry_run=dry_run,
                                     progress=progress, should_stop=self._should_stop,
-                                    selection=self._selection.mail, overrides=self._selection.overrides)
+                                    selection=self._selection.mail, overrides=self._selection.overrides,
+                                    left_out=self._selection.left_out_mail)
             acc_report.mail = importer.run(session)
         except StoreError:
             session.logout()
@@ -759,13 +791,24 @@ class Engine:
 
     def waiting_items(self, account: AccountConfig, area: str) -> list:
         """New items on the account's events or tasks collection that the CRM does not have yet,
-        as (href, item data): for a review to leave some out (Selection.skip)."""
+        as (href, item data): for a review to leave some out (Selection.skip) or take in those
+        left out before (`kept_out`). Records of left-out items gone from the server are dropped."""
         from .calendar.sync import CalendarSync
 
         with self._naming(account):
             collection = self.collection(account, area)
             with self._locking(account, "caldav"):
-                return CalendarSync(self.config, account, area, self.crm, self.state, collection).waiting()
+                waiting = CalendarSync(self.config, account, area, self.crm, self.state, collection).waiting()
+                left_out = self.state.calendar_items(account.name, area, LEFT_OUT)
+                present = collection.list_etags() if left_out else {}
+        gone = [(account.name, area, r.href) for r in left_out if r.href not in present]
+        self.state.save_calendar_items([], gone, LEFT_OUT)
+        return waiting
+
+    def kept_out(self, account: str | None = None, area: str | None = None) -> list[CalendarItemRecord]:
+        """New calendar items kept out of the CRM: left out in a review (until one takes them in),
+        or held for a mandatory field (until it can be filled); for `gwsync held` and the review."""
+        return self.state.calendar_items(account, area)
 
     # -- the CRM and the state, for front-ends -------------------------------------------------
 
@@ -880,7 +923,8 @@ class Engine:
         return self.crm.add_partner(name, list(emails))
 
     def not_imported(self) -> list[MailRecord]:
-        """Mail held back, failed or quarantined, for `gwsync held` and the web view."""
+        """Mail held back, failed, quarantined or left out in a review, for `gwsync held` and the
+        web view (calendar items kept out: `kept_out`)."""
         return self.state.not_imported()
 
     def status(self) -> dict[str, dict]:

@@ -21,7 +21,7 @@ from ..config import AREAS, Config, load_config
 from ..crm.searches import activity_filter, summary_links
 from ..engine import Engine, mail_id
 from ..errors import EXIT_FAILED, EXIT_USAGE, GwsyncError
-from ..storage.state import FAILED, QUARANTINED
+from ..storage.state import FAILED, LEFT_OUT, QUARANTINED
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -129,6 +129,8 @@ def sync(obj: Context, accounts, only, dry_run, force, as_json) -> None:
                                f"-{c['deleted_groupware']}, conflicts {c['conflicts']}")
                     for line in result.conflicts:
                         click.echo(f"  conflict: {line}")
+                    if result.held:
+                        click.echo(f"  held {result.held} new item(s) lacking a mandatory field: see `gwsync held`")
                     if result.plan:  # a dry run: the plan, one line per action
                         from ..calendar.sync import plan_line
 
@@ -268,6 +270,8 @@ def _release_hint(record, max_attempts: int) -> str:
         return f"fixing the cause, then `gwsync retry {mail_id(record)}`"
     if record.outcome == FAILED:
         return f"the next sync, which tries again: {record.attempts} of {max_attempts} attempts used"
+    if record.outcome == LEFT_OUT:
+        return "taking it in with `gwsync review`"
     missing = set(record.missing or ())
     hints = []
     if missing & {"partner", "contact"}:
@@ -278,25 +282,49 @@ def _release_hint(record, max_attempts: int) -> str:
     return "; ".join(hints or [f"filling {', '.join(sorted(missing))}"]) + ", then the next sync"
 
 
+def _item_release_hint(record) -> str:
+    """What releases a calendar item kept out of the CRM (README, "Mandatory fields")."""
+    if record.outcome == LEFT_OUT:
+        return "taking it in with `gwsync review`"
+    missing = set(record.missing or ())
+    hints = []
+    if missing & {"partner", "contact"}:
+        hints.append(f"giving an attendee's address ({', '.join(record.addresses)}) to a contact (`gwsync assign`)"
+                     if record.addresses else "adding an attendee who is a contact, on the device")
+    if missing & {"subject", "body"}:
+        hints.append("filling in " + " and ".join(sorted(missing & {"subject", "body"})) + " on the device")
+    return "; ".join(hints) + ", then the next sync"
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def held(obj: Context, as_json) -> None:
     """Mail held back in its folder because mandatory fields are missing, failed mail, and
-    quarantined mail (`gwsync retry ID` after fixing the cause), each with what releases it."""
+    quarantined mail (`gwsync retry ID` after fixing the cause), each with what releases it;
+    mail and calendar items left out in `gwsync review`, and calendar items held for a
+    mandatory field."""
     with obj.engine() as engine:
         rows = engine.not_imported()
+        items = engine.kept_out()
     max_attempts = obj.config.crm.max_attempts
     data: list[dict[str, Any]] = [
-        {"id": mail_id(r), "account": r.account, "folder": r.folder, "uid": r.uid, "outcome": r.outcome,
-         "sender": r.sender, "subject": r.subject, "missing": r.missing, "error": r.error,
+        {"id": mail_id(r), "account": r.account, "area": "mail", "folder": r.folder, "uid": r.uid,
+         "outcome": r.outcome, "sender": r.sender, "subject": r.subject, "missing": r.missing, "error": r.error,
          "attempts": r.attempts, "released_by": _release_hint(r, max_attempts)} for r in rows]
+    data += [{"id": None, "account": r.account, "area": r.area, "item": r.href, "folder": None, "uid": None,
+              "outcome": r.outcome, "sender": None, "subject": r.subject, "missing": r.missing, "error": None,
+              "attempts": 0, "released_by": _item_release_hint(r)} for r in items]
     if as_json:
         emit_json(data)
         return
     if not data:
         click.echo("nothing held")
     for d in data:
+        if d["area"] != "mail":
+            why = (f"missing {', '.join(d['missing'])} " if d["missing"] else "") + f"(released by {d['released_by']})"
+            click.echo(f"-\t{d['account']}\t{d['area']}\t{d['item']}\t{d['outcome']}\t-\t{d['subject'] or ''}\t{why}")
+            continue
         why = f"missing {', '.join(d['missing'])}" if d["missing"] else d["error"]
         if d["missing"] and {"partner", "contact"} & set(d["missing"]) and d["sender"]:
             why += f" (released by `gwsync assign {d['sender']} --contact ID` or --new-contact NAME)"

@@ -433,8 +433,8 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None,
 
     @app.get("/held")
     def held():
-        rows = engine().not_imported()
-        return render_template("held.html", rows=rows)
+        eng = engine()
+        return render_template("held.html", rows=eng.not_imported(), items=eng.kept_out())
 
     # -- changing an activity: the edit form, push and unpush ----------------------------------
 
