@@ -80,6 +80,25 @@ def sync_calserver(request):
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL for the session (tests/pg_server.py): `.url(DB)` gives
+    postgresql://gwsync@127.0.0.1:PORT/DB, `.url(DB, socket=True)` adds ?host=SOCKETDIR.
+    No skip when PostgreSQL is missing: scripts/test installs it."""
+    from pg_server import PostgresServer
+
+    with PostgresServer.start() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres):
+    """The URL of a fresh, empty database of its own for this test (dropped after it)."""
+    name = postgres.new_database()
+    yield postgres.url(name)
+    postgres.drop_database(name)
+
+
+@pytest.fixture(scope="session")
 def dovecot():
     # No skip when Dovecot is missing: .ci/run installs it, and a silent skip would hide that.
     server = Dovecot.start()

@@ -1,5 +1,5 @@
-"""CRMBackendContract on the embedded SQLite store and on the in-memory reference backend: the
-second shows the contract asks nothing a non-SQLite CRM could not do."""
+"""CRMBackendContract on the embedded SQLite store, on the same store on PostgreSQL, and on the
+in-memory reference backend: the last shows the contract asks nothing a non-SQL CRM could not do."""
 
 from __future__ import annotations
 
@@ -19,6 +19,20 @@ class TestEmbeddedCRM(CRMBackendContract):
     def backend(self, tmp_path):
         crm = EmbeddedCRM(tmp_path / "crm.db", tmp_path / "documents", STATUSES,
                           "https://crm.example.com/activities/{id}")
+        yield crm
+        crm.close()
+
+    @pytest.fixture
+    def expected_statuses(self):
+        return STATUSES
+
+
+class TestPostgresCRM(CRMBackendContract):
+    """The store on a real PostgreSQL (a fresh database per test)."""
+
+    @pytest.fixture
+    def backend(self, pg_url, tmp_path):
+        crm = EmbeddedCRM(pg_url, tmp_path / "documents", STATUSES, "https://crm.example.com/activities/{id}")
         yield crm
         crm.close()
 

@@ -1,4 +1,5 @@
-"""The embedded CRM store: SQLite (through sqlite-utils) plus content-addressed document files.
+"""The CRM store: an embedded SQLite file or a shared PostgreSQL database (one code path, on
+SQLAlchemy Core; see gwsync/storage/database.py), plus content-addressed document files.
 
 Identities are never reused: activity ids come from AUTOINCREMENT (a deleted activity's id is
 never given out again), every activity has a random `uuid` (which tells activities apart even
@@ -7,29 +8,38 @@ own in the `meta` table.
 
 The schema is made and upgraded by MIGRATIONS (see gwsync/migrations.py), in the order it grew.
 Version 1 was the first one recorded: a database at 0 may be of any release before it, so the
-steps of version 1 check what is there.
+steps of version 1 check what is there. On PostgreSQL a new database is made at POSTGRES_FIRST
+from the table definitions below (the steps before it are SQLite's history); a later step
+brings its own PostgreSQL statements (Migration.postgres), run under an advisory lock.
+
+Order of work on open: the engine (a file or a URL), the schema upgrade, then every method
+takes a pooled connection for its statements (one explicit transaction per write).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sqlite3
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+import sqlalchemy as sa
 import sqlite_utils
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ..errors import file_fault
+from ..storage.database import pg_upgrade, postgres_engine, read, shown, sqlite_engine, write
 from ..storage.migrations import Migration, add_column, latest, upgrade
-from ..storage.sqlite import ensure_private_dir, open_private_db, transaction
+from ..storage.sqlite import ensure_private_dir
 from . import (
     MAIL_KINDS,
     TEAM_FIELDS,
@@ -159,10 +169,6 @@ MIGRATIONS = [
     Migration(3, "activities: participants, delegated_to, request, project, attendees (a team)", _team_columns),
 ]
 
-# The address an activity is assigned by (Activity.correspondent): an outgoing mail's first
-# recipient, To then Cc; else the sender.
-_CORRESPONDENT = ("unicode_lower(CASE WHEN kind = 'MAILAUS' THEN coalesce(json_extract(recipients_to, '$[0]'), "
-                  "json_extract(recipients_cc, '$[0]')) ELSE sender END)")
 SCHEMA_VERSION = latest(MIGRATIONS)
 
 
@@ -237,10 +243,9 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _new_id(cursor: sqlite3.Cursor) -> int:
-    """The id the INSERT just run on this cursor gave its row."""
-    assert cursor.lastrowid is not None  # set by every INSERT
-    return cursor.lastrowid
+def _now_precise() -> str:
+    """For updated_at, which the `newest` conflict policy compares."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def _made(record: _T | None) -> _T:
@@ -249,38 +254,145 @@ def _made(record: _T | None) -> _T:
     return record
 
 
-def _json_list(values: list[str]) -> str | None:
-    return json.dumps(values, ensure_ascii=False) if values else None
+def _json_list(values: list[str]) -> list[str] | None:
+    return list(values) if values else None
 
 
-def _json_attendees(attendees: list[Attendee]) -> str | None:
-    return json.dumps([asdict(a) for a in attendees], ensure_ascii=False) if attendees else None
+def _json_attendees(attendees: list[Attendee]) -> list[dict] | None:
+    return [asdict(a) for a in attendees] if attendees else None
 
 
-def _now_precise() -> str:
-    """For updated_at, which the `newest` conflict policy compares."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+# -- the tables, as SQLAlchemy sees them ---------------------------------------------------------------
+#
+# The statements of EmbeddedCRM are built on these and compiled for SQLite or PostgreSQL. They
+# describe the schema at SCHEMA_VERSION: on SQLite MIGRATIONS make it (and every older file
+# reaches it); on PostgreSQL `metadata.create_all` makes it in a new database, and a later
+# version's step must say what it does there too (Migration.postgres).
+
+metadata = sa.MetaData()
+# BIGINT identities on PostgreSQL (a sequence never hands out a number twice); INTEGER on SQLite,
+# where the migrations made the tables (AUTOINCREMENT for activities).
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+# JSON lists: TEXT holding JSON on SQLite (as the migrations made them), jsonb on PostgreSQL.
+_JSON = sa.JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+
+def _id_column() -> sa.Column:
+    return sa.Column("id", _ID, sa.Identity(), primary_key=True)
+
+
+partners = sa.Table("partners", metadata, _id_column(), sa.Column("name", sa.Text),
+                    sa.Column("created_at", sa.Text))
+partner_addresses = sa.Table(
+    "partner_addresses", metadata, _id_column(), sa.Column("partner_id", _ID, sa.ForeignKey("partners.id")),
+    sa.Column("email", sa.Text), sa.Column("domain", sa.Text),
+    sa.Index("idx_partner_addresses_domain", "domain"))
+contacts = sa.Table("contacts", metadata, _id_column(), sa.Column("name", sa.Text),
+                    sa.Column("partner_id", _ID, sa.ForeignKey("partners.id")), sa.Column("created_at", sa.Text))
+communications = sa.Table(
+    "communications", metadata, _id_column(), sa.Column("contact_id", _ID, sa.ForeignKey("contacts.id")),
+    sa.Column("kind", sa.Text), sa.Column("value", sa.Text), sa.Column("is_default", sa.Integer),
+    sa.Index("idx_communications_value", "value"))
+activities = sa.Table(
+    "activities", metadata, _id_column(),
+    *(sa.Column(name, sa.Integer if kind is int else sa.Text) if name not in ACTIVITY_REFERENCES else
+      sa.Column(name, _ID, sa.ForeignKey(f"{ACTIVITY_REFERENCES[name]}.id"))
+      for name, kind in ACTIVITY_COLUMNS.items() if name != "id"),
+    sa.Column("sender_name", sa.Text), sa.Column("recipients_to", _JSON), sa.Column("recipients_cc", _JSON),
+    sa.Column("participants", _JSON), sa.Column("delegated_to", sa.Text), sa.Column("request", sa.Text),
+    sa.Column("project", sa.Text), sa.Column("attendees", _JSON),
+    sa.Column("private", sa.Integer, nullable=False, server_default="0"),
+    sa.Index("idx_activities_key", "key", unique=True), sa.Index("idx_activities_uuid", "uuid", unique=True),
+    *(sa.Index(f"idx_activities_{column}", column) for (column,) in (*LOOKUP_INDEXES, ("delegated_to",))),
+    # `involving`: participants @> '["bob"]' uses this on PostgreSQL.
+    sa.Index("idx_activities_participants", "participants", postgresql_using="gin"),
+)
+documents_table = sa.Table(
+    "documents", metadata, _id_column(), sa.Column("activity_id", _ID, sa.ForeignKey("activities.id")),
+    sa.Column("filename", sa.Text), sa.Column("content_type", sa.Text), sa.Column("size", sa.BigInteger),
+    sa.Column("sha256", sa.Text), sa.Column("category", sa.Text), sa.Column("keyword", sa.Text),
+    sa.Index("idx_documents_activity_id", "activity_id"))
+meta = sa.Table("meta", metadata, sa.Column("name", sa.Text, primary_key=True), sa.Column("value", sa.Text))
+
+# The columns a new activity is written with (all but id), in the table's order.
+_INSERTED = [c.name for c in activities.columns if c.name != "id"]
+
+
+def _create_postgres(conn: sa.Connection) -> None:
+    """A new PostgreSQL database: the tables at SCHEMA_VERSION and the store's identity."""
+    metadata.create_all(conn)
+    conn.execute(sa.insert(meta).values(name="store_id", value=str(uuid.uuid4())))
+
+
+def _postgres_steps() -> list[tuple[int, Callable[[sa.Connection], None]]]:
+    """The steps after the version a new PostgreSQL database starts at (SCHEMA_VERSION today)."""
+    steps = []
+    for migration in MIGRATIONS:
+        if migration.version > POSTGRES_FIRST:
+            if migration.postgres is None:
+                raise RuntimeError(f"migration {migration.description!r} has no PostgreSQL step")
+            steps.append((migration.version, migration.postgres))
+    return steps
+
+
+# The version the first PostgreSQL databases were made at: the steps up to it are SQLite's history.
+POSTGRES_FIRST = 3
 
 
 class EmbeddedCRM(CRMBackend):
-    def __init__(self, database: Path, documents: Path, statuses: dict[str, str], link: str):
-        self.conn = open_private_db(database, "CRM database")
-        self.conn.create_function("unicode_lower", 1, _lower, deterministic=True)
-        self.db = sqlite_utils.Database(self.conn)
+    """The CRM store on an SQLite file (`database` a Path) or on PostgreSQL (`database` a
+    postgresql:// URL, `password` a callable giving its password or None). One code path: the
+    statements are SQLAlchemy Core, compiled for either; the few that differ say why."""
+
+    def __init__(self, database: Path | str, documents: Path, statuses: dict[str, str], link: str,
+                 password: Callable[[], str | None] | None = None):
         self.documents = DocumentStore(documents)
         self._statuses = dict(statuses)
         self.link_template = link
         self._store_id: str | None = None
+        if isinstance(database, str):
+            self.engine = postgres_engine(database, "CRM database", password)
+            self._postgres = True
+        else:
+            self.engine = sqlite_engine(database, "CRM database", {"unicode_lower": _lower})
+            self._postgres = False
         try:
-            upgrade(self.db, MIGRATIONS)
+            self._upgrade(database)
         except BaseException:
-            self.conn.close()
+            self.engine.dispose()
             raise
+
+    def _upgrade(self, database: Path | str) -> None:
+        if not self._postgres:
+            with self.engine.connect() as conn:  # the migrations are written against sqlite-utils
+                raw = conn.connection.dbapi_connection
+                assert isinstance(raw, sqlite3.Connection)  # sqlite_engine's, from open_private_db
+                upgrade(sqlite_utils.Database(raw), MIGRATIONS)
+            return
+        pg_upgrade(self.engine, "crm", SCHEMA_VERSION, "CRM database", shown(str(database)), _create_postgres,
+                   _postgres_steps())
+
+    def _lower(self, value):
+        """lower() as Python's str.lower: PostgreSQL's folds every letter (in a UTF-8 database);
+        SQLite's only ASCII, so there it is a function of ours."""
+        return sa.func.lower(value) if self._postgres else sa.func.unicode_lower(value)
 
     def store_id(self) -> str:
         if self._store_id is None:
-            self._store_id = self.conn.execute("SELECT value FROM meta WHERE name = 'store_id'").fetchone()[0]
+            self._store_id = self._scalar(sa.select(meta.c.value).where(meta.c.name == "store_id"))
         return self._store_id
+
+    def _rows(self, statement) -> list:
+        with read(self.engine) as conn:
+            return list(conn.execute(statement))
+
+    def _maps(self, statement) -> list:
+        with read(self.engine) as conn:
+            return list(conn.execute(statement).mappings())
+
+    def _scalar(self, statement):
+        with read(self.engine) as conn:
+            return conn.execute(statement).scalar()
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -288,64 +400,69 @@ class EmbeddedCRM(CRMBackend):
         return dict(self._statuses)
 
     def find_contact_by_email(self, address: str) -> Contact | None:
-        row = self.conn.execute(
-            "SELECT c.id, c.name, c.partner_id FROM communications m JOIN contacts c ON c.id = m.contact_id "
-            "WHERE m.kind = 'email' AND unicode_lower(m.value) = ? ORDER BY m.is_default DESC, c.id LIMIT 1",
-            (address.strip().lower(),),
-        ).fetchone()
-        return self._contact(row) if row else None
+        m, c = communications, contacts
+        rows = self._rows(
+            sa.select(c.c.id, c.c.name, c.c.partner_id).join_from(m, c, c.c.id == m.c.contact_id)
+            .where(m.c.kind == "email", self._lower(m.c.value) == address.strip().lower())
+            .order_by(m.c.is_default.desc(), c.c.id).limit(1))
+        return self._contact(rows[0]) if rows else None
 
     def find_partner_by_domain(self, domain: str) -> Partner | None:
-        rows = self.conn.execute(
-            "SELECT DISTINCT partner_id FROM partner_addresses WHERE domain = ?", (domain.strip().lower(),)
-        ).fetchall()
+        rows = self._rows(sa.select(partner_addresses.c.partner_id).distinct()
+                          .where(partner_addresses.c.domain == domain.strip().lower()))
         if len(rows) != 1:  # none, or ambiguous: better unassigned than wrongly assigned
             return None
         return self.get_partner(rows[0][0])
 
     def get_partner(self, partner_id: int) -> Partner | None:
-        row = self.conn.execute("SELECT id, name FROM partners WHERE id = ?", (partner_id,)).fetchone()
-        if not row:
+        rows = self._rows(sa.select(partners.c.id, partners.c.name).where(partners.c.id == partner_id))
+        if not rows:
             return None
-        emails = [r[0] for r in self.conn.execute(
-            "SELECT email FROM partner_addresses WHERE partner_id = ? ORDER BY id", (partner_id,))]
-        return Partner(id=row[0], name=row[1], emails=emails)
+        emails = [r[0] for r in self._rows(sa.select(partner_addresses.c.email)
+                                           .where(partner_addresses.c.partner_id == partner_id)
+                                           .order_by(partner_addresses.c.id))]
+        return Partner(id=rows[0][0], name=rows[0][1], emails=emails)
 
     def get_contact(self, contact_id: int) -> Contact | None:
-        row = self.conn.execute("SELECT id, name, partner_id FROM contacts WHERE id = ?", (contact_id,)).fetchone()
-        return self._contact(row) if row else None
+        rows = self._rows(sa.select(contacts.c.id, contacts.c.name, contacts.c.partner_id)
+                          .where(contacts.c.id == contact_id))
+        return self._contact(rows[0]) if rows else None
 
     def list_partners(self) -> list[Partner]:
         emails: dict[int, list[str]] = {}
-        for partner_id, email in self.conn.execute("SELECT partner_id, email FROM partner_addresses ORDER BY id"):
+        for partner_id, email in self._rows(sa.select(partner_addresses.c.partner_id, partner_addresses.c.email)
+                                            .order_by(partner_addresses.c.id)):
             emails.setdefault(partner_id, []).append(email)
         return [Partner(id=pid, name=name, emails=emails.get(pid, []))
-                for pid, name in self.conn.execute("SELECT id, name FROM partners ORDER BY name, id")]
+                for pid, name in self._rows(sa.select(partners.c.id, partners.c.name)
+                                            .order_by(partners.c.name, partners.c.id))]
 
     def list_contacts(self) -> list[Contact]:
+        m = communications
         emails: dict[int, list[str]] = {}
-        for contact_id, value in self.conn.execute(
-                "SELECT contact_id, value FROM communications WHERE kind = 'email' ORDER BY is_default DESC, id"):
+        for contact_id, value in self._rows(sa.select(m.c.contact_id, m.c.value).where(m.c.kind == "email")
+                                            .order_by(m.c.is_default.desc(), m.c.id)):
             emails.setdefault(contact_id, []).append(value)
         return [Contact(id=cid, name=name, partner_id=partner_id, emails=emails.get(cid, []))
-                for cid, name, partner_id in self.conn.execute(
-                    "SELECT id, name, partner_id FROM contacts ORDER BY name, id")]
+                for cid, name, partner_id in self._rows(
+                    sa.select(contacts.c.id, contacts.c.name, contacts.c.partner_id)
+                    .order_by(contacts.c.name, contacts.c.id))]
 
     def _contact(self, row) -> Contact:
-        emails = [r[0] for r in self.conn.execute(
-            "SELECT value FROM communications WHERE contact_id = ? AND kind = 'email' ORDER BY is_default DESC, id",
-            (row[0],))]
+        m = communications
+        emails = [r[0] for r in self._rows(sa.select(m.c.value).where(m.c.contact_id == row[0], m.c.kind == "email")
+                                           .order_by(m.c.is_default.desc(), m.c.id))]
         return Contact(id=row[0], name=row[1], partner_id=row[2], emails=emails)
 
     def existing_keys(self, keys: Iterable[str]) -> dict[str, int]:
         keys = list(keys)
         found: dict[str, int] = {}
-        for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for key, activity_id in self.conn.execute(
-                    f"SELECT key, id FROM activities WHERE key IN ({marks})", chunk):
-                found[key] = activity_id
+        with read(self.engine) as conn:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start:start + 500]
+                for key, activity_id in conn.execute(sa.select(activities.c.key, activities.c.id)
+                                                     .where(activities.c.key.in_(chunk))):
+                    found[key] = activity_id
         return found
 
     # -- writes ------------------------------------------------------------------------------
@@ -354,38 +471,64 @@ class EmbeddedCRM(CRMBackend):
         return [activity_id for activity_id, _ in self.create_activities_marked(drafts)]
 
     def create_activities_marked(self, drafts: list[ActivityDraft]) -> list[tuple[int, bool]]:
-        ids: list[tuple[int, bool]] = []
+        """One transaction: the drafts whose key is new are inserted with ON CONFLICT DO NOTHING,
+        so of two processes writing one key at once (PostgreSQL's READ COMMITTED lets both get
+        this far) exactly one creates it; the other reads the winner's id, created=False."""
+        if not drafts:
+            return []
         now = _now()
-        with transaction(self.conn):
-            for draft in drafts:
-                row = self.conn.execute("SELECT id FROM activities WHERE key = ?", (draft.key,)).fetchone()
-                if row:
-                    ids.append((row[0], False))
-                    continue
-                cur = self.conn.execute(
-                    "INSERT INTO activities (key, kind, status, subject, body, location, contact_id, partner_id, "
-                    "sender, unassigned, message_id, start, end, due, source, imported_at, created_at, owner, "
-                    "rrule, updated_at, body_html, uuid, sender_name, recipients_to, recipients_cc, "
-                    "participants, delegated_to, request, project, attendees, private) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (draft.key, draft.kind, draft.status, draft.subject, draft.body, draft.location,
-                     draft.contact_id, draft.partner_id, draft.sender, int(draft.unassigned),
-                     draft.message_id, draft.start, draft.end, draft.due, draft.source,
-                     now if draft.source and draft.kind in MAIL_KINDS else None, now, draft.owner, draft.rrule,
-                     _now_precise(), draft.body_html, str(uuid.uuid4()), draft.sender_name,
-                     _json_list(draft.recipients_to), _json_list(draft.recipients_cc),
-                     _json_list(draft.participants), draft.delegated_to, draft.request, draft.project,
-                     _json_attendees(draft.attendees), int(draft.private)),
-                )
-                activity_id = _new_id(cur)
-                for doc in draft.documents:
-                    self.conn.execute(
-                        "INSERT INTO documents (activity_id, filename, content_type, size, sha256, category, keyword) "
-                        "VALUES (?,?,?,?,?,?,?)",
-                        (activity_id, doc.filename, doc.content_type, doc.size, doc.sha256, doc.category,
-                         doc.keyword))
-                ids.append((activity_id, True))
-        return ids
+        first = list({draft.key: draft for draft in reversed(drafts)}.values())[::-1]  # first of each key
+        created: dict[str, int] = {}
+        with write(self.engine) as conn:
+            existing = self._existing(conn, [d.key for d in first])
+            new = [d for d in first if d.key not in existing]
+            if new:
+                statement = self._insert(activities).on_conflict_do_nothing(index_elements=["key"])
+                rows = [self._row(draft, now) for draft in new]
+                for start in range(0, len(rows), 500):
+                    for key, activity_id in conn.execute(
+                            statement.returning(activities.c.key, activities.c.id), rows[start:start + 500]):
+                        created[key] = activity_id
+                lost = [d.key for d in new if d.key not in created]  # another process wrote them just now
+                existing.update(self._existing(conn, lost))
+                docs = [{"activity_id": created[d.key], "filename": doc.filename, "content_type": doc.content_type,
+                         "size": doc.size, "sha256": doc.sha256, "category": doc.category, "keyword": doc.keyword}
+                        for d in new if d.key in created for doc in d.documents]
+                if docs:
+                    conn.execute(sa.insert(documents_table), docs)
+        ids, marked, seen = {**existing, **created}, [], set()
+        for draft in drafts:  # created: the first draft of a key this call inserted
+            marked.append((ids[draft.key], draft.key in created and draft.key not in seen))
+            seen.add(draft.key)
+        return marked
+
+    @staticmethod
+    def _existing(conn: sa.Connection, keys: list[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for start in range(0, len(keys), 500):
+            for key, activity_id in conn.execute(sa.select(activities.c.key, activities.c.id)
+                                                 .where(activities.c.key.in_(keys[start:start + 500]))):
+                found[key] = activity_id
+        return found
+
+    def _insert(self, table: sa.Table):
+        """INSERT with ON CONFLICT: each dialect's own construct, the same statement."""
+        return postgresql_insert(table) if self._postgres else sqlite_insert(table)
+
+    @staticmethod
+    def _row(draft: ActivityDraft, now: str) -> dict:
+        return {
+            "key": draft.key, "kind": draft.kind, "status": draft.status, "subject": draft.subject,
+            "body": draft.body, "location": draft.location, "contact_id": draft.contact_id,
+            "partner_id": draft.partner_id, "sender": draft.sender, "unassigned": int(draft.unassigned),
+            "message_id": draft.message_id, "start": draft.start, "end": draft.end, "due": draft.due,
+            "source": draft.source, "imported_at": now if draft.source and draft.kind in MAIL_KINDS else None,
+            "created_at": now, "owner": draft.owner, "rrule": draft.rrule, "updated_at": _now_precise(),
+            "body_html": draft.body_html, "uuid": str(uuid.uuid4()), "sender_name": draft.sender_name,
+            "recipients_to": _json_list(draft.recipients_to), "recipients_cc": _json_list(draft.recipients_cc),
+            "participants": _json_list(draft.participants), "delegated_to": draft.delegated_to,
+            "request": draft.request, "project": draft.project, "attendees": _json_attendees(draft.attendees),
+            "private": int(draft.private)}
 
     EDITABLE = ("kind", "status", "subject", "body", "location", "start", "end", "due", "rrule", "contact_id",
                 "partner_id", "owner", "unassigned", *TEAM_FIELDS)
@@ -405,11 +548,12 @@ class EmbeddedCRM(CRMBackend):
             changes["attendees"] = _json_attendees(attendees_from(changes["attendees"] or []))
         if "private" in changes:
             changes["private"] = int(bool(changes["private"]))
-        sets = ", ".join(f'"{name}" = ?' for name in changes)
-        with transaction(self.conn):
-            cur = self.conn.execute(f"UPDATE activities SET {sets}, updated_at = ? WHERE id = ?",
-                                    [*changes.values(), _now_precise(), activity_id])
-        if cur.rowcount == 0:
+        if "unassigned" in changes and isinstance(changes["unassigned"], bool):
+            changes["unassigned"] = int(changes["unassigned"])
+        with write(self.engine) as conn:
+            count = conn.execute(sa.update(activities).where(activities.c.id == activity_id)
+                                 .values(**changes, updated_at=_now_precise())).rowcount
+        if count == 0:
             raise LookupError(f"no activity with id {activity_id}")
 
     def add_participant(self, activity_id: int, name: str) -> bool:
@@ -419,47 +563,47 @@ class EmbeddedCRM(CRMBackend):
         return self._change_participants(activity_id, name, add=False)
 
     def _change_participants(self, activity_id: int, name: str, add: bool) -> bool:
-        with transaction(self.conn):  # BEGIN IMMEDIATE: the read and the write are one step
-            row = self.conn.execute("SELECT participants FROM activities WHERE id = ?", (activity_id,)).fetchone()
+        """The read and the write are one step: BEGIN IMMEDIATE on SQLite, the row locked
+        (SELECT ... FOR UPDATE) on PostgreSQL, so two processes adding names both count."""
+        with write(self.engine) as conn:
+            row = conn.execute(sa.select(activities.c.participants).where(activities.c.id == activity_id)
+                               .with_for_update()).first()
             if row is None:
                 raise LookupError(f"no activity with id {activity_id}")
-            names = json.loads(row[0] or "[]")
+            names = list(row[0] or [])
             if (name in names) == add:
                 return False
             names = [*names, name] if add else [n for n in names if n != name]
-            self.conn.execute("UPDATE activities SET participants = ? WHERE id = ?",
-                              (_json_list(names), activity_id))
+            conn.execute(sa.update(activities).where(activities.c.id == activity_id)
+                         .values(participants=_json_list(names)))
         return True
 
     def delete_activity(self, activity_id: int) -> None:
-        with transaction(self.conn):
-            self.conn.execute("DELETE FROM documents WHERE activity_id = ?", (activity_id,))
-            self.conn.execute("DELETE FROM activities WHERE id = ?", (activity_id,))
+        with write(self.engine) as conn:
+            conn.execute(sa.delete(documents_table).where(documents_table.c.activity_id == activity_id))
+            conn.execute(sa.delete(activities).where(activities.c.id == activity_id))
 
     def put_document(self, chunks: Iterator[bytes]) -> tuple[str, int]:
         return self.documents.put(chunks)
 
     def add_partner(self, name: str, emails: list[str]) -> Partner:
-        with transaction(self.conn):
-            partner_id = _new_id(self.conn.execute(
-                "INSERT INTO partners (name, created_at) VALUES (?, ?)", (name, _now())))
+        with write(self.engine) as conn:
+            partner_id = conn.execute(sa.insert(partners).values(name=name, created_at=_now())
+                                      .returning(partners.c.id)).scalar_one()
             for addr in emails:
                 addr = addr.strip().lower()
-                domain = addr.rsplit("@", 1)[-1]
-                self.conn.execute("INSERT INTO partner_addresses (partner_id, email, domain) VALUES (?,?,?)",
-                                  (partner_id, addr, domain))
+                conn.execute(sa.insert(partner_addresses).values(partner_id=partner_id, email=addr,
+                                                                 domain=addr.rsplit("@", 1)[-1]))
         return _made(self.get_partner(partner_id))
 
     def add_contact(self, name: str, email: str, partner_id: int | None = None) -> Contact:
         if partner_id is not None and self.get_partner(partner_id) is None:
             raise LookupError(f"no partner with id {partner_id}")
-        with transaction(self.conn):
-            contact_id = _new_id(self.conn.execute(
-                "INSERT INTO contacts (name, partner_id, created_at) VALUES (?,?,?)",
-                (name, partner_id, _now())))
-            self.conn.execute(
-                "INSERT INTO communications (contact_id, kind, value, is_default) VALUES (?, 'email', ?, 1)",
-                (contact_id, email.strip().lower()))
+        with write(self.engine) as conn:
+            contact_id = conn.execute(sa.insert(contacts).values(name=name, partner_id=partner_id, created_at=_now())
+                                      .returning(contacts.c.id)).scalar_one()
+            conn.execute(sa.insert(communications).values(contact_id=contact_id, kind="email",
+                                                          value=email.strip().lower(), is_default=1))
         return _made(self.get_contact(contact_id))
 
     def add_contact_email(self, contact_id: int, email: str) -> Contact:
@@ -468,115 +612,127 @@ class EmbeddedCRM(CRMBackend):
             raise LookupError(f"no contact with id {contact_id}")
         email = email.strip().lower()
         if email not in contact.emails:
-            with transaction(self.conn):
-                self.conn.execute(
-                    "INSERT INTO communications (contact_id, kind, value, is_default) VALUES (?, 'email', ?, 0)",
-                    (contact_id, email))
+            with write(self.engine) as conn:
+                conn.execute(sa.insert(communications).values(contact_id=contact_id, kind="email", value=email,
+                                                              is_default=0))
         return _made(self.get_contact(contact_id))
 
+    def _correspondent(self):
+        """The address an activity is assigned by (Activity.correspondent): an outgoing mail's
+        first recipient, To then Cc; else the sender."""
+        a = activities.c
+        return self._lower(sa.case((a.kind == MAIL_KINDS[1], sa.func.coalesce(a.recipients_to[0].as_string(),
+                                                                                a.recipients_cc[0].as_string())),
+                                   else_=a.sender))
+
     def unassigned_senders(self) -> dict[str, int]:
-        return {row[0]: row[1] for row in self.conn.execute(
-            f"SELECT {_CORRESPONDENT} AS address, count(*) FROM activities WHERE unassigned = 1 "
-            "GROUP BY address HAVING address IS NOT NULL ORDER BY count(*) DESC, address")}
+        # A subquery, so that GROUP BY names the column and not the expression again (PostgreSQL
+        # does not see two expressions with separate parameters as the same).
+        sub = sa.select(self._correspondent().label("address")).where(activities.c.unassigned == 1).subquery()
+        count = sa.func.count()
+        return {address: n for address, n in self._rows(
+            sa.select(sub.c.address, count).group_by(sub.c.address).having(sub.c.address.is_not(None))
+            .order_by(count.desc(), sub.c.address))}
 
     def link_activities_from(self, address: str, contact_id: int, partner_id: int | None) -> int:
-        with transaction(self.conn):
-            cur = self.conn.execute(
-                "UPDATE activities SET contact_id = ?, partner_id = COALESCE(partner_id, ?), unassigned = 0, "
-                f"updated_at = ? WHERE {_CORRESPONDENT} = ? AND contact_id IS NULL",
-                (contact_id, partner_id, _now_precise(), address.strip().lower()))
-        return cur.rowcount
+        a = activities.c
+        with write(self.engine) as conn:
+            return conn.execute(
+                sa.update(activities).where(self._correspondent() == address.strip().lower(), a.contact_id.is_(None))
+                .values(contact_id=contact_id, partner_id=sa.func.coalesce(a.partner_id, partner_id), unassigned=0,
+                        updated_at=_now_precise())).rowcount
 
     # -- reads -------------------------------------------------------------------------------
 
-    def _documents(self, activity_ids: list[int]) -> dict[int, list[Document]]:
+    def _documents(self, conn: sa.Connection, activity_ids: list[int]) -> dict[int, list[Document]]:
         """Documents of many activities in one query per 500 ids (not one query per activity)."""
+        d = documents_table.c
         found: dict[int, list[Document]] = {}
         for start in range(0, len(activity_ids), 500):
             chunk = activity_ids[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for d in self.db.query(f"SELECT * FROM documents WHERE activity_id IN ({marks}) ORDER BY id", chunk):
-                found.setdefault(d["activity_id"], []).append(Document(
-                    filename=d["filename"], content_type=d["content_type"], size=d["size"], sha256=d["sha256"],
-                    category=d["category"], keyword=d["keyword"]))
+            for row in conn.execute(sa.select(documents_table).where(d.activity_id.in_(chunk)).order_by(d.id)):
+                found.setdefault(row.activity_id, []).append(Document(
+                    filename=row.filename, content_type=row.content_type, size=row.size, sha256=row.sha256,
+                    category=row.category, keyword=row.keyword))
         return found
 
-    def _activity(self, row: dict, docs: list[Document] | None = None) -> Activity:
-        if docs is None:
-            docs = self._documents([row["id"]]).get(row["id"], [])
+    def _activity(self, row, docs: list[Document]) -> Activity:
         return Activity(
-            id=row["id"], kind=row["kind"], status=row["status"], subject=row["subject"] or "",
-            body=row["body"] or "", location=row["location"], contact_id=row["contact_id"],
-            partner_id=row["partner_id"], sender=row["sender"], unassigned=bool(row["unassigned"]),
-            message_id=row["message_id"], start=row["start"], end=row["end"], due=row["due"],
-            link=self.link_template.format(id=row["id"]), imported_at=row["imported_at"],
-            source=row["source"], documents=docs, owner=row.get("owner"), rrule=row.get("rrule"),
-            updated_at=row.get("updated_at"), key=row["key"], body_html=row.get("body_html"),
-            uuid=row.get("uuid"), sender_name=row.get("sender_name"),
-            recipients_to=json.loads(row.get("recipients_to") or "[]"),
-            recipients_cc=json.loads(row.get("recipients_cc") or "[]"),
-            participants=json.loads(row.get("participants") or "[]"), delegated_to=row.get("delegated_to"),
-            request=row.get("request"), project=row.get("project"),
-            attendees=attendees_from(json.loads(row.get("attendees") or "[]")), private=bool(row.get("private")),
+            id=row.id, kind=row.kind, status=row.status, subject=row.subject or "",
+            body=row.body or "", location=row.location, contact_id=row.contact_id,
+            partner_id=row.partner_id, sender=row.sender, unassigned=bool(row.unassigned),
+            message_id=row.message_id, start=row.start, end=row.end, due=row.due,
+            link=self.link_template.format(id=row.id), imported_at=row.imported_at,
+            source=row.source, documents=docs, owner=row.owner, rrule=row.rrule,
+            updated_at=row.updated_at, key=row.key, body_html=row.body_html,
+            uuid=row.uuid, sender_name=row.sender_name,
+            recipients_to=list(row.recipients_to or []), recipients_cc=list(row.recipients_cc or []),
+            participants=list(row.participants or []), delegated_to=row.delegated_to,
+            request=row.request, project=row.project,
+            attendees=attendees_from(row.attendees or []), private=bool(row.private),
         )
 
+    def _activities(self, statement) -> list[Activity]:
+        with read(self.engine) as conn:
+            rows = list(conn.execute(statement))
+            docs = self._documents(conn, [row.id for row in rows])
+        return [self._activity(row, docs.get(row.id, [])) for row in rows]
+
     def get_activity(self, activity_id: int) -> Activity | None:
-        rows = list(self.db.query("SELECT * FROM activities WHERE id = ?", [activity_id]))
-        return self._activity(rows[0]) if rows else None
+        found = self._activities(sa.select(activities).where(activities.c.id == activity_id))
+        return found[0] if found else None
 
     def list_activities(self, flt: ActivityFilter) -> list[Activity]:
-        where, params = self._where(flt)
-        sql = "SELECT * FROM activities" + where + (" ORDER BY id DESC" if flt.newest_first else " ORDER BY id")
+        statement = sa.select(activities).where(*self._where(flt)).order_by(
+            activities.c.id.desc() if flt.newest_first else activities.c.id)
         if flt.limit is not None:
-            sql += " LIMIT ? OFFSET ?"
-            params += [flt.limit, flt.offset]
-        elif flt.offset:
-            sql += " LIMIT -1 OFFSET ?"
-            params.append(flt.offset)
-        rows = list(self.db.query(sql, params))
-        docs = self._documents([row["id"] for row in rows])
-        return [self._activity(row, docs.get(row["id"], [])) for row in rows]
+            statement = statement.limit(flt.limit)
+        if flt.offset:
+            statement = statement.offset(flt.offset)
+        return self._activities(statement)
 
     def count_activities(self, flt: ActivityFilter) -> int:
-        where, params = self._where(flt)
-        return self.conn.execute("SELECT count(*) FROM activities" + where, params).fetchone()[0]
+        return self._scalar(sa.select(sa.func.count()).select_from(activities).where(*self._where(flt)))
 
-    @staticmethod
-    def _where(flt: ActivityFilter) -> tuple[str, list]:
-        where, params = [], []
+    def _where(self, flt: ActivityFilter) -> list:
+        a = activities.c
+        where: list = []
         if flt.imported:
-            where.append("imported_at IS NOT NULL")
+            where.append(a.imported_at.is_not(None))
         if flt.unassigned:
-            where.append("unassigned = 1")
+            where.append(a.unassigned == 1)
         if flt.imported_since:
-            where.append("imported_at >= ?")
-            params.append(flt.imported_since)
+            where.append(a.imported_at >= flt.imported_since)
         if flt.kind:
-            where.append("kind = ?")
-            params.append(flt.kind)
+            where.append(a.kind == flt.kind)
         if flt.kinds is not None:
-            where.append(f"kind IN ({','.join('?' * len(flt.kinds)) or 'NULL'})")
-            params.extend(flt.kinds)
+            where.append(a.kind.in_(flt.kinds) if flt.kinds else sa.false())
         if flt.owners is not None:
             named = [o for o in flt.owners if o is not None]
-            clauses = [f"owner IN ({','.join('?' * len(named))})"] if named else []
+            clauses = [a.owner.in_(named)] if named else []
             if None in flt.owners:
-                clauses.append("owner IS NULL")
-            where.append("(" + (" OR ".join(clauses) or "0") + ")")
-            params.extend(named)
+                clauses.append(a.owner.is_(None))
+            where.append(sa.or_(*clauses) if clauses else sa.false())
         if flt.involving is not None:
-            where.append("(owner = ? OR delegated_to = ? OR EXISTS "
-                         "(SELECT 1 FROM json_each(activities.participants) WHERE value = ?))")
-            params.extend([flt.involving] * 3)
+            where.append(sa.or_(a.owner == flt.involving, a.delegated_to == flt.involving,
+                                self._participant(flt.involving)))
         for column in ("partner_id", "contact_id"):
             if getattr(flt, column) is not None:
-                where.append(f"{column} = ?")
-                params.append(getattr(flt, column))
-        return (" WHERE " + " AND ".join(where) if where else ""), params
+                where.append(a[column] == getattr(flt, column))
+        return where
+
+    def _participant(self, name: str):
+        """`name` is one of the participants: jsonb containment on PostgreSQL (its GIN index
+        answers it), json_each on SQLite."""
+        if self._postgres:
+            return sa.type_coerce(activities.c.participants, JSONB).contains([name])
+        return sa.exists(sa.select(sa.literal(1)).select_from(
+            sa.func.json_each(activities.c.participants).table_valued("value").alias("p"))
+            .where(sa.column("value") == name))
 
     def document_path(self, sha256: str) -> Path:
         """Where a stored document's bytes are (for serving them)."""
         return self.documents.path_for(sha256)
 
     def close(self) -> None:
-        self.conn.close()
+        self.engine.dispose()

@@ -14,6 +14,9 @@ one, then records the last step's version:
 A new database runs every step from the first, so a schema comes to be in one way only. Several
 steps may share a version: they were added before versions were recorded, so a database at the
 version before them may hold any of their results, and these steps check what is there.
+
+PostgreSQL databases keep their versions in a table and upgrade under an advisory lock
+(gwsync/storage/database.py, pg_upgrade).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
@@ -34,6 +38,9 @@ class Migration:
     version: int  # the schema version the database has once this step (and those before it) ran
     description: str
     apply: Callable[[sqlite_utils.Database], None]
+    # The same step on PostgreSQL (a SQLAlchemy Connection in the upgrade's transaction); needed
+    # by every step above the version a store's PostgreSQL databases are first made at.
+    postgres: Callable[[Any], None] | None = None
 
 
 def schema_version(conn: sqlite3.Connection) -> int:
