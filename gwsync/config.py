@@ -460,6 +460,31 @@ class StateConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DatabaseConfig(_Password):
+    """[database]: one PostgreSQL that holds the CRM store of a company, shared by any number of
+    gwsync processes on any hosts. Absent: the embedded SQLite files of [crm] and [state].
+
+    `url` is libpq's: postgresql://USER@HOST:PORT/DATABASE, also ?host=/socket/dir. The password
+    comes from one of the password keys (keyring user: the URL's user), else from the URL itself,
+    libpq's PGPASSWORD or ~/.pgpass."""
+
+    url: Text
+
+    def __post_init__(self) -> None:
+        from urllib.parse import urlsplit
+
+        self._check_password(required=False)
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("postgresql", "postgres") or "://" not in self.url:
+            shown = self.url if parts.password is None else self.url.replace(parts.password, "***")
+            raise _Wrong(f".url must be a postgresql:// URL (postgresql://USER@HOST:PORT/DATABASE), got {shown!r}")
+        if not parts.path.strip("/"):
+            raise _Wrong(".url names no database: write postgresql://USER@HOST:PORT/DATABASE")
+        if self._has_password:
+            self._name_secret("database", parts.username or "database")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SyncConfig:
     conflict: Conflict = "newest"  # which side wins a field changed on both
     max_delete_share: Share = 0.5  # the mass-deletion guard
@@ -518,6 +543,7 @@ def http_address(host: str, port: int) -> str:
 class Config:
     crm: CrmConfig = field(default_factory=CrmConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    database: DatabaseConfig | None = None  # None: the embedded SQLite files
     accounts: dict[str, AccountConfig] = field(default_factory=dict)
     sync: SyncConfig = field(default_factory=SyncConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

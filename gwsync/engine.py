@@ -214,17 +214,29 @@ def _caldav(account: AccountConfig) -> CaldavConfig:
     return account.caldav
 
 
+def crm_database(config: Config) -> tuple[Path | str, Callable[[], str] | None]:
+    """Where the CRM store is: [database] url and its password source (None: libpq finds the
+    password), else the [crm] database file."""
+    if config.database is None:
+        return config.crm.database, None
+    secret = config.database.secret
+    return config.database.url, (secret.resolve if secret is not None else None)
+
+
 class Engine:
     def __init__(self, config: Config, crm: CRMBackend | None = None, locks: AccountLocks | None = None):
         from .crm.embedded import EmbeddedCRM  # not needed by a host CRM
 
         self.config = config
-        self.crm = crm or EmbeddedCRM(config.crm.database, config.crm.documents, config.crm.statuses,
-                                      config.crm.link)
+        owned = crm is None
+        if crm is None:
+            database, password = crm_database(config)
+            crm = EmbeddedCRM(database, config.crm.documents, config.crm.statuses, config.crm.link, password)
+        self.crm = crm
         try:
             self.state = StateStore(config.state_database)
         except BaseException:
-            if crm is None:
+            if owned:
                 self.crm.close()
             raise
         # One run per account at a time (sync, watch rounds, review, push, unpush), across processes.

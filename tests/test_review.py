@@ -83,8 +83,9 @@ def test_the_quick_searches_return_exactly_the_right_activities(env):
         (old_id,) = engine.crm.create_activities([ActivityDraft(
             key="mail:old", kind="MAILEIN", status="E", subject="Gestern", sender="x@y.example", unassigned=True,
             source="alice:INBOX/CRM Erledigt [E]")])
-        engine.crm.conn.execute("UPDATE activities SET imported_at = '2020-01-01T00:00:00+00:00' WHERE id = ?",
-                                (old_id,))
+        with engine.crm.engine.connect() as conn:  # the store's SQLAlchemy engine, in autocommit
+            conn.exec_driver_sql("UPDATE activities SET imported_at = '2020-01-01T00:00:00+00:00' WHERE id = ?",
+                                 (old_id,))
     env.append(DONE, make_mail(1, sender="erika@acme.example"), make_mail(2, sender="fremd@nowhere.example"))
     env.cli("sync")
 

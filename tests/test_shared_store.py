@@ -239,3 +239,67 @@ def test_a_later_schema_step_runs_once_on_an_existing_postgresql_database(pg_url
         assert conn.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'activities' "
                             "AND column_name = 'mood'").fetchone() == (1,)
     assert ran == [1]
+
+
+# -- [database] url: the command line on PostgreSQL ---------------------------------------------------
+
+def use_postgres(env, url: str, extra: str = "") -> None:
+    env.config_path.write_text(env.config_path.read_text() + f'\n[database]\nurl = "{url}"\n{extra}')
+
+
+def test_sync_imports_mail_into_the_postgresql_database_and_no_crm_file_is_made(env, pg_url):
+    from conftest import make_mail
+
+    use_postgres(env, pg_url)
+    env.append("INBOX/CRM Erledigt [E]", make_mail(1), make_mail(2))
+
+    code, out = env.cli_json("sync")
+
+    assert code == 0, out
+    assert out["accounts"]["alice"]["mail"]["imported"] == 2
+    assert env.messages("INBOX/CRM Erledigt [E]") == {}
+    import psycopg
+
+    with psycopg.connect(pg_url) as conn:
+        assert sorted(r[0] for r in conn.execute("SELECT subject FROM activities")) == ["Test mail 1", "Test mail 2"]
+    assert not (env.dir / "crm.db").exists()
+    code, listed = env.cli_json("activities")
+    assert code == 0 and sorted(a["subject"] for a in listed) == ["Test mail 1", "Test mail 2"]
+    code, again = env.cli_json("sync")  # nothing new, nothing twice
+    assert code == 0 and again["accounts"]["alice"]["mail"]["imported"] == 0
+
+
+def test_the_database_password_comes_from_its_password_source(env, postgres, monkeypatch):
+    name = postgres.new_database()
+    postgres.execute("CREATE ROLE teller LOGIN PASSWORD 'from-env'", f'ALTER DATABASE "{name}" OWNER TO teller')
+    hba = postgres.directory / "data" / "pg_hba.conf"
+    original = hba.read_text()
+    try:
+        hba.write_text("host all teller 127.0.0.1/32 scram-sha-256\n" + original)
+        postgres.execute("SELECT pg_reload_conf()")
+        use_postgres(env, f"postgresql://teller@127.0.0.1:{postgres.port}/{name}", 'password_env = "GW_DB_PW"\n')
+        monkeypatch.setenv("GW_DB_PW", "from-env")
+        result = env.cli("activity", "add", "--kind", "NOTIZ", "--subject", "Über PostgreSQL")
+        assert result.exit_code == 0, result.stderr
+        monkeypatch.setenv("GW_DB_PW", "wrong")
+        result = env.cli("activities")
+        assert result.exit_code == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gwsync: the CRM database postgresql://teller@") and \
+            "refused the login" in lines[0], result.stderr
+    finally:
+        hba.write_text(original)
+        postgres.execute("SELECT pg_reload_conf()")
+        postgres.drop_database(name)
+        postgres.execute("DROP ROLE IF EXISTS teller")
+
+
+def test_an_unreachable_database_is_one_line_from_the_command_line(env):
+    from gwsync.demo.localservers import free_port
+
+    use_postgres(env, f"postgresql://gwsync@127.0.0.1:{free_port()}/crm")
+    proc = env.subprocess("sync")
+    _, err = proc.communicate(timeout=60)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, err
+    assert lines[0].startswith("gwsync: cannot use the CRM database postgresql://gwsync@127.0.0.1:")
