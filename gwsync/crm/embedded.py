@@ -19,6 +19,8 @@ takes a pooled connection for its statements (one explicit transaction per write
 from __future__ import annotations
 
 import hashlib
+import json
+import operator
 import os
 import sqlite3
 import tempfile
@@ -32,7 +34,7 @@ from typing import TypeVar
 
 import sqlalchemy as sa
 import sqlite_utils
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -254,12 +256,25 @@ def _made(record: _T | None) -> _T:
     return record
 
 
-def _json_list(values: list[str]) -> list[str] | None:
-    return list(values) if values else None
+def _json(value: list | None) -> str | None:
+    """JSON lists are written as text on both databases (NULL for none): PostgreSQL casts it
+    to jsonb, and no per-value conversion runs in SQLAlchemy."""
+    return json.dumps(value, ensure_ascii=False) if value else None
 
 
-def _json_attendees(attendees: list[Attendee]) -> list[dict] | None:
-    return [asdict(a) for a in attendees] if attendees else None
+def _json_list(values: list[str]) -> str | None:
+    return _json(list(values))
+
+
+def _json_attendees(attendees: list[Attendee]) -> str | None:
+    return _json([asdict(a) for a in attendees])
+
+
+def _listed(value) -> list:
+    """A JSON list column as read: text from SQLite, already decoded by psycopg from jsonb."""
+    if isinstance(value, str):
+        return json.loads(value)
+    return value or []
 
 
 # -- the tables, as SQLAlchemy sees them ---------------------------------------------------------------
@@ -273,8 +288,27 @@ metadata = sa.MetaData()
 # BIGINT identities on PostgreSQL (a sequence never hands out a number twice); INTEGER on SQLite,
 # where the migrations made the tables (AUTOINCREMENT for activities).
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-# JSON lists: TEXT holding JSON on SQLite (as the migrations made them), jsonb on PostgreSQL.
-_JSON = sa.JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+
+class _JsonText(sa.types.TypeDecorator):
+    """A JSON list column: TEXT holding JSON on SQLite (as the migrations made it), jsonb on
+    PostgreSQL. Values pass as JSON text both ways (see _json, _listed): SQLAlchemy converts
+    nothing, which keeps reading 10,000 activities as fast as plain sqlite3 was."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        return dialect.type_descriptor(JSONB() if dialect.name == "postgresql" else sa.Text())
+
+    def bind_processor(self, dialect):
+        return None
+
+    def result_processor(self, dialect, coltype):
+        return None
+
+
+_JSON = _JsonText()
 
 
 def _id_column() -> sa.Column:
@@ -314,8 +348,12 @@ documents_table = sa.Table(
     sa.Index("idx_documents_activity_id", "activity_id"))
 meta = sa.Table("meta", metadata, sa.Column("name", sa.Text, primary_key=True), sa.Column("value", sa.Text))
 
-# The columns a new activity is written with (all but id), in the table's order.
-_INSERTED = [c.name for c in activities.columns if c.name != "id"]
+# The columns an activity is read with, in the order EmbeddedCRM._activity unpacks them.
+_READ = [activities.c[name] for name in (
+    "id", "kind", "status", "subject", "body", "location", "contact_id", "partner_id", "sender", "unassigned",
+    "message_id", "start", "end", "due", "imported_at", "source", "owner", "rrule", "updated_at", "key", "body_html",
+    "uuid", "sender_name", "recipients_to", "recipients_cc", "participants", "delegated_to", "request", "project",
+    "attendees", "private")]
 
 
 def _create_postgres(conn: sa.Connection) -> None:
@@ -350,6 +388,7 @@ class EmbeddedCRM(CRMBackend):
         self._statuses = dict(statuses)
         self.link_template = link
         self._store_id: str | None = None
+        self._compiled: dict[str, tuple[str, Callable | None]] = {}
         if isinstance(database, str):
             self.engine = postgres_engine(database, "CRM database", password)
             self._postgres = True
@@ -455,15 +494,17 @@ class EmbeddedCRM(CRMBackend):
         return Contact(id=row[0], name=row[1], partner_id=row[2], emails=emails)
 
     def existing_keys(self, keys: Iterable[str]) -> dict[str, int]:
-        keys = list(keys)
-        found: dict[str, int] = {}
         with read(self.engine) as conn:
-            for start in range(0, len(keys), 500):
-                chunk = keys[start:start + 500]
-                for key, activity_id in conn.execute(sa.select(activities.c.key, activities.c.id)
-                                                     .where(activities.c.key.in_(chunk))):
-                    found[key] = activity_id
-        return found
+            return self._existing(conn, list(keys))
+
+    def _among(self, column, values: list):
+        """column IN (values) as one parameter, however many values: an array on PostgreSQL, a
+        JSON list read by json_each on SQLite (no statement per 500 values, nothing to render)."""
+        if self._postgres:
+            return column == sa.any_(sa.bindparam("values", list(values), type_=ARRAY(sa.Text)))
+        listed = sa.func.json_each(sa.bindparam("values", json.dumps(values), type_=sa.Text)) \
+            .table_valued("value").alias("listed")
+        return column.in_(sa.select(listed.c.value))
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -473,7 +514,8 @@ class EmbeddedCRM(CRMBackend):
     def create_activities_marked(self, drafts: list[ActivityDraft]) -> list[tuple[int, bool]]:
         """One transaction: the drafts whose key is new are inserted with ON CONFLICT DO NOTHING,
         so of two processes writing one key at once (PostgreSQL's READ COMMITTED lets both get
-        this far) exactly one creates it; the other reads the winner's id, created=False."""
+        this far) one row is made; each new row carries a uuid made here, so reading the keys
+        back tells exactly which rows this call made (created=True) and which another did."""
         if not drafts:
             return []
         now = _now()
@@ -481,35 +523,47 @@ class EmbeddedCRM(CRMBackend):
         created: dict[str, int] = {}
         with write(self.engine) as conn:
             existing = self._existing(conn, [d.key for d in first])
-            new = [d for d in first if d.key not in existing]
+            new = [self._row(draft, now) for draft in first if draft.key not in existing]
             if new:
-                statement = self._insert(activities).on_conflict_do_nothing(index_elements=["key"])
-                rows = [self._row(draft, now) for draft in new]
-                for start in range(0, len(rows), 500):
-                    for key, activity_id in conn.execute(
-                            statement.returning(activities.c.key, activities.c.id), rows[start:start + 500]):
+                self._insert_many(conn, "activities", new)
+                ours = {row["key"]: row["uuid"] for row in new}
+                for key, activity_id, made in conn.execute(
+                        sa.select(activities.c.key, activities.c.id, activities.c.uuid)
+                        .where(self._among(activities.c.key, list(ours)))).all():
+                    if made == ours[key]:
                         created[key] = activity_id
-                lost = [d.key for d in new if d.key not in created]  # another process wrote them just now
-                existing.update(self._existing(conn, lost))
+                    else:  # another process wrote this key just now
+                        existing[key] = activity_id
                 docs = [{"activity_id": created[d.key], "filename": doc.filename, "content_type": doc.content_type,
                          "size": doc.size, "sha256": doc.sha256, "category": doc.category, "keyword": doc.keyword}
-                        for d in new if d.key in created for doc in d.documents]
+                        for d in first if d.key in created for doc in d.documents]
                 if docs:
-                    conn.execute(sa.insert(documents_table), docs)
+                    self._insert_many(conn, "documents", docs)
         ids, marked, seen = {**existing, **created}, [], set()
         for draft in drafts:  # created: the first draft of a key this call inserted
             marked.append((ids[draft.key], draft.key in created and draft.key not in seen))
             seen.add(draft.key)
         return marked
 
-    @staticmethod
-    def _existing(conn: sa.Connection, keys: list[str]) -> dict[str, int]:
-        found: dict[str, int] = {}
-        for start in range(0, len(keys), 500):
-            for key, activity_id in conn.execute(sa.select(activities.c.key, activities.c.id)
-                                                 .where(activities.c.key.in_(keys[start:start + 500]))):
-                found[key] = activity_id
-        return found
+    def _insert_many(self, conn: sa.Connection, table: str, rows: list[dict]) -> None:
+        """Many rows at once through the driver's executemany, with plain values: the INSERT
+        (... ON CONFLICT (key) DO NOTHING for activities) is compiled once for this database.
+        SQLAlchemy's per-row parameter handling cost more than SQLite's own insert."""
+        if table not in self._compiled:
+            statement = self._insert(metadata.tables[table])
+            if table == "activities":
+                statement = statement.on_conflict_do_nothing(index_elements=["key"])
+            compiled = statement.compile(dialect=self.engine.dialect, column_keys=list(rows[0]))
+            order = compiled.positiontup if compiled.positional else None
+            self._compiled[table] = (str(compiled), operator.itemgetter(*order) if order else None)
+        sql, values = self._compiled[table]
+        conn.exec_driver_sql(sql, list(map(values, rows)) if values is not None else rows)
+
+    def _existing(self, conn: sa.Connection, keys: list[str]) -> dict[str, int]:
+        if not keys:
+            return {}
+        return dict(conn.execute(sa.select(activities.c.key, activities.c.id)
+                                 .where(self._among(activities.c.key, keys))).all())
 
     def _insert(self, table: sa.Table):
         """INSERT with ON CONFLICT: each dialect's own construct, the same statement."""
@@ -570,7 +624,7 @@ class EmbeddedCRM(CRMBackend):
                                .with_for_update()).first()
             if row is None:
                 raise LookupError(f"no activity with id {activity_id}")
-            names = list(row[0] or [])
+            names = _listed(row[0])
             if (name in names) == add:
                 return False
             names = [*names, name] if add else [n for n in names if n != name]
@@ -621,9 +675,9 @@ class EmbeddedCRM(CRMBackend):
         """The address an activity is assigned by (Activity.correspondent): an outgoing mail's
         first recipient, To then Cc; else the sender."""
         a = activities.c
-        return self._lower(sa.case((a.kind == MAIL_KINDS[1], sa.func.coalesce(a.recipients_to[0].as_string(),
-                                                                                a.recipients_cc[0].as_string())),
-                                   else_=a.sender))
+        first = [sa.type_coerce(column, JSONB if self._postgres else sa.JSON)[0].as_string()
+                 for column in (a.recipients_to, a.recipients_cc)]
+        return self._lower(sa.case((a.kind == MAIL_KINDS[1], sa.func.coalesce(*first)), else_=a.sender))
 
     def unassigned_senders(self) -> dict[str, int]:
         # A subquery, so that GROUP BY names the column and not the expression again (PostgreSQL
@@ -650,46 +704,46 @@ class EmbeddedCRM(CRMBackend):
         found: dict[int, list[Document]] = {}
         for start in range(0, len(activity_ids), 500):
             chunk = activity_ids[start:start + 500]
-            for row in conn.execute(sa.select(documents_table).where(d.activity_id.in_(chunk)).order_by(d.id)):
-                found.setdefault(row.activity_id, []).append(Document(
-                    filename=row.filename, content_type=row.content_type, size=row.size, sha256=row.sha256,
-                    category=row.category, keyword=row.keyword))
+            for activity_id, *fields in conn.execute(
+                    sa.select(d.activity_id, d.filename, d.content_type, d.size, d.sha256, d.category, d.keyword)
+                    .where(d.activity_id.in_(chunk)).order_by(d.id)).all():
+                found.setdefault(activity_id, []).append(Document(*fields))
         return found
 
-    def _activity(self, row, docs: list[Document]) -> Activity:
+    def _activity(self, row: tuple, docs: list[Document]) -> Activity:
+        """An activity from a row of _READ's columns."""
+        (id_, kind, status, subject, body, location, contact_id, partner_id, sender, unassigned, message_id, start,
+         end, due, imported_at, source, owner, rrule, updated_at, key, body_html, uuid_, sender_name, recipients_to,
+         recipients_cc, participants, delegated_to, request, project, attendees, private) = row
         return Activity(
-            id=row.id, kind=row.kind, status=row.status, subject=row.subject or "",
-            body=row.body or "", location=row.location, contact_id=row.contact_id,
-            partner_id=row.partner_id, sender=row.sender, unassigned=bool(row.unassigned),
-            message_id=row.message_id, start=row.start, end=row.end, due=row.due,
-            link=self.link_template.format(id=row.id), imported_at=row.imported_at,
-            source=row.source, documents=docs, owner=row.owner, rrule=row.rrule,
-            updated_at=row.updated_at, key=row.key, body_html=row.body_html,
-            uuid=row.uuid, sender_name=row.sender_name,
-            recipients_to=list(row.recipients_to or []), recipients_cc=list(row.recipients_cc or []),
-            participants=list(row.participants or []), delegated_to=row.delegated_to,
-            request=row.request, project=row.project,
-            attendees=attendees_from(row.attendees or []), private=bool(row.private),
-        )
+            id=id_, kind=kind, status=status, subject=subject or "", body=body or "", location=location,
+            contact_id=contact_id, partner_id=partner_id, sender=sender, unassigned=bool(unassigned),
+            message_id=message_id, start=start, end=end, due=due, link=self.link_template.format(id=id_),
+            imported_at=imported_at, source=source, documents=docs, owner=owner, rrule=rrule, updated_at=updated_at,
+            key=key, body_html=body_html, uuid=uuid_, sender_name=sender_name, recipients_to=_listed(recipients_to),
+            recipients_cc=_listed(recipients_cc), participants=_listed(participants), delegated_to=delegated_to,
+            request=request, project=project, attendees=attendees_from(_listed(attendees)), private=bool(private))
 
-    def _activities(self, statement) -> list[Activity]:
+    def _activities(self, where: list, *order, limit: int | None = None, offset: int = 0) -> list[Activity]:
+        statement = sa.select(*_READ).where(*where).order_by(*order)
+        if limit is not None:
+            statement = statement.limit(limit)
+        if offset:
+            statement = statement.offset(offset)
         with read(self.engine) as conn:
-            rows = list(conn.execute(statement))
-            docs = self._documents(conn, [row.id for row in rows])
-        return [self._activity(row, docs.get(row.id, [])) for row in rows]
+            # The driver's rows as they come: no column here needs a conversion by SQLAlchemy
+            # (see _JsonText), and its Row objects would take longer than the rest together.
+            rows = conn.execute(statement).cursor.fetchall()
+            docs = self._documents(conn, [row[0] for row in rows])
+        return [self._activity(row, docs.get(row[0], [])) for row in rows]
 
     def get_activity(self, activity_id: int) -> Activity | None:
-        found = self._activities(sa.select(activities).where(activities.c.id == activity_id))
+        found = self._activities([activities.c.id == activity_id])
         return found[0] if found else None
 
     def list_activities(self, flt: ActivityFilter) -> list[Activity]:
-        statement = sa.select(activities).where(*self._where(flt)).order_by(
-            activities.c.id.desc() if flt.newest_first else activities.c.id)
-        if flt.limit is not None:
-            statement = statement.limit(flt.limit)
-        if flt.offset:
-            statement = statement.offset(flt.offset)
-        return self._activities(statement)
+        return self._activities(self._where(flt), activities.c.id.desc() if flt.newest_first else activities.c.id,
+                                limit=flt.limit, offset=flt.offset)
 
     def count_activities(self, flt: ActivityFilter) -> int:
         return self._scalar(sa.select(sa.func.count()).select_from(activities).where(*self._where(flt)))
