@@ -18,20 +18,24 @@ def unfolded(text: str) -> list[str]:
     return text.replace("\r\n", "\n").replace("\n ", "").split("\n")
 
 
-@pytest.fixture
-def team(make_env):
-    """alice and bob, each with a calendar on Radicale, their addresses configured; Erika a
-    contact of the partner Muster GmbH."""
-    env, other = make_env(areas=("events",)), make_env(areas=("events",))
+def build_team(make_env, calserver=None):
+    """alice and bob, each with a calendar (on `calserver`, default Radicale), their addresses
+    configured; Erika a contact of the partner Muster GmbH."""
+    env = make_env(areas=("events",), calserver=calserver)
+    other = make_env(areas=("events",), calserver=calserver)
     text = env.config_path.read_text().replace("[accounts.alice]\n", f'[accounts.alice]\naddresses = ["{ALICE}"]\n')
     table = other.config_path.read_text().split("[accounts.alice]", 1)[1]
     env.config_path.write_text(text + f'\n[accounts.bob]\naddresses = ["{BOB}"]' +
                                table.replace("[accounts.alice.", "[accounts.bob."))
-    env.bob = other
     with env.engine() as engine:
         env.muster = engine.add_partner("Muster GmbH", ["info@muster.de"])
         env.erika = engine.add_contact("Erika Mustermann", ERIKA, env.muster.id)
     return env
+
+
+@pytest.fixture
+def team(make_env):
+    return build_team(make_env)
 
 
 def meeting(uid: str, people: str) -> str:
@@ -125,15 +129,49 @@ def test_attendees_refused_on_other_kinds_and_bad_addresses_with_one_line(team):
     assert "bob" in edited["participants"]
 
 
-def test_attendees_added_on_the_phone_reach_the_crm_and_those_added_in_the_crm_reach_the_phone(team):
+def attendee_params(text: str) -> dict[str, dict]:
+    """Address -> parameters of each ATTENDEE, and "organizer" -> the ORGANIZER's address, as
+    any client reads them (servers re-serialise: Radicale sorts properties, Xandikos quotes)."""
+    import icalendar
+
+    (event,) = icalendar.Calendar.from_ical(text).walk("VEVENT")
+    attendees = event.get("ATTENDEE", [])
+    found = {str(a).lower().removeprefix("mailto:"): dict(a.params)
+             for a in (attendees if isinstance(attendees, list) else [attendees])}
+    if "ORGANIZER" in event:
+        found["organizer"] = {"address": str(event["ORGANIZER"]).lower().removeprefix("mailto:")}
+    return found
+
+
+def phone_edit(text: str, partstat: tuple[str, str], invite: tuple[str, str]) -> str:
+    """What a phone does: one attendee answers, another one is invited."""
+    import icalendar
+
+    cal = icalendar.Calendar.from_ical(text)
+    (event,) = cal.walk("VEVENT")
+    attendees = event.get("ATTENDEE", [])
+    for attendee in attendees if isinstance(attendees, list) else [attendees]:
+        if str(attendee).lower() == f"mailto:{partstat[0]}":
+            attendee.params["PARTSTAT"] = partstat[1]
+    event.add("ATTENDEE", icalendar.vCalAddress(f"mailto:{invite[0]}"),
+              parameters={"CN": invite[1], "PARTSTAT": "NEEDS-ACTION"})
+    return cal.to_ical().decode()
+
+
+@pytest.fixture
+def any_team(make_env, calserver):
+    """The team on each CalDAV server in turn."""
+    return build_team(make_env, calserver)
+
+
+def test_attendees_added_on_the_phone_reach_the_crm_and_those_added_in_the_crm_reach_the_phone(any_team):
+    team = any_team
     code, added = team.cli_json("activity", "add", "--kind", "BESPRECHUNG", "--subject", "Planung",
-                                "--start", "2026-12-03T10:00:00+00:00", "--attendee", ERIKA, "--account", "alice")
+                                "--start", "2026-12-03T10:00:00+00:00", "--end", "2026-12-03T11:00:00+00:00",
+                                "--attendee", ERIKA, "--account", "alice")
     sync_alice(team)
     ((name, (etag, text)),) = team.dav_items("events").items()
-    # On the phone: Erika accepted, and Carol (an address the CRM does not know) was invited.
-    text = text.replace(f"PARTSTAT=NEEDS-ACTION:mailto:{ERIKA}", f"PARTSTAT=ACCEPTED:mailto:{ERIKA}")
-    text = text.replace("END:VEVENT", f"ATTENDEE;CN=Carol;PARTSTAT=NEEDS-ACTION:mailto:{CAROL}\r\nEND:VEVENT")
-    team.dav_put("events", name, text, etag)
+    team.dav_put("events", name, phone_edit(text, (ERIKA, "ACCEPTED"), (CAROL, "Carol")), etag)
 
     out = sync_alice(team)
     assert out["updated_crm"] == 1 and out["updated_groupware"] == 0 and out["conflicts"] == 0
@@ -148,16 +186,37 @@ def test_attendees_added_on_the_phone_reach_the_crm_and_those_added_in_the_crm_r
     out = sync_alice(team)
     assert out["updated_groupware"] == 1 and out["conflicts"] == 0
     ((_, (_, text)),) = team.dav_items("events").items()
-    lines = unfolded(text)
-    assert sorted(l for l in lines if l.startswith(("ATTENDEE", "ORGANIZER"))) == [  # Radicale sorts them
-        f"ATTENDEE;CN=Erika Mustermann;PARTSTAT=ACCEPTED:mailto:{ERIKA}",
-        f"ATTENDEE;PARTSTAT=NEEDS-ACTION:mailto:{BOB}", f"ORGANIZER:mailto:{ALICE}"]
+    found = attendee_params(text)
+    assert sorted(found) == [BOB, ERIKA, "organizer"] and found["organizer"]["address"] == ALICE
+    assert found[ERIKA]["PARTSTAT"] == "ACCEPTED" and found[ERIKA]["CN"] == "Erika Mustermann"
+    assert found[BOB]["PARTSTAT"] == "NEEDS-ACTION"
+    again = sync_alice(team)
+    assert again["updated_crm"] == again["updated_groupware"] == again["conflicts"] == 0
+
     # `--attendee ''` clears them: no ATTENDEE and no ORGANIZER on the phone
     assert team.cli("activity", "edit", str(added["id"]), "--attendee", "").exit_code == 0
     sync_alice(team)
     ((_, (_, text)),) = team.dav_items("events").items()
-    assert not re.search(r"^(ATTENDEE|ORGANIZER)", text, re.M)
+    assert attendee_params(text) == {} and not re.search(r"^(ATTENDEE|ORGANIZER)", text, re.M)
     assert only_activity(team).attendees == []
+
+
+def test_attendees_added_on_both_sides_between_two_syncs_are_all_kept(team):
+    code, added = team.cli_json("activity", "add", "--kind", "BESPRECHUNG", "--subject", "Workshop",
+                                "--start", "2026-12-04T10:00:00+00:00", "--end", "2026-12-04T12:00:00+00:00",
+                                "--attendee", ERIKA, "--account", "alice")
+    sync_alice(team)
+    ((name, (etag, text)),) = team.dav_items("events").items()
+    team.dav_put("events", name, phone_edit(text, (ERIKA, "TENTATIVE"), (CAROL, "Carol")), etag)
+    assert team.cli("activity", "edit", str(added["id"]), "--attendee", ERIKA, "--attendee", BOB).exit_code == 0
+
+    out = sync_alice(team)
+
+    assert out["conflicts"] == 0 and out["updated_crm"] == 1 and out["updated_groupware"] == 1
+    assert sorted(a.email for a in only_activity(team).attendees) == [ALICE, BOB, CAROL, ERIKA]
+    ((_, (_, text)),) = team.dav_items("events").items()
+    found = attendee_params(text)
+    assert sorted(found) == [BOB, CAROL, ERIKA, "organizer"] and found[ERIKA]["PARTSTAT"] == "TENTATIVE"
 
 
 def test_a_link_saved_before_attendees_were_synced_keeps_working(team):
@@ -171,7 +230,7 @@ def test_a_link_saved_before_attendees_were_synced_keeps_working(team):
         engine.state.apply_link_changes([("save", replace(link, base=old))])
         engine.crm.update_activity(link.activity_id, {"attendees": [], "contact_id": None, "partner_id": None})
     out = sync_alice(team)
-    assert out["updated_crm"] == out["updated_groupware"] == out["conflicts"] == 0  # the item did not change
+    assert out["updated_groupware"] == out["conflicts"] == 0  # nothing written to the server, no conflict
     ((name, (etag, text)),) = team.dav_items("events").items()
     team.dav_put("events", name, text.replace("SUMMARY:Abstimmung", "SUMMARY:Abstimmung neu"), etag)
     out = sync_alice(team)
