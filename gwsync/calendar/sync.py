@@ -747,9 +747,11 @@ class CalendarSync:
             if activity.partner_id is None and people.partner_id is not None and \
                     changes.get("contact_id", activity.contact_id) in (None, people.contact_id):
                 changes["partner_id"] = people.partner_id
-        self.crm.update_activity(activity.id, changes)
+        # Participants first: a run that dies in between finds the attendees not yet merged and
+        # does both again (after the update, the next run would see no change to take them from).
         for name in people.employees if people is not None else []:
             self.crm.add_participant(activity.id, name)
+        self.crm.update_activity(activity.id, changes)
 
     def _organizer(self, activity) -> Attendee | None:
         """The ORGANIZER gwsync writes into an item that has none (gwsync.people.organizer_of)."""

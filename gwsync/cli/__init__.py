@@ -507,8 +507,8 @@ def activity_edit(obj: Context, activity_id: int, as_json, **values) -> None:
             assert emails is not None  # given
             employees = _attendee_changes(engine, emails, changes.get("owner", current.owner), changes, current)
         try:
-            engine.update_activity(activity_id, changes)
             engine.add_participants(activity_id, employees)
+            engine.update_activity(activity_id, changes)
         except LookupError as exc:
             fail(f"{exc} (see `gwsync activities`)", EXIT_FAILED)
         _show_activity(engine, activity_id, as_json)
