@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from gwsync.calendar.icalmap import (
     BrokenItem,
     Link,
+    busy_fields,
     format_time,
     link_is_current,
     new_item,
@@ -256,6 +257,7 @@ def test_organizer_and_attendees_are_read_lower_case_without_mailto_with_their_n
                                ("bob@example.com", "Bob", False)]  # a room (no address) is no attendee
     assert read_item(text, "E", "O").fields["attendees"] == "bob@example.com,erika@muster.de"
     assert read_item(_event(), "E", "O").fields["attendees"] is None and people_of(_event()) == []
+    assert busy_fields(item.fields)["attendees"] is None  # a busy block has no attendees
 
 
 def test_a_new_meeting_gets_attendee_lines_with_names_and_the_owner_as_organizer():
