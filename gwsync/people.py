@@ -64,8 +64,9 @@ def resolve_attendees(attendees: Iterable[Attendee], employees: Mapping[str, str
                       find_contact: Callable[[str], Contact | None],
                       find_partner: Callable[[str], Partner | None]) -> People:
     """Resolve each attendee (the organizer included) and the activity's contact and partner
-    from the external ones, by the rule of the module doc. A contact's name names an
-    attendee that has none."""
+    from the external ones, by the rule of the module doc: the attendees in their order, then
+    the organizer (as the mandatory-field check of gwsync.calendar.mandatory counts them). A
+    contact's name names an attendee that has none."""
     contacts: dict[str, Contact | None] = {}
     partners: dict[str, Partner | None] = {}
 
@@ -90,7 +91,7 @@ def resolve_attendees(attendees: Iterable[Attendee], employees: Mapping[str, str
             attendee, email=email, employee=employee, contact_id=contact.id if contact else None,
             partner_id=contact.partner_id if contact else (partner.id if partner else None),
             name=attendee.name or (contact.name if contact else None)))
-    external = [a.email for a in resolved if a.employee is None]
+    external = [a.email for a in sorted(resolved, key=lambda a: a.organizer) if a.employee is None]
     match = resolve_recipients(external, contact_of, partner_of)
     names = list(dict.fromkeys(a.employee for a in resolved if a.employee))
     return People(resolved, match.contact_id, match.partner_id, names)

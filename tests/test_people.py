@@ -95,3 +95,12 @@ def test_resolution_follows_the_one_rule_whatever_the_order(emails):
         assert people.contact_id is None
         assert people.partner_id == (partners[0].id if partners else None)
     assert people.employees == (["bob"] if "bob@example.com" in emails else [])
+
+
+def test_the_organizer_counts_after_the_attendees():
+    crm, muster, other, erika = crm_with_erika()
+    olaf = crm.add_contact("Olaf Other", "olaf@other.org", other.id)
+    people = resolve_attendees([Attendee("olaf@other.org", organizer=True), Attendee("erika@muster.de")], {},
+                               crm.find_contact_by_email, crm.find_partner_by_domain)
+    assert (people.contact_id, people.partner_id) == (erika.id, muster.id)
+    assert [a.contact_id for a in people.attendees] == [olaf.id, erika.id]  # the list keeps its order

@@ -12,14 +12,17 @@ One run:
      action per pair that has something to do (`Plan`); planning writes nothing anywhere, and
      `sync --dry-run` prints the plan. New server items that are private (`[sync] private =
      "skip"`) or outside the date window get no pair: nothing is imported, nothing written
-     into them; items already linked stay linked whatever their CLASS or dates;
+     into them; items already linked stay linked whatever their CLASS or dates; nor do new items
+     the review left out (the engine passes them in `skip_hrefs`, recorded in the state database)
+     or that lack a mandatory field (held: see gwsync.calendar.mandatory; read again each run);
   4. the mass-deletion guard, on the plan;
   5. apply: the CRM creates in one transaction, then each action with conditional writes; a 412
      re-reads that item and plans that pair again; each pair's link is saved right after its
      writes, so a crash costs nothing: every step can be repeated (CRM writes are keyed by UID,
      creates on the server by a UID derived from the activity, and an existing item answers a
      repeated create with 412);
-  6. save the sync token (not when the review left items out, an action failed, or after a stop),
+  6. save the sync token (not when an action failed, or after a stop; items a review left out are
+     recorded, and taking one in drops the token, so that the next run lists the collection),
      with the day the earliest item left out for starting after the window enters it: on that
      day the collection is listed again (the item itself may never change, so no delta lists it).
 
@@ -45,8 +48,9 @@ from typing import ClassVar
 
 from ..config import AccountConfig, Config
 from ..crm import Activity, ActivityDraft, ActivityFilter, Attendee, CRMBackend
+from ..mail.decisions import SenderMatch
 from ..people import People, employees_by_address, organizer_of, resolve_attendees
-from ..storage.state import CalendarLink, LinkChange, StateStore
+from ..storage.state import HELD, CalendarItemRecord, CalendarLink, LinkChange, StateStore
 from .dav import (
     Collection,
     DavError,
@@ -120,6 +124,7 @@ class CalendarResult:
     conflicts: list[str] = field(default_factory=list)  # one line each: item, fields, who won
     requests: int = 0
     plan: list[dict] | None = None  # a dry run's plan (`Action.to_dict` of each action)
+    held: int = 0  # new items not imported for want of a mandatory field
 
     @property
     def failed(self) -> bool:
@@ -261,6 +266,8 @@ class Plan:
     recovered: tuple[str, ...] = ()  # items that failed before and read fine now
     identities: tuple[CalendarLink, ...] = ()  # links that get their activity's identity recorded
     relist: date | None = None  # when an item left out for starting after the window enters it
+    held: tuple[CalendarItemRecord, ...] = ()  # new items lacking a mandatory field
+    checked: tuple[str, ...] = ()  # items read this run: their earlier "held" records go
 
     def to_list(self) -> list[dict]:
         return [action.to_dict() for action in self.actions]
@@ -287,7 +294,7 @@ class CalendarSync:
                  collection: Collection, dry_run: bool = False, force: bool = False,
                  should_stop=None, skip_hrefs: set[str] | None = None):
         self.should_stop = should_stop or (lambda: False)
-        self.skip_hrefs = skip_hrefs or set()  # new server items the review left out, this run only
+        self.skip_hrefs = skip_hrefs or set()  # new server items a review left out
         self.config = config
         self.account = account
         self.area = area
@@ -307,6 +314,8 @@ class CalendarSync:
         self._created: dict[str, Activity | None] = {}  # key -> the activity this run created for it
         self._today = datetime.now(UTC).date()  # for the date window; set again by each plan
         self._relist: date | None = None  # the earliest day an item left out for the future enters it
+        self._held: list[CalendarItemRecord] = []  # new items lacking a mandatory field, found by the plan
+        self._matches: dict[str, SenderMatch] = {}  # UID -> the contact and partner its attendees give
         self.store = crm.store_id()
         self._employees = employees_by_address(config.accounts.values())
 
@@ -316,6 +325,7 @@ class CalendarSync:
         start_requests = self.coll.requests
         try:
             plan = self.plan()
+            self.result.held = len(plan.held)
             self._note_reads(plan)
             if self.dry_run:
                 self.result.plan = plan.to_list()
@@ -373,6 +383,9 @@ class CalendarSync:
         failures = self.state.item_failures(name, area)
         retry = [h for h, f in failures.items() if f["attempts"] < self.config.crm.max_attempts
                  and h not in deleted and h not in changed]
+        # Held items are read again each run: what releases them (a new contact) changes no item.
+        retry += [r.href for r in self.state.calendar_items(name, area, HELD)
+                  if r.href not in deleted and r.href not in changed and r.href not in retry]
         fetched = self.coll.multiget(sorted(set(changed) | set(retry))) if (changed or retry) else {}
         for href in changed:
             if href not in fetched:
@@ -390,12 +403,11 @@ class CalendarSync:
             if data.component != self.component and href not in by_href:
                 continue  # e.g. a VTODO in the events collection: not this area's
             parsed[href] = data
+        self._held = []
         pairs, identities = self._pairs(links, fetched, parsed, deleted)
         actions = tuple(a for a in map(self._action_for, pairs) if a is not None)
-        if self.skip_hrefs:
-            new_token = None  # left-out items must come up again next time: keep the old token
         return Plan(actions, new_token, len(links), tuple(broken), tuple(recovered), tuple(identities),
-                    self._relist)
+                    self._relist, tuple(self._held), tuple(sorted(set(changed) | set(retry))))
 
     def _note_reads(self, plan: Plan) -> None:
         """What reading found, whatever the guard says: broken items, items readable again."""
@@ -405,6 +417,7 @@ class CalendarSync:
             return
         for href in plan.recovered:
             self.state.clear_item_failure(self.account.name, self.area, href)
+        self.state.save_calendar_items(plan.held, [(self.account.name, self.area, h) for h in plan.checked], HELD)
         self._link_changes += [("save", link) for link in plan.identities]
 
     def apply(self, plan: Plan) -> None:
@@ -578,11 +591,33 @@ class CalendarSync:
                     day = self._relist_day(data)
                     self._relist = day if self._relist is None else min(self._relist, day)
                 continue  # a new item that stays out of the CRM: no pair, nothing written into it
+            elif self._lacks_mandatory(href, data, fetched[href]):
+                continue  # held: no pair, nothing written into it; read again next run
             pairs.append(_Pair(None, activity, fetched[href], data))
         for activity in activities.values():
             if activity.id not in linked_ids and activity.id not in matched_ids:
                 pairs.append(_Pair(None, activity, None, None))
         return pairs, identities
+
+    def _lacks_mandatory(self, href: str, data: ItemData, item: Item) -> bool:
+        """Whether a new item lacks a mandatory field ([crm] mandatory); if so it is held."""
+        mandatory = self.config.crm.mandatory
+        if not mandatory:
+            return False
+        from .mandatory import check_item, item_addresses
+
+        addresses = item_addresses(item.data or "")
+        employees = {a for account in self.config.accounts.values() for a in account.addresses}
+        match, missing = check_item(mandatory, data.fields, addresses, employees, self.crm.find_contact_by_email,
+                                    self.crm.find_partner_by_domain)
+        self._matches[data.uid] = match
+        if missing:
+            log.info("%s, item %s: not imported, lacks %s", self.where, href, ", ".join(missing))
+            self._held.append(CalendarItemRecord(
+                account=self.account.name, area=self.area, href=href, outcome=HELD, uid=data.uid,
+                subject=data.fields.get("subject"), missing=missing,
+                addresses=[a for a in addresses if a not in employees]))
+        return bool(missing)
 
     def _uid_for(self, activity) -> str:
         """The UID of a new item for this activity: derived from what is never reused (the same
@@ -709,11 +744,17 @@ class CalendarSync:
 
     def _draft(self, uid: str, fields: dict, data: ItemData | None = None) -> ActivityDraft:
         people = self._attendees(fields.get("attendees"), data, [])
+        # What made a mandatory contact or partner goes with it (the same rule; it also counts
+        # the attendees of a busy block, which the activity does not get).
+        found: People | SenderMatch = people
+        match = self._matches.get(uid)
+        if match is not None and people.contact_id is None and (match.contact_id or people.partner_id is None):
+            found = match
         return ActivityDraft(
             key=calendar_key(self.account.name, uid), kind=fields["kind"], status=fields["status"],
             subject=fields["subject"], body=fields["body"], location=fields["location"], start=fields["start"],
             end=fields["end"], due=fields["due"], rrule=fields["rrule"], owner=self.account.name,
-            attendees=people.attendees, contact_id=people.contact_id, partner_id=people.partner_id,
+            attendees=people.attendees, contact_id=found.contact_id, partner_id=found.partner_id,
             participants=list(dict.fromkeys([self.account.name, *people.employees])))
 
     # -- attendees ---------------------------------------------------------------------------
