@@ -238,3 +238,12 @@ def test_a_link_saved_before_attendees_were_synced_keeps_working(team):
     activity = only_activity(team)
     assert activity.subject == "Abstimmung neu" and [a.email for a in activity.attendees] == [ALICE, ERIKA]
     assert activity.contact_id == team.erika.id
+
+
+def test_attendees_who_are_employees_join_the_participants_given_with_with(team):
+    code, added = team.cli_json("activity", "add", "--kind", "BESPRECHUNG", "--subject", "Team", "--with", "bob",
+                                "--attendee", ERIKA, "--account", "alice")
+    assert code == 0 and sorted(added["participants"]) == ["alice", "bob"]  # --with kept, the owner added
+    code, edited = team.cli_json("activity", "edit", str(added["id"]), "--with", "", "--attendee", BOB)
+    assert code == 0 and sorted(edited["participants"]) == ["alice", "bob"]  # bob back in as an attendee
+    assert [a["email"] for a in edited["attendees"]] == [ALICE, BOB] and edited["contact_id"] == team.erika.id
