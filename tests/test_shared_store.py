@@ -124,6 +124,11 @@ def test_processes_opening_a_new_postgresql_database_at_once_make_its_tables_onc
         assert store.store_id() == results[0][0].strip()
     finally:
         store.close()
+    import psycopg
+
+    with psycopg.connect(pg_url) as conn:  # `involving` has its index there
+        assert conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'idx_activities_participants'"
+                            ).fetchone()[0].endswith("USING gin (participants)")
 
 
 def test_a_unix_socket_url_reaches_the_same_database(postgres, tmp_path):
@@ -210,8 +215,7 @@ def test_the_tables_the_statements_use_are_the_tables_the_sqlite_migrations_make
             columns = [row[1] for row in conn.execute(f'PRAGMA table_info("{table.name}")')]
             assert sorted(columns) == sorted(c.name for c in table.columns), table.name
             indexes = {row[1] for row in conn.execute(f'PRAGMA index_list("{table.name}")') if row[3] == "c"}
-            gin = {"idx_activities_participants"} if table.name == "activities" else set()  # PostgreSQL only
-            assert {i.name for i in table.indexes} == indexes | gin, table.name
+            assert {i.name for i in table.indexes} == indexes, table.name
     finally:
         conn.close()
 
@@ -303,3 +307,15 @@ def test_an_unreachable_database_is_one_line_from_the_command_line(env):
     lines = err.decode().strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, err
     assert lines[0].startswith("gwsync: cannot use the CRM database postgresql://gwsync@127.0.0.1:")
+
+
+def test_an_sqlite_store_loads_neither_psycopg_nor_the_postgresql_dialect(tmp_path):
+    code = ("import sys; from pathlib import Path; from gwsync.crm.embedded import EmbeddedCRM; "
+            "from gwsync.crm import ActivityFilter; "
+            f"s = EmbeddedCRM(Path({str(tmp_path / 'crm.db')!r}), Path({str(tmp_path / 'docs')!r}), {{'O': 'Offen'}}, "
+            "'x{id}'); s.list_activities(ActivityFilter(involving='bob')); s.unassigned_senders(); s.close(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('psycopg', 'sqlalchemy.dialects.postgresql'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
