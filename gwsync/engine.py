@@ -215,11 +215,11 @@ def _caldav(account: AccountConfig) -> CaldavConfig:
     return account.caldav
 
 
-def crm_database(config: Config) -> tuple[Path | str, Callable[[], str] | None]:
-    """Where the CRM store is: [database] url and its password source (None: libpq finds the
-    password), else the [crm] database file."""
+def store_database(config: Config, path: Path) -> tuple[Path | str, Callable[[], str] | None]:
+    """Where a store is: [database] url and its password source (None: libpq finds the
+    password), else its own SQLite file `path` ([crm] database, [state] database)."""
     if config.database is None:
-        return config.crm.database, None
+        return path, None
     secret = config.database.secret
     return config.database.url, (secret.resolve if secret is not None else None)
 
@@ -231,11 +231,11 @@ class Engine:
         self.config = config
         owned = crm is None
         if crm is None:
-            database, password = crm_database(config)
+            database, password = store_database(config, config.crm.database)
             crm = EmbeddedCRM(database, config.crm.documents, config.crm.statuses, config.crm.link, password)
         self.crm = crm
         try:
-            self.state = StateStore(config.state_database)
+            self.state = StateStore(*store_database(config, config.state_database))
         except BaseException:
             if owned:
                 self.crm.close()

@@ -251,7 +251,7 @@ def use_postgres(env, url: str, extra: str = "") -> None:
     env.config_path.write_text(env.config_path.read_text() + f'\n[database]\nurl = "{url}"\n{extra}')
 
 
-def test_sync_imports_mail_into_the_postgresql_database_and_no_crm_file_is_made(env, pg_url):
+def test_sync_imports_mail_into_the_postgresql_database_and_no_database_file_is_made(env, pg_url):
     from conftest import make_mail
 
     use_postgres(env, pg_url)
@@ -266,7 +266,9 @@ def test_sync_imports_mail_into_the_postgresql_database_and_no_crm_file_is_made(
 
     with psycopg.connect(pg_url) as conn:
         assert sorted(r[0] for r in conn.execute("SELECT subject FROM activities")) == ["Test mail 1", "Test mail 2"]
-    assert not (env.dir / "crm.db").exists()
+        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (0,)  # archived: no record left
+        assert conn.execute("SELECT area, ok FROM runs").fetchall() == [("mail", 1)]
+    assert not (env.dir / "crm.db").exists() and not (env.dir / "state.db").exists()
     code, listed = env.cli_json("activities")
     assert code == 0 and sorted(a["subject"] for a in listed) == ["Test mail 1", "Test mail 2"]
     code, again = env.cli_json("sync")  # nothing new, nothing twice

@@ -1,4 +1,7 @@
-"""The sync state store (SQLite): what was done with each mail, per account, folder and UIDVALIDITY.
+"""The sync state store: what was done with each mail, per account, folder and UIDVALIDITY.
+
+An SQLite file, or tables in the shared PostgreSQL database ([database] url): one code path on
+SQLAlchemy Core (see gwsync/storage/database.py), like the CRM store.
 
 The CRM's idempotency keys are what prevents duplicates; this store makes re-runs cheap, keeps
 held and failed mail with their reasons, bounds retries, and feeds `gwsync status`.
@@ -11,21 +14,26 @@ the activity that was linked.
 The schema is made and upgraded by MIGRATIONS (see gwsync/migrations.py), in the order it grew.
 Version 1 (the identity columns) was recorded while the calendar and lock tables were still made
 on first use, so a database at 0 or 1 may hold any part of the schema: the steps of version 2
-check what is there.
+check what is there. On PostgreSQL a new database gets the tables at POSTGRES_FIRST from the
+definitions below; a later step brings its own PostgreSQL statements (Migration.postgres).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import sqlite3
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import sqlalchemy as sa
 import sqlite_utils
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from .database import pg_upgrade, postgres_engine, read, shown, sqlite_engine, write
 from .migrations import Migration, add_column, latest, upgrade
-from .sqlite import open_private_db, transaction
 
 IMPORTED, HELD, FAILED, QUARANTINED = "imported", "held", "failed", "quarantined"
 # Left out in `gwsync review`: stays in its folder (or on its calendar), out of the CRM, until a
@@ -161,15 +169,108 @@ MIGRATIONS = [
 SCHEMA_VERSION = latest(MIGRATIONS)
 
 
+
+# -- the tables, as SQLAlchemy sees them (see gwsync/crm/embedded.py for how they are used) -----------
+
+metadata = sa.MetaData()
+_INT = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # UIDs and UIDVALIDITY reach 2**32 - 1
+
+
+def _key(*names: str) -> list[sa.Column]:
+    return [sa.Column(name, _INT if name in ("uidvalidity", "uid", "activity_id") else sa.Text, primary_key=True)
+            for name in names]
+
+
+def _columns(**kinds) -> list[sa.Column]:
+    return [sa.Column(name, _INT if kind is int else sa.Text) for name, kind in kinds.items()]
+
+
+folders_table = sa.Table("folders", metadata, *_key("account", "folder"), *_columns(uidvalidity=int, last_sync=str))
+messages = sa.Table(
+    "messages", metadata, *_key("account", "folder", "uidvalidity", "uid"),
+    *_columns(outcome=str, key=str, activity_id=int, attempts=int, error=str, missing=str, sender=str, subject=str,
+              updated_at=str),
+    sa.Index("idx_messages_outcome", "outcome"))
+runs = sa.Table("runs", metadata, *_key("account", "area"),
+                *_columns(finished_at=str, ok=int, summary=str, error=str, last_success=str))
+links = sa.Table("links", metadata, *_key("account", "area", "activity_id"),
+                 *_columns(uid=str, href=str, etag=str, base=str, updated_at=str, identity=str),
+                 sa.Index("idx_links_account_area_href", "account", "area", "href", unique=True))
+collections = sa.Table("collections", metadata, *_key("account", "area"), *_columns(url=str, sync_token=str))
+membership = sa.Table("membership", metadata, *_key("account", "area", "activity_id"),
+                      *_columns(included=int, identity=str))
+item_failures = sa.Table("item_failures", metadata, *_key("account", "area", "href"),
+                         *_columns(etag=str, attempts=int, error=str))
+dav_cache = sa.Table("dav_cache", metadata, *_key("account", "area"), *_columns(source=str, url=str, auth_type=str))
+locks = sa.Table("locks", metadata, *_key("account", "service"),
+                 *_columns(reason=str, locked_at=str, credential=str))
+calendar_items = sa.Table("calendar_items", metadata, *_key("account", "area", "href"),
+                          *_columns(outcome=str, uid=str, subject=str, missing=str, addresses=str, updated_at=str))
+
+# The version the first PostgreSQL databases were made at: the steps up to it are SQLite's history.
+POSTGRES_FIRST = 4
+
+
+def _postgres_steps() -> list[tuple[int, Callable[[sa.Connection], None]]]:
+    steps = []
+    for migration in MIGRATIONS:
+        if migration.version > POSTGRES_FIRST:
+            if migration.postgres is None:
+                raise RuntimeError(f"migration {migration.description!r} has no PostgreSQL step")
+            steps.append((migration.version, migration.postgres))
+    return steps
+
+
+def _json(value) -> str | None:
+    return json.dumps(value) if value is not None else None
+
+
 class StateStore:
-    def __init__(self, path: Path):
-        self.conn = open_private_db(path, "state database")
-        self.db = sqlite_utils.Database(self.conn)
+    """The state on an SQLite file (`database` a Path) or on PostgreSQL (a postgresql:// URL,
+    `password` a callable giving its password or None)."""
+
+    def __init__(self, database: Path | str, password: Callable[[], str | None] | None = None):
+        self._postgres = isinstance(database, str)
+        if isinstance(database, str):
+            self.engine = postgres_engine(database, "state database", password)
+        else:
+            self.engine = sqlite_engine(database, "state database")
         try:
-            upgrade(self.db, MIGRATIONS)
+            if isinstance(database, str):
+                pg_upgrade(self.engine, "state", SCHEMA_VERSION, "state database", shown(database),
+                           metadata.create_all, _postgres_steps())
+            else:
+                with self.engine.connect() as conn:  # the migrations are written against sqlite-utils
+                    raw = conn.connection.dbapi_connection
+                    assert isinstance(raw, sqlite3.Connection)  # sqlite_engine's, from open_private_db
+                    upgrade(sqlite_utils.Database(raw), MIGRATIONS)
         except BaseException:
-            self.conn.close()
+            self.engine.dispose()
             raise
+
+    def _upsert(self, table: sa.Table, update: Iterable[str] | None = None, kept: Iterable[str] = ()):
+        """INSERT ... ON CONFLICT (primary key) DO UPDATE: the row replaced (the columns in
+        `update`, all but the key by default), as INSERT OR REPLACE did when every column is
+        given; a column in `kept` keeps its value where the new one is NULL."""
+        statement: Any
+        if self._postgres:
+            from sqlalchemy.dialects import postgresql  # loaded for a PostgreSQL store only
+            statement = postgresql.insert(table)
+        else:
+            statement = sqlite_insert(table)
+        key = [c.name for c in table.primary_key.columns]
+        names = [c.name for c in table.columns if c.name not in key] if update is None else list(update)
+        changes: dict[str, Any] = {name: statement.excluded[name] for name in names}
+        changes.update({name: sa.func.coalesce(statement.excluded[name], table.c[name]) for name in kept})
+        return statement.on_conflict_do_update(index_elements=key, set_=changes)
+
+    def _dicts(self, statement) -> list[dict]:
+        with read(self.engine) as conn:
+            return [dict(row) for row in conn.execute(statement).mappings()]
+
+    def _first(self, statement):
+        with read(self.engine) as conn:
+            return conn.execute(statement).first()
 
     # -- credential locks --------------------------------------------------------------------
 
@@ -177,47 +278,47 @@ class StateStore:
         """Mark a credential locked after a refused login: no further login until unlocked.
         `credential` names what was sent (see Engine.credential); every service that sends the
         same one finds the lock."""
-        with transaction(self.conn):
-            self.conn.execute("INSERT OR REPLACE INTO locks (account, service, reason, locked_at, credential) "
-                              "VALUES (?,?,?,?,?)", (account, service, reason, _now(), credential))
+        with write(self.engine) as conn:
+            conn.execute(self._upsert(locks), {"account": account, "service": service, "reason": reason,
+                                               "locked_at": _now(), "credential": credential})
 
     def lock_of(self, credential: str, users: Iterable[tuple[str, str]] = ()) -> dict | None:
         """The lock on this credential, if any. `users` are the (account, service) pairs that
         send it: they find the locks written before locks had a credential."""
-        rows = list(self.db.query("SELECT * FROM locks WHERE credential = ? ORDER BY locked_at", [credential]))
+        rows = self._dicts(sa.select(locks).where(locks.c.credential == credential).order_by(locks.c.locked_at))
         for account, service in users:
-            rows += self.db.query("SELECT * FROM locks WHERE credential IS NULL AND account = ? AND service = ?",
-                                  [account, service])
+            rows += self._dicts(sa.select(locks).where(locks.c.credential.is_(None), locks.c.account == account,
+                                                       locks.c.service == service))
         return rows[0] if rows else None
 
     def locks(self) -> list[dict]:
-        return list(self.db.query("SELECT * FROM locks ORDER BY account, service"))
+        return self._dicts(sa.select(locks).order_by(locks.c.account, locks.c.service))
 
     def unlock(self, account: str) -> list[str]:
         """Clear the account's locks; returns the services that were locked."""
-        with transaction(self.conn):
-            services = [r[0] for r in self.conn.execute("SELECT service FROM locks WHERE account = ? "
-                                                        "ORDER BY service", (account,))]
-            self.conn.execute("DELETE FROM locks WHERE account = ?", (account,))
+        with write(self.engine) as conn:
+            services = list(conn.execute(sa.select(locks.c.service).where(locks.c.account == account)
+                                         .order_by(locks.c.service)).scalars())
+            conn.execute(sa.delete(locks).where(locks.c.account == account))
         return services
 
     # -- calendar links ----------------------------------------------------------------------
 
     @staticmethod
-    def _link(row: dict) -> CalendarLink:
+    def _link(row) -> CalendarLink:
         return CalendarLink(account=row["account"], area=row["area"], activity_id=row["activity_id"], uid=row["uid"],
                             href=row["href"], etag=row["etag"], base=json.loads(row["base"]) if row["base"] else None,
-                            identity=row.get("identity"))
+                            identity=row["identity"])
 
     def links(self, account: str, area: str) -> list[CalendarLink]:
-        return [self._link(r) for r in self.db.query("SELECT * FROM links WHERE account = ? AND area = ?",
-                                                     [account, area])]
+        return [self._link(r) for r in self._dicts(sa.select(links).where(links.c.account == account,
+                                                                          links.c.area == area))]
 
     def links_of_activity(self, activity_id: int, identity: str | None = None) -> list[CalendarLink]:
         """The activity's links; with its identity, not those saved for another activity that
         held the id before (links saved before identities were recorded are included)."""
-        return [link for link in map(self._link, self.db.query("SELECT * FROM links WHERE activity_id = ?",
-                                                               [activity_id]))
+        found = self._dicts(sa.select(links).where(links.c.activity_id == activity_id))
+        return [link for link in map(self._link, found)
                 if identity is None or link.identity in (None, identity)]
 
     def apply_link_changes(self, changes: list[LinkChange]) -> None:
@@ -226,41 +327,40 @@ class StateStore:
         activity now holding the same id got meanwhile."""
         if not changes:
             return
-        with transaction(self.conn):
+        c = links.c
+        with write(self.engine) as conn:
             for _op, value in changes:
                 if isinstance(value, CalendarLink):  # ("save", link)
                     link = value
-                    self.conn.execute(
-                        "DELETE FROM links WHERE account = ? AND area = ? AND href = ? AND activity_id != ?",
-                        (link.account, link.area, link.href, link.activity_id))
-                    self.conn.execute(
-                        "INSERT OR REPLACE INTO links (account, area, activity_id, uid, href, etag, base, updated_at, "
-                        "identity) VALUES (?,?,?,?,?,?,?,?,?)",
-                        (link.account, link.area, link.activity_id, link.uid, link.href, link.etag,
-                         json.dumps(link.base, sort_keys=True) if link.base is not None else None, _now(),
-                         link.identity))
-                elif len(value) == 4:
-                    self.conn.execute("DELETE FROM links WHERE account = ? AND area = ? AND activity_id = ? "
-                                      "AND href = ?", value)
+                    conn.execute(sa.delete(links).where(c.account == link.account, c.area == link.area,
+                                                        c.href == link.href, c.activity_id != link.activity_id))
+                    conn.execute(self._upsert(links), {
+                        "account": link.account, "area": link.area, "activity_id": link.activity_id, "uid": link.uid,
+                        "href": link.href, "etag": link.etag,
+                        "base": json.dumps(link.base, sort_keys=True) if link.base is not None else None,
+                        "updated_at": _now(), "identity": link.identity})
                 else:
-                    self.conn.execute("DELETE FROM links WHERE account = ? AND area = ? AND activity_id = ?", value)
+                    account, area, activity_id, *href = value
+                    conn.execute(sa.delete(links).where(c.account == account, c.area == area,
+                                                        c.activity_id == activity_id,
+                                                        *([c.href == href[0]] if href else [])))
 
     def drop_link(self, account: str, area: str, activity_id: int, href: str | None = None) -> None:
         self.apply_link_changes([("drop", (account, area, activity_id) + ((href,) if href is not None else ()))])
 
     def dav_cache(self, account: str, area: str, source: str) -> tuple[str | None, str | None]:
         """(collection URL, auth scheme) found by an earlier run for the same config `source`."""
-        row = self.conn.execute("SELECT source, url, auth_type FROM dav_cache WHERE account = ? AND area = ?",
-                                (account, area)).fetchone()
+        row = self._first(sa.select(dav_cache.c.source, dav_cache.c.url, dav_cache.c.auth_type)
+                          .where(dav_cache.c.account == account, dav_cache.c.area == area))
         return (row[1], row[2]) if row and row[0] == source else (None, None)
 
     def save_dav_cache(self, account: str, area: str, source: str, url: str | None, auth_type: str | None) -> None:
-        with transaction(self.conn):
+        with write(self.engine) as conn:
             if url is None:
-                self.conn.execute("DELETE FROM dav_cache WHERE account = ? AND area = ?", (account, area))
+                conn.execute(sa.delete(dav_cache).where(dav_cache.c.account == account, dav_cache.c.area == area))
             else:
-                self.conn.execute("INSERT OR REPLACE INTO dav_cache VALUES (?,?,?,?,?)",
-                                  (account, area, source, url, auth_type))
+                conn.execute(self._upsert(dav_cache), {"account": account, "area": area, "source": source,
+                                                       "url": url, "auth_type": auth_type})
 
     def memberships(self, account: str, area: str) -> dict[int, bool]:
         """Activities pushed into (True) or taken out of (False) an area by hand."""
@@ -268,75 +368,74 @@ class StateStore:
 
     def membership_details(self, account: str, area: str) -> dict[int, tuple[bool, str | None]]:
         """activity id -> (included, the identity of the activity it was set for, if recorded)."""
-        return {r[0]: (bool(r[1]), r[2]) for r in self.conn.execute(
-            "SELECT activity_id, included, identity FROM membership WHERE account = ? AND area = ?", (account, area))}
+        m = membership.c
+        with read(self.engine) as conn:
+            return {r[0]: (bool(r[1]), r[2]) for r in conn.execute(
+                sa.select(m.activity_id, m.included, m.identity).where(m.account == account, m.area == area))}
 
     def set_membership(self, account: str, area: str, activity_id: int, included: bool,
                        identity: str | None = None) -> None:
-        with transaction(self.conn):
-            self.conn.execute("INSERT OR REPLACE INTO membership (account, area, activity_id, included, identity) "
-                              "VALUES (?,?,?,?,?)", (account, area, activity_id, int(included), identity))
+        with write(self.engine) as conn:
+            conn.execute(self._upsert(membership), {"account": account, "area": area, "activity_id": activity_id,
+                                                    "included": int(included), "identity": identity})
 
     def sync_token(self, account: str, area: str, url: str) -> str | None:
-        row = self.conn.execute("SELECT url, sync_token FROM collections WHERE account = ? AND area = ?",
-                                (account, area)).fetchone()
+        row = self._first(sa.select(collections.c.url, collections.c.sync_token)
+                          .where(collections.c.account == account, collections.c.area == area))
         return row[1] if row and row[0] == url else None
 
     def save_sync_token(self, account: str, area: str, url: str, token: str | None) -> None:
-        with transaction(self.conn):
-            self.conn.execute("INSERT OR REPLACE INTO collections (account, area, url, sync_token) VALUES (?,?,?,?)",
-                              (account, area, url, token))
+        with write(self.engine) as conn:
+            conn.execute(self._upsert(collections), {"account": account, "area": area, "url": url,
+                                                     "sync_token": token})
 
     def item_failures(self, account: str, area: str) -> dict[str, dict]:
-        return {r["href"]: r for r in self.db.query(
-            "SELECT * FROM item_failures WHERE account = ? AND area = ?", [account, area])}
+        return {r["href"]: r for r in self._dicts(sa.select(item_failures).where(
+            item_failures.c.account == account, item_failures.c.area == area))}
 
     def record_item_failure(self, account: str, area: str, href: str, etag: str | None, error: str) -> int:
-        with transaction(self.conn):
-            row = self.conn.execute(
-                "SELECT attempts, etag FROM item_failures WHERE account = ? AND area = ? AND href = ?",
-                (account, area, href)).fetchone()
+        f = item_failures.c
+        with write(self.engine) as conn:
+            row = conn.execute(sa.select(f.attempts, f.etag).where(f.account == account, f.area == area,
+                                                                   f.href == href).with_for_update()).first()
             attempts = (row[0] if row and row[1] == etag else 0) + 1  # a new version gets new attempts
-            self.conn.execute("INSERT OR REPLACE INTO item_failures VALUES (?,?,?,?,?,?)",
-                              (account, area, href, etag, attempts, error))
+            conn.execute(self._upsert(item_failures), {"account": account, "area": area, "href": href, "etag": etag,
+                                                       "attempts": attempts, "error": error})
         return attempts
 
     def clear_item_failure(self, account: str, area: str, href: str) -> None:
-        with transaction(self.conn):
-            self.conn.execute("DELETE FROM item_failures WHERE account = ? AND area = ? AND href = ?",
-                              (account, area, href))
+        f = item_failures.c
+        with write(self.engine) as conn:
+            conn.execute(sa.delete(item_failures).where(f.account == account, f.area == area, f.href == href))
 
     # -- calendar items kept out of the CRM -------------------------------------------------------
 
     def calendar_items(self, account: str | None = None, area: str | None = None,
                        outcome: str | None = None) -> list[CalendarItemRecord]:
-        sql, params = "SELECT * FROM calendar_items WHERE 1", []
-        for column, value in (("account", account), ("area", area), ("outcome", outcome)):
-            if value is not None:
-                sql += f" AND {column} = ?"
-                params.append(value)
+        c = calendar_items.c
+        where = [column == value for column, value in ((c.account, account), (c.area, area), (c.outcome, outcome))
+                 if value is not None]
         return [CalendarItemRecord(
             account=r["account"], area=r["area"], href=r["href"], outcome=r["outcome"], uid=r["uid"],
             subject=r["subject"], missing=json.loads(r["missing"]) if r["missing"] else None,
             addresses=json.loads(r["addresses"]) if r["addresses"] else None, updated_at=r["updated_at"])
-            for r in self.db.query(sql + " ORDER BY account, area, href", params)]
+            for r in self._dicts(sa.select(calendar_items).where(*where).order_by(c.account, c.area, c.href))]
 
     def save_calendar_items(self, records: Iterable[CalendarItemRecord], forget: Iterable[tuple[str, str, str]] = (),
                             outcome: str | None = None) -> None:
         """Forget these (account, area, href) records (only those with `outcome`, if given), then
         save `records`, in one transaction."""
         now = _now()
-        with transaction(self.conn):
+        c = calendar_items.c
+        rows = [{"account": r.account, "area": r.area, "href": r.href, "outcome": r.outcome, "uid": r.uid,
+                 "subject": r.subject, "missing": _json(r.missing), "addresses": _json(r.addresses),
+                 "updated_at": now} for r in records]
+        with write(self.engine) as conn:
             for account, area, href in forget:
-                self.conn.execute("DELETE FROM calendar_items WHERE account = ? AND area = ? AND href = ?"
-                                  + (" AND outcome = ?" if outcome else ""),
-                                  (account, area, href, *((outcome,) if outcome else ())))
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO calendar_items (account, area, href, outcome, uid, subject, missing, "
-                "addresses, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                [(r.account, r.area, r.href, r.outcome, r.uid, r.subject,
-                  json.dumps(r.missing) if r.missing is not None else None,
-                  json.dumps(r.addresses) if r.addresses is not None else None, now) for r in records])
+                conn.execute(sa.delete(calendar_items).where(c.account == account, c.area == area, c.href == href,
+                                                             *([c.outcome == outcome] if outcome else [])))
+            if rows:
+                conn.execute(self._upsert(calendar_items), rows)
 
     def take_in(self, account: str, area: str, hrefs: Iterable[str]) -> None:
         """Items a review takes in: their records go, and the collection is listed whole at the
@@ -344,73 +443,72 @@ class StateStore:
         hrefs = list(hrefs)
         if not hrefs:
             return
-        with transaction(self.conn):
-            self.conn.executemany("DELETE FROM calendar_items WHERE account = ? AND area = ? AND href = ?",
-                                  [(account, area, href) for href in hrefs])
-            self.conn.execute("UPDATE collections SET sync_token = NULL WHERE account = ? AND area = ?",
-                              (account, area))
+        c = calendar_items.c
+        with write(self.engine) as conn:
+            conn.execute(sa.delete(calendar_items).where(c.account == account, c.area == area, c.href.in_(hrefs)))
+            conn.execute(sa.update(collections).where(collections.c.account == account, collections.c.area == area)
+                         .values(sync_token=None))
 
     # -- folders -----------------------------------------------------------------------------
 
     def check_uidvalidity(self, account: str, folder: str, uidvalidity: int) -> bool:
         """Record the folder's UIDVALIDITY; True when it changed (old per-UID records are dropped:
         the UIDs now name other mails, and the CRM's keys still prevent duplicates)."""
-        row = self.conn.execute("SELECT uidvalidity FROM folders WHERE account = ? AND folder = ?",
-                                (account, folder)).fetchone()
+        f = folders_table.c
+        row = self._first(sa.select(f.uidvalidity).where(f.account == account, f.folder == folder))
         if row and row[0] == uidvalidity:
             return False
-        with transaction(self.conn):
-            self.conn.execute("DELETE FROM messages WHERE account = ? AND folder = ? AND uidvalidity != ?",
-                              (account, folder, uidvalidity))
-            self.conn.execute(
-                "INSERT INTO folders (account, folder, uidvalidity, last_sync) VALUES (?,?,?,?) "
-                "ON CONFLICT(account, folder) DO UPDATE SET uidvalidity = excluded.uidvalidity",
-                (account, folder, uidvalidity, None))
+        m = messages.c
+        with write(self.engine) as conn:
+            conn.execute(sa.delete(messages).where(m.account == account, m.folder == folder,
+                                                   m.uidvalidity != uidvalidity))
+            conn.execute(self._upsert(folders_table, update=["uidvalidity"]),
+                         {"account": account, "folder": folder, "uidvalidity": uidvalidity, "last_sync": None})
         return row is not None
 
     # -- messages ----------------------------------------------------------------------------
 
     def records(self, account: str, folder: str, uidvalidity: int) -> dict[int, MailRecord]:
-        rows = self.db.query(
-            "SELECT * FROM messages WHERE account = ? AND folder = ? AND uidvalidity = ?",
-            [account, folder, uidvalidity])
+        m = messages.c
+        rows = self._dicts(sa.select(messages).where(m.account == account, m.folder == folder,
+                                                      m.uidvalidity == uidvalidity))
         return {row["uid"]: self._record(row) for row in rows}
 
     def save(self, records: Iterable[MailRecord]) -> None:
         now = _now()
-        with transaction(self.conn):
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO messages (account, folder, uidvalidity, uid, outcome, key, activity_id, "
-                "attempts, error, missing, sender, subject, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(r.account, r.folder, r.uidvalidity, r.uid, r.outcome, r.key, r.activity_id, r.attempts,
-                  r.error, json.dumps(r.missing) if r.missing is not None else None, r.sender, r.subject, now)
-                 for r in records])
+        rows = [{"account": r.account, "folder": r.folder, "uidvalidity": r.uidvalidity, "uid": r.uid,
+                 "outcome": r.outcome, "key": r.key, "activity_id": r.activity_id, "attempts": r.attempts,
+                 "error": r.error, "missing": _json(r.missing), "sender": r.sender, "subject": r.subject,
+                 "updated_at": now} for r in records]
+        if not rows:
+            return
+        with write(self.engine) as conn:
+            conn.execute(self._upsert(messages), rows)
 
     def forget(self, account: str, folder: str, uidvalidity: int, uids: Iterable[int]) -> None:
         """Drop records of mails that left the folder (moved to the archive, or gone)."""
         uids = list(uids)
         if not uids:
             return
-        with transaction(self.conn):
-            self.conn.executemany(
-                "DELETE FROM messages WHERE account = ? AND folder = ? AND uidvalidity = ? AND uid = ?",
-                [(account, folder, uidvalidity, uid) for uid in uids])
+        m = messages.c
+        with write(self.engine) as conn:
+            for start in range(0, len(uids), 500):
+                conn.execute(sa.delete(messages).where(m.account == account, m.folder == folder,
+                                                       m.uidvalidity == uidvalidity,
+                                                       m.uid.in_(uids[start:start + 500])))
 
     def forget_folders_except(self, account: str, folders: Iterable[str]) -> None:
         """Drop records of import folders that no longer exist."""
         keep = list(folders)
-        marks = ",".join("?" * len(keep)) or "''"
-        with transaction(self.conn):
-            self.conn.execute(f"DELETE FROM messages WHERE account = ? AND folder NOT IN ({marks})", [account, *keep])
-            self.conn.execute(f"DELETE FROM folders WHERE account = ? AND folder NOT IN ({marks})", [account, *keep])
+        with write(self.engine) as conn:
+            for table in (messages, folders_table):
+                conn.execute(sa.delete(table).where(table.c.account == account, table.c.folder.not_in(keep)))
 
     def by_outcome(self, outcome: str, account: str | None = None) -> list[MailRecord]:
-        sql = "SELECT * FROM messages WHERE outcome = ?"
-        params: list = [outcome]
-        if account:
-            sql += " AND account = ?"
-            params.append(account)
-        return [self._record(row) for row in self.db.query(sql + " ORDER BY account, folder, uid", params)]
+        m = messages.c
+        where = [m.outcome == outcome, *([m.account == account] if account else [])]
+        return [self._record(row) for row in self._dicts(sa.select(messages).where(*where)
+                                                         .order_by(m.account, m.folder, m.uid))]
 
     def not_imported(self) -> list[MailRecord]:
         """Mail still in its folder: held back, failing, quarantined, or left out in a review (in that order)."""
@@ -429,17 +527,15 @@ class StateStore:
     def record_run(self, account: str, area: str, ok: bool, summary: dict, error: str | None) -> None:
         """The latest run of an area; `last_success` survives failed runs after it."""
         now = _now()
-        with transaction(self.conn):
-            self.conn.execute(
-                "INSERT INTO runs (account, area, finished_at, ok, summary, error, last_success) "
-                "VALUES (?,?,?,?,?,?,?) ON CONFLICT(account, area) DO UPDATE SET finished_at = excluded.finished_at, "
-                "ok = excluded.ok, summary = excluded.summary, error = excluded.error, "
-                "last_success = COALESCE(excluded.last_success, runs.last_success)",
-                (account, area, now, int(ok), json.dumps(summary), error, now if ok else None))
+        statement = self._upsert(runs, update=["finished_at", "ok", "summary", "error"], kept=["last_success"])
+        with write(self.engine) as conn:
+            conn.execute(statement, {"account": account, "area": area, "finished_at": now, "ok": int(ok),
+                                     "summary": json.dumps(summary), "error": error,
+                                     "last_success": now if ok else None})
 
     def runs(self) -> list[dict]:
         return [dict(row, summary=json.loads(row["summary"] or "{}"))
-                for row in self.db.query("SELECT * FROM runs ORDER BY account, area")]
+                for row in self._dicts(sa.select(runs).order_by(runs.c.account, runs.c.area))]
 
     def close(self) -> None:
-        self.conn.close()
+        self.engine.dispose()
