@@ -1,4 +1,7 @@
-"""Shared fixtures: one real Dovecot per test session, a fresh mail user and gwsync setup per test."""
+"""Shared fixtures: one real Dovecot per test session, a fresh mail user and gwsync setup per test.
+
+GWSYNC_TEST_DATABASE=postgresql puts every test setup's stores into a fresh database of the
+session's PostgreSQL ([database] url) instead of SQLite files."""
 
 from __future__ import annotations
 
@@ -339,6 +342,10 @@ def build_env(dovecot, root: Path, request, mandatory: tuple[str, ...] = (), crm
         dir=workdir, port=dovecot.port, user=user, env=env_name, link=f'link = "{link}"\n' if link else "",
         mandatory=json.dumps(list(mandatory)), crm_extra=crm_extra, areas=json.dumps(list(areas)),
         caldav=caldav), extra))
+    if os.environ.get("GWSYNC_TEST_DATABASE") == "postgresql":  # the suite on the shared store
+        server = request.getfixturevalue("postgres")
+        # First, so that tests copying an account's tables to another config copy no [database].
+        config_path.write_text(f'[database]\nurl = "{server.url(server.new_database())}"\n\n' + config_path.read_text())
     env = GwEnv(dovecot=dovecot, user=user, password=password, dir=workdir, config_path=config_path,
                 radicale=calserver if isinstance(calserver, RadicaleServer) else None, calserver=calserver,
                 collections=names)

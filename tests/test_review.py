@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlalchemy
+
 from conftest import make_mail
 from gwsync.crm import ActivityFilter
 
@@ -84,8 +86,8 @@ def test_the_quick_searches_return_exactly_the_right_activities(env):
             key="mail:old", kind="MAILEIN", status="E", subject="Gestern", sender="x@y.example", unassigned=True,
             source="alice:INBOX/CRM Erledigt [E]")])
         with engine.crm.engine.connect() as conn:  # the store's SQLAlchemy engine, in autocommit
-            conn.exec_driver_sql("UPDATE activities SET imported_at = '2020-01-01T00:00:00+00:00' WHERE id = ?",
-                                 (old_id,))
+            conn.execute(sqlalchemy.text("UPDATE activities SET imported_at = '2020-01-01T00:00:00+00:00' "
+                                         "WHERE id = :id"), {"id": old_id})
     env.append(DONE, make_mail(1, sender="erika@acme.example"), make_mail(2, sender="fremd@nowhere.example"))
     env.cli("sync")
 
