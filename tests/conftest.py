@@ -178,6 +178,11 @@ class GwEnv:
     radicale: RadicaleServer | None = None  # the CalDAV server, when it is the suite's Radicale
     calserver: object = None  # the CalDAV server (any of servers.dav's)
     collections: tuple[str, str] = ("calendar", "tasks")  # the events and tasks collections' names
+    database_url: str | None = None  # [database] url under GWSYNC_TEST_DATABASE=postgresql; None: SQLite files
+
+    def crm_exists(self) -> bool:
+        """The CRM store has been made (its SQLite file; a PostgreSQL database always exists)."""
+        return self.database_url is not None or (self.dir / "crm.db").exists()
 
     # -- CalDAV, as another client would use it ----------------------------------------------
 
@@ -342,11 +347,14 @@ def build_env(dovecot, root: Path, request, mandatory: tuple[str, ...] = (), crm
         dir=workdir, port=dovecot.port, user=user, env=env_name, link=f'link = "{link}"\n' if link else "",
         mandatory=json.dumps(list(mandatory)), crm_extra=crm_extra, areas=json.dumps(list(areas)),
         caldav=caldav), extra))
+    database_url = None
     if os.environ.get("GWSYNC_TEST_DATABASE") == "postgresql":  # the suite on the shared store
         server = request.getfixturevalue("postgres")
+        database_url = server.url(server.new_database())
         # First, so that tests copying an account's tables to another config copy no [database].
-        config_path.write_text(f'[database]\nurl = "{server.url(server.new_database())}"\n\n' + config_path.read_text())
+        config_path.write_text(f'[database]\nurl = "{database_url}"\n\n' + config_path.read_text())
     env = GwEnv(dovecot=dovecot, user=user, password=password, dir=workdir, config_path=config_path,
+                database_url=database_url,
                 radicale=calserver if isinstance(calserver, RadicaleServer) else None, calserver=calserver,
                 collections=names)
     if calserver is not None:

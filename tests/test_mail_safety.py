@@ -30,6 +30,13 @@ def _activity_count(env) -> int:
     """Activities committed so far, read beside the running sync (the CRM database is in WAL mode)."""
     import sqlite3
 
+    if env.database_url is not None:
+        import psycopg
+
+        with psycopg.connect(env.database_url) as conn:
+            if conn.execute("SELECT to_regclass('activities')").fetchone()[0] is None:
+                return 0  # not made yet
+            return int(conn.execute("SELECT count(*) FROM activities").fetchone()[0])
     path = env.dir / "crm.db"
     if not path.exists():
         return 0
@@ -230,7 +237,7 @@ def _wait_for_first_activities(env, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.05)
-        if (env.dir / "crm.db").exists():
+        if env.crm_exists():
             with env.engine() as engine:
                 if engine.crm.get_activity(1) is not None:
                     return

@@ -99,7 +99,7 @@ def test_sigterm_during_an_import_leaves_no_duplicate_and_no_lost_mail(env, watc
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # stop it once the first batch is in
         time.sleep(0.05)
-        if (env.dir / "crm.db").exists():
+        if env.crm_exists():
             with env.engine() as engine:
                 if engine.crm.get_activity(1) is not None:
                     break
