@@ -9,7 +9,13 @@ holder; on leaving the block (however it is left) release it.
 
 FileAccountLocks is an exclusive flock on one file per account next to the state database: the
 kernel drops it when the process ends, SIGKILL included, so a dead run never blocks the next.
-Another store (e.g. PostgreSQL advisory locks) implements the three methods of AccountLocks.
+
+PgAccountLocks, used when [database] url is set, is a PostgreSQL session advisory lock per
+account, each on a connection of its own: `gwsync sync` on one host and a worker on another
+never run one account at once, and the server drops the lock when the holder's session ends
+(the process died, or the network parted and the server closed the session). `check` asks the
+lock's session whether it still holds the lock: a run that lost its session stops before its
+next CRM commit, so it moves no mail (the commit-then-move order does the rest).
 """
 
 from __future__ import annotations
@@ -52,12 +58,16 @@ class AccountLocks(abc.ABC):
     @abc.abstractmethod
     def release(self, handle: Any) -> None: ...
 
+    def check(self, handle: Any) -> bool:
+        """Whether the lock behind `handle` is still held (a file lock always is)."""
+        return True
+
     @abc.abstractmethod
     def holder(self, account: str) -> str | None:
         """Who holds the lock, e.g. "gwsync sync (pid 4242)", if that can be told."""
 
     @contextmanager
-    def hold(self, account: str, holder: str, wait: float | None = None) -> Iterator[None]:
+    def hold(self, account: str, holder: str, wait: float | None = None) -> Iterator[Any]:
         """Hold the account's lock for the block, waiting at most `wait` seconds (default: the
         configured wait) for another holder to finish."""
         wait = self.wait if wait is None else wait
@@ -75,7 +85,7 @@ class AccountLocks(abc.ABC):
             time.sleep(min(POLL, left))
             handle = self.try_acquire(account, holder)
         try:
-            yield
+            yield handle  # for `check`
         finally:
             self.release(handle)
 
@@ -127,3 +137,81 @@ class FileAccountLocks(AccountLocks):
         if len(text) < 2 or not text[0].isdigit():
             return None  # the holder has not written its name yet
         return f"gwsync {' '.join(text[1:])} (pid {text[0]})"
+
+
+def advisory_key(account: str) -> int:
+    """The account's 64-bit advisory lock key (signed, as PostgreSQL's bigint), in a range of
+    its own: the first bytes of a digest of "gwsync account NAME"."""
+    digest = hashlib.sha256(f"gwsync account {account}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class PgAccountLocks(AccountLocks):
+    """A session advisory lock per account on the [database] url, on a connection of its own
+    (the handle) whose application_name tells other runs who holds it."""
+
+    def __init__(self, url: str, password: Any = None, wait: float = DEFAULT_WAIT):
+        super().__init__(wait)
+        self.url = url
+        self.password = password  # called at each connection; None: the URL, PGPASSWORD, ~/.pgpass
+
+    def _connect(self, name: str):
+        import psycopg
+
+        from .storage.database import unreachable, shown
+
+        secret = self.password() if self.password else None
+        kwargs: dict[str, Any] = {"autocommit": True, "application_name": name[:63]}
+        if secret is not None:
+            kwargs["password"] = secret
+        try:
+            return psycopg.connect(self.url, **kwargs)
+        except psycopg.OperationalError as exc:
+            raise unreachable("account locks database", shown(self.url), exc) from exc
+
+    def try_acquire(self, account: str, holder: str) -> Any | None:
+        conn = self._connect(f"gwsync {holder} (pid {os.getpid()} on {os.uname().nodename})")
+        try:
+            got = conn.execute("SELECT pg_try_advisory_lock(%s)", (advisory_key(account),)).fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        if not got or not got[0]:
+            conn.close()
+            return None
+        return (conn, advisory_key(account))
+
+    def release(self, handle: Any) -> None:
+        conn, key = handle
+        try:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        except Exception:
+            pass  # a lost session has dropped the lock already
+        finally:
+            conn.close()
+
+    def check(self, handle: Any) -> bool:
+        conn, key = handle
+        try:
+            row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                               "AND pid = pg_backend_pid() AND ((classid::bigint << 32) | objid::bigint) = %s",
+                               (key,)).fetchone()
+        except Exception:
+            return False
+        return bool(row and row[0])
+
+    def holder(self, account: str) -> str | None:
+        key = advisory_key(account)
+        try:
+            conn = self._connect("gwsync lock check")
+        except Exception:
+            return None
+        try:
+            row = conn.execute("SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                               "WHERE l.locktype = 'advisory' AND l.granted "
+                               "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s", (key,)).fetchone()
+        except Exception:
+            return None
+        finally:
+            conn.close()
+        return row[0] if row and row[0] else None

@@ -485,6 +485,19 @@ class DatabaseConfig(_Password):
 
 
 @dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    """[worker]: `gwsync worker` (needs [database] url). Seconds unless said otherwise."""
+
+    concurrency: Annotated[int, Meta(ge=1, le=256)] = 4  # sync jobs at once per worker (--concurrency)
+    tick: Annotated[int, Meta(ge=1, le=59)] = 5  # how often due accounts are deferred
+    max_backoff: Annotated[int, Meta(ge=1, le=86400)] = 720  # an idle account's longest interval
+    shard_size: Annotated[int, Meta(ge=1, le=100000)] = 500  # accounts per watcher job
+    watch_for: Annotated[int, Meta(ge=10, le=86400)] = 1500  # a watcher job's length, then it is deferred again
+    watchers: Annotated[int, Meta(ge=0, le=256)] = 2  # watcher jobs at once per worker
+    stalled_after: Annotated[int, Meta(ge=2, le=3600)] = 30  # a worker silent this long is dead: its jobs run again
+
+
+@dataclass(frozen=True, kw_only=True)
 class SyncConfig:
     conflict: Conflict = "newest"  # which side wins a field changed on both
     max_delete_share: Share = 0.5  # the mass-deletion guard
@@ -544,6 +557,7 @@ class Config:
     crm: CrmConfig = field(default_factory=CrmConfig)
     state: StateConfig = field(default_factory=StateConfig)
     database: DatabaseConfig | None = None  # None: the embedded SQLite files
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     accounts: dict[str, AccountConfig] = field(default_factory=dict)
     sync: SyncConfig = field(default_factory=SyncConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

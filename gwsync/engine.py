@@ -22,12 +22,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from imapclient.exceptions import IMAPClientAbortError
 
-from .accountlock import AccountBusy, AccountLocks, FileAccountLocks
+from .accountlock import AccountBusy, AccountLocks, FileAccountLocks, PgAccountLocks
 from .calendar import dav
 from .calendar.dav import Collection
 from .config import AREAS, AccountConfig, CaldavConfig, Config, ConfigError, ImapConfig, Secret
@@ -224,6 +224,15 @@ def store_database(config: Config, path: Path) -> tuple[Path | str, Callable[[],
     return config.database.url, (secret.resolve if secret is not None else None)
 
 
+def account_locks(config: Config) -> AccountLocks:
+    """PostgreSQL advisory locks with [database] url (every host sees them), else lock files."""
+    if config.database is None:
+        return FileAccountLocks(config.state_database, config.state.lock_wait)
+    secret = config.database.secret
+    return PgAccountLocks(config.database.url, secret.resolve if secret is not None else None,
+                          config.state.lock_wait)
+
+
 class Engine:
     def __init__(self, config: Config, crm: CRMBackend | None = None, locks: AccountLocks | None = None):
         from .crm.embedded import EmbeddedCRM  # not needed by a host CRM
@@ -241,7 +250,7 @@ class Engine:
                 self.crm.close()
             raise
         # One run per account at a time (sync, watch rounds, review, push, unpush), across processes.
-        self.run_locks = locks or FileAccountLocks(config.state_database, config.state.lock_wait)
+        self.run_locks = locks or account_locks(config)
         self._should_stop: Callable[[], bool] = lambda: False
         self._selection = Selection()
         self._dav_clients: dict[tuple, DAVClient] = {}  # the CalDAV client of the account syncing now
@@ -371,7 +380,8 @@ class Engine:
         that stays busy beyond `lock_wait` (default: [state] lock_wait) gets one error line and
         `busy`, and the others still sync. A dry run changes nothing and takes no lock.
         `selection` (from a review) narrows what the run imports; see Selection."""
-        self._should_stop = should_stop or (lambda: False)
+        asked = should_stop or (lambda: False)
+        self._should_stop = asked
         self._selection = selection or Selection()
         report = SyncReport()
         selected = self.select_accounts(accounts)
@@ -382,7 +392,8 @@ class Engine:
                     areas = [a for a in (only or account.areas) if a in AREAS]
                     acc_report = report.accounts.setdefault(account.name, AccountReport())
                     try:
-                        with nullcontext() if dry_run else self.run_locks.hold(account.name, holder, lock_wait):
+                        with nullcontext() if dry_run else self.run_locks.hold(account.name, holder, lock_wait) as held:
+                            self._should_stop = self._fenced(asked, held, account.name, acc_report)
                             if not dry_run:
                                 self._record_review(account)
                             self._sync_areas(account, areas, acc_report, dry_run, force, progress)
@@ -394,6 +405,26 @@ class Engine:
             finally:
                 self._selection = Selection()
             return report
+
+    def _fenced(self, asked: Callable[[], bool], held: Any, name: str, acc_report: AccountReport
+                ) -> Callable[[], bool]:
+        """`asked`, or the account's lock lost (its database session ended): asked between
+        batches, before each CRM commit, so a run that lost the lock moves no more mail."""
+        if held is None:
+            return asked
+
+        def should_stop() -> bool:
+            if asked():
+                return True
+            if self.run_locks.check(held):
+                return False
+            if not acc_report.stopped:
+                acc_report.errors.append(f"account {name}: the account's lock in the database was lost (its "
+                                         "session ended); stopped before the next commit, the next run goes on")
+                acc_report.stopped = acc_report.errors[-1]
+            return True
+
+        return should_stop
 
     def _record_review(self, account: AccountConfig) -> None:
         """The calendar items the review left out or took in (its mails: by the import, which

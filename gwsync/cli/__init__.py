@@ -92,6 +92,20 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int, quiet: bool
     ctx.obj = Context(config_path, verbosity)
 
 
+# -- worker ----------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--concurrency", type=click.IntRange(1, 256), default=None,
+              help="Sync jobs at once in this worker (default: [worker] concurrency, 4).")
+@click.pass_obj
+def worker(obj: Context, concurrency: int | None) -> None:
+    """Run sync and watcher jobs from the [database] PostgreSQL until SIGTERM (any number of
+    workers, on any hosts; see Company deployment in the README)."""
+    from ..worker import run_worker
+
+    run_worker(obj.config, concurrency)
+
+
 # -- sync ------------------------------------------------------------------------------------
 
 @main.command()
