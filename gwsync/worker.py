@@ -97,9 +97,9 @@ class Schedule:
         if not wanted:
             return []
         with write(self.engine) as conn:
-            conn.execute(insert(SCHEDULE).on_conflict_do_nothing(), [
+            conn.execute(insert(SCHEDULE).values([
                 {"account": a, "area": area, "next_due": sa.func.now(), "backoff": interval}
-                for (a, area), interval in wanted.items()])
+                for (a, area), interval in wanted.items()]).on_conflict_do_nothing())
             rows = conn.execute(
                 SCHEDULE.update()
                 .where(SCHEDULE.c.next_due <= sa.func.now())
@@ -132,8 +132,8 @@ class Schedule:
         if changed:
             values["last_changed"] = sa.func.now()
         with write(self.engine) as conn:
-            conn.execute(insert(SCHEDULE).on_conflict_do_nothing(),
-                         {"account": account, "area": area, "next_due": sa.func.now(), "backoff": interval})
+            conn.execute(insert(SCHEDULE).values(account=account, area=area, next_due=sa.func.now(),
+                                                 backoff=interval).on_conflict_do_nothing())
             conn.execute(SCHEDULE.update().where(SCHEDULE.c.account == account, SCHEDULE.c.area == area)
                          .values(**values))
 
@@ -269,6 +269,8 @@ class Runtime:
                 log.warning("job %s %s of a worker that stopped answering: queued again", job.id, job.call_string)
             except exceptions.UniqueViolation:
                 await manager.finish_job_by_id_async(job.id, Status.FAILED, delete_job=False)
+                log.warning("job %s %s of a worker that stopped answering: ended, the same job waits already",
+                            job.id, job.call_string)
         await manager.prune_stalled_workers(stalled)
 
     async def tick(self) -> None:
@@ -364,7 +366,8 @@ def apply_schema(runtime: Runtime) -> bool:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PROCRASTINATE_LOCK})
         if conn.execute(sa.text("SELECT to_regclass('procrastinate_jobs')")).scalar() is not None:
             return False
-        conn.exec_driver_sql(schema.SchemaManager.get_schema())
+        # By the driver itself, without parameters: the schema's text has % signs in it.
+        conn.connection.dbapi_connection.execute(schema.SchemaManager.get_schema())  # type: ignore[union-attr]
     log.info("applied Procrastinate's schema to %s", label)
     return True
 

@@ -1,0 +1,279 @@
+"""`gwsync worker` on a real PostgreSQL and Dovecot: worker processes started as a user would,
+mail appended over IMAP, the CRM and the mailboxes read afterwards.
+
+Procrastinate's stalled-worker timeout is shortened through the config ([worker] stalled_after),
+so a killed worker's jobs come back within seconds instead of 30."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from imapclient import IMAPClient
+
+from conftest import make_mail
+from gwsync.accountlock import PgAccountLocks, advisory_key
+from gwsync.config import load_config
+from gwsync.crm import ActivityFilter
+from gwsync.engine import Engine
+
+IMPORT = "INBOX/CRM Kunde [O]"
+ARCHIVE = "INBOX/CRM Archiv"
+_users = itertools.count(1)
+_mails = itertools.count(1)
+
+
+class Company:
+    """Accounts on the suite's Dovecot, one config on a fresh PostgreSQL database, workers."""
+
+    def __init__(self, dovecot, pg_url: str, root: Path, accounts: int, interval: int = 3600,
+                 worker: str = "", lock_wait: float = 60):
+        self.dovecot = dovecot
+        self.url = pg_url
+        self.root = root
+        self.users = [f"w{os.getpid()}x{next(_users)}" for _ in range(accounts)]
+        self.workers: list[subprocess.Popen] = []
+        text = (f'[database]\nurl = "{pg_url}"\n\n[crm]\ndatabase = "{root}/crm.db"\n\n'
+                f'[state]\ndatabase = "{root}/state.db"\nlock_wait = {lock_wait}\n\n'
+                f"[worker]\ntick = 1\nstalled_after = 3\nmax_backoff = 2\n{worker}\n")
+        for user in self.users:
+            env_name = f"GWSYNC_TEST_PW_{user.upper()}"
+            os.environ[env_name] = dovecot.password_for(user)
+            text += (f'[accounts.{user}]\ninterval = {interval}\n\n[accounts.{user}.imap]\nhost = "127.0.0.1"\n'
+                     f'port = {dovecot.port}\nsecurity = "none"\nusername = "{user}"\npassword_env = "{env_name}"\n'
+                     f'import_root = "INBOX"\narchive_folder = "{ARCHIVE}"\n\n')
+        self.config_path = root / "config.toml"
+        self.config_path.write_text(text)
+        for user in self.users:
+            with self.imap(user) as client:
+                client.create_folder(IMPORT)
+
+    def imap(self, user: str) -> IMAPClient:
+        client = IMAPClient("127.0.0.1", port=self.dovecot.port, ssl=False)
+        client.login(user, self.dovecot.password_for(user))
+        return client
+
+    def append(self, user: str, count: int = 1) -> list[str]:
+        """`count` new mails into the import folder; their Message-IDs."""
+        numbers = [next(_mails) + 100000 for _ in range(count)]
+        with self.imap(user) as client:
+            if count > 1:
+                client.multiappend(IMPORT, [make_mail(n) for n in numbers])
+            else:
+                client.append(IMPORT, make_mail(numbers[0]))
+        return [f"<m{n}@example.org>" for n in numbers]
+
+    def archived(self, user: str) -> list[bytes]:
+        """The Message-ID headers of the mail in the archive folder."""
+        with self.imap(user) as client:
+            if not client.folder_exists(ARCHIVE):
+                return []
+            client.select_folder(ARCHIVE, readonly=True)
+            uids = client.search(["ALL"])
+            if not uids:
+                return []
+            data = client.fetch(uids, ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"])
+            return [d[b"BODY[HEADER.FIELDS (MESSAGE-ID)]"].strip() for d in data.values()]
+
+    def activities(self) -> list:
+        with Engine(load_config(self.config_path)) as engine:
+            return engine.activities(ActivityFilter())
+
+    def start_worker(self, *args: str) -> subprocess.Popen:
+        n = len(self.workers)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gwsync.cli", "-v", "--config", str(self.config_path), "worker", *args],
+            stdout=open(self.root / f"worker{n}.out", "wb"), stderr=open(self.root / f"worker{n}.err", "wb"),
+            start_new_session=True)
+        self.workers.append(proc)
+        return proc
+
+    def log(self, n: int) -> str:
+        return (self.root / f"worker{n}.err").read_text(errors="replace")
+
+    def query(self, sql: str, *params) -> list[tuple]:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]  # the tests' own text
+
+    def wait_for(self, what, timeout: float, message: str):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = what()
+            if value:
+                return value
+            for n, proc in enumerate(self.workers):
+                if proc.poll() is not None and proc.returncode not in (-9,):
+                    raise AssertionError(f"worker {n} exited with {proc.returncode}: {self.log(n)[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{message} within {timeout} s; worker logs:\n"
+                                     + "\n".join(self.log(n)[-2000:] for n in range(len(self.workers))))
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def sync_runs(self) -> list[tuple[str, object, object]]:
+        """(account, started, ended) of every finished run of a sync job, from Procrastinate's events."""
+        return self.query(
+            "SELECT j.args->>'account', s.at, e.at FROM procrastinate_jobs j "
+            "JOIN procrastinate_events s ON s.job_id = j.id AND s.type = 'started' "
+            "JOIN LATERAL (SELECT min(at) AS at FROM procrastinate_events x WHERE x.job_id = j.id AND x.at >= s.at "
+            "  AND x.type IN ('succeeded', 'failed', 'cancelled', 'aborted', 'deferred_for_retry')) e ON true "
+            "WHERE j.task_name = 'gwsync.sync' AND e.at IS NOT NULL ORDER BY 1, 2")
+
+
+@pytest.fixture
+def company(dovecot, pg_url, tmp_path):
+    made: list[Company] = []
+
+    def factory(accounts: int, **kw) -> Company:
+        made.append(Company(dovecot, pg_url, tmp_path, accounts, **kw))
+        return made[-1]
+
+    yield factory
+    for c in made:
+        c.stop()
+
+
+def _no_overlap(runs) -> None:
+    last: dict[str, object] = {}
+    for account, started, ended in runs:
+        if account in last:
+            assert started >= last[account], f"two runs of {account} overlapped"
+        last[account] = ended
+
+
+def _all_in(c: Company, expected: dict[str, list[str]]) -> bool:
+    return all(sorted(m.decode().split(":", 1)[1].strip() for m in c.archived(u)) == sorted(ids)
+               for u, ids in expected.items())
+
+
+def _check_once(c: Company, expected: dict[str, list[str]]) -> None:
+    """Every mail archived once, and exactly one activity per mail."""
+    for user, ids in expected.items():
+        archived = sorted(m.decode().split(":", 1)[1].strip() for m in c.archived(user))
+        assert archived == sorted(ids), user
+        with c.imap(user) as client:
+            client.select_folder(IMPORT, readonly=True)
+            assert client.search(["ALL"]) == [], f"{user}: mail left in the import folder"
+    activities = [a.message_id for a in c.activities()]
+    assert sorted(activities) == sorted(i for ids in expected.values() for i in ids)
+
+
+# -- the account lock on PostgreSQL ---------------------------------------------------------------------
+
+def test_sync_on_another_host_waits_for_the_accounts_advisory_lock(company):
+    """A worker (here: the lock it holds) on one host and `gwsync sync` on another never run one
+    account at once: with [database] url the account lock is PostgreSQL's, not a local file."""
+    c = company(1, lock_wait=0)
+    c.append(c.users[0])
+    locks = PgAccountLocks(c.url, wait=0)
+    with locks.hold(c.users[0], "worker") as held:
+        assert locks.check(held)
+        assert "gwsync worker" in (locks.holder(c.users[0]) or "")
+        done = subprocess.run([sys.executable, "-m", "gwsync.cli", "--config", str(c.config_path), "sync"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done.stderr
+        assert f"account {c.users[0]} is busy: gwsync worker" in done.stderr
+        assert c.archived(c.users[0]) == []
+    done = subprocess.run([sys.executable, "-m", "gwsync.cli", "--config", str(c.config_path), "sync"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert len(c.archived(c.users[0])) == 1
+
+
+def test_a_lost_lock_session_is_seen_by_check(pg_url):
+    """The fence: once the lock's session is gone (the server ended it), `check` says so."""
+    locks = PgAccountLocks(pg_url, wait=0)
+    with locks.hold("acme", "worker") as held:
+        assert locks.check(held)
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            pid = held[0].info.backend_pid
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        assert not locks.check(held)
+        again = locks.try_acquire("acme", "other")  # the server dropped the lock with the session
+        assert again is not None
+        locks.release(again)
+    assert advisory_key("acme") != advisory_key("acme2")
+
+
+# -- workers ---------------------------------------------------------------------------------------------
+
+def test_worker_imports_mail_of_five_accounts_after_append(company):
+    """Watcher job -> sync job: mail appended to five accounts is in the CRM within seconds,
+    long before the accounts' interval (an hour) would have brought it."""
+    c = company(5)
+    worker = c.start_worker("--concurrency", "3")
+    # The first round: every account synced once at start, and the watcher is running.
+    c.wait_for(lambda: c.query("SELECT count(*) FROM gwsync_schedule WHERE runs >= 1")[0][0] == 5, 30,
+               "the first sync of every account did not finish")
+    c.wait_for(lambda: c.query("SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'gwsync.watch' "
+                               "AND status = 'doing'")[0][0] == 1, 20, "no watcher job ran")
+    time.sleep(1.5)  # the watcher's connections log in and enter IDLE
+    expected = {user: c.append(user) for user in c.users}
+    started = time.monotonic()
+    c.wait_for(lambda: len(c.activities()) == 5, 15, "the mail of five accounts was not imported")
+    took = time.monotonic() - started
+    assert took < 8, took
+    _check_once(c, expected)
+    assert worker.poll() is None
+
+
+def test_two_workers_never_run_one_account_at_once_and_import_each_mail_once(company):
+    c = company(6, interval=1)
+    expected = {user: c.append(user, 15) for user in c.users}
+    c.start_worker("--concurrency", "3")
+    c.start_worker("--concurrency", "3")
+    c.wait_for(lambda: _all_in(c, expected), 60, "not all mail was archived")
+    # More rounds: every account is due again after a second or two (interval 1, max_backoff 2).
+    more = {user: c.append(user, 3) for user in c.users[:3]}
+    for user, ids in more.items():
+        expected[user] += ids
+    c.wait_for(lambda: _all_in(c, expected), 60, "the later mail was not archived")
+    c.wait_for(lambda: len(c.sync_runs()) >= 30, 30, "too few sync runs to judge")
+    _check_once(c, expected)
+    runs = c.sync_runs()
+    _no_overlap(runs)
+    workers = c.query("SELECT count(DISTINCT worker_id) FROM procrastinate_jobs WHERE task_name = 'gwsync.sync'")
+    assert workers[0][0] == 2, "both workers ran sync jobs"
+
+
+def test_sigterm_stops_a_worker_cleanly(company):
+    c = company(2)
+    worker = c.start_worker()
+    c.wait_for(lambda: c.query("SELECT count(*) FROM gwsync_schedule WHERE runs >= 1")[0][0] == 2, 30,
+               "the first syncs did not finish")
+    c.wait_for(lambda: c.query("SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'gwsync.watch' "
+                               "AND status = 'doing'")[0][0] == 1, 20, "no watcher job ran")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=20) == 0, c.log(0)
+    assert "Traceback" not in c.log(0)
+    assert c.query("SELECT count(*) FROM procrastinate_workers")[0][0] == 0, "the worker did not unregister"
+    assert c.query("SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing'")[0][0] == 0
+
+
+@pytest.mark.slow
+def test_a_killed_workers_jobs_run_again_on_the_other_and_nothing_is_doubled(company):
+    c = company(4, interval=1)
+    expected = {user: c.append(user, 60) for user in c.users}
+    first = c.start_worker("--concurrency", "4")
+    c.wait_for(lambda: c.query("SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'gwsync.sync' "
+                               "AND status = 'doing'")[0][0] >= 1, 30, "no sync job started")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    held = c.query("SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing'")[0][0]
+    assert held >= 1
+    c.start_worker("--concurrency", "2")
+    c.wait_for(lambda: _all_in(c, expected), 60, "the killed worker's mail was not all archived")
+    _check_once(c, expected)
+    assert "of a worker that stopped answering" in c.log(1)
