@@ -38,7 +38,7 @@ import sqlite_utils
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ..errors import file_fault
-from ..storage.database import pg_upgrade, postgres_engine, read, shown, sqlite_engine, write
+from ..storage.database import Readers, pg_upgrade, postgres_engine, shown, sqlite_engine, write
 from ..storage.migrations import Migration, add_column, latest, upgrade
 from ..storage.sqlite import ensure_private_dir
 from . import (
@@ -403,6 +403,7 @@ class EmbeddedCRM(CRMBackend):
         else:
             self.engine = sqlite_engine(database, "CRM database", {"unicode_lower": _lower})
             self._postgres = False
+        self._read = Readers(self.engine)
         try:
             self._upgrade(database)
         except BaseException:
@@ -430,15 +431,15 @@ class EmbeddedCRM(CRMBackend):
         return self._store_id
 
     def _rows(self, statement, **parameters) -> list:
-        with read(self.engine) as conn:
+        with self._read() as conn:
             return list(conn.execute(statement, parameters))
 
     def _maps(self, statement) -> list:
-        with read(self.engine) as conn:
+        with self._read() as conn:
             return list(conn.execute(statement).mappings())
 
     def _scalar(self, statement):
-        with read(self.engine) as conn:
+        with self._read() as conn:
             return conn.execute(statement).scalar()
 
     # -- lookups -----------------------------------------------------------------------------
@@ -498,19 +499,19 @@ class EmbeddedCRM(CRMBackend):
             cursor.close()
 
     def find_contact_by_email(self, address: str) -> Contact | None:
-        with read(self.engine) as conn:
+        with self._read() as conn:
             rows = self._fetch(conn, self._by_email, address=address.strip().lower())
             return self._contact(conn, rows[0]) if rows else None
 
     def find_partner_by_domain(self, domain: str) -> Partner | None:
-        with read(self.engine) as conn:
+        with self._read() as conn:
             rows = self._fetch(conn, self._by_domain, domain=domain.strip().lower())
         if len(rows) != 1:  # none, or ambiguous: better unassigned than wrongly assigned
             return None
         return self.get_partner(rows[0][0])
 
     def get_partner(self, partner_id: int) -> Partner | None:
-        with read(self.engine) as conn:
+        with self._read() as conn:
             rows = self._fetch(conn, self._partner_row, id=partner_id)
             if not rows:
                 return None
@@ -518,7 +519,7 @@ class EmbeddedCRM(CRMBackend):
         return Partner(id=rows[0][0], name=rows[0][1], emails=emails)
 
     def get_contact(self, contact_id: int) -> Contact | None:
-        with read(self.engine) as conn:
+        with self._read() as conn:
             rows = self._fetch(conn, self._contact_row, id=contact_id)
             return self._contact(conn, rows[0]) if rows else None
 
@@ -547,7 +548,7 @@ class EmbeddedCRM(CRMBackend):
         return Contact(id=row[0], name=row[1], partner_id=row[2], emails=emails)
 
     def existing_keys(self, keys: Iterable[str]) -> dict[str, int]:
-        with read(self.engine) as conn:
+        with self._read() as conn:
             return self._existing(conn, list(keys))
 
     def _among(self, column):
@@ -785,7 +786,7 @@ class EmbeddedCRM(CRMBackend):
             request=request, project=project, attendees=attendees_from(_listed(attendees)), private=bool(private))
 
     def _activities(self, statement, parameters: dict | None = None) -> list[Activity]:
-        with read(self.engine) as conn:
+        with self._read() as conn:
             # The driver's rows as they come: no column here needs a conversion by SQLAlchemy
             # (see _JsonText), and its Row objects would take longer than the rest together.
             rows = conn.execute(statement, parameters).cursor.fetchall()
@@ -853,4 +854,5 @@ class EmbeddedCRM(CRMBackend):
         return self.documents.path_for(sha256)
 
     def close(self) -> None:
+        self._read.close()
         self.engine.dispose()

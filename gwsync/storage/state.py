@@ -32,7 +32,7 @@ import sqlalchemy as sa
 import sqlite_utils
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from .database import pg_upgrade, postgres_engine, read, shown, sqlite_engine, write
+from .database import Readers, pg_upgrade, postgres_engine, shown, sqlite_engine, write
 from .migrations import Migration, add_column, latest, upgrade
 
 IMPORTED, HELD, FAILED, QUARANTINED = "imported", "held", "failed", "quarantined"
@@ -235,6 +235,7 @@ class StateStore:
             self.engine = postgres_engine(database, "state database", password)
         else:
             self.engine = sqlite_engine(database, "state database")
+        self._read = Readers(self.engine)
         try:
             if isinstance(database, str):
                 pg_upgrade(self.engine, "state", SCHEMA_VERSION, "state database", shown(database),
@@ -265,11 +266,11 @@ class StateStore:
         return statement.on_conflict_do_update(index_elements=key, set_=changes)
 
     def _dicts(self, statement) -> list[dict]:
-        with read(self.engine) as conn:
+        with self._read() as conn:
             return [dict(row) for row in conn.execute(statement).mappings()]
 
     def _first(self, statement):
-        with read(self.engine) as conn:
+        with self._read() as conn:
             return conn.execute(statement).first()
 
     # -- credential locks --------------------------------------------------------------------
@@ -369,7 +370,7 @@ class StateStore:
     def membership_details(self, account: str, area: str) -> dict[int, tuple[bool, str | None]]:
         """activity id -> (included, the identity of the activity it was set for, if recorded)."""
         m = membership.c
-        with read(self.engine) as conn:
+        with self._read() as conn:
             return {r[0]: (bool(r[1]), r[2]) for r in conn.execute(
                 sa.select(m.activity_id, m.included, m.identity).where(m.account == account, m.area == area))}
 
@@ -538,4 +539,5 @@ class StateStore:
                 for row in self._dicts(sa.select(runs).order_by(runs.c.account, runs.c.area))]
 
     def close(self) -> None:
+        self._read.close()
         self.engine.dispose()
