@@ -131,6 +131,7 @@ service stats {{
 protocol imap {{
   mail_max_userip_connections = {max_userip_connections}
 }}
+{extra}
 """
 
 
@@ -183,18 +184,21 @@ class Dovecot(_LocalServer):
     ca_file: Path | None = None  # the throw-away CA that signed the server's certificate
     sieve_port: int = 0  # ManageSieve, when started with sieve=True
     max_userip_connections: int = 100  # Dovecot's own default is 10
+    extra: str = ""  # more config, appended (e.g. the limits of a benchmark with 1,000 sessions)
 
     @classmethod
-    def start(cls, tls: bool = False, sieve: bool = False, max_userip_connections: int = 100) -> Dovecot:
+    def start(cls, tls: bool = False, sieve: bool = False, max_userip_connections: int = 100,
+              extra: str = "") -> Dovecot:
         """With tls=True, the server gets a certificate for 127.0.0.1 and localhost, signed by a
         throw-away CA (`ca_file`), and listens for implicit TLS on `tls_port`. Past
-        `max_userip_connections` sessions of one user, a login gets `NO [LIMIT]`."""
+        `max_userip_connections` sessions of one user, a login gets `NO [LIMIT]`. `extra` is
+        appended to the config."""
         directory = Path(tempfile.mkdtemp(prefix="gwsync-dovecot-", dir="/tmp"))
         os.chmod(directory, 0o755)
         for sub in ("run", "state", "mail", "home"):
             (directory / sub).mkdir()
         server = cls(directory=directory, sieve_port=free_port() if sieve else 0,
-                     max_userip_connections=max_userip_connections)
+                     max_userip_connections=max_userip_connections, extra=extra)
         if tls:
             server.ca_file = _make_certificates(directory)
         server._launch()
@@ -236,7 +240,8 @@ class Dovecot(_LocalServer):
         conf.write_text(DOVECOT_CONF.format(dir=self.directory, port=self.port, user=user, ssl=ssl,
                                             tls_port=self.tls_port, group=_group_name(entry.pw_gid), sieve=sieve,
                                             protocols="imap sieve" if self.sieve_port else "imap",
-                                            max_userip_connections=self.max_userip_connections))
+                                            max_userip_connections=self.max_userip_connections,
+                                            extra=self.extra))
         if os.geteuid() == 0:
             for path in [self.directory, *self.directory.rglob("*")]:
                 os.chown(path, entry.pw_uid, entry.pw_gid)
