@@ -153,13 +153,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def dovecot_processes(server: Dovecot) -> tuple[int, int, float]:
-    """(imap processes, hibernated sessions' processes, RSS of all Dovecot processes in MB)."""
-    out = subprocess.run(["ps", "-o", "rss=,args=", "-g", str(server.proc.pid)], capture_output=True, text=True).stdout
+def dovecot_processes(server: Dovecot) -> tuple[int, float]:
+    """(imap processes, PSS of all Dovecot processes in MB: shared pages counted once)."""
+    out = subprocess.run(["ps", "-o", "pid=,args=", "-g", str(server.proc.pid)], capture_output=True, text=True).stdout
     rows = [line.split(None, 1) for line in out.splitlines() if line.strip()]
-    imap = sum(1 for _, args in rows if args.strip() == "dovecot/imap")
-    hibernate = sum(1 for _, args in rows if "imap-hibernate" in args)
-    return imap, hibernate, sum(int(rss) for rss, _ in rows) / 1024
+    pss = 0
+    for pid, _ in rows:
+        try:
+            pss += int(re.search(r"Pss:\s+(\d+)", Path(f"/proc/{pid}/smaps_rollup").read_text())[1])
+        except (OSError, TypeError):
+            pass  # ended meanwhile
+    return sum(1 for _, args in rows if args.strip() == "dovecot/imap"), pss / 1024
 
 
 class Child:
@@ -205,8 +209,8 @@ def measure(kind: str, server: Dovecot, args) -> dict:
         time.sleep(args.idle_seconds)
         result["idle CPU %"] = 100 * (cpu_seconds(child.proc.pid) - cpu) / (time.monotonic() - wall)
         result["idle calls"] = child.drain()
-        imap_procs, hibernate, dovecot_mb = dovecot_processes(server)
-        result.update({"Dovecot imap processes": imap_procs, "Dovecot RSS MB": dovecot_mb})
+        imap_procs, dovecot_mb = dovecot_processes(server)
+        result.update({"Dovecot imap processes": imap_procs, "Dovecot PSS MB": dovecot_mb})
         rng = random.Random(15)
         folders = folders_of(args.folders)
         latencies, others = [], 0

@@ -19,7 +19,7 @@ from imapclient import IMAPClient
 from conftest import make_mail
 from gwsync.config import ImapConfig
 from gwsync.demo.localservers import Dovecot, Pymap
-from gwsync.mail.asyncwatch import WatchStatus, WatchTarget, _Plan, watch_accounts
+from gwsync.mail.asyncwatch import WatchStatus, WatchTarget, _Plan, target_of, watch_accounts
 
 DONE = "INBOX/CRM Erledigt [E]"
 OPEN = "INBOX/Kunden/CRM Offen [O]"
@@ -235,6 +235,36 @@ def test_the_configured_import_folder_is_made_and_its_own_mail_watched(dovecot, 
     assert imap.folder_exists("INBOX/CRM Eingang")
     imap.append("INBOX/CRM Eingang", make_mail(1))
     imap.logout()
+    assert w.next_call(2)[1] == "alice"
+    w.stop()
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls"])
+def test_over_tls_and_starttls(security, watching):
+    with Dovecot.start(tls=True) as server:
+        user = fresh_user()
+        make_folders(server, user, DONE)
+        port = server.tls_port if security == "tls" else server.port
+        cfg = ImapConfig(host="127.0.0.1", port=port, security=security, ca_file=str(server.ca_file), username=user,
+                         password=server.password_for(user))
+        w = watching([WatchTarget(name="alice", imap=cfg, password=server.password_for(user))])
+        w.wait_idle(1)
+        assert w.status.accounts["alice"].mode == "notify"  # NOTIFY is among the capabilities after login
+        w.drain()
+        imap = client(server, user)
+        imap.append(DONE, make_mail(1))
+        imap.logout()
+        assert w.next_call(2)[1] == "alice"
+        w.stop()
+
+
+def test_an_account_of_the_config_file_is_watched(env, watching):
+    """target_of: the account's [imap] table, its password read from where the config says."""
+    env.create(DONE)
+    w = watching([target_of(env.config().account("alice"))])
+    w.wait_idle(1)
+    w.drain()
+    env.append(DONE, make_mail(1))
     assert w.next_call(2)[1] == "alice"
     w.stop()
 

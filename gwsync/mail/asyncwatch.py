@@ -170,11 +170,14 @@ class _Watch:
             log.error("changed() failed: %s", task.exception())
 
     async def quiet(self) -> None:
+        """Cancel the calls not yet made; give those running a moment to finish."""
         for handle in self.pending.values():
             handle.cancel()
         self.pending.clear()
         if self.calls:
-            await asyncio.gather(*self.calls, return_exceptions=True)
+            _, running = await asyncio.wait(self.calls, timeout=5)
+            for task in running:
+                task.cancel()
 
     # -- one account -------------------------------------------------------------------------
 
@@ -210,7 +213,10 @@ class _Watch:
     async def _backoff(self, target: WatchTarget, me: AccountWatch, exc: BaseException, backoff: float) -> float:
         me.state, me.error = "backoff", str(exc) or type(exc).__name__
         pause = backoff * random.uniform(0.5, 1.0)
-        log.info("watch of %s: %s; connecting again in %.1f s", target.name, me.error, pause)
+        # A dropped connection or a busy server is routine; anything else (a certificate that
+        # does not fit, a server that takes no login) needs someone to act.
+        level = logging.INFO if getattr(exc, "transient", True) else logging.WARNING
+        log.log(level, "watch of %s: %s; connecting again in %.1f s", target.name, me.error, pause)
         await asyncio.sleep(pause)
         return min(backoff * 2, self.max_backoff)
 
@@ -247,7 +253,12 @@ class _Watch:
         """Watch on this connection until it drops (raises) or the task is cancelled."""
         plan = await _Plan.of(conn, target.imap)
         if plan.notify:
-            await conn.notify(plan.root)
+            try:
+                await conn.notify(plan.root)
+            except _Refused as exc:  # offered, yet refused: watch as where it is not offered
+                log.warning("watch of %s: %s; watching with IDLE and polls instead", target.name, exc)
+                plan = await _Plan.of(conn, target.imap, notify=False)
+        if plan.notify:
             me.mode = "notify"
         else:
             me.mode = f"idle {plan.idle_on}" if plan.idle_on else "poll"
@@ -263,11 +274,15 @@ class _Watch:
             lines = await conn.idle_wait(max(0.0, due - now))
             if plan.wakes(lines):
                 self.news(target.name)
+            if plan.notify and any(b"[NOTIFICATIONOVERFLOW]" in line.upper() for line in lines):
+                await conn.idle_done()  # the server stopped notifying: ask again
+                await conn.notify(plan.root)
+                await plan.idle(conn)
             now = time.monotonic()
             if now >= due_poll:
                 if plan.wakes(await conn.idle_done()):
                     self.news(target.name)
-                fresh = await _Plan.of(conn, target.imap)
+                fresh = await _Plan.of(conn, target.imap, notify=False)
                 found = await fresh.poll(conn)
                 if found != seen or fresh.idle_on != plan.idle_on:
                     self.news(target.name)
@@ -303,13 +318,13 @@ class _Plan:
         return not self.notify
 
     @classmethod
-    async def of(cls, conn: _Connection, cfg: ImapConfig) -> _Plan:
+    async def of(cls, conn: _Connection, cfg: ImapConfig, notify: bool = True) -> _Plan:
         root = await conn.import_root(cfg.import_root)
         if cfg.import_folder is not None and not await conn.exists(cfg.import_folder):
             await conn.create(cfg.import_folder)  # its own mail is watched too, from the start (as a sync makes it)
         delimiter = await conn.delimiter(root)
         own = root if cfg.import_folder is not None else ""
-        if "NOTIFY" in conn.capabilities:
+        if notify and "NOTIFY" in conn.capabilities:
             return cls(True, root, delimiter, own)
         folders = await conn.import_folders(root, delimiter, own)
         return cls(False, root, delimiter, own, folders[0] if folders else "", tuple(folders[1:]))
@@ -340,7 +355,7 @@ class _Plan:
         for line in lines:
             upper = line.upper()
             if b"[NOTIFICATIONOVERFLOW]" in upper:
-                return True  # the server stopped notifying: look (the next IDLE asks again)
+                return True  # the server stopped notifying: look (and ask again)
             if upper.startswith(b"* STATUS "):
                 name = _status_folder(line)
                 if name is None or self.is_import_folder(name):
