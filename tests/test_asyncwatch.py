@@ -269,6 +269,42 @@ def test_an_account_of_the_config_file_is_watched(env, watching):
     w.stop()
 
 
+MASTER = """
+auth_master_user_separator = *
+passdb {
+  driver = static
+  args = password=master-secret
+  master = yes
+  result_success = continue
+}
+"""
+
+
+@pytest.mark.parametrize("form", ["sasl", "separator"])
+def test_a_master_user_watches_for_the_user(form, watching):
+    """A company's shared credential: SASL PLAIN with the user as authorization identity, or
+    Dovecot's `user*master` login; the session is the user's."""
+    with Dovecot.start(extra=MASTER) as server:
+        user = fresh_user()
+        make_folders(server, user, DONE)
+        username, authzid = ("gwsync", user) if form == "sasl" else (f"{user}*gwsync", None)
+        cfg = ImapConfig(host="127.0.0.1", port=server.port, security="none", username=username,
+                         password="master-secret")
+        w = watching([WatchTarget(name="alice", imap=cfg, password="master-secret", authzid=authzid)])
+        w.wait_idle(1)
+        w.drain()
+        imap = client(server, user)
+        imap.append(DONE, make_mail(1))
+        imap.logout()
+        assert w.next_call(2)[1] == "alice"
+        w.stop()
+        wrong = ImapConfig(host="127.0.0.1", port=server.port, security="none", username=username, password="wrong")
+        w = watching([WatchTarget(name="alice", imap=wrong, password="wrong", authzid=authzid)])
+        w.wait_until(lambda: w.status.count("refused") == 1, 10, "a wrong master password was not refused")
+        assert len(w.refusals) == 1
+        w.stop()
+
+
 # -- without NOTIFY (pymap) ------------------------------------------------------------------------
 
 def test_without_notify_idle_on_the_first_import_folder_and_polls_for_the_others():
