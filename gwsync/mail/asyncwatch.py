@@ -15,7 +15,9 @@ For a watcher job that serves a shard of a company's accounts. Per account (one 
    them to after 30 minutes);
 6. a dropped connection is opened again after a backoff (doubled per failure up to `max_backoff`,
    with jitter, so that a restarted server is not hit by every account at once), and `changed`
-   is called once after every new connection, since mail may have come while none watched.
+   is called once after every new connection, since mail may have come while none watched
+   (`look_at_start=False` leaves that out for the first connection, where the caller's
+   periodic syncs cover what came before the watch).
 `stop_event` ends every connection (DONE, LOGOUT) and returns.
 
 The IMAP client is a small protocol of its own on asyncio streams, not aioimaplib (2.0.3, the
@@ -116,13 +118,16 @@ Refused = Callable[[str, LoginRefused], Awaitable[None] | None]
 async def watch_accounts(accounts: Iterable[WatchTarget], changed: Changed, stop_event: asyncio.Event, *,
                          refused: Refused | None = None, status: WatchStatus | None = None,
                          renew: float = IDLE_RENEW, poll_every: float = POLL_EVERY, settle: float = SETTLE,
-                         max_backoff: float = MAX_BACKOFF, max_connecting: int = MAX_CONNECTING) -> None:
+                         max_backoff: float = MAX_BACKOFF, max_connecting: int = MAX_CONNECTING,
+                         look_at_start: bool = True) -> None:
     """Watch every account on one connection each until `stop_event` is set (or this is
     cancelled). `changed(name)` is called (and awaited, if it is a coroutine function) when mail
     comes into one of the account's import folders; `refused(name, error)` once per credential
-    the server refused (the caller locks it); no account that sends it logs in again."""
+    the server refused (the caller locks it); no account that sends it logs in again.
+    Account names must be unique; a password is not read again (a refused one waits for the
+    next watch). Open connections are limited to `max_connecting` at a time."""
     watch = _Watch(changed, refused, status or WatchStatus(), renew, poll_every, settle, max_backoff,
-                   asyncio.Semaphore(max_connecting))
+                   asyncio.Semaphore(max_connecting), look_at_start)
     tasks = [asyncio.create_task(watch.run(target), name=f"watch-{target.name}") for target in accounts]
     try:
         await stop_event.wait()
@@ -135,10 +140,11 @@ async def watch_accounts(accounts: Iterable[WatchTarget], changed: Changed, stop
 
 class _Watch:
     def __init__(self, changed: Changed, refused: Refused | None, status: WatchStatus, renew: float,
-                 poll_every: float, settle: float, max_backoff: float, connecting: asyncio.Semaphore):
+                 poll_every: float, settle: float, max_backoff: float, connecting: asyncio.Semaphore,
+                 look_at_start: bool):
         self.changed, self.refused, self.status = changed, refused, status
         self.renew, self.poll_every, self.settle, self.max_backoff = renew, poll_every, settle, max_backoff
-        self.connecting = connecting
+        self.connecting, self.look_at_start = connecting, look_at_start
         self.good: set[str] = set()  # credentials that logged in once
         self.bad: set[str] = set()  # credentials the server refused
         self.trying: dict[str, asyncio.Lock] = {}  # one login at a time per credential not known good
@@ -265,7 +271,8 @@ class _Watch:
         seen = await plan.poll(conn)
         await plan.idle(conn)  # what comes before is covered by the news() below
         me.state, me.connects, me.error = "idle", me.connects + 1, ""
-        self.news(target.name)  # mail may have come while no connection watched
+        if me.connects > 1 or self.look_at_start:
+            self.news(target.name)  # mail may have come while no connection watched
         renewed = polled = time.monotonic()
         while True:
             now = time.monotonic()
