@@ -42,7 +42,7 @@ import threading
 import time
 from pathlib import Path
 
-from _setup import ROOT  # noqa: F401  (puts this checkout first on sys.path)
+from _setup import ROOT
 from gwsync.demo.localservers import Dovecot
 
 DOVECOT_LIMITS = """
@@ -294,6 +294,11 @@ def main() -> None:
         print(f"{'':34}" + "".join(f"{kind:>14}" for kind in kinds))
         for key in results[kinds[0]]:
             print(f"{key:34}" + "".join(f"{_fmt(results[kind][key]):>14}" for kind in kinds))
+    except BaseException:
+        log = server.directory / "dovecot.log"
+        if log.exists():  # what the server said, before its directory goes
+            print("Dovecot's log ends:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+        raise
     finally:
         server.stop()
         if int(INOTIFY.read_text()) != inotify_before:

@@ -35,19 +35,28 @@ import inspect
 import logging
 import random
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from imapclient import imap_utf7
-from imapclient.exceptions import IMAPClientError
 from imapclient.response_parser import parse_response
 
 from ..config import AccountConfig, ImapConfig
 from ..errors import CredentialLocked, GwsyncError, LoginRefused
 from .folders import is_below, last_element, parse_import_folder
-from .imap import LoginFailed, MailServerError, ServerUnreachable, _quote, _quoted, _status_folder, login_refusal, \
-    tls_context
+from .imap import (
+    MailServerError,
+    MailServerMisconfigured,
+    ServerUnreachable,
+    _quote,
+    _quoted,
+    _status_folder,
+    certificate_problem,
+    login_refusal,
+    tls_context,
+)
 
 log = logging.getLogger("gwsync.asyncwatch")
 
@@ -198,7 +207,7 @@ class _Watch:
                 except (LoginRefused, CredentialLocked) as exc:
                     me.state, me.error = "refused", str(exc)
                     return
-                except (GwsyncError, OSError, asyncio.TimeoutError) as exc:
+                except Exception as exc:  # a watch outlives any server's fault: wait, and connect again
                     backoff = await self._backoff(target, me, exc, backoff)
                     continue
                 since = time.monotonic()
@@ -207,7 +216,7 @@ class _Watch:
                 except asyncio.CancelledError:
                     await conn.logout()
                     raise
-                except (GwsyncError, OSError, asyncio.TimeoutError, IMAPClientError, ValueError) as exc:
+                except Exception as exc:
                     conn.close()
                     if time.monotonic() - since > STEADY:  # it watched a while: a fresh drop, not a fault
                         backoff = 1.0
@@ -221,8 +230,9 @@ class _Watch:
         pause = backoff * random.uniform(0.5, 1.0)
         # A dropped connection or a busy server is routine; anything else (a certificate that
         # does not fit, a server that takes no login) needs someone to act.
-        level = logging.INFO if getattr(exc, "transient", True) else logging.WARNING
-        log.log(level, "watch of %s: %s; connecting again in %.1f s", target.name, me.error, pause)
+        expected = isinstance(exc, (OSError, TimeoutError)) or getattr(exc, "transient", False)
+        log.log(logging.INFO if expected else logging.WARNING, "watch of %s: %s; connecting again in %.1f s",
+                target.name, me.error, pause, exc_info=not isinstance(exc, (GwsyncError, OSError, TimeoutError)))
         await asyncio.sleep(pause)
         return min(backoff * 2, self.max_backoff)
 
@@ -392,7 +402,9 @@ class _Connection:
             async with asyncio.timeout(cfg.timeout):
                 reader, writer = await asyncio.open_connection(
                     cfg.host, cfg.port, ssl=context if cfg.security == "tls" else None, limit=MAX_LINE)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except ssl.SSLCertVerificationError as exc:
+            raise MailServerMisconfigured(certificate_problem(target.where, cfg.host, exc)) from None
+        except (TimeoutError, OSError) as exc:
             raise ServerUnreachable(f"{target.where}: cannot connect ({exc or type(exc).__name__})") from exc
         conn = cls(reader, writer, target)
         try:
@@ -510,7 +522,7 @@ class _Connection:
         sep = await self.delimiter("")
         return prefix[:-len(sep)] if sep and prefix.endswith(sep) else prefix
 
-    async def list(self, pattern: str) -> list[tuple[tuple, str | None, str]]:
+    async def list_folders(self, pattern: str) -> list[tuple[tuple, str | None, str]]:
         lines, _ = await self.command(b"LIST", b'""', _quoted(pattern))
         found = []
         for line in lines:
@@ -520,7 +532,7 @@ class _Connection:
         return found
 
     async def exists(self, folder: str) -> bool:
-        return bool(await self.list(folder))
+        return bool(await self.list_folders(folder))
 
     async def create(self, folder: str) -> None:
         try:
@@ -530,7 +542,7 @@ class _Connection:
                 raise
 
     async def delimiter(self, root: str) -> str | None:
-        listing = await self.list(root or "INBOX")
+        listing = await self.list_folders(root or "INBOX")
         if not listing:
             raise MailServerError(f"import root {root!r} does not exist on the server (check import_root)")
         return listing[0][1]
@@ -539,11 +551,11 @@ class _Connection:
         """The import folders below `root` (and `own` itself), as ImapSession.import_folders."""
         found = []
         if own:
-            listing = await self.list(own)
+            listing = await self.list_folders(own)
             if listing and b"\\NOSELECT" not in listing[0][0]:
                 found.append(own)
         pattern = f"{root}{delimiter}*" if root and delimiter else "*"
-        for flags, delim, name in await self.list(pattern):
+        for flags, delim, name in await self.list_folders(pattern):
             if b"\\NOSELECT" in flags or (root and not is_below(name, root, delim)):
                 continue
             if parse_import_folder(last_element(name, delim)) is not None:
@@ -572,7 +584,7 @@ class _Connection:
         self.tag += 1
         tag = b"W%d" % self.tag
         self.writer.write(tag + b" IDLE\r\n")
-        lines = []
+        lines: list[bytes] = []
         async with asyncio.timeout(self.timeout):
             await self.writer.drain()
             while True:
@@ -601,7 +613,7 @@ class _Connection:
         if tag is None:
             return []
         self.writer.write(b"DONE\r\n")
-        lines = []
+        lines: list[bytes] = []
         async with asyncio.timeout(self.timeout):
             await self.writer.drain()
             while True:
