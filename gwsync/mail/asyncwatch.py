@@ -24,7 +24,15 @@ The IMAP client is a small protocol of its own on asyncio streams, not aioimapli
 maintained asyncio client), measured against it: aioimaplib allows IDLE only with a folder
 selected and sends no command it does not know (NOTIFY would mean patching its command table),
 and it hands a STATUS line whose folder is a literal (as Dovecot sends them after NOTIFY) over
-in pieces. Watching needs eight commands; everything it reads is parsed by imapclient's parser.
+in pieces; its connections took twice the memory (16.1 against 7.9 kB each for 1,000 in IDLE).
+Watching needs a dozen commands; what it reads is parsed by imapclient's parser.
+
+Callbacks run in the event loop: `changed` must not block (defer a job and return, or be a
+coroutine function). Used from a Procrastinate job, for example:
+
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(25 * 60, stop.set)  # then the job defers itself again
+    await watch_accounts(targets, lambda name: sync.defer_async(account=name), stop, refused=lock)
 """
 
 from __future__ import annotations
