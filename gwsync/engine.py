@@ -783,8 +783,16 @@ class Engine:
 
     def update_activity(self, activity_id: int, changes: dict) -> None:
         """Change fields of an activity; LookupError when there is none with this id. The next
-        sync carries the change to its calendar item."""
+        sync carries the change to its calendar item. A new owner replaces the old one among the
+        participants (unless the change sets them), so the item moves to the new owner's calendar."""
+        before = self.crm.get_activity(activity_id) if "owner" in changes and "participants" not in changes else None
         self.crm.update_activity(activity_id, changes)
+        if before is not None and before.owner != changes["owner"]:
+            # One atomic change each: a participant a sync adds meanwhile is not lost.
+            if changes["owner"]:
+                self.crm.add_participant(activity_id, changes["owner"])
+            if before.owner:
+                self.crm.remove_participant(activity_id, before.owner)
 
     def delete_activity(self, activity_id: int) -> None:
         """Delete an activity; the next sync deletes its calendar item too. NotFound when there

@@ -13,6 +13,9 @@ zone, in the RFC 9557 form), so that a round trip keeps the zone.
 gwsync's own properties (X-GWSYNC-KIND, -STATUS, -ACTIVITY-ID, -ACTIVITY-UUID) are honoured only
 on an item this CRM store linked or wrote (X-GWSYNC-STORE): anyone can type them into an item.
 A kind is never taken from an item of the other component (an event never becomes a task kind).
+
+An event's STATUS:CANCELLED is part of the status mapping: read as `[crm] cancelled_status`,
+written for it; another status removes STATUS:CANCELLED and leaves any other STATUS alone.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class ItemData:
     private: bool = False  # CLASS:PRIVATE or CLASS:CONFIDENTIAL
     first: date | None = None  # the day it starts (a task: its due day), None when undated
     last: date | None = None  # the day its last occurrence ends; None: undated or open-ended
+    organizer: str | None = None  # the ORGANIZER's address (lower case, without mailto:)
 
     def has_link(self, link: Link) -> bool:
         """True when the item already carries exactly this link (no write-back needed)."""
@@ -148,10 +152,11 @@ def _master(cal: icalendar.Calendar):
 
 
 def read_item(text: str, done_status: str, open_status: str, trusted: bool = True, store: str | None = None,
-              kinds: Mapping[str, str] | None = None) -> ItemData:
+              kinds: Mapping[str, str] | None = None, cancelled_status: str | None = None) -> ItemData:
     """Parse an item. gwsync's own properties count when `trusted` (an item this store linked)
     or when the item carries this `store`'s identity. `kinds` (kind -> "events" or "tasks", as
-    in [crm.kinds]) refuses a kind of the other component's area."""
+    in [crm.kinds]) refuses a kind of the other component's area. An event with
+    STATUS:CANCELLED gets `cancelled_status`, when given."""
     import icalendar
 
     try:
@@ -185,6 +190,10 @@ def read_item(text: str, done_status: str, open_status: str, trusted: bool = Tru
             status = done_status
         elif is_todo and recorded == done_status:
             status = open_status  # completed in the CRM, reopened on the device
+        elif not is_todo and cancelled_status and str(comp.get("STATUS", "")).upper() == "CANCELLED":
+            status = cancelled_status  # the organizer cancelled it
+        elif not is_todo and recorded == cancelled_status and cancelled_status:
+            status = open_status  # cancelled in the CRM, STATUS:CANCELLED taken out on the device
         else:
             status = recorded or open_status
         rrule = comp.get("RRULE")
@@ -205,6 +214,7 @@ def read_item(text: str, done_status: str, open_status: str, trusted: bool = Tru
         }
         activity_id = comp.get(ACTIVITY_ID_PROP) if own else None
         activity_uuid = (str(comp.get(ACTIVITY_UUID_PROP, "")).strip() or None) if own else None
+        organizer = _address(comp.get("ORGANIZER"))
         modified = comp.decoded("LAST-MODIFIED") if "LAST-MODIFIED" in comp else (
             comp.decoded("DTSTAMP") if "DTSTAMP" in comp else None)
     except BrokenItem:
@@ -218,8 +228,16 @@ def read_item(text: str, done_status: str, open_status: str, trusted: bool = Tru
         modified=format_time(modified.astimezone(UTC)) if isinstance(modified, datetime)
         and modified.tzinfo else None,
         store=item_store, activity_uuid=activity_uuid, recorded_kind=recorded_kind, recorded_status=recorded_status,
-        private=private, first=first, last=last,
+        private=private, first=first, last=last, organizer=organizer,
     )
+
+
+def _address(value) -> str | None:
+    """The address of an ORGANIZER (or ATTENDEE) value: lower case, without mailto:."""
+    text = str(value or "").strip()
+    if text.lower().startswith("mailto:"):
+        text = text[len("mailto:"):]
+    return text.strip().lower() or None
 
 
 def _day(value) -> date | None:
@@ -303,7 +321,8 @@ def link_is_current(text: str, link: Link) -> bool:
 
 
 def _props_for(fields: dict, changed: set[str], component: str, done_status: str,
-               link: Link | None, include_link: bool) -> tuple[dict[str, list], set[str]]:
+               link: Link | None, include_link: bool,
+               cancelled_status: str | None = None) -> tuple[dict[str, list], set[str]]:
     """Property name -> new values (empty list: remove), and the time zones they need."""
     props: dict[str, list] = {}
     zones: set[str] = set()
@@ -342,6 +361,9 @@ def _props_for(fields: dict, changed: set[str], component: str, done_status: str
             props["STATUS"] = ["COMPLETED" if done else "NEEDS-ACTION"]
             props["PERCENT-COMPLETE"] = [100] if done else []
             props["COMPLETED"] = [datetime.now(UTC).replace(microsecond=0)] if done else []
+        elif cancelled_status:
+            # [] removes STATUS:CANCELLED; update_item keeps any other STATUS the item has
+            props["STATUS"] = ["CANCELLED"] if fields.get("status") == cancelled_status else []
     if "kind" in changed:
         props[KIND_PROP] = [fields["kind"]] if fields.get("kind") else []
     if "rrule" in changed:
@@ -412,13 +434,14 @@ def _logical_lines(physical: list[str]) -> list[_Entry]:
 
 
 def new_item(uid: str, component: str, fields: dict, done_status: str, link: Link | None,
-             alarm: bool = False) -> str:
+             alarm: bool = False, cancelled_status: str | None = None) -> str:
     """A whole new VCALENDAR for an activity."""
     lines = ["BEGIN:VCALENDAR", "VERSION:2.0", f"PRODID:{PRODID}", "__TIMEZONES__", f"BEGIN:{component}"]
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     lines += [f"UID:{_escape_uid(uid)}", f"DTSTAMP:{stamp}"]
     changed = set(FIELDS)
-    props, zones = _props_for(fields, changed, component, done_status, link, include_link=link is not None)
+    props, zones = _props_for(fields, changed, component, done_status, link, include_link=link is not None,
+                              cancelled_status=cancelled_status)
     if component == TODO and fields.get("status") != done_status:
         props["STATUS"] = ["NEEDS-ACTION"]
         props["PERCENT-COMPLETE"], props["COMPLETED"] = [], []
@@ -434,7 +457,7 @@ def new_item(uid: str, component: str, fields: dict, done_status: str, link: Lin
 
 
 def update_item(text: str, fields: dict, changed: set[str], done_status: str, link: Link | None,
-                include_link: bool = False) -> str:
+                include_link: bool = False, cancelled_status: str | None = None) -> str:
     """The item's text with the changed fields (and, if asked, the link) rewritten in place."""
     newline = "\r\n" if "\r\n" in text else "\n"
     physical = text.replace("\r\n", "\n").split("\n")
@@ -443,11 +466,15 @@ def update_item(text: str, fields: dict, changed: set[str], done_status: str, li
     if master is None:
         raise BrokenItem("no VEVENT or VTODO in the item")
     begin, end, component = master
-    props, zones = _props_for(fields, changed, component, done_status, link, include_link)
+    props, zones = _props_for(fields, changed, component, done_status, link, include_link, cancelled_status)
+    own = _own_level(entries, begin, end)
+    if props.get("STATUS") == [] and component == EVENT and not any(
+            entries[i].name == "STATUS" and entries[i].physical[0].split(":", 1)[-1].strip().upper() == "CANCELLED"
+            for i in own):
+        del props["STATUS"]  # not cancelled: an event's own STATUS (CONFIRMED, TENTATIVE) stays
     if not props:
         return text
     rendered = _content_lines(component, props)
-    own = _own_level(entries, begin, end)
     # New properties go before the first nested component (VALARM): RFC 5545 puts a
     # component's properties ahead of its subcomponents.
     insert_at = next((i for i in range(begin + 1, end) if entries[i].name == "BEGIN"), end)
