@@ -191,3 +191,33 @@ def test_an_imported_private_item_makes_a_private_activity(tmp_path, mode, priva
     marks = {a.key: a.private for a in team.activities().values()}
     assert marks == {"cal:p": private, "cal:q": False}
     team.close()
+
+
+def test_without_a_cancelled_status_of_its_own_no_event_is_written_as_cancelled(tmp_path):
+    """[crm.statuses] without S: cancelled_status falls back to the first status (here the
+    default "I"), which must not turn every imported mail pushed as an event into a cancellation."""
+    from calworld import CalWorld
+
+    world = CalWorld(tmp_path)
+    world.config = replace_statuses(world.config, {"I": "Importiert", "O": "Offen", "E": "Erledigt"})
+    assert world.config.crm.cancelled_status == "I"
+    (activity_id,) = world.crm.create_activities([ActivityDraft(
+        key="crm:i", kind="TERMIN", status="I", subject="Importiert", start="2026-12-09T10:00:00+00:00",
+        owner="alice")])
+    world.sync()
+    text = one(world.coll.items()).data
+    assert "STATUS:CANCELLED" not in text and "X-GWSYNC-STATUS:I\r\n" in text
+    world.coll.put(next(iter(world.coll.items())), text.replace("SUMMARY:", "STATUS:CANCELLED\r\nSUMMARY:"))
+    world.sync()
+    assert world.crm.get_activity(activity_id).status == "I"
+    world.close()
+
+
+def replace_statuses(config, statuses: dict):
+    from gwsync.config import parse_config
+
+    return parse_config({
+        "crm": {"database": str(config.crm.database), "link": config.crm.link, "statuses": statuses},
+        "state": {"database": str(config.state_database)},
+        "accounts": {"alice": {"areas": ["events"], "caldav": {
+            "url": "http://memory.invalid/alice/", "username": "alice", "password": "unused"}}}})

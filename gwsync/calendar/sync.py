@@ -45,7 +45,8 @@ the CRM side is unchanged: an edit wins, the item comes back). Otherwise the cop
 the account is removed from the participants, or, when it holds the activity anyway (owner,
 delegate, pushed), it is taken out (a membership, as by unpush). When the deleted copy was the
 organizer's (its ORGANIZER is one of the account's addresses) and others hold the activity, its
-status becomes `[crm] cancelled_status` first. An event's STATUS:CANCELLED maps to that status.
+status becomes `[crm] cancelled_status` first. An event's STATUS:CANCELLED maps to that status
+(when it is a status of its own, not the open, done or default one).
 
 Identities: a link records the activity's identity (its uuid, see `Activity.identity`); a link
 whose id now names another activity (a CRM restored from an older backup) counts as "its
@@ -363,8 +364,12 @@ class CalendarSync:
         self.component = EVENT if area == "events" else TODO
         self.done = config.crm.done_status
         self.open = config.crm.open_status
-        # An event's STATUS:CANCELLED <-> this status (tasks have their own STATUS mapping).
-        self.cancelled = config.crm.cancelled_status if area == "events" else None
+        # An event's STATUS:CANCELLED <-> this status (tasks have their own STATUS mapping); not
+        # when the config has no status of its own for it (it then falls back to the first one).
+        statuses = config.crm
+        distinct = statuses.cancelled_status not in (statuses.open_status, statuses.done_status,
+                                                     statuses.default_status)
+        self.cancelled = statuses.cancelled_status if area == "events" and distinct else None
         self._memberships: dict[int, tuple[bool, str | None]] = {}
         self.result = CalendarResult()
         self.where = f"account {account.name}, {area}"
@@ -838,7 +843,7 @@ class CalendarSync:
         if (activity.key or "").startswith("cal:") and not others:
             # As before teams: deleted with its item, unless edited in the CRM since (then it comes back).
             return DeleteInCRM(pair, decision) if decision.delete_crm else CreateOnServer(pair, decision)
-        if others and link.organizer is not None and link.organizer in self.account.addresses:
+        if others and self.cancelled and link.organizer is not None and link.organizer in self.account.addresses:
             return Cancel(pair, decision)
         return Unlink(pair, decision)
 
@@ -974,7 +979,7 @@ class CalendarSync:
 
     def _cancel(self, pair: _Pair) -> None:
         assert pair.activity is not None  # a linked copy of an existing activity
-        self.crm.update_activity(pair.activity.id, {"status": self.config.crm.cancelled_status})
+        self.crm.update_activity(pair.activity.id, {"status": self.cancelled})
         self.result.counts["updated_crm"] += 1
         self._unlink(pair)
 
