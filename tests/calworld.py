@@ -119,3 +119,10 @@ class TeamWorld:
         """href -> mapped fields of every item in the account's collection."""
         return {href: read_item(item.data, "E", "O", store=self.crm.store_id(), cancelled_status="S").fields
                 for href, item in self.coll(name, area).items().items()}
+
+
+def todo(uid: str, summary: str, extra: str = "") -> str:
+    """A task as a phone writes it."""
+    return (f"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//Phone//EN\r\nBEGIN:VTODO\r\nUID:{uid}\r\n"
+            f"DTSTAMP:20261120T100000Z\r\nDUE;VALUE=DATE:20261205\r\nSUMMARY:{summary}\r\n{extra}"
+            "END:VTODO\r\nEND:VCALENDAR\r\n")
