@@ -56,6 +56,7 @@ DEFAULT_STATUSES = {"I": "Importiert", "O": "Offen", "E": "Erledigt", "S": "Stor
 DEFAULT_LINK = "http://127.0.0.1:8765/activities/{id}"
 DEFAULT_KINDS = {"TERMIN": "events", "BESPRECHUNG": "events", "AUFGABE": "tasks", "WIEDERVORLAGE": "tasks"}
 PASSWORD_SOURCES = ("password_command", "password_env", "password_keyring", "password")
+PASSWORD_KEYS_TEXT = "password_command, password_env, password_keyring or password"
 MAX_TIMEOUT = 3600  # seconds; a server silent for an hour is down, and sockets reject huge values
 MAX_INTERVAL = 86400  # seconds (one day); longer pauses are a job for a timer, not `watch`
 MAX_LOCK_WAIT = 86400  # seconds a run may wait for another run of the same account
@@ -468,12 +469,23 @@ class SyncConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServeUserConfig(_Password):
+    """[serve.users.NAME]: an employee (an account) who logs in to the web view as themselves,
+    with their own password (keyring user NAME)."""
+
+    def __post_init__(self) -> None:
+        self._check_password(required=True)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServeConfig(_Password):
-    """[serve]: the web view. A password is required when it listens beyond loopback."""
+    """[serve]: the web view. A login is required when it listens beyond loopback: one shared
+    password (this table's), or a password per employee ([serve.users.NAME]), not both."""
 
     host: Text = "127.0.0.1"
     port: Port = 8765
     url: WebUrl | None = None  # where users open it (behind a proxy, say); default http://HOST:PORT
+    users: dict[str, ServeUserConfig] = field(default_factory=dict)  # account name -> its login
     secret: Secret | None = field(default=None, init=False)  # type: ignore[assignment]  # the login
     # password (keyring user "serve"); None without one, where every other table has one
 
@@ -483,8 +495,14 @@ class ServeConfig(_Password):
             value = getattr(self, key) or ""
             if "{" in value or "}" in value:  # the default [crm] link is a template made from them
                 raise _Wrong(f".{key} must not contain {{ or }} (it becomes part of [crm] link), got {value!r}")
+        if self._has_password and self.users:
+            # Whose session would the shared password open? Neither reading is safe to guess.
+            raise _Wrong(f": set either one shared password ({PASSWORD_KEYS_TEXT}) or [serve.users.NAME] "
+                         "tables, not both")
         if self._has_password:
             self._name_secret("serve", "serve")
+        for name, user in self.users.items():
+            user._name_secret(_join("serve.users", name), name)
 
     @property
     def base_url(self) -> str:
@@ -512,6 +530,11 @@ class Config:
             if not name.strip():
                 raise _Wrong(f"accounts: {name!r} is not a usable account name")
             account._complete(name)
+        for name in self.serve.users:
+            if name not in self.accounts:
+                known = ", ".join(sorted(self.accounts)) or "none"
+                raise _Wrong(f"{_join('serve.users', name)}: no account {name!r} in [accounts] (known: {known}); "
+                             "each web user is an employee")
 
     @property
     def state_database(self) -> Path:

@@ -31,7 +31,7 @@ from .accountlock import AccountBusy, AccountLocks, FileAccountLocks
 from .calendar import dav
 from .calendar.dav import Collection
 from .config import AREAS, AccountConfig, CaldavConfig, Config, ConfigError, ImapConfig, Secret
-from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Partner
+from .crm import Activity, ActivityDraft, ActivityFilter, Attendee, Contact, CRMBackend, Partner
 from .errors import (
     EXIT_USAGE,
     CredentialLocked,
@@ -43,7 +43,17 @@ from .errors import (
     UsageError,
 )
 from .mail.imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
-from .storage.state import FAILED, HELD, QUARANTINED, CalendarLink, MailRecord, StateStore
+from .people import People, attendee_list, employees_by_address, organizer_of, resolve_attendees
+from .storage.state import (
+    FAILED,
+    HELD,
+    LEFT_OUT,
+    QUARANTINED,
+    CalendarItemRecord,
+    CalendarLink,
+    MailRecord,
+    StateStore,
+)
 
 if TYPE_CHECKING:  # loaded by the areas that use them: a mail sync never reads iCalendar
     from caldav.davclient import DAVClient
@@ -70,11 +80,17 @@ def mail_id(record: MailRecord) -> str | None:
 @dataclass
 class Selection:
     """What a review chose for one run: the mails to import, by (folder, UID), with the fields
-    it filled in, and per calendar area the new server items it left out (this run only)."""
+    it filled in, and what it left out or took in. What it leaves out is recorded in the state
+    database and stays out of the CRM (every later sync and watch leave it alone) until a review
+    takes it in."""
 
-    mail: set[tuple[str, int]] | None = None  # None: every mail waiting
+    mail: set[tuple[str, int]] | None = None  # None: every mail waiting; else new ones and those taken in
     overrides: dict[tuple[str, int], dict] = field(default_factory=dict)
-    skip: dict[str, set[str]] = field(default_factory=dict)  # area -> hrefs
+    skip: dict[str, set[str]] = field(default_factory=dict)  # area -> hrefs of new items left out
+    # Mails left out, (folder, UID) -> (sender, subject), as `gwsync held` lists them.
+    left_out_mail: dict[tuple[str, int], tuple[str | None, str]] = field(default_factory=dict)
+    subjects: dict[str, str] = field(default_factory=dict)  # href -> subject of the items in `skip`
+    take_in: dict[str, set[str]] = field(default_factory=dict)  # area -> hrefs of items left out before
 
 
 @dataclass
@@ -126,6 +142,8 @@ class AccountReport:
                 "activities": [{"id": a.id, "link": a.link, "subject": a.subject} for a in self.mail.activities]}
         for area, result in self.calendars.items():
             out[area] = dict(result.counts) | {"conflict_details": result.conflicts, "requests": result.requests}
+            if result.held:  # new items kept out for want of a mandatory field (`gwsync held`)
+                out[area]["held"] = result.held
             if result.plan is not None:  # a dry run: what the sync would do
                 out[area]["plan"] = result.plan
         out["error"] = self.error
@@ -149,7 +167,7 @@ def _merge_calendar(a: CalendarResult | None, b: CalendarResult) -> CalendarResu
 
     return CalendarResult(counts={k: a.counts.get(k, 0) + v for k, v in b.counts.items()}, errors=b.errors,
                           conflicts=a.conflicts + b.conflicts, requests=a.requests + b.requests,
-                          plan=b.plan if b.plan is not None else a.plan)
+                          plan=b.plan if b.plan is not None else a.plan, held=b.held)
 
 
 @dataclass
@@ -172,6 +190,15 @@ class SyncReport:
     def to_dict(self) -> dict:
         return {"accounts": {name: report.to_dict() for name, report in self.accounts.items()},
                 "stopped": self.stopped}
+
+
+# The activity fields that name employees (accounts of the config), with the role an error names.
+EMPLOYEE_FIELDS = {"owner": "owner", "delegated_to": "delegate", "participants": "participant"}
+
+
+def _with_owner(owner: str | None, participants) -> list[str]:
+    """The participants with the owner first, each once (the owner always takes part)."""
+    return list(dict.fromkeys([owner, *participants] if owner else participants))
 
 
 def _imap(account: AccountConfig) -> ImapConfig:
@@ -344,6 +371,8 @@ class Engine:
                     acc_report = report.accounts.setdefault(account.name, AccountReport())
                     try:
                         with nullcontext() if dry_run else self.run_locks.hold(account.name, holder, lock_wait):
+                            if not dry_run:
+                                self._record_review(account)
                             self._sync_areas(account, areas, acc_report, dry_run, force, progress)
                     except AccountBusy as exc:
                         acc_report.busy = True
@@ -353,6 +382,17 @@ class Engine:
             finally:
                 self._selection = Selection()
             return report
+
+    def _record_review(self, account: AccountConfig) -> None:
+        """The calendar items the review left out or took in (its mails: by the import, which
+        knows their folders' UIDVALIDITY)."""
+        chosen = self._selection
+        for area, hrefs in chosen.take_in.items():
+            self.state.take_in(account.name, area, hrefs)
+        self.state.save_calendar_items([
+            CalendarItemRecord(account=account.name, area=area, href=href, outcome=LEFT_OUT,
+                               subject=chosen.subjects.get(href)) for area, hrefs in chosen.skip.items()
+            for href in hrefs])
 
     def _sync_areas(self, account, areas, acc_report, dry_run, force, progress) -> None:
         for area in areas:
@@ -474,9 +514,10 @@ class Engine:
         try:
             collection = self.collection(account, area)
             with self._locking(account, "caldav"):
+                left_out = {r.href for r in self.state.calendar_items(name, area, LEFT_OUT)}
                 result = CalendarSync(self.config, account, area, self.crm, self.state, collection,
                                       dry_run=dry_run, force=force, should_stop=self._should_stop,
-                                      skip_hrefs=self._selection.skip.get(area)).run()
+                                      skip_hrefs=left_out | self._selection.skip.get(area, set())).run()
         except (CredentialLocked, LoginRefused) as exc:
             acc_report.login_failed = True
             acc_report.errors.append(str(exc))
@@ -517,7 +558,8 @@ class Engine:
         try:
             importer = MailImporter(account, self.config.crm, self.crm, self.state, dry_run=dry_run,
                                     progress=progress, should_stop=self._should_stop,
-                                    selection=self._selection.mail, overrides=self._selection.overrides)
+                                    selection=self._selection.mail, overrides=self._selection.overrides,
+                                    left_out=self._selection.left_out_mail)
             acc_report.mail = importer.run(session)
         except StoreError:
             session.logout()
@@ -750,13 +792,24 @@ class Engine:
 
     def waiting_items(self, account: AccountConfig, area: str) -> list:
         """New items on the account's events or tasks collection that the CRM does not have yet,
-        as (href, item data): for a review to leave some out (Selection.skip)."""
+        as (href, item data): for a review to leave some out (Selection.skip) or take in those
+        left out before (`kept_out`). Records of left-out items gone from the server are dropped."""
         from .calendar.sync import CalendarSync
 
         with self._naming(account):
             collection = self.collection(account, area)
             with self._locking(account, "caldav"):
-                return CalendarSync(self.config, account, area, self.crm, self.state, collection).waiting()
+                waiting = CalendarSync(self.config, account, area, self.crm, self.state, collection).waiting()
+                left_out = self.state.calendar_items(account.name, area, LEFT_OUT)
+                present = collection.list_etags() if left_out else {}
+        gone = [(account.name, area, r.href) for r in left_out if r.href not in present]
+        self.state.save_calendar_items([], gone, LEFT_OUT)
+        return waiting
+
+    def kept_out(self, account: str | None = None, area: str | None = None) -> list[CalendarItemRecord]:
+        """New calendar items kept out of the CRM: left out in a review (until one takes them in),
+        or held for a mandatory field (until it can be filled); for `gwsync held` and the review."""
+        return self.state.calendar_items(account, area)
 
     # -- the CRM and the state, for front-ends -------------------------------------------------
 
@@ -777,22 +830,71 @@ class Engine:
         return self.crm.count_activities(flt)
 
     def create_activity(self, draft: ActivityDraft) -> int:
-        """Create an activity (idempotent by its key); returns its id."""
-        (activity_id,) = self.crm.create_activities([draft])
+        """Create an activity (idempotent by its key); returns its id. Its owner, delegate and
+        participants must be employees (UsageError, nothing created); the owner is made a
+        participant."""
+        self._check_employees({name: getattr(draft, name) for name in EMPLOYEE_FIELDS})
+        (activity_id,) = self.crm.create_activities([replace(
+            draft, participants=_with_owner(draft.owner, draft.participants))])
         return activity_id
 
     def update_activity(self, activity_id: int, changes: dict) -> None:
         """Change fields of an activity; LookupError when there is none with this id. The next
-        sync carries the change to its calendar item. A new owner replaces the old one among the
-        participants (unless the change sets them), so the item moves to the new owner's calendar."""
-        before = self.crm.get_activity(activity_id) if "owner" in changes and "participants" not in changes else None
+        sync carries the change to its calendar item.
+
+        Owner, delegate and participants must be employees (UsageError, nothing changed). The
+        owner stays a participant: new participants get the owner (the new one, if it changes
+        too); a new owner alone replaces the old one among the participants, so that the old
+        owner's calendar copy leaves at the next sync."""
+        self._check_employees(changes)
+        if "owner" in changes or "participants" in changes:
+            current = self.crm.get_activity(activity_id)
+            if current is None:
+                raise NotFound(f"no activity with id {activity_id}")
+            owner = changes.get("owner", current.owner)
+            if "participants" in changes:
+                changes = changes | {"participants": _with_owner(owner, changes["participants"])}
+            else:
+                # One atomic step each (a sync may add its account meanwhile), in an order that a
+                # repeat of an interrupted change completes: the old owner out, the new one in,
+                # then the owner itself.
+                if current.owner and current.owner != owner:
+                    self.crm.remove_participant(activity_id, current.owner)
+                if owner:
+                    self.crm.add_participant(activity_id, owner)
         self.crm.update_activity(activity_id, changes)
-        if before is not None and before.owner != changes["owner"]:
-            # One atomic change each: a participant a sync adds meanwhile is not lost.
-            if changes["owner"]:
-                self.crm.add_participant(activity_id, changes["owner"])
-            if before.owner:
-                self.crm.remove_participant(activity_id, before.owner)
+
+    def resolve_attendees(self, emails: list[str], owner: str | None, current: list[Attendee] | tuple = ()) -> People:
+        """A meeting's attendees for these addresses (organizer: the one in `current`, else the
+        owner), resolved to employees, contacts and partners (gwsync.people)."""
+        owner_cfg = self.config.accounts.get(owner) if owner else None
+        listed = attendee_list(emails, current, organizer_of(current, owner_cfg))
+        return resolve_attendees(listed, employees_by_address(self.config.accounts.values()),
+                                 self.crm.find_contact_by_email, self.crm.find_partner_by_domain)
+
+    def add_participants(self, activity_id: int, names: list[str]) -> None:
+        """Add these employees to the activity's participants (atomically, each once)."""
+        for name in names:
+            self.crm.add_participant(activity_id, name)
+
+    def employees(self) -> list[str]:
+        """The team: the accounts of the config, by name."""
+        return sorted(self.config.accounts)
+
+    def employee(self, name: str, role: str = "employee") -> str:
+        """`name`, if it is an employee (an account of the config); else a UsageError (exit 2)
+        naming it, in its `role` (owner, delegate, participant), and the known ones."""
+        if name not in self.config.accounts:
+            raise UsageError(f"{role} {name!r} is not an employee: no account {name!r} in the config "
+                             f"(known: {', '.join(self.employees()) or 'none'})")
+        return name
+
+    def _check_employees(self, fields: dict) -> None:
+        for name, role in EMPLOYEE_FIELDS.items():
+            value = fields.get(name)
+            for person in (value or []) if name == "participants" else [value]:
+                if person is not None:
+                    self.employee(person, role)
 
     def delete_activity(self, activity_id: int) -> None:
         """Delete an activity; the next sync deletes its calendar item too. NotFound when there
@@ -835,7 +937,8 @@ class Engine:
         return self.crm.add_partner(name, list(emails))
 
     def not_imported(self) -> list[MailRecord]:
-        """Mail held back, failed or quarantined, for `gwsync held` and the web view."""
+        """Mail held back, failed, quarantined or left out in a review, for `gwsync held` and the
+        web view (calendar items kept out: `kept_out`)."""
         return self.state.not_imported()
 
     def status(self) -> dict[str, dict]:

@@ -116,8 +116,10 @@ def test_review_end_to_end_through_its_input(make_env):
                     b"Content-Transfer-Encoding: base64\n\nJVBERi0xLjQK\n--b--\n")
     env.append(DONE, with_pdf, make_mail(2, sender="stranger@nowhere.example"),
                make_mail(3, sender="spam@junk.example"))
+    # The partner is mandatory for calendar items too: Erika, a contact of ACME, attends.
     env.dav_put("events", "m.ics", "BEGIN:VCALENDAR\nVERSION:2.0\nPRODID:x\nBEGIN:VEVENT\nUID:m\n"
-                "DTSTAMP:20261120T100000Z\nDTSTART:20261201T090000Z\nSUMMARY:Messe\nEND:VEVENT\nEND:VCALENDAR\n")
+                "DTSTAMP:20261120T100000Z\nDTSTART:20261201T090000Z\nSUMMARY:Messe\n"
+                "ATTENDEE:mailto:erika@acme.example\nEND:VEVENT\nEND:VCALENDAR\n")
 
     answers = "\n".join([
         "mail, events",  # areas
@@ -139,6 +141,7 @@ def test_review_end_to_end_through_its_input(make_env):
     (doc,) = acts["Vertrag anbei"].documents
     assert (doc.filename, doc.category, doc.keyword) == ("vertrag.pdf", "Vertrag", "2026-114")
     assert acts["Test mail 2"].partner_id == acme.id and acts["Test mail 2"].sender == "stranger@nowhere.example"
+    assert acts["Messe"].partner_id == acme.id
     left = list(env.messages(DONE).values())
     assert len(left) == 1 and b"spam@junk.example" in left[0]["raw"]  # left out: still in its folder
     assert len(env.messages("INBOX/CRM Archiv")) == 2

@@ -78,9 +78,11 @@ def test_activities_with_keys_from_before_teams_keep_working(team):
 
 
 def test_the_dry_run_plan_shows_join_unlink_cancel_and_release(team):
-    team.coll("alice").put("m.ics", meeting("meet", "Projektstart"))
+    # No ATTENDEE line: bob is no participant until his copy joins.
+    organized = event("meet", "Projektstart", "ORGANIZER:mailto:alice@firma.example\r\n")
+    team.coll("alice").put("m.ics", organized)
     team.sync("alice")
-    team.coll("bob").put("invite.ics", meeting("meet", "Projektstart"))
+    team.coll("bob").put("invite.ics", organized)
     assert [e["action"] for e in team.sync("bob", dry_run=True).plan] == ["join"]
     team.sync("bob")
     activity_id = one({a: a for a in team.activities()})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import html
 import http.server
+import os
 import re
 import socket
 import subprocess
@@ -518,12 +519,10 @@ def test_sigterm_stops_it_cleanly(world):
 
 # -- in a real browser -----------------------------------------------------------------------
 
-def test_in_chromium_the_calendar_link_leads_to_the_partners_activities(world, tmp_path):
+def chromium(tmp_path):
+    """Debian's Chromium, headless, with a phone's window and its console log kept."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as arrived
-    from selenium.webdriver.support.wait import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
@@ -532,7 +531,15 @@ def test_in_chromium_the_calendar_link_leads_to_the_partners_activities(world, t
                  "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=412,915"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+
+
+def test_in_chromium_the_calendar_link_leads_to_the_partners_activities(world, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as arrived
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    driver = chromium(tmp_path)
     # A click that follows a link or sends a form returns before the next page is there.
     wait = WebDriverWait(driver, 10).until
     try:
@@ -575,3 +582,222 @@ def test_in_chromium_the_calendar_link_leads_to_the_partners_activities(world, t
         assert problems == []
     finally:
         driver.quit()
+
+
+# -- a team: alice and bob on one CRM, each logging in as themselves ---------------------------
+
+ALICE_WEB, BOB_WEB = "alice wörd", "bob wörd"
+
+
+@dataclass
+class Team:
+    alice: GwEnv  # the config of both is alice's
+    bob: GwEnv  # bob's mail and calendar user
+    url: str
+    process: subprocess.Popen
+    ids: dict[str, int]  # subject -> activity id
+
+    def login(self, user: str, password: str) -> requests.Session:
+        browser = requests.Session()
+        page = browser.get(self.url + "/login", timeout=10)
+        answer = browser.post(self.url + "/login", timeout=10, data={
+            "user": user, "password": password, "csrf_token": csrf_token(page.text)})
+        assert answer.status_code == 200 and f"Logged in as {user}" in answer.text, answer.text
+        return browser
+
+
+def account_tables(env: GwEnv, name: str) -> str:
+    """env's [accounts.alice] tables, renamed to account `name` (for a second employee)."""
+    text = env.config_path.read_text()
+    tables = text[text.index("[accounts.alice]"):]
+    return tables.replace("[accounts.alice", f"[accounts.{name}")
+
+
+@pytest.fixture(scope="module")
+def team(dovecot, tmp_path_factory, request):
+    root = tmp_path_factory.mktemp("team")
+    alice = build_env(dovecot, root, request, areas=("mail", "events"), link=None)
+    bob = build_env(dovecot, root, request, areas=("mail", "events"), link=None)
+    os.environ["GWSYNC_TEST_ALICE_WEB"] = ALICE_WEB
+    alice.config_path.write_text(
+        alice.config_path.read_text() + "\n" + account_tables(bob, "bob")
+        + f'\n[serve]\nport = {free_port()}\n\n[serve.users.alice]\npassword_env = "GWSYNC_TEST_ALICE_WEB"\n\n'
+        f'[serve.users.bob]\npassword = "{BOB_WEB}"\n')
+    alice.append(FOLDER, plain_mail(11, "erika@acme.example", "Rückfrage an Alice"),
+                 plain_mail(12, "neu@kunde.example", "Unbekannt an Alice"))
+    bob.append(FOLDER, plain_mail(13, "neu@kunde.example", "Unbekannt an Bob"))
+    assert alice.cli("partner", "add", "ACME GmbH", "--email", "info@acme.example").exit_code == 0
+    assert alice.cli("contact", "add", "Erika Mustermann", "--email", "erika@acme.example",
+                     "--partner", "1").exit_code == 0
+    synced = alice.cli("sync")
+    assert synced.exit_code == 0, synced.output
+    from gwsync.crm import ActivityDraft
+
+    with alice.engine() as engine:  # a busy block of bob's (as `[sync] private = "busy"` imports) and a meeting
+        engine.create_activity(ActivityDraft(
+            key="cal:arzt@team", kind="TERMIN", status="O", subject="Arzttermin Dr. Specht", owner="bob",
+            participants=["bob"], private=True, body="Befund mitbringen", location="Praxis Specht",
+            start="2026-12-03T09:00:00+01:00[Europe/Berlin]", end="2026-12-03T10:00:00+01:00[Europe/Berlin]"))
+        engine.create_activity(ActivityDraft(
+            key="crm:jour-fixe", kind="BESPRECHUNG", status="O", subject="Jour fixe", owner="alice",
+            participants=["alice"], start="2026-12-04T09:00:00+01:00[Europe/Berlin]",
+            end="2026-12-04T10:00:00+01:00[Europe/Berlin]"))
+    ids = {a["subject"]: a["id"] for a in alice.cli_json("activities")[1]}
+    process, url = start_serve(alice.config_path)
+    yield Team(alice=alice, bob=bob, url=url, process=process, ids=ids)
+    stop(process)
+
+
+def test_each_employee_logs_in_with_their_own_password(team):
+    anonymous = requests.get(team.url + "/", timeout=10, allow_redirects=False)
+    assert anonymous.status_code == 302 and anonymous.headers["Location"].startswith("/login")
+    browser = requests.Session()
+    page = browser.get(team.url + "/login", timeout=10)
+    assert 'name="user"' in page.text
+    wrong = browser.post(team.url + "/login", timeout=10, data={  # bob's password is not alice's
+        "user": "alice", "password": BOB_WEB, "csrf_token": csrf_token(page.text)})
+    assert wrong.status_code == 401 and "Wrong user name or password." in wrong.text
+    time.sleep(int(wrong.headers["Retry-After"]))
+    unknown = browser.post(team.url + "/login", timeout=10, data={
+        "user": "carol", "password": ALICE_WEB, "csrf_token": csrf_token(page.text)})
+    assert unknown.status_code == 401 and "Wrong user name or password." in unknown.text
+    assert browser.get(team.url + "/", timeout=10, allow_redirects=False).status_code == 302
+    time.sleep(int(unknown.headers["Retry-After"]))
+    alice = team.login("alice", ALICE_WEB)
+    assert "Logged in as alice" in alice.get(team.url + "/", timeout=10).text
+    bob = team.login("bob", BOB_WEB)
+    assert "Logged in as bob" in bob.get(team.url + "/", timeout=10).text
+    # beyond loopback, logins per employee are enough (no shared password needed)
+    process, url = start_serve(team.alice.config_path, "--host", "0.0.0.0", "--port", "0")
+    try:
+        assert requests.get(url.replace("0.0.0.0", "127.0.0.1") + "/", timeout=10,
+                            allow_redirects=False).status_code == 302
+    finally:
+        stop(process)
+
+
+def test_a_private_item_is_privat_for_everyone_but_its_owner(team):
+    alice, bob = team.login("alice", ALICE_WEB), team.login("bob", BOB_WEB)
+    target = f"{team.url}/activities/{team.ids['Arzttermin Dr. Specht']}"
+    seen = alice.get(target, timeout=10).text
+    assert "<h1>Privat</h1>" in seen and "Thu 03 Dec 2026, 09:00 (Europe/Berlin)" in seen
+    for secret in ("Arzttermin", "Specht", "Befund"):
+        assert secret not in seen and secret not in alice.get(team.url + "/searches/all", timeout=10).text
+    owner = bob.get(target, timeout=10).text
+    assert "<h1>Arzttermin Dr. Specht</h1>" in owner and "Praxis Specht" in owner and "Befund mitbringen" in owner
+
+
+def test_searches_per_employee(team):
+    def subjects(browser, name):
+        page = browser.get(f"{team.url}/searches/{name}", timeout=10)
+        assert page.status_code == 200
+        return set(re.findall(r'class="subject">([^<]*)<', page.text))
+
+    alice, bob = team.login("alice", ALICE_WEB), team.login("bob", BOB_WEB)
+    assert subjects(alice, "mine-today") == {"Rückfrage an Alice", "Unbekannt an Alice"}
+    assert subjects(alice, "mine-unassigned") == {"Unbekannt an Alice"}
+    assert subjects(bob, "mine-today") == {"Unbekannt an Bob"}
+    assert subjects(bob, "mine-unassigned") == {"Unbekannt an Bob"}
+    assert subjects(alice, "all") == {"Rückfrage an Alice", "Unbekannt an Alice", "Unbekannt an Bob", "Privat",
+                                      "Jour fixe"}
+    assert subjects(bob, "all") >= {"Arzttermin Dr. Specht", "Jour fixe"}
+
+
+def edit_fields(page: str) -> dict:
+    """The edit form's fields as the page fills them in."""
+    form = {name: html.unescape(value) for name, value in re.findall(r'<input[^>]* name="(\w+)" value="([^"]*)"', page)
+            if name != "participants"}
+    for name in ("kind", "status", "owner", "delegated_to"):
+        chosen = re.search(rf'<select name="{name}".*?<option value="([^"]*)" selected', page, re.DOTALL)
+        form[name] = chosen.group(1) if chosen else ""
+    form["participants"] = re.findall(r'name="participants" value="([^"]+)" checked', page)
+    form["participants_seen"] = re.findall(r'name="participants_seen" value="([^"]+)"', page)
+    return form
+
+
+def test_the_edit_form_changes_an_activity_and_refuses_forgeries_and_unknown_names(team):
+    activity = team.ids["Unbekannt an Alice"]
+    edit = f"{team.url}/activities/{activity}/edit"
+    alice = team.login("alice", ALICE_WEB)
+    page = alice.get(edit, timeout=10).text
+    form = edit_fields(page)
+    assert form["owner"] == "alice" and form["status"] == "O" and form["kind"] == "MAILEIN"
+
+    # without the form's token (another site's page posting here), nothing changes
+    no_token = {k: v for k, v in form.items() if k != "csrf_token"} | {"subject": "Gefälscht"}
+    forged = alice.post(edit, timeout=10, data=no_token)
+    assert forged.status_code == 400 and "Form refused" in forged.text
+    # an owner who is no employee: the form again, with one line saying why
+    unknown = alice.post(edit, timeout=10, data=form | {"owner": "mallory", "subject": "Neu"})
+    assert unknown.status_code == 400
+    assert re.findall(r'<p class="error" role="alert">([^<]*)</p>', unknown.text) == [
+        "owner &#39;mallory&#39; is not an account (known: alice, bob)."]
+    assert 'value="Neu"' in unknown.text
+    shown = team.alice.cli_json("activity", "show", str(activity))[1]
+    assert (shown["subject"], shown["owner"]) == ("Unbekannt an Alice", "alice")
+
+    done = alice.post(edit, timeout=10, data=form | {
+        "kind": "MAILEIN", "status": "E", "subject": "Wartungsvertrag Kunde", "owner": "bob", "delegated_to": "alice",
+        "participants": ["alice", "bob"], "request": "Anfrage 2027-14", "project": "Wartung Nord"})
+    assert done.status_code == 200 and done.history[0].status_code == 303 and "Saved." in done.text
+    shown = team.alice.cli_json("activity", "show", str(activity))[1]
+    assert {k: shown[k] for k in ("status", "subject", "owner", "delegated_to", "participants", "request",
+                                  "project")} == {
+        "status": "E", "subject": "Wartungsvertrag Kunde", "owner": "bob", "delegated_to": "alice",
+        "participants": ["bob"], "request": "Anfrage 2027-14", "project": "Wartung Nord"}
+
+
+def test_push_and_unpush_from_the_page(team):
+    activity = team.ids["Jour fixe"]
+    target = f"{team.url}/activities/{activity}"
+    alice = team.login("alice", ALICE_WEB)
+    page = alice.get(target, timeout=10).text
+    assert f'action="/activities/{activity}/push"' in page
+    no_token = alice.post(target + "/push", timeout=10, data={"area": "events", "account": "alice"})
+    assert no_token.status_code == 400 and team.alice.dav_items("events") == {}
+    pushed = alice.post(target + "/push", timeout=10, data={"area": "events", "account": "alice",
+                                                             "csrf_token": csrf_token(page)})
+    assert pushed.status_code == 200 and "Pushed to alice&#39;s events." in pushed.text
+    (text,) = [data for _etag, data in team.alice.dav_items("events").values()]
+    assert "SUMMARY:Jour fixe" in text and f"/activities/{activity}" in text.replace("\r\n ", "")
+    assert "Appointment in alice's events collection" in pushed.text
+    assert team.bob.dav_items("events") == {}
+    # a name that is no account with a calendar: refused, nothing pushed there
+    bad = alice.post(target + "/push", timeout=10, data={"area": "events", "account": "mallory",
+                                                          "csrf_token": csrf_token(page)})
+    assert bad.status_code == 400 and "mallory" in bad.text
+    unpushed = alice.post(target + "/unpush", timeout=10, data={"account": "alice", "csrf_token": csrf_token(page)})
+    assert unpushed.status_code == 200 and "Removed 1 calendar item from alice&#39;s calendar." in unpushed.text
+    assert team.alice.dav_items("events") == {}
+    assert team.alice.cli_json("activity", "show", str(activity))[1]["subject"] == "Jour fixe"  # kept
+
+
+def test_in_chromium_bob_logs_in_and_edits_an_activity(team, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as arrived
+    from selenium.webdriver.support.select import Select
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    activity = team.ids["Unbekannt an Bob"]
+    driver = chromium(tmp_path)
+    wait = WebDriverWait(driver, 10).until
+    try:
+        driver.get(f"{team.url}/activities/{activity}/edit")  # to the login first, then back here
+        driver.find_element(By.NAME, "user").send_keys("bob")
+        driver.find_element(By.NAME, "password").send_keys(BOB_WEB)
+        driver.find_element(By.XPATH, "//button[text()='Log in']").click()
+        wait(arrived.presence_of_element_located((By.NAME, "subject")))
+        assert "Logged in as bob" in driver.page_source
+        Select(driver.find_element(By.NAME, "status")).select_by_value("E")
+        driver.find_element(By.CSS_SELECTOR, 'input[name="participants"][value="alice"]').click()
+        driver.find_element(By.NAME, "project").send_keys("Projekt Süd")
+        driver.find_element(By.XPATH, "//button[text()='Save']").click()
+        notice = wait(arrived.presence_of_element_located((By.CSS_SELECTOR, ".notice")))
+        assert notice.text == "Saved."
+        assert driver.find_element(By.TAG_NAME, "h1").text == "Unbekannt an Bob"
+        problems = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")]
+        assert problems == []
+    finally:
+        driver.quit()
+    shown = team.alice.cli_json("activity", "show", str(activity))[1]
+    assert (shown["status"], shown["participants"], shown["project"]) == ("E", ["bob", "alice"], "Projekt Süd")

@@ -376,3 +376,333 @@ def test_the_activity_page_shows_the_senders_name_to_and_cc_and_assigns_outgoing
     assert re.search(r"<dt>From</dt><dd>Mustermann, Erika &lt;script&gt; &lt;erika@acme.example&gt; "
                      r"<span class=\"warn\">unassigned</span> · "
                      r"<a href=\"/unknown#erika@acme.example\">assign</a></dd>", page)
+
+
+# -- a team: a login per employee, private items, their searches, the edit form -----------------
+
+ALICE_PW, BOB_PW = "alice s3cret", "bob s3cret"
+
+
+def team_data(tmp_path, users: dict | None = None, **serve) -> dict:
+    """alice and bob, each with their own login to the web view (`users`; {}: none)."""
+    users = {"alice": {"password": ALICE_PW}, "bob": {"password": BOB_PW}} if users is None else users
+    account = {"areas": ["mail"]}
+    return {"crm": {"database": str(tmp_path / "crm.db")}, "state": {"database": str(tmp_path / "state.db")},
+            "accounts": {name: account | {"imap": {"host": "127.0.0.1", "username": f"{name}@firma.example",
+                                                   "password": "imap"}} for name in ("alice", "bob")},
+            "serve": serve | ({"users": users} if users != {} else {})}
+
+
+def team_app(tmp_path):
+    """The app for alice and bob, each with their own password; forms without CSRF tokens."""
+    from gwsync.config import parse_config
+    from gwsync.web.app import create_app
+
+    config = parse_config(team_data(tmp_path))
+    app = create_app(config, b"k" * 32, users={"alice": ALICE_PW, "bob": BOB_PW})
+    app.config["WTF_CSRF_ENABLED"] = False
+    return config, app
+
+
+def logged_in(app, user: str, password: str, address: str = "127.0.0.1"):
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = address
+    answer = client.post("/login", data={"user": user, "password": password})
+    assert answer.status_code == 303, answer.text
+    return client
+
+
+def test_serve_users_are_accounts_each_with_one_password_source(tmp_path, monkeypatch):
+    from gwsync.config import ConfigError, parse_config
+
+    monkeypatch.setenv("ALICE_WEB", ALICE_PW)
+    config = parse_config(team_data(tmp_path, {"alice": {"password_env": "ALICE_WEB"},
+                                               "bob": {"password_command": ["echo", BOB_PW]}}))
+    assert sorted(config.serve.users) == ["alice", "bob"] and config.serve.secret is None
+    assert config.serve.users["alice"].secret.resolve() == ALICE_PW
+    assert config.serve.users["bob"].secret.resolve() == BOB_PW
+    assert config.serve.users["bob"].secret.where == "serve.users.bob"
+    refused = {
+        "serve.users.carol: no account 'carol' in [accounts] (known: alice, bob); each web user is an employee":
+            team_data(tmp_path, {"carol": {"password": "x"}}),
+        "serve.users.alice: set password_command, password_env, password_keyring or password":
+            team_data(tmp_path, {"alice": {}}),
+        "serve.users.alice: set only one of password_command, password_env, password_keyring, password "
+        "(found password_env, password)": team_data(tmp_path, {"alice": {"password_env": "A", "password": "x"}}),
+        "unknown key serve.users.alice.user (check the spelling against the README)":
+            team_data(tmp_path, {"alice": {"password": "x", "user": "alice"}}),
+        "serve: set either one shared password (password_command, password_env, password_keyring or password) "
+        "or [serve.users.NAME] tables, not both": team_data(tmp_path, password="shared"),
+    }
+    for message, data in refused.items():
+        with pytest.raises(ConfigError) as caught:
+            parse_config(data)
+        assert str(caught.value) == message
+        assert "\n" not in str(caught.value)
+
+
+def test_each_employee_logs_in_as_themselves(tmp_path):
+    _config, app = team_app(tmp_path)
+    form = app.test_client().get("/login")
+    assert 'name="user"' in form.text and 'name="password"' in form.text
+    alice = logged_in(app, "alice", ALICE_PW)
+    assert "Logged in as alice" in alice.get("/").text
+    bob = logged_in(app, "bob", BOB_PW, "127.0.0.2")
+    assert "Logged in as bob" in bob.get("/").text
+    for number, (user, password) in enumerate([("alice", BOB_PW), ("bob", ALICE_PW), ("carol", ALICE_PW),
+                                               ("", ALICE_PW), ("alice", "")]):
+        client = app.test_client()
+        client.environ_base["REMOTE_ADDR"] = f"127.0.1.{number}"  # each a client of its own: no throttle
+        wrong = client.post("/login", data={"user": user, "password": password})
+        assert wrong.status_code == 401 and "Wrong user name or password" in wrong.text, (user, password)
+        assert client.get("/").status_code == 302
+    # the same throttle per client as for one password
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = "127.0.2.1"
+    assert client.post("/login", data={"user": "alice", "password": "guess"}).status_code == 401
+    early = client.post("/login", data={"user": "alice", "password": ALICE_PW})
+    assert early.status_code == 429 and client.get("/").status_code == 302
+
+
+def test_a_session_of_one_shared_password_does_not_open_a_team_view(tmp_path):
+    """A cookie signed with the same key but made for another login (the shared password, or a
+    user whose password changed) is not a login."""
+    from gwsync.config import parse_config
+    from gwsync.web.app import create_app
+
+    config = parse_config(team_data(tmp_path))
+    shared = create_app(parse_config(team_data(tmp_path, {}, password=ALICE_PW)), b"k" * 32, ALICE_PW)
+    shared.config["WTF_CSRF_ENABLED"] = False
+    cookie_client = shared.test_client()
+    assert cookie_client.post("/login", data={"password": ALICE_PW}).status_code == 303
+    team = create_app(config, b"k" * 32, users={"alice": "changed", "bob": BOB_PW})
+    moved = team.test_client()
+    name = next(iter(cookie_client._cookies))[2]
+    moved.set_cookie(name, cookie_client.get_cookie(name).value)
+    assert moved.get("/").status_code == 302
+    before = create_app(config, b"k" * 32, users={"alice": ALICE_PW, "bob": BOB_PW})
+    before.config["WTF_CSRF_ENABLED"] = False
+    old = logged_in(before, "alice", ALICE_PW)
+    assert old.get("/").status_code == 200
+    moved.set_cookie(name, old.get_cookie(name).value)
+    assert moved.get("/").status_code == 302  # alice's password changed: her old session is over
+
+
+def seed_team(config) -> dict[str, int]:
+    """Activities of alice and bob: imported mail (today), a private appointment of bob's with a
+    document, a meeting of both."""
+    from gwsync.crm import ActivityDraft, Attendee, Document
+    from gwsync.engine import Engine
+
+    def mail(key, owner, subject, unassigned=False, participants=()):
+        return ActivityDraft(key=key, kind="MAILEIN", status="I", subject=subject, sender=f"{key}@kunde.example",
+                             unassigned=unassigned, source=f"{owner}:INBOX/CRM Neu [I]", owner=owner,
+                             participants=[owner, *participants], body=f"Text of {subject}")
+
+    with Engine(config) as engine:
+        sha, size = engine.crm.put_document(iter([b"%PDF Befund"]))
+        drafts = {
+            "alice-mail": mail("a1", "alice", "Anfrage an Alice"),
+            "alice-unassigned": mail("a2", "alice", "Unbekannt an Alice", unassigned=True),
+            "bob-unassigned": mail("b1", "bob", "Unbekannt an Bob", unassigned=True),
+            "shared-mail": mail("s1", "bob", "An beide", participants=("alice",)),
+            "private": ActivityDraft(
+                key="cal:arzt", kind="TERMIN", status="O", subject="Arzttermin Dr. Specht", body="Befund mitbringen",
+                location="Praxis Specht", owner="bob", participants=["bob"], private=True, request="Kur 2027",
+                start="2026-12-03T09:00:00+00:00", end="2026-12-03T10:00:00+00:00",
+                attendees=[Attendee(email="praxis@specht.example", name="Praxis Specht")],
+                documents=[Document(filename="Befund.pdf", content_type="application/pdf", size=size, sha256=sha)]),
+            "meeting": ActivityDraft(key="cal:jour", kind="BESPRECHUNG", status="O", subject="Jour fixe",
+                                     owner="alice", participants=["alice", "bob"], start="2026-12-04T09:00:00+00:00"),
+        }
+        return dict(zip(drafts, engine.crm.create_activities(list(drafts.values())), strict=True))
+
+
+SECRETS = ("Arzttermin", "Specht", "Befund", "Kur 2027")
+
+
+def test_a_private_item_shows_its_details_only_to_its_owner(tmp_path):
+    config, app = team_app(tmp_path)
+    ids = seed_team(config)
+    alice, bob = logged_in(app, "alice", ALICE_PW), logged_in(app, "bob", BOB_PW, "127.0.0.2")
+    page = alice.get(f"/activities/{ids['private']}")
+    assert page.status_code == 200 and "<h1>Privat</h1>" in page.text
+    assert "Thu 03 Dec 2026" in page.text and "09:00" in page.text and "10:00" in page.text  # the times stay
+    assert "<dt>Contact</dt>" not in page.text and "only bob sees its details" in page.text
+    for secret in SECRETS:
+        assert secret not in page.text, secret
+    assert alice.get(f"/activities/{ids['private']}/documents/1").status_code == 404
+    for listing in ("/searches/all", "/searches/imported"):
+        assert not any(secret in alice.get(listing).text for secret in SECRETS), listing
+    assert "Privat" in alice.get("/searches/all").text
+    # its owner sees everything
+    page = bob.get(f"/activities/{ids['private']}").text
+    assert all(secret in page for secret in SECRETS) and "praxis@specht.example" in page
+    assert bob.get(f"/activities/{ids['private']}/documents/1").data == b"%PDF Befund"
+    assert "Arzttermin Dr. Specht" in bob.get("/searches/all").text
+    # nobody can edit or push another's private item (the form would show its details)
+    assert alice.get(f"/activities/{ids['private']}/edit").status_code == 403
+    refused = alice.post(f"/activities/{ids['private']}/edit", data={"subject": "x"})
+    assert refused.status_code == 403
+    assert alice.post(f"/activities/{ids['private']}/push", data={"area": "events"}).status_code == 403
+    assert "Arzttermin Dr. Specht" in bob.get(f"/activities/{ids['private']}/edit").text
+
+
+def subjects(client, path: str) -> set[str]:
+    page = client.get(path)
+    assert page.status_code == 200, (path, page.text)
+    return set(re.findall(r'class="subject">([^<]*)<', page.text))
+
+
+def test_each_employee_has_their_own_searches(tmp_path):
+    config, app = team_app(tmp_path)
+    seed_team(config)
+    alice, bob = logged_in(app, "alice", ALICE_PW), logged_in(app, "bob", BOB_PW, "127.0.0.2")
+    assert subjects(alice, "/searches/mine-today") == {"Anfrage an Alice", "Unbekannt an Alice", "An beide"}
+    assert subjects(alice, "/searches/mine-unassigned") == {"Unbekannt an Alice"}
+    assert subjects(bob, "/searches/mine-today") == {"Unbekannt an Bob", "An beide"}
+    assert subjects(bob, "/searches/mine-unassigned") == {"Unbekannt an Bob"}
+    everything = {"Anfrage an Alice", "Unbekannt an Alice", "Unbekannt an Bob", "An beide", "Privat", "Jour fixe"}
+    assert subjects(alice, "/searches/all") == everything
+    assert subjects(alice, "/searches/unassigned") == {"Unbekannt an Alice", "Unbekannt an Bob"}  # the team's
+    index = alice.get("/").text
+    assert re.search(r'My imports today</a> <span class="count">3<', index)
+    assert re.search(r'My unassigned mail</a> <span class="count">1<', index)
+    assert re.search(r'All activities</a> <span class="count">6<', index)
+
+
+def test_with_one_account_and_no_users_mine_is_that_account(tmp_path):
+    from gwsync.config import parse_config
+    from gwsync.web.app import create_app
+
+    data = team_data(tmp_path, {})
+    del data["accounts"]["bob"]
+    config = parse_config(data)
+    from gwsync.crm import ActivityDraft
+    from gwsync.engine import Engine
+
+    with Engine(config) as engine:
+        engine.crm.create_activities([ActivityDraft(key="p", kind="TERMIN", status="O", subject="Zahnarzt",
+                                                    owner="alice", private=True)])
+    client = create_app(config, b"k" * 32).test_client()
+    assert subjects(client, "/searches/all") == {"Zahnarzt"}  # the only employee is the owner
+    assert client.get("/searches/mine-today").status_code == 200
+
+
+def test_with_several_accounts_and_no_users_private_items_stay_private(tmp_path):
+    from gwsync.config import parse_config
+    from gwsync.web.app import create_app
+
+    config = parse_config(team_data(tmp_path, {}))
+    ids = seed_team(config)
+    client = create_app(config, b"k" * 32).test_client()
+    assert "Arzttermin" not in client.get(f"/activities/{ids['private']}").text
+    assert client.get("/searches/mine-today").status_code == 404  # nobody to be "me"
+    assert "My imports today" not in client.get("/").text
+
+
+def edit_form(client, activity_id: int) -> dict:
+    """The edit form's fields as the page fills them in."""
+    page = client.get(f"/activities/{activity_id}/edit")
+    assert page.status_code == 200, page.text
+    form = {name: html.unescape(value)
+            for name, value in re.findall(r'<input[^>]* name="(\w+)" value="([^"]*)"', page.text)}
+    for name in ("kind", "status", "owner", "delegated_to"):
+        chosen = re.search(rf'<select name="{name}".*?<option value="([^"]*)" selected', page.text, re.DOTALL)
+        form[name] = chosen.group(1) if chosen else ""
+    form["participants"] = re.findall(r'name="participants" value="([^"]+)" checked', page.text)
+    form["participants_seen"] = re.findall(r'name="participants_seen" value="([^"]+)"', page.text)
+    return form
+
+
+def test_the_edit_form_changes_the_fields_through_the_engine(tmp_path):
+    from gwsync.engine import Engine
+
+    config, app = team_app(tmp_path)
+    ids = seed_team(config)
+    alice = logged_in(app, "alice", ALICE_PW)
+    form = edit_form(alice, ids["meeting"])
+    assert form["kind"] == "BESPRECHUNG" and form["owner"] == "alice" and form["participants"] == ["alice", "bob"]
+    form.update(kind="AUFGABE", status="E", subject="Jour fixe <neu>", owner="bob", delegated_to="alice",
+                participants=["alice", "bob"], request="Anfrage 12", project="Projekt Nord")
+    sent = alice.post(f"/activities/{ids['meeting']}/edit", data=form)
+    assert sent.status_code == 303 and sent.headers["Location"] == f"/activities/{ids['meeting']}"
+    assert "Saved." in alice.get(sent.headers["Location"]).text
+    with Engine(config) as engine:
+        a = engine.activity(ids["meeting"])
+    assert (a.kind, a.status, a.subject, a.owner, a.delegated_to, a.request, a.project) == (
+        "AUFGABE", "E", "Jour fixe <neu>", "bob", "alice", "Anfrage 12", "Projekt Nord")
+    # the new owner replaced the old one among the participants, who was ticked only as the owner
+    assert a.participants == ["bob"]
+    assert (a.start, a.body) == ("2026-12-04T09:00:00+00:00", "")  # what the form does not hold stays
+    # cleared fields
+    form = edit_form(alice, ids["meeting"])
+    form.update(delegated_to="", request="", project="", participants=["bob", "alice"])
+    assert alice.post(f"/activities/{ids['meeting']}/edit", data=form).status_code == 303
+    with Engine(config) as engine:
+        a = engine.activity(ids["meeting"])
+    assert (a.delegated_to, a.request, a.project, a.participants) == (None, None, None, ["bob", "alice"])
+
+
+def test_the_edit_form_refuses_bad_input_with_one_line_and_changes_nothing(tmp_path):
+    from gwsync.engine import Engine
+
+    config, app = team_app(tmp_path)
+    ids = seed_team(config)
+    alice = logged_in(app, "alice", ALICE_PW)
+    good = edit_form(alice, ids["meeting"])
+    with Engine(config) as engine:
+        before = engine.activity(ids["meeting"])
+    for change, says in (({"owner": "mallory"}, "owner &#39;mallory&#39; is not an account (known: alice, bob)"),
+                         ({"owner": ""}, "owner &#39;&#39; is not an account (known: alice, bob)"),
+                         ({"delegated_to": "carol"}, "delegate &#39;carol&#39; is not an account"),
+                         ({"participants": ["alice", "eve"]}, "participant &#39;eve&#39; is not an account"),
+                         ({"status": "Z"}, "status &#39;Z&#39; is not one of I, O, E, S"),
+                         ({"kind": "ZAUBEREI"}, "kind &#39;ZAUBEREI&#39; is not one of"),
+                         ({"subject": "x" * 2000}, "subject is longer than"),
+                         ({"updated_at": "2001-01-01T00:00:00+00:00"}, "changed since you opened this form")):
+        refused = alice.post(f"/activities/{ids['meeting']}/edit", data=good | change | {"request": "R-99"})
+        assert refused.status_code in (400, 409), change
+        errors = re.findall(r'<p class="error" role="alert">([^<]*)</p>', refused.text)
+        assert len(errors) == 1 and says in errors[0], (change, errors)
+        assert 'value="R-99"' in refused.text  # the form again, as it was sent
+    with Engine(config) as engine:
+        assert engine.activity(ids["meeting"]) == before
+    assert alice.post("/activities/999/edit", data=good).status_code == 404
+
+
+def test_push_and_unpush_refuse_what_names_no_calendar(tmp_path):
+    config, app = team_app(tmp_path)  # alice and bob sync mail only: no calendar to push to
+    ids = seed_team(config)
+    alice = logged_in(app, "alice", ALICE_PW)
+    page = alice.get(f"/activities/{ids['meeting']}").text
+    assert f'href="/activities/{ids["meeting"]}/edit"' in page and "/push" not in page
+    for path, form, says in (("push", {"area": "events", "account": "alice"}, "Push: &#39;alice&#39; is not an "
+                              "account with a calendar (known: none)."),
+                             ("push", {"area": "journal", "account": "alice"}, "Push: &#39;journal&#39; is neither "
+                              "events nor tasks."),
+                             ("unpush", {"account": "bob"}, "Unpush: &#39;bob&#39; is not an account with a calendar")):
+        refused = alice.post(f"/activities/{ids['meeting']}/{path}", data=form)
+        assert refused.status_code == 400 and says in refused.text, (path, form)
+    assert alice.post("/activities/999/push", data={"area": "events", "account": "alice"}).status_code == 404
+
+
+def test_the_edit_form_keeps_a_participant_a_sync_added_after_it_was_opened(tmp_path):
+    from gwsync.engine import Engine
+
+    config, app = team_app(tmp_path)
+    ids = seed_team(config)
+    alice = logged_in(app, "alice", ALICE_PW)
+    form = edit_form(alice, ids["alice-mail"])
+    assert form["participants"] == form["participants_seen"] == ["alice"]
+    with Engine(config) as engine:  # bob files the same mail meanwhile: his sync adds him (updated_at stays)
+        assert engine.crm.add_participant(ids["alice-mail"], "bob")
+    assert alice.post(f"/activities/{ids['alice-mail']}/edit", data=form | {"status": "E"}).status_code == 303
+    with Engine(config) as engine:
+        a = engine.activity(ids["alice-mail"])
+    assert (a.status, a.participants) == ("E", ["alice", "bob"])
+    # what the reader unticks goes; the owner stays one whatever the boxes say
+    form = edit_form(alice, ids["alice-mail"])
+    assert alice.post(f"/activities/{ids['alice-mail']}/edit", data=form | {"participants": []}).status_code == 303
+    with Engine(config) as engine:
+        assert engine.activity(ids["alice-mail"]).participants == ["alice"]

@@ -13,14 +13,17 @@ One run:
      action per pair that has something to do (`Plan`); planning writes nothing anywhere, and
      `sync --dry-run` prints the plan. New server items that are private (`[sync] private =
      "skip"`) or outside the date window get no pair: nothing is imported, nothing written
-     into them; items already linked stay linked whatever their CLASS or dates;
+     into them; items already linked stay linked whatever their CLASS or dates; nor do new items
+     the review left out (the engine passes them in `skip_hrefs`, recorded in the state database)
+     or that lack a mandatory field (held: see gwsync.calendar.mandatory; read again each run);
   4. the mass-deletion guard, on the plan;
   5. apply: the CRM creates in one transaction, then each action with conditional writes; a 412
      re-reads that item and plans that pair again; each pair's link is saved right after its
      writes, so a crash costs nothing: every step can be repeated (CRM writes are keyed by UID,
      creates on the server by a UID derived from the activity, and an existing item answers a
      repeated create with 412);
-  6. save the sync token (not when the review left items out, an action failed, or after a stop),
+  6. save the sync token (not when an action failed, or after a stop; items a review left out are
+     recorded, and taking one in drops the token, so that the next run lists the collection),
      with the day the earliest item left out for starting after the window enters it: on that
      day the collection is listed again (the item itself may never change, so no delta lists it).
 
@@ -65,8 +68,10 @@ from typing import ClassVar
 from urllib.parse import urlsplit
 
 from ..config import AccountConfig, Config
-from ..crm import Activity, ActivityDraft, ActivityFilter, CRMBackend
-from ..storage.state import CalendarLink, LinkChange, StateStore
+from ..crm import Activity, ActivityDraft, ActivityFilter, Attendee, CRMBackend
+from ..mail.decisions import SenderMatch
+from ..people import People, employees_by_address, organizer_of, resolve_attendees
+from ..storage.state import HELD, CalendarItemRecord, CalendarLink, LinkChange, StateStore
 from .dav import (
     Collection,
     DavError,
@@ -140,6 +145,7 @@ class CalendarResult:
     conflicts: list[str] = field(default_factory=list)  # one line each: item, fields, who won
     requests: int = 0
     plan: list[dict] | None = None  # a dry run's plan (`Action.to_dict` of each action)
+    held: int = 0  # new items not imported for want of a mandatory field
 
     @property
     def failed(self) -> bool:
@@ -320,6 +326,8 @@ class Plan:
     recovered: tuple[str, ...] = ()  # items that failed before and read fine now
     identities: tuple[CalendarLink, ...] = ()  # links that get their activity's identity recorded
     relist: date | None = None  # when an item left out for starting after the window enters it
+    held: tuple[CalendarItemRecord, ...] = ()  # new items lacking a mandatory field
+    checked: tuple[str, ...] = ()  # items read this run: their earlier "held" records go
 
     def to_list(self) -> list[dict]:
         return [action.to_dict() for action in self.actions]
@@ -352,7 +360,7 @@ class CalendarSync:
                  collection: Collection, dry_run: bool = False, force: bool = False,
                  should_stop=None, skip_hrefs: set[str] | None = None):
         self.should_stop = should_stop or (lambda: False)
-        self.skip_hrefs = skip_hrefs or set()  # new server items the review left out, this run only
+        self.skip_hrefs = skip_hrefs or set()  # new server items a review left out
         self.config = config
         self.account = account
         self.area = area
@@ -379,7 +387,10 @@ class CalendarSync:
         self._created: dict[str, Activity | None] = {}  # key -> the activity this run created for it
         self._today = datetime.now(UTC).date()  # for the date window; set again by each plan
         self._relist: date | None = None  # the earliest day an item left out for the future enters it
+        self._held: list[CalendarItemRecord] = []  # new items lacking a mandatory field, found by the plan
+        self._matches: dict[str, SenderMatch] = {}  # UID -> the contact and partner its attendees give
         self.store = crm.store_id()
+        self._employees = employees_by_address(config.accounts.values())
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -387,6 +398,7 @@ class CalendarSync:
         start_requests = self.coll.requests
         try:
             plan = self.plan()
+            self.result.held = len(plan.held)
             self._note_reads(plan)
             if self.dry_run:
                 self.result.plan = plan.to_list()
@@ -444,6 +456,9 @@ class CalendarSync:
         failures = self.state.item_failures(name, area)
         retry = [h for h, f in failures.items() if f["attempts"] < self.config.crm.max_attempts
                  and h not in deleted and h not in changed]
+        # Held items are read again each run: what releases them (a new contact) changes no item.
+        retry += [r.href for r in self.state.calendar_items(name, area, HELD)
+                  if r.href not in deleted and r.href not in changed and r.href not in retry]
         fetched = self.coll.multiget(sorted(set(changed) | set(retry))) if (changed or retry) else {}
         for href in changed:
             if href not in fetched:
@@ -461,12 +476,11 @@ class CalendarSync:
             if data.component != self.component and href not in by_href:
                 continue  # e.g. a VTODO in the events collection: not this area's
             parsed[href] = data
+        self._held = []
         pairs, identities = self._pairs(links, fetched, parsed, deleted)
         actions = tuple(a for a in map(self._action_for, pairs) if a is not None)
-        if self.skip_hrefs:
-            new_token = None  # left-out items must come up again next time: keep the old token
         return Plan(actions, new_token, len(links), tuple(broken), tuple(recovered), tuple(identities),
-                    self._relist)
+                    self._relist, tuple(self._held), tuple(sorted(set(changed) | set(retry))))
 
     def _note_reads(self, plan: Plan) -> None:
         """What reading found, whatever the guard says: broken items, items readable again."""
@@ -476,6 +490,7 @@ class CalendarSync:
             return
         for href in plan.recovered:
             self.state.clear_item_failure(self.account.name, self.area, href)
+        self.state.save_calendar_items(plan.held, [(self.account.name, self.area, h) for h in plan.checked], HELD)
         self._link_changes += [("save", link) for link in plan.identities]
 
     def apply(self, plan: Plan) -> None:
@@ -685,11 +700,33 @@ class CalendarSync:
                     day = self._relist_day(data)
                     self._relist = day if self._relist is None else min(self._relist, day)
                 continue  # a new item that stays out of the CRM: no pair, nothing written into it
+            if self._lacks_mandatory(href, data, fetched[href]):
+                continue  # held: no pair, nothing written into it; read again next run
             pairs.append(_Pair(None, None, fetched[href], data))
         for activity in activities.values():
             if activity.id not in linked_ids and activity.id not in matched_ids:
                 pairs.append(_Pair(None, activity, None, None))
         return pairs, identities
+
+    def _lacks_mandatory(self, href: str, data: ItemData, item: Item) -> bool:
+        """Whether a new item lacks a mandatory field ([crm] mandatory); if so it is held."""
+        mandatory = self.config.crm.mandatory
+        if not mandatory:
+            return False
+        from .mandatory import check_item, item_addresses
+
+        addresses = item_addresses(item.data or "")
+        employees = {a for account in self.config.accounts.values() for a in account.addresses}
+        match, missing = check_item(mandatory, data.fields, addresses, employees, self.crm.find_contact_by_email,
+                                    self.crm.find_partner_by_domain)
+        self._matches[data.uid] = match
+        if missing:
+            log.info("%s, item %s: not imported, lacks %s", self.where, href, ", ".join(missing))
+            self._held.append(CalendarItemRecord(
+                account=self.account.name, area=self.area, href=href, outcome=HELD, uid=data.uid,
+                subject=data.fields.get("subject"), missing=missing,
+                addresses=[a for a in addresses if a not in employees]))
+        return bool(missing)
 
     def _item_uid(self, activity) -> str | None:
         """The UID of the calendar item an activity came from: its key `cal:<UID>`, or from
@@ -913,17 +950,67 @@ class CalendarSync:
         return replace(pair, item=item, data=self._read(item, linked=pair.link is not None), gone_on_server=False)
 
     def _draft(self, data: ItemData, fields: dict) -> ActivityDraft:
-        # The private mark comes from CLASS (with "skip", private items are never imported).
+        people = self._attendees(fields.get("attendees"), data, [])
+        # What made a mandatory contact or partner goes with it (the same rule; it also counts
+        # the attendees of a busy block, which the activity does not get).
+        found: People | SenderMatch = people
+        match = self._matches.get(data.uid)
+        if match is not None and people.contact_id is None and (match.contact_id or people.partner_id is None):
+            found = match
         return ActivityDraft(
             key=calendar_key(data.uid), kind=fields["kind"], status=fields["status"],
             subject=fields["subject"], body=fields["body"], location=fields["location"], start=fields["start"],
             end=fields["end"], due=fields["due"], rrule=fields["rrule"], owner=self.account.name,
-            participants=[self.account.name], private=data.private)
+            attendees=people.attendees, contact_id=found.contact_id, partner_id=found.partner_id,
+            participants=list(dict.fromkeys([self.account.name, *people.employees])),
+            # The private mark comes from CLASS (with "skip", private items are never imported).
+            private=data.private)
 
     def _someone_elses(self, activity) -> bool:
         """Did another account's sync make (or join) this activity? Then a copy here joins it."""
         return activity.owner != self.account.name or any(
             link.account != self.account.name for link in self.state.links_of_activity(activity.id, activity.identity))
+
+    # -- attendees ---------------------------------------------------------------------------
+
+    def _attendees(self, value: str | None, data: ItemData | None, current: list[Attendee]) -> People:
+        """The activity's attendees for the merged field "attendees" (addresses but the
+        organizer's), resolved (gwsync.people): an entry the CRM has stays, a new one comes with
+        the item's name; the organizer is the item's, else the CRM's. No attendees, no organizer."""
+        wanted = value.split(",") if value else []
+        item = {p.email: p for p in data.people} if data is not None and wanted else {}
+        organizer = next((p for p in item.values() if p.organizer), None) or \
+            next((a for a in current if a.organizer and wanted), None)
+        known = {a.email: a for a in current if not a.organizer}
+        order = [*known, *item, *wanted]
+        listed = [replace(known.get(e) or item.get(e) or Attendee(e), organizer=False)
+                  for e in dict.fromkeys(order) if e in wanted and (organizer is None or e != organizer.email)]
+        return resolve_attendees(([organizer] if organizer else []) + listed, self._employees,
+                                 self.crm.find_contact_by_email, self.crm.find_partner_by_domain)
+
+    def _update_crm(self, activity, changes: dict, data: ItemData | None) -> None:
+        """The merged changes into the CRM. Changed attendees are resolved: they give a contact
+        and partner the activity lacks, and employees among them become participants (none is
+        removed: that would release their copies)."""
+        changes = dict(changes)
+        people = None
+        if "attendees" in changes:
+            people = self._attendees(changes["attendees"], data, activity.attendees)
+            changes["attendees"] = people.attendees
+            if activity.contact_id is None and people.contact_id is not None:
+                changes["contact_id"] = people.contact_id
+            if activity.partner_id is None and people.partner_id is not None and \
+                    changes.get("contact_id", activity.contact_id) in (None, people.contact_id):
+                changes["partner_id"] = people.partner_id
+        # Participants first: a run that dies in between finds the attendees not yet merged and
+        # does both again (after the update, the next run would see no change to take them from).
+        for name in people.employees if people is not None else []:
+            self.crm.add_participant(activity.id, name)
+        self.crm.update_activity(activity.id, changes)
+
+    def _organizer(self, activity) -> Attendee | None:
+        """The ORGANIZER gwsync writes into an item that has none (gwsync.people.organizer_of)."""
+        return organizer_of(activity.attendees, self.config.accounts.get(activity.owner or self.account.name))
 
     def _create_crm_activities(self, actions) -> None:
         """All activities this run creates, in one CRM transaction (idempotent by UID key)."""
@@ -990,7 +1077,7 @@ class CalendarSync:
         activity, link, item = pair.activity, pair.link, pair.item
         assert activity is not None and link is not None  # linked, still in the CRM
         if pair.data is not None and decision.update_crm and decision.create_crm is None:
-            self.crm.update_activity(activity.id, dict(decision.update_crm))
+            self._update_crm(activity, decision.update_crm, pair.data)
             self.result.counts["updated_crm"] += 1
         if not pair.gone_on_server and not self._shared_copy(link, activity):
             self.coll.delete(link.href, (item.etag if item is not None else link.etag) or "*")
@@ -1019,7 +1106,8 @@ class CalendarSync:
         uid = self._uid_for(activity)
         href = self.coll.href_for(uid)
         text = new_item(uid, self.component, fields, self.done, self._link_for(activity),
-                        alarm=activity.kind == "WIEDERVORLAGE", cancelled_status=self.cancelled)
+                        alarm=activity.kind == "WIEDERVORLAGE", people=activity.attendees,
+                        organizer=self._organizer(activity), cancelled_status=self.cancelled)
         try:
             etag = self.coll.create(href, text)
         except PreconditionFailed as exc:
@@ -1064,7 +1152,7 @@ class CalendarSync:
                 f"changed on both sides; kept the {self._winner(decision, pair)} value "
                 f"(policy {self.config.sync.conflict})")
         if decision.update_crm:
-            self.crm.update_activity(activity.id, dict(decision.update_crm))
+            self._update_crm(activity, decision.update_crm, pair.data)
             self.result.counts["updated_crm"] += 1
         etag = saved.etag
         link = self._link_for(activity)
@@ -1082,6 +1170,7 @@ class CalendarSync:
                     raise PreconditionFailed(saved.href)  # changed since the listing: decide again
             text = update_item(item.data or "", base, set(decision.update_groupware) | stale, self.done,
                                link, include_link=needs_link or "body" in decision.update_groupware,
+                               people=activity.attendees, organizer=self._organizer(activity),
                                cancelled_status=self.cancelled)
             etag = self.coll.update(item.href, text, item.etag or "*")
             if decision.update_groupware:

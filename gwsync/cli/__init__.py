@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -21,7 +22,7 @@ from ..config import AREAS, Config, load_config
 from ..crm.searches import activity_filter, summary_links
 from ..engine import Engine, mail_id
 from ..errors import EXIT_FAILED, EXIT_USAGE, GwsyncError
-from ..storage.state import FAILED, QUARANTINED
+from ..storage.state import FAILED, LEFT_OUT, QUARANTINED
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -129,6 +130,8 @@ def sync(obj: Context, accounts, only, dry_run, force, as_json) -> None:
                                f"-{c['deleted_groupware']}, conflicts {c['conflicts']}")
                     for line in result.conflicts:
                         click.echo(f"  conflict: {line}")
+                    if result.held:
+                        click.echo(f"  held {result.held} new item(s) lacking a mandatory field: see `gwsync held`")
                     if result.plan:  # a dry run: the plan, one line per action
                         from ..calendar.sync import plan_line
 
@@ -268,6 +271,8 @@ def _release_hint(record, max_attempts: int) -> str:
         return f"fixing the cause, then `gwsync retry {mail_id(record)}`"
     if record.outcome == FAILED:
         return f"the next sync, which tries again: {record.attempts} of {max_attempts} attempts used"
+    if record.outcome == LEFT_OUT:
+        return "taking it in with `gwsync review`"
     missing = set(record.missing or ())
     hints = []
     if missing & {"partner", "contact"}:
@@ -278,25 +283,49 @@ def _release_hint(record, max_attempts: int) -> str:
     return "; ".join(hints or [f"filling {', '.join(sorted(missing))}"]) + ", then the next sync"
 
 
+def _item_release_hint(record) -> str:
+    """What releases a calendar item kept out of the CRM (README, "Mandatory fields")."""
+    if record.outcome == LEFT_OUT:
+        return "taking it in with `gwsync review`"
+    missing = set(record.missing or ())
+    hints = []
+    if missing & {"partner", "contact"}:
+        hints.append(f"giving an attendee's address ({', '.join(record.addresses)}) to a contact (`gwsync assign`)"
+                     if record.addresses else "adding an attendee who is a contact, on the device")
+    if missing & {"subject", "body"}:
+        hints.append("filling in " + " and ".join(sorted(missing & {"subject", "body"})) + " on the device")
+    return "; ".join(hints) + ", then the next sync"
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def held(obj: Context, as_json) -> None:
     """Mail held back in its folder because mandatory fields are missing, failed mail, and
-    quarantined mail (`gwsync retry ID` after fixing the cause), each with what releases it."""
+    quarantined mail (`gwsync retry ID` after fixing the cause), each with what releases it;
+    mail and calendar items left out in `gwsync review`, and calendar items held for a
+    mandatory field."""
     with obj.engine() as engine:
         rows = engine.not_imported()
+        items = engine.kept_out()
     max_attempts = obj.config.crm.max_attempts
     data: list[dict[str, Any]] = [
-        {"id": mail_id(r), "account": r.account, "folder": r.folder, "uid": r.uid, "outcome": r.outcome,
-         "sender": r.sender, "subject": r.subject, "missing": r.missing, "error": r.error,
+        {"id": mail_id(r), "account": r.account, "area": "mail", "folder": r.folder, "uid": r.uid,
+         "outcome": r.outcome, "sender": r.sender, "subject": r.subject, "missing": r.missing, "error": r.error,
          "attempts": r.attempts, "released_by": _release_hint(r, max_attempts)} for r in rows]
+    data += [{"id": None, "account": r.account, "area": r.area, "item": r.href, "folder": None, "uid": None,
+              "outcome": r.outcome, "sender": None, "subject": r.subject, "missing": r.missing, "error": None,
+              "attempts": 0, "released_by": _item_release_hint(r)} for r in items]
     if as_json:
         emit_json(data)
         return
     if not data:
         click.echo("nothing held")
     for d in data:
+        if d["area"] != "mail":
+            why = (f"missing {', '.join(d['missing'])} " if d["missing"] else "") + f"(released by {d['released_by']})"
+            click.echo(f"-\t{d['account']}\t{d['area']}\t{d['item']}\t{d['outcome']}\t-\t{d['subject'] or ''}\t{why}")
+            continue
         why = f"missing {', '.join(d['missing'])}" if d["missing"] else d["error"]
         if d["missing"] and {"partner", "contact"} & set(d["missing"]) and d["sender"]:
             why += f" (released by `gwsync assign {d['sender']} --contact ID` or --new-contact NAME)"
@@ -337,11 +366,11 @@ def _print_activities(items: list[dict]) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table("id", "kind", "status", "subject", "sender", "contact", "partner", "docs")
+        table = Table("id", "kind", "status", "subject", "sender", "contact", "partner", "owner", "docs")
         for a in items:
             sender = (a["sender"] or "") + (" (unassigned)" if a["unassigned"] else "")
             table.add_row(str(a["id"]), a["kind"], a["status"], a["subject"], sender, str(a["contact_id"] or ""),
-                          str(a["partner_id"] or ""), str(len(a["documents"])))
+                          str(a["partner_id"] or ""), a["owner"] or "", str(len(a["documents"])))
         Console().print(table)
     else:
         for a in items:
@@ -354,19 +383,44 @@ def _print_activities(items: list[dict]) -> None:
 @click.option("--unassigned", is_flag=True, help="Only imported mail with no contact.")
 @click.option("--today", is_flag=True, help="Only what was imported today.")
 @click.option("--kind", help="Only this activity kind, e.g. MAILEIN.")
+@click.option("--owner", metavar="NAME", help="Only the activities of this employee (an account of the config).")
+@click.option("--mine", is_flag=True, help="Only mine: those I own, am delegated or take part in "
+              "(owner, delegate or participant).")
+@click.option("--account", metavar="NAME", help="Who I am for --mine (default: the only account).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def activities(obj: Context, imported, unassigned, today, kind, as_json) -> None:
-    """List CRM activities (the quick searches: --imported, --unassigned, --today)."""
-    flt = activity_filter(imported=imported, unassigned=unassigned, today=today, kind=kind)
+def activities(obj: Context, imported, unassigned, today, kind, owner, mine, account, as_json) -> None:
+    """List CRM activities, all of them unless told otherwise (the quick searches: --imported,
+    --unassigned, --today; --mine, with them: my imports today, my unassigned mail)."""
+    if account is not None and not mine:
+        fail("--account goes with --mine (it says who is asking)", EXIT_USAGE)
     with obj.engine() as engine:
+        if owner is not None:
+            engine.employee(owner, "--owner")
+        me = _me(engine, account) if mine else None
+        flt = activity_filter(imported=imported, unassigned=unassigned, today=today, kind=kind, owner=owner,
+                              involving=me)
         items = [a.to_dict() for a in engine.activities(flt)]
     emit_json(items) if as_json else _print_activities(items)
+
+
+def _me(engine: Engine, account: str | None) -> str:
+    """The employee asking for "mine": the account named, else the only one."""
+    if account is not None:
+        return engine.employee(account, "--account")
+    names = engine.employees()
+    if len(names) != 1:
+        fail(f"--mine: say which account you are with --account ({', '.join(names) or 'the config has none'})",
+             EXIT_USAGE)
+    return names[0]
 
 
 @main.group()
 def activity() -> None:
     """One activity: show, add, edit or delete it."""
+
+
+MEETING = "BESPRECHUNG"  # the kind that has attendees
 
 
 def _activity_options(func):
@@ -381,7 +435,17 @@ def _activity_options(func):
         click.option("--body"),
         click.option("--contact", "contact_id", type=int, help="The contact's id (see `gwsync contact add`)."),
         click.option("--partner", "partner_id", type=int, help="The business partner's id."),
-        click.option("--account", help="The account (employee) the activity belongs to."),
+        # the team fields (README, "A team on one CRM"): employees are the accounts of the config
+        click.option("--owner", "--account", "owner", metavar="NAME",
+                     help="The employee the activity belongs to (always among the participants)."),
+        click.option("--with", "participants", multiple=True, metavar="NAME",
+                     help="An employee taking part besides the owner (repeatable; on edit the list replaces "
+                          "the old one, --with \"\" leaves only the owner)."),
+        click.option("--delegate", "delegated_to", metavar="NAME", help="The employee it is delegated to."),
+        click.option("--request", metavar="TEXT", help="The main request it belongs to (a free reference)."),
+        click.option("--project", metavar="TEXT", help="The main project it belongs to (a free reference)."),
+        click.option("--attendee", "attendees", multiple=True, metavar="EMAIL",
+                     help=f"A {MEETING}'s attendee (repeat it; edit replaces the list, --attendee '' clears it)."),
         click.option("--json", "as_json", is_flag=True, help="Print the activity as JSON."),
     ]):
         func = option(func)
@@ -391,7 +455,7 @@ def _activity_options(func):
 def _activity_changes(obj: Context, **values) -> dict:
     from ..calendar.icalmap import normalise_time
 
-    changes = {k: v for k, v in values.items() if v is not None}
+    changes = {k: v for k, v in values.items() if v is not None and v != ()}  # (): no --with given
     for name in ("start", "end", "due"):
         if name in changes:
             try:
@@ -401,10 +465,12 @@ def _activity_changes(obj: Context, **values) -> dict:
     if "status" in changes and changes["status"] not in obj.config.crm.statuses:
         known = ", ".join(obj.config.crm.statuses)
         fail(f"--status {changes['status']!r} is not a status key (known: {known})", EXIT_USAGE)
-    if "account" in changes:
-        if changes["account"] not in obj.config.accounts:
-            fail(f"--account {changes['account']!r}: no such account in the config", EXIT_USAGE)
-        changes["owner"] = changes.pop("account")
+    # Employees are checked by the Engine (an unknown one: exit 2, naming the known ones).
+    if "participants" in changes:
+        changes["participants"] = [name for name in changes["participants"] if name]
+    for name in ("delegated_to", "request", "project"):
+        if changes.get(name) == "":
+            changes[name] = None
     return changes
 
 
@@ -418,6 +484,35 @@ def _check_references(engine: Engine, changes: dict) -> None:
             changes["partner_id"] = contact.partner_id
     if "partner_id" in changes and engine.partner(changes["partner_id"]) is None:
         fail(f"--partner {changes['partner_id']}: no such partner (see `gwsync partner add`)", EXIT_USAGE)
+
+
+def _attendee_emails(given: tuple[str, ...], kind: str | None, what: str) -> list[str] | None:
+    """The --attendee addresses (lower case, each once); None when not given, [] for
+    `--attendee ''` (no attendees). Only a meeting has attendees."""
+    if not given:
+        return None
+    if kind != MEETING:
+        fail(f"--attendee: only a {MEETING} has attendees, {what} is a {kind or 'activity without kind'} "
+             f"(add --kind {MEETING})", EXIT_USAGE)
+    emails = list(dict.fromkeys(e.strip().lower() for e in given if e.strip()))
+    for email in emails:
+        if not re.fullmatch(r"[^@\s,]+@[^@\s,]+", email):
+            fail(f"--attendee {email!r}: not a mail address (use name@example.com)", EXIT_USAGE)
+    return emails
+
+
+def _attendee_changes(engine, emails: list[str], owner: str | None, changes: dict, activity=None) -> list[str]:
+    """The attendees into `changes`, with the contact and partner they resolve to where the
+    activity has none and none is given; returns the employees among them (participants)."""
+    people = engine.resolve_attendees(emails, owner, activity.attendees if activity is not None else [])
+    changes["attendees"] = people.attendees
+    has_contact = "contact_id" in changes or (activity is not None and activity.contact_id is not None)
+    has_partner = "partner_id" in changes or (activity is not None and activity.partner_id is not None)
+    if not has_contact and people.contact_id is not None:
+        changes["contact_id"] = people.contact_id
+    if not has_partner and people.partner_id is not None and changes.get("contact_id") in (None, people.contact_id):
+        changes["partner_id"] = people.partner_id
+    return people.employees
 
 
 def _show_activity(engine, activity_id: int, as_json: bool) -> None:
@@ -436,12 +531,16 @@ def activity_add(obj: Context, as_json, **values) -> None:
 
     if not values.get("kind") or not values.get("subject"):
         fail("activity add needs --kind and --subject", EXIT_USAGE)
+    emails = _attendee_emails(values.pop("attendees"), values["kind"], "the activity")
     changes = _activity_changes(obj, **values)
     if "owner" not in changes and len(obj.config.accounts) == 1:
         changes["owner"] = next(iter(obj.config.accounts))
     changes.setdefault("status", obj.config.crm.open_status)
     with obj.engine() as engine:
         _check_references(engine, changes)
+        if emails:
+            employees = _attendee_changes(engine, emails, changes.get("owner"), changes)
+            changes["participants"] = list(dict.fromkeys([*changes.get("participants", []), *employees]))
         activity_id = engine.create_activity(ActivityDraft(key=f"crm:{uuid.uuid4()}", **changes))
         _show_activity(engine, activity_id, as_json)
 
@@ -451,13 +550,28 @@ def activity_add(obj: Context, as_json, **values) -> None:
 @_activity_options
 @click.pass_obj
 def activity_edit(obj: Context, activity_id: int, as_json, **values) -> None:
-    """Change fields of an activity (only the options given); `--end ""` clears a field."""
+    """Change fields of an activity (only the options given); `--end ""` clears a field, `--with ""`
+    the participants besides the owner, `--attendee ''` the attendees. A new owner replaces the
+    old one among the participants."""
+    given = values.pop("attendees")
     changes = _activity_changes(obj, **values)
-    if not changes:
+    if not changes and not given:
         fail("nothing to change: give at least one option, e.g. --subject", EXIT_USAGE)
     with obj.engine() as engine:
         _check_references(engine, changes)
+        employees: list[str] = []
+        if given:
+            current = engine.activity(activity_id)
+            if current is None:
+                fail(f"no activity with id {activity_id} (see `gwsync activities`)", EXIT_FAILED)
+            emails = _attendee_emails(given, changes.get("kind", current.kind), f"activity {activity_id}")
+            assert emails is not None  # given
+            employees = _attendee_changes(engine, emails, changes.get("owner", current.owner), changes, current)
+            if "participants" in changes:  # --with replaces the list: the attendees join the new one
+                changes["participants"] = list(dict.fromkeys([*changes["participants"], *employees]))
+                employees = []
         try:
+            engine.add_participants(activity_id, employees)
             engine.update_activity(activity_id, changes)
         except LookupError as exc:
             fail(f"{exc} (see `gwsync activities`)", EXIT_FAILED)
@@ -507,6 +621,22 @@ def unpush(obj: Context, activity_id: int, account) -> None:
     click.echo(f"removed {count} groupware entr{'y' if count == 1 else 'ies'} of activity {activity_id}")
 
 
+def _attendee_line(engine, person) -> str:
+    """One attendee for `activity show`: name and address, then who they are."""
+    who = [f"{person.name} <{person.email}>" if person.name else person.email]
+    if person.organizer:
+        who[0] += " (organizer)"
+    if person.employee:
+        who.append(f"employee {person.employee}")
+    contact = engine.contact(person.contact_id) if person.contact_id is not None else None
+    partner = engine.partner(person.partner_id) if person.partner_id is not None else None
+    if person.contact_id is not None:
+        who.append(f"contact {person.contact_id}" + (f" {contact.name}" if contact else ""))
+    if person.partner_id is not None:
+        who.append(f"partner {person.partner_id}" + (f" {partner.name}" if partner else ""))
+    return ", ".join(who)
+
+
 @activity.command("show")
 @click.argument("activity_id", type=int)
 @click.option("--json", "as_json", is_flag=True)
@@ -515,6 +645,7 @@ def activity_show(obj: Context, activity_id: int, as_json) -> None:
     """Show one activity with its documents."""
     with obj.engine() as engine:
         item = engine.activity(activity_id)
+        attendee_lines = [_attendee_line(engine, a) for a in item.attendees] if item is not None else []
     if item is None:
         fail(f"no activity with id {activity_id} (see `gwsync activities`)", EXIT_FAILED)
     data = item.to_dict()
@@ -530,6 +661,16 @@ def activity_show(obj: Context, activity_id: int, as_json) -> None:
     for key, label in (("recipients_to", "to"), ("recipients_cc", "cc")):
         if data[key]:
             click.echo(f"{label}: {', '.join(data[key])}")
+    # the team fields
+    if data["owner"]:
+        click.echo(f"owner: {data['owner']}")
+    if data["participants"]:
+        click.echo(f"participants: {', '.join(data['participants'])}")
+    for key in ("delegated_to", "request", "project"):
+        if data[key] not in (None, ""):
+            click.echo(f"{key}: {data[key]}")
+    for line in attendee_lines:
+        click.echo(f"attendee: {line}")
     for doc in data["documents"]:
         click.echo(f"document: {doc['filename']} ({doc['content_type']}, {doc['size']} bytes, sha256 {doc['sha256']})")
     if data["body"]:
@@ -723,7 +864,7 @@ def partner_add(obj: Context, name, emails, as_json) -> None:
 def serve(obj: Context, host: str | None, port: int | None) -> None:
     """The web view of the embedded CRM that the links open: activity pages, the quick searches,
     unknown senders (with the assign form) and held mail. Listens on loopback unless told
-    otherwise; beyond loopback it needs a password in [serve]."""
+    otherwise; beyond loopback it needs a password in [serve] or a login per employee ([serve.users.NAME])."""
     from ..web.server import ServeError, make_server, run_server
 
     config = obj.config

@@ -1,4 +1,7 @@
-"""The quick searches over imported mail, shared by `gwsync activities` and the web view."""
+"""The quick searches, shared by `gwsync activities` and the web view: everyone's (imported mail,
+all activities) and one employee's (the seed's "mine": what they own, are delegated or take part in).
+
+An employee is an account name of the config; the front-end says who is asking (`me`)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,19 @@ QUICK_SEARCHES = {
     "today": "Imported today",
     "unassigned": "Unassigned imported mail",
     "imported": "All imported mail",
+    "all": "All activities",
 }
+# One employee's searches: name -> title, in the order the web view lists them (before everyone's).
+MY_SEARCHES = {
+    "mine": "Mine",
+    "mine-today": "My imports today",
+    "mine-unassigned": "My unassigned mail",
+}
+# What each search selects, as activity_filter's (imported, unassigned, today); an employee's
+# search adds `involving=me`.
+_SELECTS = {"today": (True, False, True), "unassigned": (True, True, False), "imported": (True, False, False),
+            "all": (False, False, False), "mine": (False, False, False), "mine-today": (True, False, True),
+            "mine-unassigned": (True, True, False)}
 
 
 def today_start_utc(now: datetime | None = None) -> str:
@@ -22,17 +37,29 @@ def today_start_utc(now: datetime | None = None) -> str:
 
 
 def activity_filter(imported: bool = False, unassigned: bool = False, today: bool = False,
-                    kind: str | None = None, now: datetime | None = None) -> ActivityFilter:
+                    kind: str | None = None, now: datetime | None = None, owner: str | None = None,
+                    involving: str | None = None) -> ActivityFilter:
+    """`owner`: only this employee's activities; `involving`: those the employee owns, is
+    delegated or takes part in (the seed's "mine")."""
     return ActivityFilter(imported=imported or today or unassigned, unassigned=unassigned,
-                          imported_since=today_start_utc(now) if today else None, kind=kind)
+                          imported_since=today_start_utc(now) if today else None, kind=kind,
+                          owners=(owner,) if owner is not None else None, involving=involving)
 
 
-def quick_search(name: str, now: datetime | None = None) -> ActivityFilter:
-    """The filter of one of QUICK_SEARCHES; KeyError for another name."""
-    if name not in QUICK_SEARCHES:
+def quick_search(name: str, me: str | None = None, now: datetime | None = None) -> ActivityFilter:
+    """The filter of one of QUICK_SEARCHES, or, given the employee `me`, of MY_SEARCHES too;
+    KeyError for another name (and for one of MY_SEARCHES without `me`)."""
+    if name not in searches_for(me):
         raise KeyError(name)
-    return activity_filter(imported=True, unassigned=name == "unassigned", today=name == "today", now=now)
+    imported, unassigned, today = _SELECTS[name]
+    return activity_filter(imported=imported, unassigned=unassigned, today=today, now=now,
+                           involving=me if name in MY_SEARCHES else None)
 
+
+def searches_for(me: str | None) -> dict[str, str]:
+    """name -> title of the quick searches offered to `me` (an employee; None: no one in
+    particular): theirs first, then everyone's."""
+    return (MY_SEARCHES | QUICK_SEARCHES) if me is not None else dict(QUICK_SEARCHES)
 
 
 def summary_links(web_base: str | None, activities) -> list[str]:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..storage.state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord
+from ..storage.state import FAILED, HELD, IMPORTED, LEFT_OUT, QUARANTINED, MailRecord
 
 
 class _HasId(Protocol):
@@ -110,6 +110,7 @@ class Step(enum.Enum):
     PROCESS = "process"  # fetch, parse and import (new, held again, or retried after a failure)
     MOVE_ONLY = "move"  # imported already (the run died before the move): just archive it
     SKIP = "skip"  # quarantined after too many failures: leave it for the user
+    LEFT_OUT = "left-out"  # left out in a review: it stays in its folder until a review takes it in
 
 
 def plan_mail(record: MailRecord | None) -> Step:
@@ -119,6 +120,8 @@ def plan_mail(record: MailRecord | None) -> Step:
         return Step.MOVE_ONLY
     if record.outcome == QUARANTINED:
         return Step.SKIP
+    if record.outcome == LEFT_OUT:
+        return Step.LEFT_OUT
     return Step.PROCESS  # held or failed: look again
 
 
@@ -130,4 +133,4 @@ def failure_outcome(previous_attempts: int, max_attempts: int) -> tuple[str, int
 
 __all__ = ["SenderMatch", "resolve_sender", "resolve_recipients", "MailMatch", "resolve_mail", "INCOMING",
            "OUTGOING", "missing_fields", "Step", "plan_mail", "failure_outcome",
-           "sender_domain", "HELD", "FAILED", "IMPORTED", "QUARANTINED"]
+           "sender_domain", "HELD", "FAILED", "IMPORTED", "QUARANTINED", "LEFT_OUT"]

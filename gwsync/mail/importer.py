@@ -11,12 +11,17 @@ whose key the CRM knows is moved, not imported again.
 Only a fault of the mail itself counts against it (retried, then quarantined). A fault of the
 environment (StoreError: a full disk, a broken database) stops the run and leaves the mail
 where it was; a dropped connection too. A mail that another client expunged meanwhile is skipped.
+
+A team on one CRM: the same mail filed by several employees (same Message-ID, same content; see
+mime.MailKeyReader) has one key, so it is one activity. The first filer creates it (owner and
+participant); each later filer finds the key, is added as participant (atomic, idempotent) and
+archives their copy. Activities made before keep their exact-bytes keys, looked up as well.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -25,10 +30,21 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from ..config import AccountConfig, CrmConfig
 from ..crm import ActivityDraft, CRMBackend, Document
 from ..errors import ConfigError, StoreError
-from ..storage.state import FAILED, HELD, IMPORTED, QUARANTINED, MailRecord, StateStore
+from ..storage.state import FAILED, HELD, IMPORTED, LEFT_OUT, QUARANTINED, MailRecord, StateStore
 from .decisions import MailMatch, SenderMatch, Step, failure_outcome, missing_fields, plan_mail, resolve_mail
 from .imap import FETCH_BATCH, ImapSession, ImportFolder, MailGone, MailServerError, ServerUnreachable
-from .mime import Attachment, MailReader, ParsedMail, content_key, parse_header_block, parse_headers, parse_message
+from .mime import (
+    Attachment,
+    MailKeyReader,
+    MailKeys,
+    MailReader,
+    ParsedMail,
+    content_key,
+    mail_keys,
+    parse_header_block,
+    parse_headers,
+    parse_message,
+)
 
 # Mails above this size are streamed part by part instead of fetched whole, which keeps peak
 # memory flat whatever the attachment size.
@@ -77,12 +93,14 @@ class PendingMail:
     contact_id: int | None
     partner_id: int | None
     missing: list[str]
+    left_out: bool = False  # left out by an earlier review: it stays out until a review takes it in
 
 
 @dataclass
 class _Prepared:
     uid: int
-    key: str
+    key: str  # the exact-bytes key: the state record's, and what archive copies are compared by
+    activity_key: str  # the activity's idempotency key (by Message-ID and content, see MailKeyReader)
     draft: ActivityDraft | None = None
     record: MailRecord | None = None  # held or failed outcome
     known_activity: int | None = None  # the CRM had this key already
@@ -99,13 +117,17 @@ class MailImporter:
                  dry_run: bool = False, progress: ProgressFn | None = None,
                  should_stop: Callable[[], bool] | None = None,
                  selection: set[tuple[str, int]] | None = None,
-                 overrides: dict[tuple[str, int], dict] | None = None):
+                 overrides: dict[tuple[str, int], dict] | None = None,
+                 left_out: dict[tuple[str, int], tuple[str | None, str]] | None = None):
         self.should_stop = should_stop or (lambda: False)
         # The interactive review: only these (folder, UID) are imported, with fields filled in
         # by the user ("partner_id", "contact_id", "subject", "body", "documents": [(category,
         # keyword), ...]).
         self.selection = selection
         self.overrides = overrides or {}
+        # The mails the review leaves out, (folder, UID) -> (sender, subject): recorded, so that
+        # they stay in their folders until a review takes them in (`selection` names them then).
+        self.left_out = left_out or {}
         self.account = account
         if account.imap is None:
             raise ConfigError(f"accounts.{account.name} has no [accounts.{account.name}.imap] table")
@@ -166,17 +188,27 @@ class MailImporter:
         if not self.dry_run:
             self.state.forget(account, folder.name, uidvalidity, [u for u in records if u not in present])
 
-        to_process, to_move = [], []
+        to_process, to_move, left_out = [], [], []
         for uid in uids:
             step = plan_mail(records.get(uid))
-            if self.selection is not None and step is Step.PROCESS and (folder.name, uid) not in self.selection:
-                continue  # left out in the review: it stays in its folder, untouched
+            chosen = self.selection is not None and (folder.name, uid) in self.selection
+            if step is Step.LEFT_OUT and chosen:
+                step = Step.PROCESS  # taken in by this review
+            if step is Step.PROCESS and (folder.name, uid) in self.left_out:
+                left_out.append(uid)  # left out by this review: it stays in its folder, untouched
+                continue
+            if self.selection is not None and step is Step.PROCESS and not chosen:
+                continue  # arrived after the review looked: the next sync imports it
             if step is Step.PROCESS:
                 to_process.append(uid)
             elif step is Step.MOVE_ONLY:
                 to_move.append(uid)
-            else:
+            elif step is Step.SKIP:
                 result.quarantined += 1
+        if left_out and not self.dry_run:
+            self.state.save([MailRecord(account=account, folder=folder.name, uidvalidity=uidvalidity, uid=uid,
+                                        outcome=LEFT_OUT, sender=self.left_out[(folder.name, uid)][0],
+                                        subject=self.left_out[(folder.name, uid)][1]) for uid in left_out])
         if to_move:
             result.archived_again += len(to_move)
             self._archive_recovered(session, folder, uidvalidity, {uid: records[uid].key for uid in to_move})
@@ -191,14 +223,14 @@ class MailImporter:
             if self.should_stop():
                 return  # between batches: everything before is committed and archived
             raws = session.fetch_raw(batch)
-            keys = {uid: content_key(raw) for uid, raw in raws.items()}
-            known = self.crm.existing_keys(keys.values())
+            keys = {uid: mail_keys(raw) for uid, raw in raws.items()}
+            known = self._known(keys.values())
             prepared = []
             for uid in batch:
                 if uid not in raws:
                     continue  # expunged by someone else meanwhile
-                prepared.append(self._prepare(uid, keys[uid], known.get(keys[uid]), folder, records.get(uid),
-                                              partial(parse_message, raws[uid])))
+                prepared.append(self._prepare(uid, keys[uid], _known_id(known, keys[uid]), folder,
+                                              records.get(uid), partial(parse_message, raws[uid])))
             del raws
             self._commit(session, folder, uidvalidity, prepared, result)
             done += len(batch)
@@ -207,9 +239,8 @@ class MailImporter:
             if self.should_stop():
                 return
             try:
-                key = self._streamed_key(session, uid, sizes[uid])
-                known = self.crm.existing_keys([key])
-                prepared = [self._prepare(uid, key, known.get(key), folder, records.get(uid),
+                key = self._streamed_keys(session, uid, sizes[uid])
+                prepared = [self._prepare(uid, key, _known_id(self._known([key]), key), folder, records.get(uid),
                                           _StreamedMail(session, uid, self.crm, self.dry_run).parse)]
             except MailGone:
                 continue  # expunged by someone else meanwhile
@@ -226,7 +257,8 @@ class MailImporter:
                 continue
             uidvalidity = session.examine(folder.name)
             records = self.state.records(self.account.name, folder.name, uidvalidity)
-            uids = [u for u in session.uids() if plan_mail(records.get(u)) is Step.PROCESS]
+            steps = {u: plan_mail(records.get(u)) for u in session.uids()}
+            uids = [u for u, step in steps.items() if step in (Step.PROCESS, Step.LEFT_OUT)]
             sizes = session.sizes(uids) if uids else {}
             for uid in [u for u in uids if sizes.get(u, 0) > STREAM_THRESHOLD]:  # large: headers only
                 try:
@@ -240,13 +272,15 @@ class MailImporter:
                     contact_id=match.contact_id, partner_id=match.partner_id,
                     missing=[m for m in missing_fields(self.crm_cfg.mandatory, partner_id=match.partner_id,
                                                        contact_id=match.contact_id, subject=headers["subject"],
-                                                       body="x") if m != "body"]))
+                                                       body="x") if m != "body"],
+                    left_out=steps[uid] is Step.LEFT_OUT))
             for batch in _batches([u for u in uids if sizes.get(u, 0) <= STREAM_THRESHOLD], sizes):
                 raws = session.fetch_raw(batch)
-                known = self.crm.existing_keys(content_key(r) for r in raws.values())
+                keys = {uid: mail_keys(raw) for uid, raw in raws.items()}
+                known = self._known(keys.values())
                 for uid in batch:
-                    if uid not in raws or content_key(raws[uid]) in known:
-                        continue
+                    if uid not in raws or _known_id(known, keys[uid]) is not None:
+                        continue  # in the CRM already (filed by another employee, say): joined, not new
                     parsed = parse_message(raws[uid])
                     match = self._resolve(parsed.sender, parsed.to, parsed.cc).match
                     pending.append(PendingMail(
@@ -256,13 +290,20 @@ class MailImporter:
                         partner_id=match.partner_id,
                         missing=missing_fields(self.crm_cfg.mandatory, partner_id=match.partner_id,
                                                contact_id=match.contact_id, subject=parsed.subject,
-                                               body=parsed.body)))
+                                               body=parsed.body),
+                        left_out=steps[uid] is Step.LEFT_OUT))
         return pending
 
-    def _prepare(self, uid: int, key: str, known_activity: int | None, folder: ImportFolder,
+    def _known(self, keys: Iterable[MailKeys]) -> dict[str, int]:
+        """The activities the CRM has for these mails, by either key: activities imported before
+        mail was matched by Message-ID keep their exact-bytes keys."""
+        return self.crm.existing_keys(list(dict.fromkeys(k for pair in keys for k in (pair.activity, pair.exact))))
+
+    def _prepare(self, uid: int, keys: MailKeys, known_activity: int | None, folder: ImportFolder,
                  record: MailRecord | None, parse: Callable[[], ParsedMail]) -> _Prepared:
+        key = keys.exact
         if known_activity is not None:
-            return _Prepared(uid=uid, key=key, known_activity=known_activity)
+            return _Prepared(uid=uid, key=key, activity_key=keys.activity, known_activity=known_activity)
         base = MailRecord(account=self.account.name, folder=folder.name, uidvalidity=0, uid=uid, outcome="",
                           key=key)
         try:
@@ -281,26 +322,27 @@ class MailImporter:
             base.sender, base.subject = resolved.correspondent, parsed.subject
             if missing:
                 base.outcome, base.missing = HELD, missing
-                return _Prepared(uid=uid, key=key, record=base)
+                return _Prepared(uid=uid, key=key, activity_key=keys.activity, record=base)
             documents = [self._store(att) for att in parsed.attachments]
             # The review form may name fewer documents than the mail has: the rest keep no category.
             for doc, (category, keyword) in zip(documents, given.get("documents", []), strict=False):
                 doc.category, doc.keyword = category or None, keyword or None
             draft = ActivityDraft(
-                key=key, kind=resolved.kind, status=folder.status, subject=parsed.subject, body=parsed.body,
+                key=keys.activity, kind=resolved.kind, status=folder.status, subject=parsed.subject, body=parsed.body,
                 body_html=parsed.body_html if "body" not in given else None,  # an edited body drops the HTML
                 contact_id=match.contact_id, partner_id=match.partner_id, sender=parsed.sender,
                 unassigned=match.unassigned, message_id=parsed.message_id, start=parsed.date,
                 source=f"{self.account.name}:{folder.name}", owner=self.account.name, documents=documents,
-                sender_name=parsed.sender_name or None, recipients_to=parsed.to, recipients_cc=parsed.cc)
-            return _Prepared(uid=uid, key=key, draft=draft)
+                sender_name=parsed.sender_name or None, recipients_to=parsed.to, recipients_cc=parsed.cc,
+                participants=[self.account.name])
+            return _Prepared(uid=uid, key=key, activity_key=keys.activity, draft=draft)
         except (ServerUnreachable, IMAPClientAbortError, ConnectionError, TimeoutError, MailGone, StoreError):
             raise  # the connection, the environment, or the mail is gone: never count it against the mail
         except Exception as exc:  # one bad mail must never block the others
             previous = record.attempts if record and record.outcome in (FAILED, QUARANTINED) else 0
             base.outcome, base.attempts = failure_outcome(previous, self.crm_cfg.max_attempts)
             base.error = f"{type(exc).__name__}: {exc}"[:500]
-            return _Prepared(uid=uid, key=key, record=base)
+            return _Prepared(uid=uid, key=key, activity_key=keys.activity, record=base)
 
     def _resolve(self, sender: str | None, to: list[str], cc: list[str]) -> MailMatch:
         """Incoming mail by its sender; mail from the account's own addresses by its recipients."""
@@ -344,6 +386,14 @@ class MailImporter:
             activity_id, created = next(marked) if p.draft is not None else (p.known_activity, False)
             if activity_id is None:
                 continue
+            if not created:
+                # The CRM had it: an earlier run, another process, a copy earlier in this batch, or
+                # another employee who filed the same mail. The filer takes part in it, before the
+                # state says "imported" (a run that dies here adds them next time).
+                try:
+                    self.crm.add_participant(activity_id, self.account.name)
+                except LookupError:
+                    continue  # deleted since: nothing recorded, the next run imports the mail afresh
             records.append(MailRecord(account=self.account.name, folder=folder.name, uidvalidity=uidvalidity,
                                       uid=p.uid, outcome=IMPORTED, key=p.key, activity_id=activity_id))
             if created:  # only what this run created counts as its import
@@ -354,8 +404,7 @@ class MailImporter:
                     id=activity_id, link=self.crm_cfg.link.format(id=activity_id), subject=p.draft.subject,
                     folder=folder.name, unassigned=p.draft.unassigned))
             else:
-                # The CRM had it: an earlier run, another process, or an identical copy earlier
-                # in this batch. Its twin may be in the archive already: archive it as recovered.
+                # Its twin may be in the archive already: archive it as recovered.
                 recovered[p.uid] = p.key
                 result.archived_again += 1
         self.state.save(records)
@@ -384,7 +433,7 @@ class MailImporter:
             for cand in session.uids_of_size(size):
                 if size > STREAM_THRESHOLD:
                     try:
-                        in_archive.add(self._streamed_key(session, cand, size))
+                        in_archive.add(self._streamed_keys(session, cand, size).exact)
                     except MailGone:
                         continue  # expunged from the archive meanwhile: not a copy to keep
                 else:
@@ -402,11 +451,16 @@ class MailImporter:
             duplicates_set = set()
         self._archive(session, folder, uidvalidity, [uid for uid in keys if uid in sizes and uid not in duplicates_set])
 
-    def _streamed_key(self, session: ImapSession, uid: int, size: int) -> str:
-        digest = hashlib.sha256()
+    def _streamed_keys(self, session: ImapSession, uid: int, size: int) -> MailKeys:
+        reader = MailKeyReader()
         for chunk in session.fetch_chunks(uid, "", size):
-            digest.update(chunk)
-        return "mail:" + digest.hexdigest()
+            reader.feed(chunk)
+        return reader.finish()
+
+
+def _known_id(known: dict[str, int], keys: MailKeys) -> int | None:
+    """The activity of this very mail (its exact bytes) first, else the one of its Message-ID and content."""
+    return known.get(keys.exact, known.get(keys.activity))
 
 
 def _batches(uids: list[int], sizes: dict[int, int]) -> Iterator[list[int]]:

@@ -67,6 +67,100 @@ def content_key(raw: bytes) -> str:
     return "mail:" + hashlib.sha256(raw).hexdigest()
 
 
+# The header fields that make a mail what it is: what the activity keeps of it (sender, recipients,
+# subject, date, Message-ID) and what says how to read its body (MIME-Version, Content-*). Every
+# other field (Received, Delivered-To, Return-Path, X-Original-To, DKIM and spam stamps, Bcc in
+# the sender's copy) is added or dropped on the way and differs between the copies of one mail.
+_CONTENT_FIELDS = frozenset({b"message-id", b"from", b"to", b"cc", b"subject", b"date", b"mime-version"})
+# Beyond this a header block is not looked at: such a mail keeps its exact-bytes key.
+MAX_HEADER_BLOCK = 4 << 20
+
+
+@dataclass(frozen=True)
+class MailKeys:
+    exact: str  # content_key: the hash of the exact bytes (the mail's id in `gwsync held`)
+    activity: str  # the activity's idempotency key: by Message-ID and content, else `exact`
+
+
+def _header_end(block: bytes) -> tuple[int, int] | None:
+    """(end of the header block, start of the body) in `block`, at its first empty line."""
+    text = b"\n" + block
+    found = [(i, sep) for sep in (b"\n\r\n", b"\n\n") if (i := text.find(sep)) >= 0]
+    if not found:
+        return None
+    i, sep = min(found)
+    return i, i + len(sep) - 1
+
+
+def _content_fields(header: bytes) -> list[bytes] | None:
+    """The content header fields, unfolded, white space collapsed, names in lower case, sorted by
+    name (stable); None when the mail has no Message-ID."""
+    fields: list[tuple[bytes, bytes]] = []
+    for line in header.replace(b"\r\n", b"\n").split(b"\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] = (fields[-1][0], fields[-1][1] + b" " + line)
+        elif b":" in line:
+            name, _, value = line.partition(b":")
+            fields.append((name.strip().lower(), value))
+    kept = sorted(((name, b" ".join(value.split())) for name, value in fields
+                   if name in _CONTENT_FIELDS or name.startswith(b"content-")), key=lambda f: f[0])
+    if not any(name == b"message-id" and value.strip(b"<> ") for name, value in kept):
+        return None
+    return [name + b": " + value for name, value in kept]
+
+
+class MailKeyReader:
+    """Both keys of a mail, fed its bytes in pieces (a streamed mail) or whole.
+
+    The activity key of a mail with a Message-ID hashes its content header fields (see
+    _CONTENT_FIELDS) and its body, byte for byte: the copies of one mail that several employees
+    file (delivery headers differ) get one key; a copy whose body, attachments, subject or
+    recipients differ (a forward, an edit) gets another. Without a Message-ID it is `exact`."""
+
+    def __init__(self) -> None:
+        self._exact = hashlib.sha256()
+        self._head = bytearray()  # the start of the mail, until its header block ends
+        self._content: Any = None  # the activity key's hash, once the header block was read
+        self._given_up = False  # no Message-ID, or a header block too large to look at
+
+    def feed(self, chunk: bytes) -> None:
+        self._exact.update(chunk)
+        if self._content is not None:
+            self._content.update(chunk)
+        elif not self._given_up:
+            self._head += chunk
+            end = _header_end(bytes(self._head))
+            if end is not None:
+                self._start(bytes(self._head[:end[0]]), bytes(self._head[end[1]:]))
+            elif len(self._head) > MAX_HEADER_BLOCK:
+                self._given_up, self._head = True, bytearray()
+
+    def _start(self, header: bytes, body: bytes) -> None:
+        fields = _content_fields(header)
+        self._head = bytearray()
+        if fields is None or len(header) > MAX_HEADER_BLOCK:
+            self._given_up = True
+            return
+        self._content = hashlib.sha256(b"gwsync mail by Message-ID and content\n")
+        for line in fields:
+            self._content.update(line + b"\r\n")
+        self._content.update(b"\r\n" + body)
+
+    def finish(self) -> MailKeys:
+        if self._content is None and not self._given_up:
+            self._start(bytes(self._head), b"")  # headers only, no body
+        exact = "mail:" + self._exact.hexdigest()
+        return MailKeys(exact=exact, activity=exact if self._content is None
+                        else "mail:message:" + self._content.hexdigest())
+
+
+def mail_keys(raw: bytes) -> MailKeys:
+    """The exact-bytes key and the activity key of a mail (see MailKeyReader)."""
+    reader = MailKeyReader()
+    reader.feed(raw)
+    return reader.finish()
+
+
 # compat32 parsing with explicit header decoding below: the modern policy's header registry
 # costs about 3 ms per mail (measured), which alone would cap the import near 300 mails/s.
 _POLICY = email.policy.compat32

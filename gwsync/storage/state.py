@@ -28,6 +28,9 @@ from .migrations import Migration, add_column, latest, upgrade
 from .sqlite import open_private_db, transaction
 
 IMPORTED, HELD, FAILED, QUARANTINED = "imported", "held", "failed", "quarantined"
+# Left out in `gwsync review`: stays in its folder (or on its calendar), out of the CRM, until a
+# review takes it in.
+LEFT_OUT = "left-out"
 
 
 @dataclass
@@ -60,6 +63,21 @@ class CalendarLink:
     base: dict | None
     identity: str | None = None  # the activity's identity when linked; None: saved before it was recorded
     organizer: str | None = None  # the item's ORGANIZER address at the last sync (its deletion may cancel)
+
+
+@dataclass
+class CalendarItemRecord:
+    """A new calendar item kept out of the CRM: left out in a review, or held for a mandatory field."""
+
+    account: str
+    area: str
+    href: str
+    outcome: str  # LEFT_OUT or HELD
+    uid: str | None = None
+    subject: str | None = None
+    missing: list[str] | None = None  # HELD: the mandatory fields it lacks
+    addresses: list[str] | None = None  # HELD: its attendees' and organizer's addresses (to assign)
+    updated_at: str | None = None
 
 
 # ("save", CalendarLink) or ("drop", (account, area, activity_id[, href])): see apply_link_changes.
@@ -125,6 +143,12 @@ def _lock_credentials(db: sqlite_utils.Database) -> None:
     db.table("locks").add_column("credential", str)
 
 
+def _calendar_items(db: sqlite_utils.Database) -> None:
+    db.table("calendar_items").create(
+        {"account": str, "area": str, "href": str, "outcome": str, "uid": str, "subject": str, "missing": str,
+         "addresses": str, "updated_at": str}, pk=("account", "area", "href"), if_not_exists=True)
+
+
 def _link_organizers(db: sqlite_utils.Database) -> None:
     """Links learn the item's organizer (a deleted organizer's copy cancels the meeting) and are
     found by UID across accounts (one activity per UID)."""
@@ -140,7 +164,8 @@ MIGRATIONS = [
     Migration(2, "runs: last_success", _last_success),
     Migration(2, "links and membership: the activity's identity (recorded as version 1)", _identities),
     Migration(3, "locks: the credential each lock is for", _lock_credentials),
-    Migration(4, "links: the item's organizer; links by UID", _link_organizers),
+    Migration(4, "calendar_items: new items left out in a review or held for a mandatory field", _calendar_items),
+    Migration(5, "links: the item's organizer; links by UID", _link_organizers),
 ]
 SCHEMA_VERSION = latest(MIGRATIONS)
 
@@ -301,6 +326,50 @@ class StateStore:
             self.conn.execute("DELETE FROM item_failures WHERE account = ? AND area = ? AND href = ?",
                               (account, area, href))
 
+    # -- calendar items kept out of the CRM -------------------------------------------------------
+
+    def calendar_items(self, account: str | None = None, area: str | None = None,
+                       outcome: str | None = None) -> list[CalendarItemRecord]:
+        sql, params = "SELECT * FROM calendar_items WHERE 1", []
+        for column, value in (("account", account), ("area", area), ("outcome", outcome)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        return [CalendarItemRecord(
+            account=r["account"], area=r["area"], href=r["href"], outcome=r["outcome"], uid=r["uid"],
+            subject=r["subject"], missing=json.loads(r["missing"]) if r["missing"] else None,
+            addresses=json.loads(r["addresses"]) if r["addresses"] else None, updated_at=r["updated_at"])
+            for r in self.db.query(sql + " ORDER BY account, area, href", params)]
+
+    def save_calendar_items(self, records: Iterable[CalendarItemRecord], forget: Iterable[tuple[str, str, str]] = (),
+                            outcome: str | None = None) -> None:
+        """Forget these (account, area, href) records (only those with `outcome`, if given), then
+        save `records`, in one transaction."""
+        now = _now()
+        with transaction(self.conn):
+            for account, area, href in forget:
+                self.conn.execute("DELETE FROM calendar_items WHERE account = ? AND area = ? AND href = ?"
+                                  + (" AND outcome = ?" if outcome else ""),
+                                  (account, area, href, *((outcome,) if outcome else ())))
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO calendar_items (account, area, href, outcome, uid, subject, missing, "
+                "addresses, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                [(r.account, r.area, r.href, r.outcome, r.uid, r.subject,
+                  json.dumps(r.missing) if r.missing is not None else None,
+                  json.dumps(r.addresses) if r.addresses is not None else None, now) for r in records])
+
+    def take_in(self, account: str, area: str, hrefs: Iterable[str]) -> None:
+        """Items a review takes in: their records go, and the collection is listed whole at the
+        next sync (an unchanged item would not come up in a delta)."""
+        hrefs = list(hrefs)
+        if not hrefs:
+            return
+        with transaction(self.conn):
+            self.conn.executemany("DELETE FROM calendar_items WHERE account = ? AND area = ? AND href = ?",
+                                  [(account, area, href) for href in hrefs])
+            self.conn.execute("UPDATE collections SET sync_token = NULL WHERE account = ? AND area = ?",
+                              (account, area))
+
     # -- folders -----------------------------------------------------------------------------
 
     def check_uidvalidity(self, account: str, folder: str, uidvalidity: int) -> bool:
@@ -364,8 +433,8 @@ class StateStore:
         return [self._record(row) for row in self.db.query(sql + " ORDER BY account, folder, uid", params)]
 
     def not_imported(self) -> list[MailRecord]:
-        """Mail still in its folder: held back, failing, or quarantined (in that order)."""
-        return [r for outcome in (HELD, FAILED, QUARANTINED) for r in self.by_outcome(outcome)]
+        """Mail still in its folder: held back, failing, quarantined, or left out in a review (in that order)."""
+        return [r for outcome in (HELD, FAILED, QUARANTINED, LEFT_OUT) for r in self.by_outcome(outcome)]
 
     @staticmethod
     def _record(row: dict) -> MailRecord:

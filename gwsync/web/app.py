@@ -1,12 +1,19 @@
 """The web view behind the CRM links (`gwsync serve`): Flask + Jinja2 over the embedded CRM.
 
 Every request opens the CRM and state databases through an Engine (SQLite connections are
-per thread, and waitress serves from several) and closes them afterwards. Pages only read;
-the one write is the assign form, which runs the same Engine.assign as `gwsync assign`.
+per thread, and waitress serves from several) and closes them afterwards. The writes are
+forms that run what the CLI runs: assign (Engine.assign, as `gwsync assign`), the edit form
+(Engine.update_activity, as `gwsync activity edit`), push and unpush (Engine.push/unpush).
 
-A request passes, in this order: the Host check (without a password: loopback names only),
-the login check (with one), Flask-WTF's CSRF check (forms), then its page. Ids in URLs and
+A request passes, in this order: Flask-WTF's CSRF check (forms), the Host check (without a
+login: loopback names only), the login check (with one), then its page. Ids in URLs and
 forms beyond SQLite's 64-bit integers are "not there" before any query sees them.
+
+Who reads: with `[serve.users.NAME]` each employee logs in as themselves and the session
+remembers who (its mark is tied to that user's password); with one shared password, or none,
+the reader is the config's only account, or nobody in particular when it has several. A
+private activity shows its details only to its owner: everyone else sees "Privat", its
+times and its owner, and can neither edit nor push it.
 """
 
 from __future__ import annotations
@@ -17,12 +24,14 @@ import ipaddress
 import logging
 import math
 import re
+import secrets
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
+from functools import partial
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, flash, g, redirect, render_template, request, send_file, session, url_for
@@ -30,10 +39,11 @@ from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
 from werkzeug.routing import IntegerConverter
 
-from ..calendar.icalmap import parse_time
+from ..accountlock import AccountBusy
+from ..calendar.icalmap import BUSY_SUBJECT, parse_time
 from ..config import Config
-from ..crm import ActivityFilter
-from ..crm.searches import QUICK_SEARCHES, quick_search
+from ..crm import MAIL_KINDS, Activity, ActivityFilter
+from ..crm.searches import MY_SEARCHES, quick_search, searches_for
 from ..engine import Engine
 from ..errors import GwsyncError
 from .sanitize import sanitise_mail_html
@@ -47,6 +57,10 @@ HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::[0-9]{1,5})?", re.IG
 # Types a browser might render or run; served as plain bytes (they are downloads anyway).
 ACTIVE_TYPES = ("text/html", "application/xhtml+xml", "image/svg+xml", "text/xml", "application/xml",
                 "text/javascript", "application/javascript")
+
+MAX_TEXT = 1000  # characters of a subject, request or project typed into the edit form
+
+# The viewer's own share of two quick searches (owner, delegate or participant), and everything.
 
 MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")  # RFC 6838 names only
 
@@ -142,9 +156,13 @@ class LoginThrottle:
             self._clients.pop(self._key(address), None)
 
 
-def create_app(config: Config, secret_key: bytes, password: str | None = None) -> Flask:
-    """The web view. With `password`, every page but the login needs a session that logged in
-    with it; without one, only loopback host names are answered (no DNS rebinding)."""
+def create_app(config: Config, secret_key: bytes, password: str | None = None,
+               users: dict[str, str] | None = None) -> Flask:
+    """The web view. With `password` (one shared login) or `users` (account name -> that
+    employee's password), every page but the login needs a session that logged in with it;
+    without either, only loopback host names are answered (no DNS rebinding)."""
+    if password is not None and users:
+        raise ValueError("one shared password or a login per user, not both")
     app = Flask(__name__)
     app.url_map.converters["id"] = IdConverter
     base = urlsplit(config.serve.base_url)
@@ -163,8 +181,17 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
     app.jinja_env.trim_blocks = app.jinja_env.lstrip_blocks = True
     CSRFProtect(app)
     statuses = config.crm.statuses
-    assigning = threading.Lock()
-    login_mark = hmac.new(secret_key, (password or "").encode(), hashlib.sha256).hexdigest()
+    writing = threading.Lock()  # around each form's write: a form sent twice finds the first one's result
+    users = dict(users or {})
+    login_required = password is not None or bool(users)
+    # What a session that logged in carries: tied to the password, so changing it ends the
+    # sessions made with the old one; per user, tied to the name too.
+    marks: dict[str | None, str] = (
+        {name: _mark(secret_key, f"user\0{name}\0{secret}") for name, secret in users.items()} if users else
+        {None: _mark(secret_key, password or "")})
+    only_account = next(iter(config.accounts)) if len(config.accounts) == 1 else None
+    accounts = list(config.accounts)
+    calendar_accounts = [a.name for a in config.accounts.values() if a.caldav is not None]
     throttle = LoginThrottle()
 
     def engine() -> Engine:
@@ -183,7 +210,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
         """Without a password, only loopback names: a hostile site whose name resolves to
         127.0.0.1 (DNS rebinding) must not read the CRM. (Werkzeug's TRUSTED_HOSTS cannot
         match an IPv6 address, hence this check.)"""
-        if password is not None:
+        if login_required:
             return None
         name = host_name(request.environ.get("HTTP_HOST", ""))
         if name is not None and (name == base.hostname or is_loopback(name)):
@@ -193,10 +220,16 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
 
     @app.before_request
     def require_login():
-        if password is None or request.endpoint in ("login", "static", "favicon"):
+        g.viewer = None if users else only_account
+        if not login_required or request.endpoint in ("login", "static", "favicon"):
             return None
-        if not hmac.compare_digest(session.get("login", ""), login_mark):
+        user = session.get("user") if users else None
+        expected = marks.get(user) if user is None or isinstance(user, str) else None
+        given = session.get("login")
+        if expected is None or not isinstance(given, str) or not hmac.compare_digest(given, expected):
             return redirect(url_for("login", next=request.full_path.rstrip("?")))
+        if users:
+            g.viewer = user
         return None
 
     @app.after_request
@@ -212,8 +245,28 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
 
     @app.context_processor
     def navigation():
-        return {"quick_searches": QUICK_SEARCHES, "login_required": password is not None,
+        viewer = g.get("viewer")
+        return {"quick_searches": searches_for(viewer), "login_required": login_required,
+                "logged_in_as": viewer if users else None,
                 "status_label": lambda key: f"{key} · {statuses[key]}" if key in statuses else key}
+
+    def sees_details(item: Activity) -> bool:
+        """A private activity's details are its owner's (an activity without owner is the only
+        account's, as the calendar sync reads it)."""
+        viewer = g.get("viewer")
+        return not item.private or (viewer is not None and (item.owner or only_account) == viewer)
+
+    def shown(item: Activity) -> Activity:
+        return item if sees_details(item) else private_view(item)
+
+    def changeable(activity_id: int) -> Activity:
+        """The activity a form changes: 404 when there is none, 403 when it is another's private one."""
+        item = engine().activity(activity_id)
+        if item is None:
+            abort(404, f"There is no activity #{activity_id}; it may have been deleted.")
+        if not sees_details(item):
+            abort(403, f"Activity #{activity_id} is private: only its owner, {item.owner}, can change it.")
+        return item
 
     app.add_template_filter(human_time, "when")
     app.add_template_filter(format_size, "size")
@@ -229,6 +282,10 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
     @app.errorhandler(404)
     def not_found(exc):
         return error_page("Not found", exc.description, 404)
+
+    @app.errorhandler(403)
+    def forbidden(exc):
+        return error_page("Private", exc.description, 403)
 
     @app.errorhandler(500)
     def server_error(exc):
@@ -251,17 +308,22 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
     @app.get("/")
     def index():
         eng = engine()
-        counts = {name: eng.count_activities(quick_search(name)) for name in QUICK_SEARCHES}
+        counts = {name: eng.count_activities(quick_search(name, g.viewer)) for name in searches_for(g.viewer)}
         held = eng.not_imported()
         return render_template("index.html", counts=counts, unknown=len(engine().unknown_senders()),
                                held=len(held))
 
     @app.get("/activities/<id:activity_id>")
     def activity(activity_id: int):
-        eng = engine()
-        item = eng.activity(activity_id)
+        item = engine().activity(activity_id)
         if item is None:
             abort(404, f"There is no activity #{activity_id}; it may have been deleted.")
+        return _activity_page(item)
+
+    def _activity_page(item: Activity, error: str | None = None, status: int = 200):
+        eng = engine()
+        private = not sees_details(item)
+        item = shown(item)
         contact = eng.contact(item.contact_id) if item.contact_id else None
         partner = eng.partner(item.partner_id) if item.partner_id else None
         remote_images = request.args.get("images") == "remote"  # the reader asked for them
@@ -270,8 +332,10 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
         page = render_template("activity.html", a=item, contact=contact, partner=partner,
                                html_body=Markup(safe.markup) if safe else None,
                                blocked_images=safe.blocked_images if safe else 0, remote_images=remote_images,
-                               links=eng.calendar_links(item))
-        response = app.make_response(page)
+                               links=[] if private else eng.calendar_links(item), private=private, error=error,
+                               calendar_accounts=calendar_accounts, area=config.crm.kinds.get(item.kind, "events"),
+                               default_account=g.viewer if g.viewer in calendar_accounts else item.owner)
+        response = app.make_response((page, status))
         if remote_images:
             response.headers["Content-Security-Policy"] = PAGE_POLICY.replace("img-src 'self'",
                                                                               "img-src 'self' https: http:")
@@ -280,6 +344,8 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
     @app.get("/activities/<id:activity_id>/documents/<id:number>")
     def document(activity_id: int, number: int):
         item = engine().activity(activity_id)
+        if item is not None and not sees_details(item):
+            item = None  # another's private activity: its documents are not there for this reader
         if item is None or not 1 <= number <= len(item.documents):
             abort(404, f"Activity #{activity_id} has no document {number}.")
         doc = item.documents[number - 1]
@@ -296,11 +362,14 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
 
     @app.get("/searches/<name>")
     def search(name: str):
+        if name in MY_SEARCHES and g.viewer is None:
+            abort(404, f"The search {name!r} needs to know who you are: it works with a login per employee "
+                       "([serve.users.NAME]) or a config with one account.")
         try:
-            flt = quick_search(name)
+            flt = quick_search(name, g.viewer)
         except KeyError:
             abort(404, f"There is no quick search {name!r}.")
-        return _activity_list(engine(), flt, QUICK_SEARCHES[name])
+        return _activity_list(engine(), flt, searches_for(g.viewer)[name], shown)
 
     @app.get("/partners/<id:partner_id>")
     def partner(partner_id: int):
@@ -308,7 +377,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
         if found is None:
             abort(404, f"There is no partner #{partner_id}.")
         contacts = [c for c in engine().contacts() if c.partner_id == partner_id]
-        return _activity_list(engine(), ActivityFilter(partner_id=partner_id), f"Activities of {found.name}",
+        return _activity_list(engine(), ActivityFilter(partner_id=partner_id), f"Activities of {found.name}", shown,
                               partner=found, contacts=contacts)
 
     @app.get("/contacts/<id:contact_id>")
@@ -317,7 +386,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
         if found is None:
             abort(404, f"There is no contact #{contact_id}.")
         partner = engine().partner(found.partner_id) if found.partner_id else None
-        return _activity_list(engine(), ActivityFilter(contact_id=contact_id), f"Activities of {found.name}",
+        return _activity_list(engine(), ActivityFilter(contact_id=contact_id), f"Activities of {found.name}", shown,
                               contact=found, partner=partner)
 
     @app.get("/unknown")
@@ -349,7 +418,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
         if chosen and contact_id is None:
             return _unknown_page(f"Assigning {email}: no contact {chosen!r}; pick one from the list as you type.", 400)
         try:
-            with assigning:  # a double-clicked form: the second request finds the first one's contact
+            with writing:  # a double-clicked form: the second request finds the first one's contact
                 result = engine().assign(email, contact_id=contact_id, new_contact=new_contact,
                                          partner_id=partner_id if new_contact else None)
         except (LookupError, ValueError) as exc:
@@ -364,36 +433,114 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
 
     @app.get("/held")
     def held():
-        rows = engine().not_imported()
-        return render_template("held.html", rows=rows)
+        eng = engine()
+        return render_template("held.html", rows=eng.not_imported(), items=eng.kept_out())
+
+    # -- changing an activity: the edit form, push and unpush ----------------------------------
+
+    def kinds_for(item: Activity) -> list[str]:
+        return list(dict.fromkeys([*config.crm.kinds, *MAIL_KINDS, item.kind]))
+
+    def edit_page(item: Activity, values: dict, seen: str, seen_participants: list[str], error: str | None = None,
+                  status: int = 200):
+        return render_template("edit.html", a=item, values=values, seen=seen, seen_participants=seen_participants,
+                               error=error, kinds=kinds_for(item), statuses=statuses, accounts=accounts), status
+
+    @app.get("/activities/<id:activity_id>/edit")
+    def edit(activity_id: int):
+        item = changeable(activity_id)
+        return edit_page(item, {key: getattr(item, key) for key in EDITED}, item.updated_at or "", item.participants)
+
+    @app.post("/activities/<id:activity_id>/edit")
+    def save(activity_id: int):
+        form = request.form
+        sent = {key: form.get(key, "") for key in EDITED} | {"participants": form.getlist("participants")}
+        seen, seen_participants = form.get("updated_at", ""), form.getlist("participants_seen")
+        with writing:  # the check and the write together: of two forms sent at once, the second sees the first
+            current = changeable(activity_id)
+            try:
+                values = edited_values(current, form, kinds_for(current), list(statuses), accounts)
+            except ValueError as exc:
+                return edit_page(current, sent, seen, seen_participants, f"{exc}.", 400)
+            if seen != (current.updated_at or ""):
+                return edit_page(current, sent, current.updated_at or "", current.participants,
+                                 "The activity was changed since you opened this form (by a sync or someone else): "
+                                 "check the fields and send it again.", 409)
+            changes = {key: value for key, value in values.items() if getattr(current, key) != value}
+            if changes:
+                try:
+                    engine().update_activity(activity_id, changes)
+                except LookupError:
+                    abort(404, f"There is no activity #{activity_id}; it may have been deleted.")
+        flash("Saved." if changes else "Nothing changed.")
+        return redirect(url_for("activity", activity_id=activity_id), 303)
+
+    @app.post("/activities/<id:activity_id>/push")
+    def push(activity_id: int):
+        item = changeable(activity_id)
+        area = request.form.get("area", "")
+        account = request.form.get("account", "")
+        if area not in ("events", "tasks"):
+            return _activity_page(item, f"Push: {area!r} is neither events nor tasks.", 400)
+        if account not in calendar_accounts:
+            return _activity_page(item, f"Push: {account!r} is not an account with a calendar "
+                                        f"(known: {', '.join(calendar_accounts) or 'none'}).", 400)
+        try:
+            report = engine().push(activity_id, area, account)
+        except (AccountBusy, GwsyncError) as exc:
+            return _activity_page(item, f"Push: {exc}", 409)
+        problems = report.accounts[account].error_lines() if account in report.accounts else []
+        if problems:
+            return _activity_page(engine().activity(activity_id) or item, f"Push: {'; '.join(problems)}", 502)
+        flash(f"Pushed to {account}'s {area}.")
+        return redirect(url_for("activity", activity_id=activity_id), 303)
+
+    @app.post("/activities/<id:activity_id>/unpush")
+    def unpush(activity_id: int):
+        item = changeable(activity_id)
+        account = request.form.get("account", "")
+        if account not in calendar_accounts:
+            return _activity_page(item, f"Unpush: {account!r} is not an account with a calendar "
+                                        f"(known: {', '.join(calendar_accounts) or 'none'}).", 400)
+        try:
+            count = engine().unpush(activity_id, account)
+        except (AccountBusy, GwsyncError) as exc:
+            return _activity_page(item, f"Unpush: {exc}", 409)
+        flash(f"Removed {count} calendar item{'' if count == 1 else 's'} from {account}'s calendar. "
+              f"The activity stays in the CRM and off that calendar until pushed again.")
+        return redirect(url_for("activity", activity_id=activity_id), 303)
 
     # -- login -------------------------------------------------------------------------------
 
     @app.route("/login", methods=["GET", "POST"])
     def login():
-        if password is None:
+        if not login_required:
             return redirect(url_for("index"))
         target = local_path(request.values.get("next", "")) or url_for("index")  # no open redirect
+        user = request.form.get("user", "").strip() if users else None
+        page = partial(render_template, "login.html", next=target, per_user=bool(users), user=user or "")
         if request.method != "POST":  # GET, and HEAD with it
-            return render_template("login.html", next=target)
+            return page()
         client = request.remote_addr or ""
         wait = throttle.begin(client)
         if wait:  # refused unchecked: guessing stays slow, and no thread sleeps for it
             seconds = math.ceil(wait)
-            return (render_template("login.html", next=target, error=f"Too many wrong passwords from here: "
-                                                                     f"try again in {seconds} s."),
+            return (page(error=f"Too many wrong passwords from here: try again in {seconds} s."),
                     429, {"Retry-After": str(seconds)})
         given = request.form.get("password", "")
-        if hmac.compare_digest(hashlib.sha256(given.encode()).digest(),
-                               hashlib.sha256(password.encode()).digest()):
+        # An unknown user is checked against a password nobody has: the answer takes as long.
+        expected = users.get(user or "") if users else password
+        if _same(given, expected if expected is not None else secrets.token_hex(16)) and expected is not None:
             throttle.passed(client)
             session.clear()
             session.permanent = True
-            session["login"] = login_mark
+            session["login"] = marks[user]
+            if users:
+                session["user"] = user
             return redirect(target, 303)
         seconds = math.ceil(throttle.wait(client))  # the wait this wrong try has started
-        return (render_template("login.html", next=target, error=f"Wrong password. Try again in {seconds} s."),
-                401, {"Retry-After": str(seconds)})
+        wrong = "Wrong user name or password" if users else "Wrong password"
+        return page(error=f"{wrong}. Try again in {seconds} s."), 401, {"Retry-After": str(seconds)}
 
     @app.post("/logout")
     def logout():
@@ -407,7 +554,75 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None) -
     return app
 
 
-def _activity_list(eng: Engine, flt: ActivityFilter, title: str, **extra):
+# The fields the edit form changes (participants from its check boxes).
+EDITED = ("kind", "status", "subject", "owner", "delegated_to", "participants", "request", "project")
+
+
+def edited_values(item: Activity, form, kinds: list[str], statuses: list[str], accounts: list[str]) -> dict:
+    """The edit form's fields over the activity as it is now, checked: ValueError says what is
+    wrong with the first bad one. Names must be accounts. Participants change by what the
+    reader ticked or unticked against what the form showed (`participants_seen`): a sync may
+    have added one since, without changing updated_at, and that one stays. A new owner replaces
+    the old one among the participants (as a changed owner does everywhere: the old owner's
+    calendar copy leaves); the owner is always one of them."""
+    known = f"(known: {', '.join(accounts) or 'none'})"
+
+    def text(key: str, name: str) -> str | None:
+        value = form.get(key, "").strip()
+        if len(value) > MAX_TEXT:
+            raise ValueError(f"{name} is longer than {MAX_TEXT} characters")
+        if not value.isprintable():
+            raise ValueError(f"{name} has a line break or another control character; write it on one line")
+        return value or None
+
+    def employee(key: str, name: str, empty_ok: bool) -> str | None:
+        value = form.get(key, "").strip()
+        if value in accounts or (empty_ok and not value):
+            return value or None
+        raise ValueError(f"{name} {value!r} is not an account {known}")
+
+    kind, status = form.get("kind", "").strip(), form.get("status", "").strip()
+    if kind not in kinds:
+        raise ValueError(f"kind {kind!r} is not one of {', '.join(kinds)}")
+    if status not in statuses:
+        raise ValueError(f"status {status!r} is not one of {', '.join(statuses)}")
+    subject = text("subject", "subject") or ""
+    owner = employee("owner", "owner", empty_ok=item.owner is None)
+    delegate = employee("delegated_to", "delegate", empty_ok=True)
+    ticked = list(dict.fromkeys(name.strip() for name in form.getlist("participants")))
+    for name in ticked:
+        if name not in accounts:
+            raise ValueError(f"participant {name!r} is not an account {known}")
+    seen = {name.strip() for name in form.getlist("participants_seen")}
+    participants = [name for name in item.participants if name in ticked or name not in seen]
+    participants += [name for name in ticked if name not in seen and name not in participants]
+    if owner != item.owner and item.owner in participants:
+        participants.remove(item.owner)
+    if owner is not None and owner not in participants:
+        participants.insert(0, owner)
+    return {"kind": kind, "status": status, "subject": subject, "owner": owner, "delegated_to": delegate,
+            "participants": participants, "request": text("request", "request"),
+            "project": text("project", "project")}
+
+
+def private_view(item: Activity) -> Activity:
+    """What a private activity shows to anyone but its owner: "Privat", its times, its owner."""
+    return replace(item, subject=BUSY_SUBJECT, body="", body_html=None, location=None, attendees=[], documents=[],
+                   sender=None, sender_name=None, recipients_to=[], recipients_cc=[], contact_id=None,
+                   partner_id=None, unassigned=False, message_id=None, source=None, participants=[],
+                   delegated_to=None, request=None, project=None)
+
+
+def _mark(key: bytes, text: str) -> str:
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant time, whatever the lengths."""
+    return hmac.compare_digest(hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest())
+
+
+def _activity_list(eng: Engine, flt: ActivityFilter, title: str, shown: Callable[[Activity], Activity], **extra):
     given = request.args.get("page") or "1"
     page = _whole_number(given)
     total = eng.count_activities(flt)
@@ -415,7 +630,7 @@ def _activity_list(eng: Engine, flt: ActivityFilter, title: str, **extra):
     if page is None or page > pages:  # nor can an offset grow beyond what SQLite holds
         abort(404, f"There is no page {given[:30]} of this list; it has {pages} page{'s' if pages > 1 else ''}.")
     paged = replace(flt, newest_first=True, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
-    items = eng.activities(paged)
+    items = [shown(a) for a in eng.activities(paged)]
     # names of just the contacts and partners on this page (a CRM may have thousands)
     contacts = {c.id: c.name for c in map(eng.contact, {a.contact_id for a in items if a.contact_id}) if c}
     partners = {p.id: p.name for p in map(eng.partner, {a.partner_id for a in items if a.partner_id}) if p}

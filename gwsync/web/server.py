@@ -1,4 +1,5 @@
-"""Running the web view: the listening socket (waitress), its secret key and its password."""
+"""Running the web view: the listening socket (waitress), its secret key and its logins (one
+shared password, or one per employee from [serve.users.NAME]; each read once, at the start)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..config import Config, ConfigError, http_address
+from ..config import PASSWORD_KEYS_TEXT, Config, ConfigError, http_address
 from ..storage.sqlite import ensure_private_dir
 from .app import create_app, is_loopback
 
-PASSWORD_KEYS = "password_command, password_env, password_keyring or password"
+LOGINS = f"a password in [serve] ({PASSWORD_KEYS_TEXT}) or a login per employee ([serve.users.NAME])"
 
 
 class ServeError(Exception):
@@ -41,21 +42,22 @@ def secret_key(directory: Path) -> bytes:
 
 
 def make_server(config: Config, host: str, port: int):
-    """A waitress server for the web view, bound but not yet serving. A password from [serve]
-    is required to listen beyond loopback."""
+    """A waitress server for the web view, bound but not yet serving. A login (a password in
+    [serve], or [serve.users.NAME]) is required to listen beyond loopback."""
     from waitress.server import create_server
 
     password = config.serve.secret.resolve() if config.serve.secret else None
+    users = {name: user.secret.resolve() for name, user in config.serve.users.items()}  # the config allows one kind
     public = urlsplit(config.serve.url).hostname if config.serve.url else None
-    if password is None and not is_loopback(host):
+    if password is None and not users and not is_loopback(host):
         raise ConfigError(
-            f"serve: listening on {host} makes the CRM reachable from other machines; set a password "
-            f"in [serve] ({PASSWORD_KEYS}) or use --host 127.0.0.1")
-    if password is None and public and not is_loopback(public):
+            f"serve: listening on {host} makes the CRM reachable from other machines; set "
+            f"{LOGINS}, or use --host 127.0.0.1")
+    if password is None and not users and public and not is_loopback(public):
         raise ConfigError(
             f"serve.url {config.serve.url} says the CRM is opened from other machines (through a proxy); "
-            f"set a password in [serve] ({PASSWORD_KEYS})")
-    app = create_app(config, secret_key(config.state_database.parent), password)
+            f"set {LOGINS}")
+    app = create_app(config, secret_key(config.state_database.parent), password, users)
     try:
         return create_server(app, host=host, port=port, threads=4, ident="gwsync", clear_untrusted_proxy_headers=True)
     except OSError as exc:
