@@ -223,3 +223,15 @@ def replace_statuses(config, statuses: dict):
         "state": {"database": str(config.state_database)},
         "accounts": {"alice": {"areas": ["events"], "caldav": {
             "url": "http://memory.invalid/alice/", "username": "alice", "password": "unused"}}}})
+
+
+def test_the_review_offers_no_copy_of_an_activity_another_account_brought_in(team):
+    organized = event("meet", "Projektstart", "ORGANIZER:mailto:alice@firma.example\r\n")
+    team.coll("alice").put("m.ics", organized)
+    team.coll("bob").put("invite.ics", organized)
+    team.coll("bob").put("own.ics", event("own", "Nur bei Bob"))
+    assert [d.uid for _, d in team.calsync("bob").waiting()] == ["meet", "own"]
+
+    team.sync("alice")
+
+    assert [d.uid for _, d in team.calsync("bob").waiting()] == ["own"]

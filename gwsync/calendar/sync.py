@@ -584,9 +584,11 @@ class CalendarSync:
     # -- pairing -----------------------------------------------------------------------------
 
     def waiting(self) -> list[tuple[str, ItemData]]:
-        """New items on the server that are not in the CRM yet (for the review)."""
+        """New items on the server that are not in the CRM yet (for the review); a copy of an
+        activity another account's copy brought in is not new: the sync joins it."""
         linked = {l.href for l in self.state.links(self.account.name, self.area)}
         hrefs = [h for h in self.coll.list_etags() if h not in linked]
+        self._memberships = self.state.membership_details(self.account.name, self.area)
         found = []
         for href, item in sorted(self.coll.multiget(hrefs).items()):
             try:
@@ -595,7 +597,9 @@ class CalendarSync:
                 continue
             if data.component == self.component and self._left_out(data, datetime.now(UTC).date()) is None:
                 found.append((href, data))
-        return found
+        copies = self._copies([data.uid for _, data in found])
+        return [(href, data) for href, data in found
+                if copies(data.uid) is None and self._claimed(data, {}, set()) is None]
 
     def _crm_activities(self) -> dict[int, Activity]:
         """The activities this account holds in this area (module doc, "A team")."""
