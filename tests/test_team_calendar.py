@@ -188,13 +188,13 @@ def test_a_pushed_mail_whose_task_is_deleted_on_the_phone_is_unpushed_and_kept_w
 def test_an_owner_change_moves_the_item_to_the_new_owners_calendar(make_env):
     alice, bob = team(make_env)
     result = alice.cli("activity", "add", "--kind", "TERMIN", "--subject", "Kundenbesuch", "--start",
-                       "2026-12-09T10:00", "--end", "2026-12-09T11:00", "--account", "alice")
+                       "2026-12-09T10:00", "--end", "2026-12-09T11:00", "--owner", "alice")
     activity_id = int(result.stdout.strip())
     sync(alice)
     assert len(alice.dav_items("events")) == 1 and bob.dav_items("events") == {}
 
-    with alice.engine() as engine:
-        engine.update_activity(activity_id, {"owner": "bob"})
+    result = alice.cli("activity", "edit", str(activity_id), "--owner", "bob")
+    assert result.exit_code == 0, result.stderr
     sync(alice)
     sync(alice)
 
@@ -209,13 +209,13 @@ def test_an_owner_change_moves_the_item_to_the_new_owners_calendar(make_env):
 def test_a_task_delegated_to_bob_moves_to_his_task_list(make_env, kind):
     alice, bob = team(make_env)
     result = alice.cli("activity", "add", "--kind", kind, "--subject", "Angebot nachfassen", "--due",
-                       "2026-12-05", "--account", "alice")
+                       "2026-12-05", "--owner", "alice")
     activity_id = int(result.stdout.strip())
     sync(alice)
     assert len(alice.dav_items("tasks")) == 1 and bob.dav_items("tasks") == {}
 
-    with alice.engine() as engine:
-        engine.update_activity(activity_id, {"delegated_to": "bob"})
+    result = alice.cli("activity", "edit", str(activity_id), "--delegate", "bob")
+    assert result.exit_code == 0, result.stderr
     out = sync(alice)
     sync(alice)
 
