@@ -195,6 +195,10 @@ def test_an_owner_change_moves_the_item_to_the_new_owners_calendar(make_env):
 
     result = alice.cli("activity", "edit", str(activity_id), "--owner", "bob")
     assert result.exit_code == 0, result.stderr
+    dry = alice.cli("sync", "--dry-run")
+    (href,) = (f"/{alice.user}/calendar/{name}" for name in alice.dav_items("events"))
+    assert f"alice events: release activity {activity_id}, item {href}: 'Kundenbesuch'" in dry.stdout.splitlines()
+    assert f"bob events: create-groupware activity {activity_id}, new item: 'Kundenbesuch'" in dry.stdout.splitlines()
     sync(alice)
     sync(alice)
 
@@ -222,3 +226,13 @@ def test_a_task_delegated_to_bob_moves_to_his_task_list(make_env, kind):
     assert alice.dav_items("tasks") == {}
     assert f"X-GWSYNC-ACTIVITY-ID:{activity_id}" in unfolded(only_item(bob, "tasks")[2])
     assert out["alice"]["tasks"]["deleted_crm"] == 0 and activity(alice, activity_id).delegated_to == "bob"
+
+
+def test_an_imported_private_item_is_a_private_activity_with_private_import(make_env):
+    env = make_env(areas=("events",), extra='\n[sync]\nprivate = "import"\n')
+    env.dav_put("events", "arzt.ics", meeting("arzt", "Arzttermin", "CLASS:PRIVATE\n"))
+    env.dav_put("events", "kunde.ics", meeting("kunde", "Kundentermin"))
+
+    sync(env)
+
+    assert {a.subject: a.private for a in activities(env)} == {"Arzttermin": True, "Kundentermin": False}

@@ -235,3 +235,19 @@ def test_the_review_offers_no_copy_of_an_activity_another_account_brought_in(tea
     team.sync("alice")
 
     assert [d.uid for _, d in team.calsync("bob").waiting()] == ["own"]
+
+
+def test_the_mass_deletion_guard_counts_released_copies(team):
+    ids = team.crm.create_activities([ActivityDraft(
+        key=f"crm:{n}", kind="TERMIN", status="O", subject=f"T{n}", start="2026-12-09T10:00:00+00:00",
+        owner="alice", participants=["alice"]) for n in range(4)])
+    team.sync("alice")
+    for activity_id in ids[:3]:
+        move_owner(team, activity_id, "bob")
+
+    result = team.sync("alice")
+    assert "would delete 3 of 4 items on the groupware side" in result.errors[0]
+    assert len(team.coll("alice").items()) == 4  # nothing released
+    result = team.sync("alice", force=True)
+    assert result.errors == [] and result.counts["deleted_groupware"] == 3 and len(team.coll("alice").items()) == 1
+    assert len(team.activities()) == 4
