@@ -251,3 +251,20 @@ def test_the_mass_deletion_guard_counts_released_copies(team):
     result = team.sync("alice", force=True)
     assert result.errors == [] and result.counts["deleted_groupware"] == 3 and len(team.coll("alice").items()) == 1
     assert len(team.activities()) == 4
+
+
+@pytest.mark.parametrize("mode", ["skip", "busy"])
+def test_a_copy_made_private_by_its_holder_does_not_join(tmp_path, mode):
+    team = TeamWorld(tmp_path, sync={"private": mode})
+    organized = event("meet", "Projektstart", "ORGANIZER:mailto:alice@firma.example\r\nLOCATION:Raum 4\r\n")
+    team.coll("alice").put("m.ics", organized)
+    team.coll("bob").put("invite.ics", organized.replace("SUMMARY:", "CLASS:PRIVATE\r\nSUMMARY:"))
+    before = team.coll("bob").items()
+
+    team.sync_all()
+    team.sync_all()
+
+    (act,) = team.activities().values()
+    assert (act.subject, act.location, act.participants) == ("Projektstart", "Raum 4", ["alice"])
+    assert team.coll("bob").items() == before  # nothing written into it
+    team.close()

@@ -693,9 +693,15 @@ class CalendarSync:
                 # One link per activity and collection: a second copy here stays as it is.
                 log.info("%s, item %s: a second copy of activity %s here; left alone", self.where, href, activity.id)
                 continue
+            joining = activity is not None and activity.id not in activities
+            if joining and data.private and self.config.sync.private != "import":
+                # A copy its holder made private stays out: joining would write the link into it,
+                # and a busy block would blank the others' meeting.
+                log.info("%s, item %s: a private copy of activity %s; left alone", self.where, href, activity.id)
+                continue
             if activity is not None:
                 matched_ids.add(activity.id)
-                pairs.append(_Pair(None, activity, fetched[href], data, joining=activity.id not in activities,
+                pairs.append(_Pair(None, activity, fetched[href], data, joining=joining,
                                    join_base=self._base_elsewhere(activity)))
                 continue
             if (why := self._left_out(data, self._today)) is not None:
