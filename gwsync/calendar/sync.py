@@ -37,11 +37,14 @@ when, for events, it is the owner or a participant; for tasks, the delegate, or 
 there is no delegate, or a participant other than the owner; an activity without owner goes to
 the only account syncing the area; pushes and unpushes (memberships) override this. A linked
 copy the account no longer holds is released: its edits since the last sync go to the activity,
-then the copy is deleted (If-Match) and unlinked. One activity per iCalendar UID: a new
+then the copy is deleted (If-Match) and unlinked (a team calendar's item that another account's
+link still holds only loses this account's link). One activity per iCalendar UID: a new
 activity from an item gets the key `cal:<UID>`; an unlinked item is first matched by its UID to
 an activity another account's copy is linked to, to a key `cal:<UID>` or (from before teams)
 `cal:<account>:<UID>`, or by this store's activity uuid written in it; such a copy joins the
-activity (the account becomes a participant; its base is the other copy's last synced state).
+activity (the account becomes a participant; its base is the other copy's last synced state),
+unless its holder made it private and `[sync] private` is not "import". An activity that came
+from an item gets that item's UID in every calendar it is put into.
 A linked item gone from the server deletes its activity only when the activity came from a
 calendar item (key `cal:`) and no other account's copy and no other employee holds it (and
 the CRM side is unchanged: an edit wins, the item comes back). Otherwise the copy is unlinked:
