@@ -207,7 +207,8 @@ def _show_shared_meeting(engine, report, dav_server: Radicale, colleague_home: s
     joined = report.accounts[COLLEAGUE].calendars["events"].counts["created_crm"]
     (_etag, text), = _items(dav_server, colleague_home, "calendar", COLLEAGUE).values()
     same_link = link_line in text.replace("\n ", "").splitlines()
-    click.echo(f"  the same meeting is in {COLLEAGUE}'s calendar too: {len(meetings)} activity "
+    count = f"{len(meetings)} activity" if len(meetings) == 1 else f"{len(meetings)} activities"
+    click.echo(f"  the same meeting is in {COLLEAGUE}'s calendar too: {count} "
                f"(#{', #'.join(str(a.id) for a in meetings)}), participants "
                f"{', '.join(p for m in meetings for p in m.participants)}; {joined} new from {COLLEAGUE}'s copy; "
                f"its CRM link is {'the same' if same_link else 'another one'}")
