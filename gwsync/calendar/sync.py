@@ -154,6 +154,14 @@ class CalendarResult:
     def failed(self) -> bool:
         return bool(self.errors)
 
+    def changes_line(self) -> str:
+        """The counts as the sync and watch print them: `CRM +1 ~0 -0, groupware +0 ~2 -0`, and
+        `, unlinked N` when copies were unlinked from their activity."""
+        c = self.counts
+        line = (f"CRM +{c['created_crm']} ~{c['updated_crm']} -{c['deleted_crm']}, "
+                f"groupware +{c['created_groupware']} ~{c['updated_groupware']} -{c['deleted_groupware']}")
+        return line + (f", unlinked {c['unlinked']}" if c["unlinked"] else "")
+
 
 @dataclass(frozen=True)
 class _Pair:
