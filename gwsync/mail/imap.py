@@ -135,16 +135,20 @@ class ImapSession:
             raise MailServerMisconfigured(certificate_problem(f"IMAP {where}", cfg.host, exc, names)) from None
         except (TimeoutError, OSError, IMAPClientError) as exc:
             raise ServerUnreachable(f"IMAP {where}: cannot connect ({exc})") from exc
+        authcid, authzid = cfg.login()  # through a master user: USER*MASTER, or SASL PLAIN for USER
         try:
-            client.login(cfg.username, password)
+            if authzid is None:
+                client.login(authcid, password)
+            else:
+                client.plain_login(authcid, password, authorization_identity=authzid)
         except LoginError as exc:
             _close(client)
-            raise login_refusal(f"IMAP {where}", cfg.username, _text(exc)) from None
+            raise login_refusal(f"IMAP {where}", cfg.login_text, _text(exc)) from None
         except (TimeoutError, OSError, IMAPClientAbortError) as exc:
             raise ServerUnreachable(f"IMAP {where}: connection lost during login ({exc})") from exc
         except IMAPClientError as exc:  # e.g. LOGINDISABLED: the server takes no login over this connection
             _close(client)
-            raise MailServerError(f"IMAP {where}: login as {cfg.username!r} not possible ({_text(exc)})") from exc
+            raise MailServerError(f"IMAP {where}: login as {cfg.login_text} not possible ({_text(exc)})") from exc
         with _guard(f"IMAP {where}: CAPABILITY"):
             return cls(client)
 
@@ -477,21 +481,21 @@ class ImapSession:
             pass
 
 
-def login_refusal(where: str, username: str, text: str) -> MailServerError:
-    """The error for a NO on LOGIN. Only a refused credential locks it: no response code or an
+def login_refusal(where: str, who: str, text: str) -> MailServerError:
+    """The error for a NO on LOGIN as `who` (quoted, e.g. "'alice*gwsync'"). Only a refused credential locks it: no response code or an
     auth code (AUTHENTICATIONFAILED, ...). A server that is full or busy ([LIMIT], ...) turns
     the login away for now: transient, retried, never locked."""
     match = _RESPONSE_CODE.match(text)
     code = match.group(1).upper() if match else None
     if code in TRANSIENT_LOGIN_CODES or (code is None and any(t in text.lower() for t in TRANSIENT_LOGIN_TEXTS)):
-        busy = ServerUnreachable(f"{where}: the server turned the login as {username!r} away for now ({text}); "
+        busy = ServerUnreachable(f"{where}: the server turned the login as {who} away for now ({text}); "
                                  "the password was not refused")
         busy.server_answered = True
         return busy
     if code == "PRIVACYREQUIRED":
-        return MailServerMisconfigured(f"{where}: the server takes the login as {username!r} only over TLS "
+        return MailServerMisconfigured(f"{where}: the server takes the login as {who} only over TLS "
                                        f"({text}); set security = \"tls\" or \"starttls\"")
-    return LoginFailed(f"{where}: login as {username!r} refused ({text})")
+    return LoginFailed(f"{where}: login as {who} refused ({text})")
 
 
 def certificate_problem(where: str, host: str, exc: ssl.SSLCertVerificationError,

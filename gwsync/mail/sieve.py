@@ -165,7 +165,7 @@ class SieveRules:
     any other failure a SieveError (SieveUnreachable for the connection)."""
 
     def __init__(self, host: str, port: int, username: str, password: str, starttls: bool,
-                 tls: ssl.SSLContext | None = None):
+                 tls: ssl.SSLContext | None = None, authz: str = ""):
         self.where = f"ManageSieve {host}:{port}"
         self.client = _Client(host, port, tls)
         if not starttls and not _loopback(host):
@@ -173,7 +173,7 @@ class SieveRules:
         try:
             with warnings.catch_warnings():  # sievelib's own words for the line above, on every connect
                 warnings.filterwarnings("ignore", "Credentials are sent over an unencrypted connection")
-                ok = self.client.connect(username, password, starttls=starttls, authmech="PLAIN")
+                ok = self.client.connect(username, password, authz_id=authz, starttls=starttls, authmech="PLAIN")
         except ssl.SSLCertVerificationError as exc:
             from .imap import certificate_problem
 
@@ -183,7 +183,8 @@ class SieveRules:
                                    "and is [sieve] port right?") from exc
         if not ok:
             self.close()
-            raise SieveLoginRefused(f"ManageSieve {host}:{port}: login as {username!r} refused")
+            who = f"{authz!r} (SASL PLAIN, authenticated as {username!r})" if authz else repr(username)
+            raise SieveLoginRefused(f"ManageSieve {host}:{port}: login as {who} refused")
 
     def close(self) -> None:
         try:

@@ -1,0 +1,257 @@
+"""A company's shared credentials against real servers: accounts with no password of their own
+log in through [defaults.imap]'s Dovecot master user (USER*MASTER, or SASL PLAIN with an
+authorization identity) and through [defaults.caldav]'s CalDAV service user (Radicale, with a
+rights file that lets it into every user's calendars). A refused master password is one failed
+login on the server, however many accounts use it, and one lock named `defaults.imap`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from imapclient import IMAPClient
+
+from conftest import make_mail
+from gwsync.cli import main
+from gwsync.crm import ActivityFilter
+from gwsync.demo.localservers import Dovecot
+from servers.dav import RadicaleServer
+from test_watch import Running
+
+DONE = "INBOX/CRM Erledigt [E]"
+ARCHIVE = "INBOX/CRM Archiv"
+MASTER, MASTER_PASSWORD = "gwsync", "master-secret"
+SERVICE = "davsvc"  # the CalDAV service user
+# Radicale's rights (type = from_file): the first section whose user and collection match
+# decides. The service user reads and writes every collection; everyone else only their own.
+RIGHTS = f"""\
+[service]
+user: {SERVICE}
+collection: .*
+permissions: RrWw
+
+[root]
+user: .+
+collection:
+permissions: R
+
+[principal]
+user: .+
+collection: {{user}}
+permissions: RW
+
+[calendars]
+user: .+
+collection: {{user}}/[^/]+
+permissions: rw
+"""
+_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def master_dovecot():
+    """A Dovecot with a master passdb: gwsync (password master-secret) logs in as any user."""
+    with Dovecot.start(master_users={MASTER: MASTER_PASSWORD}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def service_radicale():
+    with RadicaleServer.start(rights=RIGHTS) as server:
+        server.add_user(SERVICE)
+        yield server
+
+
+@dataclass
+class Company:
+    """A config with [defaults] and accounts that have a name and a username, nothing else."""
+
+    dir: Path
+    config_path: Path
+    usernames: dict[str, str]  # account name -> its user name on the servers
+    dovecot: Dovecot | None = None
+
+    def cli(self, *args: str):
+        return CliRunner().invoke(main, ["--config", str(self.config_path), *args], catch_exceptions=False)
+
+    def cli_json(self, *args: str):
+        result = self.cli(*args, "--json")
+        return result.exit_code, json.loads(result.stdout)
+
+    def imap(self, name: str) -> IMAPClient:
+        """The user's own login (the test Dovecot's static passdb: pw-USER)."""
+        client = IMAPClient("127.0.0.1", port=self.dovecot.port, ssl=False)
+        client.login(self.usernames[name], Dovecot.password_for(self.usernames[name]))
+        return client
+
+    def append(self, name: str, folder: str, raw: bytes) -> None:
+        with self.imap(name) as client:
+            if not client.folder_exists(folder):
+                client.create_folder(folder)
+            client.append(folder, raw)
+
+    def count(self, name: str, folder: str) -> int:
+        with self.imap(name) as client:
+            if not client.folder_exists(folder):
+                return 0
+            return client.select_folder(folder, readonly=True)[b"EXISTS"]
+
+    def activities(self) -> list:
+        from gwsync.config import load_config
+        from gwsync.engine import Engine
+
+        with Engine(load_config(self.config_path)) as engine:
+            return engine.crm.list_activities(ActivityFilter())
+
+
+def company(tmp_path: Path, names: tuple[str, ...], defaults: str, areas: str = '["mail"]') -> Company:
+    """Accounts NAMES, each with a fresh user name on the servers (`[accounts.NAME] username`)."""
+    n = next(_numbers)
+    usernames = {name: f"{name}{os.getpid()}c{n}" for name in names}
+    accounts = "".join(f'\n[accounts.{name}]\nusername = "{user}"\nareas = {areas}\n'
+                       for name, user in usernames.items())
+    path = tmp_path / "config.toml"
+    path.write_text(f'[crm]\ndatabase = "{tmp_path}/crm.db"\n\n[state]\ndatabase = "{tmp_path}/state.db"\n\n'
+                    f'[sync]\npast_days = 36500\n\n{defaults}\n{accounts}')
+    return Company(dir=tmp_path, config_path=path, usernames=usernames)
+
+
+def imap_defaults(dovecot: Dovecot, extra: str = "") -> str:
+    return (f'[defaults.imap]\nhost = "127.0.0.1"\nport = {dovecot.port}\nsecurity = "none"\n'
+            f'import_root = "INBOX"\narchive_folder = "{ARCHIVE}"\nmaster_user = "{MASTER}"\n'
+            f'password_env = "GWSYNC_TEST_MASTER"\n{extra}')
+
+
+def dovecot_log(dovecot: Dovecot) -> str:
+    return (dovecot.directory / "dovecot.log").read_text(errors="replace")
+
+
+def failed_logins(dovecot: Dovecot) -> int:
+    return sum(1 for line in dovecot_log(dovecot).splitlines() if "auth failed" in line)
+
+
+def mail_company(tmp_path, master_dovecot, monkeypatch, extra: str = "") -> Company:
+    monkeypatch.setenv("GWSYNC_TEST_MASTER", MASTER_PASSWORD)
+    staff = company(tmp_path, ("anna", "ben", "cem"), imap_defaults(master_dovecot, extra))
+    staff.dovecot = master_dovecot
+    for i, name in enumerate(staff.usernames, 1):
+        staff.append(name, DONE, make_mail(i, subject=f"Auftrag {name}"))
+    return staff
+
+
+def assert_all_imported(staff: Company, out: dict) -> None:
+    for name, user in staff.usernames.items():
+        assert out["accounts"][name]["mail"]["imported"] == 1, out
+        assert staff.count(name, DONE) == 0 and staff.count(name, ARCHIVE) == 1
+    owners = sorted((a.owner, a.subject) for a in staff.activities())
+    assert owners == [(name, f"Auftrag {name}") for name in sorted(staff.usernames)]
+
+
+@pytest.mark.parametrize("form", ["separator", "sasl"])
+def test_three_accounts_without_passwords_sync_through_the_master_user(tmp_path, master_dovecot, monkeypatch,
+                                                                       form):
+    staff = mail_company(tmp_path, master_dovecot, monkeypatch,
+                         'master_login = "sasl"\n' if form == "sasl" else "")
+    before = dovecot_log(master_dovecot)
+
+    code, out = staff.cli_json("sync")
+
+    assert code == 0, out
+    assert_all_imported(staff, out)
+    # Dovecot logged each login as the master user acting for the account's user.
+    new = dovecot_log(master_dovecot)[len(before):]
+    for user in staff.usernames.values():
+        assert f"Master user logging in as {user}" in new
+    assert "auth failed" not in new
+
+
+def test_the_master_separator_is_configurable(tmp_path, master_dovecot, monkeypatch):
+    """Dovecot's separator is "*"; a config saying "%" sends `user%gwsync`, which Dovecot takes
+    for an ordinary user name and refuses (the setting reaches the server as written)."""
+    staff = mail_company(tmp_path, master_dovecot, monkeypatch, 'master_separator = "%"\n')
+    before = failed_logins(master_dovecot)
+
+    result = staff.cli("sync")
+
+    assert result.exit_code == 3, result.output
+    assert f"login as '{staff.usernames['anna']}%{MASTER}' refused" in result.stderr
+    assert failed_logins(master_dovecot) == before + 1
+
+
+def test_a_wrong_master_password_is_sent_once_and_locks_every_account(tmp_path, master_dovecot, monkeypatch):
+    staff = mail_company(tmp_path, master_dovecot, monkeypatch)
+    monkeypatch.setenv("GWSYNC_TEST_MASTER", "wrong-master-password")
+    before = failed_logins(master_dovecot)
+
+    first = staff.cli("sync")
+    again = staff.cli("sync")
+
+    assert first.exit_code == 3 and again.exit_code == 3, first.output + again.output
+    assert failed_logins(master_dovecot) == before + 1  # one refusal, not one per account and run
+    assert "Traceback" not in first.stderr + again.stderr
+    code, status = staff.cli_json("status")
+    for name in staff.usernames:
+        (lock,) = status["accounts"][name]["locked"]
+        assert lock["service"] == "imap" and lock["unlock"] == "defaults.imap", lock
+        assert "gwsync unlock defaults.imap" in " ".join(status["accounts"][name]["areas"]["mail"]["error"].split())
+    text = staff.cli("status").stdout
+    assert text.count("LOCKED imap (the shared credential defaults.imap)") == 3, text
+    # The admin fixes the master password and clears the one lock by its name.
+    monkeypatch.setenv("GWSYNC_TEST_MASTER", MASTER_PASSWORD)
+    unlocked = staff.cli("unlock", "defaults.imap")
+    assert unlocked.exit_code == 0 and "unlocked defaults.imap" in unlocked.stdout, unlocked.output
+    time.sleep(2)  # Dovecot's auth penalty for the refused login from this address
+    code, out = staff.cli_json("sync")
+    assert code == 0, out
+    assert_all_imported(staff, out)
+    assert failed_logins(master_dovecot) == before + 1
+
+
+def test_watch_sends_a_refused_master_password_once(tmp_path, master_dovecot, monkeypatch):
+    staff = mail_company(tmp_path, master_dovecot, monkeypatch)
+    staff.config_path.write_text(staff.config_path.read_text().replace('areas = ["mail"]',
+                                                                       'areas = ["mail"]\ninterval = 1'))
+    monkeypatch.setenv("GWSYNC_TEST_MASTER", "wrong-master-password")
+    before = failed_logins(master_dovecot)
+    running = Running(staff)
+    try:
+        running.wait_for(r"now locked", 20)
+        time.sleep(4)  # several intervals of three accounts: each must see the lock, not the server
+    finally:
+        assert running.stop() == 0
+    assert failed_logins(master_dovecot) == before + 1
+
+
+def test_two_accounts_sync_their_calendars_through_the_caldav_service_user(tmp_path, service_radicale,
+                                                                           monkeypatch):
+    monkeypatch.setenv("GWSYNC_TEST_DAV_SERVICE", service_radicale.password_for(SERVICE))
+    defaults = (f'[defaults.caldav]\nurl = "{service_radicale.url}{{username}}/"\nusername = "{SERVICE}"\n'
+                'password_env = "GWSYNC_TEST_DAV_SERVICE"\nevents = "work"\n')
+    staff = company(tmp_path, ("anna", "ben"), defaults, areas='["events"]')
+    for name, user in staff.usernames.items():
+        service_radicale.add_user(user)
+        url = service_radicale.make_calendar(user, "work", "VEVENT")
+        response = service_radicale.client(user).request(url + "meeting.ics", "PUT", EVENT.format(name=name),
+                                                         {"Content-Type": "text/calendar; charset=utf-8"})
+        assert response.status in (200, 201, 204)
+
+    code, out = staff.cli_json("sync")
+
+    assert code == 0, out
+    assert sorted((a.owner, a.subject) for a in staff.activities()) == [("anna", "Termin anna"),
+                                                                        ("ben", "Termin ben")]
+    # The logins were the service user's: the users' own passwords appear nowhere in the config.
+    assert "dav-" not in staff.config_path.read_text()
+    code, again = staff.cli_json("sync")
+    assert code == 0 and all(again["accounts"][n]["events"]["created_crm"] == 0 for n in staff.usernames), again
+
+
+EVENT = ("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\nBEGIN:VEVENT\r\nUID:meeting-{name}\r\n"
+         "DTSTAMP:20261123T090000Z\r\nDTSTART:20261124T090000Z\r\nDTEND:20261124T100000Z\r\n"
+         "SUMMARY:Termin {name}\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")
