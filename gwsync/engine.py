@@ -33,7 +33,7 @@ from .accountlock import AccountBusy, AccountLocks, FileAccountLocks
 from .calendar import dav
 from .calendar.dav import Collection
 from .config import AREAS, AccountConfig, CaldavConfig, Config, ConfigError, ImapConfig, Secret
-from .crm import Activity, ActivityDraft, ActivityFilter, Contact, CRMBackend, Partner
+from .crm import Activity, ActivityDraft, ActivityFilter, Attendee, Contact, CRMBackend, Partner
 from .errors import (
     EXIT_USAGE,
     CredentialLocked,
@@ -45,6 +45,7 @@ from .errors import (
     UsageError,
 )
 from .mail.imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
+from .people import People, attendee_list, employees_by_address, organizer_of, resolve_attendees
 from .storage.state import (
     FAILED,
     HELD,
@@ -888,6 +889,19 @@ class Engine:
                 if owner:
                     self.crm.add_participant(activity_id, owner)
         self.crm.update_activity(activity_id, changes)
+
+    def resolve_attendees(self, emails: list[str], owner: str | None, current: list[Attendee] | tuple = ()) -> People:
+        """A meeting's attendees for these addresses (organizer: the one in `current`, else the
+        owner), resolved to employees, contacts and partners (gwsync.people)."""
+        owner_cfg = self.config.accounts.get(owner) if owner else None
+        listed = attendee_list(emails, current, organizer_of(current, owner_cfg))
+        return resolve_attendees(listed, employees_by_address(self.config.accounts.values()),
+                                 self.crm.find_contact_by_email, self.crm.find_partner_by_domain)
+
+    def add_participants(self, activity_id: int, names: list[str]) -> None:
+        """Add these employees to the activity's participants (atomically, each once)."""
+        for name in names:
+            self.crm.add_participant(activity_id, name)
 
     def employees(self) -> list[str]:
         """The team: the accounts of the config, by name."""

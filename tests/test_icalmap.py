@@ -1,14 +1,16 @@
 """The activity <-> iCalendar mapping (pure)."""
 
+import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gwsync.calendar.icalmap import (
     BrokenItem,
     Link,
+    busy_fields,
     format_time,
     link_is_current,
     new_item,
@@ -19,6 +21,7 @@ from gwsync.calendar.icalmap import (
     uid_for_key,
     update_item,
 )
+from gwsync.crm import Attendee, attendee_addresses
 
 OTHER = (Path(__file__).resolve().parent.parent / "fixtures" / "ical" / "other-client-event.ics").read_text()
 LINK = Link("https://crm.example.com/activities/7", 7)
@@ -91,7 +94,7 @@ def test_new_items_round_trip_for_every_kind_and_time_form():
     ]
     for component, times in cases:
         fields = {"status": "O", "subject": "S, mit; Sonderzeichen\\", "body": "Zeile 1\nZeile 2",
-                  "location": "Ort", "rrule": None} | times
+                  "location": "Ort", "rrule": None, "attendees": None} | times
         text = new_item(uid_for_key("crm:abc"), component, fields, "E", LINK, alarm=component == "VTODO")
         item = read_item(text, "E", "O")
         assert item.fields == fields, (component, times)
@@ -152,6 +155,7 @@ _text = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blackl
 
 @given(subject=_text, body=_text.map(lambda t: t.strip()).filter(lambda t: not any(
     l.startswith("CRM: ") for l in t.split("\n"))))
+@example(subject="__TIMEZONES__", body="")  # once the writer's own marker for where time zones go
 def test_any_text_round_trips_through_our_own_writer(subject, body):
     """Escaping and folding (at 75 octets, never inside a UTF-8 sequence) as icalendar reads them."""
     fields = {"kind": "TERMIN", "status": "O", "subject": subject, "body": body, "location": None,
@@ -229,3 +233,91 @@ def test_stale_recorded_names_the_gwsync_properties_that_disagree():
     assert read_item(out, "E", "O", trusted=True, kinds=KINDS).fields == item.fields
     assert read_item(out, "E", "O").stale_recorded(item.fields) == set()
     assert read_item(_event(), "E", "O").stale_recorded(item.fields) == set()  # nothing recorded: nothing stale
+
+
+# -- attendees ---------------------------------------------------------------------------------
+
+MEETING = {"kind": "BESPRECHUNG", "status": "O", "subject": "Abstimmung", "body": "", "location": None,
+           "start": "2026-12-01T09:00:00+00:00", "end": "2026-12-01T10:00:00+00:00", "due": None, "rrule": None}
+
+
+def people_of(text):
+    return [(p.email, p.name, p.organizer) for p in read_item(text, "E", "O").people]
+
+
+def test_organizer_and_attendees_are_read_lower_case_without_mailto_with_their_names():
+    item = read_item(OTHER, "E", "O")
+    assert people_of(OTHER) == [("bob@example.org", "Bob", True), ("alice@example.com", "Alice", False),
+                                ("carol@example.net", "Carol", False)]
+    assert item.fields["attendees"] == "alice@example.com,carol@example.net"  # sorted, the organizer left out
+    text = _event('ORGANIZER:MAILTO:Alice@Example.COM\nATTENDEE;CN="Mustermann, Erika";PARTSTAT=ACCEPTED:'
+                  'mailto: Erika@Muster.DE\nATTENDEE;CN=Alice:mailto:alice@example.com\n'
+                  'ATTENDEE:urn:uuid:room-42\nATTENDEE;CN=Bob:mailto:bob@example.com\n')
+    assert people_of(text) == [("alice@example.com", "Alice", True), ("erika@muster.de", "Mustermann, Erika", False),
+                               ("bob@example.com", "Bob", False)]  # a room (no address) is no attendee
+    assert read_item(text, "E", "O").fields["attendees"] == "bob@example.com,erika@muster.de"
+    assert read_item(_event(), "E", "O").fields["attendees"] is None and people_of(_event()) == []
+    assert busy_fields(item.fields)["attendees"] is None  # a busy block has no attendees
+
+
+def test_a_new_meeting_gets_attendee_lines_with_names_and_the_owner_as_organizer():
+    people = [Attendee("erika@muster.de", "Mustermann, Erika"), Attendee("bob@example.com")]
+    text = new_item("u", "VEVENT", MEETING | {"attendees": "bob@example.com,erika@muster.de"}, "E", LINK,
+                    people=people, organizer=Attendee("alice@example.com", organizer=True))
+    assert "ORGANIZER:mailto:alice@example.com" in lines(text)
+    assert 'ATTENDEE;CN="Mustermann, Erika";PARTSTAT=NEEDS-ACTION:mailto:erika@muster.de' in unfolded(text)
+    assert "ATTENDEE;PARTSTAT=NEEDS-ACTION:mailto:bob@example.com" in lines(text)
+    item = read_item(text, "E", "O")
+    assert item.fields == MEETING | {"attendees": "bob@example.com,erika@muster.de"}
+    assert people_of(text)[0] == ("alice@example.com", None, True)
+    # no attendees: neither ATTENDEE nor ORGANIZER
+    plain = new_item("u", "VEVENT", MEETING | {"attendees": None}, "E", LINK,
+                     organizer=Attendee("alice@example.com", organizer=True))
+    assert not any(l.startswith(("ATTENDEE", "ORGANIZER")) for l in lines(plain))
+
+
+def test_rewriting_the_attendees_keeps_the_lines_of_those_who_stay_byte_for_byte():
+    fields = read_item(OTHER, "E", "O").fields | {"attendees": "alice@example.com,erika@muster.de"}
+    out = update_item(OTHER, fields, {"attendees"}, "E", LINK, people=[Attendee("erika@muster.de", "Erika")],
+                      organizer=Attendee("someone@else.org", organizer=True))
+    assert "ATTENDEE;CN=Alice;PARTSTAT=ACCEPTED:mailto:alice@example.com" in lines(out)  # PARTSTAT kept
+    assert "ATTENDEE;CN=Erika;PARTSTAT=NEEDS-ACTION:mailto:erika@muster.de" in lines(out)
+    assert "carol@example.net" not in out  # removed
+    assert [l for l in lines(out) if l.startswith("ORGANIZER")] == ["ORGANIZER;CN=Bob:mailto:bob@example.org"]
+    assert read_item(out, "E", "O").fields == fields
+    removed = [l for l in unfolded(OTHER) if l not in unfolded(out)]
+    assert removed == ["ATTENDEE;CN=Carol;PARTSTAT=NEEDS-ACTION:mailto:carol@example.net"]
+    # the organizer's own ATTENDEE line stays, and an item without ORGANIZER gets the one given
+    text = _event("ATTENDEE;PARTSTAT=ACCEPTED:mailto:alice@example.com\nATTENDEE:mailto:carol@example.net\n")
+    out = update_item(text, {"attendees": "erika@muster.de"}, {"attendees"}, "E", None,
+                      organizer=Attendee("alice@example.com", organizer=True))
+    assert "ORGANIZER:mailto:alice@example.com" in lines(out)
+    assert [l for l in lines(out) if l.startswith("ATTENDEE")] == [
+        "ATTENDEE;PARTSTAT=ACCEPTED:mailto:alice@example.com", "ATTENDEE;PARTSTAT=NEEDS-ACTION:mailto:erika@muster.de"]
+    assert read_item(out, "E", "O").fields["attendees"] == "erika@muster.de"
+    # all gone: no ATTENDEE and no ORGANIZER left; an unchanged field rewrites nothing
+    cleared = update_item(OTHER, fields | {"attendees": None}, {"attendees"}, "E", LINK)
+    assert not any(l.startswith(("ATTENDEE", "ORGANIZER")) for l in unfolded(cleared))
+    assert update_item(OTHER, fields, {"subject"}, "E", LINK).count("ATTENDEE") == 2
+
+
+_address = st.from_regex(r"[a-z0-9]{1,8}@[a-z]{1,6}\.(de|com)", fullmatch=True)
+
+
+@given(st.lists(st.tuples(_address, st.one_of(st.none(), _text.filter(lambda t: t.strip()))), max_size=5,
+                unique_by=lambda p: p[0]))
+def test_attendees_round_trip_through_new_and_updated_items(people):
+    attendees = [Attendee(email, name) for email, name in people]
+    value = attendee_addresses(attendees)
+    organizer = Attendee("owner@example.com", organizer=True)
+    text = new_item("u", "VEVENT", MEETING | {"attendees": value}, "E", LINK, people=attendees, organizer=organizer)
+    assert read_item(text, "E", "O").fields["attendees"] == value
+    assert all(len(line.encode()) <= 75 for line in text.split("\r\n"))
+    updated = update_item(_event(), MEETING | {"attendees": value}, {"attendees"}, "E", LINK, people=attendees,
+                          organizer=organizer)
+    item = read_item(updated, "E", "O")
+    assert item.fields["attendees"] == value
+    named = {p.email: p.name for p in item.people}
+    # A name keeps all but control characters, DQUOTE and backslash (no reader takes those back).
+    assert named == ({"owner@example.com": None} if attendees else {}) | {
+        a.email: re.sub(r'[\x00-\x1f\x7f"\\]', "", a.name or "").strip() or None for a in attendees}

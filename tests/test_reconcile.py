@@ -252,3 +252,22 @@ class CalendarSyncMachine(RuleBasedStateMachine):
 
 CalendarSyncMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
 test_calendar_sync_converges = CalendarSyncMachine.TestCase
+
+
+def test_attendees_changed_on_both_sides_are_merged_address_by_address():
+    fields = ("subject", "attendees")
+    base = {"subject": "a", "attendees": "bob@x.de,erika@y.de"}
+    crm = Side(base | {"attendees": "bob@x.de,carol@z.de,erika@y.de"})  # carol added in the CRM
+    phone = Side(base | {"attendees": "dave@z.de,erika@y.de"})  # bob removed, dave added on the phone
+    d = reconcile(base, crm, phone, fields)
+    assert not d.conflicts and d.base["attendees"] == "carol@z.de,dave@z.de,erika@y.de"
+    assert d.update_crm == {"attendees": "carol@z.de,dave@z.de,erika@y.de"} == d.update_groupware
+    d = reconcile(base, Side(base | {"attendees": None}), Side(base | {"attendees": "erika@y.de"}), fields)
+    assert d.base["attendees"] is None and not d.conflicts  # removed on both, the rest on one side
+    # a link saved before attendees were synced: its base has none, one side's are taken
+    old = {"subject": "a"}
+    d = reconcile(old, Side(old | {"attendees": None}), Side(old | {"attendees": "erika@y.de"}), fields)
+    assert d.update_crm == {"attendees": "erika@y.de"} and d.update_groupware == {} and not d.conflicts
+    # never linked: the union
+    d = reconcile(None, Side(old | {"attendees": "bob@x.de"}), Side(old | {"attendees": "erika@y.de"}), fields)
+    assert d.base["attendees"] == "bob@x.de,erika@y.de" and d.conflicts == []

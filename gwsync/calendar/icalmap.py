@@ -13,6 +13,12 @@ zone, in the RFC 9557 form), so that a round trip keeps the zone.
 gwsync's own properties (X-GWSYNC-KIND, -STATUS, -ACTIVITY-ID, -ACTIVITY-UUID) are honoured only
 on an item this CRM store linked or wrote (X-GWSYNC-STORE): anyone can type them into an item.
 A kind is never taken from an item of the other component (an event never becomes a task kind).
+
+Attendees: ORGANIZER and ATTENDEE are read into `ItemData.people` (addresses lower case, CN as
+name); the merged field "attendees" holds the addresses of all but the organizer, sorted
+(`gwsync.crm.attendee_addresses`). Writing it rewrites the ATTENDEE lines: an attendee already
+on the item keeps its line as it is (PARTSTAT, RSVP, ...), a new one gets CN and
+PARTSTAT=NEEDS-ACTION, and an item without ORGANIZER gets the one given (the owner).
 """
 
 from __future__ import annotations
@@ -21,15 +27,17 @@ import html
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from ..crm import Attendee, attendee_addresses
+
 if TYPE_CHECKING:
     import icalendar
 
-FIELDS = ("kind", "status", "subject", "body", "location", "start", "end", "due", "rrule")
+FIELDS = ("kind", "status", "subject", "body", "location", "start", "end", "due", "rrule", "attendees")
 EVENT, TODO = "VEVENT", "VTODO"
 PRODID = "-//gwsync//gwsync//EN"
 ACTIVITY_ID_PROP = "X-GWSYNC-ACTIVITY-ID"
@@ -113,6 +121,7 @@ class ItemData:
     private: bool = False  # CLASS:PRIVATE or CLASS:CONFIDENTIAL
     first: date | None = None  # the day it starts (a task: its due day), None when undated
     last: date | None = None  # the day its last occurrence ends; None: undated or open-ended
+    people: list[Attendee] = field(default_factory=list)  # ORGANIZER (first) and ATTENDEEs, unresolved
 
     def has_link(self, link: Link) -> bool:
         """True when the item already carries exactly this link (no write-back needed)."""
@@ -145,6 +154,33 @@ def _master(cal: icalendar.Calendar):
         if comp.name in (EVENT, TODO):
             return comp
     return None
+
+
+def _address(value) -> str | None:
+    """The mail address of a CAL-ADDRESS (`mailto:` dropped, lower case); None for another URI."""
+    text = str(value).strip()
+    if text[:7].lower() == "mailto:":
+        text = text[7:]
+    text = text.strip().lower()
+    return text if re.fullmatch(r"[^@\s]+@[^@\s]+", text) else None
+
+
+def _people(comp) -> list[Attendee]:
+    """The organizer (first, organizer=True) and the attendees, each address once."""
+    found: dict[str, Attendee] = {}
+    attendees = comp.get("ATTENDEE", [])
+    entries = [(comp["ORGANIZER"], True)] if "ORGANIZER" in comp else []
+    entries += [(a, False) for a in (attendees if isinstance(attendees, list) else [attendees])]
+    for value, is_organizer in entries:
+        email = _address(value)
+        if email is None:
+            continue
+        name = str(getattr(value, "params", {}).get("CN", "")).strip() or None
+        if email in found:
+            found[email].name = found[email].name or name
+        else:
+            found[email] = Attendee(email=email, name=name, organizer=is_organizer)
+    return list(found.values())
 
 
 def read_item(text: str, done_status: str, open_status: str, trusted: bool = True, store: str | None = None,
@@ -192,6 +228,7 @@ def read_item(text: str, done_status: str, open_status: str, trusted: bool = Tru
             rrule = rrule[0]
         first, last = _span(start, end, due, rrule)
         private = str(comp.get("CLASS", "")).strip().upper() in PRIVATE_CLASSES
+        people = _people(comp)
         fields = {
             "kind": kind,
             "status": status,
@@ -202,6 +239,7 @@ def read_item(text: str, done_status: str, open_status: str, trusted: bool = Tru
             "end": format_time(end),
             "due": format_time(due),
             "rrule": rrule.to_ical().decode() if rrule is not None else None,
+            "attendees": attendee_addresses(people),
         }
         activity_id = comp.get(ACTIVITY_ID_PROP) if own else None
         activity_uuid = (str(comp.get(ACTIVITY_UUID_PROP, "")).strip() or None) if own else None
@@ -218,7 +256,7 @@ def read_item(text: str, done_status: str, open_status: str, trusted: bool = Tru
         modified=format_time(modified.astimezone(UTC)) if isinstance(modified, datetime)
         and modified.tzinfo else None,
         store=item_store, activity_uuid=activity_uuid, recorded_kind=recorded_kind, recorded_status=recorded_status,
-        private=private, first=first, last=last,
+        private=private, first=first, last=last, people=people,
     )
 
 
@@ -267,7 +305,7 @@ BUSY_SUBJECT = "Privat"
 
 def busy_fields(fields: dict) -> dict:
     """A private item as a busy block: its times only, subject "Privat"."""
-    return {**fields, "subject": BUSY_SUBJECT, "body": "", "location": None}
+    return {**fields, "subject": BUSY_SUBJECT, "body": "", "location": None, "attendees": None}
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -411,10 +449,71 @@ def _logical_lines(physical: list[str]) -> list[_Entry]:
     return entries
 
 
+def _param(value: str) -> str:
+    """An RFC 5545 parameter value, quoted when it has : ; , -- without control characters,
+    DQUOTE and backslash (which readers take for an escape), ^ escaped as RFC 6868 says."""
+    value = re.sub(r'[\x00-\x1f\x7f"\\]', "", value).replace("^", "^^")
+    return f'"{value}"' if re.search(r"[:;,]", value) else value
+
+
+def _person_line(prop: str, person: Attendee) -> list[str]:
+    params = f";CN={_param(person.name)}" if person.name else ""
+    if prop == "ATTENDEE":
+        params += ";PARTSTAT=NEEDS-ACTION"
+    return _fold(f"{prop}{params}:mailto:{person.email}")
+
+
+def _wanted(fields: dict) -> list[str]:
+    return [a for a in (fields.get("attendees") or "").split(",") if a]
+
+
+def _new_people(wanted: list[str], people: list[Attendee], skip: set[str | None]) -> list[str]:
+    """ATTENDEE lines for the wanted addresses not in `skip`, named as in `people`."""
+    named = {p.email: p for p in people}
+    return [line for email in wanted if email not in skip
+            for line in _person_line("ATTENDEE", named.get(email) or Attendee(email))]
+
+
+def _entry_address(entry: _Entry) -> str | None:
+    """The address of an ORGANIZER or ATTENDEE content line (its value after the parameters)."""
+    line = "".join(line[1:] if i else line for i, line in enumerate(entry.physical))
+    quoted = False
+    for i, char in enumerate(line):
+        if char == '"':
+            quoted = not quoted
+        elif char == ":" and not quoted:
+            return _address(line[i + 1:])
+    return None
+
+
+def _people_lines(entries: list[_Entry], own: set[int], fields: dict, people: list[Attendee],
+                  organizer: Attendee | None) -> dict[str, list[str]]:
+    """The master's new ATTENDEE (and, where missing, ORGANIZER) lines for the field "attendees".
+    No attendees left: no ORGANIZER either (an organizer alone makes no meeting)."""
+    wanted = _wanted(fields)
+    if not wanted:
+        return {"ATTENDEE": [], "ORGANIZER": []}
+    mine = [entries[i] for i in sorted(own) if entries[i].name in ("ATTENDEE", "ORGANIZER")]
+    organizers = {_entry_address(e) for e in mine if e.name == "ORGANIZER"}
+    has_organizer = bool(organizers)
+    if not has_organizer and organizer is not None:
+        organizers.add(organizer.email)
+    # Kept as they are: the wanted ones, the organizer's own, and those that are no mail address.
+    keep: set[str | None] = {None, *wanted, *organizers}
+    kept = [e for e in mine if e.name == "ATTENDEE" and _entry_address(e) in keep]
+    lines = [line for e in kept for line in e.physical]
+    lines += _new_people(wanted, people, {_entry_address(e) for e in kept})
+    out = {"ATTENDEE": lines}
+    if not has_organizer and organizer is not None:
+        out["ORGANIZER"] = _person_line("ORGANIZER", organizer)
+    return out
+
+
 def new_item(uid: str, component: str, fields: dict, done_status: str, link: Link | None,
-             alarm: bool = False) -> str:
-    """A whole new VCALENDAR for an activity."""
-    lines = ["BEGIN:VCALENDAR", "VERSION:2.0", f"PRODID:{PRODID}", "__TIMEZONES__", f"BEGIN:{component}"]
+             alarm: bool = False, people: list[Attendee] | None = None, organizer: Attendee | None = None) -> str:
+    """A whole new VCALENDAR for an activity. With attendees (the field "attendees", named as in
+    `people`) it gets their ATTENDEE lines and `organizer` as ORGANIZER."""
+    lines = ["BEGIN:VCALENDAR", "VERSION:2.0", f"PRODID:{PRODID}", f"BEGIN:{component}"]
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     lines += [f"UID:{_escape_uid(uid)}", f"DTSTAMP:{stamp}"]
     changed = set(FIELDS)
@@ -424,18 +523,24 @@ def new_item(uid: str, component: str, fields: dict, done_status: str, link: Lin
         props["PERCENT-COMPLETE"], props["COMPLETED"] = [], []
     for physical in _content_lines(component, props).values():
         lines += physical
+    if _wanted(fields):
+        lines += _person_line("ORGANIZER", organizer) if organizer is not None else []
+        lines += _new_people(_wanted(fields), people or [], set())
     if alarm:
         related = "END" if component == TODO and fields.get("due") else "START"
         lines += ["BEGIN:VALARM", "ACTION:DISPLAY", f"DESCRIPTION:{_escape_text(fields.get('subject') or 'Reminder')}",
                   f"TRIGGER;RELATED={related}:PT0S", "END:VALARM"]
     lines += [f"END:{component}", "END:VCALENDAR"]
-    text = "\r\n".join(lines) + "\r\n"
-    return text.replace("__TIMEZONES__\r\n", "".join(_vtimezone(z) for z in sorted(zones)))
+    # The time zones go before the component, as text: never a marker a subject could spell.
+    lines[3:3] = "".join(_vtimezone(z) for z in sorted(zones)).splitlines()
+    return "\r\n".join(lines) + "\r\n"
 
 
 def update_item(text: str, fields: dict, changed: set[str], done_status: str, link: Link | None,
-                include_link: bool = False) -> str:
-    """The item's text with the changed fields (and, if asked, the link) rewritten in place."""
+                include_link: bool = False, people: list[Attendee] | None = None,
+                organizer: Attendee | None = None) -> str:
+    """The item's text with the changed fields (and, if asked, the link) rewritten in place;
+    attendees as the module doc says (`people` and `organizer` as for new_item)."""
     newline = "\r\n" if "\r\n" in text else "\n"
     physical = text.replace("\r\n", "\n").split("\n")
     entries = _logical_lines(physical)
@@ -444,10 +549,12 @@ def update_item(text: str, fields: dict, changed: set[str], done_status: str, li
         raise BrokenItem("no VEVENT or VTODO in the item")
     begin, end, component = master
     props, zones = _props_for(fields, changed, component, done_status, link, include_link)
-    if not props:
-        return text
-    rendered = _content_lines(component, props)
     own = _own_level(entries, begin, end)
+    people_lines = _people_lines(entries, own, fields, people or [], organizer) if "attendees" in changed else {}
+    if not props and not people_lines:
+        return text
+    rendered = _content_lines(component, props) | people_lines
+    props = {**props, **{name: [] for name in people_lines}}  # the names whose lines are replaced
     # New properties go before the first nested component (VALARM): RFC 5545 puts a
     # component's properties ahead of its subcomponents.
     insert_at = next((i for i in range(begin + 1, end) if entries[i].name == "BEGIN"), end)

@@ -4,7 +4,9 @@ Pure functions over plain dicts of mapped fields (see `icalmap.FIELDS`); no I/O,
 
 - Only one side changed since the last sync: its changes go to the other side.
 - Both changed: fields changed on one side only are merged; a field changed on both sides to
-  different values is decided by the policy (`newest`, `crm`, `groupware`) and reported.
+  different values is decided by the policy (`newest`, `crm`, `groupware`) and reported. A set
+  field (SET_FIELDS: comma-separated, sorted) changed on both sides is merged element by element
+  instead: what either side added is in, what either side removed is out; never a conflict.
 - Deleted on one side, unchanged on the other: the deletion propagates. Deleted on one side
   but changed on the other: the change wins and the item is created again (no edit is lost).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 POLICIES = ("newest", "crm", "groupware")
+SET_FIELDS = ("attendees",)  # see gwsync.crm.attendee_addresses
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ def _merge(base: dict, crm: Side, groupware: Side, fields, policy: str, unknown_
             merged[f] = c
         elif g_changed and not c_changed:
             merged[f] = g
+        elif f in SET_FIELDS:
+            merged[f] = _merge_sets(b, c, g)
         else:
             merged[f] = c if _crm_wins(crm, groupware, policy) else g
             conflicts.append(f)
@@ -84,6 +89,15 @@ def _merge(base: dict, crm: Side, groupware: Side, fields, policy: str, unknown_
     decision.update_crm = {f: merged[f] for f in fields if merged[f] != crm.fields.get(f)}
     decision.update_groupware = {f: merged[f] for f in fields if merged[f] != groupware.fields.get(f)}
     return decision
+
+
+def _merge_sets(base: str | None, crm: str | None, groupware: str | None) -> str | None:
+    """Both sides' additions and removals since the base (no base: both sides' elements)."""
+    def elements(value):
+        return set(value.split(",")) if value else set()
+
+    b, c, g = elements(base), elements(crm), elements(groupware)
+    return ",".join(sorted((b | (c - b) | (g - b)) - (b - c) - (b - g))) or None
 
 
 def _crm_wins(crm: Side, groupware: Side, policy: str) -> bool:

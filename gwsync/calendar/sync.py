@@ -47,8 +47,9 @@ from datetime import UTC, date, datetime, timedelta
 from typing import ClassVar
 
 from ..config import AccountConfig, Config
-from ..crm import Activity, ActivityDraft, ActivityFilter, CRMBackend
+from ..crm import Activity, ActivityDraft, ActivityFilter, Attendee, CRMBackend
 from ..mail.decisions import SenderMatch
+from ..people import People, employees_by_address, organizer_of, resolve_attendees
 from ..storage.state import HELD, CalendarItemRecord, CalendarLink, LinkChange, StateStore
 from .dav import (
     Collection,
@@ -316,6 +317,7 @@ class CalendarSync:
         self._held: list[CalendarItemRecord] = []  # new items lacking a mandatory field, found by the plan
         self._matches: dict[str, SenderMatch] = {}  # UID -> the contact and partner its attendees give
         self.store = crm.store_id()
+        self._employees = employees_by_address(config.accounts.values())
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -740,17 +742,65 @@ class CalendarSync:
             return _Pair(pair.link, pair.activity, None, None, gone_on_server=True)
         return _Pair(pair.link, pair.activity, item, self._read(item, linked=pair.link is not None))
 
-    def _draft(self, uid: str, fields: dict) -> ActivityDraft:
-        match = self._matches.get(uid)  # what made a mandatory contact or partner: it goes with it
+    def _draft(self, uid: str, fields: dict, data: ItemData | None = None) -> ActivityDraft:
+        people = self._attendees(fields.get("attendees"), data, [])
+        # What made a mandatory contact or partner goes with it (the same rule; it also counts
+        # the attendees of a busy block, which the activity does not get).
+        found: People | SenderMatch = people
+        match = self._matches.get(uid)
+        if match is not None and people.contact_id is None and (match.contact_id or people.partner_id is None):
+            found = match
         return ActivityDraft(
             key=calendar_key(self.account.name, uid), kind=fields["kind"], status=fields["status"],
             subject=fields["subject"], body=fields["body"], location=fields["location"], start=fields["start"],
             end=fields["end"], due=fields["due"], rrule=fields["rrule"], owner=self.account.name,
-            contact_id=match.contact_id if match else None, partner_id=match.partner_id if match else None)
+            attendees=people.attendees, contact_id=found.contact_id, partner_id=found.partner_id,
+            participants=list(dict.fromkeys([self.account.name, *people.employees])))
+
+    # -- attendees ---------------------------------------------------------------------------
+
+    def _attendees(self, value: str | None, data: ItemData | None, current: list[Attendee]) -> People:
+        """The activity's attendees for the merged field "attendees" (addresses but the
+        organizer's), resolved (gwsync.people): an entry the CRM has stays, a new one comes with
+        the item's name; the organizer is the item's, else the CRM's. No attendees, no organizer."""
+        wanted = value.split(",") if value else []
+        item = {p.email: p for p in data.people} if data is not None and wanted else {}
+        organizer = next((p for p in item.values() if p.organizer), None) or \
+            next((a for a in current if a.organizer and wanted), None)
+        known = {a.email: a for a in current if not a.organizer}
+        order = [*known, *item, *wanted]
+        listed = [replace(known.get(e) or item.get(e) or Attendee(e), organizer=False)
+                  for e in dict.fromkeys(order) if e in wanted and (organizer is None or e != organizer.email)]
+        return resolve_attendees(([organizer] if organizer else []) + listed, self._employees,
+                                 self.crm.find_contact_by_email, self.crm.find_partner_by_domain)
+
+    def _update_crm(self, activity, changes: dict, data: ItemData | None) -> None:
+        """The merged changes into the CRM. Changed attendees are resolved: they give a contact
+        and partner the activity lacks, and employees among them become participants (none is
+        removed: that would release their copies)."""
+        changes = dict(changes)
+        people = None
+        if "attendees" in changes:
+            people = self._attendees(changes["attendees"], data, activity.attendees)
+            changes["attendees"] = people.attendees
+            if activity.contact_id is None and people.contact_id is not None:
+                changes["contact_id"] = people.contact_id
+            if activity.partner_id is None and people.partner_id is not None and \
+                    changes.get("contact_id", activity.contact_id) in (None, people.contact_id):
+                changes["partner_id"] = people.partner_id
+        # Participants first: a run that dies in between finds the attendees not yet merged and
+        # does both again (after the update, the next run would see no change to take them from).
+        for name in people.employees if people is not None else []:
+            self.crm.add_participant(activity.id, name)
+        self.crm.update_activity(activity.id, changes)
+
+    def _organizer(self, activity) -> Attendee | None:
+        """The ORGANIZER gwsync writes into an item that has none (gwsync.people.organizer_of)."""
+        return organizer_of(activity.attendees, self.config.accounts.get(activity.owner or self.account.name))
 
     def _create_crm_activities(self, actions) -> None:
         """All activities this run creates, in one CRM transaction (idempotent by UID key)."""
-        drafts = [self._draft(a.pair.data.uid, a.decision.create_crm) for a in actions
+        drafts = [self._draft(a.pair.data.uid, a.decision.create_crm, a.pair.data) for a in actions
                   if isinstance(a, CreateInCRM) and a.pair.data is not None and a.decision.create_crm is not None]
         if drafts:
             existing = self.crm.existing_keys([d.key for d in drafts])
@@ -767,7 +817,7 @@ class CalendarSync:
         key = calendar_key(self.account.name, data.uid)
         activity = self._created.get(key)
         if activity is None:  # decided again after a 412: create it now
-            activity = self.crm.get_activity(self.crm.create_activities([self._draft(data.uid, fields)])[0])
+            activity = self.crm.get_activity(self.crm.create_activities([self._draft(data.uid, fields, data)])[0])
         self.result.counts["created_crm"] += 1
         etag = self._write_link(item, data, fields, activity)
         self._save(activity, data.uid, item.href, etag, fields)
@@ -793,7 +843,8 @@ class CalendarSync:
         uid = self._uid_for(activity)
         href = self.coll.href_for(uid)
         text = new_item(uid, self.component, fields, self.done, self._link_for(activity),
-                        alarm=activity.kind == "WIEDERVORLAGE")
+                        alarm=activity.kind == "WIEDERVORLAGE", people=activity.attendees,
+                        organizer=self._organizer(activity))
         try:
             etag = self.coll.create(href, text)
         except PreconditionFailed as exc:
@@ -838,7 +889,7 @@ class CalendarSync:
                 f"changed on both sides; kept the {self._winner(decision, pair)} value "
                 f"(policy {self.config.sync.conflict})")
         if decision.update_crm:
-            self.crm.update_activity(activity.id, dict(decision.update_crm))
+            self._update_crm(activity, decision.update_crm, pair.data)
             self.result.counts["updated_crm"] += 1
         etag = saved.etag
         link = self._link_for(activity)
@@ -855,7 +906,8 @@ class CalendarSync:
                 if item.etag != saved.etag:
                     raise PreconditionFailed(saved.href)  # changed since the listing: decide again
             text = update_item(item.data or "", base, set(decision.update_groupware) | stale, self.done,
-                               link, include_link=needs_link or "body" in decision.update_groupware)
+                               link, include_link=needs_link or "body" in decision.update_groupware,
+                               people=activity.attendees, organizer=self._organizer(activity))
             etag = self.coll.update(item.href, text, item.etag or "*")
             if decision.update_groupware:
                 self.result.counts["updated_groupware"] += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -424,6 +425,9 @@ def activity() -> None:
     """One activity: show, add, edit or delete it."""
 
 
+MEETING = "BESPRECHUNG"  # the kind that has attendees
+
+
 def _activity_options(func):
     for option in reversed([
         click.option("--kind", help="Activity kind, e.g. TERMIN, BESPRECHUNG, AUFGABE, WIEDERVORLAGE."),
@@ -445,6 +449,8 @@ def _activity_options(func):
         click.option("--delegate", "delegated_to", metavar="NAME", help="The employee it is delegated to."),
         click.option("--request", metavar="TEXT", help="The main request it belongs to (a free reference)."),
         click.option("--project", metavar="TEXT", help="The main project it belongs to (a free reference)."),
+        click.option("--attendee", "attendees", multiple=True, metavar="EMAIL",
+                     help=f"A {MEETING}'s attendee (repeat it; edit replaces the list, --attendee '' clears it)."),
         click.option("--json", "as_json", is_flag=True, help="Print the activity as JSON."),
     ]):
         func = option(func)
@@ -485,6 +491,35 @@ def _check_references(engine: Engine, changes: dict) -> None:
         fail(f"--partner {changes['partner_id']}: no such partner (see `gwsync partner add`)", EXIT_USAGE)
 
 
+def _attendee_emails(given: tuple[str, ...], kind: str | None, what: str) -> list[str] | None:
+    """The --attendee addresses (lower case, each once); None when not given, [] for
+    `--attendee ''` (no attendees). Only a meeting has attendees."""
+    if not given:
+        return None
+    if kind != MEETING:
+        fail(f"--attendee: only a {MEETING} has attendees, {what} is a {kind or 'activity without kind'} "
+             f"(add --kind {MEETING})", EXIT_USAGE)
+    emails = list(dict.fromkeys(e.strip().lower() for e in given if e.strip()))
+    for email in emails:
+        if not re.fullmatch(r"[^@\s,]+@[^@\s,]+", email):
+            fail(f"--attendee {email!r}: not a mail address (use name@example.com)", EXIT_USAGE)
+    return emails
+
+
+def _attendee_changes(engine, emails: list[str], owner: str | None, changes: dict, activity=None) -> list[str]:
+    """The attendees into `changes`, with the contact and partner they resolve to where the
+    activity has none and none is given; returns the employees among them (participants)."""
+    people = engine.resolve_attendees(emails, owner, activity.attendees if activity is not None else [])
+    changes["attendees"] = people.attendees
+    has_contact = "contact_id" in changes or (activity is not None and activity.contact_id is not None)
+    has_partner = "partner_id" in changes or (activity is not None and activity.partner_id is not None)
+    if not has_contact and people.contact_id is not None:
+        changes["contact_id"] = people.contact_id
+    if not has_partner and people.partner_id is not None and changes.get("contact_id") in (None, people.contact_id):
+        changes["partner_id"] = people.partner_id
+    return people.employees
+
+
 def _show_activity(engine, activity_id: int, as_json: bool) -> None:
     item = engine.activity(activity_id)
     emit_json(item.to_dict()) if as_json else click.echo(activity_id)
@@ -501,12 +536,16 @@ def activity_add(obj: Context, as_json, **values) -> None:
 
     if not values.get("kind") or not values.get("subject"):
         fail("activity add needs --kind and --subject", EXIT_USAGE)
+    emails = _attendee_emails(values.pop("attendees"), values["kind"], "the activity")
     changes = _activity_changes(obj, **values)
     if "owner" not in changes and len(obj.config.accounts) == 1:
         changes["owner"] = next(iter(obj.config.accounts))
     changes.setdefault("status", obj.config.crm.open_status)
     with obj.engine() as engine:
         _check_references(engine, changes)
+        if emails:
+            employees = _attendee_changes(engine, emails, changes.get("owner"), changes)
+            changes["participants"] = list(dict.fromkeys([*changes.get("participants", []), *employees]))
         activity_id = engine.create_activity(ActivityDraft(key=f"crm:{uuid.uuid4()}", **changes))
         _show_activity(engine, activity_id, as_json)
 
@@ -517,13 +556,27 @@ def activity_add(obj: Context, as_json, **values) -> None:
 @click.pass_obj
 def activity_edit(obj: Context, activity_id: int, as_json, **values) -> None:
     """Change fields of an activity (only the options given); `--end ""` clears a field, `--with ""`
-    the participants besides the owner. A new owner replaces the old one among the participants."""
+    the participants besides the owner, `--attendee ''` the attendees. A new owner replaces the
+    old one among the participants."""
+    given = values.pop("attendees")
     changes = _activity_changes(obj, **values)
-    if not changes:
+    if not changes and not given:
         fail("nothing to change: give at least one option, e.g. --subject", EXIT_USAGE)
     with obj.engine() as engine:
         _check_references(engine, changes)
+        employees: list[str] = []
+        if given:
+            current = engine.activity(activity_id)
+            if current is None:
+                fail(f"no activity with id {activity_id} (see `gwsync activities`)", EXIT_FAILED)
+            emails = _attendee_emails(given, changes.get("kind", current.kind), f"activity {activity_id}")
+            assert emails is not None  # given
+            employees = _attendee_changes(engine, emails, changes.get("owner", current.owner), changes, current)
+            if "participants" in changes:  # --with replaces the list: the attendees join the new one
+                changes["participants"] = list(dict.fromkeys([*changes["participants"], *employees]))
+                employees = []
         try:
+            engine.add_participants(activity_id, employees)
             engine.update_activity(activity_id, changes)
         except LookupError as exc:
             fail(f"{exc} (see `gwsync activities`)", EXIT_FAILED)
@@ -573,6 +626,22 @@ def unpush(obj: Context, activity_id: int, account) -> None:
     click.echo(f"removed {count} groupware entr{'y' if count == 1 else 'ies'} of activity {activity_id}")
 
 
+def _attendee_line(engine, person) -> str:
+    """One attendee for `activity show`: name and address, then who they are."""
+    who = [f"{person.name} <{person.email}>" if person.name else person.email]
+    if person.organizer:
+        who[0] += " (organizer)"
+    if person.employee:
+        who.append(f"employee {person.employee}")
+    contact = engine.contact(person.contact_id) if person.contact_id is not None else None
+    partner = engine.partner(person.partner_id) if person.partner_id is not None else None
+    if person.contact_id is not None:
+        who.append(f"contact {person.contact_id}" + (f" {contact.name}" if contact else ""))
+    if person.partner_id is not None:
+        who.append(f"partner {person.partner_id}" + (f" {partner.name}" if partner else ""))
+    return ", ".join(who)
+
+
 @activity.command("show")
 @click.argument("activity_id", type=int)
 @click.option("--json", "as_json", is_flag=True)
@@ -581,6 +650,7 @@ def activity_show(obj: Context, activity_id: int, as_json) -> None:
     """Show one activity with its documents."""
     with obj.engine() as engine:
         item = engine.activity(activity_id)
+        attendee_lines = [_attendee_line(engine, a) for a in item.attendees] if item is not None else []
     if item is None:
         fail(f"no activity with id {activity_id} (see `gwsync activities`)", EXIT_FAILED)
     data = item.to_dict()
@@ -604,6 +674,8 @@ def activity_show(obj: Context, activity_id: int, as_json) -> None:
     for key in ("delegated_to", "request", "project"):
         if data[key] not in (None, ""):
             click.echo(f"{key}: {data[key]}")
+    for line in attendee_lines:
+        click.echo(f"attendee: {line}")
     for doc in data["documents"]:
         click.echo(f"document: {doc['filename']} ({doc['content_type']}, {doc['size']} bytes, sha256 {doc['sha256']})")
     if data["body"]:

@@ -48,6 +48,13 @@ def attendees_from(values: Iterable) -> list[Attendee]:
     return [v if isinstance(v, Attendee) else Attendee(**v) for v in values]
 
 
+def attendee_addresses(attendees: Iterable[Attendee]) -> str | None:
+    """The attendees as the calendar sync merges them: the addresses of all but the organizer,
+    sorted, comma-separated; None when there are none (as in a link saved before attendees were
+    synced, so that such a link sees no change)."""
+    return ",".join(sorted({a.email for a in attendees if not a.organizer})) or None
+
+
 # The team fields (README, "A team on one CRM"): who takes part, who it is delegated to, and the
 # seed's free references. Not calendar fields: the calendar sync derives them, never merges them.
 TEAM_FIELDS = ("participants", "delegated_to", "request", "project", "attendees", "private")
@@ -154,7 +161,7 @@ class Activity:
         """The fields the calendar sync maps (see gwsync.calendar.icalmap.FIELDS)."""
         return {"kind": self.kind, "status": self.status, "subject": self.subject or "", "body": self.body or "",
                 "location": self.location or None, "start": self.start, "end": self.end, "due": self.due,
-                "rrule": self.rrule}
+                "rrule": self.rrule, "attendees": attendee_addresses(self.attendees)}
 
 
 @dataclass
