@@ -255,3 +255,26 @@ def test_two_accounts_sync_their_calendars_through_the_caldav_service_user(tmp_p
 EVENT = ("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//test//EN\r\nBEGIN:VEVENT\r\nUID:meeting-{name}\r\n"
          "DTSTAMP:20261123T090000Z\r\nDTSTART:20261124T090000Z\r\nDTEND:20261124T100000Z\r\n"
          "SUMMARY:Termin {name}\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")
+
+
+def test_idle_connections_that_reconnect_send_a_changed_master_password_once(tmp_path, monkeypatch):
+    """The master password changes on the server while `watch` holds IDLE connections for three
+    accounts. After the server restarts, every IDLE thread reconnects: the first refusal must
+    stop the others, which send the same credential (the interval sync is far off)."""
+    with Dovecot.start(master_users={MASTER: MASTER_PASSWORD}) as server:
+        staff = mail_company(tmp_path, server, monkeypatch)
+        staff.config_path.write_text(staff.config_path.read_text().replace('areas = ["mail"]',
+                                                                           'areas = ["mail"]\ninterval = 600'))
+        running = Running(staff)
+        try:
+            for user in staff.usernames:
+                running.wait_for(rf"IDLE (with NOTIFY )?on {user}", 20)
+            (server.directory / "master-users").write_text(f"{MASTER}:{{PLAIN}}changed-on-the-server\n")
+            server.restart(same_port=True)
+            running.wait_for(r"now locked", 30)
+            time.sleep(10)  # the other IDLE threads reconnect within this, past Dovecot's auth penalty (2-5 s)
+        finally:
+            assert running.stop() == 0
+        assert failed_logins(server) == 1, dovecot_log(server)
+        code, status = staff.cli_json("status")
+        assert all(status["accounts"][n]["locked"][0]["unlock"] == "defaults.imap" for n in staff.usernames)

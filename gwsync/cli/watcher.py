@@ -219,18 +219,22 @@ class Watch:
         self._no_budget: set[str] = set()  # accounts told that max_connections leaves no IDLE
         self._login_lock = threading.Lock()  # one IDLE login at a time: a refusal stops the others
         self._refused: dict[str, LoginRefused | None] = {}  # account -> the refusal not yet locked
+        # The credentials refused so far (Engine.credential): a master user's is many accounts'.
+        self._refused_credentials: set[str] = set()
 
     def idle_login(self, account: AccountConfig, password: str) -> ImapSession:
         """An IDLE thread's login. None is sent for an account whose login was refused or whose
         credential is locked; a refusal is handed to the main thread, which locks it."""
+        credential = self.engine.credential(account, "imap")  # from the config alone: safe in any thread
         with self._login_lock:
-            if account.name in self._refused:
+            if account.name in self._refused or credential in self._refused_credentials:
                 raise CredentialLocked(f"account {account.name}: login refused earlier")
             assert account.imap is not None  # only mail accounts are watched with IDLE
             try:
                 return ImapSession.connect(account.imap, password)
             except LoginRefused as exc:
                 self._refused[account.name] = exc
+                self._refused_credentials.add(credential)
                 self._wake_event.set()
                 raise
 
@@ -314,6 +318,7 @@ class Watch:
             with self._login_lock:
                 if account.name in self._refused and self._refused[account.name] is None:
                     del self._refused[account.name]
+                self._refused_credentials.discard(self.engine.credential(account, "imap"))
         if acc is not None and acc.busy:
             return "busy"
         return "ok" if report.exit_code == 0 else "failed"

@@ -162,7 +162,8 @@ def _loopback(host: str) -> bool:
 
 class SieveRules:
     """gwsync's rules on one account's ManageSieve server. A refused login is SieveLoginRefused,
-    any other failure a SieveError (SieveUnreachable for the connection)."""
+    any other failure a SieveError (SieveUnreachable for the connection). With `authz`, `username`
+    is a master user who logs in (SASL PLAIN) as the user `authz`."""
 
     def __init__(self, host: str, port: int, username: str, password: str, starttls: bool,
                  tls: ssl.SSLContext | None = None, authz: str = ""):
