@@ -278,3 +278,20 @@ def test_idle_connections_that_reconnect_send_a_changed_master_password_once(tmp
         assert failed_logins(server) == 1, dovecot_log(server)
         code, status = staff.cli_json("status")
         assert all(status["accounts"][n]["locked"][0]["unlock"] == "defaults.imap" for n in staff.usernames)
+
+
+@pytest.mark.parametrize("form", ["separator", "sasl"])
+def test_managesieve_logs_in_through_the_master_user_too(tmp_path, monkeypatch, form):
+    """Sieve borrows [imap]'s password, and with it the master user and its login form."""
+    with Dovecot.start(sieve=True, master_users={MASTER: MASTER_PASSWORD}) as server:
+        monkeypatch.setenv("GWSYNC_TEST_MASTER", MASTER_PASSWORD)
+        staff = company(tmp_path, ("anna",), imap_defaults(server, 'master_login = "sasl"\n' if form == "sasl"
+                                                                   else ""))
+        staff.dovecot = server
+        staff.config_path.write_text(staff.config_path.read_text() + f"\n[accounts.anna.sieve]\n"
+                                                                       f"port = {server.sieve_port}\n")
+        added = staff.cli("rules", "add", "--from", "@acme.example", "CRM Kunde [O]")
+        assert added.exit_code == 0, added.output
+        server.deliver(staff.usernames["anna"], make_mail(1, sender="einkauf@acme.example"))
+        assert staff.count("anna", "INBOX/CRM Kunde [O]") == 1
+        assert f"Master user logging in as {staff.usernames['anna']}" in dovecot_log(server)
