@@ -295,3 +295,23 @@ def test_managesieve_logs_in_through_the_master_user_too(tmp_path, monkeypatch, 
         server.deliver(staff.usernames["anna"], make_mail(1, sender="einkauf@acme.example"))
         assert staff.count("anna", "INBOX/CRM Kunde [O]") == 1
         assert f"Master user logging in as {staff.usernames['anna']}" in dovecot_log(server)
+
+
+def test_unlocking_an_account_clears_the_shared_credential_it_sends(tmp_path):
+    """No server: the lock as a refused master login leaves it (Engine.lock_refused's record)."""
+    from gwsync.config import load_config
+    from gwsync.engine import Engine
+
+    staff = company(tmp_path, ("anna", "ben"), imap_defaults(Dovecot(directory=tmp_path, port=143)))
+    with Engine(load_config(staff.config_path)) as engine:
+        anna = engine.config.account("anna")
+        assert engine.credential_name(anna, "imap") == "defaults.imap"
+        assert engine.credential(anna, "imap") == engine.credential(engine.config.account("ben"), "imap") \
+            == f"{MASTER}@127.0.0.1 (defaults.imap)"
+        engine.state.lock("defaults.imap", "imap", "refused", engine.credential(anna, "imap"))
+        assert engine.is_locked(engine.config.account("ben"), "imap")
+        assert [lock["unlock"] for lock in engine.status()["ben"]["locked"]] == ["defaults.imap"]
+        assert engine.unlock("anna") == ["imap (defaults.imap)"]
+        assert not engine.is_locked(engine.config.account("ben"), "imap") and engine.locks() == []
+    assert staff.cli("unlock", "defaults.imap").stdout == "defaults.imap has no locked credential\n"
+    assert staff.cli("unlock", "defaults.caldav").exit_code == 2  # no [defaults.caldav]: unknown name
