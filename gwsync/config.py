@@ -7,6 +7,8 @@ default that follows other keys is marked `DERIVED` and filled in one place: the
 what needs the account's name ([sieve] from [imap]). Loading goes in this order:
 
 1. unknown keys: each table's keys against its dataclass, all of one table's named at once;
+   then [defaults] is checked on its own and written into each account's tables, key by key
+   (`_account_with_defaults`; README: Company deployment);
 2. `msgspec.convert` builds the dataclasses, checking types and ranges; each table's
    `__post_init__` then checks what spans keys (one password source, the link template) and
    fills its derived defaults; `Config.__post_init__` completes the accounts;
@@ -802,9 +804,9 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     defaults = data.get("defaults") or {}
     if defaults:
         _convert({"defaults": defaults})
-        if isinstance(data.get("accounts"), dict):
-            data = data | {"accounts": {name: _account_with_defaults(name, raw, defaults)
-                                        for name, raw in data["accounts"].items()}}
+    if isinstance(data.get("accounts"), dict):
+        data = data | {"accounts": {name: _account_with_defaults(name, raw, defaults)
+                                    for name, raw in data["accounts"].items()}}
     config = _convert(data)
     object.__setattr__(config, "path", path)
     object.__setattr__(config, "raw_defaults", defaults)

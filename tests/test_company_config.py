@@ -87,6 +87,14 @@ def test_accounts_without_defaults_work_as_before():
     assert config.account("a").imap.login() == ("u", None) and config.account("a").imap.master_user is None
 
 
+def test_the_accounts_username_fills_its_tables_without_defaults_too():
+    config = parse_config({"accounts": {"a": {"username": "anna", "areas": ["mail", "events"],
+                                              "imap": {"host": "h", "password": "p"},
+                                              "caldav": {"url": "https://dav.example/anna/", "password": "q"}}}})
+    assert config.account("a").imap.username == "anna" and config.account("a").caldav.username == "anna"
+    assert config.account("a").imap.secret.where == "accounts.a.imap"
+
+
 def test_a_record_and_the_defaults_make_an_account():
     """Accounts kept in a database are name, username, email and areas: the config's [defaults]
     make them full accounts, checked as one from the file would be."""

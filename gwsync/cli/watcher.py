@@ -362,6 +362,7 @@ class Watch:
         picked up and gone ones dropped. Connections no longer needed are closed before new
         ones log in, so the budget holds during the change too."""
         wanted: dict[tuple[str, int], tuple[AccountConfig, str, Duty]] = {}
+        passwords: dict = {}  # Secret -> password: a master user's is read once, not once per account
         for account in self.accounts:
             if "mail" not in account.areas or account.imap is None:
                 continue
@@ -369,7 +370,10 @@ class Watch:
                 continue
             try:
                 duties = self._plan(account)
-                password = account.imap.secret.resolve()
+                secret = account.imap.secret
+                if secret not in passwords:
+                    passwords[secret] = secret.resolve()
+                password = passwords[secret]
             except (GwsyncError, OSError):
                 continue  # the interval sync reports it (a refused login is locked already)
             for n, duty in enumerate(duties):
