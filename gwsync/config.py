@@ -34,7 +34,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 import msgspec
@@ -253,8 +253,12 @@ class _Password:
 
 class _Login:
     """How a login names its user: as itself, or through a master user (Dovecot's master users,
-    README: Company deployment), who logs in with its own password as any user. The table has
-    username, master_user, master_separator and master_login."""
+    README: Company deployment), who logs in with its own password as any user."""
+
+    username: str
+    master_user: str | None
+    master_separator: str | None
+    master_login: str
 
     def login(self) -> tuple[str, str | None]:
         """(authentication identity, authorization identity or None): what the login sends."""
@@ -382,7 +386,7 @@ def _defaults_of(table: type, base: type, leave_out: tuple[str, ...], check: typ
     per-user ones in `leave_out`; the credential keys come from `base`, checked by `check`."""
     hints = typing.get_type_hints(table, include_extras=True)
     inherited = {f.name for f in fields(base)}
-    keys = [(f.name, Optional[hints[f.name]], field(default=None)) for f in fields(table)
+    keys = [(f.name, hints[f.name] | None, field(default=None)) for f in fields(table)
             if f.init and f.name not in inherited and f.name not in leave_out]
     return make_dataclass(table.__name__.replace("Config", "Defaults"), keys, bases=(base,), frozen=True,
                           kw_only=True, namespace={"__post_init__": check, "__doc__": doc, "__module__": __name__})
@@ -598,7 +602,8 @@ class AccountConfig:
             if shared is not None and shared.secret is not None and _credential(server) == _credential(shared):
                 object.__setattr__(server, "secret", shared.secret)
             else:
-                server._name_secret(f"{where}.{key}", server.login_user if key != "caldav" else server.username)
+                server._name_secret(f"{where}.{key}", server.username if isinstance(server, CaldavConfig)
+                                    else server.login_user)
         if self.sieve is not None and self.imap is not None and not self.sieve._has_password:
             object.__setattr__(self.sieve, "secret", self.imap.secret)
 

@@ -4,11 +4,13 @@ the config alone, no server."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gwsync.config import ConfigError, parse_config
+from gwsync.config import ConfigError, load_config, parse_config
 
 IMAP = {"host": "mail.firma.example", "port": 143, "security": "starttls", "import_root": "INBOX/CRM",
         "archive_folder": "INBOX/Archiv", "master_user": "gwsync", "password_env": "GW_MASTER"}
@@ -170,3 +172,11 @@ def test_any_username_fills_the_url_template_once_and_the_login(username):
     account = config.account("a")
     assert account.caldav.url == f"https://dav.firma.example/{username}/"
     assert account.imap.login() == (f"{username}*gwsync", None)
+
+
+def test_the_company_example_config_loads():
+    config = load_config(Path(__file__).resolve().parent.parent / "examples" / "company.toml")
+    anna, ben, cem = (config.account(n) for n in ("anna", "ben", "cem"))
+    assert anna.imap.login() == ("anna.berg*gwsync", None) and ben.imap.login() == ("ben*gwsync", None)
+    assert anna.caldav.url == "https://dav.firma.example/anna.berg/" and ben.caldav is None
+    assert cem.imap.archive_folder == "Archiv" and cem.imap.secret is anna.imap.secret

@@ -146,7 +146,7 @@ def mail_company(tmp_path, master_dovecot, monkeypatch, extra: str = "") -> Comp
 
 
 def assert_all_imported(staff: Company, out: dict) -> None:
-    for name, user in staff.usernames.items():
+    for name in staff.usernames:
         assert out["accounts"][name]["mail"]["imported"] == 1, out
         assert staff.count(name, DONE) == 0 and staff.count(name, ARCHIVE) == 1
     owners = sorted((a.owner, a.subject) for a in staff.activities())

@@ -482,9 +482,10 @@ class ImapSession:
 
 
 def login_refusal(where: str, who: str, text: str) -> MailServerError:
-    """The error for a NO on LOGIN as `who` (quoted, e.g. "'alice*gwsync'"). Only a refused credential locks it: no response code or an
-    auth code (AUTHENTICATIONFAILED, ...). A server that is full or busy ([LIMIT], ...) turns
-    the login away for now: transient, retried, never locked."""
+    """The error for a NO on LOGIN as `who` (quoted: "'alice'", "'alice*gwsync'"). Only a refused
+    credential locks it: no response code or an auth code (AUTHENTICATIONFAILED, ...). A server
+    that is full or busy ([LIMIT], ...) turns the login away for now: transient, retried, never
+    locked."""
     match = _RESPONSE_CODE.match(text)
     code = match.group(1).upper() if match else None
     if code in TRANSIENT_LOGIN_CODES or (code is None and any(t in text.lower() for t in TRANSIENT_LOGIN_TEXTS)):
