@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -238,6 +238,14 @@ class Engine:
         # Passwords read during one run (None outside runs): a password command runs once per run,
         # not once for the check, once per login and once per retry.
         self._passwords: dict[Secret, str] | None = None
+        # Held around each IMAP login; `watch` makes it a lock shared with its IDLE threads, so
+        # that no two logins with one credential (a master user's) are in flight at once, and
+        # `before_login` its hook that locks what those threads were refused before the check.
+        self.login_gate: AbstractContextManager = nullcontext()
+        self.before_login: Callable[[], None] = lambda: None
+        # The credentials this process locked (or saw refused): what `watch`'s IDLE threads check,
+        # as they do not read the state database. The main thread's logins read the database.
+        self.refused: set[str] = set()
 
     def close(self) -> None:
         self.crm.close()
@@ -281,10 +289,18 @@ class Engine:
         cfg = self._server(account, service)
         return cfg.secret.where if cfg is not None and cfg.secret.shared else account.name
 
-    def _refused_text(self, account: AccountConfig, service: str) -> str:
+    def _acting_key(self, account: AccountConfig, service: str) -> str:
+        """The key of a shared credential's login as this account's user: what a refusal to act
+        for the user (AUTHORIZATIONFAILED) locks, e.g. "alice by gwsync@mail.example.com (defaults.imap)"."""
+        return f"{self._server(account, service).username} by {self.credential(account, service)}"
+
+    def _refused_text(self, account: AccountConfig, service: str, lock: dict | None = None) -> str:
         name = self.credential_name(account, service)
         if name == account.name:
             return f"fix the password, then run `gwsync unlock {name}`"
+        if lock is not None and lock.get("credential") == self._acting_key(account, service):
+            return f"fix [accounts.{account.name}] username or the user on the server, then run " \
+                   f"`gwsync unlock {account.name}`"
         return f"the credential is [{name}]'s, which every account uses: fix its password there, then run " \
                f"`gwsync unlock {name}`"
 
@@ -292,11 +308,18 @@ class Engine:
         key = self.credential(account, service)
         users = [(account.name, s) for s in SERVICE_NAMES
                  if self._server(account, s) is not None and self.credential(account, s) == key]
-        return self.state.lock_of(key, users)
+        lock = self.state.lock_of(key, users)
+        if lock is None and self._server(account, service).secret.shared:
+            lock = self.state.lock_of(self._acting_key(account, service))
+        return lock
 
     def is_locked(self, account: AccountConfig, service: str) -> bool:
         """Whether the credential a login to `service` would send is locked."""
         return self._lock_of(account, service) is not None
+
+    def forget_unlocked(self) -> None:
+        """Drop from `refused` what is no longer locked (an unlock by another process)."""
+        self.refused = {key for key in self.refused if self.state.lock_of(key) is not None}
 
     def check_lock(self, account: AccountConfig, service: str) -> None:
         """Raise CredentialLocked (exit 3) when the credential a login to `service` would send
@@ -306,15 +329,25 @@ class Engine:
             raise CredentialLocked(
                 f"account {account.name}: the {SERVICE_NAMES.get(lock['service'], lock['service'])} login was "
                 f"refused at {lock['locked_at']}, so gwsync does not try it again; "
-                f"{self._refused_text(account, service)}")
+                f"{self._refused_text(account, service, lock)}")
 
     def lock_refused(self, account: AccountConfig, service: str, exc: LoginRefused) -> LoginRefused:
-        """Lock the credential a refused login sent; returns the error to show, which says so."""
+        """Lock the credential a refused login sent; returns the error to show, which says so.
+        A shared credential that may not act for this account's user (the server answered
+        AUTHORIZATIONFAILED: its password was right) locks only this account's use of it."""
         if exc.locked:
             return exc
-        self.state.lock(self.credential_name(account, service), service, str(exc), self.credential(account, service))
-        out = exc.reworded(f"account {account.name}: {exc}; the credential is now locked so that the server does "
-                           f"not block the account: {self._refused_text(account, service)}")
+        if exc.authorization and self._server(account, service).secret.shared:
+            name, key = account.name, self._acting_key(account, service)
+            why = "this account is now locked so that the server's penalty for refused logins does not slow " \
+                  "the others"
+        else:
+            name, key = self.credential_name(account, service), self.credential(account, service)
+            why = "the credential is now locked so that the server does not block the account"
+        self.state.lock(name, service, str(exc), key)
+        self.refused.add(key)
+        out = exc.reworded(f"account {account.name}: {exc}; {why}: "
+                           f"{self._refused_text(account, service, {'credential': key})}")
         out.locked = True
         return out
 
@@ -346,6 +379,7 @@ class Engine:
         been refused. An account's shared credentials are cleared with it (the one they are
         shared with: "imap (defaults.imap)")."""
         services = self.state.unlock(account)
+        self.refused.clear()  # what this process saw refused: the next login tells again
         if account in self.config.accounts:
             config = self.config.accounts[account]
             shared = {self.credential_name(config, s) for s in SERVICE_NAMES if self._server(config, s) is not None}
@@ -358,8 +392,11 @@ class Engine:
         imap = _imap(account)
         self.check_lock(account, "imap")
         password = self._password(imap.secret)
-        with self._locking(account, "imap"):
-            return ImapSession.connect(imap, password)
+        with self.login_gate:
+            self.before_login()
+            self.check_lock(account, "imap")  # another thread's login may have been refused meanwhile
+            with self._locking(account, "imap"):
+                return ImapSession.connect(imap, password)
 
     def import_folders(self, account: AccountConfig) -> list[ImportFolder]:
         """The account's import folders on the server (one login)."""
@@ -759,7 +796,8 @@ class Engine:
         with self._naming(account):
             with self._locking(account, "sieve"):
                 rules = SieveRules(cfg.host, cfg.port, authcid, password, cfg.starttls,
-                                   tls=tls_context(cfg.verify, cfg.ca_file), authz=authzid or "")
+                                   tls=tls_context(cfg.verify, cfg.ca_file), authz=authzid or "",
+                                   acting_for=cfg.username if cfg.login_user != cfg.username else None)
             with rules:
                 yield rules
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,15 +268,17 @@ def test_idle_connections_that_reconnect_send_a_changed_master_password_once(tmp
                                                                            'areas = ["mail"]\ninterval = 600'))
         running = Running(staff)
         try:
-            for user in staff.usernames:
-                running.wait_for(rf"IDLE (with NOTIFY )?on {user}", 20)
+            idling: set[str] = set()
+            while idling != set(staff.usernames):
+                line = running.wait_for(r"IDLE (with NOTIFY )?on", 20)  # in any order
+                idling.add(re.search(r"IDLE (?:with NOTIFY )?on (\w+)", line)[1])
             (server.directory / "master-users").write_text(f"{MASTER}:{{PLAIN}}changed-on-the-server\n")
             server.restart(same_port=True)
             running.wait_for(r"now locked", 30)
             time.sleep(10)  # the other IDLE threads reconnect within this, past Dovecot's auth penalty (2-5 s)
         finally:
             assert running.stop() == 0
-        assert failed_logins(server) == 1, dovecot_log(server)
+        assert failed_logins(server) == 1, "\n".join(running.seen) + dovecot_log(server)
         code, status = staff.cli_json("status")
         assert all(status["accounts"][n]["locked"][0]["unlock"] == "defaults.imap" for n in staff.usernames)
 
@@ -315,3 +318,73 @@ def test_unlocking_an_account_clears_the_shared_credential_it_sends(tmp_path):
         assert not engine.is_locked(engine.config.account("ben"), "imap") and engine.locks() == []
     assert staff.cli("unlock", "defaults.imap").stdout == "defaults.imap has no locked credential\n"
     assert staff.cli("unlock", "defaults.caldav").exit_code == 2  # no [defaults.caldav]: unknown name
+
+
+def test_a_user_the_master_may_not_log_in_as_locks_that_account_only(tmp_path, monkeypatch):
+    """NO [AUTHORIZATIONFAILED] (RFC 5530): the master password was right, but the server has no
+    such user (or its rules leave it out). That is one account's mistake: locking the master
+    credential would stop every account. The account is locked instead, once."""
+    monkeypatch.setenv("GWSYNC_TEST_MASTER", MASTER_PASSWORD)
+    with Dovecot.start(master_users={MASTER: MASTER_PASSWORD}, denied_users=("ghost",)) as server:
+        staff = company(tmp_path, ("ghost", "anna", "ben"), imap_defaults(server))
+        staff.config_path.write_text(staff.config_path.read_text().replace(
+            f'username = "{staff.usernames["ghost"]}"', 'username = "ghost"'))
+        staff.usernames["ghost"] = "ghost"
+        staff.dovecot = server
+        for name in ("anna", "ben"):
+            staff.append(name, DONE, make_mail(1, subject=f"Auftrag {name}"))
+
+        first = staff.cli("sync", "--json")
+        second = staff.cli("sync", "--json")
+
+        assert first.exit_code == 3 and second.exit_code == 3, first.output
+        out = json.loads(first.stdout)
+        assert [out["accounts"][n]["mail"]["imported"] for n in ("anna", "ben")] == [1, 1], out
+        line = out["accounts"]["ghost"]["error"]
+        assert "may log in, but not as 'ghost'" in line and "gwsync unlock ghost" in line, line
+        again = json.loads(second.stdout)["accounts"]
+        assert "does not try it again" in again["ghost"]["error"]
+        assert again["anna"]["error"] is None and again["ben"]["error"] is None, again
+        log = dovecot_log(server)
+        assert sum(1 for line in log.splitlines() if "authorization failed" in line) == 1, log
+        code, status = staff.cli_json("status")
+        assert [lock["unlock"] for lock in status["accounts"]["ghost"]["locked"]] == ["ghost"]
+        assert status["accounts"]["anna"]["locked"] == [] and status["accounts"]["ben"]["locked"] == []
+
+
+def test_managesieve_refusing_the_master_for_one_user_locks_that_account_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("GWSYNC_TEST_MASTER", MASTER_PASSWORD)
+    with Dovecot.start(sieve=True, master_users={MASTER: MASTER_PASSWORD}, denied_users=("ghost",)) as server:
+        staff = company(tmp_path, ("ghost", "anna"), imap_defaults(server))
+        text = staff.config_path.read_text().replace(f'username = "{staff.usernames["ghost"]}"', 'username = "ghost"')
+        staff.config_path.write_text(text + "".join(f"\n[accounts.{name}.sieve]\nport = {server.sieve_port}\n"
+                                                    for name in ("ghost", "anna")))
+        refused = staff.cli("rules", "list", "--account", "ghost")
+        assert refused.exit_code == 3 and "may log in, but not as 'ghost'" in refused.stderr, refused.output
+        listed = staff.cli("rules", "list", "--account", "anna")
+        assert listed.exit_code == 0 and listed.stdout == "no rules\n", listed.output
+        again = staff.cli("rules", "list", "--account", "ghost")
+        assert again.exit_code == 3 and "gwsync unlock ghost" in again.stderr, again.output
+
+
+def test_a_connection_lost_during_login_locks_nothing(tmp_path, master_dovecot, monkeypatch):
+    """A server shutting down answers LOGIN with BYE, or the connection drops: imapclient
+    reports both as a LoginError. That is no refused password, and locking the master
+    credential for it would stop every account until an admin unlocks it."""
+    from faultproxy import CuttingProxy
+
+    with CuttingProxy(master_dovecot.port, cut_after=10**9) as counting:
+        IMAPClient("127.0.0.1", port=counting.port, ssl=False).shutdown()  # what comes before LOGIN
+        before_login = counting.sent
+    staff = mail_company(tmp_path, master_dovecot, monkeypatch)
+    # Cut when the server's first byte after that comes: the answer to LOGIN.
+    with CuttingProxy(master_dovecot.port, cut_after=before_login + 1) as proxy:
+        staff.config_path.write_text(staff.config_path.read_text().replace(
+            f"port = {master_dovecot.port}", f"port = {proxy.port}"))
+        result = staff.cli("sync")
+
+    # Retried as a connection problem (the proxy then seems gone): exit 1, nothing locked.
+    assert result.exit_code == 1, result.output
+    assert "login as" not in result.stderr and "locked" not in result.stderr, result.stderr
+    code, status = staff.cli_json("status")
+    assert all(status["accounts"][name]["locked"] == [] for name in staff.usernames), status

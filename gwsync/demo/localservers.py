@@ -153,8 +153,10 @@ protocol lda {{
 # Master users (README: Company deployment): `USER*MASTER` with MASTER's password logs in as
 # USER, and so does SASL PLAIN with MASTER as authentication and USER as authorization identity.
 # Master passdbs are asked only for those two forms. `result_success = continue` then looks USER
-# up in the ordinary passdb (without its password), so a master logs in only as users that exist
-# there. auth_verbose logs each refused password ("Password mismatch"), which tests count.
+# up in the ordinary passdbs (without its password), so a master logs in only as users that exist
+# there: the deny passdb's users (denied-users) are refused with NO [AUTHORIZATIONFAILED], the
+# answer for a user the server does not have. auth_verbose logs each refused password
+# ("Password mismatch").
 MASTER_CONF = """\
 auth_master_user_separator = *
 auth_verbose = yes
@@ -163,6 +165,11 @@ passdb {{
   args = {dir}/master-users
   master = yes
   result_success = continue
+}}
+passdb {{
+  driver = passwd-file
+  args = {dir}/denied-users
+  deny = yes
 }}
 """
 
@@ -203,11 +210,11 @@ class Dovecot(_LocalServer):
 
     @classmethod
     def start(cls, tls: bool = False, sieve: bool = False, max_userip_connections: int = 100,
-              master_users: dict[str, str] | None = None) -> Dovecot:
+              master_users: dict[str, str] | None = None, denied_users: tuple[str, ...] = ()) -> Dovecot:
         """With tls=True, the server gets a certificate for 127.0.0.1 and localhost, signed by a
         throw-away CA (`ca_file`), and listens for implicit TLS on `tls_port`. Past
         `max_userip_connections` sessions of one user, a login gets `NO [LIMIT]`. With
-        `master_users`, each of them logs in as any user (MASTER_CONF)."""
+        `master_users`, each of them logs in as any user but the `denied_users` (MASTER_CONF)."""
         directory = Path(tempfile.mkdtemp(prefix="gwsync-dovecot-", dir="/tmp"))
         os.chmod(directory, 0o755)
         for sub in ("run", "state", "mail", "home"):
@@ -217,6 +224,7 @@ class Dovecot(_LocalServer):
         if master_users:
             (directory / "master-users").write_text("".join(f"{user}:{{PLAIN}}{password}\n"
                                                             for user, password in master_users.items()))
+            (directory / "denied-users").write_text("".join(f"{user}\n" for user in denied_users))
         if tls:
             server.ca_file = _make_certificates(directory)
         server._launch()

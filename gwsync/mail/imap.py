@@ -143,7 +143,11 @@ class ImapSession:
                 client.plain_login(authcid, password, authorization_identity=authzid)
         except LoginError as exc:
             _close(client)
-            raise login_refusal(f"IMAP {where}", cfg.login_text, _text(exc)) from None
+            if isinstance(exc.__context__, IMAPClientAbortError):  # imapclient's word for a BYE or a dropped
+                # connection during LOGIN too (a server shutting down): no answer to the password
+                raise ServerUnreachable(f"IMAP {where}: connection lost during login ({_text(exc)})") from exc
+            raise login_refusal(f"IMAP {where}", cfg.login_text, _text(exc),
+                                acting_for=cfg.username if cfg.login_user != cfg.username else None) from None
         except (TimeoutError, OSError, IMAPClientAbortError) as exc:
             raise ServerUnreachable(f"IMAP {where}: connection lost during login ({exc})") from exc
         except IMAPClientError as exc:  # e.g. LOGINDISABLED: the server takes no login over this connection
@@ -481,13 +485,19 @@ class ImapSession:
             pass
 
 
-def login_refusal(where: str, who: str, text: str) -> MailServerError:
+def login_refusal(where: str, who: str, text: str, acting_for: str | None = None) -> MailServerError:
     """The error for a NO on LOGIN as `who` (quoted: "'alice'", "'alice*gwsync'"). Only a refused
     credential locks it: no response code or an auth code (AUTHENTICATIONFAILED, ...). A server
     that is full or busy ([LIMIT], ...) turns the login away for now: transient, retried, never
-    locked."""
+    locked. A master user logging in `acting_for` a user and answered AUTHORIZATIONFAILED (RFC
+    5530) had the right password, but may not act for that user: the account's refusal."""
     match = _RESPONSE_CODE.match(text)
     code = match.group(1).upper() if match else None
+    if code == "AUTHORIZATIONFAILED" and acting_for is not None:
+        refused = LoginFailed(f"{where}: the master user may log in, but not as {acting_for!r} ({text}); the server "
+                              "has no such user, or its master user rules leave it out")
+        refused.authorization = True
+        return refused
     if code in TRANSIENT_LOGIN_CODES or (code is None and any(t in text.lower() for t in TRANSIENT_LOGIN_TEXTS)):
         busy = ServerUnreachable(f"{where}: the server turned the login as {who} away for now ({text}); "
                                  "the password was not refused")
