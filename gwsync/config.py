@@ -464,13 +464,13 @@ def _account_with_defaults(name: str, raw: Any, defaults: dict[str, Any]) -> Any
     if not isinstance(raw, dict):
         return raw
     areas = raw.get("areas", ["mail"])
-    areas = areas if isinstance(areas, list) else []
+    areas = {area for area in areas if isinstance(area, str)} if isinstance(areas, list) else set()
     given = raw.get("username")
     user = given if isinstance(given, str) and given.strip() else name
     where = _join("accounts", name)
     out = dict(raw)
     for key, wanted, merge in (("imap", "mail" in areas, _imap_with_defaults),
-                               ("caldav", bool({"events", "tasks"} & set(areas)), _caldav_with_defaults)):
+                               ("caldav", bool({"events", "tasks"} & areas), _caldav_with_defaults)):
         table, default = raw.get(key), defaults.get(key)
         if default is None or (table is None and not wanted):
             if isinstance(table, dict) and "username" in raw:

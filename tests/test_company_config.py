@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gwsync.config import ConfigError, load_config, parse_config
@@ -180,3 +180,23 @@ def test_the_company_example_config_loads():
     assert anna.imap.login() == ("anna.berg*gwsync", None) and ben.imap.login() == ("ben*gwsync", None)
     assert anna.caldav.url == "https://dav.firma.example/anna.berg/" and ben.caldav is None
     assert cem.imap.archive_folder == "Archiv" and cem.imap.secret is anna.imap.secret
+
+
+JUNK = st.recursive(st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                    max_leaves=6)
+KEYS = [("defaults", "imap", key) for key in (*IMAP, "master_login", "master_separator", "timeout", "verify")] + \
+       [("defaults", "caldav", key) for key in (*CALDAV, "auth", "verify")] + \
+       [("accounts", "anna", key) for key in ("username", "email", "areas", "imap", "caldav")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(path=st.sampled_from(KEYS), value=JUNK)
+def test_any_value_in_defaults_or_a_company_account_loads_or_is_one_line(path, value):
+    data = {"defaults": {"imap": dict(IMAP), "caldav": dict(CALDAV)},
+            "accounts": {"anna": {"username": "anna", "areas": ["mail", "events"]}}}
+    data[path[0]][path[1]][path[2]] = value
+    try:
+        parse_config(data)
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and path[0] in str(exc), str(exc)
