@@ -124,10 +124,7 @@ def sync(obj: Context, accounts, only, dry_run, force, as_json) -> None:
                     click.echo("  held mail is listed by `gwsync held`")
             for area, result in acc.calendars.items():
                 if obj.verbosity >= 0:
-                    c = result.counts
-                    click.echo(f"{name} {area}: CRM +{c['created_crm']} ~{c['updated_crm']} -{c['deleted_crm']}, "
-                               f"groupware +{c['created_groupware']} ~{c['updated_groupware']} "
-                               f"-{c['deleted_groupware']}, conflicts {c['conflicts']}")
+                    click.echo(f"{name} {area}: {result.changes_line()}, conflicts {result.counts['conflicts']}")
                     for line in result.conflicts:
                         click.echo(f"  conflict: {line}")
                     if result.held:

@@ -346,9 +346,7 @@ class Watch:
         for area, result in acc.calendars.items():
             changes = sum(v for k, v in result.counts.items() if k != "conflicts")
             if changes:
-                c = result.counts
-                self.say(f"{account.name} {area}: CRM +{c['created_crm']} ~{c['updated_crm']} -{c['deleted_crm']}, "
-                         f"groupware +{c['created_groupware']} ~{c['updated_groupware']} -{c['deleted_groupware']}")
+                self.say(f"{account.name} {area}: {result.changes_line()}")
         for line in acc.error_lines():
             self.say(f"gwsync: {line}")
 

@@ -62,6 +62,7 @@ class CalendarLink:
     etag: str | None
     base: dict | None
     identity: str | None = None  # the activity's identity when linked; None: saved before it was recorded
+    organizer: str | None = None  # the item's ORGANIZER address at the last sync (its deletion may cancel)
 
 
 @dataclass
@@ -148,6 +149,13 @@ def _calendar_items(db: sqlite_utils.Database) -> None:
          "addresses": str, "updated_at": str}, pk=("account", "area", "href"), if_not_exists=True)
 
 
+def _link_organizers(db: sqlite_utils.Database) -> None:
+    """Links learn the item's organizer (a deleted organizer's copy cancels the meeting) and are
+    found by UID across accounts (one activity per UID)."""
+    add_column(db, "links", "organizer", str)
+    db.table("links").create_index(["area", "uid"], if_not_exists=True)
+
+
 MIGRATIONS = [
     Migration(2, "folders, messages, runs: the first release", _first_release),
     Migration(2, "links, collections, membership, item_failures (calendar sync)", _calendar_tables),
@@ -157,6 +165,7 @@ MIGRATIONS = [
     Migration(2, "links and membership: the activity's identity (recorded as version 1)", _identities),
     Migration(3, "locks: the credential each lock is for", _lock_credentials),
     Migration(4, "calendar_items: new items left out in a review or held for a mandatory field", _calendar_items),
+    Migration(5, "links: the item's organizer; links by UID", _link_organizers),
 ]
 SCHEMA_VERSION = latest(MIGRATIONS)
 
@@ -207,11 +216,22 @@ class StateStore:
     def _link(row: dict) -> CalendarLink:
         return CalendarLink(account=row["account"], area=row["area"], activity_id=row["activity_id"], uid=row["uid"],
                             href=row["href"], etag=row["etag"], base=json.loads(row["base"]) if row["base"] else None,
-                            identity=row.get("identity"))
+                            identity=row.get("identity"), organizer=row.get("organizer"))
 
     def links(self, account: str, area: str) -> list[CalendarLink]:
         return [self._link(r) for r in self.db.query("SELECT * FROM links WHERE account = ? AND area = ?",
                                                      [account, area])]
+
+    def links_by_uid(self, area: str, uids: Iterable[str]) -> list[CalendarLink]:
+        """Every account's links in the area to items with these UIDs (the copies of one meeting)."""
+        uids = list(dict.fromkeys(uids))
+        found: list[CalendarLink] = []
+        for start in range(0, len(uids), 500):
+            chunk = uids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            found += map(self._link, self.db.query(f"SELECT * FROM links WHERE area = ? AND uid IN ({marks})",
+                                                   [area, *chunk]))
+        return found
 
     def links_of_activity(self, activity_id: int, identity: str | None = None) -> list[CalendarLink]:
         """The activity's links; with its identity, not those saved for another activity that
@@ -235,10 +255,10 @@ class StateStore:
                         (link.account, link.area, link.href, link.activity_id))
                     self.conn.execute(
                         "INSERT OR REPLACE INTO links (account, area, activity_id, uid, href, etag, base, updated_at, "
-                        "identity) VALUES (?,?,?,?,?,?,?,?,?)",
+                        "identity, organizer) VALUES (?,?,?,?,?,?,?,?,?,?)",
                         (link.account, link.area, link.activity_id, link.uid, link.href, link.etag,
                          json.dumps(link.base, sort_keys=True) if link.base is not None else None, _now(),
-                         link.identity))
+                         link.identity, link.organizer))
                 elif len(value) == 4:
                     self.conn.execute("DELETE FROM links WHERE account = ? AND area = ? AND activity_id = ? "
                                       "AND href = ?", value)
