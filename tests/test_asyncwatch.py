@@ -269,22 +269,11 @@ def test_an_account_of_the_config_file_is_watched(env, watching):
     w.stop()
 
 
-MASTER = """
-auth_master_user_separator = *
-passdb {
-  driver = static
-  args = password=master-secret
-  master = yes
-  result_success = continue
-}
-"""
-
-
 @pytest.mark.parametrize("form", ["sasl", "separator"])
 def test_a_master_user_watches_for_the_user(form, watching):
     """A company's shared credential: SASL PLAIN with the user as authorization identity, or
     Dovecot's `user*master` login; the session is the user's."""
-    with Dovecot.start(extra=MASTER) as server:
+    with Dovecot.start(master_users={"gwsync": "master-secret"}) as server:
         user = fresh_user()
         make_folders(server, user, DONE)
         username, authzid = ("gwsync", user) if form == "sasl" else (f"{user}*gwsync", None)
