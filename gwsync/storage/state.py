@@ -32,7 +32,7 @@ import sqlalchemy as sa
 import sqlite_utils
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from .database import pg_upgrade, postgres_engine, read, shown, sqlite_engine, write
+from .database import Readers, pg_upgrade, postgres_engine, shown, sqlite_engine, write
 from .migrations import Migration, add_column, latest, upgrade
 
 IMPORTED, HELD, FAILED, QUARANTINED = "imported", "held", "failed", "quarantined"
@@ -70,6 +70,7 @@ class CalendarLink:
     etag: str | None
     base: dict | None
     identity: str | None = None  # the activity's identity when linked; None: saved before it was recorded
+    organizer: str | None = None  # the item's ORGANIZER address at the last sync (its deletion may cancel)
 
 
 @dataclass
@@ -156,6 +157,13 @@ def _calendar_items(db: sqlite_utils.Database) -> None:
          "addresses": str, "updated_at": str}, pk=("account", "area", "href"), if_not_exists=True)
 
 
+def _link_organizers(db: sqlite_utils.Database) -> None:
+    """Links learn the item's organizer (a deleted organizer's copy cancels the meeting) and are
+    found by UID across accounts (one activity per UID)."""
+    add_column(db, "links", "organizer", str)
+    db.table("links").create_index(["area", "uid"], if_not_exists=True)
+
+
 MIGRATIONS = [
     Migration(2, "folders, messages, runs: the first release", _first_release),
     Migration(2, "links, collections, membership, item_failures (calendar sync)", _calendar_tables),
@@ -165,6 +173,7 @@ MIGRATIONS = [
     Migration(2, "links and membership: the activity's identity (recorded as version 1)", _identities),
     Migration(3, "locks: the credential each lock is for", _lock_credentials),
     Migration(4, "calendar_items: new items left out in a review or held for a mandatory field", _calendar_items),
+    Migration(5, "links: the item's organizer; links by UID", _link_organizers),
 ]
 SCHEMA_VERSION = latest(MIGRATIONS)
 
@@ -194,8 +203,9 @@ messages = sa.Table(
 runs = sa.Table("runs", metadata, *_key("account", "area"),
                 *_columns(finished_at=str, ok=int, summary=str, error=str, last_success=str))
 links = sa.Table("links", metadata, *_key("account", "area", "activity_id"),
-                 *_columns(uid=str, href=str, etag=str, base=str, updated_at=str, identity=str),
-                 sa.Index("idx_links_account_area_href", "account", "area", "href", unique=True))
+                 *_columns(uid=str, href=str, etag=str, base=str, updated_at=str, identity=str, organizer=str),
+                 sa.Index("idx_links_account_area_href", "account", "area", "href", unique=True),
+                 sa.Index("idx_links_area_uid", "area", "uid"))
 collections = sa.Table("collections", metadata, *_key("account", "area"), *_columns(url=str, sync_token=str))
 membership = sa.Table("membership", metadata, *_key("account", "area", "activity_id"),
                       *_columns(included=int, identity=str))
@@ -208,7 +218,7 @@ calendar_items = sa.Table("calendar_items", metadata, *_key("account", "area", "
                           *_columns(outcome=str, uid=str, subject=str, missing=str, addresses=str, updated_at=str))
 
 # The version the first PostgreSQL databases were made at: the steps up to it are SQLite's history.
-POSTGRES_FIRST = 4
+POSTGRES_FIRST = 5
 
 
 def _postgres_steps() -> list[tuple[int, Callable[[sa.Connection], None]]]:
@@ -235,6 +245,7 @@ class StateStore:
             self.engine = postgres_engine(database, "state database", password)
         else:
             self.engine = sqlite_engine(database, "state database")
+        self._read = Readers(self.engine)
         try:
             if isinstance(database, str):
                 pg_upgrade(self.engine, "state", SCHEMA_VERSION, "state database", shown(database),
@@ -265,11 +276,11 @@ class StateStore:
         return statement.on_conflict_do_update(index_elements=key, set_=changes)
 
     def _dicts(self, statement) -> list[dict]:
-        with read(self.engine) as conn:
+        with self._read() as conn:
             return [dict(row) for row in conn.execute(statement).mappings()]
 
     def _first(self, statement):
-        with read(self.engine) as conn:
+        with self._read() as conn:
             return conn.execute(statement).first()
 
     # -- credential locks --------------------------------------------------------------------
@@ -308,11 +319,20 @@ class StateStore:
     def _link(row) -> CalendarLink:
         return CalendarLink(account=row["account"], area=row["area"], activity_id=row["activity_id"], uid=row["uid"],
                             href=row["href"], etag=row["etag"], base=json.loads(row["base"]) if row["base"] else None,
-                            identity=row["identity"])
+                            identity=row["identity"], organizer=row["organizer"])
 
     def links(self, account: str, area: str) -> list[CalendarLink]:
         return [self._link(r) for r in self._dicts(sa.select(links).where(links.c.account == account,
                                                                           links.c.area == area))]
+
+    def links_by_uid(self, area: str, uids: Iterable[str]) -> list[CalendarLink]:
+        """Every account's links in the area to items with these UIDs (the copies of one meeting)."""
+        uids = list(dict.fromkeys(uids))
+        found: list[CalendarLink] = []
+        for start in range(0, len(uids), 500):
+            found += map(self._link, self._dicts(sa.select(links).where(
+                links.c.area == area, links.c.uid.in_(uids[start:start + 500]))))
+        return found
 
     def links_of_activity(self, activity_id: int, identity: str | None = None) -> list[CalendarLink]:
         """The activity's links; with its identity, not those saved for another activity that
@@ -338,7 +358,7 @@ class StateStore:
                         "account": link.account, "area": link.area, "activity_id": link.activity_id, "uid": link.uid,
                         "href": link.href, "etag": link.etag,
                         "base": json.dumps(link.base, sort_keys=True) if link.base is not None else None,
-                        "updated_at": _now(), "identity": link.identity})
+                        "updated_at": _now(), "identity": link.identity, "organizer": link.organizer})
                 else:
                     account, area, activity_id, *href = value
                     conn.execute(sa.delete(links).where(c.account == account, c.area == area,
@@ -369,7 +389,7 @@ class StateStore:
     def membership_details(self, account: str, area: str) -> dict[int, tuple[bool, str | None]]:
         """activity id -> (included, the identity of the activity it was set for, if recorded)."""
         m = membership.c
-        with read(self.engine) as conn:
+        with self._read() as conn:
             return {r[0]: (bool(r[1]), r[2]) for r in conn.execute(
                 sa.select(m.activity_id, m.included, m.identity).where(m.account == account, m.area == area))}
 
@@ -538,4 +558,5 @@ class StateStore:
                 for row in self._dicts(sa.select(runs).order_by(runs.c.account, runs.c.area))]
 
     def close(self) -> None:
+        self._read.close()
         self.engine.dispose()
