@@ -158,7 +158,7 @@ class PgAccountLocks(AccountLocks):
     def _connect(self, name: str):
         import psycopg
 
-        from .storage.database import unreachable, shown
+        from .storage.database import shown, unreachable
 
         secret = self.password() if self.password else None
         kwargs: dict[str, Any] = {"autocommit": True, "application_name": name[:63]}

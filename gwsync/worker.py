@@ -41,6 +41,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -304,9 +305,11 @@ class Runtime:
             return
         self.watch_stops.add(stop)
         handle = asyncio.get_running_loop().call_later(self.config.worker.watch_for, stop.set)
+        async def changed(name: str) -> None:
+            await self.defer_sync(name, "mail")
+
         try:
-            await watch_accounts(targets, lambda name: self.defer_sync(name, "mail"), stop,
-                                 refused=self._refused, look_at_start=False)
+            await watch_accounts(targets, changed, stop, refused=self._refused, look_at_start=False)
         finally:
             handle.cancel()
             self.watch_stops.discard(stop)
@@ -406,11 +409,28 @@ async def _serve(runtime: Runtime, concurrency: int) -> None:
 
 
 def run_worker(config: Config, concurrency: int | None = None) -> None:
-    """`gwsync worker`: until SIGTERM or SIGINT."""
+    """`gwsync worker`: until SIGTERM or SIGINT. The database unreachable or gone away: one
+    StoreError line (exit 1); a supervisor such as systemd starts the worker again."""
+    import psycopg
+    from procrastinate import exceptions
+
+    from .errors import StoreError
+    from .storage.database import shown, unreachable
+
     runtime = Runtime(config)
+    assert config.database is not None
+    label = shown(config.database.url)
     try:
         apply_schema(runtime)
         asyncio.run(_serve(runtime, concurrency or config.worker.concurrency))
+    except psycopg.OperationalError as exc:
+        raise unreachable("job queue database", label, exc) from exc
+    except exceptions.ProcrastinateException as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, psycopg.OperationalError):
+            raise unreachable("job queue database", label, cause) from exc
+        raise StoreError(f"the job queue on {label} failed ({cause}): see the log above, then start the worker "
+                         "again", Path(label)) from exc
     finally:
         runtime.close()
 

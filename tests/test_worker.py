@@ -88,10 +88,10 @@ class Company:
 
     def start_worker(self, *args: str) -> subprocess.Popen:
         n = len(self.workers)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gwsync.cli", "-v", "--config", str(self.config_path), "worker", *args],
-            stdout=open(self.root / f"worker{n}.out", "wb"), stderr=open(self.root / f"worker{n}.err", "wb"),
-            start_new_session=True)
+        with open(self.root / f"worker{n}.out", "wb") as out, open(self.root / f"worker{n}.err", "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gwsync.cli", "-v", "--config", str(self.config_path), "worker", *args],
+                stdout=out, stderr=err, start_new_session=True)
         self.workers.append(proc)
         return proc
 
@@ -282,3 +282,26 @@ def test_a_killed_workers_jobs_run_again_on_the_other_and_nothing_is_doubled(com
     c.wait_for(lambda: _all_in(c, expected), 60, "the killed worker's mail was not all archived")
     _check_once(c, expected)
     assert "of a worker that stopped answering: queued again" in c.log(1)
+
+
+def test_worker_needs_a_database_url_and_says_so_in_one_line(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[accounts.a.imap]\nhost = "127.0.0.1"\nusername = "a"\npassword = "x"\n')
+    done = subprocess.run([sys.executable, "-m", "gwsync.cli", "--config", str(config), "worker"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith("gwsync: config error: gwsync worker needs [database] url"), done.stderr
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_worker_on_an_unreachable_database_says_so_in_one_line(tmp_path):
+    from gwsync.demo.localservers import free_port
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "postgresql://gwsync@127.0.0.1:{free_port()}/company"\n\n'
+                      '[accounts.a.imap]\nhost = "127.0.0.1"\nusername = "a"\npassword = "x"\n')
+    done = subprocess.run([sys.executable, "-m", "gwsync.cli", "--config", str(config), "worker"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("gwsync: cannot use the "), done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
