@@ -214,4 +214,6 @@ class PgAccountLocks(AccountLocks):
             return None
         finally:
             conn.close()
-        return row[0] if row and row[0] else None
+        if not row or not row[0]:
+            return None
+        return row[0].replace(f" on {os.uname().nodename})", ")")  # the host only when it is another
