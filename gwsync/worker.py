@@ -19,7 +19,8 @@ of sync jobs and the tick is never stuck behind either:
   all workers): in this order, re-queue the jobs of workers whose heartbeat stopped
   ([worker] stalled_after), queue a watcher job per shard, and defer a sync job for every
   account and area whose `next_due` has come (claimed by pushing `next_due` on by its backoff
-  in the same statement, so two ticks never defer one twice).
+  in the same statement, so two ticks never defer one twice). About every 5 minutes it deletes
+  finished jobs older than a day; a tick that succeeded is deleted at once.
 
 Scheduling state lives in table `gwsync_schedule` (account, area, last run, next due, backoff,
 last error). Procrastinate's own schema is applied at the worker's start when the database has
@@ -52,6 +53,8 @@ from .errors import ConfigError, GwsyncError
 log = logging.getLogger("gwsync.worker")
 
 SYNC_QUEUE, WATCH_QUEUE, TICK_QUEUE = "sync", "watch", "tick"
+KEEP_JOBS_HOURS = 24  # finished jobs (and their events) are kept this long, for `procrastinate` inspection
+CLEAN_EVERY = 300  # seconds between two deletions of old jobs
 
 
 def shard_of(account: str, shards: int) -> int:
@@ -274,8 +277,11 @@ class Runtime:
                             job.id, job.call_string)
         await manager.prune_stalled_workers(stalled)
 
-    async def tick(self) -> None:
+    async def tick(self, timestamp: int = 0) -> None:
         await self.requeue_stalled()
+        if timestamp % CLEAN_EVERY < self.config.worker.tick:  # about once in CLEAN_EVERY seconds
+            await self.app.job_manager.delete_old_jobs(nb_hours=KEEP_JOBS_HOURS, include_failed=True,
+                                                       include_cancelled=True, include_aborted=True)
         shards = self.shards()
         for shard in range(shards):
             await self.defer_watch(shard, shards)
@@ -346,7 +352,7 @@ def make_app(runtime: Runtime):
     @app.periodic(cron=f"*/{config.worker.tick} * * * * *", periodic_id="tick")
     @app.task(name="gwsync.tick", queue=TICK_QUEUE, queueing_lock="tick", pass_context=True)
     async def tick(context, timestamp: int) -> None:
-        await context.additional_context["gwsync"].tick()
+        await context.additional_context["gwsync"].tick(timestamp)
 
     runtime.app = app
     return app
@@ -387,7 +393,8 @@ async def _serve(runtime: Runtime, concurrency: int) -> None:
                                   "stalled_worker_timeout": settings.stalled_after,
                                   "fetch_job_polling_interval": settings.tick}
         workers = [Worker(app, queues=[SYNC_QUEUE], concurrency=concurrency, name="gwsync-sync", **common),
-                   Worker(app, queues=[TICK_QUEUE], concurrency=1, name="gwsync-tick", **common)]
+                   Worker(app, queues=[TICK_QUEUE], concurrency=1, name="gwsync-tick", delete_jobs="successful",
+                          **common)]
         if settings.watchers:
             workers.append(Worker(app, queues=[WATCH_QUEUE], concurrency=settings.watchers, name="gwsync-watch",
                                   **common))

@@ -305,3 +305,37 @@ def test_worker_on_an_unreachable_database_says_so_in_one_line(tmp_path):
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("gwsync: cannot use the "), done.stderr
     assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_schedule_backs_off_idle_accounts_and_brings_back_one_with_changes(pg_url):
+    """Each account at its interval; without changes the wait doubles up to max_backoff; a run
+    with changes returns to the interval; a busy run is due again at once; a claimed account is
+    not claimed again before its wait is over."""
+    from gwsync.storage.database import postgres_engine
+    from gwsync.worker import Schedule
+
+    engine = postgres_engine(pg_url, "schedule database")
+    schedule = Schedule(engine, max_backoff=720)
+    schedule.create(pg_url)
+
+    def backoff(account: str, area: str = "mail") -> int:
+        return next(r["backoff"] for r in schedule.rows() if (r["account"], r["area"]) == (account, area))
+
+    wanted = {("a", "mail"): 120, ("b", "mail"): 120, ("b", "events"): 900}
+    assert sorted(schedule.claim_due(wanted)) == sorted(wanted)  # new: due at once
+    assert schedule.claim_due(wanted) == []  # claimed: pushed on by their backoff
+    seen = []
+    for _ in range(5):
+        schedule.finished("a", "mail", 120, changed=False, busy=False, error=None)
+        seen.append(backoff("a"))
+    assert seen == [240, 480, 720, 720, 720]
+    schedule.finished("a", "mail", 120, changed=True, busy=False, error=None)
+    assert backoff("a") == 120
+    schedule.finished("b", "events", 900, changed=False, busy=False, error="x")  # interval above the ceiling
+    assert backoff("b") == 120 and backoff("b", "events") == 900
+    schedule.finished("b", "mail", 120, changed=False, busy=True, error=None)
+    assert schedule.claim_due(wanted) == [("b", "mail")]
+    rows = {(r["account"], r["area"]): r for r in schedule.rows()}
+    assert rows[("b", "events")]["last_error"] == "x" and rows[("a", "mail")]["runs"] == 6
+    assert rows[("a", "mail")]["last_changed"] is not None and rows[("b", "mail")]["last_changed"] is None
+    engine.dispose()
