@@ -227,6 +227,7 @@ def test_worker_imports_mail_of_five_accounts_after_append(company):
     started = time.monotonic()
     c.wait_for(lambda: len(c.activities()) == 5, 15, "the mail of five accounts was not imported")
     took = time.monotonic() - started
+    print(f"APPEND to 5 accounts -> 5 activities: {took:.2f} s")
     assert took < 8, took
     _check_once(c, expected)
     assert worker.poll() is None
