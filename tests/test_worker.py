@@ -266,6 +266,23 @@ def test_sigterm_stops_a_worker_cleanly(company):
     assert c.query("SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing'")[0][0] == 0
 
 
+def test_sigterm_during_an_import_stops_between_batches_and_a_later_sync_finishes_it(company):
+    c = company(2)
+    expected = {user: c.append(user, 1000) for user in c.users}  # four batches each
+    worker = c.start_worker()
+    c.wait_for(lambda: any(c.archived(u) for u in c.users), 60, "no batch was archived")
+    worker.send_signal(signal.SIGTERM)  # the job at hand ends after its batch
+    assert worker.wait(timeout=60) == 0, c.log(0)
+    assert "Traceback" not in c.log(0)
+    assert c.query("SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing'")[0][0] == 0
+    left = sum(len(ids) for ids in expected.values()) - sum(len(c.archived(u)) for u in c.users)
+    assert left > 0, "the import ran to its end instead of stopping after its batch"
+    done = subprocess.run([sys.executable, "-m", "gwsync.cli", "--config", str(c.config_path), "sync"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    _check_once(c, expected)
+
+
 @pytest.mark.slow
 def test_a_killed_workers_jobs_run_again_on_the_other_and_nothing_is_doubled(company):
     """The accounts' interval is an hour: their mail comes in only if the killed worker's jobs
