@@ -7,8 +7,10 @@ of sync jobs and the tick is never stuck behind either:
   `lock` = the account (Procrastinate runs no two jobs of one lock at once) and `queueing_lock`
   = account and area (a second waiting job for the same is refused: the waiting one will see
   whatever the second was for). Inside, the Engine holds the account's PostgreSQL advisory lock
-  (PgAccountLocks) on a connection of its own, as `gwsync sync` does on any host; it asks that
-  session before every CRM commit whether it still holds the lock (the fence). Afterwards the
+  (PgAccountLocks) on a connection of its own, as `gwsync sync` does on any host (waiting
+  LOCK_WAIT seconds at most: busy, it is due again at the next tick); before each batch of mail
+  (each ends in its CRM commit, then the move) it asks that session whether it still holds the
+  lock, and stops if not (the fence). Afterwards the
   account's schedule row records the run: changes bring the account back to its interval, a
   run without changes doubles its wait up to [worker] max_backoff.
 - `gwsync.watch(shard, shards)` (queue "watch"): gwsync.mail.asyncwatch.watch_accounts over the
@@ -55,6 +57,7 @@ log = logging.getLogger("gwsync.worker")
 SYNC_QUEUE, WATCH_QUEUE, TICK_QUEUE = "sync", "watch", "tick"
 KEEP_JOBS_HOURS = 24  # finished jobs (and their events) are kept this long, for `procrastinate` inspection
 CLEAN_EVERY = 300  # seconds between two deletions of old jobs
+LOCK_WAIT = 5.0  # seconds a sync job waits for its account's advisory lock
 
 
 def shard_of(account: str, shards: int) -> int:
@@ -223,7 +226,11 @@ class Runtime:
             return {"skipped": True}
         interval = self.config.accounts[account].interval
         self.schedule.started(account, area)
-        report = self.engine().sync([account], only=[area], holder="worker", should_stop=self.stopping.is_set)
+        # A short wait for the account's lock: busy (a `gwsync sync` elsewhere, or a run of a
+        # worker thought dead that still holds it) is due again at the next tick; a worker slot
+        # is not blocked for the whole [state] lock_wait.
+        report = self.engine().sync([account], only=[area], holder="worker", should_stop=self.stopping.is_set,
+                                    lock_wait=min(self.config.state.lock_wait, LOCK_WAIT))
         result = report.accounts.get(account)
         changed = _changed(result)
         error = result.error if result is not None else None
@@ -386,7 +393,7 @@ async def _serve(runtime: Runtime, concurrency: int) -> None:
 
     app = make_app(runtime)
     settings = runtime.config.worker
-    heartbeat = max(0.5, settings.stalled_after / 3)
+    heartbeat = max(0.5, settings.stalled_after / 5)  # a few missed beats are not a death
     async with app.open_async():
         common: dict[str, Any] = {"install_signal_handlers": False, "additional_context": {"gwsync": runtime},
                                   "update_heartbeat_interval": heartbeat,

@@ -42,7 +42,7 @@ class Company:
         self.workers: list[subprocess.Popen] = []
         text = (f'[database]\nurl = "{pg_url}"\n\n[crm]\ndatabase = "{root}/crm.db"\n\n'
                 f'[state]\ndatabase = "{root}/state.db"\nlock_wait = {lock_wait}\n\n'
-                f"[worker]\ntick = 1\nstalled_after = 3\nmax_backoff = 2\n{worker}\n")
+                f"[worker]\ntick = 1\nstalled_after = 5\nmax_backoff = 2\n{worker}\n")
         for user in self.users:
             env_name = f"GWSYNC_TEST_PW_{user.upper()}"
             os.environ[env_name] = dovecot.password_for(user)
@@ -286,7 +286,7 @@ def test_sigterm_during_an_import_stops_between_batches_and_a_later_sync_finishe
 @pytest.mark.slow
 def test_a_killed_workers_jobs_run_again_on_the_other_and_nothing_is_doubled(company):
     """The accounts' interval is an hour: their mail comes in only if the killed worker's jobs
-    are queued again (by the other worker's tick, once the heartbeat is 3 s old)."""
+    are queued again (by the other worker's tick, once the heartbeat is 5 s old)."""
     c = company(4)
     expected = {user: c.append(user, 60) for user in c.users}
     first = c.start_worker("--concurrency", "4")
