@@ -20,8 +20,9 @@ of sync jobs and the tick is never stuck behind either:
 - `gwsync.tick` (queue "tick", Procrastinate periodic every [worker] tick seconds, once across
   all workers): in this order, re-queue the jobs of workers whose heartbeat stopped
   ([worker] stalled_after), queue a watcher job per shard, and defer a sync job for every
-  account and area whose `next_due` has come (claimed by pushing `next_due` on by its backoff
-  in the same statement, so two ticks never defer one twice). About every 5 minutes it deletes
+  account and area whose `next_due` has come (claimed by pushing `next_due` on by a lease of
+  twice stalled_after in the same statement, so two ticks never defer one twice, and a tick
+  killed before deferring leaves it due again after the lease; the job's end sets the backoff). About every 5 minutes it deletes
   finished jobs older than a day; a tick that succeeded is deleted at once.
 
 Scheduling state lives in table `gwsync_schedule` (account, area, last run, next due, backoff,
@@ -94,9 +95,11 @@ class Schedule:
         pg_upgrade(self.engine, "schedule", SCHEDULE_VERSION, "schedule database", label,
                    lambda conn: SCHEDULE.metadata.create_all(conn), [])
 
-    def claim_due(self, wanted: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+    def claim_due(self, wanted: dict[tuple[str, str], int], lease: int = 60) -> list[tuple[str, str]]:
         """The (account, area) pairs of `wanted` (pair -> interval) due now; each is pushed on
-        by its backoff in the same statement. New pairs are due at once."""
+        by `lease` seconds in the same statement, and its job's end sets the real next time. A
+        tick that died between claiming and deferring leaves its claims due again after the
+        lease, not after the backoff. New pairs are due at once."""
         from sqlalchemy.dialects.postgresql import insert
 
         from .storage.database import write
@@ -110,7 +113,7 @@ class Schedule:
             rows = conn.execute(
                 SCHEDULE.update()
                 .where(SCHEDULE.c.next_due <= sa.func.now())
-                .values(next_due=sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, SCHEDULE.c.backoff))
+                .values(next_due=sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, lease))
                 .returning(SCHEDULE.c.account, SCHEDULE.c.area)).all()
         return [(a, area) for a, area in rows if (a, area) in wanted]
 
@@ -292,7 +295,8 @@ class Runtime:
         shards = self.shards()
         for shard in range(shards):
             await self.defer_watch(shard, shards)
-        for account, area in await asyncio.to_thread(self.schedule.claim_due, self.due_wanted()):
+        lease = 2 * self.config.worker.stalled_after
+        for account, area in await asyncio.to_thread(self.schedule.claim_due, self.due_wanted(), lease):
             await self.defer_sync(account, area)
 
     # -- watcher job --

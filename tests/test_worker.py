@@ -357,3 +357,23 @@ def test_schedule_backs_off_idle_accounts_and_brings_back_one_with_changes(pg_ur
     assert rows[("b", "events")]["last_error"] == "x" and rows[("a", "mail")]["runs"] == 6
     assert rows[("a", "mail")]["last_changed"] is not None and rows[("b", "mail")]["last_changed"] is None
     engine.dispose()
+
+
+def test_claims_of_a_tick_that_died_before_deferring_are_due_again_after_the_lease(pg_url):
+    """A worker killed between claiming due accounts and deferring their jobs: the claims run
+    out after the lease (seconds), not after the accounts' interval (here an hour)."""
+    from gwsync.storage.database import postgres_engine
+    from gwsync.worker import Schedule
+
+    engine = postgres_engine(pg_url, "schedule database")
+    schedule = Schedule(engine, max_backoff=720)
+    schedule.create(pg_url)
+    wanted = {("a", "mail"): 3600, ("b", "mail"): 3600}
+    assert sorted(schedule.claim_due(wanted, lease=1)) == sorted(wanted)
+    assert schedule.claim_due(wanted, lease=1) == []
+    time.sleep(1.2)
+    assert sorted(schedule.claim_due(wanted, lease=1)) == sorted(wanted)
+    schedule.finished("a", "mail", 3600, changed=False, busy=False, error=None)  # a job ran: its backoff rules
+    time.sleep(1.2)
+    assert schedule.claim_due(wanted, lease=1) == [("b", "mail")]
+    engine.dispose()
