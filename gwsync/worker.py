@@ -22,8 +22,9 @@ of sync jobs and the tick is never stuck behind either:
   ([worker] stalled_after), queue a watcher job per shard, and defer a sync job for every
   account and area whose `next_due` has come (claimed by pushing `next_due` on by a lease of
   twice stalled_after in the same statement, so two ticks never defer one twice, and a tick
-  killed before deferring leaves it due again after the lease; the job's end sets the backoff). About every 5 minutes it deletes
-  finished jobs older than a day; a tick that succeeded is deleted at once.
+  killed before deferring leaves it due again after the lease; the job's end sets the backoff).
+  About every 5 minutes it deletes finished jobs older than a day; a tick that succeeded is
+  deleted at once.
 
 Scheduling state lives in table `gwsync_schedule` (account, area, last run, next due, backoff,
 last error). Procrastinate's own schema is applied at the worker's start when the database has
