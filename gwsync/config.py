@@ -548,6 +548,8 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     path: Path | None = field(default=None, init=False)  # the file it was loaded from
+    # The accounts of `accounts` that the database holds (gwsync.accounts); None: not loaded yet
+    database_accounts: tuple[str, ...] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.crm.link is None:
