@@ -7,6 +7,8 @@ default that follows other keys is marked `DERIVED` and filled in one place: the
 what needs the account's name ([sieve] from [imap]). Loading goes in this order:
 
 1. unknown keys: each table's keys against its dataclass, all of one table's named at once;
+   then [defaults] is checked on its own and written into each account's tables, key by key
+   (`_account_with_defaults`; README: Company deployment);
 2. `msgspec.convert` builds the dataclasses, checking types and ranges; each table's
    `__post_init__` then checks what spans keys (one password source, the link template) and
    fills its derived defaults; `Config.__post_init__` completes the accounts;
@@ -30,9 +32,10 @@ import subprocess
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import msgspec
 import platformdirs
@@ -48,6 +51,7 @@ Conflict = Literal["newest", "crm", "groupware"]
 DavAuth = Literal["password", "none"]
 MandatoryField = Literal["partner", "contact", "subject", "body"]
 Private = Literal["skip", "busy", "import"]
+MasterLogin = Literal["separator", "sasl", "none"]  # USER*MASTER, SASL PLAIN with USER as authzid, no master
 AREAS: tuple[str, ...] = typing.get_args(Area)
 SECURITY_MODES: tuple[str, ...] = typing.get_args(Security)
 CONFLICT_POLICIES: tuple[str, ...] = typing.get_args(Conflict)
@@ -57,6 +61,8 @@ DEFAULT_LINK = "http://127.0.0.1:8765/activities/{id}"
 DEFAULT_KINDS = {"TERMIN": "events", "BESPRECHUNG": "events", "AUFGABE": "tasks", "WIEDERVORLAGE": "tasks"}
 PASSWORD_SOURCES = ("password_command", "password_env", "password_keyring", "password")
 PASSWORD_KEYS_TEXT = "password_command, password_env, password_keyring or password"
+MASTER_KEYS = ("master_user", "master_separator", "master_login")
+SHARED = "defaults."  # the key path of a credential that [defaults] gives every account
 MAX_TIMEOUT = 3600  # seconds; a server silent for an hour is down, and sockets reject huge values
 MAX_INTERVAL = 86400  # seconds (one day); longer pauses are a job for a timer, not `watch`
 MAX_LOCK_WAIT = 86400  # seconds a run may wait for another run of the same account
@@ -117,6 +123,8 @@ Share = Annotated[float, Meta(gt=0, le=1), Says("must be above 0 and at most 1")
 Days = Annotated[int, Meta(ge=0, le=MAX_DAYS), Says(f"must be a number of days from 0 to {MAX_DAYS}, got {{value!r}}")]
 DavUrl = Annotated[str, Meta(pattern="^https?://"), Says("must start with https:// (or http:// for a local server)")]
 Address = Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]  # a mail address: local@domain.tld
+Email = Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"),
+                  Says("must be a mail address (name@example.com), got {value!r}")]
 WebUrl = Annotated[str, Meta(pattern="^https?://"), Says("must start with https:// or http://, got {value!r}")]
 
 
@@ -144,6 +152,11 @@ class Secret:
     @property
     def configured(self) -> bool:
         return any((self.command, self.env, self.keyring, self.inline is not None))
+
+    @property
+    def shared(self) -> bool:
+        """A credential of [defaults] (a master user, a service user): every account sends it."""
+        return self.where.startswith(SHARED)
 
     def resolve(self) -> str:
         if self.command:
@@ -238,8 +251,61 @@ class _Password:
             env=self.password_env, keyring=self.password_keyring, username=username, inline=self.password))
 
 
+class _Login:
+    """How a login names its user: as itself, or through a master user (Dovecot's master users,
+    README: Company deployment), who logs in with its own password as any user."""
+
+    username: str
+    master_user: str | None
+    master_separator: str | None
+    master_login: str
+
+    def login(self) -> tuple[str, str | None]:
+        """(authentication identity, authorization identity or None): what the login sends."""
+        if self.master_user is None or self.master_login == "none":
+            return self.username, None
+        if self.master_login == "sasl":  # SASL PLAIN: authzid USER, authcid MASTER, MASTER's password
+            return self.master_user, self.username
+        return f"{self.username}{self.master_separator}{self.master_user}", None
+
+    @property
+    def login_user(self) -> str:
+        """Whose password the login sends: the master user's, or the user's own."""
+        return self.master_user if self.master_user is not None and self.master_login != "none" else self.username
+
+    @property
+    def login_text(self) -> str:
+        """The login for messages: 'alice*gwsync', or 'alice' (SASL, as 'gwsync')."""
+        authcid, authzid = self.login()
+        return repr(authcid) if authzid is None else f"{authzid!r} (SASL PLAIN, authenticated as {authcid!r})"
+
+
 @dataclass(frozen=True, kw_only=True)
-class ImapConfig(_Password):
+class _MasterLogin(_Password, _Login):
+    """The keys of an IMAP login through a master user."""
+
+    master_user: Text | None = None  # logs in as the table's username with its own password
+    master_separator: Text | None = DERIVED  # between user and master: "*" (Dovecot's usual)
+    master_login: MasterLogin = DERIVED  # "separator" with a master_user, else "none"
+
+    def _check_master(self) -> None:
+        if self.master_login == "none" and self.master_user is not None:
+            raise _Wrong(": master_login = \"none\" logs in with the account's own password; remove master_user")
+        if self.master_user is None:
+            if self.master_login not in (None, "none"):
+                raise _Wrong(f': master_login = "{self.master_login}" needs master_user (the master user\'s name)')
+            if self.master_separator is not None:
+                raise _Wrong(": master_separator needs master_user (the master user's name)")
+        if self.master_login == "sasl" and self.master_separator is not None:
+            raise _Wrong('.master_separator: master_login = "sasl" sends no separator; remove it')
+        if self.master_login is None:
+            object.__setattr__(self, "master_login", "separator" if self.master_user is not None else "none")
+        if self.master_login == "separator" and self.master_separator is None:
+            object.__setattr__(self, "master_separator", "*")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImapConfig(_MasterLogin):
     host: Text
     username: Text
     port: Port = DERIVED  # 993 for tls, 143 for starttls and none
@@ -274,6 +340,7 @@ class ImapConfig(_Password):
             if parse_import_folder(last) is not None or parse_import_folder(archive.rsplit("/", 1)[-1]) is not None:
                 raise _Wrong(f".archive_folder {archive!r} looks like an import folder (CRM ... [X]); "
                              "choose a name without a [status] suffix")
+        self._check_master()
         self._check_password(required=True)
 
     def archive_in(self, root: str, separator: str | None) -> str:
@@ -312,10 +379,146 @@ class CaldavConfig(_Password):
         return self.events if area == "events" else self.tasks
 
 
+# -- [defaults]: what every account takes unless its own table says otherwise ----------------------
+
+def _defaults_of(table: type, base: type, leave_out: tuple[str, ...], check: typing.Callable, doc: str) -> type:
+    """A [defaults.X] table: the keys of `table` (each optional, checked alike) except the
+    per-user ones in `leave_out`; the credential keys come from `base`, checked by `check`."""
+    hints = typing.get_type_hints(table, include_extras=True)
+    inherited = {f.name for f in fields(base)}
+    keys = [(f.name, hints[f.name] | None, field(default=None)) for f in fields(table)
+            if f.init and f.name not in inherited and f.name not in leave_out]
+    return make_dataclass(table.__name__.replace("Config", "Defaults"), keys, bases=(base,), frozen=True,
+                          kw_only=True, namespace={"__post_init__": check, "__doc__": doc, "__module__": __name__})
+
+
+def _check_imap_defaults(self: Any) -> None:
+    self._check_master()
+    self._check_password(required=False)
+    if self.master_user is None and self._has_password:
+        raise _Wrong(': a password here is the master user\'s: set master_user (e.g. "gwsync"), or give each '
+                     "account its password in [accounts.NAME.imap]")
+    if self.master_user is not None and not self._has_password:
+        raise _Wrong(f": master_user {self.master_user!r} needs its password: set {PASSWORD_KEYS_TEXT}")
+    if self.master_user is not None:
+        self._name_secret("defaults.imap", self.master_user)
+
+
+def _check_caldav_defaults(self: Any) -> None:
+    self._check_password(required=False)
+    if self.url is not None:
+        _check_url_template(self.url)
+    if self.auth == "none" and self._has_password:
+        found = ", ".join(key for key in PASSWORD_SOURCES if getattr(self, key) is not None)
+        raise _Wrong(f': auth = "none" sends no password; remove {found}, or set auth = "password"')
+    if self._has_password and self.username is None:
+        raise _Wrong(": a password needs the service user's username")
+    if self.username is not None and self.auth != "none" and not self._has_password:
+        raise _Wrong(f": set {PASSWORD_KEYS_TEXT}")
+    if self._has_password:
+        self._name_secret("defaults.caldav", self.username)
+
+
+def _check_url_template(url: str) -> None:
+    """[defaults.caldav] url: {username} is the only field, and it must make an address."""
+    wrong = _Wrong(f".url {url!r} is not a template: write {{username}} for the account's username, "
+                   "{{ and }} for a brace")
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(url) if name is not None]
+    except ValueError as exc:
+        raise wrong from exc
+    for name in names:
+        if name != "username":
+            raise _Wrong(f".url {url!r} has the field {{{name}}}; only {{username}} (the account's username) "
+                         "is allowed")
+    try:
+        url.format(username="x")
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:  # a format spec or conversion
+        raise wrong from exc
+
+
+ImapDefaults = _defaults_of(
+    ImapConfig, _MasterLogin, ("username",), _check_imap_defaults,
+    """[defaults.imap]: the keys of [accounts.NAME.imap] but username; its credential is a master user's.""")
+CaldavDefaults = _defaults_of(
+    CaldavConfig, _Password, (), _check_caldav_defaults,
+    """[defaults.caldav]: the keys of [accounts.NAME.caldav]; url may hold {username}, username and the
+    password are a service user's, who may use every user's calendars.""")
+
+
 @dataclass(frozen=True, kw_only=True)
-class SieveConfig(_Password):
+class DefaultsConfig:
+    imap: ImapDefaults | None = None  # type: ignore[valid-type]
+    caldav: CaldavDefaults | None = None  # type: ignore[valid-type]
+
+
+IMAP_CREDENTIAL = (*MASTER_KEYS, *PASSWORD_SOURCES)
+CALDAV_CREDENTIAL = ("username", "auth", *PASSWORD_SOURCES)
+
+
+def _account_with_defaults(name: str, raw: Any, defaults: dict[str, Any]) -> Any:
+    """An account's table with [defaults] written into it, key by key: each server table its
+    areas need, or that it has, gets the defaults' keys it does not set itself. A table with a
+    credential of its own takes none of the defaults' credential keys. Wrong types are left for
+    msgspec to name."""
+    if not isinstance(raw, dict):
+        return raw
+    areas = raw.get("areas", ["mail"])
+    areas = {area for area in areas if isinstance(area, str)} if isinstance(areas, list) else set()
+    given = raw.get("username")
+    user = given if isinstance(given, str) and given.strip() else name
+    where = _join("accounts", name)
+    out = dict(raw)
+    for key, wanted, merge in (("imap", "mail" in areas, _imap_with_defaults),
+                               ("caldav", bool({"events", "tasks"} & areas), _caldav_with_defaults)):
+        table, default = raw.get(key), defaults.get(key)
+        if default is None or (table is None and not wanted):
+            if isinstance(table, dict) and "username" in raw:
+                out[key] = {"username": user} | table
+            continue
+        if isinstance(table, dict | None):
+            out[key] = merge(f"{where}.{key}", table or {}, default, user)
+    return out
+
+
+def _imap_with_defaults(where: str, table: dict, default: dict, user: str) -> dict:
+    own = any(key in table for key in (*PASSWORD_SOURCES, "master_user")) or table.get("master_login") == "none"
+    master = default.get("master_user")
+    if own and master is not None and "master_user" not in table and table.get("master_login") != "none":
+        key = next(key for key in PASSWORD_SOURCES if key in table)
+        raise ConfigError(f"{where}: {key} is a password for {user}, but [defaults.imap] master_user {master!r} "
+                          f"logs in for every account: remove {key} (the master user logs in), or set "
+                          'master_login = "none" to log in with the account\'s own password')
+    if not own and master is None:
+        raise ConfigError(f"{where}: set {PASSWORD_KEYS_TEXT} (or master_user and its password in [defaults.imap])")
+    base = {k: v for k, v in default.items() if not (own and k in IMAP_CREDENTIAL)}
+    return {"username": user} | base | table
+
+
+def _caldav_with_defaults(where: str, table: dict, default: dict, user: str) -> dict:
+    own = any(key in table for key in PASSWORD_SOURCES) or table.get("auth") == "none"
+    service = default.get("username")
+    if "username" in table and not own and service is not None:
+        raise ConfigError(f"{where}: username {table['username']!r} has no password of its own; set one, or "
+                          f"leave username out to log in as the service user {service!r}")
+    base = {k: v for k, v in default.items() if not (own and k in CALDAV_CREDENTIAL)}
+    merged = base | table
+    if own or service is None:
+        merged.setdefault("username", user)
+    template = default.get("url")
+    if "url" not in table and template is not None:
+        if "{username}" not in template:
+            raise ConfigError(f"{where}: [defaults.caldav] url {template!r} has no {{username}}, so every account "
+                              f"would use one calendar home: put {{username}} in it, or set url in [{where}]")
+        merged["url"] = template.format(username=quote(user, safe="@"))
+    return merged
+
+
+@dataclass(frozen=True, kw_only=True)
+class SieveConfig(_Password, _Login):
     """[accounts.X.sieve]: server-side rules. Everything but the port defaults to [imap]'s
-    (AccountConfig._complete fills it in), the password too unless the table names its own."""
+    (AccountConfig._complete fills it in), the password too unless the table names its own; with
+    [imap]'s password goes its master user (Dovecot's master users log in to ManageSieve alike)."""
 
     host: Text = DERIVED
     port: Port = 4190
@@ -323,6 +526,9 @@ class SieveConfig(_Password):
     username: Text = DERIVED
     verify: bool = DERIVED
     ca_file: Text | None = DERIVED
+    master_user: str | None = field(default=None, init=False)  # [imap]'s, with its password
+    master_separator: str | None = field(default=None, init=False)
+    master_login: str = field(default="none", init=False)
 
     @property
     def starttls(self) -> bool:
@@ -336,6 +542,9 @@ class SieveConfig(_Password):
         if self.host is None or self.username is None:
             raise _Wrong(f"{where}: set host and username (there is no [imap] table to take them from)")
         self._check_password(required=imap is None, at=where)
+        if imap is not None and not self._has_password:
+            for key in MASTER_KEYS:
+                object.__setattr__(self, key, getattr(imap, key))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -354,6 +563,10 @@ class AccountConfig:
     # IMAP username if it is an address, else none. Lower-cased by _complete.
     addresses: Annotated[tuple[Address, ...],
                          Says(each="must be a list of mail addresses (name@example.com), got {value!r}")] = DERIVED
+    # The user's name on the servers (default: the account's name): the login through [defaults]'
+    # master user, and {username} in [defaults.caldav] url. An [imap] username of its own wins.
+    username: Text | None = None
+    email: Email | None = None  # the employee's mail address: one of `addresses`
     name: str = field(default="", init=False)  # the key in [accounts], set by Config
 
     def __post_init__(self) -> None:
@@ -362,15 +575,18 @@ class AccountConfig:
                 raise _Wrong(f".areas lists {area!r} twice")
         _check_command("notify_command", self.notify_command)
 
-    def _complete(self, name: str) -> None:
+    def _complete(self, name: str, defaults: DefaultsConfig | None = None) -> None:
         """What needs the account's name: the tables its areas need, [sieve] from [imap], and
-        where each password comes from (for messages about it)."""
+        where each password comes from (for messages about it): a table that sends [defaults]'
+        credential (the same user and password keys) shares its Secret, and so its lock."""
         where = _join("accounts", name)
+        defaults = defaults or DefaultsConfig()
         object.__setattr__(self, "name", name)
         if self.addresses is None:
-            username = self.imap.username if self.imap is not None else ""
+            username = self.imap.username if self.imap is not None and self.email is None else ""
             object.__setattr__(self, "addresses", (username,) if re.fullmatch(r"[^@\s]+@[^@\s]+", username) else ())
-        object.__setattr__(self, "addresses", tuple(dict.fromkeys(a.strip().lower() for a in self.addresses)))
+        own = self.addresses + ((self.email,) if self.email else ())
+        object.__setattr__(self, "addresses", tuple(dict.fromkeys(a.strip().lower() for a in own)))
         for area in self.areas:
             table = "imap" if area == "mail" else "caldav"
             if getattr(self, table) is None:
@@ -380,10 +596,22 @@ class AccountConfig:
             sieve._borrow(self.imap, f"{where}.sieve")
             object.__setattr__(self, "sieve", sieve)
         for key, server in (("imap", self.imap), ("caldav", self.caldav), ("sieve", self.sieve)):
-            if server is not None:
-                server._name_secret(f"{where}.{key}", server.username)
+            if server is None:
+                continue
+            shared = getattr(defaults, key, None)
+            if shared is not None and shared.secret is not None and _credential(server) == _credential(shared):
+                object.__setattr__(server, "secret", shared.secret)
+            else:
+                server._name_secret(f"{where}.{key}", server.username if isinstance(server, CaldavConfig)
+                                    else server.login_user)
         if self.sieve is not None and self.imap is not None and not self.sieve._has_password:
             object.__setattr__(self.sieve, "secret", self.imap.secret)
+
+
+def _credential(table: Any) -> tuple:
+    """What makes a table's credential: who logs in (the master or service user) and the password keys."""
+    user = table.master_user if hasattr(table, "master_user") else table.username
+    return (user, *(getattr(table, key) for key in PASSWORD_SOURCES))
 
 
 def _check_link(link: str) -> None:
@@ -545,9 +773,12 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     database: DatabaseConfig | None = None  # None: the embedded SQLite files
     accounts: dict[str, AccountConfig] = field(default_factory=dict)
+    defaults: DefaultsConfig = field(default_factory=DefaultsConfig)  # what every account takes
     sync: SyncConfig = field(default_factory=SyncConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     path: Path | None = field(default=None, init=False)  # the file it was loaded from
+    # [defaults] as written, to make accounts from records (account_from_record)
+    raw_defaults: dict[str, Any] = field(default_factory=dict, init=False)
     # The accounts of `accounts` that the database holds (gwsync.accounts); None: not loaded yet
     database_accounts: tuple[str, ...] | None = field(default=None, init=False)
 
@@ -557,7 +788,7 @@ class Config:
         for name, account in self.accounts.items():
             if not name.strip():
                 raise _Wrong(f"accounts: {name!r} is not a usable account name")
-            account._complete(name)
+            account._complete(name, self.defaults)
         for name in self.serve.users:
             if name not in self.accounts:
                 known = ", ".join(sorted(self.accounts)) or "none"
@@ -582,17 +813,44 @@ class Config:
             known = ", ".join(sorted(self.accounts)) or "none"
             raise ConfigError(f"no account {name!r} in the config (known: {known})") from exc
 
+    def account_from_record(self, name: str, username: str | None = None, email: str | None = None,
+                            areas: tuple[str, ...] | list[str] = ("mail",)) -> AccountConfig:
+        """A full account from a record of name, username, email and areas (accounts kept in a
+        database) and this config's [defaults], checked as `[accounts.NAME]` with those keys
+        would be; a ConfigError names accounts.NAME and the key."""
+        record: dict[str, Any] = {"areas": list(areas)}
+        if username is not None:
+            record["username"] = username
+        if email is not None:
+            record["email"] = email
+        config = _convert({"defaults": self.raw_defaults,
+                           "accounts": {name: _account_with_defaults(name, record, self.raw_defaults)}})
+        return config.accounts[name]
+
 
 # -- loading: unknown keys, then msgspec, then its error in our words ----------------------------
 
 def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
+    """[defaults] is checked first, on its own (its mistakes are named there, not in the accounts
+    that take it), then written into the accounts' tables (_account_with_defaults)."""
     _reject_unknown_keys(data, Config, "")
+    defaults = data.get("defaults") or {}
+    if defaults:
+        _convert({"defaults": defaults})
+    if isinstance(data.get("accounts"), dict):
+        data = data | {"accounts": {name: _account_with_defaults(name, raw, defaults)
+                                    for name, raw in data["accounts"].items()}}
+    config = _convert(data)
+    object.__setattr__(config, "path", path)
+    object.__setattr__(config, "raw_defaults", defaults)
+    return config
+
+
+def _convert(data: dict[str, Any]) -> Config:
     try:
-        config = msgspec.convert(data, Config, strict=True, dec_hook=_decode)
+        return msgspec.convert(data, Config, strict=True, dec_hook=_decode)
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(str(exc), data)) from None
-    object.__setattr__(config, "path", path)
-    return config
 
 
 def load_config(path: Path | None = None) -> Config:

@@ -10,7 +10,9 @@ sync: every account shares the databases and the document store, so the accounts
 not synced. The report keeps what was done before it, and its `stopped` names the fault.
 
 A refused login on any service locks the credential it sent (see `credential`): no service
-that sends the same credential logs in again until `unlock`. Front-ends (the CLI, review,
+that sends the same credential logs in again until `unlock`. A credential of [defaults] (a master
+user, a CalDAV service user) is every account's: its lock is recorded under its own name
+("defaults.imap") and stops every account's logins at once. Front-ends (the CLI, review,
 watch, the web view, the demo) use only the Engine's public methods, never its stores.
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -273,6 +275,14 @@ class Engine:
         # Passwords read during one run (None outside runs): a password command runs once per run,
         # not once for the check, once per login and once per retry.
         self._passwords: dict[Secret, str] | None = None
+        # Held around each IMAP login; `watch` makes it a lock shared with its IDLE threads, so
+        # that no two logins with one credential (a master user's) are in flight at once, and
+        # `before_login` its hook that locks what those threads were refused before the check.
+        self.login_gate: AbstractContextManager = nullcontext()
+        self.before_login: Callable[[], None] = lambda: None
+        # The credentials this process locked (or saw refused): what `watch`'s IDLE threads check,
+        # as they do not read the state database. The main thread's logins read the database.
+        self.refused: set[str] = set()
 
     def close(self) -> None:
         self.crm.close()
@@ -298,25 +308,55 @@ class Engine:
         return {"imap": account.imap, "caldav": account.caldav, "sieve": account.sieve}[service]
 
     def credential(self, account: AccountConfig, service: str) -> str:
-        """The key of the credential a login to `service` sends: the user name, the server's
-        host and where the password comes from, e.g. "alice@mail.example.com
-        (accounts.alice.imap)". ManageSieve borrowing IMAP's host, user and password sends the
-        same credential as IMAP, so a lock on either stops both."""
+        """The key of the credential a login to `service` sends: the user whose password it is
+        (a master user's for a login through it), the server's host and where the password comes
+        from, e.g. "alice@mail.example.com (accounts.alice.imap)" or "gwsync@mail.example.com
+        (defaults.imap)" for every account of a master user. ManageSieve borrowing IMAP's host,
+        user and password sends the same credential as IMAP, so a lock on either stops both."""
         cfg = self._server(account, service)
         if cfg is None:
             raise ConfigError(f"account {account.name} has no [accounts.{account.name}.{service}] table")
         host = urlsplit(cfg.url).hostname if service == "caldav" else cfg.host
-        return f"{cfg.username}@{(host or '').lower()} ({cfg.secret.where})"
+        user = cfg.username if service == "caldav" else cfg.login_user
+        return f"{user}@{(host or '').lower()} ({cfg.secret.where})"
+
+    def credential_name(self, account: AccountConfig, service: str) -> str:
+        """Whose lock a refusal of this credential is, and what `gwsync unlock` takes to clear
+        it: the account's name, or a shared credential's table ("defaults.imap")."""
+        cfg = self._server(account, service)
+        return cfg.secret.where if cfg is not None and cfg.secret.shared else account.name
+
+    def _acting_key(self, account: AccountConfig, service: str) -> str:
+        """The key of a shared credential's login as this account's user: what a refusal to act
+        for the user (AUTHORIZATIONFAILED) locks, e.g. "alice by gwsync@mail.example.com (defaults.imap)"."""
+        return f"{self._server(account, service).username} by {self.credential(account, service)}"
+
+    def _refused_text(self, account: AccountConfig, service: str, lock: dict | None = None) -> str:
+        name = self.credential_name(account, service)
+        if name == account.name:
+            return f"fix the password, then run `gwsync unlock {name}`"
+        if lock is not None and lock.get("credential") == self._acting_key(account, service):
+            return f"fix [accounts.{account.name}] username or the user on the server, then run " \
+                   f"`gwsync unlock {account.name}`"
+        return f"the credential is [{name}]'s, which every account uses: fix its password there, then run " \
+               f"`gwsync unlock {name}`"
 
     def _lock_of(self, account: AccountConfig, service: str) -> dict | None:
         key = self.credential(account, service)
         users = [(account.name, s) for s in SERVICE_NAMES
                  if self._server(account, s) is not None and self.credential(account, s) == key]
-        return self.state.lock_of(key, users)
+        lock = self.state.lock_of(key, users)
+        if lock is None and self._server(account, service).secret.shared:
+            lock = self.state.lock_of(self._acting_key(account, service))
+        return lock
 
     def is_locked(self, account: AccountConfig, service: str) -> bool:
         """Whether the credential a login to `service` would send is locked."""
         return self._lock_of(account, service) is not None
+
+    def forget_unlocked(self) -> None:
+        """Drop from `refused` what is no longer locked (an unlock by another process)."""
+        self.refused = {key for key in self.refused if self.state.lock_of(key) is not None}
 
     def check_lock(self, account: AccountConfig, service: str) -> None:
         """Raise CredentialLocked (exit 3) when the credential a login to `service` would send
@@ -325,16 +365,26 @@ class Engine:
         if lock:
             raise CredentialLocked(
                 f"account {account.name}: the {SERVICE_NAMES.get(lock['service'], lock['service'])} login was "
-                f"refused at {lock['locked_at']}, so gwsync does not try it again; fix the password, then run "
-                f"`gwsync unlock {account.name}`")
+                f"refused at {lock['locked_at']}, so gwsync does not try it again; "
+                f"{self._refused_text(account, service, lock)}")
 
     def lock_refused(self, account: AccountConfig, service: str, exc: LoginRefused) -> LoginRefused:
-        """Lock the credential a refused login sent; returns the error to show, which says so."""
+        """Lock the credential a refused login sent; returns the error to show, which says so.
+        A shared credential that may not act for this account's user (the server answered
+        AUTHORIZATIONFAILED: its password was right) locks only this account's use of it."""
         if exc.locked:
             return exc
-        self.state.lock(account.name, service, str(exc), self.credential(account, service))
-        out = exc.reworded(f"account {account.name}: {exc}; the credential is now locked so that the server does "
-                           f"not block the account: fix the password, then run `gwsync unlock {account.name}`")
+        if exc.authorization and self._server(account, service).secret.shared:
+            name, key = account.name, self._acting_key(account, service)
+            why = "this account is now locked so that the server's penalty for refused logins does not slow " \
+                  "the others"
+        else:
+            name, key = self.credential_name(account, service), self.credential(account, service)
+            why = "the credential is now locked so that the server does not block the account"
+        self.state.lock(name, service, str(exc), key)
+        self.refused.add(key)
+        out = exc.reworded(f"account {account.name}: {exc}; {why}: "
+                           f"{self._refused_text(account, service, {'credential': key})}")
         out.locked = True
         return out
 
@@ -361,17 +411,29 @@ class Engine:
         return self.state.locks()
 
     def unlock(self, account: str) -> list[str]:
-        """Clear the account's credential locks, after the password was fixed; returns the
-        services whose login had been refused."""
-        return self.state.unlock(account)
+        """Clear the credential locks of an account, or of a shared credential by its name
+        ("defaults.imap"), after the password was fixed; returns the services whose login had
+        been refused. An account's shared credentials are cleared with it (the one they are
+        shared with: "imap (defaults.imap)")."""
+        services = self.state.unlock(account)
+        self.refused.clear()  # what this process saw refused: the next login tells again
+        if account in self.config.accounts:
+            config = self.config.accounts[account]
+            shared = {self.credential_name(config, s) for s in SERVICE_NAMES if self._server(config, s) is not None}
+            for name in sorted(shared - {account}):
+                services += [f"{service} ({name})" for service in self.state.unlock(name)]
+        return services
 
     def connect_imap(self, account: AccountConfig) -> ImapSession:
         """Log in, unless the credential is locked; a refused login locks it (one attempt only)."""
         imap = _imap(account)
         self.check_lock(account, "imap")
         password = self._password(imap.secret)
-        with self._locking(account, "imap"):
-            return ImapSession.connect(imap, password)
+        with self.login_gate:
+            self.before_login()
+            self.check_lock(account, "imap")  # another thread's login may have been refused meanwhile
+            with self._locking(account, "imap"):
+                return ImapSession.connect(imap, password)
 
     def import_folders(self, account: AccountConfig) -> list[ImportFolder]:
         """The account's import folders on the server (one login)."""
@@ -767,10 +829,12 @@ class Engine:
             raise ConfigError(f"account {account.name} has no [accounts.{account.name}.sieve] or imap table")
         self.check_lock(account, "sieve")
         password = self._password(cfg.secret)
+        authcid, authzid = cfg.login()  # through [imap]'s master user, when it borrows its password
         with self._naming(account):
             with self._locking(account, "sieve"):
-                rules = SieveRules(cfg.host, cfg.port, cfg.username, password, cfg.starttls,
-                                   tls=tls_context(cfg.verify, cfg.ca_file))
+                rules = SieveRules(cfg.host, cfg.port, authcid, password, cfg.starttls,
+                                   tls=tls_context(cfg.verify, cfg.ca_file), authz=authzid or "",
+                                   acting_for=cfg.username if cfg.login_user != cfg.username else None)
             with rules:
                 yield rules
 
@@ -1001,7 +1065,17 @@ class Engine:
                 "held": sum(1 for h in held if h.account == name),
                 "failed": sum(1 for f in failed if f.account == name),
                 "locked": [{"service": l["service"], "credential": l.get("credential"), "since": l["locked_at"],
-                            "reason": l["reason"]} for l in locks if l["account"] == name],
+                            "reason": l["reason"], "unlock": l["account"]}
+                           for l in locks if l["account"] == name or l in self._shared_locks(name, locks)],
             }
         return out
+
+    def _shared_locks(self, name: str, locks: list[dict]) -> list[dict]:
+        """The locks on shared credentials ([defaults]) that the account `name` sends."""
+        account = self.config.accounts.get(name)
+        if account is None:
+            return []
+        sent = {self.credential(account, s) for s in SERVICE_NAMES
+                if self._server(account, s) is not None and self._server(account, s).secret.shared}
+        return [lock for lock in locks if lock["account"] != name and lock.get("credential") in sent]
 

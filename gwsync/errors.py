@@ -110,6 +110,9 @@ class LoginRefused(ServiceError):
 
     exit_code = EXIT_LOCKED
     locked = False  # True once the engine has locked the credential (and said so in the message)
+    # True: the credential was right, but it may not act for this user (a master user's login
+    # answered AUTHORIZATIONFAILED): the account is locked, not the credential every account sends.
+    authorization = False
 
 
 class CredentialLocked(GwsyncError):

@@ -63,3 +63,66 @@ class CalWorld:
         """href -> mapped fields of every item on the server."""
         return {href: read_item(item.data, "E", "O", store=self.crm.store_id()).fields
                 for href, item in self.coll.items().items()}
+
+
+def meeting(uid: str, summary: str, organizer: str = "alice@firma.example", extra: str = "") -> str:
+    """An invitation as both calendars store it: alice organizes, bob attends."""
+    return event(uid, summary, f"ORGANIZER:mailto:{organizer}\r\nATTENDEE:mailto:bob@firma.example\r\n{extra}")
+
+
+class TeamWorld:
+    """Two accounts, alice and bob, on one CRM (MemoryCRM) and one state database, each with
+    their own events and tasks collections (MemoryCollection); `shared` gives bob alice's
+    events collection (a team calendar both sync)."""
+
+    NAMES = ("alice", "bob")
+
+    def __init__(self, directory: Path, shared: bool = False, conflict: str = "crm", sync: dict | None = None):
+        from gwsync.testing import MemoryCRM
+
+        statuses = {"O": "Offen", "E": "Erledigt", "S": "Storniert"}
+        self.config = parse_config({
+            "crm": {"database": str(directory / "crm.db"), "link": LINK, "statuses": statuses},
+            "state": {"database": str(directory / "state.db")},
+            "sync": {"conflict": conflict, **(sync or {})},
+            "accounts": {name: {"areas": ["events", "tasks"], "addresses": [f"{name}@firma.example"], "caldav": {
+                "url": "http://memory.invalid/", "username": name, "password": "unused"}} for name in self.NAMES},
+        })
+        self.crm = MemoryCRM(statuses, LINK)
+        self.state = StateStore(self.config.state_database)
+        self.colls = {(name, area): MemoryCollection(f"http://memory.invalid/{name}/{area}/")
+                      for name in self.NAMES for area in ("events", "tasks")}
+        if shared:
+            self.colls["bob", "events"] = self.colls["alice", "events"]
+
+    def close(self) -> None:
+        self.state.close()
+
+    def coll(self, name: str, area: str = "events") -> MemoryCollection:
+        return self.colls[name, area]
+
+    def calsync(self, name: str, area: str = "events", **kw) -> CalendarSync:
+        return CalendarSync(self.config, self.config.account(name), area, self.crm, self.state,
+                            self.coll(name, area), **kw)
+
+    def sync(self, name: str, area: str = "events", **kw) -> CalendarResult:
+        return self.calsync(name, area, **kw).run()
+
+    def sync_all(self, **kw) -> dict[tuple[str, str], CalendarResult]:
+        """One `gwsync sync`: alice's areas, then bob's."""
+        return {(name, area): self.sync(name, area, **kw) for name in self.NAMES for area in ("events", "tasks")}
+
+    def activities(self) -> dict[int, object]:
+        return {a.id: a for a in self.crm.list_activities(ActivityFilter())}
+
+    def fields(self, name: str, area: str = "events") -> dict[str, dict]:
+        """href -> mapped fields of every item in the account's collection."""
+        return {href: read_item(item.data, "E", "O", store=self.crm.store_id(), cancelled_status="S").fields
+                for href, item in self.coll(name, area).items().items()}
+
+
+def todo(uid: str, summary: str, extra: str = "") -> str:
+    """A task as a phone writes it."""
+    return (f"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//Phone//EN\r\nBEGIN:VTODO\r\nUID:{uid}\r\n"
+            f"DTSTAMP:20261120T100000Z\r\nDUE;VALUE=DATE:20261205\r\nSUMMARY:{summary}\r\n{extra}"
+            "END:VTODO\r\nEND:VCALENDAR\r\n")

@@ -115,7 +115,7 @@ def test_a_second_sync_with_no_changes_does_nothing_and_costs_one_request_per_co
     for area in AREAS:
         assert {k: v for k, v in out[area].items() if k not in ("conflict_details", "requests")} == {
             "created_crm": 0, "updated_crm": 0, "deleted_crm": 0, "created_groupware": 0,
-            "updated_groupware": 0, "deleted_groupware": 0, "conflicts": 0}
+            "updated_groupware": 0, "deleted_groupware": 0, "conflicts": 0, "unlinked": 0}
         assert out[area]["requests"] == 1, (area, out[area]["requests"])
     assert cal.dav_items("events") | cal.dav_items("tasks") == before  # no write: same ETags
 

@@ -130,7 +130,12 @@ def test_the_mass_deletion_guard_runs_on_the_plan(world):
     result = world.sync()
     assert "would delete 3 of 4" in result.errors[0] and snapshot(world)[1:3] == before
     result = world.sync(force=True)
-    assert result.errors == [] and result.counts["deleted_crm"] == 3 and len(world.activities()) == 1
+    # The phone's items A and B take their activities along; C, made in the CRM, stays there,
+    # taken out of the calendar (a deletion never destroys what the deleted copy did not create).
+    assert result.errors == [] and result.counts["deleted_crm"] == 2 and result.counts["unlinked"] == 1
+    assert sorted(a.subject for a in world.activities().values()) == ["C", "D"]
+    assert [f["subject"] for f in world.server_fields().values()] == ["D"]
+    assert world.calsync().plan().actions == ()  # and C is not put back
 
 
 def test_a_412_during_apply_plans_that_pair_again_and_loses_neither_edit(world):

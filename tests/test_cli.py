@@ -94,6 +94,8 @@ def test_demo_runs_on_the_builtin_server_with_nothing_but_the_package():
             in proc.stdout)
     assert "calendar requests: 2 (one per collection" in proc.stdout
     assert "web view (gwsync serve): the event's link opens the activity page 'Jahresgespräch ACME'" in proc.stdout
+    assert ("the same meeting is in bob's calendar too: 1 activity" in proc.stdout
+            and "participants demo, bob; 0 new from bob's copy; its CRM link is the same" in proc.stdout)
 
 
 def test_demo_runs_on_dovecot():

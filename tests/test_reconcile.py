@@ -96,7 +96,9 @@ def set_prop(text: str, field: str, value: str) -> str:
 class CalendarSyncMachine(RuleBasedStateMachine):
     """The CRM and the server edited, deleted and created on at random, the server rewriting
     ETags; `sync` runs the real CalendarSync. After a clean sync: activities and items pair up
-    one to one through the links with equal fields, a second sync plans nothing, and no edit
+    one to one through the links with equal fields (but for activities made in the CRM whose
+    item was deleted on the server: they stay, taken out of the calendar, with no item), an
+    activity made in the CRM is gone only when deleted there, a second sync plans nothing, and no edit
     made since the last clean sync is lost unless the other side edited that field too. Syncs
     with a 412 race or a failure part way are followed by a clean one, which must get there
     just the same (no twins, nothing lost)."""
@@ -110,6 +112,7 @@ class CalendarSyncMachine(RuleBasedStateMachine):
         self.gw_edits: dict[tuple[str, str], str] = {}  # (href, field) -> value
         self.synced_crm: dict[int, dict] = {}  # the fields as the last clean sync left them
         self.synced_gw: dict[str, dict] = {}
+        self.made_in_crm: set[int] = set()  # activity ids created in the CRM and not deleted there
 
     def teardown(self):
         self.world.close()
@@ -127,7 +130,7 @@ class CalendarSyncMachine(RuleBasedStateMachine):
     @rule(value=values)
     def create_in_crm(self, value):
         self.n += 1
-        self.world.add(value, key=f"crm:{self.n}")
+        self.made_in_crm.add(self.world.add(value, key=f"crm:{self.n}"))
 
     @rule(value=values)
     def create_on_server(self, value):
@@ -161,6 +164,7 @@ class CalendarSyncMachine(RuleBasedStateMachine):
     def delete_in_crm(self, data):
         activity_id = self._activity(data)
         self.world.crm.delete_activity(activity_id)
+        self.made_in_crm.discard(activity_id)
         self.crm_edits = {k: v for k, v in self.crm_edits.items() if k[0] != activity_id}  # superseded
 
     @precondition(lambda self: self.world.coll.items())
@@ -211,8 +215,14 @@ class CalendarSyncMachine(RuleBasedStateMachine):
         assert result.errors == [], result.errors
         activities, items = world.activities(), world.server_fields()
         links = world.state.links("alice", "events")
-        # one to one, with equal fields
-        assert sorted(l.activity_id for l in links) == sorted(activities), "an activity without its item"
+        # a deletion on the server never destroys what its item did not create
+        assert self.made_in_crm <= set(activities), "an activity made in the CRM was deleted by a sync"
+        # one to one, with equal fields; taken out of the calendar: no link, no item
+        taken_out = {i for i, included in world.state.memberships("alice", "events").items()
+                     if not included and i in activities}
+        assert taken_out <= self.made_in_crm, "only a CRM activity is taken out when its item goes"
+        held = sorted(i for i in activities if i not in taken_out)
+        assert sorted(l.activity_id for l in links) == held, "an activity without its item"
         assert sorted(l.href for l in links) == sorted(items), "an item without its activity"
         for link in links:
             crm = activities[link.activity_id].calendar_fields()

@@ -14,6 +14,9 @@ gwsync's own properties (X-GWSYNC-KIND, -STATUS, -ACTIVITY-ID, -ACTIVITY-UUID) a
 on an item this CRM store linked or wrote (X-GWSYNC-STORE): anyone can type them into an item.
 A kind is never taken from an item of the other component (an event never becomes a task kind).
 
+An event's STATUS:CANCELLED is part of the status mapping: read as `[crm] cancelled_status`,
+written for it; another status removes STATUS:CANCELLED and leaves any other STATUS alone.
+
 Attendees: ORGANIZER and ATTENDEE are read into `ItemData.people` (addresses lower case, CN as
 name); the merged field "attendees" holds the addresses of all but the organizer, sorted
 (`gwsync.crm.attendee_addresses`). Writing it rewrites the ATTENDEE lines: an attendee already
@@ -123,6 +126,11 @@ class ItemData:
     last: date | None = None  # the day its last occurrence ends; None: undated or open-ended
     people: list[Attendee] = field(default_factory=list)  # ORGANIZER (first) and ATTENDEEs, unresolved
 
+    @property
+    def organizer(self) -> str | None:
+        """The ORGANIZER's address, if the item names one."""
+        return next((p.email for p in self.people if p.organizer), None)
+
     def has_link(self, link: Link) -> bool:
         """True when the item already carries exactly this link (no write-back needed)."""
         lines = [line for line in self.description.replace("\r\n", "\n").split("\n") if _LINK_LINE.match(line)]
@@ -184,10 +192,11 @@ def _people(comp) -> list[Attendee]:
 
 
 def read_item(text: str, done_status: str, open_status: str, trusted: bool = True, store: str | None = None,
-              kinds: Mapping[str, str] | None = None) -> ItemData:
+              kinds: Mapping[str, str] | None = None, cancelled_status: str | None = None) -> ItemData:
     """Parse an item. gwsync's own properties count when `trusted` (an item this store linked)
     or when the item carries this `store`'s identity. `kinds` (kind -> "events" or "tasks", as
-    in [crm.kinds]) refuses a kind of the other component's area."""
+    in [crm.kinds]) refuses a kind of the other component's area. An event with
+    STATUS:CANCELLED gets `cancelled_status`, when given."""
     import icalendar
 
     try:
@@ -221,6 +230,10 @@ def read_item(text: str, done_status: str, open_status: str, trusted: bool = Tru
             status = done_status
         elif is_todo and recorded == done_status:
             status = open_status  # completed in the CRM, reopened on the device
+        elif not is_todo and cancelled_status and str(comp.get("STATUS", "")).upper() == "CANCELLED":
+            status = cancelled_status  # the organizer cancelled it
+        elif not is_todo and recorded == cancelled_status and cancelled_status:
+            status = open_status  # cancelled in the CRM, STATUS:CANCELLED taken out on the device
         else:
             status = recorded or open_status
         rrule = comp.get("RRULE")
@@ -341,7 +354,8 @@ def link_is_current(text: str, link: Link) -> bool:
 
 
 def _props_for(fields: dict, changed: set[str], component: str, done_status: str,
-               link: Link | None, include_link: bool) -> tuple[dict[str, list], set[str]]:
+               link: Link | None, include_link: bool,
+               cancelled_status: str | None = None) -> tuple[dict[str, list], set[str]]:
     """Property name -> new values (empty list: remove), and the time zones they need."""
     props: dict[str, list] = {}
     zones: set[str] = set()
@@ -380,6 +394,9 @@ def _props_for(fields: dict, changed: set[str], component: str, done_status: str
             props["STATUS"] = ["COMPLETED" if done else "NEEDS-ACTION"]
             props["PERCENT-COMPLETE"] = [100] if done else []
             props["COMPLETED"] = [datetime.now(UTC).replace(microsecond=0)] if done else []
+        elif cancelled_status:
+            # [] removes STATUS:CANCELLED; update_item keeps any other STATUS the item has
+            props["STATUS"] = ["CANCELLED"] if fields.get("status") == cancelled_status else []
     if "kind" in changed:
         props[KIND_PROP] = [fields["kind"]] if fields.get("kind") else []
     if "rrule" in changed:
@@ -510,14 +527,16 @@ def _people_lines(entries: list[_Entry], own: set[int], fields: dict, people: li
 
 
 def new_item(uid: str, component: str, fields: dict, done_status: str, link: Link | None,
-             alarm: bool = False, people: list[Attendee] | None = None, organizer: Attendee | None = None) -> str:
+             alarm: bool = False, people: list[Attendee] | None = None, organizer: Attendee | None = None,
+             cancelled_status: str | None = None) -> str:
     """A whole new VCALENDAR for an activity. With attendees (the field "attendees", named as in
     `people`) it gets their ATTENDEE lines and `organizer` as ORGANIZER."""
     lines = ["BEGIN:VCALENDAR", "VERSION:2.0", f"PRODID:{PRODID}", f"BEGIN:{component}"]
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     lines += [f"UID:{_escape_uid(uid)}", f"DTSTAMP:{stamp}"]
     changed = set(FIELDS)
-    props, zones = _props_for(fields, changed, component, done_status, link, include_link=link is not None)
+    props, zones = _props_for(fields, changed, component, done_status, link, include_link=link is not None,
+                              cancelled_status=cancelled_status)
     if component == TODO and fields.get("status") != done_status:
         props["STATUS"] = ["NEEDS-ACTION"]
         props["PERCENT-COMPLETE"], props["COMPLETED"] = [], []
@@ -538,7 +557,8 @@ def new_item(uid: str, component: str, fields: dict, done_status: str, link: Lin
 
 def update_item(text: str, fields: dict, changed: set[str], done_status: str, link: Link | None,
                 include_link: bool = False, people: list[Attendee] | None = None,
-                organizer: Attendee | None = None) -> str:
+                organizer: Attendee | None = None,
+                cancelled_status: str | None = None) -> str:
     """The item's text with the changed fields (and, if asked, the link) rewritten in place;
     attendees as the module doc says (`people` and `organizer` as for new_item)."""
     newline = "\r\n" if "\r\n" in text else "\n"
@@ -548,8 +568,12 @@ def update_item(text: str, fields: dict, changed: set[str], done_status: str, li
     if master is None:
         raise BrokenItem("no VEVENT or VTODO in the item")
     begin, end, component = master
-    props, zones = _props_for(fields, changed, component, done_status, link, include_link)
+    props, zones = _props_for(fields, changed, component, done_status, link, include_link, cancelled_status)
     own = _own_level(entries, begin, end)
+    if props.get("STATUS") == [] and component == EVENT and not any(
+            entries[i].name == "STATUS" and entries[i].physical[0].split(":", 1)[-1].strip().upper() == "CANCELLED"
+            for i in own):
+        del props["STATUS"]  # not cancelled: an event's own STATUS (CONFIRMED, TENTATIVE) stays
     people_lines = _people_lines(entries, own, fields, people or [], organizer) if "attendees" in changed else {}
     if not props and not people_lines:
         return text

@@ -7,7 +7,8 @@ One run:
      (SabreDAV 1.8), a full ETag listing, and a marker in place of the token so that the next
      runs list without asking again (they ask once more a day later); changed items are
      fetched in one multiget;
-  2. read the CRM side: the activities of the area's kinds owned by the account, plus pushed ones;
+  2. read the CRM side: the activities of the area's kinds the account holds (see "A team" below),
+     plus pushed ones;
   3. plan: pairs (link, CRM side, groupware side) -> `reconcile` decisions (pure) -> one typed
      action per pair that has something to do (`Plan`); planning writes nothing anywhere, and
      `sync --dry-run` prints the plan. New server items that are private (`[sync] private =
@@ -31,6 +32,28 @@ busy block (subject "Privat", no description or location), linked or not, so its
 never reach the CRM; gwsync writes no link into such an item (that would rewrite its
 description): it stays linked by the state database and by its UID.
 
+A team (several accounts on one CRM): an activity of the area's kinds is held by the account
+when, for events, it is the owner or a participant; for tasks, the delegate, or the owner when
+there is no delegate, or a participant other than the owner; an activity without owner goes to
+the only account syncing the area; pushes and unpushes (memberships) override this. A linked
+copy the account no longer holds is released: its edits since the last sync go to the activity,
+then the copy is deleted (If-Match) and unlinked (a team calendar's item that another account's
+link still holds only loses this account's link). One activity per iCalendar UID: a new
+activity from an item gets the key `cal:<UID>`; an unlinked item is first matched by its UID to
+an activity another account's copy is linked to, to a key `cal:<UID>` or (from before teams)
+`cal:<account>:<UID>`, or by this store's activity uuid written in it; such a copy joins the
+activity (the account becomes a participant; its base is the other copy's last synced state),
+unless its holder made it private and `[sync] private` is not "import". An activity that came
+from an item gets that item's UID in every calendar it is put into.
+A linked item gone from the server deletes its activity only when the activity came from a
+calendar item (key `cal:`) and no other account's copy and no other employee holds it (and
+the CRM side is unchanged: an edit wins, the item comes back). Otherwise the copy is unlinked:
+the account is removed from the participants, or, when it holds the activity anyway (owner,
+delegate, pushed), it is taken out (a membership, as by unpush). When the deleted copy was the
+organizer's (its ORGANIZER is one of the account's addresses) and others hold the activity, its
+status becomes `[crm] cancelled_status` first. An event's STATUS:CANCELLED maps to that status
+(when it is a status of its own, not the open, done or default one).
+
 Identities: a link records the activity's identity (its uuid, see `Activity.identity`); a link
 whose id now names another activity (a CRM restored from an older backup) counts as "its
 activity is gone": the item is deleted if unchanged on the server, kept and imported again if
@@ -45,6 +68,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import ClassVar
+from urllib.parse import urlsplit
 
 from ..config import AccountConfig, Config
 from ..crm import Activity, ActivityDraft, ActivityFilter, Attendee, CRMBackend
@@ -80,7 +104,7 @@ from .reconcile import Decision, Side, guard_deletions, reconcile
 
 log = logging.getLogger("gwsync.calendar")
 COUNTS = ("created_crm", "updated_crm", "deleted_crm", "created_groupware", "updated_groupware",
-          "deleted_groupware", "conflicts")
+          "deleted_groupware", "conflicts", "unlinked")
 MAX_RETRIES = 3
 LINK_BATCH = 200
 NO_SYNC = "gwsync:no-sync-collection:"  # stored in place of a token, with the time it was found out
@@ -130,6 +154,14 @@ class CalendarResult:
     def failed(self) -> bool:
         return bool(self.errors)
 
+    def changes_line(self) -> str:
+        """The counts as the sync and watch print them: `CRM +1 ~0 -0, groupware +0 ~2 -0`, and
+        `, unlinked N` when copies were unlinked from their activity."""
+        c = self.counts
+        line = (f"CRM +{c['created_crm']} ~{c['updated_crm']} -{c['deleted_crm']}, "
+                f"groupware +{c['created_groupware']} ~{c['updated_groupware']} -{c['deleted_groupware']}")
+        return line + (f", unlinked {c['unlinked']}" if c["unlinked"] else "")
+
 
 @dataclass(frozen=True)
 class _Pair:
@@ -138,6 +170,9 @@ class _Pair:
     item: Item | None  # fetched this run (data and ETag)
     data: ItemData | None  # item parsed
     gone_on_server: bool = False
+    release: bool = False  # linked, but the account no longer holds the activity
+    joining: bool = False  # an unlinked copy of an activity the account does not hold yet
+    join_base: dict | None = None  # unlinked: the last synced state of another copy, if any
 
 
 # -- the plan: one typed action per pair ----------------------------------------------------
@@ -187,6 +222,33 @@ class DeleteInCRM(Action):
         sync.crm.delete_activity(self.pair.activity.id)
         sync._drop(self.pair.link)
         sync.result.counts["deleted_crm"] += 1
+
+
+class Unlink(Action):
+    """The item went from the server, but the activity stays (see "A team" in the module doc)."""
+
+    name = "unlink"
+
+    def run(self, sync: CalendarSync) -> None:
+        sync._unlink(self.pair)
+
+
+class Cancel(Unlink):
+    """The organizer's copy went while others hold the meeting: cancelled, and unlinked."""
+
+    name = "cancel"
+
+    def run(self, sync: CalendarSync) -> None:
+        sync._cancel(self.pair)
+
+
+class Release(Action):
+    """A copy the account no longer holds: its edits go to the activity, then it is deleted."""
+
+    name = "release"
+
+    def run(self, sync: CalendarSync) -> None:
+        sync._release(self.pair, self.decision)
 
 
 class DeleteOnServer(Action):
@@ -240,6 +302,15 @@ class Conflict(Update):
     name = "conflict"
 
 
+class Join(Update):
+    """An unlinked copy of an activity held elsewhere: linked, its account a participant."""
+
+    name = "join"
+
+    def run(self, sync: CalendarSync) -> None:
+        sync._join(self.pair, self.decision)
+
+
 class Relink(Update):
     """No change on either side: the link is written into the item, or the item's new state
     (a new ETag, say) is recorded."""
@@ -284,8 +355,14 @@ def plan_line(entry: dict) -> str:
     return line
 
 
-def calendar_key(account: str, uid: str) -> str:
-    """The idempotency key of an activity that came from a groupware item."""
+def calendar_key(uid: str) -> str:
+    """The idempotency key of an activity that came from a groupware item: one per UID, whoever's
+    collection it came from."""
+    return f"cal:{uid}"
+
+
+def legacy_calendar_key(account: str, uid: str) -> str:
+    """The key such an activity got before teams: per account."""
     return f"cal:{account}:{uid}"
 
 
@@ -306,6 +383,13 @@ class CalendarSync:
         self.component = EVENT if area == "events" else TODO
         self.done = config.crm.done_status
         self.open = config.crm.open_status
+        # An event's STATUS:CANCELLED <-> this status (tasks have their own STATUS mapping); not
+        # when the config has no status of its own for it (it then falls back to the first one).
+        statuses = config.crm
+        distinct = statuses.cancelled_status not in (statuses.open_status, statuses.done_status,
+                                                     statuses.default_status)
+        self.cancelled = statuses.cancelled_status if area == "events" and distinct else None
+        self._memberships: dict[int, tuple[bool, str | None]] = {}
         self.result = CalendarResult()
         self.where = f"account {account.name}, {area}"
         # Link changes are written in batches: one transaction per LINK_BATCH items. Losing
@@ -348,7 +432,7 @@ class CalendarSync:
         """Parse an item; gwsync's own properties count on linked items and on this store's.
         A private item is read as a busy block when `[sync] private = "busy"`."""
         data = read_item(item.data or "", self.done, self.open, trusted=linked, store=self.store,
-                         kinds=self.config.crm.kinds)
+                         kinds=self.config.crm.kinds, cancelled_status=self.cancelled)
         if self._busy(data):
             data = replace(data, fields=busy_fields(data.fields))
         return data
@@ -511,9 +595,11 @@ class CalendarSync:
     # -- pairing -----------------------------------------------------------------------------
 
     def waiting(self) -> list[tuple[str, ItemData]]:
-        """New items on the server that are not in the CRM yet (for the review)."""
+        """New items on the server that are not in the CRM yet (for the review); a copy of an
+        activity another account's copy brought in is not new: the sync joins it."""
         linked = {l.href for l in self.state.links(self.account.name, self.area)}
         hrefs = [h for h in self.coll.list_etags() if h not in linked]
+        self._memberships = self.state.membership_details(self.account.name, self.area)
         found = []
         for href, item in sorted(self.coll.multiget(hrefs).items()):
             try:
@@ -522,16 +608,18 @@ class CalendarSync:
                 continue
             if data.component == self.component and self._left_out(data, datetime.now(UTC).date()) is None:
                 found.append((href, data))
-        return found
+        copies = self._copies([data.uid for _, data in found])
+        return [(href, data) for href, data in found
+                if copies(data.uid) is None and self._claimed(data, {}, set()) is None]
 
     def _crm_activities(self) -> dict[int, Activity]:
-        owners: tuple = (self.account.name,)
-        with_area = [a for a in self.config.accounts.values() if self.area in a.areas]
-        if len(with_area) == 1 and with_area[0].name == self.account.name:
-            owners = (self.account.name, None)  # the only calendar: it takes activities without owner
+        """The activities this account holds in this area (module doc, "A team")."""
         self._memberships = self.state.membership_details(self.account.name, self.area)
-        found = {a.id: a for a in self.crm.list_activities(
-            ActivityFilter(kinds=self.config.crm.kinds_of(self.area), owners=owners))}
+        kinds = self.config.crm.kinds_of(self.area)
+        found = {a.id: a for a in self.crm.list_activities(ActivityFilter(kinds=kinds, involving=self.account.name))
+                 if self._holds_by_rule(a)}
+        if self._takes_ownerless():  # the only calendar: it takes activities without owner
+            found |= {a.id: a for a in self.crm.list_activities(ActivityFilter(kinds=kinds, owners=(None,)))}
         for activity_id, (included, _) in self._memberships.items():
             activity = found.get(activity_id) or (self.crm.get_activity(activity_id) if included else None)
             if activity is None or self._membership_of(activity) is None:
@@ -541,6 +629,32 @@ class CalendarSync:
             else:
                 found.pop(activity_id, None)
         return found
+
+    def _syncs_area(self, name: str | None) -> bool:
+        account = self.config.accounts.get(name) if name else None
+        return account is not None and self.area in account.areas
+
+    def _takes_ownerless(self) -> bool:
+        with_area = [a for a in self.config.accounts.values() if self.area in a.areas]
+        return len(with_area) == 1 and with_area[0].name == self.account.name
+
+    def _holds_by_rule(self, activity, participating: bool = True) -> bool:
+        """Does this account hold the activity (its kind aside, memberships aside)? Not
+        `participating`: would it hold it anyway, as owner or delegate?"""
+        me = self.account.name
+        if activity.owner is None:
+            return self._takes_ownerless()
+        participant = participating and me in activity.participants
+        if self.area == "events":
+            return me == activity.owner or participant
+        # A delegate that has no task list here counts as none: the task stays with the owner.
+        delegate = activity.delegated_to if self._syncs_area(activity.delegated_to) else None
+        return me == delegate or (me == activity.owner and delegate is None) or (participant and me != activity.owner)
+
+    def _holds(self, activity) -> bool:
+        """Does this account hold a linked activity? Pushed and taken out by hand first."""
+        membership = self._membership_of(activity)
+        return membership if membership is not None else self._holds_by_rule(activity)
 
     def _membership_of(self, activity) -> bool | None:
         """True or False when the activity was pushed into or taken out of this area by hand;
@@ -557,16 +671,19 @@ class CalendarSync:
         pairs = []
         identities = []
         for link in links:
-            activity = activities.get(link.activity_id) or self._linked_activity(link)
+            activity = activities.get(link.activity_id) or self.crm.get_activity(link.activity_id)
             if activity is not None and not self._same_activity(link, activity):
                 activity = None  # the id now names another activity: the linked one is gone
             if activity is not None:
                 linked_ids.add(activity.id)
                 if link.identity is None and activity.identity is not None:
                     identities.append(replace(link, identity=activity.identity))
+            # A linked activity outside the area's kinds stays while the account holds it
+            # (pushed, or its kind was edited); one it no longer holds is released.
+            release = activity is not None and activity.id not in activities and not self._holds(activity)
             gone = link.href in deleted
             pairs.append(_Pair(link, activity, fetched.get(link.href) if link.href in parsed else None,
-                               parsed.get(link.href), gone_on_server=gone))
+                               parsed.get(link.href), gone_on_server=gone, release=release))
         linked_hrefs = {l.href for l in links}
         # Unlinked on both sides: match an item to its activity before creating anything
         # (a lost state database, or a run that died between a create and saving its link).
@@ -577,23 +694,36 @@ class CalendarSync:
             for uid in self._uids_of(activity):
                 by_uid[uid] = activity
         unlinked_items = [(h, d) for h, d in parsed.items() if h not in linked_hrefs and h not in self.skip_hrefs]
-        keyed = self.crm.existing_keys([calendar_key(self.account.name, d.uid) for _, d in unlinked_items])
-        matched_ids = set()
+        copies = self._copies([d.uid for _, d in unlinked_items])
+        matched_ids: set[int] = set()
         for href, data in unlinked_items:
             activity = by_uid.get(data.uid) or self._claimed(data, activities, linked_ids)
-            if activity is None and calendar_key(self.account.name, data.uid) in keyed:
-                activity = self.crm.get_activity(keyed[calendar_key(self.account.name, data.uid)])
+            if activity is None:
+                activity = copies(data.uid)
+            if activity is not None and (activity.id in matched_ids or activity.id in linked_ids):
+                # One link per activity and collection: a second copy here stays as it is.
+                log.info("%s, item %s: a second copy of activity %s here; left alone", self.where, href, activity.id)
+                continue
+            joining = activity is not None and activity.id not in activities
+            if joining and data.private and self.config.sync.private != "import":
+                # A copy its holder made private stays out: joining would write the link into it,
+                # and a busy block would blank the others' meeting.
+                log.info("%s, item %s: a private copy of activity %s; left alone", self.where, href, activity.id)
+                continue
             if activity is not None:
                 matched_ids.add(activity.id)
-            elif (why := self._left_out(data, self._today)) is not None:
+                pairs.append(_Pair(None, activity, fetched[href], data, joining=joining,
+                                   join_base=self._base_elsewhere(activity)))
+                continue
+            if (why := self._left_out(data, self._today)) is not None:
                 log.info("%s, item %s: not imported (%s)", self.where, href, why)
                 if why == "future":
                     day = self._relist_day(data)
                     self._relist = day if self._relist is None else min(self._relist, day)
                 continue  # a new item that stays out of the CRM: no pair, nothing written into it
-            elif self._lacks_mandatory(href, data, fetched[href]):
+            if self._lacks_mandatory(href, data, fetched[href]):
                 continue  # held: no pair, nothing written into it; read again next run
-            pairs.append(_Pair(None, activity, fetched[href], data))
+            pairs.append(_Pair(None, None, fetched[href], data))
         for activity in activities.values():
             if activity.id not in linked_ids and activity.id not in matched_ids:
                 pairs.append(_Pair(None, activity, None, None))
@@ -619,9 +749,22 @@ class CalendarSync:
                 addresses=[a for a in addresses if a not in employees]))
         return bool(missing)
 
+    def _item_uid(self, activity) -> str | None:
+        """The UID of the calendar item an activity came from: its key `cal:<UID>`, or from
+        before teams `cal:<account>:<UID>`."""
+        key = activity.key or ""
+        if not key.startswith("cal:"):
+            return None
+        rest = key[len("cal:"):]
+        account, sep, uid = rest.partition(":")
+        return uid if sep and account in self.config.accounts else rest
+
     def _uid_for(self, activity) -> str:
-        """The UID of a new item for this activity: derived from what is never reused (the same
-        activity, the same UID, so a create repeated after a crash meets its own item)."""
+        """The UID of a new item for this activity: the UID of the item it came from (every copy
+        of one meeting has one UID), else derived from what is never reused (the same activity,
+        the same UID, so a create repeated after a crash meets its own item)."""
+        if (uid := self._item_uid(activity)) is not None:
+            return uid
         if activity.uuid:
             return uid_for_key(f"activity:{activity.uuid}")
         return uid_for_key(activity.key or f"crm:{activity.id}")  # a backend without uuids
@@ -631,11 +774,10 @@ class CalendarSync:
         (items made before uuids), the item's own UID for an activity that came from this
         account's collection; from the bare id only for a backend that has nothing else."""
         uids = {self._uid_for(activity)}
+        if activity.uuid:
+            uids.add(uid_for_key(f"activity:{activity.uuid}"))
         if activity.key:
             uids.add(uid_for_key(activity.key))
-            prefix = calendar_key(self.account.name, "")
-            if activity.key.startswith(prefix):
-                uids.add(activity.key[len(prefix):])
         return uids
 
     def _same_activity(self, link: CalendarLink, activity) -> bool:
@@ -652,20 +794,70 @@ class CalendarSync:
         (a restored or replaced CRM)."""
         if data.activity_id is None or self.store is None or data.store != self.store:
             return None
-        activity = activities.get(data.activity_id)
+        activity = activities.get(data.activity_id) or self._joinable(self.crm.get_activity(data.activity_id))
         if activity is None or activity.id in linked_ids or activity.uuid != data.activity_uuid:
             return None
         return activity
 
-    def _linked_activity(self, link: CalendarLink):
-        """A linked activity outside the area's kinds (pushed, or its kind was edited)."""
-        activity = self.crm.get_activity(link.activity_id)
+    def _joinable(self, activity):
+        """An activity a copy found here may join: not one taken out of this area by hand."""
         return activity if activity is not None and self._membership_of(activity) is not False else None
+
+    def _copies(self, uids: list[str]):
+        """A lookup UID -> the activity other accounts' copies of that UID are linked to, or
+        that has its key (`cal:<UID>`, or `cal:<account>:<UID>` of any account)."""
+        if not uids:
+            return lambda uid: None
+        me = self.account.name
+        by_link: dict[str, list[CalendarLink]] = {}
+        for link in self.state.links_by_uid(self.area, uids):
+            if link.account != me:
+                by_link.setdefault(link.uid, []).append(link)
+        candidates = {uid: [calendar_key(uid)] + [legacy_calendar_key(name, uid) for name in self.config.accounts]
+                      for uid in uids}
+        keyed = self.crm.existing_keys([key for keys in candidates.values() for key in keys])
+
+        def lookup(uid: str):
+            for link in by_link.get(uid, []):
+                activity = self.crm.get_activity(link.activity_id)
+                if activity is not None and self._same_activity(link, activity):
+                    return self._joinable(activity)
+            for key in candidates[uid]:
+                if key in keyed:
+                    return self._joinable(self.crm.get_activity(keyed[key]))
+            return None
+
+        return lookup
+
+    def _base_elsewhere(self, activity) -> dict | None:
+        """The last synced state of another account's copy of the activity in this area, if any."""
+        for link in self.state.links_of_activity(activity.id, activity.identity):
+            if link.account != self.account.name and link.area == self.area and link.base is not None:
+                return dict(link.base)
+        return None
+
+    def _others_hold(self, activity) -> bool:
+        """Does another account's copy, or another employee, hold the activity?"""
+        if set(activity.employees) - {self.account.name}:
+            return True
+        return any(link.account != self.account.name
+                   for link in self.state.links_of_activity(activity.id, activity.identity))
+
+    def _shared_copy(self, link: CalendarLink, activity) -> bool:
+        """Is the linked item also another account's copy (a team calendar both sync)?"""
+        host = urlsplit(self.coll.url).netloc
+        for other in self.state.links_of_activity(activity.id, activity.identity):
+            account = self.config.accounts.get(other.account)
+            if (other.account != self.account.name and other.area == self.area and other.href == link.href
+                    and account is not None and account.caldav is not None
+                    and urlsplit(account.caldav.url).netloc == host):
+                return True
+        return False
 
     # -- deciding ----------------------------------------------------------------------------
 
     def _decide(self, pair: _Pair) -> Decision:
-        base = pair.link.base if pair.link else None
+        base = pair.link.base if pair.link else pair.join_base
         crm = Side(pair.activity.calendar_fields(), pair.activity.updated_at) if pair.activity else None
         if pair.data is not None:
             groupware = Side(pair.data.fields, pair.data.modified)
@@ -678,10 +870,14 @@ class CalendarSync:
     def _action_for(self, pair: _Pair) -> Action | None:
         """The pair's action; None when there is nothing to do (not even a link to record)."""
         decision = self._decide(pair)
+        if pair.release:
+            return Release(pair, decision)
         if decision.forget:
             return Forget(pair, decision)
-        if decision.delete_crm:
-            return DeleteInCRM(pair, decision)
+        if pair.link is not None and pair.activity is not None and pair.gone_on_server:
+            return self._server_deletion(pair, decision)
+        if pair.link is None and (pair.joining or decision.delete_crm) and pair.item is None:
+            return None  # an unlinked copy that went before it was linked: nothing of it to keep
         if decision.delete_groupware:
             return DeleteOnServer(pair, decision)
         if decision.create_crm is not None:
@@ -692,12 +888,35 @@ class CalendarSync:
             return None  # nothing on either side (an item that went before it could be read again)
         if decision.is_noop and pair.item is None and pair.link is not None and decision.base == pair.link.base:
             return None  # unchanged on both sides, item not read: its link stays as it is
+        if pair.joining:
+            return Join(pair, decision)
         return _update_action(decision)(pair, decision)
 
+    def _server_deletion(self, pair: _Pair, decision: Decision) -> Action:
+        """A linked item gone from the server (module doc, "A team"): delete the activity, or
+        cancel it, or unlink the copy."""
+        activity, link = pair.activity, pair.link
+        assert activity is not None and link is not None  # linked, still in the CRM
+        others = self._others_hold(activity)
+        if (activity.key or "").startswith("cal:") and not others:
+            # As before teams: deleted with its item, unless edited in the CRM since (then it comes back).
+            return DeleteInCRM(pair, decision) if decision.delete_crm else CreateOnServer(pair, decision)
+        if others and self.cancelled and link.organizer is not None and link.organizer in self.account.addresses:
+            return Cancel(pair, decision)
+        return Unlink(pair, decision)
+
     def _guard_ok(self, plan: Plan) -> bool:
+        """Items gone from the server (deleted activities, unlinked copies) and items to delete
+        there (released copies too) are counted against the links: a server that lost its items,
+        or a CRM that lost its activities, must not empty the other side."""
         total = plan.linked
-        for side, kind in (("CRM", DeleteInCRM), ("groupware", DeleteOnServer)):
-            count = sum(1 for action in plan.actions if isinstance(action, kind))
+
+        def deletes_on_server(action: Action) -> bool:
+            released = isinstance(action, Release) and not action.pair.gone_on_server
+            return released or isinstance(action, DeleteOnServer)
+
+        for side, counts in (("CRM", lambda a: isinstance(a, (DeleteInCRM, Unlink))), ("groupware", deletes_on_server)):
+            count = sum(1 for action in plan.actions if counts(action))
             if guard_deletions(count, total, self.config.sync.max_delete_share) and not self.force:
                 self.result.errors.append(
                     f"{self.where}: this sync would delete {count} of {total} items on the {side} side, which "
@@ -713,7 +932,7 @@ class CalendarSync:
 
     def _run_action(self, action: Action, attempt: int = 0) -> None:
         if self.dry_run:
-            self._count(action.decision)
+            self._count(action)
             return
         try:
             action.run(self)
@@ -724,8 +943,16 @@ class CalendarSync:
             if again is not None:
                 self._run_action(again, attempt + 1)
 
-    def _count(self, decision: Decision) -> None:
-        counts = self.result.counts
+    def _count(self, action: Action) -> None:
+        counts, decision = self.result.counts, action.decision
+        if isinstance(action, Release):
+            counts["updated_crm"] += bool(decision.update_crm) and decision.create_crm is None
+            counts["deleted_groupware"] += not action.pair.gone_on_server
+            return
+        if isinstance(action, Unlink):
+            counts["unlinked"] += 1
+            counts["updated_crm"] += isinstance(action, Cancel)
+            return
         counts["deleted_crm"] += decision.delete_crm
         counts["deleted_groupware"] += decision.delete_groupware
         counts["created_crm"] += decision.create_crm is not None
@@ -738,24 +965,32 @@ class CalendarSync:
         """After a 412: the item as it is on the server now."""
         href = pair.link.href if pair.link else (pair.item.href if pair.item else None)
         item = self.coll.get(href) if href else None
-        if item is None:
-            return _Pair(pair.link, pair.activity, None, None, gone_on_server=True)
-        return _Pair(pair.link, pair.activity, item, self._read(item, linked=pair.link is not None))
+        if item is None:  # an unlinked copy that went has no base to keep
+            return replace(pair, item=None, data=None, gone_on_server=True,
+                           join_base=pair.join_base if pair.link else None)
+        return replace(pair, item=item, data=self._read(item, linked=pair.link is not None), gone_on_server=False)
 
-    def _draft(self, uid: str, fields: dict, data: ItemData | None = None) -> ActivityDraft:
+    def _draft(self, data: ItemData, fields: dict) -> ActivityDraft:
         people = self._attendees(fields.get("attendees"), data, [])
         # What made a mandatory contact or partner goes with it (the same rule; it also counts
         # the attendees of a busy block, which the activity does not get).
         found: People | SenderMatch = people
-        match = self._matches.get(uid)
+        match = self._matches.get(data.uid)
         if match is not None and people.contact_id is None and (match.contact_id or people.partner_id is None):
             found = match
         return ActivityDraft(
-            key=calendar_key(self.account.name, uid), kind=fields["kind"], status=fields["status"],
+            key=calendar_key(data.uid), kind=fields["kind"], status=fields["status"],
             subject=fields["subject"], body=fields["body"], location=fields["location"], start=fields["start"],
             end=fields["end"], due=fields["due"], rrule=fields["rrule"], owner=self.account.name,
             attendees=people.attendees, contact_id=found.contact_id, partner_id=found.partner_id,
-            participants=list(dict.fromkeys([self.account.name, *people.employees])))
+            participants=list(dict.fromkeys([self.account.name, *people.employees])),
+            # The private mark comes from CLASS (with "skip", private items are never imported).
+            private=data.private)
+
+    def _someone_elses(self, activity) -> bool:
+        """Did another account's sync make (or join) this activity? Then a copy here joins it."""
+        return activity.owner != self.account.name or any(
+            link.account != self.account.name for link in self.state.links_of_activity(activity.id, activity.identity))
 
     # -- attendees ---------------------------------------------------------------------------
 
@@ -800,27 +1035,75 @@ class CalendarSync:
 
     def _create_crm_activities(self, actions) -> None:
         """All activities this run creates, in one CRM transaction (idempotent by UID key)."""
-        drafts = [self._draft(a.pair.data.uid, a.decision.create_crm, a.pair.data) for a in actions
+        drafts = [self._draft(a.pair.data, a.decision.create_crm) for a in actions
                   if isinstance(a, CreateInCRM) and a.pair.data is not None and a.decision.create_crm is not None]
         if drafts:
             existing = self.crm.existing_keys([d.key for d in drafts])
             ids = self.crm.create_activities(drafts)
             for draft, activity_id in zip(drafts, ids, strict=True):
-                if draft.key in existing:  # created by a run that died before linking: bring it up to date
+                activity = self.crm.get_activity(activity_id)
+                if draft.key in existing and activity is not None and not self._someone_elses(activity):
+                    # created by a run that died before linking: bring it up to date
                     self.crm.update_activity(activity_id, {k: getattr(draft, k) for k in FIELDS})
-                self._created[draft.key] = self.crm.get_activity(activity_id)
+                    activity = self.crm.get_activity(activity_id)
+                self._created[draft.key] = activity
 
     def _create_in_crm(self, pair: _Pair, decision: Decision) -> None:
         data, item = pair.data, pair.item
         fields = decision.create_crm
         assert data is not None and item is not None and fields is not None  # a new item, read this run
-        key = calendar_key(self.account.name, data.uid)
+        key = calendar_key(data.uid)
         activity = self._created.get(key)
         if activity is None:  # decided again after a 412: create it now
-            activity = self.crm.get_activity(self.crm.create_activities([self._draft(data.uid, fields, data)])[0])
+            activity = self.crm.get_activity(self.crm.create_activities([self._draft(data, fields)])[0])
+        if pair.link is None and self._someone_elses(activity):
+            # Another account imported the same UID meanwhile (planned before it did): join it.
+            joined = replace(pair, activity=activity, joining=True, join_base=self._base_elsewhere(activity))
+            self._join(joined, self._decide(joined))
+            return
         self.result.counts["created_crm"] += 1
         etag = self._write_link(item, data, fields, activity)
-        self._save(activity, data.uid, item.href, etag, fields)
+        self._save(activity, data.uid, item.href, etag, fields, data.organizer)
+
+    def _join(self, pair: _Pair, decision: Decision) -> None:
+        """Link a copy of an activity held elsewhere; its account becomes a participant."""
+        assert pair.activity is not None  # matched to an activity
+        self.crm.add_participant(pair.activity.id, self.account.name)  # atomic: other accounts may join at once
+        self._update(pair, decision)
+
+    def _unlink(self, pair: _Pair) -> None:
+        """The copy went from the server; the activity stays. The account leaves the participants,
+        or, when it holds the activity anyway (owner, delegate, pushed), it is taken out."""
+        activity, link = pair.activity, pair.link
+        assert activity is not None and link is not None  # a linked copy of an existing activity
+        me = self.account.name
+        if (self._membership_of(activity) is None and me in activity.participants
+                and not self._holds_by_rule(activity, participating=False)):
+            self.crm.remove_participant(activity.id, me)
+        else:
+            self.state.set_membership(me, self.area, activity.id, False, activity.identity)
+        self._drop(link)
+        self.result.counts["unlinked"] += 1
+
+    def _cancel(self, pair: _Pair) -> None:
+        assert pair.activity is not None  # a linked copy of an existing activity
+        self.crm.update_activity(pair.activity.id, {"status": self.cancelled})
+        self.result.counts["updated_crm"] += 1
+        self._unlink(pair)
+
+    def _release(self, pair: _Pair, decision: Decision) -> None:
+        """A copy this account no longer holds: the edits made in it since the last sync go to
+        the activity, then it is deleted on the server (If-Match) and unlinked; the activity stays.
+        A team calendar's item that another account still holds only loses this account's link."""
+        activity, link, item = pair.activity, pair.link, pair.item
+        assert activity is not None and link is not None  # linked, still in the CRM
+        if pair.data is not None and decision.update_crm and decision.create_crm is None:
+            self._update_crm(activity, decision.update_crm, pair.data)
+            self.result.counts["updated_crm"] += 1
+        if not pair.gone_on_server and not self._shared_copy(link, activity):
+            self.coll.delete(link.href, (item.etag if item is not None else link.etag) or "*")
+            self.result.counts["deleted_groupware"] += 1
+        self._drop(link)
 
     def _write_link(self, item: Item, data: ItemData, fields: dict, activity) -> str | None:
         """Write the CRM link into the item (not a change on either side), and kind and status
@@ -830,7 +1113,8 @@ class CalendarSync:
         stale = data.stale_recorded(fields)
         if (data.has_link(link) and not stale) or self._busy(data):
             return item.etag  # a busy block: writing the link would replace its description
-        text = update_item(item.data or "", fields, stale, self.done, link, include_link=True)
+        text = update_item(item.data or "", fields, stale, self.done, link, include_link=True,
+                           cancelled_status=self.cancelled)
         try:
             return self.coll.update(item.href, text, item.etag or "*")
         except PreconditionFailed:
@@ -844,7 +1128,7 @@ class CalendarSync:
         href = self.coll.href_for(uid)
         text = new_item(uid, self.component, fields, self.done, self._link_for(activity),
                         alarm=activity.kind == "WIEDERVORLAGE", people=activity.attendees,
-                        organizer=self._organizer(activity))
+                        organizer=self._organizer(activity), cancelled_status=self.cancelled)
         try:
             etag = self.coll.create(href, text)
         except PreconditionFailed as exc:
@@ -855,7 +1139,7 @@ class CalendarSync:
             if data.uid != uid or not self._may_adopt(data, activity):
                 raise DavError(f"{href} exists on the server and belongs to another item") from exc
             # Our own item from a run that died before saving the link: adopt it, then merge.
-            self._save(activity, uid, href, existing.etag, data.fields)
+            self._save(activity, uid, href, existing.etag, data.fields, data.organizer)
             adopted = _Pair(CalendarLink(self.account.name, self.area, activity.id, uid, href, existing.etag,
                                          data.fields, activity.identity), activity, existing, data)
             self._update(adopted, self._decide(adopted))
@@ -878,9 +1162,9 @@ class CalendarSync:
         if saved is None:  # matched without a link (lost state, or adopting): link it now
             data, found = pair.data, pair.item
             assert data is not None and found is not None  # unlinked: the item was read this run
-            self._save(activity, data.uid, found.href, found.etag, data.fields)
+            self._save(activity, data.uid, found.href, found.etag, data.fields, data.organizer)
             saved = CalendarLink(self.account.name, self.area, activity.id, data.uid, found.href, found.etag,
-                                 data.fields, activity.identity)
+                                 data.fields, activity.identity, data.organizer)
             pair = _Pair(saved, activity, found, data)
         if decision.conflicts:
             self.result.counts["conflicts"] += 1
@@ -907,13 +1191,15 @@ class CalendarSync:
                     raise PreconditionFailed(saved.href)  # changed since the listing: decide again
             text = update_item(item.data or "", base, set(decision.update_groupware) | stale, self.done,
                                link, include_link=needs_link or "body" in decision.update_groupware,
-                               people=activity.attendees, organizer=self._organizer(activity))
+                               people=activity.attendees, organizer=self._organizer(activity),
+                               cancelled_status=self.cancelled)
             etag = self.coll.update(item.href, text, item.etag or "*")
             if decision.update_groupware:
                 self.result.counts["updated_groupware"] += 1
         elif item is not None:
             etag = item.etag
-        self._save(activity, saved.uid, saved.href, etag, base)
+        organizer = pair.data.organizer if pair.data is not None else saved.organizer
+        self._save(activity, saved.uid, saved.href, etag, base, organizer)
 
     def _winner(self, decision: Decision, pair: _Pair) -> str:
         field_name = decision.conflicts[0]
@@ -921,9 +1207,10 @@ class CalendarSync:
         return "CRM" if decision.base.get(field_name) == pair.activity.calendar_fields().get(field_name) else \
             "groupware"
 
-    def _save(self, activity, uid: str, href: str, etag: str | None, base: dict) -> None:
+    def _save(self, activity, uid: str, href: str, etag: str | None, base: dict,
+              organizer: str | None = None) -> None:
         self._link_changes.append(("save", CalendarLink(self.account.name, self.area, activity.id, uid, href, etag,
-                                                        dict(base), activity.identity)))
+                                                        dict(base), activity.identity, organizer)))
 
     def _describe(self, pair: _Pair) -> str:
         if pair.activity is not None:

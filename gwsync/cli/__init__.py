@@ -135,10 +135,7 @@ def sync(obj: Context, accounts, only, dry_run, force, as_json) -> None:
                     click.echo("  held mail is listed by `gwsync held`")
             for area, result in acc.calendars.items():
                 if obj.verbosity >= 0:
-                    c = result.counts
-                    click.echo(f"{name} {area}: CRM +{c['created_crm']} ~{c['updated_crm']} -{c['deleted_crm']}, "
-                               f"groupware +{c['created_groupware']} ~{c['updated_groupware']} "
-                               f"-{c['deleted_groupware']}, conflicts {c['conflicts']}")
+                    click.echo(f"{name} {area}: {result.changes_line()}, conflicts {result.counts['conflicts']}")
                     for line in result.conflicts:
                         click.echo(f"  conflict: {line}")
                     if result.held:
@@ -232,8 +229,9 @@ def status(obj: Context, as_json) -> None:
     for name, data in out.items():
         click.echo(f"{name}: held {data['held']}, failed {data['failed']}")
         for lock in data["locked"]:
-            click.echo(f"  LOCKED {lock['service']} since {lock['since']}: run `gwsync unlock {name}` "
-                       "after fixing the password")
+            shared = f" (the shared credential {lock['unlock']})" if lock["unlock"] != name else ""
+            click.echo(f"  LOCKED {lock['service']}{shared} since {lock['since']}: run `gwsync unlock "
+                       f"{lock['unlock']}` after fixing the password")
         for area, info in data["areas"].items():
             state = "ok" if info["ok"] else f"FAILED ({info['error']}); last success {info['last_success'] or 'never'}"
             counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
@@ -265,11 +263,15 @@ def watch(obj: Context, accounts) -> None:
 @click.argument("account")
 @click.pass_obj
 def unlock(obj: Context, account: str) -> None:
-    """Clear a credential lock after fixing the password, so that gwsync logs in again."""
+    """Clear a credential lock after fixing the password, so that gwsync logs in again. ACCOUNT
+    is an account's name, or a shared credential's ("defaults.imap", "defaults.caldav")."""
     with obj.engine() as engine:
         services = engine.unlock(account)
+    shared = [f"defaults.{key}" for key in ("imap", "caldav") if getattr(obj.config.defaults, key) is not None]
     if services:
         click.echo(f"unlocked {account} ({', '.join(services)}); the next run logs in again")
+    elif account in shared:
+        click.echo(f"{account} has no locked credential")
     elif account not in obj.config.accounts:
         fail(f"no account {account!r} in the config and no lock for it", EXIT_USAGE)
     else:

@@ -217,32 +217,41 @@ class Watch:
         self._lock = threading.Lock()
         self._idlers: dict[tuple[str, int], IdleWatcher] = {}  # (account, connection; -1 for NOTIFY)
         self._no_budget: set[str] = set()  # accounts told that max_connections leaves no IDLE
-        self._login_lock = threading.Lock()  # one IDLE login at a time: a refusal stops the others
+        # One IMAP login at a time, the IDLE threads' and the syncs' (the engine's login gate): a
+        # refusal stops every other login that would send the credential, a master user's too.
+        self._login_lock = threading.RLock()
+        self.engine.login_gate = self._login_lock
+        self.engine.before_login = self._lock_refused_logins
         self._refused: dict[str, LoginRefused | None] = {}  # account -> the refusal not yet locked
 
     def idle_login(self, account: AccountConfig, password: str) -> ImapSession:
         """An IDLE thread's login. None is sent for an account whose login was refused or whose
         credential is locked; a refusal is handed to the main thread, which locks it."""
+        credential = self.engine.credential(account, "imap")  # from the config alone: safe in any thread
         with self._login_lock:
-            if account.name in self._refused:
+            if account.name in self._refused or credential in self.engine.refused:
                 raise CredentialLocked(f"account {account.name}: login refused earlier")
             assert account.imap is not None  # only mail accounts are watched with IDLE
             try:
                 return ImapSession.connect(account.imap, password)
             except LoginRefused as exc:
                 self._refused[account.name] = exc
+                if not exc.authorization:  # refused as this user only: the others' logins are fine
+                    self.engine.refused.add(credential)
                 self._wake_event.set()
                 raise
 
     def _lock_refused_logins(self) -> None:
-        """Lock (in the main thread, which owns the engine) what the IDLE threads were refused."""
+        """Lock (in the main thread, which owns the engine) what the IDLE threads were refused,
+        and forget the locks another process cleared since (`gwsync unlock`). Under the login
+        lock, so that no refusal comes in between; also run before each of the syncs' logins."""
+        by_name = {a.name: a for a in self.accounts}
         with self._login_lock:
             pending = [(name, exc) for name, exc in self._refused.items() if exc is not None]
-            for name, _ in pending:
+            for name, exc in pending:
                 self._refused[name] = None
-        by_name = {a.name: a for a in self.accounts}
-        for name, exc in pending:
-            self.say(f"gwsync: {self.engine.lock_refused(by_name[name], 'imap', exc)}")
+                self.say(f"gwsync: {self.engine.lock_refused(by_name[name], 'imap', exc)}")
+            self.engine.forget_unlocked()
 
     def _stop_idling(self, account: AccountConfig) -> None:
         """The account's credential is locked: its IDLE threads end and none logs in again."""
@@ -337,9 +346,7 @@ class Watch:
         for area, result in acc.calendars.items():
             changes = sum(v for k, v in result.counts.items() if k != "conflicts")
             if changes:
-                c = result.counts
-                self.say(f"{account.name} {area}: CRM +{c['created_crm']} ~{c['updated_crm']} -{c['deleted_crm']}, "
-                         f"groupware +{c['created_groupware']} ~{c['updated_groupware']} -{c['deleted_groupware']}")
+                self.say(f"{account.name} {area}: {result.changes_line()}")
         for line in acc.error_lines():
             self.say(f"gwsync: {line}")
 
@@ -357,6 +364,7 @@ class Watch:
         picked up and gone ones dropped. Connections no longer needed are closed before new
         ones log in, so the budget holds during the change too."""
         wanted: dict[tuple[str, int], tuple[AccountConfig, str, Duty]] = {}
+        passwords: dict = {}  # Secret -> password: a master user's is read once, not once per account
         for account in self.accounts:
             if "mail" not in account.areas or account.imap is None:
                 continue
@@ -364,7 +372,10 @@ class Watch:
                 continue
             try:
                 duties = self._plan(account)
-                password = account.imap.secret.resolve()
+                secret = account.imap.secret
+                if secret not in passwords:
+                    passwords[secret] = secret.resolve()
+                password = passwords[secret]
             except (GwsyncError, OSError):
                 continue  # the interval sync reports it (a refused login is locked already)
             for n, duty in enumerate(duties):

@@ -26,6 +26,7 @@ from ..engine import Engine
 from .localservers import Dovecot, Pymap, Radicale, ServerUnavailable
 
 USER, PASSWORD = "demo", "demopass"
+COLLEAGUE = "bob"  # a second employee on the same CRM: calendar only
 
 # sample mail -> the import folder a user (or a server-side rule) would have put it in
 PLACEMENT = {
@@ -50,6 +51,7 @@ database = "{dir}/state.db"
 
 [accounts.demo]
 areas = ["mail", "events", "tasks"]
+addresses = ["demo@demo.example"]
 
 [accounts.demo.imap]
 host = "127.0.0.1"
@@ -66,6 +68,16 @@ username = "{user}"
 password = "{dav_password}"
 events = "calendar"
 tasks = "tasks"
+
+[accounts.{colleague}]
+areas = ["events"]
+addresses = ["{colleague}@demo.example"]
+
+[accounts.{colleague}.caldav]
+url = "{colleague_dav_url}"
+username = "{colleague}"
+password = "{colleague_dav_password}"
+events = "calendar"
 """
 
 PHONE_EVENT = """\
@@ -79,7 +91,10 @@ DTSTART;TZID=Europe/Berlin:{day}T100000
 DTEND;TZID=Europe/Berlin:{day}T110000
 SUMMARY:Jahresgespräch ACME
 LOCATION:Hamburg
+ORGANIZER;CN=Erika Mustermann:mailto:erika.mustermann@acme.example
 ATTENDEE;CN=Erika Mustermann:mailto:erika.mustermann@acme.example
+ATTENDEE;CN=Demo:mailto:demo@demo.example
+ATTENDEE;CN=Bob:mailto:bob@demo.example
 BEGIN:VALARM
 ACTION:DISPLAY
 DESCRIPTION:Jahresgespräch
@@ -106,10 +121,13 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
         return 1
     try:
         dav_home = dav_server.add_user(USER)
-        _make_calendars(dav_server, dav_home)
+        colleague_home = dav_server.add_user(COLLEAGUE)
+        _make_calendars(dav_server, dav_home, colleague_home)
         config_path = workdir / "config.toml"
-        config_path.write_text(CONFIG.format(dir=workdir, port=server.port, user=USER, password=_password(server),
-                                             dav_url=dav_home, dav_password=dav_server.password_for(USER)))
+        config_path.write_text(CONFIG.format(
+            dir=workdir, port=server.port, user=USER, password=_password(server), dav_url=dav_home,
+            dav_password=dav_server.password_for(USER), colleague=COLLEAGUE, colleague_dav_url=colleague_home,
+            colleague_dav_password=dav_server.password_for(COLLEAGUE)))
         config = load_config(config_path)
         click.echo(f"IMAP server: {type(server).__name__} on 127.0.0.1:{server.port}")
         click.echo(f"config:      {config_path}")
@@ -156,6 +174,7 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
             click.echo(f"  the phone's event now carries the CRM link: {link_line}")
             click.echo(f"  the follow-up #{erika_call} is on the phone's task list: "
                        f"{len(_items(dav_server, dav_home, 'tasks'))} task(s)")
+            _show_shared_meeting(engine, report, dav_server, colleague_home, link_line)
             second = engine.sync().accounts["demo"]
             again = second.mail
             click.echo("")
@@ -179,6 +198,20 @@ def run_demo(keep: Path | None, use_dovecot: bool = False) -> int:
         dav_server.stop()
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _show_shared_meeting(engine, report, dav_server: Radicale, colleague_home: str, link_line: str) -> None:
+    """The same meeting (one UID) is in both employees' calendars: it is one activity."""
+    meetings = [a for a in engine.activities(ActivityFilter(kinds=("TERMIN", "BESPRECHUNG")))
+                if a.subject == "Jahresgespräch ACME"]
+    joined = report.accounts[COLLEAGUE].calendars["events"].counts["created_crm"]
+    (_etag, text), = _items(dav_server, colleague_home, "calendar", COLLEAGUE).values()
+    same_link = link_line in text.replace("\n ", "").splitlines()
+    count = f"{len(meetings)} activity" if len(meetings) == 1 else f"{len(meetings)} activities"
+    click.echo(f"  the same meeting is in {COLLEAGUE}'s calendar too: {count} "
+               f"(#{', #'.join(str(a.id) for a in meetings)}), participants "
+               f"{', '.join(p for m in meetings for p in m.participants)}; {joined} new from {COLLEAGUE}'s copy; "
+               f"its CRM link is {'the same' if same_link else 'another one'}")
 
 
 def _first(pattern: str, text: str) -> str:
@@ -250,14 +283,18 @@ def _count(port: int, password: str, folder: str) -> int:
         client.logout()
 
 
-def _make_calendars(dav_server: Radicale, home: str) -> None:
+def _make_calendars(dav_server: Radicale, home: str, colleague_home: str) -> None:
+    """Both employees were invited to the same meeting: the same event (one UID) in each calendar."""
     from caldav.davclient import DAVClient
 
     dav_server.make_calendar(USER, "calendar", "VEVENT")
     dav_server.make_calendar(USER, "tasks", "VTODO")
-    client = DAVClient(home, username=USER, password=dav_server.password_for(USER))
-    client.request(home + "calendar/phone-meeting-1.ics", "PUT", _phone_event().replace("\n", "\r\n"),
-                   {"Content-Type": "text/calendar; charset=utf-8"})
+    dav_server.make_calendar(COLLEAGUE, "calendar", "VEVENT")
+    event = _phone_event().replace("\n", "\r\n")
+    for user, user_home in ((USER, home), (COLLEAGUE, colleague_home)):
+        client = DAVClient(user_home, username=user, password=dav_server.password_for(user))
+        client.request(user_home + "calendar/phone-meeting-1.ics", "PUT", event,
+                       {"Content-Type": "text/calendar; charset=utf-8"})
 
 
 def _in_days(days: int):
@@ -281,11 +318,11 @@ def _add_follow_up(engine) -> int:
         due=f"{_in_days(4).isoformat()}T09:00:00+01:00[Europe/Berlin]", owner=USER))
 
 
-def _items(dav_server: Radicale, home: str, name: str) -> dict:
+def _items(dav_server: Radicale, home: str, name: str, user: str = USER) -> dict:
     from caldav.davclient import DAVClient
 
     from ..calendar.dav import Collection
 
-    collection = Collection(DAVClient(home, username=USER, password=dav_server.password_for(USER)), home + name + "/")
+    collection = Collection(DAVClient(home, username=user, password=dav_server.password_for(user)), home + name + "/")
     return {h: (i.etag, i.data) for h, i in collection.multiget(sorted(collection.list_etags())).items()}
 

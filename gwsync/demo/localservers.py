@@ -95,7 +95,7 @@ lock_method = flock
 mail_plugins =
 auth_mechanisms = plain login
 auth_failure_delay = 0
-namespace inbox {{
+{master}namespace inbox {{
   inbox = yes
   separator = /
   prefix =
@@ -131,6 +131,7 @@ service stats {{
 protocol imap {{
   mail_max_userip_connections = {max_userip_connections}
 }}
+{extra}
 """
 
 
@@ -147,6 +148,29 @@ plugin {{
 }}
 protocol lda {{
   mail_plugins = $mail_plugins sieve
+}}
+"""
+
+# Master users (README: Company deployment): `USER*MASTER` with MASTER's password logs in as
+# USER, and so does SASL PLAIN with MASTER as authentication and USER as authorization identity.
+# Master passdbs are asked only for those two forms. `result_success = continue` then looks USER
+# up in the ordinary passdbs (without its password), so a master logs in only as users that exist
+# there: the deny passdb's users (denied-users) are refused with NO [AUTHORIZATIONFAILED], the
+# answer for a user the server does not have. auth_verbose logs each refused password
+# ("Password mismatch").
+MASTER_CONF = """\
+auth_master_user_separator = *
+auth_verbose = yes
+passdb {{
+  driver = passwd-file
+  args = {dir}/master-users
+  master = yes
+  result_success = continue
+}}
+passdb {{
+  driver = passwd-file
+  args = {dir}/denied-users
+  deny = yes
 }}
 """
 
@@ -183,18 +207,28 @@ class Dovecot(_LocalServer):
     ca_file: Path | None = None  # the throw-away CA that signed the server's certificate
     sieve_port: int = 0  # ManageSieve, when started with sieve=True
     max_userip_connections: int = 100  # Dovecot's own default is 10
+    extra: str = ""  # more config, appended (e.g. the limits of a benchmark with 1,000 sessions)
+    master_users: dict[str, str] | None = None  # master user -> password (a master passdb)
 
     @classmethod
-    def start(cls, tls: bool = False, sieve: bool = False, max_userip_connections: int = 100) -> Dovecot:
+    def start(cls, tls: bool = False, sieve: bool = False, max_userip_connections: int = 100,
+              master_users: dict[str, str] | None = None, denied_users: tuple[str, ...] = (),
+              extra: str = "") -> Dovecot:
         """With tls=True, the server gets a certificate for 127.0.0.1 and localhost, signed by a
         throw-away CA (`ca_file`), and listens for implicit TLS on `tls_port`. Past
-        `max_userip_connections` sessions of one user, a login gets `NO [LIMIT]`."""
+        `max_userip_connections` sessions of one user, a login gets `NO [LIMIT]`. With
+        `master_users`, each of them logs in as any user but the `denied_users` (MASTER_CONF).
+        `extra` is appended to the config."""
         directory = Path(tempfile.mkdtemp(prefix="gwsync-dovecot-", dir="/tmp"))
         os.chmod(directory, 0o755)
         for sub in ("run", "state", "mail", "home"):
             (directory / sub).mkdir()
         server = cls(directory=directory, sieve_port=free_port() if sieve else 0,
-                     max_userip_connections=max_userip_connections)
+                     max_userip_connections=max_userip_connections, master_users=master_users, extra=extra)
+        if master_users:
+            (directory / "master-users").write_text("".join(f"{user}:{{PLAIN}}{password}\n"
+                                                            for user, password in master_users.items()))
+            (directory / "denied-users").write_text("".join(f"{user}\n" for user in denied_users))
         if tls:
             server.ca_file = _make_certificates(directory)
         server._launch()
@@ -236,7 +270,9 @@ class Dovecot(_LocalServer):
         conf.write_text(DOVECOT_CONF.format(dir=self.directory, port=self.port, user=user, ssl=ssl,
                                             tls_port=self.tls_port, group=_group_name(entry.pw_gid), sieve=sieve,
                                             protocols="imap sieve" if self.sieve_port else "imap",
-                                            max_userip_connections=self.max_userip_connections))
+                                            max_userip_connections=self.max_userip_connections,
+                                            extra=self.extra,
+                                            master=MASTER_CONF.format(dir=self.directory) if self.master_users else ""))
         if os.geteuid() == 0:
             for path in [self.directory, *self.directory.rglob("*")]:
                 os.chown(path, entry.pw_uid, entry.pw_gid)
@@ -317,7 +353,7 @@ htpasswd_filename = {dir}/users
 htpasswd_encryption = plain
 delay = 0
 [rights]
-type = owner_only
+{rights}
 [storage]
 filesystem_folder = {dir}/collections
 [logging]
@@ -342,13 +378,15 @@ class Radicale(_LocalServer):
     proc: subprocess.Popen | None = None
 
     log_level: str = "warning"
+    rights: str | None = None  # a rights file (Radicale's `from_file`); None: each user only their own
 
     @classmethod
-    def start(cls, log_level: str = "warning") -> Radicale:
-        """log_level "info" logs one line per request (benchmarks count them)."""
+    def start(cls, log_level: str = "warning", rights: str | None = None) -> Radicale:
+        """log_level "info" logs one line per request (benchmarks count them). `rights` is the
+        text of a rights file, e.g. one that lets a service user into every user's calendars."""
         directory = Path(tempfile.mkdtemp(prefix="gwsync-radicale-"))
         (directory / "users").write_text("")
-        server = cls(directory=directory, log_level=log_level)
+        server = cls(directory=directory, log_level=log_level, rights=rights)
         server._launch()
         return server
 
@@ -360,7 +398,13 @@ class Radicale(_LocalServer):
     def _launch(self) -> None:
         self.port = free_port()
         conf = self.directory / "radicale.conf"
-        conf.write_text(RADICALE_CONF.format(dir=self.directory, port=self.port, log_level=self.log_level))
+        if self.rights is not None:
+            (self.directory / "rights").write_text(self.rights)
+            rights = f"type = from_file\nfile = {self.directory}/rights"
+        else:
+            rights = "type = owner_only"
+        conf.write_text(RADICALE_CONF.format(dir=self.directory, port=self.port, log_level=self.log_level,
+                                             rights=rights))
         with open(self.directory / "radicale.log", "ab") as stderr:  # the child keeps its own copy
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "radicale", "--config", str(conf)],

@@ -135,16 +135,24 @@ class ImapSession:
             raise MailServerMisconfigured(certificate_problem(f"IMAP {where}", cfg.host, exc, names)) from None
         except (TimeoutError, OSError, IMAPClientError) as exc:
             raise ServerUnreachable(f"IMAP {where}: cannot connect ({exc})") from exc
+        authcid, authzid = cfg.login()  # through a master user: USER*MASTER, or SASL PLAIN for USER
         try:
-            client.login(cfg.username, password)
+            if authzid is None:
+                client.login(authcid, password)
+            else:
+                client.plain_login(authcid, password, authorization_identity=authzid)
         except LoginError as exc:
             _close(client)
-            raise login_refusal(f"IMAP {where}", cfg.username, _text(exc)) from None
+            if isinstance(exc.__context__, IMAPClientAbortError):  # imapclient's word for a BYE or a dropped
+                # connection during LOGIN too (a server shutting down): no answer to the password
+                raise ServerUnreachable(f"IMAP {where}: connection lost during login ({_text(exc)})") from exc
+            raise login_refusal(f"IMAP {where}", cfg.login_text, _text(exc),
+                                acting_for=cfg.username if cfg.login_user != cfg.username else None) from None
         except (TimeoutError, OSError, IMAPClientAbortError) as exc:
             raise ServerUnreachable(f"IMAP {where}: connection lost during login ({exc})") from exc
         except IMAPClientError as exc:  # e.g. LOGINDISABLED: the server takes no login over this connection
             _close(client)
-            raise MailServerError(f"IMAP {where}: login as {cfg.username!r} not possible ({_text(exc)})") from exc
+            raise MailServerError(f"IMAP {where}: login as {cfg.login_text} not possible ({_text(exc)})") from exc
         with _guard(f"IMAP {where}: CAPABILITY"):
             return cls(client)
 
@@ -477,21 +485,28 @@ class ImapSession:
             pass
 
 
-def login_refusal(where: str, username: str, text: str) -> MailServerError:
-    """The error for a NO on LOGIN. Only a refused credential locks it: no response code or an
-    auth code (AUTHENTICATIONFAILED, ...). A server that is full or busy ([LIMIT], ...) turns
-    the login away for now: transient, retried, never locked."""
+def login_refusal(where: str, who: str, text: str, acting_for: str | None = None) -> MailServerError:
+    """The error for a NO on LOGIN as `who` (quoted: "'alice'", "'alice*gwsync'"). Only a refused
+    credential locks it: no response code or an auth code (AUTHENTICATIONFAILED, ...). A server
+    that is full or busy ([LIMIT], ...) turns the login away for now: transient, retried, never
+    locked. A master user logging in `acting_for` a user and answered AUTHORIZATIONFAILED (RFC
+    5530) had the right password, but may not act for that user: the account's refusal."""
     match = _RESPONSE_CODE.match(text)
     code = match.group(1).upper() if match else None
+    if code == "AUTHORIZATIONFAILED" and acting_for is not None:
+        refused = LoginFailed(f"{where}: the master user may log in, but not as {acting_for!r} ({text}); the server "
+                              "has no such user, or its master user rules leave it out")
+        refused.authorization = True
+        return refused
     if code in TRANSIENT_LOGIN_CODES or (code is None and any(t in text.lower() for t in TRANSIENT_LOGIN_TEXTS)):
-        busy = ServerUnreachable(f"{where}: the server turned the login as {username!r} away for now ({text}); "
+        busy = ServerUnreachable(f"{where}: the server turned the login as {who} away for now ({text}); "
                                  "the password was not refused")
         busy.server_answered = True
         return busy
     if code == "PRIVACYREQUIRED":
-        return MailServerMisconfigured(f"{where}: the server takes the login as {username!r} only over TLS "
+        return MailServerMisconfigured(f"{where}: the server takes the login as {who} only over TLS "
                                        f"({text}); set security = \"tls\" or \"starttls\"")
-    return LoginFailed(f"{where}: login as {username!r} refused ({text})")
+    return LoginFailed(f"{where}: login as {who} refused ({text})")
 
 
 def certificate_problem(where: str, host: str, exc: ssl.SSLCertVerificationError,

@@ -162,10 +162,12 @@ def _loopback(host: str) -> bool:
 
 class SieveRules:
     """gwsync's rules on one account's ManageSieve server. A refused login is SieveLoginRefused,
-    any other failure a SieveError (SieveUnreachable for the connection)."""
+    any other failure a SieveError (SieveUnreachable for the connection). With `authz`, `username`
+    is a master user who logs in (SASL PLAIN) as the user `authz`; `acting_for` names the user a
+    master user logs in as (either form), for an AUTHORIZATIONFAILED answer (see imap.login_refusal)."""
 
     def __init__(self, host: str, port: int, username: str, password: str, starttls: bool,
-                 tls: ssl.SSLContext | None = None):
+                 tls: ssl.SSLContext | None = None, authz: str = "", acting_for: str | None = None):
         self.where = f"ManageSieve {host}:{port}"
         self.client = _Client(host, port, tls)
         if not starttls and not _loopback(host):
@@ -173,7 +175,7 @@ class SieveRules:
         try:
             with warnings.catch_warnings():  # sievelib's own words for the line above, on every connect
                 warnings.filterwarnings("ignore", "Credentials are sent over an unencrypted connection")
-                ok = self.client.connect(username, password, starttls=starttls, authmech="PLAIN")
+                ok = self.client.connect(username, password, authz_id=authz, starttls=starttls, authmech="PLAIN")
         except ssl.SSLCertVerificationError as exc:
             from .imap import certificate_problem
 
@@ -182,8 +184,18 @@ class SieveRules:
             raise SieveUnreachable(f"ManageSieve {host}:{port}: cannot connect ({exc}); is the server up, "
                                    "and is [sieve] port right?") from exc
         if not ok:
+            # Before LOGOUT resets them. Dovecot answers a master user refused for the user with no
+            # response code, only its text "Authorization failed" ("Authentication failed." otherwise).
+            answer = b" ".join((self.client.errcode or b"", self.client.errmsg or b"")).decode("utf-8", "replace")
             self.close()
-            raise SieveLoginRefused(f"ManageSieve {host}:{port}: login as {username!r} refused")
+            who = f"{authz!r} (SASL PLAIN, authenticated as {username!r})" if authz else repr(username)
+            if acting_for is not None and re.search(r"authorization ?failed", answer, re.IGNORECASE):
+                refused = SieveLoginRefused(f"ManageSieve {host}:{port}: the master user may log in, but not as "
+                                            f"{acting_for!r} ({answer.strip()}); the server has no such user, "
+                                            "or its master user rules leave it out")
+                refused.authorization = True
+                raise refused
+            raise SieveLoginRefused(f"ManageSieve {host}:{port}: login as {who} refused")
 
     def close(self) -> None:
         try:

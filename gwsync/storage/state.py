@@ -70,6 +70,7 @@ class CalendarLink:
     etag: str | None
     base: dict | None
     identity: str | None = None  # the activity's identity when linked; None: saved before it was recorded
+    organizer: str | None = None  # the item's ORGANIZER address at the last sync (its deletion may cancel)
 
 
 @dataclass
@@ -171,6 +172,18 @@ def _calendar_items(db: sqlite_utils.Database) -> None:
          "addresses": str, "updated_at": str}, pk=("account", "area", "href"), if_not_exists=True)
 
 
+def _link_organizers(db: sqlite_utils.Database) -> None:
+    """Links learn the item's organizer (a deleted organizer's copy cancels the meeting) and are
+    found by UID across accounts (one activity per UID)."""
+    add_column(db, "links", "organizer", str)
+    db.table("links").create_index(["area", "uid"], if_not_exists=True)
+
+
+def _link_organizers_postgres(conn: sa.Connection) -> None:
+    conn.exec_driver_sql('ALTER TABLE links ADD COLUMN IF NOT EXISTS "organizer" TEXT')
+    conn.exec_driver_sql('CREATE INDEX IF NOT EXISTS "idx_links_area_uid" ON links (area, uid)')
+
+
 def _accounts(db: sqlite_utils.Database) -> None:
     db.table("accounts").create({"name": str, "username": str, "email": str, "areas": str, "added_at": str},
                                 pk="name", if_not_exists=True)
@@ -189,7 +202,8 @@ MIGRATIONS = [
     Migration(2, "links and membership: the activity's identity (recorded as version 1)", _identities),
     Migration(3, "locks: the credential each lock is for", _lock_credentials),
     Migration(4, "calendar_items: new items left out in a review or held for a mandatory field", _calendar_items),
-    Migration(5, "accounts: the accounts kept in the database (gwsync accounts)", _accounts,
+    Migration(5, "links: the item's organizer; links by UID", _link_organizers, postgres=_link_organizers_postgres),
+    Migration(6, "accounts: the accounts kept in the database (gwsync accounts)", _accounts,
               postgres=_accounts_postgres),
 ]
 SCHEMA_VERSION = latest(MIGRATIONS)
@@ -220,8 +234,9 @@ messages = sa.Table(
 runs = sa.Table("runs", metadata, *_key("account", "area"),
                 *_columns(finished_at=str, ok=int, summary=str, error=str, last_success=str))
 links = sa.Table("links", metadata, *_key("account", "area", "activity_id"),
-                 *_columns(uid=str, href=str, etag=str, base=str, updated_at=str, identity=str),
-                 sa.Index("idx_links_account_area_href", "account", "area", "href", unique=True))
+                 *_columns(uid=str, href=str, etag=str, base=str, updated_at=str, identity=str, organizer=str),
+                 sa.Index("idx_links_account_area_href", "account", "area", "href", unique=True),
+                 sa.Index("idx_links_area_uid", "area", "uid"))
 collections = sa.Table("collections", metadata, *_key("account", "area"), *_columns(url=str, sync_token=str))
 membership = sa.Table("membership", metadata, *_key("account", "area", "activity_id"),
                       *_columns(included=int, identity=str))
@@ -338,11 +353,20 @@ class StateStore:
     def _link(row) -> CalendarLink:
         return CalendarLink(account=row["account"], area=row["area"], activity_id=row["activity_id"], uid=row["uid"],
                             href=row["href"], etag=row["etag"], base=json.loads(row["base"]) if row["base"] else None,
-                            identity=row["identity"])
+                            identity=row["identity"], organizer=row["organizer"])
 
     def links(self, account: str, area: str) -> list[CalendarLink]:
         return [self._link(r) for r in self._dicts(sa.select(links).where(links.c.account == account,
                                                                           links.c.area == area))]
+
+    def links_by_uid(self, area: str, uids: Iterable[str]) -> list[CalendarLink]:
+        """Every account's links in the area to items with these UIDs (the copies of one meeting)."""
+        uids = list(dict.fromkeys(uids))
+        found: list[CalendarLink] = []
+        for start in range(0, len(uids), 500):
+            found += map(self._link, self._dicts(sa.select(links).where(links.c.area == area,
+                                                                        links.c.uid.in_(uids[start:start + 500]))))
+        return found
 
     def links_of_activity(self, activity_id: int, identity: str | None = None) -> list[CalendarLink]:
         """The activity's links; with its identity, not those saved for another activity that
@@ -368,7 +392,7 @@ class StateStore:
                         "account": link.account, "area": link.area, "activity_id": link.activity_id, "uid": link.uid,
                         "href": link.href, "etag": link.etag,
                         "base": json.dumps(link.base, sort_keys=True) if link.base is not None else None,
-                        "updated_at": _now(), "identity": link.identity})
+                        "updated_at": _now(), "identity": link.identity, "organizer": link.organizer})
                 else:
                     account, area, activity_id, *href = value
                     conn.execute(sa.delete(links).where(c.account == account, c.area == area,
