@@ -100,7 +100,10 @@ def full_account(config: Config, item: AccountRecord) -> AccountConfig:
     try:
         return config.account_from_record(item.name, item.username, item.email, item.areas)
     except ConfigError as exc:
-        raise exc.reworded(f"account {item.name} (in the database): {exc.message}") from None
+        # Its tables are [defaults]' (the keys of accounts.NAME.imap come from [defaults.imap]).
+        tables = [t for t in ("imap", "caldav") if f"accounts.{item.name}.{t}" in exc.message]
+        hint = f" (set it in [defaults.{tables[0]}])" if tables else ""
+        raise exc.reworded(f"account {item.name} (in the database): {exc.message}{hint}") from None
 
 
 def in_file(config: Config, name: str) -> str | None:
@@ -171,7 +174,7 @@ def read_csv(path: Path) -> list[tuple[int, AccountRecord]]:
         raise BadRecord(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise BadRecord(f"{path} is not UTF-8: save it as CSV UTF-8") from None
-    reader = csv.reader(text.splitlines(keepends=True))
+    reader = csv.reader(text.splitlines(keepends=True), strict=True)  # an open quote is an error
     errors: list[str] = []
     out: list[tuple[int, AccountRecord]] = []
     seen: dict[str, int] = {}
@@ -195,7 +198,7 @@ def read_csv(path: Path) -> list[tuple[int, AccountRecord]]:
             seen[item.name] = line
             out.append((line, item))
     except csv.Error as exc:
-        errors.append(f"{path} line {reader.line_num}: {exc}")
+        errors.append(f"{path} line {reader.line_num}: {exc} (check the quotes)")
     if header is None and not errors:
         raise BadRecord(f"{path} is empty: write a header row ({','.join(COLUMNS)}), then one account per row")
     if errors:

@@ -34,7 +34,7 @@ from .accountlock import AccountBusy, AccountLocks, FileAccountLocks
 from .accounts import with_database_accounts
 from .calendar import dav
 from .calendar.dav import Collection
-from .config import AREAS, AccountConfig, CaldavConfig, Config, ConfigError, ImapConfig, Secret
+from .config import AREAS, AccountConfig, CaldavConfig, Config, ConfigError, ImapConfig, Secret, known_names
 from .crm import Activity, ActivityDraft, ActivityFilter, Attendee, Contact, CRMBackend, Partner
 from .errors import (
     EXIT_USAGE,
@@ -239,7 +239,8 @@ def _lag(wanted: tuple[str, ...] | list[str], areas: dict[str, dict], now: datet
     runs = [areas.get(area) or {} for area in wanted]
     finished = [run["last_sync"] for run in runs if run.get("last_sync")]
     successes = [run.get("last_success") for run in runs]
-    oldest = min(successes, key=datetime.fromisoformat) if successes and all(successes) else None
+    done = [stamp for stamp in successes if stamp]
+    oldest = min(done, key=datetime.fromisoformat) if done and len(done) == len(successes) else None
     return {"last_sync": max(finished, key=datetime.fromisoformat) if finished else None,
             "last_success": oldest, "lag": _seconds_since(oldest, now),
             "errors": [{"area": area, "error": info["error"], "at": info["last_sync"]}
@@ -987,7 +988,7 @@ class Engine:
         naming it, in its `role` (owner, delegate, participant), and the known ones."""
         if name not in self.config.accounts:
             raise UsageError(f"{role} {name!r} is not an employee: no account {name!r} in the config "
-                             f"(known: {', '.join(self.employees()) or 'none'})")
+                             f"(known: {known_names(self.employees())})")
         return name
 
     def _check_employees(self, fields: dict) -> None:

@@ -937,14 +937,14 @@ def accounts_remove(obj: Context, name, purge) -> None:
     calendar links, runs, locks) is kept, so that adding it again goes on where it left off;
     --purge deletes it. Its mail, calendars and CRM records are never touched."""
     from ..accountlock import FileAccountLocks
-    from ..accounts import in_file
 
     with _AccountStore(obj) as accts:
-        clash = in_file(accts.config, name)
-        if clash:
-            fail(f"account {name!r} is in the config file, not in the database: remove its [accounts.{name}] table "
-                 "there", EXIT_USAGE)
+        in_file = name in accts.config.accounts
+        if in_file and purge:
+            fail(f"account {name!r} is in the config file ([accounts.{name}]) and its sync state is that account's: "
+                 "remove it without --purge", EXIT_USAGE)
         gone: dict[str, int] = {}
+        kept: dict[str, int] = {}
         if purge:
             # Not while a run of the account is under way: it would write its state back.
             locks = FileAccountLocks(accts.config.state_database, accts.config.state.lock_wait)
@@ -954,6 +954,9 @@ def accounts_remove(obj: Context, name, purge) -> None:
         else:
             removed = accts.store.remove_account(name)
             kept = accts.store.account_state(name)
+    if not removed and in_file:
+        fail(f"account {name!r} is in the config file, not in the database: remove its [accounts.{name}] table there",
+             EXIT_USAGE)
     if not removed and not (purge and gone):
         fail(f"no account {name!r} in {accts.where}" + ("" if purge else " (see `gwsync accounts list`)"), EXIT_USAGE)
     said = f"removed account {name} from {accts.where}" if removed else f"account {name} is not in {accts.where}"
@@ -975,9 +978,10 @@ def accounts_list(obj: Context, as_json) -> None:
     """Every account: the config file's and the database's (column source)."""
     with _AccountStore(obj) as accts:
         records = accts.store.accounts()
-    rows = [{"name": name, "username": account.username or (account.imap.username if account.imap else None),
-             "email": account.email, "areas": list(account.areas), "source": "config", "added_at": None}
-            for name, account in accts.config.accounts.items()]
+    rows: list[dict[str, Any]] = [
+        {"name": name, "username": account.username or (account.imap.username if account.imap else None),
+         "email": account.email, "areas": list(account.areas), "source": "config", "added_at": None}
+        for name, account in accts.config.accounts.items()]
     rows += [{"name": r.name, "username": r.username, "email": r.email, "areas": list(r.areas), "source": "database",
               "added_at": r.added_at} for r in records]
     rows.sort(key=lambda row: row["name"])

@@ -589,10 +589,10 @@ class StateStore:
     def add_account(self, record: AccountRecord) -> AccountRecord | None:
         """Add the account unless one of its name is there: None when added, else the stored one
         (two adds at once: the database lets one in, the other gets the stored record)."""
-        insert = self._insert(accounts_table).on_conflict_do_nothing(index_elements=["name"])
+        insert = (self._insert(accounts_table).on_conflict_do_nothing(index_elements=["name"])
+                  .returning(accounts_table.c.name))  # rowcount is not told for it on PostgreSQL
         with write(self.engine) as conn:
-            added = conn.execute(insert, self._account_row(record)).rowcount
-            if added:
+            if conn.execute(insert, self._account_row(record)).first() is not None:
                 return None
             row = conn.execute(sa.select(accounts_table).where(accounts_table.c.name == record.name)).mappings().first()
         return self._account(row)
