@@ -18,6 +18,7 @@ takes a pooled connection for its statements (one explicit transaction per write
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import operator
@@ -37,7 +38,7 @@ import sqlite_utils
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ..errors import file_fault
-from ..storage.database import pg_upgrade, postgres_engine, read, shown, sqlite_engine, write
+from ..storage.database import Readers, pg_upgrade, postgres_engine, shown, sqlite_engine, write
 from ..storage.migrations import Migration, add_column, latest, upgrade
 from ..storage.sqlite import ensure_private_dir
 from . import (
@@ -395,12 +396,14 @@ class EmbeddedCRM(CRMBackend):
         self.link_template = link
         self._store_id: str | None = None
         self._compiled: dict[str, tuple[str, Callable | None]] = {}
+        self._compiled_reads: dict = {}
         if isinstance(database, str):
             self.engine = postgres_engine(database, "CRM database", password)
             self._postgres = True
         else:
             self.engine = sqlite_engine(database, "CRM database", {"unicode_lower": _lower})
             self._postgres = False
+        self._read = Readers(self.engine)
         try:
             self._upgrade(database)
         except BaseException:
@@ -427,16 +430,16 @@ class EmbeddedCRM(CRMBackend):
             self._store_id = self._scalar(sa.select(meta.c.value).where(meta.c.name == "store_id"))
         return self._store_id
 
-    def _rows(self, statement) -> list:
-        with read(self.engine) as conn:
-            return list(conn.execute(statement))
+    def _rows(self, statement, **parameters) -> list:
+        with self._read() as conn:
+            return list(conn.execute(statement, parameters))
 
     def _maps(self, statement) -> list:
-        with read(self.engine) as conn:
+        with self._read() as conn:
             return list(conn.execute(statement).mappings())
 
     def _scalar(self, statement):
-        with read(self.engine) as conn:
+        with self._read() as conn:
             return conn.execute(statement).scalar()
 
     # -- lookups -----------------------------------------------------------------------------
@@ -444,34 +447,81 @@ class EmbeddedCRM(CRMBackend):
     def statuses(self) -> dict[str, str]:
         return dict(self._statuses)
 
-    def find_contact_by_email(self, address: str) -> Contact | None:
+    # The statements run once per mail or item are built once per store (cached_property), with
+    # parameters: building a SQLAlchemy statement costs about five times running it.
+
+    @functools.cached_property
+    def _by_email(self):
         m, c = communications, contacts
-        rows = self._rows(
-            sa.select(c.c.id, c.c.name, c.c.partner_id).join_from(m, c, c.c.id == m.c.contact_id)
-            .where(m.c.kind == "email", self._lower(m.c.value) == address.strip().lower())
-            .order_by(m.c.is_default.desc(), c.c.id).limit(1))
-        return self._contact(rows[0]) if rows else None
+        return (sa.select(c.c.id, c.c.name, c.c.partner_id).join_from(m, c, c.c.id == m.c.contact_id)
+                .where(m.c.kind == "email", self._lower(m.c.value) == sa.bindparam("address"))
+                .order_by(m.c.is_default.desc(), c.c.id).limit(1))
+
+    @functools.cached_property
+    def _by_domain(self):
+        a = partner_addresses.c
+        return sa.select(a.partner_id).distinct().where(a.domain == sa.bindparam("domain"))
+
+    @functools.cached_property
+    def _partner_row(self):
+        return sa.select(partners.c.id, partners.c.name).where(partners.c.id == sa.bindparam("id"))
+
+    @functools.cached_property
+    def _partner_emails(self):
+        a = partner_addresses.c
+        return sa.select(a.email).where(a.partner_id == sa.bindparam("id")).order_by(a.id)
+
+    @functools.cached_property
+    def _contact_row(self):
+        c = contacts.c
+        return sa.select(c.id, c.name, c.partner_id).where(c.id == sa.bindparam("id"))
+
+    @functools.cached_property
+    def _contact_emails(self):
+        m = communications.c
+        return (sa.select(m.value).where(m.contact_id == sa.bindparam("id"), m.kind == "email")
+                .order_by(m.is_default.desc(), m.id))
+
+    def _fetch(self, conn: sa.Connection, statement, **parameters) -> list[tuple]:
+        """The rows of one of the statements above, run by the driver itself: compiled once per
+        store, its parameters filled in by SQLAlchemy's compiled form. For the lookups made
+        for every mail, where SQLAlchemy's execution took more than SQLite's own work."""
+        compiled = self._compiled_reads.get(statement)
+        if compiled is None:
+            compiled = self._compiled_reads[statement] = statement.compile(dialect=self.engine.dialect)
+        values = compiled.construct_params(parameters)
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]  # a checked-out connection
+        try:
+            cursor.execute(str(compiled), tuple(values[name] for name in compiled.positiontup)
+                           if compiled.positiontup else values)
+            return list(cursor.fetchall())
+        finally:
+            cursor.close()
+
+    def find_contact_by_email(self, address: str) -> Contact | None:
+        with self._read() as conn:
+            rows = self._fetch(conn, self._by_email, address=address.strip().lower())
+            return self._contact(conn, rows[0]) if rows else None
 
     def find_partner_by_domain(self, domain: str) -> Partner | None:
-        rows = self._rows(sa.select(partner_addresses.c.partner_id).distinct()
-                          .where(partner_addresses.c.domain == domain.strip().lower()))
+        with self._read() as conn:
+            rows = self._fetch(conn, self._by_domain, domain=domain.strip().lower())
         if len(rows) != 1:  # none, or ambiguous: better unassigned than wrongly assigned
             return None
         return self.get_partner(rows[0][0])
 
     def get_partner(self, partner_id: int) -> Partner | None:
-        rows = self._rows(sa.select(partners.c.id, partners.c.name).where(partners.c.id == partner_id))
-        if not rows:
-            return None
-        emails = [r[0] for r in self._rows(sa.select(partner_addresses.c.email)
-                                           .where(partner_addresses.c.partner_id == partner_id)
-                                           .order_by(partner_addresses.c.id))]
+        with self._read() as conn:
+            rows = self._fetch(conn, self._partner_row, id=partner_id)
+            if not rows:
+                return None
+            emails = [r[0] for r in self._fetch(conn, self._partner_emails, id=partner_id)]
         return Partner(id=rows[0][0], name=rows[0][1], emails=emails)
 
     def get_contact(self, contact_id: int) -> Contact | None:
-        rows = self._rows(sa.select(contacts.c.id, contacts.c.name, contacts.c.partner_id)
-                          .where(contacts.c.id == contact_id))
-        return self._contact(rows[0]) if rows else None
+        with self._read() as conn:
+            rows = self._fetch(conn, self._contact_row, id=contact_id)
+            return self._contact(conn, rows[0]) if rows else None
 
     def list_partners(self) -> list[Partner]:
         emails: dict[int, list[str]] = {}
@@ -493,24 +543,30 @@ class EmbeddedCRM(CRMBackend):
                     sa.select(contacts.c.id, contacts.c.name, contacts.c.partner_id)
                     .order_by(contacts.c.name, contacts.c.id))]
 
-    def _contact(self, row) -> Contact:
-        m = communications
-        emails = [r[0] for r in self._rows(sa.select(m.c.value).where(m.c.contact_id == row[0], m.c.kind == "email")
-                                           .order_by(m.c.is_default.desc(), m.c.id))]
+    def _contact(self, conn: sa.Connection, row) -> Contact:
+        emails = [r[0] for r in self._fetch(conn, self._contact_emails, id=row[0])]
         return Contact(id=row[0], name=row[1], partner_id=row[2], emails=emails)
 
     def existing_keys(self, keys: Iterable[str]) -> dict[str, int]:
-        with read(self.engine) as conn:
+        with self._read() as conn:
             return self._existing(conn, list(keys))
 
-    def _among(self, column, values: list):
-        """column IN (values) as one parameter, however many values: an array on PostgreSQL, a
-        JSON list read by json_each on SQLite (no statement per 500 values, nothing to render)."""
+    def _among(self, column):
+        """column IN (:values) as one parameter, however many values (see _values): an array on
+        PostgreSQL, a JSON list read by json_each on SQLite (no statement per 500 values)."""
         if self._postgres:
-            return column == sa.any_(sa.bindparam("values", list(values), type_=_postgresql().ARRAY(sa.Text)))
-        listed = sa.func.json_each(sa.bindparam("values", json.dumps(values), type_=sa.Text)) \
-            .table_valued("value").alias("listed")
+            return column == sa.any_(sa.bindparam("values", type_=_postgresql().ARRAY(sa.Text)))
+        listed = sa.func.json_each(sa.bindparam("values", type_=sa.Text)).table_valued("value").alias("listed")
         return column.in_(sa.select(listed.c.value))
+
+    def _values(self, values: list) -> dict:
+        """The parameter of _among."""
+        return {"values": list(values) if self._postgres else json.dumps(values)}
+
+    @functools.cached_property
+    def _keys_found(self):
+        a = activities.c
+        return sa.select(a.key, a.id, a.uuid).where(self._among(a.key))
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -533,9 +589,7 @@ class EmbeddedCRM(CRMBackend):
             if new:
                 self._insert_many(conn, "activities", new)
                 ours = {row["key"]: row["uuid"] for row in new}
-                for key, activity_id, made in conn.execute(
-                        sa.select(activities.c.key, activities.c.id, activities.c.uuid)
-                        .where(self._among(activities.c.key, list(ours)))).all():
+                for key, activity_id, made in conn.execute(self._keys_found, self._values(list(ours))).all():
                     if made == ours[key]:
                         created[key] = activity_id
                     else:  # another process wrote this key just now
@@ -568,8 +622,7 @@ class EmbeddedCRM(CRMBackend):
     def _existing(self, conn: sa.Connection, keys: list[str]) -> dict[str, int]:
         if not keys:
             return {}
-        return dict(conn.execute(sa.select(activities.c.key, activities.c.id)
-                                 .where(self._among(activities.c.key, keys))).all())
+        return {key: activity_id for key, activity_id, _ in conn.execute(self._keys_found, self._values(keys))}
 
     def _insert(self, table: sa.Table):
         """INSERT with ON CONFLICT: each dialect's own construct, the same statement."""
@@ -704,15 +757,17 @@ class EmbeddedCRM(CRMBackend):
 
     # -- reads -------------------------------------------------------------------------------
 
+    @functools.cached_property
+    def _documents_of(self):
+        d = documents_table.c
+        return (sa.select(d.activity_id, d.filename, d.content_type, d.size, d.sha256, d.category, d.keyword)
+                .where(d.activity_id.in_(sa.bindparam("ids", expanding=True))).order_by(d.id))
+
     def _documents(self, conn: sa.Connection, activity_ids: list[int]) -> dict[int, list[Document]]:
         """Documents of many activities in one query per 500 ids (not one query per activity)."""
-        d = documents_table.c
         found: dict[int, list[Document]] = {}
         for start in range(0, len(activity_ids), 500):
-            chunk = activity_ids[start:start + 500]
-            for activity_id, *fields in conn.execute(
-                    sa.select(d.activity_id, d.filename, d.content_type, d.size, d.sha256, d.category, d.keyword)
-                    .where(d.activity_id.in_(chunk)).order_by(d.id)).all():
+            for activity_id, *fields in conn.execute(self._documents_of, {"ids": activity_ids[start:start + 500]}):
                 found.setdefault(activity_id, []).append(Document(*fields))
         return found
 
@@ -730,26 +785,30 @@ class EmbeddedCRM(CRMBackend):
             recipients_cc=_listed(recipients_cc), participants=_listed(participants), delegated_to=delegated_to,
             request=request, project=project, attendees=attendees_from(_listed(attendees)), private=bool(private))
 
-    def _activities(self, where: list, *order, limit: int | None = None, offset: int = 0) -> list[Activity]:
-        statement = sa.select(*_READ).where(*where).order_by(*order)
-        if limit is not None:
-            statement = statement.limit(limit)
-        if offset:
-            statement = statement.offset(offset)
-        with read(self.engine) as conn:
+    def _activities(self, statement, parameters: dict | None = None) -> list[Activity]:
+        with self._read() as conn:
             # The driver's rows as they come: no column here needs a conversion by SQLAlchemy
             # (see _JsonText), and its Row objects would take longer than the rest together.
-            rows = conn.execute(statement).cursor.fetchall()
+            rows = conn.execute(statement, parameters).cursor.fetchall()
             docs = self._documents(conn, [row[0] for row in rows])
         return [self._activity(row, docs.get(row[0], [])) for row in rows]
 
+    @functools.cached_property
+    def _by_id(self):
+        return sa.select(*_READ).where(activities.c.id == sa.bindparam("id"))
+
     def get_activity(self, activity_id: int) -> Activity | None:
-        found = self._activities([activities.c.id == activity_id])
+        found = self._activities(self._by_id, {"id": activity_id})
         return found[0] if found else None
 
     def list_activities(self, flt: ActivityFilter) -> list[Activity]:
-        return self._activities(self._where(flt), activities.c.id.desc() if flt.newest_first else activities.c.id,
-                                limit=flt.limit, offset=flt.offset)
+        statement = sa.select(*_READ).where(*self._where(flt)).order_by(
+            activities.c.id.desc() if flt.newest_first else activities.c.id)
+        if flt.limit is not None:
+            statement = statement.limit(flt.limit)
+        if flt.offset:
+            statement = statement.offset(flt.offset)
+        return self._activities(statement)
 
     def count_activities(self, flt: ActivityFilter) -> int:
         return self._scalar(sa.select(sa.func.count()).select_from(activities).where(*self._where(flt)))
@@ -795,4 +854,5 @@ class EmbeddedCRM(CRMBackend):
         return self.documents.path_for(sha256)
 
     def close(self) -> None:
+        self._read.close()
         self.engine.dispose()

@@ -24,6 +24,7 @@ old version whole.
 from __future__ import annotations
 
 import json
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -180,6 +181,53 @@ def read(engine: sa.Engine) -> Iterator[sa.Connection]:
     """A pooled connection for reads (autocommit: each statement sees the latest commit)."""
     with engine.connect() as conn:
         yield conn
+
+
+class Readers:
+    """A connection per thread kept for a store's reads: a pool checkout and return for each
+    lookup cost as much as SQLite's lookup itself (the mail import makes several per mail).
+
+    In autocommit a connection holds nothing between statements (every result is read to its
+    end, which ends SQLite's read snapshot). After an error the thread's connection is closed
+    and a new one taken next time (a PostgreSQL session that died is not used again)."""
+
+    def __init__(self, engine: sa.Engine):
+        self.engine = engine
+        self._local = threading.local()
+        self._open: list[sa.Connection] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def __call__(self) -> Iterator[sa.Connection]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self.engine.connect()
+            with self._lock:
+                self._open.append(conn)
+        try:
+            yield conn
+        except BaseException:
+            self._drop(conn)
+            raise
+
+    def _drop(self, conn: sa.Connection) -> None:
+        self._local.conn = None
+        with self._lock:
+            if conn in self._open:
+                self._open.remove(conn)
+        try:
+            conn.close()
+        except Exception:
+            pass  # the error that got us here says what happened
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._open = self._open, []
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:
+                pass
 
 
 # -- schema versions on PostgreSQL -------------------------------------------------------------------

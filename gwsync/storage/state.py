@@ -32,7 +32,7 @@ import sqlalchemy as sa
 import sqlite_utils
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from .database import pg_upgrade, postgres_engine, read, shown, sqlite_engine, write
+from .database import Readers, pg_upgrade, postgres_engine, shown, sqlite_engine, write
 from .migrations import Migration, add_column, latest, upgrade
 
 IMPORTED, HELD, FAILED, QUARANTINED = "imported", "held", "failed", "quarantined"
@@ -179,11 +179,6 @@ def _link_organizers(db: sqlite_utils.Database) -> None:
     db.table("links").create_index(["area", "uid"], if_not_exists=True)
 
 
-def _link_organizers_postgres(conn: sa.Connection) -> None:
-    conn.exec_driver_sql('ALTER TABLE links ADD COLUMN IF NOT EXISTS "organizer" TEXT')
-    conn.exec_driver_sql('CREATE INDEX IF NOT EXISTS "idx_links_area_uid" ON links (area, uid)')
-
-
 def _accounts(db: sqlite_utils.Database) -> None:
     db.table("accounts").create({"name": str, "username": str, "email": str, "areas": str, "added_at": str},
                                 pk="name", if_not_exists=True)
@@ -202,7 +197,7 @@ MIGRATIONS = [
     Migration(2, "links and membership: the activity's identity (recorded as version 1)", _identities),
     Migration(3, "locks: the credential each lock is for", _lock_credentials),
     Migration(4, "calendar_items: new items left out in a review or held for a mandatory field", _calendar_items),
-    Migration(5, "links: the item's organizer; links by UID", _link_organizers, postgres=_link_organizers_postgres),
+    Migration(5, "links: the item's organizer; links by UID", _link_organizers),
     Migration(6, "accounts: the accounts kept in the database (gwsync accounts)", _accounts,
               postgres=_accounts_postgres),
 ]
@@ -251,7 +246,7 @@ calendar_items = sa.Table("calendar_items", metadata, *_key("account", "area", "
                           *_columns(outcome=str, uid=str, subject=str, missing=str, addresses=str, updated_at=str))
 
 # The version the first PostgreSQL databases were made at: the steps up to it are SQLite's history.
-POSTGRES_FIRST = 4
+POSTGRES_FIRST = 5
 
 
 def _postgres_steps() -> list[tuple[int, Callable[[sa.Connection], None]]]:
@@ -278,6 +273,7 @@ class StateStore:
             self.engine = postgres_engine(database, "state database", password)
         else:
             self.engine = sqlite_engine(database, "state database")
+        self._read = Readers(self.engine)
         try:
             if isinstance(database, str):
                 pg_upgrade(self.engine, "state", SCHEMA_VERSION, "state database", shown(database),
@@ -310,11 +306,11 @@ class StateStore:
         return statement.on_conflict_do_update(index_elements=key, set_=changes)
 
     def _dicts(self, statement) -> list[dict]:
-        with read(self.engine) as conn:
+        with self._read() as conn:
             return [dict(row) for row in conn.execute(statement).mappings()]
 
     def _first(self, statement):
-        with read(self.engine) as conn:
+        with self._read() as conn:
             return conn.execute(statement).first()
 
     # -- credential locks --------------------------------------------------------------------
@@ -364,8 +360,8 @@ class StateStore:
         uids = list(dict.fromkeys(uids))
         found: list[CalendarLink] = []
         for start in range(0, len(uids), 500):
-            found += map(self._link, self._dicts(sa.select(links).where(links.c.area == area,
-                                                                        links.c.uid.in_(uids[start:start + 500]))))
+            found += map(self._link, self._dicts(sa.select(links).where(
+                links.c.area == area, links.c.uid.in_(uids[start:start + 500]))))
         return found
 
     def links_of_activity(self, activity_id: int, identity: str | None = None) -> list[CalendarLink]:
@@ -423,7 +419,7 @@ class StateStore:
     def membership_details(self, account: str, area: str) -> dict[int, tuple[bool, str | None]]:
         """activity id -> (included, the identity of the activity it was set for, if recorded)."""
         m = membership.c
-        with read(self.engine) as conn:
+        with self._read() as conn:
             return {r[0]: (bool(r[1]), r[2]) for r in conn.execute(
                 sa.select(m.activity_id, m.included, m.identity).where(m.account == account, m.area == area))}
 
@@ -641,7 +637,7 @@ class StateStore:
     def account_state(self, name: str) -> dict[str, int]:
         """How many rows of sync state the account has, per table (tables without any left out)."""
         counts = {}
-        with read(self.engine) as conn:
+        with self._read() as conn:
             for table in self._state_tables():
                 found = conn.execute(sa.select(sa.func.count()).select_from(table)
                                      .where(table.c.account == name)).scalar()
@@ -676,4 +672,5 @@ class StateStore:
                 for row in self._dicts(sa.select(runs).order_by(runs.c.account, runs.c.area))]
 
     def close(self) -> None:
+        self._read.close()
         self.engine.dispose()
