@@ -6,8 +6,9 @@ areas. The config's [defaults] make each a full account (Config.account_from_rec
 security and the master user's credential of [defaults.imap], the calendar URL template and the
 service user of [defaults.caldav].
 
-Order of work when a run loads its accounts (`with_database_accounts`, once per run, from the
-command line's config or when an Engine is made from a config that has not loaded them):
+Order of work when a run loads its accounts (`with_database_accounts`, once per run: when an
+Engine opens the stores for a config that has not loaded them; the command line's config is
+that Engine's):
 1. read every record of the accounts table;
 2. a name that is also in the config file is a ConfigError (one line; `gwsync accounts remove`
    or the file's table fixes it, and `gwsync accounts` itself runs on the file alone);
@@ -123,25 +124,12 @@ def checked(config: Config, records: list[AccountRecord]) -> None:
         full_account(config, item)
 
 
-def with_database_accounts(config: Config, state: StateStore | None = None) -> Config:
-    """The config with the database's accounts after the file's (see the module doc). Without
-    `state`, the state database is opened for it and closed; an SQLite file that does not exist
-    yet has no accounts and is not made here."""
+def with_database_accounts(config: Config, state: StateStore) -> Config:
+    """The config with the database's accounts after the file's (see the module doc); the
+    config itself when it has them already."""
     if config.database_accounts is not None:
         return config
-    if state is not None:
-        records = state.accounts()
-    elif config.database is None and not config.state_database.exists():
-        records = []
-    else:
-        from .engine import store_database
-
-        store = StateStore(*store_database(config, config.state_database))
-        try:
-            records = store.accounts()
-        finally:
-            store.close()
-    return merged(config, records)
+    return merged(config, state.accounts())
 
 
 def merged(config: Config, records: list[AccountRecord]) -> Config:

@@ -31,11 +31,18 @@ EXIT_OK = 0
 
 
 class Context:
+    """What the commands share: the config, and the stores through an Engine.
+
+    The accounts kept in the database are read when the run's first Engine opens the stores
+    (gwsync.accounts), so the full config comes with that Engine: the first `config` makes it
+    and the first `engine()` hands it out; later ones are new Engines on the same config."""
+
     def __init__(self, config_path: Path | None, verbosity: int):
         self.config_path = config_path
         self.verbosity = verbosity
         self._config: Config | None = None
         self._file_config: Config | None = None
+        self._engine: Engine | None = None  # made with `config`, not yet handed out
 
     @property
     def file_config(self) -> Config:
@@ -46,18 +53,28 @@ class Context:
 
     @property
     def config(self) -> Config:
-        """The config file with the accounts kept in the database (read once per run)."""
+        """The config file with the accounts kept in the database."""
         if self._config is None:
-            from ..accounts import with_database_accounts
-
-            self._config = with_database_accounts(self.file_config)
+            self._engine = self._open(self.file_config)
+            self._config = self._engine.config
         return self._config
 
     def engine(self) -> Engine:
+        config = self.config
+        engine, self._engine = self._engine, None
+        return engine if engine is not None else self._open(config)
+
+    @staticmethod
+    def _open(config: Config) -> Engine:
         try:
-            return Engine(self.config)
+            return Engine(config)
         except OSError as exc:
             fail(f"cannot open the databases: {exc}", EXIT_USAGE)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
@@ -82,6 +99,9 @@ class _Main(click.Group):
             return super().invoke(ctx)
         except GwsyncError as exc:
             fail(exc.line, exc.exit_code)
+        finally:
+            if isinstance(ctx.obj, Context):
+                ctx.obj.close()  # an Engine made for the config that no command took
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
