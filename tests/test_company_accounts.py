@@ -401,3 +401,17 @@ def test_a_header_only_file_and_a_bom_read(tmp_path):
     path.write_text('name\n"bob\n')
     with pytest.raises(BadRecord, match="line"):
         read_csv(path)
+
+
+def test_status_json_gives_the_lag_of_the_config_files_accounts_too(tmp_path, database, master_dovecot):
+    """Without any account in the database: the file's accounts get last sync, lag and errors."""
+    site = make_site(tmp_path, database, master_dovecot)
+    site.append("alice", DONE, make_mail(1))
+    assert site.json("sync")["accounts"]["alice"]["mail"]["imported"] == 1
+
+    alice = site.json("status")["accounts"]["alice"]
+
+    assert alice["source"] == "config" and alice["errors"] == []
+    assert alice["last_sync"] == alice["last_success"] == alice["areas"]["mail"]["last_success"]
+    assert isinstance(alice["lag"], int) and 0 <= alice["lag"] < 60
+    assert alice["held"] == 0 and alice["failed"] == 0 and alice["locked"] == []
