@@ -314,6 +314,23 @@ def test_a_database_account_syncs_mail_through_the_master_user(tmp_path, databas
         assert data["areas"]["mail"]["lag"] == data["lag"] and data["errors"] == []
 
 
+def test_watch_watches_a_database_account(tmp_path, database, master_dovecot):
+    from test_watch import Running
+
+    site = make_site(tmp_path, database, master_dovecot)
+    site.ok("accounts", "add", "bob", "--username", site.user("bob"))
+    site.append("bob", DONE, make_mail(0))  # the folder exists before watch looks
+    watch = Running(site)
+    try:
+        watch.wait_for(r"syncing alice, bob", 15)
+        watch.wait_for(r"IDLE .*on bob", 15)
+        site.append("bob", DONE, make_mail(1))
+        watch.wait_for(r"bob: imported 1 mail\(s\): \S*/activities/2 ", 15)  # the first round's was 1
+    finally:
+        assert watch.stop() == 0
+    assert site.count("bob", DONE) == 0 and site.count("bob", ARCHIVE) == 2
+
+
 def test_status_shows_errors_and_no_lag_for_an_account_that_never_synced(tmp_path, database, master_dovecot):
     site = make_site(tmp_path, database, master_dovecot)
     site.ok("accounts", "add", "bob", "--username", site.user("bob"))
