@@ -354,8 +354,10 @@ def test_status_shows_errors_and_no_lag_for_an_account_that_never_synced(tmp_pat
     # dora never ran: no last sync, no lag, nothing failed.
     assert dora["source"] == "database" and dora["areas"] == {}
     assert (dora["last_sync"], dora["lag"], dora["errors"]) == (None, None, [])
-    text = site.ok("status")
-    assert "dora: held 0, failed 0" in text
+    text = site.ok("status").splitlines()
+    assert "dora: held 0, failed 0 (in the database)" in text
+    assert any(line.startswith("bob: held 0, failed 0, lag ") and line.endswith(" s (in the database)")
+               for line in text), text
 
 
 def test_remove_keeps_the_sync_state_unless_purged(tmp_path, database, master_dovecot):

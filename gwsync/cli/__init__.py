@@ -247,7 +247,9 @@ def status(obj: Context, as_json) -> None:
         emit_json({"accounts": out})
         return
     for name, data in out.items():
-        click.echo(f"{name}: held {data['held']}, failed {data['failed']}")
+        lag = f", lag {data['lag']} s" if data["lag"] is not None else ""
+        source = " (in the database)" if data["source"] == "database" else ""
+        click.echo(f"{name}: held {data['held']}, failed {data['failed']}{lag}{source}")
         for lock in data["locked"]:
             shared = f" (the shared credential {lock['unlock']})" if lock["unlock"] != name else ""
             click.echo(f"  LOCKED {lock['service']}{shared} since {lock['since']}: run `gwsync unlock "
