@@ -142,3 +142,14 @@ def test_runs_keep_their_last_success(state):
     (run,) = state.runs()
     assert (run["ok"], run["error"], run["summary"]) == (0, "server down", {})
     assert run["last_success"] == first["last_success"] is not None
+
+
+def test_links_keep_the_organizer_and_are_found_by_uid_across_accounts(state):
+    bob = CalendarLink(account="bob", area="events", activity_id=1, uid="uid-1", href="/bob/1.ics", etag=None,
+                       base=None, organizer="alice@firma.example")
+    state.apply_link_changes([("save", link(1, "/a.ics", organizer="alice@firma.example")), ("save", bob),
+                              ("save", link(2, "/b.ics"))])
+    found = state.links_by_uid("events", ["uid-1", "uid-1", "nothing"])
+    assert sorted((l.account, l.href, l.organizer) for l in found) == [
+        ("alice", "/a.ics", "alice@firma.example"), ("bob", "/bob/1.ics", "alice@firma.example")]
+    assert state.links_by_uid("tasks", ["uid-1"]) == [] and state.links_by_uid("events", []) == []
