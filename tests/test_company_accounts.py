@@ -434,3 +434,35 @@ def test_status_json_gives_the_lag_of_the_config_files_accounts_too(tmp_path, da
     assert alice["last_sync"] == alice["last_success"] == alice["areas"]["mail"]["last_success"]
     assert isinstance(alice["lag"], int) and 0 <= alice["lag"] < 60
     assert alice["held"] == 0 and alice["failed"] == 0 and alice["locked"] == []
+
+
+RECORDS = st.lists(st.tuples(st.sampled_from(["ann", "ben", "cem", "dia"]), NAMES, st.none() | st.emails(), AREA_LISTS),
+                   max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(RECORDS, min_size=1, max_size=4))
+def test_imports_keep_the_last_word_and_a_second_import_changes_nothing(tmp_path_factory, imports):
+    """Any sequence of imports into the state store: each account as the last import gave it,
+    added once (its added_at kept), and each import run again changes nothing."""
+    from gwsync.storage.state import AccountRecord, StateStore
+
+    store = StateStore(tmp_path_factory.mktemp("state") / "state.db")
+    expected: dict[str, tuple] = {}
+    added_at: dict[str, str] = {}
+    try:
+        for rows in imports:
+            records = list({name: AccountRecord(name, user, email, tuple(areas) or ("mail",))
+                            for name, user, email, areas in rows}.values())  # one row per name, as read_csv
+            added, changed = store.save_accounts(records)
+            assert set(added) == {r.name for r in records} - set(expected)
+            assert set(changed) == {r.name for r in records if r.name in expected and
+                                    expected[r.name] != (r.username, r.email, r.areas)}
+            assert store.save_accounts(records) == ([], [])
+            expected.update((r.name, (r.username, r.email, r.areas)) for r in records)
+            stored = {r.name: r for r in store.accounts()}
+            assert {name: (r.username, r.email, r.areas) for name, r in stored.items()} == expected
+            for name, record in stored.items():
+                assert added_at.setdefault(name, record.added_at) == record.added_at
+    finally:
+        store.close()
