@@ -13,7 +13,8 @@ statement once and SQLAlchemy compiles it for either (psycopg 3 is the PostgreSQ
 Both engines run in autocommit; a store's writes are explicit transactions (`write`): BEGIN
 IMMEDIATE on SQLite (the read and the write of a step are one, and a second process waits its
 turn), BEGIN on PostgreSQL, where the statements that need it lock rows (SELECT ... FOR UPDATE)
-or let the database decide (INSERT ... ON CONFLICT DO NOTHING).
+or let the database decide (INSERT ... ON CONFLICT DO NOTHING). Reads take a connection kept
+per thread (`Readers`), or a pooled one (`read`).
 
 Schema versions on PostgreSQL (`pg_upgrade`): table `gwsync_schema` holds one row per store;
 the upgrade runs in one transaction under an advisory lock, so of two processes starting at
