@@ -775,6 +775,13 @@ class ServeConfig(_Password):
         return self.url.rstrip("/") if self.url else http_address(self.host, self.port)
 
 
+def known_names(names: typing.Iterable[str], shown: int = 10) -> str:
+    """Names for a message: the first few, sorted (a company has thousands of accounts)."""
+    names = sorted(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return (", ".join(names[:shown]) or "none") + more
+
+
 def http_address(host: str, port: int) -> str:
     """http://HOST:PORT, with an IPv6 address in brackets."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -793,6 +800,8 @@ class Config:
     path: Path | None = field(default=None, init=False)  # the file it was loaded from
     # [defaults] as written, to make accounts from records (account_from_record)
     raw_defaults: dict[str, Any] = field(default_factory=dict, init=False)
+    # The accounts of `accounts` that the database holds (gwsync.accounts); None: not loaded yet
+    database_accounts: tuple[str, ...] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.crm.link is None:
@@ -822,8 +831,7 @@ class Config:
         try:
             return self.accounts[name]
         except KeyError as exc:
-            known = ", ".join(sorted(self.accounts)) or "none"
-            raise ConfigError(f"no account {name!r} in the config (known: {known})") from exc
+            raise ConfigError(f"no account {name!r} in the config (known: {known_names(self.accounts)})") from exc
 
     def account_from_record(self, name: str, username: str | None = None, email: str | None = None,
                             areas: tuple[str, ...] | list[str] = ("mail",)) -> AccountConfig:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -30,9 +31,10 @@ from urllib.parse import urlsplit
 from imapclient.exceptions import IMAPClientAbortError
 
 from .accountlock import AccountBusy, AccountLocks, FileAccountLocks, PgAccountLocks
+from .accounts import with_database_accounts
 from .calendar import dav
 from .calendar.dav import Collection
-from .config import AREAS, AccountConfig, CaldavConfig, Config, ConfigError, ImapConfig, Secret
+from .config import AREAS, AccountConfig, CaldavConfig, Config, ConfigError, ImapConfig, Secret, known_names
 from .crm import Activity, ActivityDraft, ActivityFilter, Attendee, Contact, CRMBackend, Partner
 from .errors import (
     EXIT_USAGE,
@@ -235,6 +237,25 @@ def account_locks(config: Config) -> AccountLocks:
                           config.state.lock_wait)
 
 
+def _seconds_since(stamp: str | None, now: datetime) -> int | None:
+    return None if not stamp else max(0, int((now - datetime.fromisoformat(stamp)).total_seconds()))
+
+
+def _lag(wanted: tuple[str, ...] | list[str], areas: dict[str, dict], now: datetime) -> dict:
+    """An account's last sync (its latest run of any area), its last success and lag (the
+    oldest of its areas': every area is in step up to then; None while one never succeeded),
+    and the errors of the areas whose last run failed."""
+    runs = [areas.get(area) or {} for area in wanted]
+    finished = [run["last_sync"] for run in runs if run.get("last_sync")]
+    successes = [run.get("last_success") for run in runs]
+    done = [stamp for stamp in successes if stamp]
+    oldest = min(done, key=datetime.fromisoformat) if done and len(done) == len(successes) else None
+    return {"last_sync": max(finished, key=datetime.fromisoformat) if finished else None,
+            "last_success": oldest, "lag": _seconds_since(oldest, now),
+            "errors": [{"area": area, "error": info["error"], "at": info["last_sync"]}
+                       for area, info in areas.items() if not info["ok"]]}
+
+
 class Engine:
     def __init__(self, config: Config, crm: CRMBackend | None = None, locks: AccountLocks | None = None):
         from .crm.embedded import EmbeddedCRM  # not needed by a host CRM
@@ -247,9 +268,14 @@ class Engine:
         self.crm = crm
         try:
             self.state = StateStore(*store_database(config, config.state_database))
+            # The accounts kept in the database join the file's, once (a config from the command
+            # line has them already): every account list of the Engine is config.accounts.
+            self.config = config = with_database_accounts(config, self.state)
         except BaseException:
             if owned:
                 self.crm.close()
+            if hasattr(self, "state"):
+                self.state.close()
             raise
         # One run per account at a time (sync, watch rounds, review, push, unpush), across processes.
         self.run_locks = locks or account_locks(config)
@@ -993,7 +1019,7 @@ class Engine:
         naming it, in its `role` (owner, delegate, participant), and the known ones."""
         if name not in self.config.accounts:
             raise UsageError(f"{role} {name!r} is not an employee: no account {name!r} in the config "
-                             f"(known: {', '.join(self.employees()) or 'none'})")
+                             f"(known: {known_names(self.employees())})")
         return name
 
     def _check_employees(self, fields: dict) -> None:
@@ -1055,12 +1081,19 @@ class Engine:
         locks = self.state.locks()
         held = self.state.by_outcome(HELD)
         failed = self.state.by_outcome(FAILED) + self.state.by_outcome(QUARANTINED)
+        now = datetime.now(UTC)
+        database = set(self.config.database_accounts or ())
         out = {}
         for name in sorted(set(self.config.accounts) | {r["account"] for r in runs}):
+            areas = {r["area"]: {"last_sync": r["finished_at"], "ok": bool(r["ok"]),
+                                 "last_success": r.get("last_success"), "counts": r["summary"],
+                                 "error": r["error"], "lag": _seconds_since(r.get("last_success"), now)}
+                     for r in runs if r["account"] == name}
+            account = self.config.accounts.get(name)
             out[name] = {
-                "areas": {r["area"]: {"last_sync": r["finished_at"], "ok": bool(r["ok"]),
-                                      "last_success": r.get("last_success"), "counts": r["summary"],
-                                      "error": r["error"]} for r in runs if r["account"] == name},
+                "source": None if account is None else "database" if name in database else "config",
+                **_lag(account.areas if account is not None else tuple(areas), areas, now),
+                "areas": areas,
                 "held": sum(1 for h in held if h.account == name),
                 "failed": sum(1 for f in failed if f.account == name),
                 "locked": [{"service": l["service"], "credential": l.get("credential"), "since": l["locked_at"],

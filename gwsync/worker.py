@@ -177,7 +177,9 @@ class Runtime:
         if config.database is None:
             raise ConfigError("gwsync worker needs [database] url: the jobs, their locks and the stores live in "
                               "PostgreSQL (see Company deployment in the README)")
+        self.file_config = config  # the config file's accounts; the database's join them (refresh)
         self.config = config
+        self._records: list | None = None
         self.app: Any = None
         self.stopping = threading.Event()
         self.watch_stops: set[asyncio.Event] = set()
@@ -188,12 +190,36 @@ class Runtime:
         self.db = postgres_engine(config.database.url, "schedule database",
                                   secret.resolve if secret is not None else None)
         self.schedule = Schedule(self.db, config.worker.max_backoff)
+        from .engine import store_database
+        from .storage.state import StateStore
+
+        self.state = StateStore(*store_database(config, config.state_database))
+
+    def refresh(self) -> None:
+        """The accounts kept in the database (`gwsync accounts add/import/remove`) as they are
+        now, after the config file's: asked by every tick, so a worker serves a new account
+        without a restart. A new set of accounts gives each thread a new Engine."""
+        from .accounts import merged
+
+        records = self.state.accounts()
+        if records != self._records:
+            try:
+                self.config = merged(self.file_config, records)
+            except ConfigError as exc:  # a name in both: the accounts as they were, until it is fixed
+                log.error("%s", exc)
+                return
+            self._records = records
 
     def engine(self):
         """This thread's Engine (Procrastinate runs sync jobs in a thread pool)."""
         from .engine import Engine
 
         engine = getattr(self._local, "engine", None)
+        if engine is not None and engine.config is not self.config:  # the accounts changed
+            engine.close()
+            with self._engines_lock:
+                self._engines.remove(engine)
+            engine = None
         if engine is None:
             engine = self._local.engine = Engine(self.config)
             with self._engines_lock:
@@ -203,6 +229,7 @@ class Runtime:
     def close(self) -> None:
         for engine in self._engines:
             engine.close()
+        self.state.close()
         self.db.dispose()
 
     def stop(self) -> None:
@@ -290,6 +317,7 @@ class Runtime:
 
     async def tick(self, timestamp: int = 0) -> None:
         await self.requeue_stalled()
+        await asyncio.to_thread(self.refresh)
         if timestamp % CLEAN_EVERY < self.config.worker.tick:  # about once in CLEAN_EVERY seconds
             await self.app.job_manager.delete_old_jobs(nb_hours=KEEP_JOBS_HOURS, include_failed=True,
                                                        include_cancelled=True, include_aborted=True)
@@ -441,6 +469,7 @@ def run_worker(config: Config, concurrency: int | None = None) -> None:
     label = shown(config.database.url)
     try:
         apply_schema(runtime)
+        runtime.refresh()
         asyncio.run(_serve(runtime, concurrency or config.worker.concurrency))
     except psycopg.OperationalError as exc:
         raise unreachable("job queue database", label, exc) from exc

@@ -111,7 +111,7 @@ def test_a_server_without_login_needs_no_password_and_one_that_asks_says_so(make
 
     result = env.cli("sync")
 
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.stderr  # the line says why, should it ever differ
     line = one_line(result)
     assert "account alice" in line and "asks for a login" in line and "password_env" in line
     _, status = env.cli_json("status")

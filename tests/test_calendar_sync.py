@@ -314,7 +314,7 @@ def test_wrong_caldav_password_and_dead_server_are_one_line_each(make_env):
     env.config_path.write_text(original.replace(f'password = "{env.radicale.password_for(env.user)}"',
                                                 'password = "not-the-password"'))
     result = env.cli("sync")
-    assert result.exit_code == 3
+    assert result.exit_code == 3, result.stderr  # the line says why, should it ever differ
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "account alice" in lines[0] and "login refused" in lines[0]
     assert "not-the-password" not in result.stdout + result.stderr

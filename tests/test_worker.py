@@ -377,3 +377,48 @@ def test_claims_of_a_tick_that_died_before_deferring_are_due_again_after_the_lea
     time.sleep(1.2)
     assert schedule.claim_due(wanted, lease=1) == [("b", "mail")]
     engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def master_dovecot():
+    from gwsync.demo.localservers import Dovecot
+
+    with Dovecot.start(master_users={"gwsync": "master-secret"}) as server:
+        yield server
+
+
+def test_an_account_added_to_the_database_is_served_without_a_restart(master_dovecot, pg_url, tmp_path):
+    """`gwsync accounts add` while a worker runs: the next tick takes the account in ([defaults]
+    with a master user make it whole) and its mail is imported."""
+    os.environ["GWSYNC_TEST_MASTER"] = "master-secret"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{pg_url}"\n\n[worker]\ntick = 1\nstalled_after = 5\n\n'
+                      f'[defaults.imap]\nhost = "127.0.0.1"\nport = {master_dovecot.port}\nsecurity = "none"\n'
+                      f'import_root = "INBOX"\narchive_folder = "{ARCHIVE}"\nmaster_user = "gwsync"\n'
+                      'password_env = "GWSYNC_TEST_MASTER"\n')
+    user = f"w{os.getpid()}x{next(_users)}"
+    with IMAPClient("127.0.0.1", port=master_dovecot.port, ssl=False) as client:
+        client.login(user, master_dovecot.password_for(user))
+        client.create_folder(IMPORT)
+        client.append(IMPORT, make_mail(next(_mails) + 100000))
+    cli = [sys.executable, "-m", "gwsync.cli", "--config", str(config)]
+    with open(tmp_path / "worker.err", "wb") as err:
+        worker = subprocess.Popen([*cli, "worker"], stderr=err, start_new_session=True)
+    try:
+        time.sleep(2)  # running, with no account yet
+        added = subprocess.run([*cli, "accounts", "add", "bob", "--username", user], capture_output=True, text=True,
+                               timeout=60)
+        assert added.returncode == 0, added.stderr
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with Engine(load_config(config)) as engine:
+                if engine.activities(ActivityFilter()):
+                    break
+            time.sleep(0.3)
+        else:
+            raise AssertionError("the added account's mail was not imported: "
+                                 + (tmp_path / "worker.err").read_text(errors="replace")[-3000:])
+        assert worker.poll() is None
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()

@@ -22,7 +22,7 @@ from ..config import AREAS, Config, load_config
 from ..crm.searches import activity_filter, summary_links
 from ..engine import Engine, mail_id
 from ..errors import EXIT_FAILED, EXIT_USAGE, GwsyncError
-from ..storage.state import FAILED, LEFT_OUT, QUARANTINED
+from ..storage.state import FAILED, LEFT_OUT, QUARANTINED, StateStore
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -31,22 +31,50 @@ EXIT_OK = 0
 
 
 class Context:
+    """What the commands share: the config, and the stores through an Engine.
+
+    The accounts kept in the database are read when the run's first Engine opens the stores
+    (gwsync.accounts), so the full config comes with that Engine: the first `config` makes it
+    and the first `engine()` hands it out; later ones are new Engines on the same config."""
+
     def __init__(self, config_path: Path | None, verbosity: int):
         self.config_path = config_path
         self.verbosity = verbosity
         self._config: Config | None = None
+        self._file_config: Config | None = None
+        self._engine: Engine | None = None  # made with `config`, not yet handed out
+
+    @property
+    def file_config(self) -> Config:
+        """The config file alone (`gwsync accounts` works on it: a name in both is fixed there)."""
+        if self._file_config is None:
+            self._file_config = load_config(self.config_path)
+        return self._file_config
 
     @property
     def config(self) -> Config:
+        """The config file with the accounts kept in the database."""
         if self._config is None:
-            self._config = load_config(self.config_path)
+            self._engine = self._open(self.file_config)
+            self._config = self._engine.config
         return self._config
 
     def engine(self) -> Engine:
+        config = self.config
+        engine, self._engine = self._engine, None
+        return engine if engine is not None else self._open(config)
+
+    @staticmethod
+    def _open(config: Config) -> Engine:
         try:
-            return Engine(self.config)
+            return Engine(config)
         except OSError as exc:
             fail(f"cannot open the databases: {exc}", EXIT_USAGE)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
@@ -71,6 +99,9 @@ class _Main(click.Group):
             return super().invoke(ctx)
         except GwsyncError as exc:
             fail(exc.line, exc.exit_code)
+        finally:
+            if isinstance(ctx.obj, Context):
+                ctx.obj.close()  # an Engine made for the config that no command took
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -230,7 +261,9 @@ def status(obj: Context, as_json) -> None:
         emit_json({"accounts": out})
         return
     for name, data in out.items():
-        click.echo(f"{name}: held {data['held']}, failed {data['failed']}")
+        lag = f", lag {data['lag']} s" if data["lag"] is not None else ""
+        source = " (in the database)" if data["source"] == "database" else ""
+        click.echo(f"{name}: held {data['held']}, failed {data['failed']}{lag}{source}")
         for lock in data["locked"]:
             shared = f" (the shared credential {lock['unlock']})" if lock["unlock"] != name else ""
             click.echo(f"  LOCKED {lock['service']}{shared} since {lock['since']}: run `gwsync unlock "
@@ -869,6 +902,151 @@ def partner_add(obj: Context, name, emails, as_json) -> None:
     with obj.engine() as engine:
         p = engine.add_partner(name, emails)
     emit_json(p.__dict__) if as_json else click.echo(p.id)
+
+
+# -- accounts kept in the database -----------------------------------------------------------
+
+@main.group()
+def accounts() -> None:
+    """Accounts kept in the state database (a company's), beside the config file's [accounts.NAME];
+    the config's [defaults] give them their servers and credentials."""
+
+
+class _AccountStore:
+    """The state store of the config file's [state] database or [database] url, with its name for
+    messages; the accounts commands read the config file alone."""
+
+    def __init__(self, obj: Context):
+        from ..engine import store_database
+        from ..storage.database import shown
+
+        self.config = obj.file_config
+        database, password = store_database(self.config, self.config.state_database)
+        self.where = f"the database {shown(database)}" if isinstance(database, str) else \
+            f"the state database {database}"
+        self.store: StateStore = StateStore(database, password)
+
+    def __enter__(self) -> _AccountStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.store.close()
+
+
+def _areas_text(areas) -> str:
+    return ",".join(areas)
+
+
+@accounts.command("add")
+@click.argument("name")
+@click.option("--username", help="The user's name on the servers (default: NAME).")
+@click.option("--email", help="The employee's mail address.")
+@click.option("--areas", default="mail", show_default=True, help="What to sync: mail, events, tasks, comma-separated.")
+@click.pass_obj
+def accounts_add(obj: Context, name, username, email, areas) -> None:
+    """Add an account to the database. [defaults.imap] (for mail) and [defaults.caldav] (for
+    events and tasks) in the config give its servers and the shared credential."""
+    from ..accounts import checked, record
+
+    item = record(name, username, email, areas)
+    with _AccountStore(obj) as accts:
+        checked(accts.config, [item])
+        stored = accts.store.add_account(item)
+    described = f"username {item.username}, areas {_areas_text(item.areas)}" + (f", {item.email}" if item.email else "")
+    if stored is None:
+        click.echo(f"added account {item.name} ({described}) to {accts.where}")
+    elif stored.same(item):
+        click.echo(f"account {item.name} is in {accts.where} already ({described}); nothing changed")
+    else:
+        was = f"username {stored.username}, areas {_areas_text(stored.areas)}" + (f", {stored.email}" if stored.email
+                                                                                 else "")
+        fail(f"account {item.name} is in {accts.where} already, with {was}: remove it first (`gwsync accounts "
+             f"remove {item.name}`), or change it with `gwsync accounts import`", EXIT_USAGE)
+
+
+@accounts.command("remove")
+@click.argument("name")
+@click.option("--purge", is_flag=True, help="Delete its sync state too (kept by default).")
+@click.pass_obj
+def accounts_remove(obj: Context, name, purge) -> None:
+    """Take an account out of the database. Its sync state (what was imported from which folder,
+    calendar links, runs, locks) is kept, so that adding it again goes on where it left off;
+    --purge deletes it. Its mail, calendars and CRM records are never touched."""
+    from ..accountlock import FileAccountLocks
+
+    with _AccountStore(obj) as accts:
+        in_file = name in accts.config.accounts
+        if in_file and purge:
+            fail(f"account {name!r} is in the config file ([accounts.{name}]) and its sync state is that account's: "
+                 "remove it without --purge", EXIT_USAGE)
+        gone: dict[str, int] = {}
+        kept: dict[str, int] = {}
+        if purge:
+            # Not while a run of the account is under way: it would write its state back.
+            locks = FileAccountLocks(accts.config.state_database, accts.config.state.lock_wait)
+            with locks.hold(name, "accounts remove"):
+                removed = accts.store.remove_account(name)
+                gone = accts.store.purge_account(name)
+        else:
+            removed = accts.store.remove_account(name)
+            kept = accts.store.account_state(name)
+    if not removed and in_file:
+        fail(f"account {name!r} is in the config file, not in the database: remove its [accounts.{name}] table there",
+             EXIT_USAGE)
+    if not removed and not (purge and gone):
+        fail(f"no account {name!r} in {accts.where}" + ("" if purge else " (see `gwsync accounts list`)"), EXIT_USAGE)
+    said = f"removed account {name} from {accts.where}" if removed else f"account {name} is not in {accts.where}"
+    if purge:
+        rows = ", ".join(f"{table} {count}" for table, count in gone.items())
+        click.echo(f"{said}; its sync state is deleted ({rows or 'there was none'})")
+    elif kept:
+        rows = ", ".join(f"{table} {count}" for table, count in kept.items())
+        click.echo(f"{said}; its sync state is kept ({rows}): adding {name} again goes on from it, "
+                   f"`gwsync accounts remove {name} --purge` deletes it")
+    else:
+        click.echo(f"{said}; it had no sync state")
+
+
+@accounts.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def accounts_list(obj: Context, as_json) -> None:
+    """Every account: the config file's and the database's (column source)."""
+    with _AccountStore(obj) as accts:
+        records = accts.store.accounts()
+    rows: list[dict[str, Any]] = [
+        {"name": name, "username": account.username or (account.imap.username if account.imap else None),
+         "email": account.email, "areas": list(account.areas), "source": "config", "added_at": None}
+        for name, account in accts.config.accounts.items()]
+    rows += [{"name": r.name, "username": r.username, "email": r.email, "areas": list(r.areas), "source": "database",
+              "added_at": r.added_at} for r in records]
+    rows.sort(key=lambda row: row["name"])
+    if as_json:
+        emit_json({"accounts": rows})
+        return
+    if not rows:
+        click.echo("no accounts (add them to the config file, or with `gwsync accounts add` or `import`)")
+    for row in rows:
+        click.echo(f"{row['name']}\t{row['username'] or '-'}\t{row['email'] or '-'}\t{_areas_text(row['areas'])}\t"
+                   f"{row['source']}")
+
+
+@accounts.command("import")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.pass_obj
+def accounts_import(obj: Context, file: Path) -> None:
+    """Add or update the accounts of a CSV file: a header row `name,username,email,areas` (name
+    required; areas separated by ";", default mail), one account per row. All or nothing: one bad
+    row and nothing of the file is written. An account the file has as stored stays as it is, so
+    importing a file again changes nothing; accounts the file lacks are not removed."""
+    from ..accounts import check_rows, read_csv
+
+    rows = read_csv(file)
+    with _AccountStore(obj) as accts:
+        check_rows(file, accts.config, rows)
+        added, changed = accts.store.save_accounts([item for _, item in rows])
+    unchanged = len(rows) - len(added) - len(changed)
+    click.echo(f"{file}: {len(added)} added, {len(changed)} changed, {unchanged} unchanged in {accts.where}")
 
 
 # -- web view --------------------------------------------------------------------------------

@@ -88,6 +88,21 @@ class CalendarItemRecord:
     updated_at: str | None = None
 
 
+@dataclass(frozen=True)
+class AccountRecord:
+    """An account kept in the database (`gwsync accounts`): the config's [defaults] make it a
+    full account (Config.account_from_record)."""
+
+    name: str
+    username: str
+    email: str | None = None
+    areas: tuple[str, ...] = ("mail",)
+    added_at: str | None = None  # when it was first added; not part of what an import compares
+
+    def same(self, other: AccountRecord) -> bool:
+        return (self.username, self.email, self.areas) == (other.username, other.email, other.areas)
+
+
 # ("save", CalendarLink) or ("drop", (account, area, activity_id[, href])): see apply_link_changes.
 LinkChange = tuple[str, CalendarLink | tuple]
 
@@ -164,6 +179,15 @@ def _link_organizers(db: sqlite_utils.Database) -> None:
     db.table("links").create_index(["area", "uid"], if_not_exists=True)
 
 
+def _accounts(db: sqlite_utils.Database) -> None:
+    db.table("accounts").create({"name": str, "username": str, "email": str, "areas": str, "added_at": str},
+                                pk="name", if_not_exists=True)
+
+
+def _accounts_postgres(conn: sa.Connection) -> None:
+    accounts_table.create(conn, checkfirst=True)
+
+
 MIGRATIONS = [
     Migration(2, "folders, messages, runs: the first release", _first_release),
     Migration(2, "links, collections, membership, item_failures (calendar sync)", _calendar_tables),
@@ -174,6 +198,8 @@ MIGRATIONS = [
     Migration(3, "locks: the credential each lock is for", _lock_credentials),
     Migration(4, "calendar_items: new items left out in a review or held for a mandatory field", _calendar_items),
     Migration(5, "links: the item's organizer; links by UID", _link_organizers),
+    Migration(6, "accounts: the accounts kept in the database (gwsync accounts)", _accounts,
+              postgres=_accounts_postgres),
 ]
 SCHEMA_VERSION = latest(MIGRATIONS)
 
@@ -214,6 +240,8 @@ item_failures = sa.Table("item_failures", metadata, *_key("account", "area", "hr
 dav_cache = sa.Table("dav_cache", metadata, *_key("account", "area"), *_columns(source=str, url=str, auth_type=str))
 locks = sa.Table("locks", metadata, *_key("account", "service"),
                  *_columns(reason=str, locked_at=str, credential=str))
+accounts_table = sa.Table("accounts", metadata, *_key("name"),
+                          *_columns(username=str, email=str, areas=str, added_at=str))
 calendar_items = sa.Table("calendar_items", metadata, *_key("account", "area", "href"),
                           *_columns(outcome=str, uid=str, subject=str, missing=str, addresses=str, updated_at=str))
 
@@ -259,16 +287,18 @@ class StateStore:
             self.engine.dispose()
             raise
 
+    def _insert(self, table: sa.Table) -> Any:
+        """The dialect's INSERT, which knows ON CONFLICT."""
+        if self._postgres:
+            from sqlalchemy.dialects import postgresql  # loaded for a PostgreSQL store only
+            return postgresql.insert(table)
+        return sqlite_insert(table)
+
     def _upsert(self, table: sa.Table, update: Iterable[str] | None = None, kept: Iterable[str] = ()):
         """INSERT ... ON CONFLICT (primary key) DO UPDATE: the row replaced (the columns in
         `update`, all but the key by default), as INSERT OR REPLACE did when every column is
         given; a column in `kept` keeps its value where the new one is NULL."""
-        statement: Any
-        if self._postgres:
-            from sqlalchemy.dialects import postgresql  # loaded for a PostgreSQL store only
-            statement = postgresql.insert(table)
-        else:
-            statement = sqlite_insert(table)
+        statement = self._insert(table)
         key = [c.name for c in table.primary_key.columns]
         names = [c.name for c in table.columns if c.name not in key] if update is None else list(update)
         changes: dict[str, Any] = {name: statement.excluded[name] for name in names}
@@ -541,6 +571,90 @@ class StateStore:
             outcome=row["outcome"], key=row["key"], activity_id=row["activity_id"], attempts=row["attempts"] or 0,
             error=row["error"], missing=json.loads(row["missing"]) if row["missing"] else None,
             sender=row["sender"], subject=row["subject"], updated_at=row["updated_at"])
+
+    # -- accounts kept in the database ----------------------------------------------------------
+
+    @staticmethod
+    def _account(row) -> AccountRecord:
+        return AccountRecord(name=row["name"], username=row["username"], email=row["email"],
+                             areas=tuple(filter(None, (row["areas"] or "").split(","))), added_at=row["added_at"])
+
+    def accounts(self) -> list[AccountRecord]:
+        return [self._account(r) for r in self._dicts(sa.select(accounts_table).order_by(accounts_table.c.name))]
+
+    def add_account(self, record: AccountRecord) -> AccountRecord | None:
+        """Add the account unless one of its name is there: None when added, else the stored one
+        (two adds at once: the database lets one in, the other gets the stored record)."""
+        insert = (self._insert(accounts_table).on_conflict_do_nothing(index_elements=["name"])
+                  .returning(accounts_table.c.name))  # rowcount is not told for it on PostgreSQL
+        with write(self.engine) as conn:
+            if conn.execute(insert, self._account_row(record)).first() is not None:
+                return None
+            row = conn.execute(sa.select(accounts_table).where(accounts_table.c.name == record.name)).mappings().first()
+        return self._account(row)
+
+    def save_accounts(self, records: list[AccountRecord]) -> tuple[list[str], list[str]]:
+        """Add or update these accounts in one transaction (an import: all or nothing); an
+        account stored with the same username, email and areas is left as it is. Returns the
+        names (added, changed)."""
+        c = accounts_table.c
+        added: list[str] = []
+        changed: list[str] = []
+        with write(self.engine) as conn:
+            stored: dict[str, AccountRecord] = {}
+            names = [r.name for r in records]
+            for start in range(0, len(names), 500):
+                query = sa.select(accounts_table).where(c.name.in_(names[start:start + 500]))
+                if self._postgres:
+                    query = query.with_for_update()
+                stored.update((row["name"], self._account(row)) for row in conn.execute(query).mappings())
+            rows = []
+            for record in records:
+                old = stored.get(record.name)
+                if old is not None and old.same(record):
+                    continue
+                (changed if old is not None else added).append(record.name)
+                rows.append(self._account_row(record, old.added_at if old is not None else None))
+            if rows:
+                conn.execute(self._upsert(accounts_table), rows)
+        return added, changed
+
+    def remove_account(self, name: str) -> bool:
+        """Take the account out of the database; its sync state stays (see purge_account)."""
+        with write(self.engine) as conn:
+            return bool(conn.execute(sa.delete(accounts_table).where(accounts_table.c.name == name)).rowcount)
+
+    @staticmethod
+    def _account_row(record: AccountRecord, added_at: str | None = None) -> dict:
+        return {"name": record.name, "username": record.username, "email": record.email,
+                "areas": ",".join(record.areas), "added_at": added_at or record.added_at or _now()}
+
+    @staticmethod
+    def _state_tables() -> list[sa.Table]:
+        """The tables that hold an account's sync state (locks included: a lock of the account's own)."""
+        return [table for table in metadata.sorted_tables if "account" in table.c]
+
+    def account_state(self, name: str) -> dict[str, int]:
+        """How many rows of sync state the account has, per table (tables without any left out)."""
+        counts = {}
+        with self._read() as conn:
+            for table in self._state_tables():
+                found = conn.execute(sa.select(sa.func.count()).select_from(table)
+                                     .where(table.c.account == name)).scalar()
+                if found:
+                    counts[table.name] = int(found)
+        return counts
+
+    def purge_account(self, name: str) -> dict[str, int]:
+        """Delete the account's sync state, every table in one transaction; returns the rows
+        deleted per table. Its mail and calendars on the servers and its CRM records stay."""
+        counts = {}
+        with write(self.engine) as conn:
+            for table in self._state_tables():
+                gone = conn.execute(sa.delete(table).where(table.c.account == name)).rowcount
+                if gone:
+                    counts[table.name] = int(gone)
+        return counts
 
     # -- runs --------------------------------------------------------------------------------
 
