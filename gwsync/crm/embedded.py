@@ -39,7 +39,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ..errors import file_fault
 from ..storage.database import Readers, pg_upgrade, postgres_engine, shown, sqlite_engine, write
-from ..storage.migrations import Migration, add_column, latest, upgrade
+from ..storage.migrations import Migration, add_column, latest, postgres_steps, upgrade
 from ..storage.sqlite import ensure_private_dir
 from . import (
     MAIL_KINDS,
@@ -369,16 +369,6 @@ def _create_postgres(conn: sa.Connection) -> None:
     conn.execute(sa.insert(meta).values(name="store_id", value=str(uuid.uuid4())))
 
 
-def _postgres_steps() -> list[tuple[int, Callable[[sa.Connection], None]]]:
-    """The steps after the version a new PostgreSQL database starts at (SCHEMA_VERSION today)."""
-    steps = []
-    for migration in MIGRATIONS:
-        if migration.version > POSTGRES_FIRST:
-            if migration.postgres is None:
-                raise RuntimeError(f"migration {migration.description!r} has no PostgreSQL step")
-            steps.append((migration.version, migration.postgres))
-    return steps
-
 
 # The version the first PostgreSQL databases were made at: the steps up to it are SQLite's history.
 POSTGRES_FIRST = 3
@@ -418,7 +408,7 @@ class EmbeddedCRM(CRMBackend):
                 upgrade(sqlite_utils.Database(raw), MIGRATIONS)
             return
         pg_upgrade(self.engine, "crm", SCHEMA_VERSION, "CRM database", shown(str(database)), _create_postgres,
-                   _postgres_steps())
+                   postgres_steps(MIGRATIONS, POSTGRES_FIRST))
 
     def _lower(self, value):
         """lower() as Python's str.lower: PostgreSQL's folds every letter (in a UTF-8 database);

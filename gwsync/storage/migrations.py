@@ -43,6 +43,19 @@ class Migration:
     postgres: Callable[[Any], None] | None = None
 
 
+def postgres_steps(migrations: Sequence[Migration], first: int) -> list[tuple[int, Callable[[Any], None]]]:
+    """The PostgreSQL steps of the migrations after `first`, the version a new PostgreSQL
+    database is made at (the steps up to it are SQLite's history). Each later migration must
+    have one: a missing step is a programming error, found at the first open."""
+    steps = []
+    for migration in migrations:
+        if migration.version > first:
+            if migration.postgres is None:
+                raise RuntimeError(f"migration {migration.description!r} has no PostgreSQL step")
+            steps.append((migration.version, migration.postgres))
+    return steps
+
+
 def schema_version(conn: sqlite3.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]
 

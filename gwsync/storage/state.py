@@ -33,7 +33,7 @@ import sqlite_utils
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from .database import Readers, pg_upgrade, postgres_engine, shown, sqlite_engine, write
-from .migrations import Migration, add_column, latest, upgrade
+from .migrations import Migration, add_column, latest, postgres_steps, upgrade
 
 IMPORTED, HELD, FAILED, QUARANTINED = "imported", "held", "failed", "quarantined"
 # Left out in `gwsync review`: stays in its folder (or on its calendar), out of the CRM, until a
@@ -249,15 +249,6 @@ calendar_items = sa.Table("calendar_items", metadata, *_key("account", "area", "
 POSTGRES_FIRST = 5
 
 
-def _postgres_steps() -> list[tuple[int, Callable[[sa.Connection], None]]]:
-    steps = []
-    for migration in MIGRATIONS:
-        if migration.version > POSTGRES_FIRST:
-            if migration.postgres is None:
-                raise RuntimeError(f"migration {migration.description!r} has no PostgreSQL step")
-            steps.append((migration.version, migration.postgres))
-    return steps
-
 
 def _json(value) -> str | None:
     return json.dumps(value) if value is not None else None
@@ -277,7 +268,7 @@ class StateStore:
         try:
             if isinstance(database, str):
                 pg_upgrade(self.engine, "state", SCHEMA_VERSION, "state database", shown(database),
-                           metadata.create_all, _postgres_steps())
+                           metadata.create_all, postgres_steps(MIGRATIONS, POSTGRES_FIRST))
             else:
                 with self.engine.connect() as conn:  # the migrations are written against sqlite-utils
                     raw = conn.connection.dbapi_connection
