@@ -39,6 +39,7 @@ its heartbeat is older than [worker] stalled_after, and the advisory lock died w
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import signal
@@ -167,6 +168,18 @@ def _changed(report: Any) -> bool:
     return any(v for result in report.calendars.values() for k, v in result.counts.items() if k != "conflicts")
 
 
+def _file_part(config: Config) -> Config:
+    """The config without the database's accounts, when it has them already (the command
+    line's config does): refresh() adds them as they are at each tick."""
+    if not config.database_accounts:
+        return config
+    out = copy.copy(config)
+    object.__setattr__(out, "accounts", {name: account for name, account in config.accounts.items()
+                                         if name not in config.database_accounts})
+    object.__setattr__(out, "database_accounts", None)
+    return out
+
+
 class Runtime:
     """What the jobs of one worker process share: the config, an Engine per thread, the
     schedule, the stop flag (set on SIGTERM) and the running watchers' stop events."""
@@ -177,7 +190,7 @@ class Runtime:
         if config.database is None:
             raise ConfigError("gwsync worker needs [database] url: the jobs, their locks and the stores live in "
                               "PostgreSQL (see Company deployment in the README)")
-        self.file_config = config  # the config file's accounts; the database's join them (refresh)
+        self.file_config = _file_part(config)  # the config file's accounts; the database's join them (refresh)
         self.config = config
         self._records: list | None = None
         self.app: Any = None

@@ -422,3 +422,51 @@ def test_an_account_added_to_the_database_is_served_without_a_restart(master_dov
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
+
+
+def test_a_worker_started_with_accounts_in_the_database_serves_them_and_takes_in_new_ones(master_dovecot, pg_url,
+                                                                                          tmp_path):
+    """The database has an account when the worker starts (a company's usual case): its ticks
+    read the database's accounts again without mistaking them for the config file's, so an
+    account added later is served too."""
+    os.environ["GWSYNC_TEST_MASTER"] = "master-secret"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{pg_url}"\n\n[worker]\ntick = 1\nstalled_after = 5\n\n'
+                      f'[defaults.imap]\nhost = "127.0.0.1"\nport = {master_dovecot.port}\nsecurity = "none"\n'
+                      f'import_root = "INBOX"\narchive_folder = "{ARCHIVE}"\nmaster_user = "gwsync"\n'
+                      'password_env = "GWSYNC_TEST_MASTER"\n')
+    users = [f"w{os.getpid()}x{next(_users)}" for _ in range(2)]
+    for user in users:
+        with IMAPClient("127.0.0.1", port=master_dovecot.port, ssl=False) as client:
+            client.login(user, master_dovecot.password_for(user))
+            client.create_folder(IMPORT)
+            client.append(IMPORT, make_mail(next(_mails) + 100000))
+    cli = [sys.executable, "-m", "gwsync.cli", "--config", str(config)]
+
+    def imported() -> int:
+        with Engine(load_config(config)) as engine:
+            return len(engine.activities(ActivityFilter()))
+
+    def wait_for(count: int) -> None:
+        deadline = time.monotonic() + 20
+        while imported() < count:
+            assert time.monotonic() < deadline, f"{count} mails not imported: " + log.read_text(errors="replace")[-3000:]
+            time.sleep(0.3)
+
+    added = subprocess.run([*cli, "accounts", "add", "anna", "--username", users[0]], capture_output=True, text=True,
+                           timeout=60)
+    assert added.returncode == 0, added.stderr
+    log = tmp_path / "worker.err"
+    with open(log, "wb") as err:
+        worker = subprocess.Popen([*cli, "worker"], stderr=err, start_new_session=True)
+    try:
+        wait_for(1)
+        added = subprocess.run([*cli, "accounts", "add", "ben", "--username", users[1]], capture_output=True,
+                               text=True, timeout=60)
+        assert added.returncode == 0, added.stderr
+        wait_for(2)
+        assert "both in the config file" not in log.read_text(errors="replace")
+        assert worker.poll() is None
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
