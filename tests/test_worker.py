@@ -470,3 +470,24 @@ def test_a_worker_started_with_accounts_in_the_database_serves_them_and_takes_in
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
+
+
+@pytest.mark.parametrize("tick", [1, 5, 7])
+def test_the_tick_comes_every_tick_seconds(tick):
+    """Procrastinate's six-field cron has the seconds last: the tick must come every [worker]
+    tick seconds, around the clock, not every second of every tick-th minute."""
+    from datetime import datetime, timedelta
+    from types import SimpleNamespace
+
+    from gwsync.config import parse_config
+    from gwsync.worker import make_app
+
+    config = parse_config({"database": {"url": "postgresql://gwsync@127.0.0.1:1/company"}, "worker": {"tick": tick}})
+    app = make_app(SimpleNamespace(config=config))
+    (periodic,) = app.periodic_registry.periodic_tasks.values()
+    start = datetime(2026, 11, 27, 15, 41, 20)
+    periodic.croniter.set_current(start_time=start)
+    times = [periodic.croniter.get_next(datetime) for _ in range(30)]
+    gaps = {b - a for a, b in zip(times, times[1:])}
+    assert max(gaps) <= timedelta(seconds=tick), sorted(gaps)
+    assert min(gaps) >= timedelta(seconds=min(tick, 60 % tick or tick)), sorted(gaps)
