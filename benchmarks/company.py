@@ -51,7 +51,7 @@ from _setup import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' throw-away PostgreSQL
 
-from gwsync.demo.localservers import Dovecot, stop_process_group  # noqa: E402
+from gwsync.demo.localservers import Dovecot, stop_process_group
 
 MASTER, MASTER_PASSWORD = "gwsync", "bench-master-secret"
 FOLDERS = ["INBOX/CRM Erledigt [E]", "INBOX/Kunden/CRM Offen [O]", "INBOX/Kunden/CRM In Arbeit [I]"]
@@ -113,7 +113,7 @@ def connections_by_pid(port: int) -> dict[int, int]:
 
 def quantile(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, max(0, int(round(q * len(values))) - 1))]
+    return values[min(len(values) - 1, max(0, round(q * len(values)) - 1))]
 
 
 # -- the servers --------------------------------------------------------------------------------------------
@@ -142,7 +142,8 @@ class Bench:
         from pg_server import PostgresServer
 
         self.pg = PostgresServer.start()
-        self.pg.execute("ALTER SYSTEM SET track_commit_timestamp = on")  # read at start: restart
+        self.pg.execute("ALTER SYSTEM SET track_commit_timestamp = on",  # read at start: restart
+                        "ALTER SYSTEM SET log_lock_waits = on", "ALTER SYSTEM SET deadlock_timeout = '1s'")
         stop_process_group(self.pg.proc)
         self.pg._launch()
         self.db = self.pg.new_database("company")
@@ -264,7 +265,7 @@ class Bench:
         return proc
 
     def check_workers(self, allowed: tuple[int, ...] = ()) -> None:
-        for proc, log in zip(self.workers, self.logs):
+        for proc, log in zip(self.workers, self.logs, strict=True):
             if proc.poll() is not None and proc.pid not in allowed:
                 raise SystemExit(f"worker {proc.pid} exited with {proc.returncode}; its log ends:\n"
                                  + "\n".join(log.read_text(errors="replace").splitlines()[-30:]))
@@ -396,7 +397,7 @@ def measure(bench: Bench, workers: int, label: str, failure_test: bool) -> dict:
     sent: dict[str, float] = {}
     pace = 1.0 / args.rate
     next_at = time.monotonic()
-    for k in range(args.appends):
+    for _ in range(args.appends):
         name = user(rng.randrange(args.accounts))
         mid, raw = bench.raw(name, "lat")
         with bench.imap(name) as client:
@@ -408,6 +409,8 @@ def measure(bench: Bench, workers: int, label: str, failure_test: bool) -> dict:
                f"{label}: not every APPEND became an activity")
     at = bench.commit_times(list(sent))
     latencies = [at[mid] - sent[mid] for mid in sent]
+    (bench.workdir / f"latencies-{workers}.txt").write_text(
+        "".join(f"{sent[mid]:.3f} {at[mid] - sent[mid]:.3f} {bench.expected[mid]}\n" for mid in sent))
     result["APPEND->activity median s"] = statistics.median(latencies)
     result["APPEND->activity p99 s"] = quantile(latencies, 0.99)
     result["APPEND->activity worst s"] = max(latencies)
@@ -490,10 +493,18 @@ def kill_and_stop(bench: Bench, procs: list[subprocess.Popen], watcher: int) -> 
     result["killed at mails imported"] = f"{at_kill}/{total}"
     result["every account watched again after kill s"] = watched_again
     result["jobs held at the kill started again after s"] = started_again(bench, held, killed_db)
+    watch = bench.query("SELECT extract(epoch FROM min(e.at) - %s)::float8 FROM procrastinate_events e "
+                        "JOIN procrastinate_jobs j ON j.id = e.job_id WHERE j.task_name = 'gwsync.watch' "
+                        "AND e.type = 'started' AND e.at > %s", killed_db, killed_db)[0][0]
+    result["a watcher job started again after s"] = watch if watch is not None else "-"
     result["kill test import finished after kill s"] = time.monotonic() - killed_at
     time.sleep(3)
     result.update(check_once(bench))
     result["kill test measured at"] = load()
+    waits = [line for line in (bench.pg.directory / "postgres.log").read_text(errors="replace").splitlines()
+             if any(word in line for word in ("still waiting for", "acquired", "CONTEXT:", "STATEMENT:"))]
+    if waits:  # a stopped worker's open transaction holds others up: which statement waited, and how long
+        say("PostgreSQL's lock waits over 1 s (log_lock_waits):\n  " + "\n  ".join(waits[-40:]))
     return result
 
 
