@@ -43,9 +43,11 @@ import logging
 import math
 import signal
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,9 @@ SCHEDULE = sa.Table(
     sa.Column("runs", sa.Integer, nullable=False, server_default="0"),
 )
 SCHEDULE_VERSION = 1
+# next_due of an account and area no longer wanted (the account removed): never due, row kept.
+PARKED = datetime(9999, 1, 1, tzinfo=UTC)
+RECONCILE_EVERY = 300  # seconds between two looks at the whole table when the accounts stay the same
 
 
 class Schedule:
@@ -89,6 +94,8 @@ class Schedule:
     def __init__(self, engine: sa.Engine, max_backoff: int):
         self.engine = engine
         self.max_backoff = max_backoff
+        self._known: frozenset[tuple[str, str]] | None = None  # the wanted pairs of the last reconcile
+        self._looked = 0.0  # its time.monotonic()
 
     def create(self, label: str) -> None:
         from .storage.database import pg_upgrade
@@ -100,23 +107,54 @@ class Schedule:
         """The (account, area) pairs of `wanted` (pair -> interval) due now; each is pushed on
         by `lease` seconds in the same statement, and its job's end sets the real next time. A
         tick that died between claiming and deferring leaves its claims due again after the
-        lease, not after the backoff. New pairs are due at once."""
-        from sqlalchemy.dialects.postgresql import insert
+        lease, not after the backoff. New pairs are due at once.
 
+        Rows are inserted only for pairs new to the table (`_reconcile`), not at every tick. A
+        due row that is no longer wanted (its account removed) is parked: kept, so that adding
+        the account again carries on, but never due until then."""
         from .storage.database import write
 
         if not wanted:
             return []
+        self._reconcile(wanted)
         with write(self.engine) as conn:
-            conn.execute(insert(SCHEDULE).values([
-                {"account": a, "area": area, "next_due": sa.func.now(), "backoff": interval}
-                for (a, area), interval in wanted.items()]).on_conflict_do_nothing())
             rows = conn.execute(
                 SCHEDULE.update()
                 .where(SCHEDULE.c.next_due <= sa.func.now())
                 .values(next_due=sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, lease))
                 .returning(SCHEDULE.c.account, SCHEDULE.c.area)).all()
-        return [(a, area) for a, area in rows if (a, area) in wanted]
+            claimed = [(a, area) for a, area in rows if (a, area) in wanted]
+            unwanted = [(a, area) for a, area in rows if (a, area) not in wanted]
+            if unwanted:
+                conn.execute(SCHEDULE.update().where(sa.tuple_(SCHEDULE.c.account, SCHEDULE.c.area).in_(unwanted))
+                             .values(next_due=PARKED))
+        return claimed
+
+    def _reconcile(self, wanted: dict[tuple[str, str], int]) -> None:
+        """Rows for the pairs the table lacks, and parked rows of wanted pairs due at once.
+        Only when the wanted pairs differ from the last call's, or RECONCILE_EVERY seconds
+        after the last look (another worker's tick, or a hand, may have changed the table)."""
+        from sqlalchemy.dialects.postgresql import insert
+
+        from .storage.database import write
+
+        pairs = frozenset(wanted)
+        if pairs == self._known and time.monotonic() - self._looked < RECONCILE_EVERY:
+            return
+        with write(self.engine) as conn:
+            found = {(a, area): parked for a, area, parked in conn.execute(
+                sa.select(SCHEDULE.c.account, SCHEDULE.c.area, SCHEDULE.c.next_due >= PARKED))}
+            new = [pair for pair in wanted if pair not in found]
+            back = [pair for pair in wanted if found.get(pair)]
+            if new:
+                conn.execute(insert(SCHEDULE).values([
+                    {"account": a, "area": area, "next_due": sa.func.now(), "backoff": wanted[(a, area)]}
+                    for a, area in new]).on_conflict_do_nothing())
+            if back:
+                conn.execute(SCHEDULE.update().where(sa.tuple_(SCHEDULE.c.account, SCHEDULE.c.area).in_(back))
+                             .values(next_due=sa.func.now()))
+        self._known = pairs
+        self._looked = time.monotonic()
 
     def started(self, account: str, area: str) -> None:
         from .storage.database import write
