@@ -68,6 +68,15 @@ def shard_of(account: str, shards: int) -> int:
     return zlib.crc32(account.encode("utf-8", "surrogatepass")) % shards
 
 
+def shard_count(watched: int, shard_size: int, slots: int) -> int:
+    """Shards for `watched` accounts: enough that none holds more than `shard_size`, and at
+    least one per watcher slot of the live workers (`slots`), so that every worker takes a
+    share; never more than the accounts (no empty shard)."""
+    if watched <= 0:
+        return 0
+    return min(watched, max(math.ceil(watched / shard_size), slots))
+
+
 # -- scheduling state ---------------------------------------------------------------------------------
 
 SCHEDULE = sa.Table(
@@ -82,7 +91,18 @@ SCHEDULE = sa.Table(
     sa.Column("last_error", sa.Text),
     sa.Column("runs", sa.Integer, nullable=False, server_default="0"),
 )
-SCHEDULE_VERSION = 1
+# One row per worker process: Procrastinate's worker id of its sync worker (whose heartbeat
+# tells whether it lives) and how many watcher jobs it runs at once; shards follow the sum.
+WORKERS = sa.Table(
+    "gwsync_workers", SCHEDULE.metadata,
+    sa.Column("worker_id", sa.BigInteger, primary_key=True),
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("watchers", sa.Integer, nullable=False),
+    sa.Column("concurrency", sa.Integer, nullable=False),
+    sa.Column("started", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+SCHEDULE_VERSION = 2
 # next_due of an account and area no longer wanted (the account removed): never due, row kept.
 PARKED = datetime(9999, 1, 1, tzinfo=UTC)
 RECONCILE_EVERY = 300  # seconds between two looks at the whole table when the accounts stay the same
@@ -101,7 +121,32 @@ class Schedule:
         from .storage.database import pg_upgrade
 
         pg_upgrade(self.engine, "schedule", SCHEDULE_VERSION, "schedule database", label,
-                   lambda conn: SCHEDULE.metadata.create_all(conn), [])
+                   lambda conn: SCHEDULE.metadata.create_all(conn),
+                   [(2, lambda conn: WORKERS.create(conn, checkfirst=True))])
+
+    # -- the worker processes --
+
+    def register(self, worker_id: int, host: str, pid: int, watchers: int, concurrency: int) -> None:
+        from sqlalchemy.dialects.postgresql import insert
+
+        from .storage.database import write
+
+        with write(self.engine) as conn:
+            conn.execute(insert(WORKERS).values(worker_id=worker_id, host=host, pid=pid, watchers=watchers,
+                                                concurrency=concurrency).on_conflict_do_nothing())
+
+    def watch_slots(self, stalled_after: int) -> int:
+        """The watcher jobs the live worker processes run at once, together; rows of workers
+        Procrastinate no longer knows (stopped, or pruned as stalled) are deleted."""
+        from .storage.database import write
+
+        with write(self.engine) as conn:
+            conn.execute(sa.text("DELETE FROM gwsync_workers w WHERE NOT EXISTS "
+                                 "(SELECT 1 FROM procrastinate_workers p WHERE p.id = w.worker_id)"))
+            return int(conn.execute(sa.text(
+                "SELECT coalesce(sum(w.watchers), 0) FROM gwsync_workers w JOIN procrastinate_workers p "
+                "ON p.id = w.worker_id WHERE p.last_heartbeat > now() - make_interval(secs => :secs)"),
+                {"secs": stalled_after}).scalar())
 
     def claim_due(self, wanted: dict[tuple[str, str], int], lease: int = 60) -> list[tuple[str, str]]:
         """The (account, area) pairs of `wanted` (pair -> interval) due now; each is pushed on
@@ -218,6 +263,8 @@ class Runtime:
         self.file_config = config  # the config file's accounts; the database's join them (refresh)
         self.config = config
         self._records: list | None = None
+        self._refresh_lock = threading.Lock()
+        self._slots_seen: tuple[int, int] | None = None  # (shards, slots) last logged
         self.app: Any = None
         self.stopping = threading.Event()
         self.watch_stops: set[asyncio.Event] = set()
@@ -237,6 +284,10 @@ class Runtime:
         """The accounts kept in the database (`gwsync accounts add/import/remove`) as they are
         now, after the config file's: asked by every tick, so a worker serves a new account
         without a restart. A new set of accounts gives each thread a new Engine."""
+        with self._refresh_lock:  # the tick and the watchers' checks, in threads of their own
+            self._refresh()
+
+    def _refresh(self) -> None:
         from .accounts import merged
 
         records = self.state.accounts()
@@ -283,9 +334,8 @@ class Runtime:
     def watched(self) -> list[str]:
         return sorted(a.name for a in self.config.accounts.values() if "mail" in a.areas and a.imap is not None)
 
-    def shards(self) -> int:
-        watched = self.watched()
-        return math.ceil(len(watched) / self.config.worker.shard_size) if watched else 0
+    def shards(self, slots: int = 0) -> int:
+        return shard_count(len(self.watched()), self.config.worker.shard_size, slots)
 
     # -- sync job --
 
@@ -329,8 +379,10 @@ class Runtime:
         from procrastinate import exceptions
 
         try:
+            # One watcher of a shard number at a time (lock); one waiting per shard of this
+            # shape (queueing lock), so that a new shape is queued at once beside the old.
             await self.app.configure_task("gwsync.watch", lock=f"watch:{shard}",
-                                          queueing_lock=f"watch:{shard}").defer_async(shard=shard, shards=shards)
+                                          queueing_lock=f"watch:{shard}/{shards}").defer_async(shard=shard, shards=shards)
         except exceptions.AlreadyEnqueued:
             pass
 
@@ -359,7 +411,13 @@ class Runtime:
         if timestamp % CLEAN_EVERY < self.config.worker.tick:  # about once in CLEAN_EVERY seconds
             await self.app.job_manager.delete_old_jobs(nb_hours=KEEP_JOBS_HOURS, include_failed=True,
                                                        include_cancelled=True, include_aborted=True)
-        shards = self.shards()
+        slots = await asyncio.to_thread(self.schedule.watch_slots, self.config.worker.stalled_after)
+        shards = self.shards(slots)
+        if slots and shards > slots and self._slots_seen != (shards, slots):
+            log.warning("%d shards of watched accounts but %d watcher slots among the live workers: %d shards "
+                        "are not watched (their accounts sync at their interval); raise [worker] watchers or "
+                        "shard_size, or start more workers", shards, slots, shards - slots)
+        self._slots_seen = (shards, slots)
         for shard in range(shards):
             await self.defer_watch(shard, shards)
         lease = 2 * self.config.worker.stalled_after
@@ -368,15 +426,19 @@ class Runtime:
 
     # -- watcher job --
 
-    async def watch(self, shard: int, shards: int) -> None:
+    async def watch(self, shard: int, shards: int, job_id: int | None = None) -> None:
+        """Watch the shard's accounts until [worker] watch_for is over, SIGTERM, or a check
+        (every [worker] tick seconds) finds the shard outdated: the tick queued watchers of
+        another shape since this job was queued (workers came or went, accounts changed their
+        count), or the accounts of this shard are no longer the ones watched (one removed or
+        added). The tick keeps the next watcher of each shard queued."""
         from .mail.asyncwatch import target_of, watch_accounts
 
-        if shards != self.shards():
-            return  # the accounts changed since it was queued: the tick queues the new shards
+        if self.stopping.is_set() or await asyncio.to_thread(self._superseded, shards, job_id):
+            return
+        names = self._shard_names(shard, shards)
         targets = []
-        for name in self.watched():
-            if shard_of(name, shards) != shard:
-                continue
+        for name in names:
             account = self.config.accounts[name]
             try:
                 if await asyncio.to_thread(self.engine_is_locked, account):
@@ -385,10 +447,10 @@ class Runtime:
             except GwsyncError as exc:
                 log.warning("account %s is not watched: %s", name, exc)
         stop = asyncio.Event()
-        if self.stopping.is_set():
-            return
         self.watch_stops.add(stop)
         handle = asyncio.get_running_loop().call_later(self.config.worker.watch_for, stop.set)
+        checks = asyncio.create_task(self._watch_checks(shard, shards, job_id, names, stop))
+
         async def changed(name: str) -> None:
             await self.defer_sync(name, "mail")
 
@@ -396,7 +458,41 @@ class Runtime:
             await watch_accounts(targets, changed, stop, refused=self._refused, look_at_start=False)
         finally:
             handle.cancel()
+            checks.cancel()
             self.watch_stops.discard(stop)
+
+    def _shard_names(self, shard: int, shards: int) -> list[str]:
+        return [name for name in self.watched() if shard_of(name, shards) == shard]
+
+    async def _watch_checks(self, shard: int, shards: int, job_id: int | None, names: list[str],
+                            stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(self.config.worker.tick)
+            try:
+                await asyncio.to_thread(self.refresh)
+                if self._shard_names(shard, shards) != names:
+                    log.info("watcher %d/%d: its accounts changed; the next watcher of the shard takes over",
+                             shard, shards)
+                elif await asyncio.to_thread(self._superseded, shards, job_id):
+                    log.info("watcher %d/%d: the shards changed (workers came or went); ending", shard, shards)
+                else:
+                    continue
+            except GwsyncError as exc:  # the database: watch on, the next check tries again
+                log.warning("watcher %d/%d: %s", shard, shards, exc)
+                continue
+            stop.set()
+            return
+
+    def _superseded(self, shards: int, job_id: int | None) -> bool:
+        """Whether a watcher job of another number of shards was queued after `job_id`."""
+        from .storage.database import read
+
+        if job_id is None:
+            return False
+        with read(self.db) as conn:
+            return conn.execute(sa.text(
+                "SELECT EXISTS (SELECT 1 FROM procrastinate_jobs WHERE task_name = 'gwsync.watch' AND id > :id "
+                "AND (args->>'shards')::int <> :shards)"), {"id": job_id, "shards": shards}).scalar() is True
 
     def engine_is_locked(self, account) -> bool:
         return self.engine().is_locked(account, "imap")
@@ -425,7 +521,7 @@ def make_app(runtime: Runtime):
 
     @app.task(name="gwsync.watch", queue=WATCH_QUEUE, pass_context=True)
     async def watch(context, shard: int, shards: int) -> None:
-        await context.additional_context["gwsync"].watch(shard, shards)
+        await context.additional_context["gwsync"].watch(shard, shards, context.job.id)
 
     @app.periodic(cron=f"*/{config.worker.tick} * * * * *", periodic_id="tick")
     @app.task(name="gwsync.tick", queue=TICK_QUEUE, queueing_lock="tick", pass_context=True)
@@ -477,6 +573,7 @@ async def _serve(runtime: Runtime, concurrency: int) -> None:
             workers.append(Worker(app, queues=[WATCH_QUEUE], concurrency=settings.watchers, name="gwsync-watch",
                                   **common))
         loop = asyncio.get_running_loop()
+        registered = asyncio.create_task(_register(runtime, workers[0], settings.watchers, concurrency))
 
         def stop() -> None:
             log.info("stopping: the jobs at hand end between batches")
@@ -489,8 +586,21 @@ async def _serve(runtime: Runtime, concurrency: int) -> None:
         try:
             await asyncio.gather(*(worker.run() for worker in workers))
         finally:
+            registered.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+
+
+async def _register(runtime: Runtime, worker, watchers: int, concurrency: int) -> None:
+    """Once the sync worker is registered with Procrastinate: this process's row in
+    gwsync_workers (its heartbeat is that worker's), which the tick counts for the shards."""
+    import os
+    import socket
+
+    while worker.worker_id is None:
+        await asyncio.sleep(0.1)
+    await asyncio.to_thread(runtime.schedule.register, worker.worker_id, socket.gethostname(), os.getpid(),
+                            watchers, concurrency)
 
 
 def run_worker(config: Config, concurrency: int | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -105,3 +106,86 @@ def test_a_removed_accounts_row_is_kept_but_not_claimed(schedule):
     assert (row["next_due"] - datetime.now(UTC)).total_seconds() > 600, "a removed account's row is pushed far on"
     wanted[("gone", "mail")] = 1  # added again: due at once
     assert sorted(schedule.claim_due(wanted, lease=1)) == [("gone", "mail")]
+
+
+# -- shards ----------------------------------------------------------------------------------------------
+
+@given(st.integers(0, 20000), st.integers(1, 1000), st.integers(0, 64))
+def test_shards_give_every_watcher_slot_a_share_and_none_is_empty_or_too_big(watched, size, slots):
+    from gwsync.worker import shard_count
+
+    shards = shard_count(watched, size, slots)
+    if watched == 0:
+        assert shards == 0
+        return
+    assert 1 <= shards <= watched  # no empty shard
+    assert shards >= min(slots, watched)  # every live watcher slot gets one, while accounts last
+    assert watched / shards <= size or shards == watched  # no shard above shard_size
+
+
+def test_shard_count_examples():
+    from gwsync.worker import shard_count
+
+    assert shard_count(1000, 500, 0) == 2  # no live worker known: shard_size alone
+    assert shard_count(1000, 500, 6) == 6  # three workers with two watcher slots each
+    assert shard_count(10000, 500, 6) == 20
+    assert shard_count(3, 500, 6) == 3
+
+
+def _procrastinate_schema(url: str) -> None:
+    from procrastinate import schema
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(schema.SchemaManager.get_schema())  # type: ignore[arg-type]  # Procrastinate's own text
+
+
+def test_watch_slots_count_the_live_workers_only(schedule, pg_url):
+    """Each worker process's row joins Procrastinate's heartbeat: a silent worker's slots do
+    not count, and the row of a worker Procrastinate dropped is deleted."""
+    _procrastinate_schema(pg_url)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        live, silent, gone = (conn.execute("INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id").fetchone()[0]
+                              for _ in range(3))
+        conn.execute("UPDATE procrastinate_workers SET last_heartbeat = now() - interval '1 minute' WHERE id = %s",
+                     (silent,))
+    for worker_id, watchers in ((live, 2), (silent, 3), (gone, 4)):
+        schedule.register(worker_id, "host", 1, watchers, 4)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM procrastinate_workers WHERE id = %s", (gone,))
+    assert schedule.watch_slots(stalled_after=30) == 2
+    assert schedule.watch_slots(stalled_after=120) == 5
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        assert sorted(r[0] for r in conn.execute("SELECT worker_id FROM gwsync_workers")) == sorted([live, silent])
+
+
+# -- workers on a real Dovecot ---------------------------------------------------------------------------
+
+from test_worker import ARCHIVE, IMPORT, Company, company  # noqa: E402,F401  (the fixture, too)
+
+
+def _watchers(c: Company) -> list[tuple[int, int, int]]:
+    """(shard, shards, worker id) of the watcher jobs running."""
+    return c.query("SELECT (args->>'shard')::int, (args->>'shards')::int, worker_id FROM procrastinate_jobs "
+                   "WHERE task_name = 'gwsync.watch' AND status = 'doing' ORDER BY 1")
+
+
+def test_shards_follow_the_live_workers_as_they_come_and_go(company):
+    """Two workers with one watcher slot each: two shards, one on each worker (shard_size alone
+    would make one shard, and one worker would watch everything). One worker stops: the other
+    watches every account again, and mail to each is imported long before its interval."""
+    c = company(4, worker="watchers = 1\n")
+    c.start_worker()
+    c.start_worker()
+    c.wait_for(lambda: len(w := _watchers(c)) == 2 and {s for s, _, _ in w} == {0, 1}
+               and len({worker for _, _, worker in w}) == 2 and all(n == 2 for _, n, _ in w), 40,
+               "two shards were not watched by the two workers")
+    stopped = c.workers[0]
+    stopped.send_signal(signal.SIGTERM)
+    assert stopped.wait(timeout=30) == 0, c.log(0)
+    stopped.returncode = -9  # c.wait_for takes only a killed worker's end for granted
+    c.wait_for(lambda: _watchers(c) and all(n == 1 for _, n, _ in _watchers(c)), 40,
+               "the remaining worker did not take all accounts into one shard")
+    time.sleep(1.5)  # its connections log in and enter IDLE
+    expected = {user: c.append(user) for user in c.users}
+    c.wait_for(lambda: len(c.activities()) == 4, 20, "mail to the accounts was not imported by the watcher")
+    assert sorted(a.message_id for a in c.activities()) == sorted(i for ids in expected.values() for i in ids)
