@@ -250,6 +250,19 @@ def _changed(report: Any) -> bool:
     return any(v for result in report.calendars.values() for k, v in result.counts.items() if k != "conflicts")
 
 
+def _file_part(config: Config) -> Config:
+    """The config without the accounts kept in the database (the config file's alone)."""
+    import copy
+
+    if not config.database_accounts:
+        return config
+    out = copy.copy(config)
+    object.__setattr__(out, "accounts", {name: account for name, account in config.accounts.items()
+                                         if name not in config.database_accounts})
+    object.__setattr__(out, "database_accounts", None)
+    return out
+
+
 class Runtime:
     """What the jobs of one worker process share: the config, an Engine per thread, the
     schedule, the stop flag (set on SIGTERM) and the running watchers' stop events."""
@@ -260,7 +273,9 @@ class Runtime:
         if config.database is None:
             raise ConfigError("gwsync worker needs [database] url: the jobs, their locks and the stores live in "
                               "PostgreSQL (see Company deployment in the README)")
-        self.file_config = config  # the config file's accounts; the database's join them (refresh)
+        # The config file's accounts; the database's join them (refresh). A config from the command
+        # line has them merged already: taken apart, or no refresh could merge them again.
+        self.file_config = _file_part(config)
         self.config = config
         self._records: list | None = None
         self._refresh_lock = threading.Lock()

@@ -189,3 +189,136 @@ def test_shards_follow_the_live_workers_as_they_come_and_go(company):
     expected = {user: c.append(user) for user in c.users}
     c.wait_for(lambda: len(c.activities()) == 4, 20, "mail to the accounts was not imported by the watcher")
     assert sorted(a.message_id for a in c.activities()) == sorted(i for ids in expected.values() for i in ids)
+
+
+@pytest.fixture(scope="module")
+def master_dovecot():
+    from gwsync.demo.localservers import Dovecot
+
+    with Dovecot.start(master_users={"gwsync": "master-secret"}) as server:
+        yield server
+
+
+class DatabaseAccounts:
+    """Accounts added with `gwsync accounts add` on a master-user Dovecot, and one worker."""
+
+    def __init__(self, dovecot, pg_url: str, root, names: list[str]):
+        from imapclient import IMAPClient
+
+        from conftest import make_mail
+
+        os.environ["GWSYNC_TEST_MASTER"] = "master-secret"
+        self.dovecot, self.url, self.root, self.make_mail = dovecot, pg_url, root, make_mail
+        self.config = root / "config.toml"
+        self.config.write_text(
+            f'[database]\nurl = "{pg_url}"\n\n[worker]\ntick = 1\nstalled_after = 5\n\n'
+            f'[defaults.imap]\nhost = "127.0.0.1"\nport = {dovecot.port}\nsecurity = "none"\n'
+            f'import_root = "INBOX"\narchive_folder = "{ARCHIVE}"\nmaster_user = "gwsync"\n'
+            'password_env = "GWSYNC_TEST_MASTER"\n')
+        self.users = {name: f"d{os.getpid()}{name}{int(time.time() * 1000) % 100000}" for name in names}
+        for user in self.users.values():
+            with IMAPClient("127.0.0.1", port=dovecot.port, ssl=False) as client:
+                client.login(user, dovecot.password_for(user))
+                client.create_folder(IMPORT)
+        for name, user in self.users.items():
+            self.cli("accounts", "add", name, "--username", user)
+        self.worker = None
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "gwsync.cli", "--config", str(self.config), *args],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    def start(self) -> None:
+        with open(self.root / "worker.err", "wb") as err:
+            self.worker = subprocess.Popen([sys.executable, "-m", "gwsync.cli", "-v", "--config", str(self.config),
+                                            "worker"], stderr=err, start_new_session=True)
+
+    def log(self) -> str:
+        """The worker's log without the ticks' lines."""
+        lines = (self.root / "worker.err").read_text(errors="replace").splitlines()
+        return "\n".join(line for line in lines if "gwsync.tick[" not in line)
+
+    def query(self, sql: str, *params) -> list[tuple]:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]  # the tests' own text
+
+    def wait_for(self, what, timeout: float, message: str):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                value = what()
+            except psycopg.errors.UndefinedTable:
+                value = None
+            if value:
+                return value
+            assert self.worker is None or self.worker.poll() is None, self.log()[-3000:]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{message} within {timeout} s; worker log:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+
+    def append(self, name: str) -> None:
+        from imapclient import IMAPClient
+
+        user = self.users[name]
+        with IMAPClient("127.0.0.1", port=self.dovecot.port, ssl=False) as client:
+            client.login(user, self.dovecot.password_for(user))
+            client.append(IMPORT, self.make_mail(int(time.time() * 1000) % 10**9))
+
+    def left_in_import(self, name: str) -> int:
+        from imapclient import IMAPClient
+
+        user = self.users[name]
+        with IMAPClient("127.0.0.1", port=self.dovecot.port, ssl=False) as client:
+            client.login(user, self.dovecot.password_for(user))
+            client.select_folder(IMPORT, readonly=True)
+            return len(client.search(["ALL"]))
+
+    def stop(self) -> None:
+        if self.worker is not None and self.worker.poll() is None:
+            os.killpg(self.worker.pid, signal.SIGKILL)
+            self.worker.wait()
+
+
+@pytest.fixture
+def database_accounts(master_dovecot, pg_url, tmp_path):
+    made: list[DatabaseAccounts] = []
+
+    def factory(names: list[str]) -> DatabaseAccounts:
+        made.append(DatabaseAccounts(master_dovecot, pg_url, tmp_path, names))
+        return made[-1]
+
+    yield factory
+    for d in made:
+        d.stop()
+
+
+def _sync_jobs(d: DatabaseAccounts, account: str, after: int) -> int:
+    return d.query("SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'gwsync.sync' "
+                   "AND args->>'account' = %s AND id > %s", account, after)[0][0]
+
+
+def test_a_removed_account_is_no_longer_watched_nor_synced(database_accounts):
+    """`gwsync accounts remove` while a worker runs: within a few ticks the watcher lets go of
+    the account (mail arriving there defers nothing) and no sync job of it is queued, while the
+    account that stays is served as before."""
+    d = database_accounts(["keep", "gone"])
+    d.start()
+    d.wait_for(lambda: d.query("SELECT count(*) FROM gwsync_schedule WHERE runs >= 1")[0][0] == 2, 30,
+               "the first sync of both accounts did not finish")
+    first = d.wait_for(lambda: d.query("SELECT max(id) FROM procrastinate_jobs WHERE task_name = 'gwsync.watch' "
+                                       "AND status = 'doing'")[0][0], 20, "no watcher job ran")
+    d.cli("accounts", "remove", "gone")
+    marker = d.query("SELECT max(id) FROM procrastinate_jobs")[0][0]
+    d.wait_for(lambda: d.query("SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'gwsync.watch' "
+                               "AND status = 'doing' AND id > %s", first)[0][0] == 1, 20,
+               "the watcher holding the removed account did not hand over")
+    time.sleep(1.5)  # the new watcher's connections log in and enter IDLE
+    d.append("gone")
+    d.append("keep")
+    d.wait_for(lambda: d.left_in_import("keep") == 0, 15, "the remaining account's mail was not imported")
+    time.sleep(3)  # three more ticks
+    assert _sync_jobs(d, "gone", marker) == 0, "a sync job of the removed account was queued"
+    assert d.left_in_import("gone") == 1
+    assert _sync_jobs(d, "keep", marker) >= 1
