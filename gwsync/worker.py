@@ -239,6 +239,50 @@ class Schedule:
                                                                                       SCHEDULE.c.area))]
 
 
+# -- what `gwsync status` shows of the workers -------------------------------------------------------
+
+def _iso(stamp: datetime | None) -> str | None:
+    return None if stamp is None else stamp.isoformat()
+
+
+def schedule_view(engine: sa.Engine) -> dict[str, dict[str, dict]]:
+    """Per account and area, the workers' schedule: last run's start and end, next due (None
+    when parked: the account was removed), backoff, last change, last error, runs. Empty when
+    no worker has made the table yet."""
+    from .storage.database import read
+
+    with read(engine) as conn:
+        if conn.execute(sa.text("SELECT to_regclass('gwsync_schedule')")).scalar() is None:
+            return {}
+        rows = conn.execute(SCHEDULE.select().order_by(SCHEDULE.c.account, SCHEDULE.c.area)).mappings().all()
+    out: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        parked = r["next_due"] >= PARKED
+        out.setdefault(r["account"], {})[r["area"]] = {
+            "next_due": None if parked else _iso(r["next_due"]), "backoff": r["backoff"],
+            "last_start": _iso(r["last_start"]), "last_end": _iso(r["last_end"]),
+            "last_changed": _iso(r["last_changed"]), "last_error": r["last_error"], "runs": r["runs"]}
+    return out
+
+
+def workers_view(engine: sa.Engine, stalled_after: int) -> dict:
+    """The worker processes whose heartbeat is younger than stalled_after: {"alive": N,
+    "processes": [{host, pid, watchers, concurrency, started, last_heartbeat}]}."""
+    from .storage.database import read
+
+    with read(engine) as conn:
+        if (conn.execute(sa.text("SELECT to_regclass('gwsync_workers')")).scalar() is None
+                or conn.execute(sa.text("SELECT to_regclass('procrastinate_workers')")).scalar() is None):
+            return {"alive": 0, "processes": []}
+        rows = conn.execute(sa.text(
+            "SELECT w.host, w.pid, w.watchers, w.concurrency, w.started, p.last_heartbeat FROM gwsync_workers w "
+            "JOIN procrastinate_workers p ON p.id = w.worker_id "
+            "WHERE p.last_heartbeat > now() - make_interval(secs => :secs) ORDER BY w.host, w.pid"),
+            {"secs": stalled_after}).mappings().all()
+    processes = [{**dict(r), "started": _iso(r["started"]), "last_heartbeat": _iso(r["last_heartbeat"])} for r in rows]
+    return {"alive": len(processes), "processes": processes}
+
+
 # -- the worker process's shared state ------------------------------------------------------------------
 
 def _changed(report: Any) -> bool:

@@ -322,3 +322,71 @@ def test_a_removed_account_is_no_longer_watched_nor_synced(database_accounts):
     assert _sync_jobs(d, "gone", marker) == 0, "a sync job of the removed account was queued"
     assert d.left_in_import("gone") == 1
     assert _sync_jobs(d, "keep", marker) >= 1
+
+
+# -- gwsync status ---------------------------------------------------------------------------------------
+
+def test_status_shows_the_workers_schedule_and_whether_a_worker_lives(schedule, pg_url, tmp_path):
+    """With [database] url, `gwsync status` (and --json) add the workers' view of each account:
+    per area the last run's start and end, next due, backoff, last error; and the live worker
+    processes. The keys of before stay."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{pg_url}"\n\n'
+                      '[accounts.alice.imap]\nhost = "127.0.0.1"\nusername = "alice"\npassword = "x"\n\n'
+                      '[accounts.bob.imap]\nhost = "127.0.0.1"\nusername = "bob"\npassword = "x"\n')
+    cli = [sys.executable, "-m", "gwsync.cli", "--config", str(config), "status"]
+
+    def status() -> dict:
+        done = subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    before = status()  # no worker ever ran: no schedule yet, none alive
+    assert before["workers"] == {"alive": 0, "processes": []}
+    assert before["accounts"]["alice"]["schedule"] == {}
+
+    _procrastinate_schema(pg_url)
+    wanted = {("alice", "mail"): 300, ("gone", "mail"): 300}
+    schedule.claim_due(wanted)
+    schedule.started("alice", "mail")
+    schedule.finished("alice", "mail", 300, changed=False, busy=False, error="account alice: IMAP refused")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        worker_id = conn.execute("INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id").fetchone()[0]
+    schedule.register(worker_id, "host-a", 4242, 2, 4)
+
+    out = status()
+    alice = out["accounts"]["alice"]
+    for key in ("source", "last_sync", "last_success", "lag", "errors", "areas", "held", "failed", "locked"):
+        assert key in alice, key
+    plan = alice["schedule"]["mail"]
+    assert plan["backoff"] == 600 and plan["runs"] == 1 and plan["last_error"] == "account alice: IMAP refused"
+    assert plan["last_start"] and plan["last_end"] and plan["next_due"]
+    due = datetime.fromisoformat(plan["next_due"]) - datetime.fromisoformat(plan["last_end"])
+    assert 599 <= due.total_seconds() <= 601
+    assert out["accounts"]["bob"]["schedule"] == {}
+    assert out["workers"]["alive"] == 1
+    assert out["workers"]["processes"][0] | {"started": None, "last_heartbeat": None} == {
+        "host": "host-a", "pid": 4242, "watchers": 2, "concurrency": 4, "started": None, "last_heartbeat": None}
+
+    text = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert text.returncode == 0, text.stderr
+    assert "workers: 1 alive (host-a pid 4242)" in text.stdout
+    assert "  worker mail: next " in text.stdout and "backoff 600 s" in text.stdout
+    assert "last error: account alice: IMAP refused" in text.stdout
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # its heartbeat stopped a minute ago
+        conn.execute("UPDATE procrastinate_workers SET last_heartbeat = now() - interval '1 minute'")
+    assert status()["workers"] == {"alive": 0, "processes": []}
+    text = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert "workers: none alive" in text.stdout
+
+
+def test_status_without_a_database_url_has_no_worker_view(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[crm]\ndatabase = "{tmp_path}/crm.db"\n[state]\ndatabase = "{tmp_path}/state.db"\n'
+                      '[accounts.alice.imap]\nhost = "127.0.0.1"\nusername = "alice"\npassword = "x"\n')
+    done = subprocess.run([sys.executable, "-m", "gwsync.cli", "--config", str(config), "status", "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["workers"] is None and out["accounts"]["alice"]["schedule"] is None

@@ -257,9 +257,13 @@ def status(obj: Context, as_json) -> None:
     """Per account: last sync, its counts, held and failed mail, errors."""
     with obj.engine() as engine:
         out = engine.status()
+        workers = engine.workers()
     if as_json:
-        emit_json({"accounts": out})
+        emit_json({"accounts": out, "workers": workers})
         return
+    if workers is not None:
+        alive = ", ".join(f"{w['host']} pid {w['pid']}" for w in workers["processes"])
+        click.echo(f"workers: {workers['alive']} alive ({alive})" if alive else "workers: none alive")
     for name, data in out.items():
         lag = f", lag {data['lag']} s" if data["lag"] is not None else ""
         source = " (in the database)" if data["source"] == "database" else ""
@@ -274,6 +278,11 @@ def status(obj: Context, as_json) -> None:
             click.echo(f"  {area}: last sync {info['last_sync']} {state}; {counts}")
         if not data["areas"]:
             click.echo("  never synced")
+        for area, plan in (data["schedule"] or {}).items():
+            due = f"next {plan['next_due']}" if plan["next_due"] else "not scheduled (account removed)"
+            error = f"; last error: {plan['last_error']}" if plan["last_error"] else ""
+            click.echo(f"  worker {area}: {due}, backoff {plan['backoff']} s, last run {plan['last_start'] or 'never'}"
+                       f" to {plan['last_end'] or '-'}{error}")
 
 
 @main.command()
