@@ -17,9 +17,14 @@ of sync jobs and the tick is never stuck behind either:
   accounts whose name hashes to the shard (one connection each); mail arriving defers a sync
   job of the mail area. It ends after [worker] watch_for seconds; the tick has already queued
   the next watcher of the shard, which any worker may take, so shards move as workers come and go.
+  Every [worker] tick seconds it checks whether it is outdated, and ends early if so: a watcher
+  of another number of shards was queued after it, or its shard's accounts changed (one added
+  or removed with `gwsync accounts`).
 - `gwsync.tick` (queue "tick", Procrastinate periodic every [worker] tick seconds, once across
   all workers): in this order, re-queue the jobs of workers whose heartbeat stopped
-  ([worker] stalled_after), queue a watcher job per shard, and defer a sync job for every
+  ([worker] stalled_after), queue a watcher job per shard (shard_count: at least one per watcher
+  slot of the live workers, so that each takes a share, and no more than [worker] shard_size
+  accounts in one), and defer a sync job for every
   account and area whose `next_due` has come (claimed by pushing `next_due` on by a lease of
   twice stalled_after in the same statement, so two ticks never defer one twice, and a tick
   killed before deferring leaves it due again after the lease; the job's end sets the backoff).
@@ -27,7 +32,11 @@ of sync jobs and the tick is never stuck behind either:
   deleted at once.
 
 Scheduling state lives in table `gwsync_schedule` (account, area, last run, next due, backoff,
-last error). Procrastinate's own schema is applied at the worker's start when the database has
+last error). The tick inserts rows only for accounts new to it (it compares with the table when
+the accounts change, and every RECONCILE_EVERY seconds); the row of a removed account is parked
+(never due) and due again at once if the account comes back. Table `gwsync_workers` has a row per
+worker process (its sync worker's Procrastinate id, host, pid, watcher slots): joined with
+Procrastinate's heartbeats it gives the live workers, for the shards and `gwsync status`. Procrastinate's own schema is applied at the worker's start when the database has
 none (under an advisory lock, so workers starting together apply it once).
 
 A worker process runs one Procrastinate worker per queue in one event loop. SIGTERM or SIGINT:
