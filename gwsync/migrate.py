@@ -39,7 +39,16 @@ import sqlite_utils
 
 from .config import Config
 from .errors import ConfigError, StoreError, UsageError
-from .storage.database import SCHEMA_TABLE, _lock_key, check_url, postgres_engine, shown, sqlite_engine, write
+from .storage.database import (
+    SCHEMA_TABLE,
+    _first_line,
+    _lock_key,
+    check_url,
+    postgres_engine,
+    shown,
+    sqlite_engine,
+    write,
+)
 from .storage.migrations import Migration, upgrade
 
 BATCH = 2000  # rows per read and per INSERT
@@ -171,7 +180,7 @@ class Source:
         fix = [_converter(column) for column in table.columns]
         result = self.conn.execute(sa.select(*table.columns).order_by(*table.primary_key.columns))
         while batch := result.fetchmany(BATCH):
-            yield [{name: f(value) for name, f, value in zip(names, fix, row)} for row in batch]
+            yield [{name: f(value) for name, f, value in zip(names, fix, row, strict=True)} for row in batch]
 
     def counter(self, table: sa.Table) -> int:
         """The highest id the file gave out in `table`: its rows' and SQLite's AUTOINCREMENT
@@ -262,7 +271,8 @@ def _move_sequences(conn: sa.Connection, source: Source, table: sa.Table) -> Non
         conn.execute(sa.text("SELECT setval(:sequence, :top, true)"), {"sequence": sequence, "top": top})
 
 
-def copy(target_conn: sa.Connection, source: Source, progress: Callable[[str, int], None]) -> dict[str, int]:
+def copy(target_conn: sa.Connection, source: Source, target: Target,
+         progress: Callable[[str, int], None]) -> dict[str, int]:
     """Every table of the store into the target (in its transaction); rows copied per table."""
     store = source.store
     store.create(target_conn)
@@ -272,7 +282,12 @@ def copy(target_conn: sa.Connection, source: Source, progress: Callable[[str, in
         if source.conn is None:
             continue
         for rows in source.rows(table):
-            target_conn.execute(sa.insert(table), rows)
+            try:
+                target_conn.execute(sa.insert(table), rows)
+            except sa.exc.StatementError as exc:  # a value PostgreSQL refuses (the server's faults are StoreErrors)
+                raise StoreError(f"the {store.what} {store.path}: a row of table {table.name} cannot be stored in "
+                                 f"{target.label} ({_first_line(exc.orig or exc)}): nothing was copied; fix or "
+                                 "remove that row, then run migrate-store again", store.path) from exc
             copied[table.name] += len(rows)
         _move_sequences(target_conn, source, table)
         progress(table.name, copied[table.name])
@@ -313,7 +328,9 @@ def migrate(config: Config, url: str | None, dry_run: bool, progress: Callable[[
             source.open()
         if not dry_run:
             locks = FileAccountLocks(config.state_database, config.state.lock_wait)
-            for name in sorted(set(config.accounts) | set(_stored_accounts(sources[1]))):
+            names = sorted(set(config.accounts) | set(_stored_accounts(sources[1])))
+            _enough_files(len(names))
+            for name in names:
                 stack.enter_context(locks.hold(name, "migrate-store"))
         for source in sources:
             stack.enter_context(source.hold())
@@ -335,7 +352,7 @@ def migrate(config: Config, url: str | None, dry_run: bool, progress: Callable[[
             refuse_used(conn, target, all_stores, source_id)
             started()
             for source in sources:
-                counts[source.store.name] = copy(conn, source, progress)
+                counts[source.store.name] = copy(conn, source, target, progress)
         return Outcome(target, counts, missing)
 
 
@@ -348,6 +365,19 @@ def _check_target(target: Target, all_stores: list[Store], source_id: str | None
         engine.dispose()
 
 
+def _enough_files(locks: int) -> None:
+    """A lock file per account is open at once: raise the open-file limit to what that takes."""
+    import resource
+
+    need = locks + 256  # the databases, the connections, Python's own
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            raise UsageError(f"{locks} accounts to hold still need {need} open files, and this process may open "
+                             f"{hard}: raise the limit (ulimit -n {need}), then run migrate-store again")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
 def _stored_accounts(state: Source) -> list[str]:
     if state.conn is None:
         return []
@@ -357,7 +387,8 @@ def _stored_accounts(state: Source) -> list[str]:
 def report_lines(config: Config, outcome: Outcome, dry_run: bool) -> list[str]:
     """What was (or would be) copied, per store and table, and the next step."""
     where = f"into {outcome.target.label}" if outcome.target else "(no target yet: --to URL or [database] url)"
-    lines = [f"{'would copy' if dry_run else 'copied'} {where}:"]
+    checked = " (reachable, no gwsync tables yet)" if dry_run and outcome.target else ""
+    lines = [f"{'would copy' if dry_run else 'copied'} {where}{checked}:"]
     for store in stores(config):
         counts = outcome.counts[store.name]
         rows = ", ".join(f"{table} {count}" for table, count in counts.items())
@@ -370,8 +401,11 @@ def report_lines(config: Config, outcome: Outcome, dry_run: bool) -> list[str]:
     if config.database is not None and config.database.url == outcome.target.url:
         lines.append("Next: the config's [database] url names this database already: gwsync works on it from now on.")
     else:
-        lines.append(f"Next: add this to {config.path or 'the config file'}, then run gwsync as before "
-                     "(nothing is imported again):")
+        lines.append(f"Next: set [database] url in {config.path or 'the config file'} to it, then run gwsync as "
+                     "before (nothing is imported again):")
         lines.append("  [database]")
         lines.append(f'  url = "{outcome.target.label}"')
+        if outcome.target.label != outcome.target.url:
+            lines.append("  (and its password in password_env, password_command or password_keyring, "
+                         "not in the URL)")
     return lines

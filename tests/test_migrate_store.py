@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import psycopg
-import pytest
 import sqlalchemy as sa
 
 from gwsync.accountlock import FileAccountLocks
@@ -60,7 +59,7 @@ def _normal(column: sa.Column, value):
 
 def dump(engine: sa.Engine, metadata: sa.MetaData) -> dict[str, list[tuple]]:
     with engine.connect() as conn:
-        return {table.name: [tuple(_normal(c, v) for c, v in zip(table.columns, row)) for row in
+        return {table.name: [tuple(_normal(c, v) for c, v in zip(table.columns, row, strict=True)) for row in
                              conn.execute(sa.select(*table.columns).order_by(*table.primary_key.columns))]
                 for table in metadata.sorted_tables}
 
@@ -137,7 +136,7 @@ def test_sync_goes_on_from_postgresql_with_nothing_imported_twice(make_env, pg_u
     result = env.cli("migrate-store", "--to", pg_url)
 
     assert result.exit_code == 0, result.output
-    assert "add this to" in result.stdout and f'url = "{pg_url}"' in result.stdout
+    assert "Next: set [database] url in" in result.stdout and f'url = "{pg_url}"' in result.stdout
     assert "activities 4" in result.stdout and "links 1" in result.stdout
     # Every table of both stores, row for row; and the files hold no table the stores do not know.
     for name, metadata, file in STORES:
@@ -195,8 +194,9 @@ def filled(tmp_path: Path) -> Path:
         conn = sqlite3.connect(tmp_path / file)
         for table in metadata.sorted_tables:
             columns = list(table.columns)
-            conn.execute(f'INSERT INTO "{table.name}" ({", ".join(repr(c.name).replace(chr(39), chr(34)) for c in columns)}) '
-                         f'VALUES ({", ".join("?" for _ in columns)})', [_value(c, 1) for c in columns])
+            names = ", ".join(f'"{c.name}"' for c in columns)
+            conn.execute(f'INSERT INTO "{table.name}" ({names}) VALUES ({", ".join("?" for _ in columns)})',
+                         [_value(c, 1) for c in columns])
         conn.commit()
         conn.close()
     config = tmp_path / "config.toml"
@@ -318,8 +318,8 @@ def test_ctrl_c_in_the_middle_leaves_the_target_empty_and_a_rerun_copies(tmp_pat
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "gwsync.cli", "--config", str(config), "migrate-store", "--to",
-                             pg_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "gwsync.cli", "--config", str(config), "-v", "migrate-store",
+                             "--to", pg_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     assert "copying" in proc.stderr.readline()
     time.sleep(0.3)
@@ -343,7 +343,7 @@ def test_a_dry_run_counts_and_writes_nothing(tmp_path, pg_url):
     result = cli(config, "migrate-store", "--to", pg_url, "--dry-run")
 
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("would copy into")
+    assert result.stdout.startswith(f"would copy into {pg_url} (reachable, no gwsync tables yet):")
     assert "activities 1" in result.stdout and "messages 1" in result.stdout and "Next" not in result.stdout
     assert pg_tables(pg_url) == []
     assert {file: logical(tmp_path / file) for _, _, file in STORES} == files
@@ -364,7 +364,7 @@ def test_an_old_schema_is_upgraded_then_copied(tmp_path, pg_url):
     subjects = [row[4] for row in pg_dump(pg_url, embedded.metadata)["activities"]]
     assert subjects == ["Kundentermin", "Angebot", "Vom Handy"]
     # Upgraded in place first, as any gwsync command does (the data kept: test_store_upgrade.py).
-    for (_, _, file), version in zip(STORES, (embedded.SCHEMA_VERSION, state.SCHEMA_VERSION)):
+    for (_, _, file), version in zip(STORES, (embedded.SCHEMA_VERSION, state.SCHEMA_VERSION), strict=True):
         assert sqlite3.connect(tmp_path / file).execute("PRAGMA user_version").fetchone()[0] == version
 
 
@@ -379,3 +379,30 @@ def test_a_running_watch_or_sync_keeps_the_files_and_nothing_is_copied(tmp_path,
         result = cli(config, "migrate-store", "--to", pg_url)
     assert result.exit_code == 1 and "account alice is busy" in one_line(result)
     assert pg_tables(pg_url) == []
+
+
+def test_a_value_postgresql_refuses_is_one_line_and_nothing_is_copied(tmp_path, pg_url):
+    config = filled(tmp_path)
+    conn = sqlite3.connect(tmp_path / "crm.db")
+    conn.execute("UPDATE activities SET participants = '[\"alice\"'")  # cut off: jsonb takes no such text
+    conn.commit()
+    conn.close()
+
+    result = cli(config, "migrate-store", "--to", pg_url)
+
+    assert result.exit_code == 1
+    line = one_line(result)
+    assert "a row of table activities cannot be stored" in line and "nothing was copied" in line, line
+    assert pg_tables(pg_url) == []
+
+
+def test_the_configs_database_url_is_the_target_by_default(tmp_path, pg_url):
+    config = filled(tmp_path)
+    config.write_text(f'[database]\nurl = "{pg_url}"\n\n' + config.read_text())
+
+    result = cli(config, "migrate-store")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"copied into {pg_url}:")
+    assert "the config's [database] url names this database already" in result.stdout
+    assert pg_dump(pg_url, state.metadata) == file_dump(tmp_path / "state.db", state.metadata)

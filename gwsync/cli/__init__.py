@@ -1060,8 +1060,8 @@ def migrate_store(obj: Context, url: str | None, dry_run: bool) -> None:
     database, in one transaction; the files are left as they are. Then set [database] url."""
     from ..migrate import migrate, report_lines
 
-    def started() -> None:
-        if obj.verbosity >= 0:
+    def started() -> None:  # on a terminal, or with -v: an error stays one line in a log
+        if obj.verbosity >= 1 or (obj.verbosity == 0 and sys.stderr.isatty()):
             click.echo("gwsync: copying (one transaction: Ctrl-C leaves the target empty)", err=True)
 
     outcome = migrate(obj.file_config, url, dry_run, started=started)
