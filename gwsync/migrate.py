@@ -152,13 +152,13 @@ class Source:
                                  f"{', '.join(sorted(missing)) or 'none'}): nothing was copied", self.store.path)
 
     @contextmanager
-    def hold(self) -> Iterator[None]:
-        """A write transaction on the file for the block, rolled back after it: nobody else
-        writes meanwhile, and we read one consistent state."""
+    def hold(self, writers_wait: bool = True) -> Iterator[None]:
+        """A transaction on the file for the block, rolled back after it: we read one
+        consistent state, and (`writers_wait`, a write transaction) nobody else writes meanwhile."""
         if self.conn is None:
             yield
             return
-        self.conn.exec_driver_sql("BEGIN IMMEDIATE")
+        self.conn.exec_driver_sql("BEGIN IMMEDIATE" if writers_wait else "BEGIN")
         try:
             yield
         finally:
@@ -308,7 +308,7 @@ def migrate(config: Config, url: str | None, dry_run: bool, progress: Callable[[
             started: Callable[[], None] = lambda: None) -> Outcome:
     """See the module doc. `started` is called when the copy into the target begins."""
     from .accountlock import FileAccountLocks
-    from .cli.watcher import InstanceLock
+    from .cli.watcher import AlreadyRunning, InstanceLock
 
     target = target_of(config, url)
     if target is None and not dry_run:
@@ -322,7 +322,11 @@ def migrate(config: Config, url: str | None, dry_run: bool, progress: Callable[[
     with ExitStack() as stack:
         if not dry_run:
             # No `watch` and no run of any account (sync, review, push) writes the files meanwhile.
-            stack.enter_context(InstanceLock(config.state_database))
+            try:
+                stack.enter_context(InstanceLock(config.state_database))
+            except AlreadyRunning as exc:
+                raise exc.reworded(f"gwsync watch or another migrate-store ({_pid(config.state_database)}) is using "
+                                   f"{config.state_database}: stop it first, then run migrate-store again") from None
         for source in sources:
             stack.callback(source.close)
             source.open()
@@ -333,7 +337,7 @@ def migrate(config: Config, url: str | None, dry_run: bool, progress: Callable[[
             for name in names:
                 stack.enter_context(locks.hold(name, "migrate-store"))
         for source in sources:
-            stack.enter_context(source.hold())
+            stack.enter_context(source.hold(writers_wait=not dry_run))
         source_id = crm.conn.execute(sa.text("SELECT value FROM meta WHERE name = 'store_id'")).scalar() \
             if crm.conn is not None else None
         missing = [source.store.name for source in sources if not source.present]
@@ -363,6 +367,13 @@ def _check_target(target: Target, all_stores: list[Store], source_id: str | None
             refuse_used(conn, target, all_stores, source_id)
     finally:
         engine.dispose()
+
+
+def _pid(state_database: Path) -> str:
+    try:
+        return "pid " + (Path(str(state_database) + ".watch.lock").read_text().strip() or "?")
+    except OSError:
+        return "pid ?"
 
 
 def _enough_files(locks: int) -> None:

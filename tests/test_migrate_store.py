@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 import sqlalchemy as sa
 
 from gwsync.accountlock import FileAccountLocks
@@ -374,7 +375,7 @@ def test_a_running_watch_or_sync_keeps_the_files_and_nothing_is_copied(tmp_path,
                       'host = "127.0.0.1"\nusername = "alice"\npassword = "x"\n')
     with InstanceLock(tmp_path / "state.db"):
         result = cli(config, "migrate-store", "--to", pg_url)
-    assert result.exit_code == 1 and "another gwsync watch" in one_line(result)
+    assert result.exit_code == 1 and "gwsync watch or another migrate-store (pid " in one_line(result)
     with FileAccountLocks(tmp_path / "state.db").hold("alice", "sync"):
         result = cli(config, "migrate-store", "--to", pg_url)
     assert result.exit_code == 1 and "account alice is busy" in one_line(result)
@@ -406,3 +407,45 @@ def test_the_configs_database_url_is_the_target_by_default(tmp_path, pg_url):
     assert result.stdout.startswith(f"copied into {pg_url}:")
     assert "the config's [database] url names this database already" in result.stdout
     assert pg_dump(pg_url, state.metadata) == file_dump(tmp_path / "state.db", state.metadata)
+
+
+def test_a_missing_state_file_copies_as_an_empty_state(tmp_path, pg_url):
+    config = filled(tmp_path)
+    for name in ("state.db", "state.db-wal", "state.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+
+    result = cli(config, "migrate-store", "--to", pg_url)
+
+    assert result.exit_code == 0, result.output
+    assert f"the state database {tmp_path}/state.db (no file: its tables stay empty): accounts 0" in result.stdout
+    assert not (tmp_path / "state.db").exists()
+    assert all(rows == [] for rows in pg_dump(pg_url, state.metadata).values())
+    assert pg_dump(pg_url, embedded.metadata) == file_dump(tmp_path / "crm.db", embedded.metadata)
+
+
+def test_while_the_copy_runs_nobody_writes_the_files(tmp_path):
+    """The copy holds a write transaction on each file: `activity edit`, the web view and any
+    other writer wait for it (then stop with one line), so the copy is the files' last state."""
+    from gwsync.config import load_config
+    from gwsync.migrate import Source, stores
+
+    filled(tmp_path)
+    config = load_config(tmp_path / "config.toml")
+    for store in stores(config):
+        source = Source(store)
+        source.open()
+        try:
+            with source.hold():
+                other = sqlite3.connect(store.path, timeout=0.1)
+                try:
+                    with pytest.raises(sqlite3.OperationalError, match="locked"):
+                        other.execute("DELETE FROM meta" if store.name == "crm" else "DELETE FROM runs")
+                    assert other.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0  # reads go on
+                finally:
+                    other.close()
+            other = sqlite3.connect(store.path, timeout=0.1)  # released after the copy
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            other.close()
+        finally:
+            source.close()
