@@ -8,17 +8,21 @@ files gave out (nor one of a deleted activity: SQLite's AUTOINCREMENT counter go
 
 Order of work:
   1. the files must be there (the CRM's; a missing state file copies as an empty state);
-  2. hold them still: `watch`'s instance lock, every account's run lock (as `sync`, `review`,
-     `push` take them), then after the schema check (an old schema is upgraded in place, as
-     any gwsync command does; a newer one is refused) a write transaction on each file, held to
-     the end: whatever else would write them (`activity edit`, the web view) waits for us;
-  3. every table and column of the files must be one the stores' table definitions know, and
-     the other way round: nothing is left behind unnoticed;
-  4. on the target, ONE transaction: the schema upgrade's advisory lock, refuse a database that
+  2. `watch`'s instance lock: a running watch (or another migrate-store) is refused;
+  3. each file opened: an old schema is upgraded in place (as any gwsync command does), a newer
+     one refused; then every table and column of the file must be one the stores' table
+     definitions know, and the other way round: nothing is left behind unnoticed;
+  4. every account's run lock (as `sync`, `review`, `push` take them; a running sync is waited
+     for, [state] lock_wait), then a write transaction on each file, held to the end: whatever
+     else would write them (`activity edit`, the web view) waits, and the copy is their last state;
+  5. on the target, ONE transaction: the schema upgrade's advisory lock, refuse a database that
      holds any gwsync table (exit 2, nothing written), make the tables, copy each table in
      batches (foreign keys in order), move the identity sequences past the copied ids, record
      the schema versions, COMMIT. A crash or Ctrl-C before COMMIT leaves the target empty;
-  5. release the files (ROLLBACK: nothing is ever written to them, nor are they deleted).
+  6. release the files (ROLLBACK: nothing is ever written to them, nor are they deleted).
+
+A dry run does 1 and 3, counts the rows in one read transaction and checks the target (reachable,
+no gwsync tables), taking no locks.
 
 A database holding gwsync tables is always refused, also an earlier copy of the same files
 (told apart by the CRM's store id): the files may have changed since, and an older copy must
