@@ -353,6 +353,7 @@ def migrate(config: Config, url: str | None, dry_run: bool, progress: Callable[[
         engine = postgres_engine(target.url, "target database", target.password)
         stack.callback(engine.dispose)
         counts: dict[str, dict[str, int]] = {}
+        stack.enter_context(_quiet_driver())
         with write(engine) as conn:
             # The lock of the schema upgrade: a gwsync starting on this database now waits for us,
             # then finds the tables made.
@@ -371,6 +372,21 @@ def _check_target(target: Target, all_stores: list[Store], source_id: str | None
             refuse_used(conn, target, all_stores, source_id)
     finally:
         engine.dispose()
+
+
+@contextmanager
+def _quiet_driver() -> Iterator[None]:
+    """psycopg logs a warning of its own when a session dies in the middle of a batch (its
+    pipeline cannot be closed); the error that follows says what happened, in one line."""
+    import logging
+
+    logger = logging.getLogger("psycopg")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _pid(state_database: Path) -> str:

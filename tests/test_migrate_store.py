@@ -10,6 +10,8 @@ import re
 import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -308,22 +310,31 @@ def test_errors_are_one_line(tmp_path, pg_url, postgres):
     assert pg_tables(pg_url) == []
 
 
-def test_ctrl_c_in_the_middle_leaves_the_target_empty_and_a_rerun_copies(tmp_path, pg_url):
+def big(tmp_path: Path) -> Path:
+    """A config whose state file holds 100,000 mail records: a copy of some seconds."""
     config = filled(tmp_path)
     conn = sqlite3.connect(tmp_path / "state.db")
     conn.executemany("INSERT INTO messages (account, folder, uidvalidity, uid, outcome, key, activity_id) "
                      "VALUES ('alice', 'INBOX/CRM x [E]', 1, ?, 'imported', ?, 1)",
-                     ((uid, f"k{uid}") for uid in range(300_000)))
+                     ((uid, f"k{uid}") for uid in range(100_000)))
     conn.commit()
     conn.close()
-    import subprocess
-    import sys
+    return config
 
+
+def copying(config: Path, url: str) -> subprocess.Popen:
+    """migrate-store in a process of its own, once it has begun to copy."""
     proc = subprocess.Popen([sys.executable, "-m", "gwsync.cli", "--config", str(config), "-v", "migrate-store",
-                             "--to", pg_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--to", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     assert "copying" in proc.stderr.readline()
     time.sleep(0.3)
+    return proc
+
+
+def test_ctrl_c_in_the_middle_leaves_the_target_empty_and_a_rerun_copies(tmp_path, pg_url):
+    config = big(tmp_path)
+    proc = copying(config, pg_url)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
 
@@ -334,7 +345,21 @@ def test_ctrl_c_in_the_middle_leaves_the_target_empty_and_a_rerun_copies(tmp_pat
 
     result = cli(config, "migrate-store", "--to", pg_url)
     assert result.exit_code == 0, result.output
-    assert "messages 300001" in result.stdout
+    assert "messages 100001" in result.stdout
+
+
+def test_the_database_session_lost_in_the_middle_leaves_the_target_empty(tmp_path, pg_url, postgres):
+    config = big(tmp_path)
+    database = pg_url.rsplit("/", 1)[1]
+    proc = copying(config, pg_url)
+    postgres.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'")
+    out, err = proc.communicate(timeout=60)
+
+    assert proc.returncode == 1, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gwsync: cannot use the target database") and "Traceback" not in err
+    assert pg_tables(pg_url) == []
+    assert cli(config, "migrate-store", "--to", pg_url).exit_code == 0
 
 
 def test_a_dry_run_counts_and_writes_nothing(tmp_path, pg_url):
