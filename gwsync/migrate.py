@@ -31,6 +31,7 @@ not pass for a current one. Drop and create the database to copy again.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -56,6 +57,7 @@ from .storage.database import (
 from .storage.migrations import Migration, upgrade
 
 BATCH = 2000  # rows per read and per INSERT
+log = logging.getLogger("gwsync")
 
 
 @dataclass
@@ -275,8 +277,7 @@ def _move_sequences(conn: sa.Connection, source: Source, table: sa.Table) -> Non
         conn.execute(sa.text("SELECT setval(:sequence, :top, true)"), {"sequence": sequence, "top": top})
 
 
-def copy(target_conn: sa.Connection, source: Source, target: Target,
-         progress: Callable[[str, int], None]) -> dict[str, int]:
+def copy(target_conn: sa.Connection, source: Source, target: Target) -> dict[str, int]:
     """Every table of the store into the target (in its transaction); rows copied per table."""
     store = source.store
     store.create(target_conn)
@@ -294,7 +295,7 @@ def copy(target_conn: sa.Connection, source: Source, target: Target,
                                  "remove that row, then run migrate-store again", store.path) from exc
             copied[table.name] += len(rows)
         _move_sequences(target_conn, source, table)
-        progress(table.name, copied[table.name])
+        log.info("%s: copied %d rows of %s", store.what, copied[table.name], table.name)
     _record_version(target_conn, store)
     return copied
 
@@ -308,8 +309,7 @@ class Outcome:
     missing: list[str]  # the stores without a file: their tables are made empty
 
 
-def migrate(config: Config, url: str | None, dry_run: bool, progress: Callable[[str, int], None] = lambda *_: None,
-            started: Callable[[], None] = lambda: None) -> Outcome:
+def migrate(config: Config, url: str | None, dry_run: bool, started: Callable[[], None] = lambda: None) -> Outcome:
     """See the module doc. `started` is called when the copy into the target begins."""
     from .accountlock import FileAccountLocks
     from .cli.watcher import AlreadyRunning, InstanceLock
@@ -361,7 +361,7 @@ def migrate(config: Config, url: str | None, dry_run: bool, progress: Callable[[
             refuse_used(conn, target, all_stores, source_id)
             started()
             for source in sources:
-                counts[source.store.name] = copy(conn, source, target, progress)
+                counts[source.store.name] = copy(conn, source, target)
         return Outcome(target, counts, missing)
 
 
@@ -378,8 +378,6 @@ def _check_target(target: Target, all_stores: list[Store], source_id: str | None
 def _quiet_driver() -> Iterator[None]:
     """psycopg logs a warning of its own when a session dies in the middle of a batch (its
     pipeline cannot be closed); the error that follows says what happened, in one line."""
-    import logging
-
     logger = logging.getLogger("psycopg")
     level = logger.level
     logger.setLevel(logging.ERROR)
