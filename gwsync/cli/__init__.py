@@ -1058,6 +1058,26 @@ def accounts_import(obj: Context, file: Path) -> None:
     click.echo(f"{file}: {len(added)} added, {len(changed)} changed, {unchanged} unchanged in {accts.where}")
 
 
+# -- moving to PostgreSQL --------------------------------------------------------------------
+
+@main.command("migrate-store")
+@click.option("--to", "url", metavar="URL", help="The empty PostgreSQL database (default: [database] url).")
+@click.option("--dry-run", is_flag=True, help="Count what would be copied; write nothing.")
+@click.pass_obj
+def migrate_store(obj: Context, url: str | None, dry_run: bool) -> None:
+    """Copy the embedded files ([crm] database, [state] database) into an empty PostgreSQL
+    database, in one transaction; the files are left as they are. Then set [database] url."""
+    from ..migrate import migrate, report_lines
+
+    def started() -> None:  # on a terminal, or with -v: an error stays one line in a log
+        if obj.verbosity >= 1 or (obj.verbosity == 0 and sys.stderr.isatty()):
+            click.echo("gwsync: copying (one transaction: Ctrl-C leaves the target empty)", err=True)
+
+    outcome = migrate(obj.file_config, url, dry_run, started=started)
+    for line in report_lines(obj.file_config, outcome, dry_run):
+        click.echo(line)
+
+
 # -- web view --------------------------------------------------------------------------------
 
 @main.command()
