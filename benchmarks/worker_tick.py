@@ -6,7 +6,9 @@ in a temporary directory). For each size, two fresh databases: "before" runs the
 statement (INSERT ... ON CONFLICT DO NOTHING of every account and area, then the claim),
 "after" runs Schedule.claim_due as the worker does now. The first tick inserts every row in
 both; the figures that matter are the steady ticks after it (nothing due: every account waits
-for its backoff), the median of TICKS ticks. Reading the accounts kept in the database
+for its backoff), the median of TICKS ticks. "nan" is a tick that failed: the old statement
+sent more than the 65,535 parameters PostgreSQL takes in one statement from 21,846 accounts
+and areas on. Reading the accounts kept in the database
 (StateStore.accounts, which every tick does to see added and removed accounts) is timed too.
 
     python benchmarks/worker_tick.py [--areas 2] [--ticks 30]
@@ -15,20 +17,23 @@ for its backoff), the median of TICKS ticks. Reading the accounts kept in the da
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
+from functools import partial
 
-import _setup  # noqa: F401  (gwsync from this checkout)
 import sqlalchemy as sa
+
+import _setup
 
 sys.path.insert(0, str(_setup.ROOT / "tests"))
 
-from pg_server import PostgresServer  # noqa: E402
-
-from gwsync.storage.database import postgres_engine, write  # noqa: E402
-from gwsync.storage.state import AccountRecord, StateStore  # noqa: E402
-from gwsync.worker import SCHEDULE, Schedule  # noqa: E402
+from gwsync.errors import StoreError
+from gwsync.storage.database import postgres_engine, write
+from gwsync.storage.state import AccountRecord, StateStore
+from gwsync.worker import SCHEDULE, Schedule
+from pg_server import PostgresServer
 
 AREAS = ("mail", "events", "tasks")
 
@@ -69,8 +74,12 @@ def measure(server: PostgresServer, accounts: int, areas: int, ticks: int) -> di
         engine = postgres_engine(server.url(database), "schedule database")
         schedule = Schedule(engine, max_backoff=720)
         schedule.create(database)
-        tick = (lambda: claim_before(engine, wanted)) if label == "before" else (lambda: schedule.claim_due(wanted))
-        out[label] = timed(tick, ticks)
+        tick = partial(claim_before, engine, wanted) if label == "before" else partial(schedule.claim_due, wanted)
+        try:
+            out[label] = timed(tick, ticks)
+        except StoreError as exc:  # the old statement at 30,000 pairs: over PostgreSQL's 65,535 parameters
+            print(f"  {label}, {accounts} accounts: {exc}", file=sys.stderr)
+            out[label] = (math.nan, math.nan)
         engine.dispose()
         server.drop_database(database)
     database = server.new_database("tick_accounts")

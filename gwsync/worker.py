@@ -36,7 +36,9 @@ last error). The tick inserts rows only for accounts new to it (it compares with
 the accounts change, and every RECONCILE_EVERY seconds); the row of a removed account is parked
 (never due) and due again at once if the account comes back. Table `gwsync_workers` has a row per
 worker process (its sync worker's Procrastinate id, host, pid, watcher slots): joined with
-Procrastinate's heartbeats it gives the live workers, for the shards and `gwsync status`. Procrastinate's own schema is applied at the worker's start when the database has
+Procrastinate's heartbeats it gives the live workers, for the shards and `gwsync status`.
+
+Procrastinate's own schema is applied at the worker's start when the database has
 none (under an advisory lock, so workers starting together apply it once).
 
 A worker process runs one Procrastinate worker per queue in one event loop. SIGTERM or SIGINT:
@@ -117,6 +119,14 @@ PARKED = datetime(9999, 1, 1, tzinfo=UTC)
 RECONCILE_EVERY = 300  # seconds between two looks at the whole table when the accounts stay the same
 
 
+CHUNK = 5000  # pairs per statement: PostgreSQL takes at most 65,535 parameters in one
+
+
+def _chunks(pairs: list) -> Iterator[list]:
+    for start in range(0, len(pairs), CHUNK):
+        yield pairs[start:start + CHUNK]
+
+
 class Schedule:
     """Per account and area: when it is due and how long it waits when nothing changes."""
 
@@ -155,7 +165,7 @@ class Schedule:
             return int(conn.execute(sa.text(
                 "SELECT coalesce(sum(w.watchers), 0) FROM gwsync_workers w JOIN procrastinate_workers p "
                 "ON p.id = w.worker_id WHERE p.last_heartbeat > now() - make_interval(secs => :secs)"),
-                {"secs": stalled_after}).scalar())
+                {"secs": stalled_after}).scalar() or 0)
 
     def claim_due(self, wanted: dict[tuple[str, str], int], lease: int = 60) -> list[tuple[str, str]]:
         """The (account, area) pairs of `wanted` (pair -> interval) due now; each is pushed on
@@ -179,8 +189,8 @@ class Schedule:
                 .returning(SCHEDULE.c.account, SCHEDULE.c.area)).all()
             claimed = [(a, area) for a, area in rows if (a, area) in wanted]
             unwanted = [(a, area) for a, area in rows if (a, area) not in wanted]
-            if unwanted:
-                conn.execute(SCHEDULE.update().where(sa.tuple_(SCHEDULE.c.account, SCHEDULE.c.area).in_(unwanted))
+            for part in _chunks(unwanted):
+                conn.execute(SCHEDULE.update().where(sa.tuple_(SCHEDULE.c.account, SCHEDULE.c.area).in_(part))
                              .values(next_due=PARKED))
         return claimed
 
@@ -200,12 +210,12 @@ class Schedule:
                 sa.select(SCHEDULE.c.account, SCHEDULE.c.area, SCHEDULE.c.next_due >= PARKED))}
             new = [pair for pair in wanted if pair not in found]
             back = [pair for pair in wanted if found.get(pair)]
-            if new:
+            for part in _chunks(new):
                 conn.execute(insert(SCHEDULE).values([
                     {"account": a, "area": area, "next_due": sa.func.now(), "backoff": wanted[(a, area)]}
-                    for a, area in new]).on_conflict_do_nothing())
-            if back:
-                conn.execute(SCHEDULE.update().where(sa.tuple_(SCHEDULE.c.account, SCHEDULE.c.area).in_(back))
+                    for a, area in part]).on_conflict_do_nothing())
+            for part in _chunks(back):
+                conn.execute(SCHEDULE.update().where(sa.tuple_(SCHEDULE.c.account, SCHEDULE.c.area).in_(part))
                              .values(next_due=sa.func.now()))
         self._known = pairs
         self._looked = time.monotonic()
@@ -449,8 +459,9 @@ class Runtime:
         try:
             # One watcher of a shard number at a time (lock); one waiting per shard of this
             # shape (queueing lock), so that a new shape is queued at once beside the old.
-            await self.app.configure_task("gwsync.watch", lock=f"watch:{shard}",
-                                          queueing_lock=f"watch:{shard}/{shards}").defer_async(shard=shard, shards=shards)
+            task = self.app.configure_task("gwsync.watch", lock=f"watch:{shard}",
+                                           queueing_lock=f"watch:{shard}/{shards}")
+            await task.defer_async(shard=shard, shards=shards)
         except exceptions.AlreadyEnqueued:
             pass
 

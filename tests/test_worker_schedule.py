@@ -144,8 +144,8 @@ def test_watch_slots_count_the_live_workers_only(schedule, pg_url):
     not count, and the row of a worker Procrastinate dropped is deleted."""
     _procrastinate_schema(pg_url)
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        live, silent, gone = (conn.execute("INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id").fetchone()[0]
-                              for _ in range(3))
+        new = "INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id"
+        live, silent, gone = (conn.execute(new).fetchone()[0] for _ in range(3))
         conn.execute("UPDATE procrastinate_workers SET last_heartbeat = now() - interval '1 minute' WHERE id = %s",
                      (silent,))
     for worker_id, watchers in ((live, 2), (silent, 3), (gone, 4)):
@@ -169,7 +169,7 @@ def _watchers(c: Company) -> list[tuple[int, int, int]]:
                    "WHERE task_name = 'gwsync.watch' AND status = 'doing' ORDER BY 1")
 
 
-def test_shards_follow_the_live_workers_as_they_come_and_go(company):
+def test_shards_follow_the_live_workers_as_they_come_and_go(company):  # noqa: F811  (the fixture)
     """Two workers with one watcher slot each: two shards, one on each worker (shard_size alone
     would make one shard, and one worker would watch everything). One worker stops: the other
     watches every account again, and mail to each is imported long before its interval."""
@@ -390,3 +390,11 @@ def test_status_without_a_database_url_has_no_worker_view(tmp_path):
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["workers"] is None and out["accounts"]["alice"]["schedule"] is None
+
+
+def test_ten_thousand_accounts_with_three_areas_fit_the_first_tick(schedule):
+    """30,000 new rows at once (the first tick of a company): more than the 65,535 parameters
+    PostgreSQL takes in one statement, so they go in parts."""
+    wanted = {(f"user{i:05d}", area): 600 for i in range(10000) for area in ("mail", "events", "tasks")}
+    assert len(schedule.claim_due(wanted)) == 30000
+    assert schedule.claim_due(wanted) == []
