@@ -295,6 +295,30 @@ def test_a_master_user_watches_for_the_user(form, watching):
 
 
 @pytest.mark.parametrize("form", ["sasl", "separator"])
+def test_an_account_of_a_master_user_config_is_watched_as_its_user(form, watching, monkeypatch):
+    """The account as the config gives it ([defaults.imap] or [accounts.NAME.imap] with
+    master_user, as the worker's watcher gets it): the login goes through the master user, as a
+    sync's does."""
+    with Dovecot.start(master_users={"gwsync": "master-secret"}) as server:
+        users = [fresh_user(), fresh_user()]
+        for user in users:
+            make_folders(server, user, DONE)
+        monkeypatch.setenv("GWSYNC_TEST_WATCH_MASTER", "master-secret")
+        cfgs = [ImapConfig(host="127.0.0.1", port=server.port, security="none", username=user,
+                           password_env="GWSYNC_TEST_WATCH_MASTER", master_user="gwsync", master_login=form)
+                for user in users]
+        targets = [WatchTarget(name=f"a{n}", imap=cfg, password="master-secret") for n, cfg in enumerate(cfgs)]
+        w = watching(targets)
+        w.wait_idle(2)
+        w.drain()
+        imap = client(server, users[1])
+        imap.append(DONE, make_mail(1))
+        imap.logout()
+        assert w.next_call(2)[1] == "a1"
+        w.stop()
+
+
+@pytest.mark.parametrize("form", ["sasl", "separator"])
 def test_accounts_of_a_company_config_watch_through_the_master_user(form, watching):
     """target_of an account that takes [defaults.imap] with a master user (what a worker's
     watcher job watches): it logs in through the master, and a wrong master password is one
