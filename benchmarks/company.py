@@ -20,13 +20,15 @@ account, `--appends` of them at `--rate` per second) to the activity's commit in
 (median, p99, worst); then `--mails` mails into every account (MULTIAPPEND, spread over the
 three folders) and the time until all are activities (throughput: mails / seconds from the first
 APPEND to the last commit). For the N workers only, a failure test: `--mails` more into every
-account, and once a fifth of them are in, the worker running the watcher job is SIGKILLed and
+account, and once a fifth of them are in, the worker holding the most watching connections is SIGKILLed and
 another is SIGSTOPped for `--stop-seconds`; then every mail must be in the archive folder once,
 none left in the import folders, and every Message-ID exactly one activity. It reports how long
 after the kill the killed worker's jobs ran again elsewhere and every account was watched again.
 
-Every account is watched by one watcher job ([worker] shard_size = the number of accounts), so
-one process holds all the watching connections: its RSS and event-loop CPU are "the watcher's".
+The accounts are split into one shard per watcher slot of the live workers ([worker] watchers,
+2 per worker), each watched by one watcher job: with one worker its process holds every account's
+connection, with more the shards spread over them. The worker holding the most connections is
+"the watcher's process" (its RSS, and the CPU of its event-loop thread, where the watchers run).
 Each figure is printed with the machine's load average (`uptime`) when it was taken: on a shared
 machine the latencies and throughput depend on what else runs.
 """
@@ -230,7 +232,7 @@ class Bench:
         self.config = self.workdir / "config.toml"
         self.config.write_text(
             f'[database]\nurl = "{self.url}"\n\n'
-            f'[worker]\nconcurrency = {self.args.concurrency}\nshard_size = {self.args.accounts}\n\n'
+            f'[worker]\nconcurrency = {self.args.concurrency}\n\n'
             f'[defaults.imap]\nhost = "127.0.0.1"\nport = {self.dovecot.port}\nsecurity = "none"\n'
             f'import_root = "INBOX"\narchive_folder = "{ARCHIVE}"\nmaster_user = "{MASTER}"\n'
             'password_env = "GWSYNC_BENCH_MASTER"\n')
@@ -299,12 +301,11 @@ class Bench:
         pids = {p.pid for p in self.workers if p.poll() is None}
         return {pid: n for pid, n in connections_by_pid(self.dovecot.port).items() if pid in pids}
 
-    def watcher_pid(self) -> int | None:
-        """The worker holding (nearly) every account's connection."""
-        for pid, n in self.watching().items():
-            if n >= self.args.accounts:
-                return pid
-        return None
+    def all_watched(self, leave_out: tuple[int, ...] = ()) -> dict[int, int] | None:
+        """Worker pid -> connections, once the workers (but `leave_out`) hold one per account
+        or more (a sync's own session counts too: at most `--concurrency` per worker)."""
+        held = {pid: n for pid, n in self.watching().items() if pid not in leave_out}
+        return held if sum(held.values()) >= self.args.accounts else None
 
     # mail
 
@@ -365,7 +366,7 @@ def measure(bench: Bench, workers: int, label: str, failure_test: bool) -> dict:
     runs_before = bench.query("SELECT coalesce(sum(runs), 0) FROM gwsync_schedule")[0][0] \
         if bench.query("SELECT to_regclass('gwsync_schedule')")[0][0] else 0
     procs = [bench.start_worker() for _ in range(workers)]
-    pid = bench.wait(bench.watcher_pid, 600, f"{label}: not every account was watched")
+    bench.wait(bench.all_watched, 600, f"{label}: not every account was watched")
     result["every account watched after s"] = time.monotonic() - started
     if runs_before == 0:  # the first start: every account is due at once, none has news
         bench.wait(lambda: bench.query("SELECT count(*) FROM gwsync_schedule WHERE runs >= 1")[0][0]
@@ -375,10 +376,13 @@ def measure(bench: Bench, workers: int, label: str, failure_test: bool) -> dict:
         result["no-change syncs/s (first round)"] = args.accounts / took
     say(f"{label}: every account watched after {result['every account watched after s']:.1f} s ({load()})")
     time.sleep(10)  # the logins are over, Dovecot hibernated what it hibernates
-    others = [p.pid for p in procs if p.pid != pid]
+    # The watcher jobs: one per shard, the shards spread over the workers' watcher slots ([worker]
+    # watchers); the worker with the most connections is "the watcher's process".
+    held = bench.watching()
+    pid = max(held, key=held.get)
+    result["watching connections per worker"] = "/".join(str(held.get(p.pid, 0)) for p in procs)
+    result["RSS MB per worker"] = "/".join(f"{rss_mb(p.pid):.0f}" for p in procs)
     result["watcher's process RSS MB"] = rss_mb(pid)
-    if others:
-        result["other workers' RSS MB"] = "/".join(f"{rss_mb(p):.0f}" for p in others)
     cpu = {p.pid: (cpu_seconds(p.pid), cpu_seconds(p.pid, p.pid)) for p in procs}
     wall = time.monotonic()
     jobs_before = bench.query("SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'gwsync.sync'")[0][0]
@@ -434,14 +438,14 @@ def measure(bench: Bench, workers: int, label: str, failure_test: bool) -> dict:
     say(f"{label}: {total} mails imported in {took:.1f} s, {total / took:.0f} mails/s ({load()})")
 
     if failure_test:
-        result.update(kill_and_stop(bench, procs, pid))
+        result.update(kill_and_stop(bench, procs))
     result["stop (SIGTERM) s"] = bench.stop_workers()
     bench.workers.clear()
     bench.logs.clear()
     return result
 
 
-def kill_and_stop(bench: Bench, procs: list[subprocess.Popen], watcher: int) -> dict:
+def kill_and_stop(bench: Bench, procs: list[subprocess.Popen]) -> dict:
     """SIGKILL the watcher's worker and SIGSTOP another mid-import; then check nothing is lost or doubled."""
     args = bench.args
     result: dict = {}
@@ -456,8 +460,9 @@ def kill_and_stop(bench: Bench, procs: list[subprocess.Popen], watcher: int) -> 
     appending = threading.Thread(target=append, daemon=True)
     appending.start()
     bench.wait(lambda: bench.activities() - before >= total // 5, 600, "the import did not start")
-    victim = next(p for p in procs if p.pid == watcher)
-    frozen = next(p for p in procs if p.pid != watcher)
+    held = bench.watching()
+    victim = max(procs, key=lambda p: held.get(p.pid, 0))
+    frozen = max((p for p in procs if p is not victim), key=lambda p: held.get(p.pid, 0))
     held = [row[0] for row in bench.query("SELECT id FROM procrastinate_jobs WHERE status = 'doing'")]
     killed_db = bench.query("SELECT now()")[0][0]
     killed_at = time.monotonic()
@@ -465,7 +470,8 @@ def kill_and_stop(bench: Bench, procs: list[subprocess.Popen], watcher: int) -> 
     os.killpg(frozen.pid, signal.SIGSTOP)
     victim.wait()
     at_kill = bench.activities() - before
-    say(f"killed worker {victim.pid} (the watcher's) and stopped worker {frozen.pid} at {at_kill}/{total} mails, "
+    say(f"killed worker {victim.pid} ({held.get(victim.pid, 0)} connections) and stopped worker {frozen.pid} "
+        f"({held.get(frozen.pid, 0)}) at {at_kill}/{total} mails, "
         f"{len(held)} jobs doing ({load()})")
     dead = (victim.pid,)
     # The killed worker's jobs: those "doing" on a worker that no longer beats.
@@ -477,11 +483,9 @@ def kill_and_stop(bench: Bench, procs: list[subprocess.Popen], watcher: int) -> 
             os.killpg(frozen.pid, signal.SIGCONT)
             resumed = True
             say(f"worker {frozen.pid} continued after {now - killed_at:.0f} s ({load()})")
-        if watched_again is None:
-            alive = bench.watching()
-            if any(n >= args.accounts and pid != victim.pid for pid, n in alive.items()):
-                watched_again = now - killed_at
-                say(f"every account watched again {watched_again:.1f} s after the kill ({load()})")
+        if watched_again is None and bench.all_watched(leave_out=() if resumed else (frozen.pid,)):
+            watched_again = now - killed_at
+            say(f"every account watched again {watched_again:.1f} s after the kill ({load()})")
         if resumed and watched_again is not None and holder["done"] \
                 and bench.activities() - before >= total:
             break
