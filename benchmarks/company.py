@@ -83,6 +83,16 @@ def user(n: int) -> str:
     return f"emp{n:05d}"
 
 
+def run_all(function, items, threads: int) -> None:
+    """function(item) for every item, `threads` at once; on an error or Ctrl-C the rest is
+    dropped at once (the cleanup need not wait for it)."""
+    pool = concurrent.futures.ThreadPoolExecutor(threads)
+    try:
+        list(pool.map(function, items))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def say(*words) -> None:
     print(*words, flush=True)
 
@@ -130,6 +140,7 @@ class Bench:
         self.started = 0  # workers started so far (their logs are worker1.log, ...)
         self.logs: list[Path] = []
         self.inotify_before: int | None = None
+        self.inotify_set: int | None = None  # what this run raised it to
         self.expected: dict[str, str] = {}  # Message-ID -> account
         self.mail_no = 0
 
@@ -141,6 +152,7 @@ class Bench:
         wanted = 2 * args.accounts + 512  # one per NOTIFY/IDLE session, and room for the rest of the machine
         if not args.keep_inotify and self.inotify_before < wanted and os.geteuid() == 0:
             INOTIFY.write_text(str(wanted))
+            self.inotify_set = wanted
         from pg_server import PostgresServer
 
         self.pg = PostgresServer.start()
@@ -199,7 +211,7 @@ class Bench:
             self.dovecot.stop()
         if self.pg is not None:
             self.pg.stop()
-        if self.inotify_before is not None and int(INOTIFY.read_text()) != self.inotify_before:
+        if self.inotify_set is not None and int(INOTIFY.read_text()) == self.inotify_set:  # ours: put it back
             INOTIFY.write_text(str(self.inotify_before))
         if not self.args.keep_workdir:
             subprocess.run(["rm", "-rf", str(self.workdir)])
@@ -227,8 +239,7 @@ class Bench:
                 for folder in FOLDERS:
                     client.create_folder(folder)
 
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            list(pool.map(one, range(self.args.accounts)))
+        run_all(one, range(self.args.accounts), 8)
         self.config = self.workdir / "config.toml"
         self.config.write_text(
             f'[database]\nurl = "{self.url}"\n\n'
@@ -348,8 +359,7 @@ class Bench:
                     if mails:
                         client.multiappend(folder, mails)
 
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            list(pool.map(one, plan))
+        run_all(one, plan, 4)
         return first
 
 
@@ -550,8 +560,7 @@ def check_once(bench: Bench) -> dict:
                 if client.search(["ALL"]):
                     problems.append(f"{name}: mail left in {folder}")
 
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(one, range(bench.args.accounts)))
+    run_all(one, range(bench.args.accounts), 8)
     rows = bench.query("SELECT message_id, count(*) FROM activities GROUP BY message_id")
     counts = dict(rows)
     doubled = [m for m, c in counts.items() if c > 1]
