@@ -385,6 +385,10 @@ def measure(bench: Bench, workers: int, label: str, failure_test: bool) -> dict:
         result["first sync of every account after s"] = took
         result["no-change syncs/s (first round)"] = args.accounts / took
     say(f"{label}: every account watched after {result['every account watched after s']:.1f} s ({load()})")
+    # Idle means idle: the first round's syncs (and those the watchers' first looks deferred) are done.
+    bench.wait(lambda: not bench.query("SELECT 1 FROM procrastinate_jobs WHERE task_name = 'gwsync.sync' "
+                                       "AND status IN ('todo', 'doing') LIMIT 1"), 600,
+               f"{label}: the sync jobs did not end")
     time.sleep(10)  # the logins are over, Dovecot hibernated what it hibernates
     # The watcher jobs: one per shard, the shards spread over the workers' watcher slots ([worker]
     # watchers); the worker with the most connections is "the watcher's process".
