@@ -474,9 +474,9 @@ def kill_and_stop(bench: Bench, procs: list[subprocess.Popen]) -> dict:
     appending = threading.Thread(target=append, daemon=True)
     appending.start()
     bench.wait(lambda: bench.activities() - before >= total // 5, 600, "the import did not start")
-    held = bench.watching()
-    victim = max(procs, key=lambda p: held.get(p.pid, 0))
-    frozen = max((p for p in procs if p is not victim), key=lambda p: held.get(p.pid, 0))
+    conns = bench.watching()
+    victim = max(procs, key=lambda p: conns.get(p.pid, 0))
+    frozen = max((p for p in procs if p is not victim), key=lambda p: conns.get(p.pid, 0))
     held = [row[0] for row in bench.query("SELECT id FROM procrastinate_jobs WHERE status = 'doing'")]
     killed_db = bench.query("SELECT now()")[0][0]
     killed_at = time.monotonic()
@@ -484,8 +484,8 @@ def kill_and_stop(bench: Bench, procs: list[subprocess.Popen]) -> dict:
     os.killpg(frozen.pid, signal.SIGSTOP)
     victim.wait()
     at_kill = bench.activities() - before
-    say(f"killed worker {victim.pid} ({held.get(victim.pid, 0)} connections) and stopped worker {frozen.pid} "
-        f"({held.get(frozen.pid, 0)}) at {at_kill}/{total} mails, "
+    say(f"killed worker {victim.pid} ({conns.get(victim.pid, 0)} connections) and stopped worker {frozen.pid} "
+        f"({conns.get(frozen.pid, 0)}) at {at_kill}/{total} mails, "
         f"{len(held)} jobs doing ({load()})")
     dead = (victim.pid,)
     # The killed worker's jobs: those "doing" on a worker that no longer beats.
