@@ -506,6 +506,15 @@ def kill_and_stop(bench: Bench, procs: list[subprocess.Popen]) -> dict:
         if now - killed_at > 900:
             raise SystemExit(f"after the kill: {bench.activities() - before}/{total} imported, watched again: "
                              f"{watched_again} ({load()})")
+        if resumed and frozen.poll() is not None and frozen.pid not in dead:
+            # As systemd's Restart=on-failure would: a worker in its place.
+            said = [line for line in bench.logs[bench.workers.index(frozen)].read_text(errors="replace").splitlines()
+                    if line.startswith("gwsync:")]
+            result["the stopped worker after SIGCONT"] = f"exited {frozen.returncode} after {now - killed_at:.0f} s"
+            say(f"worker {frozen.pid} exited with {frozen.returncode} after it continued: "
+                f"{said[-1][:300] if said else '(no message)'}; starting another in its place ({load()})")
+            dead = (*dead, frozen.pid)
+            bench.start_worker()
         bench.check_workers(dead)
         time.sleep(0.5)
     result["killed at mails imported"] = f"{at_kill}/{total}"
@@ -627,6 +636,7 @@ def main() -> None:
         raise
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the cleanup runs to its end
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         bench.stop()
 
 
