@@ -24,9 +24,11 @@ the advisory lock, so one holder at a time does); `fence` gives the run's write 
 check that reads the token FOR SHARE and refuses the transaction (FenceLost) unless it is the
 run's own. The row lock serialises a commit against the next holder's increment: the old
 holder's transaction either commits before the new holder starts, or sees the new token and
-rolls back. `check` asks the lock's session whether it still holds the lock: asked between
-batches of mail and before each move to the archive, so a run that lost its session stops and
-moves no mail (the commit-then-move order does the rest).
+rolls back. A holder frozen inside such a transaction does not block the next one for long:
+the check sets the transaction's idle_in_transaction_session_timeout to lock_timeout as well.
+`check` asks the lock's session whether it still holds the lock: asked between batches of mail
+and before each move to the archive, so a run that lost its session stops and moves no mail
+(the commit-then-move order does the rest).
 """
 
 from __future__ import annotations
@@ -295,10 +297,15 @@ class PgAccountLocks(AccountLocks):
     def fence(self, handle: Held) -> Callable[[Any], None]:
         import sqlalchemy as sa
 
-        query = sa.text(f'SELECT token FROM "{FENCE_TABLE}" WHERE account = :account FOR SHARE')
+        # A holder frozen inside the transaction would keep the row locked, and the next holder
+        # waiting: the server ends a transaction idle for lock_timeout (nothing of it is kept).
+        idle = f"set_config('idle_in_transaction_session_timeout', '{int(self.timeout * 1000)}', true)" \
+            if self.timeout else "NULL"
+        query = sa.text(f'SELECT token, {idle} FROM "{FENCE_TABLE}" WHERE account = :account FOR SHARE')
 
         def check_token(conn: sa.Connection) -> None:
-            if conn.execute(query, {"account": handle.account}).scalar() != handle.token:
+            row = conn.execute(query, {"account": handle.account}).first()
+            if row is None or row[0] != handle.token:
                 raise FenceLost(handle.account)
 
         return check_token

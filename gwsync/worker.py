@@ -449,10 +449,32 @@ async def _serve(runtime: Runtime, concurrency: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
         try:
-            await asyncio.gather(*(worker.run() for worker in workers))
+            await asyncio.gather(*(_run(worker, runtime) for worker in workers))
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+
+
+async def _run(worker, runtime: Runtime) -> None:
+    """`worker.run()`, and again after the worker was taken for dead: frozen (SIGSTOP, a paused
+    VM) or cut off longer than [worker] stalled_after, another worker's tick queued its jobs
+    again and deleted its registration, so its next fetch of a job fails on its unknown id. Its
+    jobs at hand were refused by the account locks' fence; it registers anew and goes on."""
+    import psycopg
+    from procrastinate import exceptions
+
+    while True:
+        try:
+            await worker.run()
+            return
+        except exceptions.ConnectorException as exc:
+            cause = exc.__cause__
+            if runtime.stopping.is_set() or not (isinstance(cause, psycopg.errors.ForeignKeyViolation)
+                                                 and "worker_id" in str(cause)):
+                raise
+            log.warning("%s was taken for dead (no heartbeat for %d s: frozen or cut off from the database); "
+                        "other workers took its jobs; it registers again", worker.worker_name,
+                        runtime.config.worker.stalled_after)
 
 
 def run_worker(config: Config, concurrency: int | None = None) -> None:

@@ -80,10 +80,16 @@ def test_a_write_of_the_old_holder_in_flight_finishes_before_the_new_holder_star
     with locks.hold("acme", "worker") as held:
         with write(crm.engine) as conn:  # the fence ran: its row is held FOR SHARE until COMMIT
             _kill_session(pg_url, held)
-            taker = threading.Thread(target=lambda: got.append(other.try_acquire("acme", "sync")))
+            def take() -> None:
+                try:
+                    got.append(other.try_acquire("acme", "sync"))
+                except Exception as exc:  # shown by the assertion below
+                    got.append(exc)
+
+            taker = threading.Thread(target=take)
             taker.start()
             taker.join(1.0)
-            assert taker.is_alive() and not got, "the new holder did not wait for the open transaction"
+            assert taker.is_alive() and not got, f"the new holder did not wait for the open transaction: {got}"
             conn.exec_driver_sql("SELECT 1")
         taker.join(10)
         assert got and got[0] is not None
@@ -95,24 +101,35 @@ def test_a_write_of_the_old_holder_in_flight_finishes_before_the_new_holder_star
 
 HOLDER = textwrap.dedent("""
     import sys, time
+    from contextlib import nullcontext
     from pathlib import Path
     from gwsync.engine import account_locks
     from gwsync.config import load_config
-    locks = account_locks(load_config(Path(sys.argv[1])))
+    from gwsync.storage.database import write
+    from gwsync.storage.state import MailRecord, StateStore
+    config = load_config(Path(sys.argv[1]))
+    locks, state = account_locks(config), StateStore(config.database.url)
     with locks.hold("acme", "worker"):
-        print("held", flush=True)
-        time.sleep(600)
+        state.save([MailRecord(account="acme", folder="f", uidvalidity=7, uid=9, outcome="held")])
+        with write(state.engine) if sys.argv[2] == "writing" else nullcontext() as conn:
+            if conn is not None:
+                conn.exec_driver_sql("CREATE TABLE frozen_marker (x INTEGER)")
+            print("held", flush=True)
+            time.sleep(600)
 """)
 
 
-def test_a_frozen_holder_loses_the_lock_after_lock_timeout_and_a_live_one_keeps_it(pg_url, tmp_path):
+@pytest.mark.parametrize("doing", ["idle", "writing"])
+def test_a_frozen_holder_loses_the_lock_after_lock_timeout_and_a_live_one_keeps_it(pg_url, tmp_path, doing):
     """[database] lock_timeout = 2: a holder that keeps running keeps the lock (its thread keeps
-    the session busy); SIGSTOPped, the server ends its session within the timeout."""
+    the session busy); SIGSTOPped, the server ends its session within the timeout, also when it
+    froze inside a write transaction (which holds the fence's row)."""
     config = tmp_path / "config.toml"
     config.write_text(f'[database]\nurl = "{pg_url}"\nlock_timeout = 2\n')
     script = tmp_path / "holder.py"
     script.write_text(HOLDER)
-    proc = subprocess.Popen([sys.executable, str(script), str(config)], stdout=subprocess.PIPE,
+    StateStore(pg_url).close()  # its tables, before the holder's transaction
+    proc = subprocess.Popen([sys.executable, str(script), str(config), doing], stdout=subprocess.PIPE,
                             start_new_session=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
@@ -129,6 +146,11 @@ def test_a_frozen_holder_loses_the_lock_after_lock_timeout_and_a_live_one_keeps_
         print(f"frozen holder's lock free after {time.monotonic() - stopped:.1f} s")
         assert time.monotonic() - stopped < 4
         locks.release(taken)
+        state = StateStore(pg_url)
+        assert list(state.records("acme", "f", 7)) == [9]  # committed before the freeze
+        state.close()
+        with psycopg.connect(pg_url) as conn:  # a frozen transaction is rolled back
+            assert conn.execute("SELECT to_regclass('frozen_marker')").fetchone() == (None,)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

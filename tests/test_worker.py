@@ -34,13 +34,13 @@ class Company:
     """Accounts on the suite's Dovecot, one config on a fresh PostgreSQL database, workers."""
 
     def __init__(self, dovecot, pg_url: str, root: Path, accounts: int, interval: int = 3600,
-                 worker: str = "", lock_wait: float = 60):
+                 worker: str = "", lock_wait: float = 60, database: str = ""):
         self.dovecot = dovecot
         self.url = pg_url
         self.root = root
         self.users = [f"w{os.getpid()}x{next(_users)}" for _ in range(accounts)]
         self.workers: list[subprocess.Popen] = []
-        text = (f'[database]\nurl = "{pg_url}"\n\n[crm]\ndatabase = "{root}/crm.db"\n\n'
+        text = (f'[database]\nurl = "{pg_url}"\n{database}\n\n[crm]\ndatabase = "{root}/crm.db"\n\n'
                 f'[state]\ndatabase = "{root}/state.db"\nlock_wait = {lock_wait}\n\n'
                 f"[worker]\ntick = 1\nstalled_after = 5\nmax_backoff = 2\n{worker}\n")
         for user in self.users:
@@ -300,6 +300,36 @@ def test_a_killed_workers_jobs_run_again_on_the_other_and_nothing_is_doubled(com
     c.wait_for(lambda: _all_in(c, expected), 60, "the killed worker's mail was not all archived")
     _check_once(c, expected)
     assert "of a worker that stopped answering: queued again" in c.log(1)
+
+
+def test_a_frozen_workers_accounts_are_served_by_the_other_and_nothing_is_doubled(company):
+    """A worker SIGSTOPped mid-import keeps its TCP sessions: its account locks are freed by the
+    server after [database] lock_timeout (3 s here) without a keepalive, its jobs are queued
+    again after stalled_after (5 s), and the other worker imports the rest meanwhile. Woken up,
+    the frozen worker commits and moves nothing more (the fence)."""
+    c = company(4, database="lock_timeout = 3")
+    expected = {user: c.append(user, 600) for user in c.users}
+    first = c.start_worker("--concurrency", "4")
+    c.wait_for(lambda: any(c.archived(u) for u in c.users), 60, "no batch was archived")
+    os.killpg(first.pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        assert not _all_in(c, expected), "the import ended before the stop: nothing to take over"
+        c.start_worker("--concurrency", "4")
+        c.wait_for(lambda: _all_in(c, expected), 60, "the frozen worker's accounts were not served by the other")
+        print(f"the frozen worker's mail all archived by the other {time.monotonic() - stopped:.1f} s after the stop")
+        assert first.poll() is None
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    # Awake: its jobs end (refused by the fence, or stopped by the lost lock) and it goes on working.
+    c.wait_for(lambda: c.query("SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'gwsync.sync' "
+                               "AND status = 'doing'")[0][0] == 0, 30, "the woken worker's jobs did not end")
+    time.sleep(2)
+    _check_once(c, expected)
+    assert "lost the account's lock" in c.log(0), c.log(0)[-3000:]
+    c.wait_for(lambda: "was taken for dead" in c.log(0), 20, "the woken worker did not register again")
+    time.sleep(1)
+    assert first.poll() is None, c.log(0)[-3000:]
 
 
 def test_worker_needs_a_database_url_and_says_so_in_one_line(tmp_path):
