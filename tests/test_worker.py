@@ -452,3 +452,55 @@ def test_an_account_added_to_the_database_is_served_without_a_restart(master_dov
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
+
+
+def test_a_small_company_loses_and_doubles_nothing_when_a_worker_is_killed_mid_import(master_dovecot, pg_url,
+                                                                                     tmp_path):
+    """Issue 15's small company: 50 accounts in the database (`gwsync accounts import`), a master
+    user logging in for each, 2 workers, one SIGKILLed in the middle of the import. Every mail
+    ends up archived exactly once with exactly one activity, no mail is left in an import folder,
+    and the killed worker's jobs are served by the other."""
+    started = time.monotonic()
+    os.environ["GWSYNC_TEST_MASTER"] = "master-secret"
+    config = tmp_path / "config.toml"
+    # No watcher jobs: the mail is there before the workers start, and each account's first
+    # sync is due at once, so the test is about the import and the kill alone.
+    config.write_text(f'[database]\nurl = "{pg_url}"\n\n[worker]\ntick = 1\nstalled_after = 5\nmax_backoff = 2\n'
+                      f'watchers = 0\n\n[defaults.imap]\nhost = "127.0.0.1"\nport = {master_dovecot.port}\nsecurity = "none"\n'
+                      f'import_root = "INBOX"\narchive_folder = "{ARCHIVE}"\nmaster_user = "gwsync"\n'
+                      'password_env = "GWSYNC_TEST_MASTER"\n')
+    users = [f"w{os.getpid()}x{next(_users)}" for _ in range(50)]
+    (tmp_path / "staff.csv").write_text("name,username,email,areas\n"
+                                        + "".join(f"{u},{u},{u}@firma.example,mail\n" for u in users))
+    cli = [sys.executable, "-m", "gwsync.cli", "--config", str(config)]
+    done = subprocess.run([*cli, "accounts", "import", str(tmp_path / "staff.csv")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    c = Company.__new__(Company)  # its helpers, on these accounts and this config
+    c.dovecot, c.url, c.root, c.users, c.workers, c.config_path = master_dovecot, pg_url, tmp_path, users, [], config
+    expected = {}
+    for user in users:
+        with c.imap(user) as client:
+            client.create_folder(IMPORT)
+        expected[user] = c.append(user, 30)
+    try:
+        first = c.start_worker("--concurrency", "4")
+        c.wait_for(lambda: any(c.archived(u) for u in users[:8]) and c.query(
+            "SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'gwsync.sync' AND status = 'doing'")[0][0],
+            60, "the import did not start")
+        c.start_worker("--concurrency", "4")
+        time.sleep(0.5)
+        held = c.query("SELECT count(*) FROM procrastinate_jobs j JOIN procrastinate_workers w ON w.id = j.worker_id "
+                       "WHERE j.task_name = 'gwsync.sync' AND j.status = 'doing' AND w.id IN "
+                       "(SELECT worker_id FROM procrastinate_jobs WHERE task_name = 'gwsync.sync' "
+                       "AND status = 'doing' ORDER BY id LIMIT 1)")[0][0]
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        assert held >= 1, "the first worker held no sync job when it was killed"
+        assert not _all_in(c, expected), "the import ended before the kill"
+        c.wait_for(lambda: _all_in(c, expected), 90, "not all mail was archived after the kill")
+        _check_once(c, expected)
+        assert "of a worker that stopped answering: queued again" in c.log(1), c.log(1)[-3000:]
+    finally:
+        c.stop()
+    print(f"50 accounts, {sum(map(len, expected.values()))} mails, one worker killed: {time.monotonic() - started:.1f} s")
