@@ -8,9 +8,11 @@ of sync jobs and the tick is never stuck behind either:
   = account and area (a second waiting job for the same is refused: the waiting one will see
   whatever the second was for). Inside, the Engine holds the account's PostgreSQL advisory lock
   (PgAccountLocks) on a connection of its own, as `gwsync sync` does on any host (waiting
-  LOCK_WAIT seconds at most: busy, it is due again at the next tick); before each batch of mail
-  (each ends in its CRM commit, then the move) it asks that session whether it still holds the
-  lock, and stops if not (the fence). Afterwards the
+  LOCK_WAIT seconds at most: busy, it is due again at the next tick). The lock's fence
+  (gwsync.accountlock) refuses every store write of a run whose lock another run has taken
+  since, and before each batch and each move to the archive the run asks that session whether
+  it still holds the lock: a worker frozen past [database] lock_timeout, or one whose session
+  was lost, commits and moves nothing more. Afterwards the
   account's schedule row records the run: changes bring the account back to its interval, a
   run without changes doubles its wait up to [worker] max_backoff.
 - `gwsync.watch(shard, shards)` (queue "watch"): gwsync.mail.asyncwatch.watch_accounts over the
@@ -34,6 +36,8 @@ A worker process runs one Procrastinate worker per queue in one event loop. SIGT
 the watchers log out, sync jobs stop between batches of mail (nothing half done), the workers
 unregister, exit 0. A worker killed outright leaves its jobs "doing"; a tick re-queues them once
 its heartbeat is older than [worker] stalled_after, and the advisory lock died with its session.
+A frozen one (SIGSTOP, a paused VM) loses its locks after [database] lock_timeout; woken, its
+jobs at hand are refused by the fence and it registers again (its registration was pruned).
 """
 
 from __future__ import annotations
