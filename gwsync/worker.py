@@ -699,28 +699,58 @@ async def _register(runtime: Runtime, worker, watchers: int, concurrency: int) -
 async def _run(worker, runtime: Runtime, register: Callable[[], Awaitable[None]] | None = None) -> None:
     """`worker.run()` (and `register` once it runs), and again after the worker was taken for
     dead: frozen (SIGSTOP, a paused VM) or cut off longer than [worker] stalled_after, another
-    worker's tick queued its jobs again and deleted its registration, so its next fetch of a job
-    fails on its unknown id. Its jobs at hand were refused by the account locks' fence; it
-    registers anew and goes on."""
+    worker's tick queued its jobs again and deleted its registration. Woken, it notices that
+    (`_registered`, or its next fetch of a job fails on its unknown id), lets its jobs at hand
+    end (the account locks' fence refuses their writes), registers anew and goes on."""
     import psycopg
     from procrastinate import exceptions
 
     while True:
-        registered = asyncio.create_task(register()) if register is not None else None
+        pruned = asyncio.Event()
+        tasks = [asyncio.create_task(_registered(worker, runtime, pruned))]
+        if register is not None:
+            tasks.append(asyncio.create_task(register()))
         try:
             await worker.run()
-            return
         except exceptions.ConnectorException as exc:
             cause = exc.__cause__
             if runtime.stopping.is_set() or not (isinstance(cause, psycopg.errors.ForeignKeyViolation)
                                                  and "worker_id" in str(cause)):
                 raise
-            log.warning("%s was taken for dead (no heartbeat for %d s: frozen or cut off from the database); "
-                        "other workers took its jobs; it registers again", worker.worker_name,
-                        runtime.config.worker.stalled_after)
+            pruned.set()
         finally:
-            if registered is not None:
-                registered.cancel()
+            for task in tasks:
+                task.cancel()
+        if runtime.stopping.is_set() or not pruned.is_set():
+            return
+        log.warning("%s was taken for dead (no heartbeat for %d s: frozen or cut off from the database); "
+                    "other workers took its jobs; it registers again", worker.worker_name,
+                    runtime.config.worker.stalled_after)
+
+
+async def _registered(worker, runtime: Runtime, pruned: asyncio.Event) -> None:
+    """Every few heartbeats: is the worker still registered? Not: stop it (its jobs at hand end
+    first), and `_run` starts it again. A fetch of a job finds it out only when one is waiting."""
+    every = max(0.5, runtime.config.worker.stalled_after / 5)
+    query = sa.text("SELECT count(*) FROM procrastinate_workers WHERE id = :id")
+
+    def known(worker_id: int) -> bool:
+        with runtime.db.connect() as conn:
+            return bool(conn.execute(query, {"id": worker_id}).scalar())
+
+    while True:
+        await asyncio.sleep(every)
+        worker_id = worker.worker_id
+        if worker_id is None:
+            continue
+        try:
+            if await asyncio.to_thread(known, worker_id):
+                continue
+        except GwsyncError:
+            continue  # the database is away: the worker's own queries say so
+        pruned.set()
+        worker.stop()
+        return
 
 
 def run_worker(config: Config, concurrency: int | None = None) -> None:

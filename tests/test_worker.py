@@ -330,6 +330,9 @@ def test_a_frozen_workers_accounts_are_served_by_the_other_and_nothing_is_double
     _check_once(c, expected)
     assert "lost the account's lock" in c.log(0), c.log(0)[-3000:]
     c.wait_for(lambda: "was taken for dead" in c.log(0), 20, "the woken worker did not register again")
+    c.wait_for(lambda: c.query("SELECT count(*) FROM gwsync_workers g JOIN procrastinate_workers p "
+                               "ON p.id = g.worker_id WHERE g.pid = %s", first.pid)[0][0] == 1, 20,
+               "the woken worker's row in gwsync_workers was not made again")
     time.sleep(1)
     assert first.poll() is None, c.log(0)[-3000:]
 
