@@ -8,9 +8,11 @@ of sync jobs and the tick is never stuck behind either:
   = account and area (a second waiting job for the same is refused: the waiting one will see
   whatever the second was for). Inside, the Engine holds the account's PostgreSQL advisory lock
   (PgAccountLocks) on a connection of its own, as `gwsync sync` does on any host (waiting
-  LOCK_WAIT seconds at most: busy, it is due again at the next tick); before each batch of mail
-  (each ends in its CRM commit, then the move) it asks that session whether it still holds the
-  lock, and stops if not (the fence). Afterwards the
+  LOCK_WAIT seconds at most: busy, it is due again at the next tick). The lock's fence
+  (gwsync.accountlock) refuses every store write of a run whose lock another run has taken
+  since, and before each batch and each move to the archive the run asks that session whether
+  it still holds the lock: a worker frozen past [database] lock_timeout, or one whose session
+  was lost, commits and moves nothing more. Afterwards the
   account's schedule row records the run: changes bring the account back to its interval, a
   run without changes doubles its wait up to [worker] max_backoff.
 - `gwsync.watch(shard, shards)` (queue "watch"): gwsync.mail.asyncwatch.watch_accounts over the
@@ -45,18 +47,21 @@ A worker process runs one Procrastinate worker per queue in one event loop. SIGT
 the watchers log out, sync jobs stop between batches of mail (nothing half done), the workers
 unregister, exit 0. A worker killed outright leaves its jobs "doing"; a tick re-queues them once
 its heartbeat is older than [worker] stalled_after, and the advisory lock died with its session.
+A frozen one (SIGSTOP, a paused VM) loses its locks after [database] lock_timeout; woken, its
+jobs at hand are refused by the fence and it registers again (its registration was pruned).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import signal
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -663,7 +668,7 @@ async def _serve(runtime: Runtime, concurrency: int) -> None:
             workers.append(Worker(app, queues=[WATCH_QUEUE], concurrency=settings.watchers, name="gwsync-watch",
                                   **common))
         loop = asyncio.get_running_loop()
-        registered = asyncio.create_task(_register(runtime, workers[0], settings.watchers, concurrency))
+        register = functools.partial(_register, runtime, workers[0], settings.watchers, concurrency)
 
         def stop() -> None:
             log.info("stopping: the jobs at hand end between batches")
@@ -674,9 +679,9 @@ async def _serve(runtime: Runtime, concurrency: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
         try:
-            await asyncio.gather(*(worker.run() for worker in workers))
+            await asyncio.gather(*(_run(worker, runtime, register if worker is workers[0] else None)
+                                   for worker in workers))
         finally:
-            registered.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
@@ -691,6 +696,63 @@ async def _register(runtime: Runtime, worker, watchers: int, concurrency: int) -
         await asyncio.sleep(0.1)
     await asyncio.to_thread(runtime.schedule.register, worker.worker_id, socket.gethostname(), os.getpid(),
                             watchers, concurrency)
+
+
+async def _run(worker, runtime: Runtime, register: Callable[[], Awaitable[None]] | None = None) -> None:
+    """`worker.run()` (and `register` once it runs), and again after the worker was taken for
+    dead: frozen (SIGSTOP, a paused VM) or cut off longer than [worker] stalled_after, another
+    worker's tick queued its jobs again and deleted its registration. Woken, it notices that
+    (`_registered`, or its next fetch of a job fails on its unknown id), lets its jobs at hand
+    end (the account locks' fence refuses their writes), registers anew and goes on."""
+    import psycopg
+    from procrastinate import exceptions
+
+    while True:
+        pruned = asyncio.Event()
+        tasks = [asyncio.create_task(_registered(worker, runtime, pruned))]
+        if register is not None:
+            tasks.append(asyncio.create_task(register()))
+        try:
+            await worker.run()
+        except exceptions.ConnectorException as exc:
+            cause = exc.__cause__
+            if runtime.stopping.is_set() or not (isinstance(cause, psycopg.errors.ForeignKeyViolation)
+                                                 and "worker_id" in str(cause)):
+                raise
+            pruned.set()
+        finally:
+            for task in tasks:
+                task.cancel()
+        if runtime.stopping.is_set() or not pruned.is_set():
+            return
+        log.warning("%s was taken for dead (no heartbeat for %d s: frozen or cut off from the database); "
+                    "other workers took its jobs; it registers again", worker.worker_name,
+                    runtime.config.worker.stalled_after)
+
+
+async def _registered(worker, runtime: Runtime, pruned: asyncio.Event) -> None:
+    """Every few heartbeats: is the worker still registered? Not: stop it (its jobs at hand end
+    first), and `_run` starts it again. A fetch of a job finds it out only when one is waiting."""
+    every = max(0.5, runtime.config.worker.stalled_after / 5)
+    query = sa.text("SELECT count(*) FROM procrastinate_workers WHERE id = :id")
+
+    def known(worker_id: int) -> bool:
+        with runtime.db.connect() as conn:
+            return bool(conn.execute(query, {"id": worker_id}).scalar())
+
+    while True:
+        await asyncio.sleep(every)
+        worker_id = worker.worker_id
+        if worker_id is None:
+            continue
+        try:
+            if await asyncio.to_thread(known, worker_id):
+                continue
+        except GwsyncError:
+            continue  # the database is away: the worker's own queries say so
+        pruned.set()
+        worker.stop()
+        return
 
 
 def run_worker(config: Config, concurrency: int | None = None) -> None:
