@@ -528,8 +528,9 @@ def kill_and_stop(bench: Bench, procs: list[subprocess.Popen]) -> dict:
     time.sleep(3)
     result.update(check_once(bench))
     result["kill test measured at"] = load()
-    waits = [line for line in (bench.pg.directory / "postgres.log").read_text(errors="replace").splitlines()
-             if any(word in line for word in ("still waiting for", "acquired", "CONTEXT:", "STATEMENT:"))]
+    lines = (bench.pg.directory / "postgres.log").read_text(errors="replace").splitlines()
+    waits = [text for n, line in enumerate(lines) if "still waiting for" in line or "acquired" in line
+             for text in lines[n:n + 4]]  # the wait, its DETAIL, CONTEXT and STATEMENT
     if waits:  # a stopped worker's open transaction holds others up: which statement waited, and how long
         say("PostgreSQL's lock waits over 1 s (log_lock_waits):\n  " + "\n  ".join(waits[-40:]))
     return result
