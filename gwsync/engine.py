@@ -48,16 +48,7 @@ from .errors import (
 )
 from .mail.imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
 from .people import People, attendee_list, employees_by_address, organizer_of, resolve_attendees
-from .storage.state import (
-    FAILED,
-    HELD,
-    LEFT_OUT,
-    QUARANTINED,
-    CalendarItemRecord,
-    CalendarLink,
-    MailRecord,
-    StateStore,
-)
+from .storage.records import FAILED, HELD, LEFT_OUT, QUARANTINED, CalendarItemRecord, CalendarLink, MailRecord
 
 if TYPE_CHECKING:  # loaded by the areas that use them: a mail sync never reads iCalendar
     from caldav.davclient import DAVClient
@@ -259,6 +250,7 @@ def _lag(wanted: tuple[str, ...] | list[str], areas: dict[str, dict], now: datet
 class Engine:
     def __init__(self, config: Config, crm: CRMBackend | None = None, locks: AccountLocks | None = None):
         from .crm.embedded import EmbeddedCRM  # not needed by a host CRM
+        from .storage.state import StateStore  # SQLAlchemy: loaded by the commands that open the stores
 
         self.config = config
         owned = crm is None

@@ -74,7 +74,8 @@ from ..config import AccountConfig, Config
 from ..crm import Activity, ActivityDraft, ActivityFilter, Attendee, CRMBackend
 from ..mail.decisions import SenderMatch
 from ..people import People, employees_by_address, organizer_of, resolve_attendees
-from ..storage.state import HELD, CalendarItemRecord, CalendarLink, LinkChange, StateStore
+from ..storage.records import HELD, CalendarItemRecord, CalendarLink, LinkChange
+from ..storage.state import StateStore
 from .dav import (
     Collection,
     DavError,

@@ -30,7 +30,8 @@ from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from ..config import AccountConfig, CrmConfig
 from ..crm import ActivityDraft, CRMBackend, Document
 from ..errors import ConfigError, StoreError
-from ..storage.state import FAILED, HELD, IMPORTED, LEFT_OUT, QUARANTINED, MailRecord, StateStore
+from ..storage.records import FAILED, HELD, IMPORTED, LEFT_OUT, QUARANTINED, MailRecord
+from ..storage.state import StateStore
 from .decisions import MailMatch, SenderMatch, Step, failure_outcome, missing_fields, plan_mail, resolve_mail
 from .imap import FETCH_BATCH, ImapSession, ImportFolder, MailGone, MailServerError, ServerUnreachable
 from .mime import (
