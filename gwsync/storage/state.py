@@ -20,7 +20,9 @@ definitions below; a later step brings its own PostgreSQL statements (Migration.
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import sqlite3
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -463,8 +465,19 @@ class StateStore:
                  "updated_at": now} for r in records]
         if not rows:
             return
+        sql, values = self._save_sql
         with write(self.engine) as conn:
-            conn.execute(self._upsert(messages), rows)
+            conn.exec_driver_sql(sql, list(map(values, rows)) if values is not None else rows)
+
+    @functools.cached_property
+    def _save_sql(self) -> tuple[str, Callable[[dict], tuple] | None]:
+        """The upsert of `save`, compiled once for this database, run through the driver's
+        executemany with plain values (as the CRM's inserts): SQLAlchemy's statement building
+        and per-row parameter handling cost more than SQLite's own upsert of a batch."""
+        compiled = self._upsert(messages).compile(dialect=self.engine.dialect,
+                                                  column_keys=[c.name for c in messages.columns])
+        order = compiled.positiontup if compiled.positional else None
+        return str(compiled), operator.itemgetter(*order) if order else None
 
     def forget(self, account: str, folder: str, uidvalidity: int, uids: Iterable[int]) -> None:
         """Drop records of mails that left the folder (moved to the archive, or gone)."""
