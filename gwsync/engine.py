@@ -18,6 +18,7 @@ watch, the web view, the demo) use only the Engine's public methods, never its s
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -271,6 +272,11 @@ class Engine:
             raise
         # One run per account at a time (sync, watch rounds, review, push, unpush), across processes.
         self.run_locks = locks or account_locks(config)
+        self._owns_stores = True  # False for an Engine from sharing_stores(): its maker closes them
+        self._fresh_run_state()
+
+    def _fresh_run_state(self) -> None:
+        """What a user of the Engine keeps across its calls: its own in each sharing_stores() copy."""
         self._should_stop: Callable[[], bool] = lambda: False
         self._selection = Selection()
         self._dav_clients: dict[tuple, DAVClient] = {}  # the CalDAV client of the account syncing now
@@ -286,9 +292,21 @@ class Engine:
         # as they do not read the state database. The main thread's logins read the database.
         self.refused: set[str] = set()
 
+    def sharing_stores(self) -> Engine:
+        """An Engine on this one's stores and account locks, with its own run state (the passwords
+        and CalDAV clients of a push, the credentials seen refused): for one request of a server
+        that answers from several threads (`gwsync serve`), which opens the stores once instead
+        of per request. The stores are made for threads (a pooled connection per write, a read
+        connection per thread; the locks hold nothing between calls). Closing it closes nothing."""
+        other = copy.copy(self)
+        other._owns_stores = False
+        other._fresh_run_state()
+        return other
+
     def close(self) -> None:
-        self.crm.close()
-        self.state.close()
+        if self._owns_stores:
+            self.crm.close()
+            self.state.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -1,7 +1,11 @@
 """The web view behind the CRM links (`gwsync serve`): Flask + Jinja2 over the embedded CRM.
 
-Every request opens the CRM and state databases through an Engine (SQLite connections are
-per thread, and waitress serves from several) and closes them afterwards. The writes are
+The CRM and state stores are opened once per process, at the first request (`Stores`), and each
+request gets an Engine on them of its own (Engine.sharing_stores: its own passwords and CalDAV
+clients for a push); waitress answers from several threads, and the stores give each thread
+its own read connection and each write a pooled one. Opening both stores for every request
+cost about 9 ms. A store that cannot be opened is an error page, and the next request tries
+again. The writes are
 forms that run what the CLI runs: assign (Engine.assign, as `gwsync assign`), the edit form
 (Engine.update_activity, as `gwsync activity edit`), push and unpush (Engine.push/unpush).
 
@@ -156,6 +160,29 @@ class LoginThrottle:
             self._clients.pop(self._key(address), None)
 
 
+class Stores:
+    """The web process's CRM and state stores: an Engine opened at the first request that needs
+    one (under a lock: two threads at once open them once), closed by `close` when the server stops."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._engine: Engine | None = None
+        self._lock = threading.Lock()
+
+    def engine(self) -> Engine:
+        """An Engine of the request's own on the process's stores."""
+        with self._lock:
+            if self._engine is None:
+                self._engine = Engine(self.config)  # a failure leaves None: the next request tries again
+            return self._engine.sharing_stores()
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._engine = self._engine, None
+        if opened is not None:
+            opened.close()
+
+
 def create_app(config: Config, secret_key: bytes, password: str | None = None,
                users: dict[str, str] | None = None) -> Flask:
     """The web view. With `password` (one shared login) or `users` (account name -> that
@@ -194,16 +221,12 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None,
     calendar_accounts = [a.name for a in config.accounts.values() if a.caldav is not None]
     throttle = LoginThrottle()
 
+    stores = app.extensions["gwsync.stores"] = Stores(config)
+
     def engine() -> Engine:
         if "engine" not in g:
-            g.engine = Engine(config)
+            g.engine = stores.engine()
         return g.engine
-
-    @app.teardown_appcontext
-    def close_engine(_exc) -> None:
-        opened = g.pop("engine", None)
-        if opened is not None:
-            opened.close()
 
     @app.before_request
     def require_own_host():
