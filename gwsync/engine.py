@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -981,16 +981,23 @@ class Engine:
             draft, participants=_with_owner(draft.owner, draft.participants))])
         return activity_id
 
-    def update_activity(self, activity_id: int, changes: dict) -> None:
+    def update_activity(self, activity_id: int, changes: dict, added: Iterable[str] = (),
+                        removed: Iterable[str] = ()) -> bool:
         """Change fields of an activity; LookupError when there is none with this id. The next
-        sync carries the change to its calendar item.
+        sync carries the change to its calendar item. True if anything changed.
 
         Owner, delegate and participants must be employees (UsageError, nothing changed). The
         owner stays a participant: new participants get the owner (the new one, if it changes
         too); a new owner alone replaces the old one among the participants, so that the old
-        owner's calendar copy leaves at the next sync."""
-        self._check_employees(changes)
-        if "owner" in changes or "participants" in changes:
+        owner's calendar copy leaves at the next sync. Instead of a new list, participants may
+        be `added` and `removed` by name (the web form's ticks), after the owner's steps; the
+        owner is never removed."""
+        added, removed = list(added), list(removed)
+        if "participants" in changes and (added or removed):
+            raise ValueError("participants: a new list, or names added and removed, not both")
+        self._check_employees(changes | {"participants": added} if added else changes)
+        changed = bool(changes)
+        if "owner" in changes or "participants" in changes or added or removed:
             current = self.crm.get_activity(activity_id)
             if current is None:
                 raise NotFound(f"no activity with id {activity_id}")
@@ -1000,12 +1007,18 @@ class Engine:
             else:
                 # One atomic step each (a sync may add its account meanwhile), in an order that a
                 # repeat of an interrupted change completes: the old owner out, the new one in,
-                # then the owner itself.
+                # then the owner itself, then the names added and removed.
                 if current.owner and current.owner != owner:
-                    self.crm.remove_participant(activity_id, current.owner)
+                    changed |= self.crm.remove_participant(activity_id, current.owner)
                 if owner:
-                    self.crm.add_participant(activity_id, owner)
+                    changed |= self.crm.add_participant(activity_id, owner)
+                for name in added:
+                    changed |= self.crm.add_participant(activity_id, name)
+                for name in removed:
+                    if name != owner:
+                        changed |= self.crm.remove_participant(activity_id, name)
         self.crm.update_activity(activity_id, changes)
+        return changed
 
     def resolve_attendees(self, emails: list[str], owner: str | None, current: list[Attendee] | tuple = ()) -> People:
         """A meeting's attendees for these addresses (organizer: the one in `current`, else the

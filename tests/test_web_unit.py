@@ -756,3 +756,50 @@ def test_the_edit_form_keeps_a_participant_a_sync_added_after_it_was_opened(tmp_
     assert alice.post(f"/activities/{ids['alice-mail']}/edit", data=form | {"participants": []}).status_code == 303
     with Engine(config) as engine:
         assert engine.activity(ids["alice-mail"]).participants == ["alice"]
+
+
+def test_the_edit_form_keeps_a_participant_a_sync_adds_while_it_is_saved(tmp_path, monkeypatch):
+    """The form's ticks go to the Engine as names added and removed, each step atomic, and the
+    owner's rule is the Engine's: a participant that carol's sync adds between the form's check
+    and its write stays (a whole list written from what the form read would drop her)."""
+    from gwsync.config import parse_config
+    from gwsync.engine import Engine
+    from gwsync.web.app import create_app
+
+    data = team_data(tmp_path)
+    data["accounts"]["carol"] = data["accounts"]["bob"] | {"imap": data["accounts"]["bob"]["imap"] |
+                                                           {"username": "carol@firma.example"}}
+    config = parse_config(data)
+    app = create_app(config, b"k" * 32, users={"alice": ALICE_PW, "bob": BOB_PW})
+    app.config["WTF_CSRF_ENABLED"] = False
+    ids = seed_team(config)
+    alice = logged_in(app, "alice", ALICE_PW)
+    form = edit_form(alice, ids["alice-mail"])
+    assert form["participants"] == form["participants_seen"] == ["alice"]
+    real_update = Engine.update_activity
+
+    def carol_files_it_meanwhile(self, *args, **kwargs):
+        with Engine(config) as other:
+            other.crm.add_participant(ids["alice-mail"], "carol")
+        return real_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "update_activity", carol_files_it_meanwhile)
+    sent = alice.post(f"/activities/{ids['alice-mail']}/edit", data=form | {"participants": ["alice", "bob"]})
+    assert sent.status_code == 303
+    monkeypatch.undo()
+    with Engine(config) as engine:
+        assert sorted(engine.activity(ids["alice-mail"]).participants) == ["alice", "bob", "carol"]
+    # a new owner replaces the old one, by the Engine's rule; what is ticked anew joins, the rest stays
+    form = edit_form(alice, ids["alice-mail"])
+    sent = alice.post(f"/activities/{ids['alice-mail']}/edit",
+                      data=form | {"owner": "bob", "participants": ["alice", "bob"]})  # carol unticked
+    assert sent.status_code == 303 and "Saved." in alice.get(sent.headers["Location"]).text
+    with Engine(config) as engine:
+        a = engine.activity(ids["alice-mail"])
+    assert (a.owner, sorted(a.participants)) == ("bob", ["bob"])
+    # sent again unchanged: nothing to do, and the page says so
+    form = edit_form(bob := logged_in(app, "bob", BOB_PW), ids["alice-mail"])
+    sent = bob.post(f"/activities/{ids['alice-mail']}/edit", data=form | {"participants": []})
+    assert "Nothing changed." in bob.get(sent.headers["Location"]).text  # the owner stays, whatever the boxes
+    with Engine(config) as engine:
+        assert engine.activity(ids["alice-mail"]).participants == ["bob"]

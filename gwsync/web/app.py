@@ -482,7 +482,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None,
         with writing:  # the check and the write together: of two forms sent at once, the second sees the first
             current = changeable(activity_id)
             try:
-                values = edited_values(current, form, kinds_for(current), list(statuses), accounts)
+                values, added, removed = edited_values(current, form, kinds_for(current), list(statuses), accounts)
             except ValueError as exc:
                 return edit_page(current, sent, seen, seen_participants, f"{exc}.", 400)
             if seen != (current.updated_at or ""):
@@ -490,12 +490,11 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None,
                                  "The activity was changed since you opened this form (by a sync or someone else): "
                                  "check the fields and send it again.", 409)
             changes = {key: value for key, value in values.items() if getattr(current, key) != value}
-            if changes:
-                try:
-                    engine().update_activity(activity_id, changes)
-                except LookupError:
-                    abort(404, f"There is no activity #{activity_id}; it may have been deleted.")
-        flash("Saved." if changes else "Nothing changed.")
+            try:
+                changed = engine().update_activity(activity_id, changes, added, removed)
+            except LookupError:
+                abort(404, f"There is no activity #{activity_id}; it may have been deleted.")
+        flash("Saved." if changed else "Nothing changed.")
         return redirect(url_for("activity", activity_id=activity_id), 303)
 
     @app.post("/activities/<id:activity_id>/push")
@@ -581,13 +580,14 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None,
 EDITED = ("kind", "status", "subject", "owner", "delegated_to", "participants", "request", "project")
 
 
-def edited_values(item: Activity, form, kinds: list[str], statuses: list[str], accounts: list[str]) -> dict:
-    """The edit form's fields over the activity as it is now, checked: ValueError says what is
-    wrong with the first bad one. Names must be accounts. Participants change by what the
-    reader ticked or unticked against what the form showed (`participants_seen`): a sync may
-    have added one since, without changing updated_at, and that one stays. A new owner replaces
-    the old one among the participants (as a changed owner does everywhere: the old owner's
-    calendar copy leaves); the owner is always one of them."""
+def edited_values(item: Activity, form, kinds: list[str], statuses: list[str],
+                  accounts: list[str]) -> tuple[dict, list[str], list[str]]:
+    """The edit form's fields over the activity as it is now, checked, and the participants it
+    adds and removes: ValueError says what is wrong with the first bad one. Names must be
+    accounts. Participants change by what the reader ticked or unticked against what the form
+    showed (`participants_seen`), name by name: one a sync added since (which does not change
+    updated_at), even while the form is saved, stays. The owner's place among them is
+    Engine.update_activity's rule: a new owner replaces the old one, the owner always takes part."""
     known = f"(known: {', '.join(accounts) or 'none'})"
 
     def text(key: str, name: str) -> str | None:
@@ -616,16 +616,11 @@ def edited_values(item: Activity, form, kinds: list[str], statuses: list[str], a
     for name in ticked:
         if name not in accounts:
             raise ValueError(f"participant {name!r} is not an account {known}")
-    seen = {name.strip() for name in form.getlist("participants_seen")}
-    participants = [name for name in item.participants if name in ticked or name not in seen]
-    participants += [name for name in ticked if name not in seen and name not in participants]
-    if owner != item.owner and item.owner in participants:
-        participants.remove(item.owner)
-    if owner is not None and owner not in participants:
-        participants.insert(0, owner)
-    return {"kind": kind, "status": status, "subject": subject, "owner": owner, "delegated_to": delegate,
-            "participants": participants, "request": text("request", "request"),
-            "project": text("project", "project")}
+    seen = list(dict.fromkeys(name.strip() for name in form.getlist("participants_seen")))
+    added = [name for name in ticked if name not in seen]
+    removed = [name for name in seen if name not in ticked]
+    return ({"kind": kind, "status": status, "subject": subject, "owner": owner, "delegated_to": delegate,
+             "request": text("request", "request"), "project": text("project", "project")}, added, removed)
 
 
 def private_view(item: Activity) -> Activity:
