@@ -1106,6 +1106,11 @@ class Engine:
         failed = self.state.by_outcome(FAILED) + self.state.by_outcome(QUARANTINED)
         now = datetime.now(UTC)
         database = set(self.config.database_accounts or ())
+        schedule = None
+        if self.config.database is not None:
+            from .worker import schedule_view
+
+            schedule = schedule_view(self.state.engine)
         out = {}
         for name in sorted(set(self.config.accounts) | {r["account"] for r in runs}):
             areas = {r["area"]: {"last_sync": r["finished_at"], "ok": bool(r["ok"]),
@@ -1122,8 +1127,19 @@ class Engine:
                 "locked": [{"service": l["service"], "credential": l.get("credential"), "since": l["locked_at"],
                             "reason": l["reason"], "unlock": l["account"]}
                            for l in locks if l["account"] == name or l in self._shared_locks(name, locks)],
+                # The workers' view (`gwsync worker`, [database] url only): per area, see worker.schedule_view.
+                "schedule": None if schedule is None else schedule.get(name, {}),
             }
         return out
+
+    def workers(self) -> dict | None:
+        """The live `gwsync worker` processes on [database] url (worker.workers_view); None
+        without one."""
+        if self.config.database is None:
+            return None
+        from .worker import workers_view
+
+        return workers_view(self.state.engine, self.config.worker.stalled_after)
 
     def _shared_locks(self, name: str, locks: list[dict]) -> list[dict]:
         """The locks on shared credentials ([defaults]) that the account `name` sends."""

@@ -220,8 +220,9 @@ def test_worker_imports_mail_of_five_accounts_after_append(company):
     # The first round: every account synced once at start, and the watcher is running.
     c.wait_for(lambda: c.query("SELECT count(*) FROM gwsync_schedule WHERE runs >= 1")[0][0] == 5, 30,
                "the first sync of every account did not finish")
+    # One worker with its two watcher slots ([worker] watchers): two shards, both watched.
     c.wait_for(lambda: c.query("SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'gwsync.watch' "
-                               "AND status = 'doing'")[0][0] == 1, 20, "no watcher job ran")
+                               "AND status = 'doing' AND args->>'shards' = '2'")[0][0] == 2, 20, "no watcher job ran")
     time.sleep(1.5)  # the watcher's connections log in and enter IDLE
     expected = {user: c.append(user) for user in c.users}
     started = time.monotonic()
@@ -257,8 +258,9 @@ def test_sigterm_stops_a_worker_cleanly(company):
     worker = c.start_worker()
     c.wait_for(lambda: c.query("SELECT count(*) FROM gwsync_schedule WHERE runs >= 1")[0][0] == 2, 30,
                "the first syncs did not finish")
+    # One worker with its two watcher slots ([worker] watchers): two shards, both watched.
     c.wait_for(lambda: c.query("SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'gwsync.watch' "
-                               "AND status = 'doing'")[0][0] == 1, 20, "no watcher job ran")
+                               "AND status = 'doing' AND args->>'shards' = '2'")[0][0] == 2, 20, "no watcher job ran")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=20) == 0, c.log(0)
     assert "Traceback" not in c.log(0)
