@@ -712,8 +712,8 @@ class Engine:
         try:
             importer = MailImporter(account, self.config.crm, self.crm, self.state, dry_run=dry_run,
                                     progress=progress, should_stop=self._should_stop,
-                                    before_move=self._before_move, selection=self._selection.mail, overrides=self._selection.overrides,
-                                    left_out=self._selection.left_out_mail)
+                                    before_move=self._before_move, selection=self._selection.mail,
+                                    overrides=self._selection.overrides, left_out=self._selection.left_out_mail)
             acc_report.mail = importer.run(session)
         except StoreError:
             session.logout()
