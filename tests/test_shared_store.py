@@ -248,7 +248,11 @@ def test_a_later_schema_step_runs_once_on_an_existing_postgresql_database(pg_url
 # -- [database] url: the command line on PostgreSQL ---------------------------------------------------
 
 def use_postgres(env, url: str, extra: str = "") -> None:
-    env.config_path.write_text(env.config_path.read_text() + f'\n[database]\nurl = "{url}"\n{extra}')
+    """env's config on the database at `url` (in place of the PostgreSQL pass's own, if any)."""
+    text = env.config_path.read_text()
+    if env.database_url is not None:
+        text = text.replace(f'[database]\nurl = "{env.database_url}"\n', "", 1)
+    env.config_path.write_text(text + f'\n[database]\nurl = "{url}"\n{extra}')
 
 
 def test_sync_imports_mail_into_the_postgresql_database_and_no_database_file_is_made(env, pg_url):
