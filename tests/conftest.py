@@ -49,7 +49,8 @@ def _names(code) -> set[str]:
 def _reaches_build_env(item: pytest.Item) -> bool:
     """The test function or one of the fixtures it uses (directly or not) calls build_env."""
     functions = [getattr(item, "function", None)]
-    for defs in item._fixtureinfo.name2fixturedefs.values():  # type: ignore[attr-defined]
+    info = getattr(item, "_fixtureinfo", None)  # pytest's: the fixtures of the closure, by name
+    for defs in (info.name2fixturedefs.values() if info is not None else ()):
         functions += [d.func for d in defs]
     return any("build_env" in _names(inspect.unwrap(f).__code__) for f in functions if f is not None)
 
@@ -59,8 +60,10 @@ def pytest_collection_modifyitems(config, items):
         item.stash[USES_STORE] = _reaches_build_env(item)
     if not ON_POSTGRESQL:
         return
-    kept = [i for i in items if i.stash[USES_STORE] and i.get_closest_marker("sqlite_files") is None]
-    left_out = [i for i in items if i not in kept]
+    kept, left_out = [], []
+    for item in items:
+        runs = item.stash[USES_STORE] and item.get_closest_marker("sqlite_files") is None
+        (kept if runs else left_out).append(item)
     if left_out:
         config.hook.pytest_deselected(items=left_out)
         items[:] = kept
