@@ -13,9 +13,22 @@ kernel drops it when the process ends, SIGKILL included, so a dead run never blo
 PgAccountLocks, used when [database] url is set, is a PostgreSQL session advisory lock per
 account, each on a connection of its own: `gwsync sync` on one host and a worker on another
 never run one account at once, and the server drops the lock when the holder's session ends
-(the process died, or the network parted and the server closed the session). `check` asks the
-lock's session whether it still holds the lock: a run that lost its session stops before its
-next CRM commit, so it moves no mail (the commit-then-move order does the rest).
+(the process died, or the network parted and the server closed the session). The session has
+`idle_session_timeout` = [database] lock_timeout, and a thread of the holder sends a query
+every quarter of that: a holder that is frozen (SIGSTOP, a VM paused, swapped out) stops
+sending, and the server ends its session and frees the account within lock_timeout seconds.
+
+The fence, so that a holder that lost its lock changes nothing afterwards: table
+`gwsync_fence` (account, token). Whoever takes an account's lock increments its token (after
+the advisory lock, so one holder at a time does); `fence` gives the run's write transactions a
+check that reads the token FOR SHARE and refuses the transaction (FenceLost) unless it is the
+run's own. The row lock serialises a commit against the next holder's increment: the old
+holder's transaction either commits before the new holder starts, or sees the new token and
+rolls back. A holder frozen inside such a transaction does not block the next one for long:
+the check sets the transaction's idle_in_transaction_session_timeout to lock_timeout as well.
+`check` asks the lock's session whether it still holds the lock: asked between batches of mail
+and before each move to the archive, so a run that lost its session stops and moves no mail
+(the commit-then-move order does the rest).
 """
 
 from __future__ import annotations
@@ -26,22 +39,34 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from .errors import Busy
+from .errors import Busy, StoreError
 
 DEFAULT_WAIT = 60.0  # seconds; [state] lock_wait
+DEFAULT_TIMEOUT = 20  # seconds; [database] lock_timeout
 POLL = 0.1
+FENCE_TABLE = "gwsync_fence"
 
 log = logging.getLogger("gwsync")
 
 
 class AccountBusy(Busy):
     """Another run holds the account's lock and did not let go within the wait (exit 1)."""
+
+
+class FenceLost(StoreError):
+    """The run lost the account's lock (its session ended) and must not write or move mail."""
+
+    def __init__(self, account: str):
+        super().__init__(f"account {account}: this run lost the account's lock in the database (its session "
+                         "ended); it committed nothing more and moved no more mail, the next run goes on",
+                         Path(account), transient=True)
 
 
 class AccountLocks(abc.ABC):
@@ -61,6 +86,11 @@ class AccountLocks(abc.ABC):
     def check(self, handle: Any) -> bool:
         """Whether the lock behind `handle` is still held (a file lock always is)."""
         return True
+
+    def fence(self, handle: Any) -> Callable[[Any], None] | None:
+        """The check every write transaction of the holder runs first (see gwsync.storage.database
+        `fencing`), or None: a file lock is dropped only with its process, which then writes nothing."""
+        return None
 
     @abc.abstractmethod
     def holder(self, account: str) -> str | None:
@@ -85,7 +115,10 @@ class AccountLocks(abc.ABC):
             time.sleep(min(POLL, left))
             handle = self.try_acquire(account, holder)
         try:
-            yield handle  # for `check`
+            from .storage.database import fencing
+
+            with fencing(self.fence(handle)):
+                yield handle  # for `check`
         finally:
             self.release(handle)
 
@@ -146,14 +179,26 @@ def advisory_key(account: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+class Held(NamedTuple):
+    """A held PostgreSQL account lock: its connection, key, the holder's fence token, and the
+    stop event of the thread that keeps the session from timing out."""
+    conn: Any
+    key: int
+    account: str
+    token: int
+    stop: threading.Event
+
+
 class PgAccountLocks(AccountLocks):
     """A session advisory lock per account on the [database] url, on a connection of its own
     (the handle) whose application_name tells other runs who holds it."""
 
-    def __init__(self, url: str, password: Any = None, wait: float = DEFAULT_WAIT):
+    def __init__(self, url: str, password: Any = None, wait: float = DEFAULT_WAIT, timeout: float = DEFAULT_TIMEOUT):
         super().__init__(wait)
         self.url = url
         self.password = password  # called at each connection; None: the URL, PGPASSWORD, ~/.pgpass
+        self.timeout = timeout  # idle_session_timeout of a holder's session; 0: none
+        self._fence_ready = False
 
     def _connect(self, name: str):
         import psycopg
@@ -174,36 +219,96 @@ class PgAccountLocks(AccountLocks):
         except psycopg.OperationalError as exc:
             raise unreachable("account locks database", shown(self.url), exc) from exc
 
+    def _make_fence_table(self, conn) -> None:
+        """Once per process; under the schema lock, so that two processes starting at once do
+        not both create it."""
+        if self._fence_ready:
+            return
+        from .storage.database import SCHEMA_TABLE, _lock_key
+
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(SCHEMA_TABLE),))
+            conn.execute(f'CREATE TABLE IF NOT EXISTS "{FENCE_TABLE}" '
+                         '("account" TEXT PRIMARY KEY, "token" BIGINT NOT NULL)')
+        self._fence_ready = True
+
     def try_acquire(self, account: str, holder: str) -> Any | None:
         conn = self._connect(f"gwsync {holder} (pid {os.getpid()} on {os.uname().nodename})")
         try:
             got = conn.execute("SELECT pg_try_advisory_lock(%s)", (advisory_key(account),)).fetchone()
+            if not got or not got[0]:
+                conn.close()
+                return None
+            self._make_fence_table(conn)
+            # The new holder's token: a transaction of an earlier holder that still runs holds
+            # the row FOR SHARE, and this waits for its COMMIT (see the module doc).
+            token = conn.execute(f'INSERT INTO "{FENCE_TABLE}" (account, token) VALUES (%s, 1) '
+                                 f'ON CONFLICT (account) DO UPDATE SET token = "{FENCE_TABLE}".token + 1 '
+                                 "RETURNING token", (account,)).fetchone()[0]
+            held = Held(conn, advisory_key(account), account, token, threading.Event())
+            self._keep_alive(held)
         except BaseException:
             conn.close()
             raise
-        if not got or not got[0]:
-            conn.close()
-            return None
-        return (conn, advisory_key(account))
+        return held
 
-    def release(self, handle: Any) -> None:
-        conn, key = handle
+    def _keep_alive(self, held: Held) -> None:
+        """The session ends when it sends nothing for `timeout` seconds: a thread sends a query
+        four times as often while the lock is held. A frozen process sends none."""
+        if not self.timeout:
+            return
+        import psycopg
+
         try:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            held.conn.execute(f"SET idle_session_timeout = {int(self.timeout * 1000)}")
+        except psycopg.errors.UndefinedObject:  # PostgreSQL before 14
+            log.warning("PostgreSQL before 14 has no idle_session_timeout: a frozen holder of an account's "
+                        "lock keeps it until it runs again")
+            return
+
+        def run() -> None:
+            while not held.stop.wait(self.timeout / 4):
+                try:
+                    held.conn.execute("SELECT 1")
+                except Exception:
+                    return  # the session is gone: `check` and the fence tell the run
+
+        threading.Thread(target=run, name=f"gwsync lock {held.account}", daemon=True).start()
+
+    def release(self, handle: Held) -> None:
+        handle.stop.set()
+        try:
+            handle.conn.execute("SELECT pg_advisory_unlock(%s)", (handle.key,))
         except Exception:
             pass  # a lost session has dropped the lock already
         finally:
-            conn.close()
+            handle.conn.close()
 
-    def check(self, handle: Any) -> bool:
-        conn, key = handle
+    def check(self, handle: Held) -> bool:
         try:
-            row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                               "AND pid = pg_backend_pid() AND ((classid::bigint << 32) | objid::bigint) = %s",
-                               (key,)).fetchone()
+            row = handle.conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND pid = pg_backend_pid() AND ((classid::bigint << 32) | objid::bigint) = %s",
+                (handle.key,)).fetchone()
         except Exception:
             return False
         return bool(row and row[0])
+
+    def fence(self, handle: Held) -> Callable[[Any], None]:
+        import sqlalchemy as sa
+
+        # A holder frozen inside the transaction would keep the row locked, and the next holder
+        # waiting: the server ends a transaction idle for lock_timeout (nothing of it is kept).
+        idle = f"set_config('idle_in_transaction_session_timeout', '{int(self.timeout * 1000)}', true)" \
+            if self.timeout else "NULL"
+        query = sa.text(f'SELECT token, {idle} FROM "{FENCE_TABLE}" WHERE account = :account FOR SHARE')
+
+        def check_token(conn: sa.Connection) -> None:
+            row = conn.execute(query, {"account": handle.account}).first()
+            if row is None or row[0] != handle.token:
+                raise FenceLost(handle.account)
+
+        return check_token
 
     def holder(self, account: str) -> str | None:
         key = advisory_key(account)

@@ -697,6 +697,9 @@ class DatabaseConfig(_Password):
     libpq's PGPASSWORD or ~/.pgpass."""
 
     url: Text
+    # A holder of an account's lock that sends nothing this long (frozen, its host paused) loses
+    # its session and the lock; 0: never (then only a dead process or connection frees it).
+    lock_timeout: Annotated[int, Meta(ge=0, le=3600)] = 20
 
     def __post_init__(self) -> None:
         from urllib.parse import urlsplit

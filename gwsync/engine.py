@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 from imapclient.exceptions import IMAPClientAbortError
 
-from .accountlock import AccountBusy, AccountLocks, FileAccountLocks, PgAccountLocks
+from .accountlock import AccountBusy, AccountLocks, FenceLost, FileAccountLocks, PgAccountLocks
 from .accounts import with_database_accounts
 from .calendar import dav
 from .calendar.dav import Collection
@@ -234,7 +234,7 @@ def account_locks(config: Config) -> AccountLocks:
         return FileAccountLocks(config.state_database, config.state.lock_wait)
     secret = config.database.secret
     return PgAccountLocks(config.database.url, secret.resolve if secret is not None else None,
-                          config.state.lock_wait)
+                          config.state.lock_wait, config.database.lock_timeout)
 
 
 def _seconds_since(stamp: str | None, now: datetime) -> int | None:
@@ -280,6 +280,7 @@ class Engine:
         # One run per account at a time (sync, watch rounds, review, push, unpush), across processes.
         self.run_locks = locks or account_locks(config)
         self._should_stop: Callable[[], bool] = lambda: False
+        self._before_move: Callable[[], None] = lambda: None  # raises when the account's lock was lost
         self._selection = Selection()
         self._dav_clients: dict[tuple, DAVClient] = {}  # the CalDAV client of the account syncing now
         # Passwords read during one run (None outside runs): a password command runs once per run,
@@ -482,6 +483,7 @@ class Engine:
                     try:
                         with nullcontext() if dry_run else self.run_locks.hold(account.name, holder, lock_wait) as held:
                             self._should_stop = self._fenced(asked, held, account.name, acc_report)
+                            self._before_move = self._move_guard(held, account.name)
                             if not dry_run:
                                 self._record_review(account)
                             self._sync_areas(account, areas, acc_report, dry_run, force, progress)
@@ -492,6 +494,7 @@ class Engine:
                         break  # the same databases and disk for every account: the others would fail alike
             finally:
                 self._selection = Selection()
+                self._before_move = lambda: None
             return report
 
     def _fenced(self, asked: Callable[[], bool], held: Any, name: str, acc_report: AccountReport
@@ -513,6 +516,16 @@ class Engine:
             return True
 
         return should_stop
+
+    def _move_guard(self, held: Any, name: str) -> Callable[[], None]:
+        """Asked after each CRM commit, right before mail moves to the archive: a run whose lock's
+        session ended meanwhile (frozen past [database] lock_timeout) leaves the mail to the run
+        that took over, so that two runs never move the same mail at once."""
+        def before_move() -> None:
+            if held is not None and not self.run_locks.check(held):
+                raise FenceLost(name)
+
+        return before_move
 
     def _record_review(self, account: AccountConfig) -> None:
         """The calendar items the review left out or took in (its mails: by the import, which
@@ -689,7 +702,7 @@ class Engine:
         try:
             importer = MailImporter(account, self.config.crm, self.crm, self.state, dry_run=dry_run,
                                     progress=progress, should_stop=self._should_stop,
-                                    selection=self._selection.mail, overrides=self._selection.overrides,
+                                    before_move=self._before_move, selection=self._selection.mail, overrides=self._selection.overrides,
                                     left_out=self._selection.left_out_mail)
             acc_report.mail = importer.run(session)
         except StoreError:
@@ -1083,6 +1096,11 @@ class Engine:
         failed = self.state.by_outcome(FAILED) + self.state.by_outcome(QUARANTINED)
         now = datetime.now(UTC)
         database = set(self.config.database_accounts or ())
+        schedule = None
+        if self.config.database is not None:
+            from .worker import schedule_view
+
+            schedule = schedule_view(self.state.engine)
         out = {}
         for name in sorted(set(self.config.accounts) | {r["account"] for r in runs}):
             areas = {r["area"]: {"last_sync": r["finished_at"], "ok": bool(r["ok"]),
@@ -1099,8 +1117,19 @@ class Engine:
                 "locked": [{"service": l["service"], "credential": l.get("credential"), "since": l["locked_at"],
                             "reason": l["reason"], "unlock": l["account"]}
                            for l in locks if l["account"] == name or l in self._shared_locks(name, locks)],
+                # The workers' view (`gwsync worker`, [database] url only): per area, see worker.schedule_view.
+                "schedule": None if schedule is None else schedule.get(name, {}),
             }
         return out
+
+    def workers(self) -> dict | None:
+        """The live `gwsync worker` processes on [database] url (worker.workers_view); None
+        without one."""
+        if self.config.database is None:
+            return None
+        from .worker import workers_view
+
+        return workers_view(self.state.engine, self.config.worker.stalled_after)
 
     def _shared_locks(self, name: str, locks: list[dict]) -> list[dict]:
         """The locks on shared credentials ([defaults]) that the account `name` sends."""

@@ -8,18 +8,25 @@ of sync jobs and the tick is never stuck behind either:
   = account and area (a second waiting job for the same is refused: the waiting one will see
   whatever the second was for). Inside, the Engine holds the account's PostgreSQL advisory lock
   (PgAccountLocks) on a connection of its own, as `gwsync sync` does on any host (waiting
-  LOCK_WAIT seconds at most: busy, it is due again at the next tick); before each batch of mail
-  (each ends in its CRM commit, then the move) it asks that session whether it still holds the
-  lock, and stops if not (the fence). Afterwards the
+  LOCK_WAIT seconds at most: busy, it is due again at the next tick). The lock's fence
+  (gwsync.accountlock) refuses every store write of a run whose lock another run has taken
+  since, and before each batch and each move to the archive the run asks that session whether
+  it still holds the lock: a worker frozen past [database] lock_timeout, or one whose session
+  was lost, commits and moves nothing more. Afterwards the
   account's schedule row records the run: changes bring the account back to its interval, a
   run without changes doubles its wait up to [worker] max_backoff.
 - `gwsync.watch(shard, shards)` (queue "watch"): gwsync.mail.asyncwatch.watch_accounts over the
   accounts whose name hashes to the shard (one connection each); mail arriving defers a sync
   job of the mail area. It ends after [worker] watch_for seconds; the tick has already queued
   the next watcher of the shard, which any worker may take, so shards move as workers come and go.
+  Every [worker] tick seconds it checks whether it is outdated, and ends early if so: a watcher
+  of another number of shards was queued after it, or its shard's accounts changed (one added
+  or removed with `gwsync accounts`).
 - `gwsync.tick` (queue "tick", Procrastinate periodic every [worker] tick seconds, once across
   all workers): in this order, re-queue the jobs of workers whose heartbeat stopped
-  ([worker] stalled_after), queue a watcher job per shard, and defer a sync job for every
+  ([worker] stalled_after), queue a watcher job per shard (shard_count: at least one per watcher
+  slot of the live workers, so that each takes a share, and no more than [worker] shard_size
+  accounts in one), and defer a sync job for every
   account and area whose `next_due` has come (claimed by pushing `next_due` on by a lease of
   twice stalled_after in the same statement, so two ticks never defer one twice, and a tick
   killed before deferring leaves it due again after the lease; the job's end sets the backoff).
@@ -27,25 +34,36 @@ of sync jobs and the tick is never stuck behind either:
   deleted at once.
 
 Scheduling state lives in table `gwsync_schedule` (account, area, last run, next due, backoff,
-last error). Procrastinate's own schema is applied at the worker's start when the database has
+last error). The tick inserts rows only for accounts new to it (it compares with the table when
+the accounts change, and every RECONCILE_EVERY seconds); the row of a removed account is parked
+(never due) and due again at once if the account comes back. Table `gwsync_workers` has a row per
+worker process (its sync worker's Procrastinate id, host, pid, watcher slots): joined with
+Procrastinate's heartbeats it gives the live workers, for the shards and `gwsync status`.
+
+Procrastinate's own schema is applied at the worker's start when the database has
 none (under an advisory lock, so workers starting together apply it once).
 
 A worker process runs one Procrastinate worker per queue in one event loop. SIGTERM or SIGINT:
 the watchers log out, sync jobs stop between batches of mail (nothing half done), the workers
 unregister, exit 0. A worker killed outright leaves its jobs "doing"; a tick re-queues them once
 its heartbeat is older than [worker] stalled_after, and the advisory lock died with its session.
+A frozen one (SIGSTOP, a paused VM) loses its locks after [database] lock_timeout; woken, its
+jobs at hand are refused by the fence and it registers again (its registration was pruned).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import signal
 import threading
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +84,15 @@ def shard_of(account: str, shards: int) -> int:
     return zlib.crc32(account.encode("utf-8", "surrogatepass")) % shards
 
 
+def shard_count(watched: int, shard_size: int, slots: int) -> int:
+    """Shards for `watched` accounts: enough that none holds more than `shard_size`, and at
+    least one per watcher slot of the live workers (`slots`), so that every worker takes a
+    share; never more than the accounts (no empty shard)."""
+    if watched <= 0:
+        return 0
+    return min(watched, max(math.ceil(watched / shard_size), slots))
+
+
 # -- scheduling state ---------------------------------------------------------------------------------
 
 SCHEDULE = sa.Table(
@@ -80,7 +107,29 @@ SCHEDULE = sa.Table(
     sa.Column("last_error", sa.Text),
     sa.Column("runs", sa.Integer, nullable=False, server_default="0"),
 )
-SCHEDULE_VERSION = 1
+# One row per worker process: Procrastinate's worker id of its sync worker (whose heartbeat
+# tells whether it lives) and how many watcher jobs it runs at once; shards follow the sum.
+WORKERS = sa.Table(
+    "gwsync_workers", SCHEDULE.metadata,
+    sa.Column("worker_id", sa.BigInteger, primary_key=True),
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("watchers", sa.Integer, nullable=False),
+    sa.Column("concurrency", sa.Integer, nullable=False),
+    sa.Column("started", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+SCHEDULE_VERSION = 2
+# next_due of an account and area no longer wanted (the account removed): never due, row kept.
+PARKED = datetime(9999, 1, 1, tzinfo=UTC)
+RECONCILE_EVERY = 300  # seconds between two looks at the whole table when the accounts stay the same
+
+
+CHUNK = 5000  # pairs per statement: PostgreSQL takes at most 65,535 parameters in one
+
+
+def _chunks(pairs: list) -> Iterator[list]:
+    for start in range(0, len(pairs), CHUNK):
+        yield pairs[start:start + CHUNK]
 
 
 class Schedule:
@@ -89,34 +138,92 @@ class Schedule:
     def __init__(self, engine: sa.Engine, max_backoff: int):
         self.engine = engine
         self.max_backoff = max_backoff
+        self._known: frozenset[tuple[str, str]] | None = None  # the wanted pairs of the last reconcile
+        self._looked = 0.0  # its time.monotonic()
 
     def create(self, label: str) -> None:
         from .storage.database import pg_upgrade
 
         pg_upgrade(self.engine, "schedule", SCHEDULE_VERSION, "schedule database", label,
-                   lambda conn: SCHEDULE.metadata.create_all(conn), [])
+                   lambda conn: SCHEDULE.metadata.create_all(conn),
+                   [(2, lambda conn: WORKERS.create(conn, checkfirst=True))])
+
+    # -- the worker processes --
+
+    def register(self, worker_id: int, host: str, pid: int, watchers: int, concurrency: int) -> None:
+        from sqlalchemy.dialects.postgresql import insert
+
+        from .storage.database import write
+
+        with write(self.engine) as conn:
+            conn.execute(insert(WORKERS).values(worker_id=worker_id, host=host, pid=pid, watchers=watchers,
+                                                concurrency=concurrency).on_conflict_do_nothing())
+
+    def watch_slots(self, stalled_after: int) -> int:
+        """The watcher jobs the live worker processes run at once, together; rows of workers
+        Procrastinate no longer knows (stopped, or pruned as stalled) are deleted."""
+        from .storage.database import write
+
+        with write(self.engine) as conn:
+            conn.execute(sa.text("DELETE FROM gwsync_workers w WHERE NOT EXISTS "
+                                 "(SELECT 1 FROM procrastinate_workers p WHERE p.id = w.worker_id)"))
+            return int(conn.execute(sa.text(
+                "SELECT coalesce(sum(w.watchers), 0) FROM gwsync_workers w JOIN procrastinate_workers p "
+                "ON p.id = w.worker_id WHERE p.last_heartbeat > now() - make_interval(secs => :secs)"),
+                {"secs": stalled_after}).scalar() or 0)
 
     def claim_due(self, wanted: dict[tuple[str, str], int], lease: int = 60) -> list[tuple[str, str]]:
         """The (account, area) pairs of `wanted` (pair -> interval) due now; each is pushed on
         by `lease` seconds in the same statement, and its job's end sets the real next time. A
         tick that died between claiming and deferring leaves its claims due again after the
-        lease, not after the backoff. New pairs are due at once."""
-        from sqlalchemy.dialects.postgresql import insert
+        lease, not after the backoff. New pairs are due at once.
 
+        Rows are inserted only for pairs new to the table (`_reconcile`), not at every tick. A
+        due row that is no longer wanted (its account removed) is parked: kept, so that adding
+        the account again carries on, but never due until then."""
         from .storage.database import write
 
         if not wanted:
             return []
+        self._reconcile(wanted)
         with write(self.engine) as conn:
-            conn.execute(insert(SCHEDULE).values([
-                {"account": a, "area": area, "next_due": sa.func.now(), "backoff": interval}
-                for (a, area), interval in wanted.items()]).on_conflict_do_nothing())
             rows = conn.execute(
                 SCHEDULE.update()
                 .where(SCHEDULE.c.next_due <= sa.func.now())
                 .values(next_due=sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, lease))
                 .returning(SCHEDULE.c.account, SCHEDULE.c.area)).all()
-        return [(a, area) for a, area in rows if (a, area) in wanted]
+            claimed = [(a, area) for a, area in rows if (a, area) in wanted]
+            unwanted = [(a, area) for a, area in rows if (a, area) not in wanted]
+            for part in _chunks(unwanted):
+                conn.execute(SCHEDULE.update().where(sa.tuple_(SCHEDULE.c.account, SCHEDULE.c.area).in_(part))
+                             .values(next_due=PARKED))
+        return claimed
+
+    def _reconcile(self, wanted: dict[tuple[str, str], int]) -> None:
+        """Rows for the pairs the table lacks, and parked rows of wanted pairs due at once.
+        Only when the wanted pairs differ from the last call's, or RECONCILE_EVERY seconds
+        after the last look (another worker's tick, or a hand, may have changed the table)."""
+        from sqlalchemy.dialects.postgresql import insert
+
+        from .storage.database import write
+
+        pairs = frozenset(wanted)
+        if pairs == self._known and time.monotonic() - self._looked < RECONCILE_EVERY:
+            return
+        with write(self.engine) as conn:
+            found = {(a, area): parked for a, area, parked in conn.execute(
+                sa.select(SCHEDULE.c.account, SCHEDULE.c.area, SCHEDULE.c.next_due >= PARKED))}
+            new = [pair for pair in wanted if pair not in found]
+            back = [pair for pair in wanted if found.get(pair)]
+            for part in _chunks(new):
+                conn.execute(insert(SCHEDULE).values([
+                    {"account": a, "area": area, "next_due": sa.func.now(), "backoff": wanted[(a, area)]}
+                    for a, area in part]).on_conflict_do_nothing())
+            for part in _chunks(back):
+                conn.execute(SCHEDULE.update().where(sa.tuple_(SCHEDULE.c.account, SCHEDULE.c.area).in_(part))
+                             .values(next_due=sa.func.now()))
+        self._known = pairs
+        self._looked = time.monotonic()
 
     def started(self, account: str, area: str) -> None:
         from .storage.database import write
@@ -156,6 +263,50 @@ class Schedule:
                                                                                       SCHEDULE.c.area))]
 
 
+# -- what `gwsync status` shows of the workers -------------------------------------------------------
+
+def _iso(stamp: datetime | None) -> str | None:
+    return None if stamp is None else stamp.isoformat()
+
+
+def schedule_view(engine: sa.Engine) -> dict[str, dict[str, dict]]:
+    """Per account and area, the workers' schedule: last run's start and end, next due (None
+    when parked: the account was removed), backoff, last change, last error, runs. Empty when
+    no worker has made the table yet."""
+    from .storage.database import read
+
+    with read(engine) as conn:
+        if conn.execute(sa.text("SELECT to_regclass('gwsync_schedule')")).scalar() is None:
+            return {}
+        rows = conn.execute(SCHEDULE.select().order_by(SCHEDULE.c.account, SCHEDULE.c.area)).mappings().all()
+    out: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        parked = r["next_due"] >= PARKED
+        out.setdefault(r["account"], {})[r["area"]] = {
+            "next_due": None if parked else _iso(r["next_due"]), "backoff": r["backoff"],
+            "last_start": _iso(r["last_start"]), "last_end": _iso(r["last_end"]),
+            "last_changed": _iso(r["last_changed"]), "last_error": r["last_error"], "runs": r["runs"]}
+    return out
+
+
+def workers_view(engine: sa.Engine, stalled_after: int) -> dict:
+    """The worker processes whose heartbeat is younger than stalled_after: {"alive": N,
+    "processes": [{host, pid, watchers, concurrency, started, last_heartbeat}]}."""
+    from .storage.database import read
+
+    with read(engine) as conn:
+        if (conn.execute(sa.text("SELECT to_regclass('gwsync_workers')")).scalar() is None
+                or conn.execute(sa.text("SELECT to_regclass('procrastinate_workers')")).scalar() is None):
+            return {"alive": 0, "processes": []}
+        rows = conn.execute(sa.text(
+            "SELECT w.host, w.pid, w.watchers, w.concurrency, w.started, p.last_heartbeat FROM gwsync_workers w "
+            "JOIN procrastinate_workers p ON p.id = w.worker_id "
+            "WHERE p.last_heartbeat > now() - make_interval(secs => :secs) ORDER BY w.host, w.pid"),
+            {"secs": stalled_after}).mappings().all()
+    processes = [{**dict(r), "started": _iso(r["started"]), "last_heartbeat": _iso(r["last_heartbeat"])} for r in rows]
+    return {"alive": len(processes), "processes": processes}
+
+
 # -- the worker process's shared state ------------------------------------------------------------------
 
 def _changed(report: Any) -> bool:
@@ -165,6 +316,19 @@ def _changed(report: Any) -> bool:
     if report.mail is not None and (report.mail.imported or report.mail.archived_again):
         return True
     return any(v for result in report.calendars.values() for k, v in result.counts.items() if k != "conflicts")
+
+
+def _file_part(config: Config) -> Config:
+    """The config without the accounts kept in the database (the config file's alone)."""
+    import copy
+
+    if not config.database_accounts:
+        return config
+    out = copy.copy(config)
+    object.__setattr__(out, "accounts", {name: account for name, account in config.accounts.items()
+                                         if name not in config.database_accounts})
+    object.__setattr__(out, "database_accounts", None)
+    return out
 
 
 class Runtime:
@@ -177,9 +341,14 @@ class Runtime:
         if config.database is None:
             raise ConfigError("gwsync worker needs [database] url: the jobs, their locks and the stores live in "
                               "PostgreSQL (see Company deployment in the README)")
-        self.file_config = config  # the config file's accounts; the database's join them (refresh)
+        # The config file's accounts; the database's join them (refresh). A config from the command
+        # line has them merged already: taken apart, or no refresh could merge them again.
+        self.file_config = _file_part(config)
         self.config = config
         self._records: list | None = None
+        self._refresh_lock = threading.Lock()
+        self._refreshed = 0.0  # time.monotonic() of the last refresh
+        self._slots_seen: tuple[int, int] | None = None  # (shards, slots) last logged
         self.app: Any = None
         self.stopping = threading.Event()
         self.watch_stops: set[asyncio.Event] = set()
@@ -199,6 +368,18 @@ class Runtime:
         """The accounts kept in the database (`gwsync accounts add/import/remove`) as they are
         now, after the config file's: asked by every tick, so a worker serves a new account
         without a restart. A new set of accounts gives each thread a new Engine."""
+        self.refresh_within(0)
+
+    def refresh_within(self, seconds: float) -> None:
+        """refresh, unless one ran less than `seconds` ago (the watchers' checks: at 10,000
+        accounts a read of them takes about 70 ms)."""
+        with self._refresh_lock:  # the tick and the watchers' checks, in threads of their own
+            if seconds and time.monotonic() - self._refreshed < seconds:
+                return
+            self._refresh()
+            self._refreshed = time.monotonic()
+
+    def _refresh(self) -> None:
         from .accounts import merged
 
         records = self.state.accounts()
@@ -245,9 +426,8 @@ class Runtime:
     def watched(self) -> list[str]:
         return sorted(a.name for a in self.config.accounts.values() if "mail" in a.areas and a.imap is not None)
 
-    def shards(self) -> int:
-        watched = self.watched()
-        return math.ceil(len(watched) / self.config.worker.shard_size) if watched else 0
+    def shards(self, slots: int = 0) -> int:
+        return shard_count(len(self.watched()), self.config.worker.shard_size, slots)
 
     # -- sync job --
 
@@ -291,8 +471,11 @@ class Runtime:
         from procrastinate import exceptions
 
         try:
-            await self.app.configure_task("gwsync.watch", lock=f"watch:{shard}",
-                                          queueing_lock=f"watch:{shard}").defer_async(shard=shard, shards=shards)
+            # One watcher of a shard number at a time (lock); one waiting per shard of this
+            # shape (queueing lock), so that a new shape is queued at once beside the old.
+            task = self.app.configure_task("gwsync.watch", lock=f"watch:{shard}",
+                                           queueing_lock=f"watch:{shard}/{shards}")
+            await task.defer_async(shard=shard, shards=shards)
         except exceptions.AlreadyEnqueued:
             pass
 
@@ -321,7 +504,13 @@ class Runtime:
         if timestamp % CLEAN_EVERY < self.config.worker.tick:  # about once in CLEAN_EVERY seconds
             await self.app.job_manager.delete_old_jobs(nb_hours=KEEP_JOBS_HOURS, include_failed=True,
                                                        include_cancelled=True, include_aborted=True)
-        shards = self.shards()
+        slots = await asyncio.to_thread(self.schedule.watch_slots, self.config.worker.stalled_after)
+        shards = self.shards(slots)
+        if slots and shards > slots and self._slots_seen != (shards, slots):
+            log.warning("%d shards of watched accounts but %d watcher slots among the live workers: %d shards "
+                        "are not watched (their accounts sync at their interval); raise [worker] watchers or "
+                        "shard_size, or start more workers", shards, slots, shards - slots)
+        self._slots_seen = (shards, slots)
         for shard in range(shards):
             await self.defer_watch(shard, shards)
         lease = 2 * self.config.worker.stalled_after
@@ -330,15 +519,19 @@ class Runtime:
 
     # -- watcher job --
 
-    async def watch(self, shard: int, shards: int) -> None:
+    async def watch(self, shard: int, shards: int, job_id: int | None = None) -> None:
+        """Watch the shard's accounts until [worker] watch_for is over, SIGTERM, or a check
+        (every [worker] tick seconds) finds the shard outdated: the tick queued watchers of
+        another shape since this job was queued (workers came or went, accounts changed their
+        count), or the accounts of this shard are no longer the ones watched (one removed or
+        added). The tick keeps the next watcher of each shard queued."""
         from .mail.asyncwatch import target_of, watch_accounts
 
-        if shards != self.shards():
-            return  # the accounts changed since it was queued: the tick queues the new shards
+        if self.stopping.is_set() or await asyncio.to_thread(self._superseded, shards, job_id):
+            return
+        names = self._shard_names(shard, shards)
         targets = []
-        for name in self.watched():
-            if shard_of(name, shards) != shard:
-                continue
+        for name in names:
             account = self.config.accounts[name]
             try:
                 if await asyncio.to_thread(self.engine_is_locked, account):
@@ -347,10 +540,10 @@ class Runtime:
             except GwsyncError as exc:
                 log.warning("account %s is not watched: %s", name, exc)
         stop = asyncio.Event()
-        if self.stopping.is_set():
-            return
         self.watch_stops.add(stop)
         handle = asyncio.get_running_loop().call_later(self.config.worker.watch_for, stop.set)
+        checks = asyncio.create_task(self._watch_checks(shard, shards, job_id, names, stop))
+
         async def changed(name: str) -> None:
             await self.defer_sync(name, "mail")
 
@@ -358,7 +551,41 @@ class Runtime:
             await watch_accounts(targets, changed, stop, refused=self._refused, look_at_start=False)
         finally:
             handle.cancel()
+            checks.cancel()
             self.watch_stops.discard(stop)
+
+    def _shard_names(self, shard: int, shards: int) -> list[str]:
+        return [name for name in self.watched() if shard_of(name, shards) == shard]
+
+    async def _watch_checks(self, shard: int, shards: int, job_id: int | None, names: list[str],
+                            stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(self.config.worker.tick)
+            try:
+                await asyncio.to_thread(self.refresh_within, self.config.worker.tick)
+                if self._shard_names(shard, shards) != names:
+                    log.info("watcher %d/%d: its accounts changed; the next watcher of the shard takes over",
+                             shard, shards)
+                elif await asyncio.to_thread(self._superseded, shards, job_id):
+                    log.info("watcher %d/%d: the shards changed (workers came or went); ending", shard, shards)
+                else:
+                    continue
+            except GwsyncError as exc:  # the database: watch on, the next check tries again
+                log.warning("watcher %d/%d: %s", shard, shards, exc)
+                continue
+            stop.set()
+            return
+
+    def _superseded(self, shards: int, job_id: int | None) -> bool:
+        """Whether a watcher job of another number of shards was queued after `job_id`."""
+        from .storage.database import read
+
+        if job_id is None:
+            return False
+        with read(self.db) as conn:
+            return conn.execute(sa.text(
+                "SELECT EXISTS (SELECT 1 FROM procrastinate_jobs WHERE task_name = 'gwsync.watch' AND id > :id "
+                "AND (args->>'shards')::int <> :shards)"), {"id": job_id, "shards": shards}).scalar() is True
 
     def engine_is_locked(self, account) -> bool:
         return self.engine().is_locked(account, "imap")
@@ -387,7 +614,7 @@ def make_app(runtime: Runtime):
 
     @app.task(name="gwsync.watch", queue=WATCH_QUEUE, pass_context=True)
     async def watch(context, shard: int, shards: int) -> None:
-        await context.additional_context["gwsync"].watch(shard, shards)
+        await context.additional_context["gwsync"].watch(shard, shards, context.job.id)
 
     @app.periodic(cron=f"*/{config.worker.tick} * * * * *", periodic_id="tick")
     @app.task(name="gwsync.tick", queue=TICK_QUEUE, queueing_lock="tick", pass_context=True)
@@ -439,6 +666,7 @@ async def _serve(runtime: Runtime, concurrency: int) -> None:
             workers.append(Worker(app, queues=[WATCH_QUEUE], concurrency=settings.watchers, name="gwsync-watch",
                                   **common))
         loop = asyncio.get_running_loop()
+        register = functools.partial(_register, runtime, workers[0], settings.watchers, concurrency)
 
         def stop() -> None:
             log.info("stopping: the jobs at hand end between batches")
@@ -449,10 +677,80 @@ async def _serve(runtime: Runtime, concurrency: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
         try:
-            await asyncio.gather(*(worker.run() for worker in workers))
+            await asyncio.gather(*(_run(worker, runtime, register if worker is workers[0] else None)
+                                   for worker in workers))
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+
+
+async def _register(runtime: Runtime, worker, watchers: int, concurrency: int) -> None:
+    """Once the sync worker is registered with Procrastinate: this process's row in
+    gwsync_workers (its heartbeat is that worker's), which the tick counts for the shards."""
+    import os
+    import socket
+
+    while worker.worker_id is None:
+        await asyncio.sleep(0.1)
+    await asyncio.to_thread(runtime.schedule.register, worker.worker_id, socket.gethostname(), os.getpid(),
+                            watchers, concurrency)
+
+
+async def _run(worker, runtime: Runtime, register: Callable[[], Awaitable[None]] | None = None) -> None:
+    """`worker.run()` (and `register` once it runs), and again after the worker was taken for
+    dead: frozen (SIGSTOP, a paused VM) or cut off longer than [worker] stalled_after, another
+    worker's tick queued its jobs again and deleted its registration. Woken, it notices that
+    (`_registered`, or its next fetch of a job fails on its unknown id), lets its jobs at hand
+    end (the account locks' fence refuses their writes), registers anew and goes on."""
+    import psycopg
+    from procrastinate import exceptions
+
+    while True:
+        pruned = asyncio.Event()
+        tasks = [asyncio.create_task(_registered(worker, runtime, pruned))]
+        if register is not None:
+            tasks.append(asyncio.create_task(register()))
+        try:
+            await worker.run()
+        except exceptions.ConnectorException as exc:
+            cause = exc.__cause__
+            if runtime.stopping.is_set() or not (isinstance(cause, psycopg.errors.ForeignKeyViolation)
+                                                 and "worker_id" in str(cause)):
+                raise
+            pruned.set()
+        finally:
+            for task in tasks:
+                task.cancel()
+        if runtime.stopping.is_set() or not pruned.is_set():
+            return
+        log.warning("%s was taken for dead (no heartbeat for %d s: frozen or cut off from the database); "
+                    "other workers took its jobs; it registers again", worker.worker_name,
+                    runtime.config.worker.stalled_after)
+
+
+async def _registered(worker, runtime: Runtime, pruned: asyncio.Event) -> None:
+    """Every few heartbeats: is the worker still registered? Not: stop it (its jobs at hand end
+    first), and `_run` starts it again. A fetch of a job finds it out only when one is waiting."""
+    every = max(0.5, runtime.config.worker.stalled_after / 5)
+    query = sa.text("SELECT count(*) FROM procrastinate_workers WHERE id = :id")
+
+    def known(worker_id: int) -> bool:
+        with runtime.db.connect() as conn:
+            return bool(conn.execute(query, {"id": worker_id}).scalar())
+
+    while True:
+        await asyncio.sleep(every)
+        worker_id = worker.worker_id
+        if worker_id is None:
+            continue
+        try:
+            if await asyncio.to_thread(known, worker_id):
+                continue
+        except GwsyncError:
+            continue  # the database is away: the worker's own queries say so
+        pruned.set()
+        worker.stop()
+        return
 
 
 def run_worker(config: Config, concurrency: int | None = None) -> None:

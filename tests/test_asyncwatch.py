@@ -294,6 +294,30 @@ def test_a_master_user_watches_for_the_user(form, watching):
         w.stop()
 
 
+@pytest.mark.parametrize("form", ["sasl", "separator"])
+def test_an_account_of_a_master_user_config_is_watched_as_its_user(form, watching, monkeypatch):
+    """The account as the config gives it ([defaults.imap] or [accounts.NAME.imap] with
+    master_user, as the worker's watcher gets it): the login goes through the master user, as a
+    sync's does."""
+    with Dovecot.start(master_users={"gwsync": "master-secret"}) as server:
+        users = [fresh_user(), fresh_user()]
+        for user in users:
+            make_folders(server, user, DONE)
+        monkeypatch.setenv("GWSYNC_TEST_WATCH_MASTER", "master-secret")
+        cfgs = [ImapConfig(host="127.0.0.1", port=server.port, security="none", username=user,
+                           password_env="GWSYNC_TEST_WATCH_MASTER", master_user="gwsync", master_login=form)
+                for user in users]
+        targets = [WatchTarget(name=f"a{n}", imap=cfg, password="master-secret") for n, cfg in enumerate(cfgs)]
+        w = watching(targets)
+        w.wait_idle(2)
+        w.drain()
+        imap = client(server, users[1])
+        imap.append(DONE, make_mail(1))
+        imap.logout()
+        assert w.next_call(2)[1] == "a1"
+        w.stop()
+
+
 # -- without NOTIFY (pymap) ------------------------------------------------------------------------
 
 def test_without_notify_idle_on_the_first_import_folder_and_polls_for_the_others():

@@ -125,7 +125,7 @@ def test_help_for_every_command():
                  ["unlock", "--help"], ["push", "--help"], ["unpush", "--help"], ["activity", "add", "--help"],
                  ["activity", "edit", "--help"], ["activity", "delete", "--help"], ["rules", "add", "--help"],
                  ["rules", "list", "--help"], ["rules", "remove", "--help"], ["review", "--help"],
-                 ["unknown", "--help"], ["assign", "--help"], ["serve", "--help"]):
+                 ["unknown", "--help"], ["assign", "--help"], ["serve", "--help"], ["migrate-store", "--help"]):
         result = _run(args)
         assert result.exit_code == 0 and "Usage:" in result.stdout, args
 

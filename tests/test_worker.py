@@ -34,13 +34,13 @@ class Company:
     """Accounts on the suite's Dovecot, one config on a fresh PostgreSQL database, workers."""
 
     def __init__(self, dovecot, pg_url: str, root: Path, accounts: int, interval: int = 3600,
-                 worker: str = "", lock_wait: float = 60):
+                 worker: str = "", lock_wait: float = 60, database: str = ""):
         self.dovecot = dovecot
         self.url = pg_url
         self.root = root
         self.users = [f"w{os.getpid()}x{next(_users)}" for _ in range(accounts)]
         self.workers: list[subprocess.Popen] = []
-        text = (f'[database]\nurl = "{pg_url}"\n\n[crm]\ndatabase = "{root}/crm.db"\n\n'
+        text = (f'[database]\nurl = "{pg_url}"\n{database}\n\n[crm]\ndatabase = "{root}/crm.db"\n\n'
                 f'[state]\ndatabase = "{root}/state.db"\nlock_wait = {lock_wait}\n\n'
                 f"[worker]\ntick = 1\nstalled_after = 5\nmax_backoff = 2\n{worker}\n")
         for user in self.users:
@@ -220,8 +220,9 @@ def test_worker_imports_mail_of_five_accounts_after_append(company):
     # The first round: every account synced once at start, and the watcher is running.
     c.wait_for(lambda: c.query("SELECT count(*) FROM gwsync_schedule WHERE runs >= 1")[0][0] == 5, 30,
                "the first sync of every account did not finish")
+    # One worker with its two watcher slots ([worker] watchers): two shards, both watched.
     c.wait_for(lambda: c.query("SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'gwsync.watch' "
-                               "AND status = 'doing'")[0][0] == 1, 20, "no watcher job ran")
+                               "AND status = 'doing' AND args->>'shards' = '2'")[0][0] == 2, 20, "no watcher job ran")
     time.sleep(1.5)  # the watcher's connections log in and enter IDLE
     expected = {user: c.append(user) for user in c.users}
     started = time.monotonic()
@@ -257,8 +258,9 @@ def test_sigterm_stops_a_worker_cleanly(company):
     worker = c.start_worker()
     c.wait_for(lambda: c.query("SELECT count(*) FROM gwsync_schedule WHERE runs >= 1")[0][0] == 2, 30,
                "the first syncs did not finish")
+    # One worker with its two watcher slots ([worker] watchers): two shards, both watched.
     c.wait_for(lambda: c.query("SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'gwsync.watch' "
-                               "AND status = 'doing'")[0][0] == 1, 20, "no watcher job ran")
+                               "AND status = 'doing' AND args->>'shards' = '2'")[0][0] == 2, 20, "no watcher job ran")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=20) == 0, c.log(0)
     assert "Traceback" not in c.log(0)
@@ -300,6 +302,39 @@ def test_a_killed_workers_jobs_run_again_on_the_other_and_nothing_is_doubled(com
     c.wait_for(lambda: _all_in(c, expected), 60, "the killed worker's mail was not all archived")
     _check_once(c, expected)
     assert "of a worker that stopped answering: queued again" in c.log(1)
+
+
+def test_a_frozen_workers_accounts_are_served_by_the_other_and_nothing_is_doubled(company):
+    """A worker SIGSTOPped mid-import keeps its TCP sessions: its account locks are freed by the
+    server after [database] lock_timeout (3 s here) without a keepalive, its jobs are queued
+    again after stalled_after (5 s), and the other worker imports the rest meanwhile. Woken up,
+    the frozen worker commits and moves nothing more (the fence)."""
+    c = company(4, database="lock_timeout = 3")
+    expected = {user: c.append(user, 600) for user in c.users}
+    first = c.start_worker("--concurrency", "4")
+    c.wait_for(lambda: any(c.archived(u) for u in c.users), 60, "no batch was archived")
+    os.killpg(first.pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        assert not _all_in(c, expected), "the import ended before the stop: nothing to take over"
+        c.start_worker("--concurrency", "4")
+        c.wait_for(lambda: _all_in(c, expected), 60, "the frozen worker's accounts were not served by the other")
+        print(f"the frozen worker's mail all archived by the other {time.monotonic() - stopped:.1f} s after the stop")
+        assert first.poll() is None
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    # Awake: its jobs end (refused by the fence, or stopped by the lost lock) and it goes on working.
+    c.wait_for(lambda: c.query("SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'gwsync.sync' "
+                               "AND status = 'doing'")[0][0] == 0, 30, "the woken worker's jobs did not end")
+    time.sleep(2)
+    _check_once(c, expected)
+    assert "lost the account's lock" in c.log(0), c.log(0)[-3000:]
+    c.wait_for(lambda: "was taken for dead" in c.log(0), 20, "the woken worker did not register again")
+    c.wait_for(lambda: c.query("SELECT count(*) FROM gwsync_workers g JOIN procrastinate_workers p "
+                               "ON p.id = g.worker_id WHERE g.pid = %s", first.pid)[0][0] == 1, 20,
+               "the woken worker's row in gwsync_workers was not made again")
+    time.sleep(1)
+    assert first.poll() is None, c.log(0)[-3000:]
 
 
 def test_worker_needs_a_database_url_and_says_so_in_one_line(tmp_path):
@@ -422,3 +457,55 @@ def test_an_account_added_to_the_database_is_served_without_a_restart(master_dov
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
+
+
+def test_a_small_company_loses_and_doubles_nothing_when_a_worker_is_killed_mid_import(master_dovecot, pg_url,
+                                                                                     tmp_path):
+    """Issue 15's small company: 50 accounts in the database (`gwsync accounts import`), a master
+    user logging in for each, 2 workers, one SIGKILLed in the middle of the import. Every mail
+    ends up archived exactly once with exactly one activity, no mail is left in an import folder,
+    and the killed worker's jobs are served by the other."""
+    started = time.monotonic()
+    os.environ["GWSYNC_TEST_MASTER"] = "master-secret"
+    config = tmp_path / "config.toml"
+    # No watcher jobs: the mail is there before the workers start, and each account's first
+    # sync is due at once, so the test is about the import and the kill alone.
+    config.write_text(f'[database]\nurl = "{pg_url}"\n\n[worker]\ntick = 1\nstalled_after = 5\nmax_backoff = 2\n'
+                      f'watchers = 0\n\n[defaults.imap]\nhost = "127.0.0.1"\nport = {master_dovecot.port}\nsecurity = "none"\n'
+                      f'import_root = "INBOX"\narchive_folder = "{ARCHIVE}"\nmaster_user = "gwsync"\n'
+                      'password_env = "GWSYNC_TEST_MASTER"\n')
+    users = [f"w{os.getpid()}x{next(_users)}" for _ in range(50)]
+    (tmp_path / "staff.csv").write_text("name,username,email,areas\n"
+                                        + "".join(f"{u},{u},{u}@firma.example,mail\n" for u in users))
+    cli = [sys.executable, "-m", "gwsync.cli", "--config", str(config)]
+    done = subprocess.run([*cli, "accounts", "import", str(tmp_path / "staff.csv")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    c = Company.__new__(Company)  # its helpers, on these accounts and this config
+    c.dovecot, c.url, c.root, c.users, c.workers, c.config_path = master_dovecot, pg_url, tmp_path, users, [], config
+    expected = {}
+    for user in users:
+        with c.imap(user) as client:
+            client.create_folder(IMPORT)
+        expected[user] = c.append(user, 30)
+    try:
+        first = c.start_worker("--concurrency", "4")
+        c.wait_for(lambda: any(c.archived(u) for u in users[:8]) and c.query(
+            "SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'gwsync.sync' AND status = 'doing'")[0][0],
+            60, "the import did not start")
+        c.start_worker("--concurrency", "4")
+        time.sleep(0.5)
+        held = c.query("SELECT count(*) FROM procrastinate_jobs j JOIN procrastinate_workers w ON w.id = j.worker_id "
+                       "WHERE j.task_name = 'gwsync.sync' AND j.status = 'doing' AND w.id IN "
+                       "(SELECT worker_id FROM procrastinate_jobs WHERE task_name = 'gwsync.sync' "
+                       "AND status = 'doing' ORDER BY id LIMIT 1)")[0][0]
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        assert held >= 1, "the first worker held no sync job when it was killed"
+        assert not _all_in(c, expected), "the import ended before the kill"
+        c.wait_for(lambda: _all_in(c, expected), 90, "not all mail was archived after the kill")
+        _check_once(c, expected)
+        assert "of a worker that stopped answering: queued again" in c.log(1), c.log(1)[-3000:]
+    finally:
+        c.stop()
+    print(f"50 accounts, {sum(map(len, expected.values()))} mails, one worker killed: {time.monotonic() - started:.1f} s")

@@ -257,9 +257,13 @@ def status(obj: Context, as_json) -> None:
     """Per account: last sync, its counts, held and failed mail, errors."""
     with obj.engine() as engine:
         out = engine.status()
+        workers = engine.workers()
     if as_json:
-        emit_json({"accounts": out})
+        emit_json({"accounts": out, "workers": workers})
         return
+    if workers is not None:
+        alive = ", ".join(f"{w['host']} pid {w['pid']}" for w in workers["processes"])
+        click.echo(f"workers: {workers['alive']} alive ({alive})" if alive else "workers: none alive")
     for name, data in out.items():
         lag = f", lag {data['lag']} s" if data["lag"] is not None else ""
         source = " (in the database)" if data["source"] == "database" else ""
@@ -274,6 +278,11 @@ def status(obj: Context, as_json) -> None:
             click.echo(f"  {area}: last sync {info['last_sync']} {state}; {counts}")
         if not data["areas"]:
             click.echo("  never synced")
+        for area, plan in (data["schedule"] or {}).items():
+            due = f"next {plan['next_due']}" if plan["next_due"] else "not scheduled (account removed)"
+            error = f"; last error: {plan['last_error']}" if plan["last_error"] else ""
+            click.echo(f"  worker {area}: {due}, backoff {plan['backoff']} s, last run {plan['last_start'] or 'never'}"
+                       f" to {plan['last_end'] or '-'}{error}")
 
 
 @main.command()
@@ -1047,6 +1056,26 @@ def accounts_import(obj: Context, file: Path) -> None:
         added, changed = accts.store.save_accounts([item for _, item in rows])
     unchanged = len(rows) - len(added) - len(changed)
     click.echo(f"{file}: {len(added)} added, {len(changed)} changed, {unchanged} unchanged in {accts.where}")
+
+
+# -- moving to PostgreSQL --------------------------------------------------------------------
+
+@main.command("migrate-store")
+@click.option("--to", "url", metavar="URL", help="The empty PostgreSQL database (default: [database] url).")
+@click.option("--dry-run", is_flag=True, help="Count what would be copied; write nothing.")
+@click.pass_obj
+def migrate_store(obj: Context, url: str | None, dry_run: bool) -> None:
+    """Copy the embedded files ([crm] database, [state] database) into an empty PostgreSQL
+    database, in one transaction; the files are left as they are. Then set [database] url."""
+    from ..migrate import migrate, report_lines
+
+    def started() -> None:  # on a terminal, or with -v: an error stays one line in a log
+        if obj.verbosity >= 1 or (obj.verbosity == 0 and sys.stderr.isatty()):
+            click.echo("gwsync: copying (one transaction: Ctrl-C leaves the target empty)", err=True)
+
+    outcome = migrate(obj.file_config, url, dry_run, started=started)
+    for line in report_lines(obj.file_config, outcome, dry_run):
+        click.echo(line)
 
 
 # -- web view --------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ class WatchTarget:
         if self.credential:
             return self.credential
         where = self.imap.secret.where if self.imap.secret is not None else self.name
-        return f"{self.imap.username}@{self.imap.host.lower()} ({where})"
+        return f"{self.imap.login_user}@{self.imap.host.lower()} ({where})"  # a master user's: one for all
 
     @property
     def where(self) -> str:
@@ -440,12 +440,15 @@ class _Connection:
 
     async def _login(self) -> None:
         cfg, target = self.target.imap, self.target
+        authcid, authzid = cfg.login()  # through a master user: USER*MASTER, or SASL PLAIN for USER
         if target.authzid is not None:
-            token = base64.b64encode(f"{target.authzid}\0{cfg.username}\0{target.password}".encode())
+            authzid = target.authzid
+        if authzid is not None:
+            token = base64.b64encode(f"{authzid}\0{authcid}\0{target.password}".encode())
             args: tuple = (b"PLAIN", token) if "SASL-IR" in self.capabilities else (b"PLAIN",)
             command, continuation = b"AUTHENTICATE", None if "SASL-IR" in self.capabilities else token
         else:
-            args, command, continuation = (_astring(cfg.username), _astring(target.password)), b"LOGIN", None
+            args, command, continuation = (_astring(authcid), _astring(target.password)), b"LOGIN", None
         try:
             _, text = await self.command(command, *args, continuation=continuation)
         except _Refused as exc:

@@ -6,7 +6,9 @@ Crash safety comes from the order of work, per batch of mails:
   3. record the outcome in the state store;
   4. move the imported mails to the archive folder; 5. forget their state records.
 A process killed between any two steps re-runs into the same result: mail still in its folder
-whose key the CRM knows is moved, not imported again.
+whose key the CRM knows is moved, not imported again. A run that lost its account's lock (a
+worker frozen past [database] lock_timeout) is refused at 2 or 3 by the stores' fence, and
+`before_move` stops it before 4 (gwsync.accountlock).
 
 Only a fault of the mail itself counts against it (retried, then quarantined). A fault of the
 environment (StoreError: a full disk, a broken database) stops the run and leaves the mail
@@ -116,10 +118,13 @@ class MailImporter:
     def __init__(self, account: AccountConfig, crm_cfg: CrmConfig, crm: CRMBackend, state: StateStore,
                  dry_run: bool = False, progress: ProgressFn | None = None,
                  should_stop: Callable[[], bool] | None = None,
+                 before_move: Callable[[], None] | None = None,
                  selection: set[tuple[str, int]] | None = None,
                  overrides: dict[tuple[str, int], dict] | None = None,
                  left_out: dict[tuple[str, int], tuple[str | None, str]] | None = None):
         self.should_stop = should_stop or (lambda: False)
+        # Raises (StoreError) when the run lost its account's lock: no mail moves after that.
+        self.before_move = before_move or (lambda: None)
         # The interactive review: only these (folder, UID) are imported, with fields filled in
         # by the user ("partner_id", "contact_id", "subject", "body", "documents": [(category,
         # keyword), ...]).
@@ -414,6 +419,7 @@ class MailImporter:
     def _archive(self, session: ImapSession, folder: ImportFolder, uidvalidity: int, uids: list[int]) -> None:
         if self.dry_run or not uids:
             return
+        self.before_move()
         session.move(uids, self.archive)
         self.state.forget(self.account.name, folder.name, uidvalidity, uids)
 
@@ -444,6 +450,8 @@ class MailImporter:
         if session.select(folder.name) != uidvalidity:
             raise MailServerError(f"folder {folder.name!r} was recreated during the sync; run sync again")
         duplicates = [uid for uid, key in keys.items() if uid in sizes and key in in_archive]
+        if duplicates:
+            self.before_move()
         if duplicates and session.delete_messages(duplicates):
             self.state.forget(self.account.name, folder.name, uidvalidity, duplicates)
             duplicates_set = set(duplicates)

@@ -16,6 +16,11 @@ turn), BEGIN on PostgreSQL, where the statements that need it lock rows (SELECT 
 or let the database decide (INSERT ... ON CONFLICT DO NOTHING). Reads take a connection kept
 per thread (`Readers`), or a pooled one (`read`).
 
+The fence (`fencing`): while a run holds an account's lock on PostgreSQL, every write
+transaction of that run (of this thread) first calls the lock's fence with its connection,
+right after BEGIN: it checks, under a row lock held until COMMIT, that no other run took the
+account since (gwsync.accountlock), and refuses the whole transaction otherwise.
+
 Schema versions on PostgreSQL (`pg_upgrade`): table `gwsync_schema` holds one row per store;
 the upgrade runs in one transaction under an advisory lock, so of two processes starting at
 once one upgrades and the other finds it done. DDL is transactional there: a crash leaves the
@@ -29,6 +34,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -163,12 +169,30 @@ def is_sqlite(engine: sa.Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+Fence = Callable[[sa.Connection], None]
+_fence: ContextVar[Fence | None] = ContextVar("gwsync_fence", default=None)
+
+
+@contextmanager
+def fencing(fence: Fence | None) -> Iterator[None]:
+    """Within the block, this thread's write transactions on PostgreSQL begin with `fence(conn)`,
+    which raises to refuse the transaction. None: no fence (a file lock, a dry run)."""
+    token = _fence.set(fence)
+    try:
+        yield
+    finally:
+        _fence.reset(token)
+
+
 @contextmanager
 def write(engine: sa.Engine) -> Iterator[sa.Connection]:
     """One explicit transaction on a pooled connection (see the module doc)."""
     with engine.connect() as conn:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if is_sqlite(engine) else "BEGIN")
         try:
+            fence = _fence.get()
+            if fence is not None and not is_sqlite(engine):
+                fence(conn)
             yield conn
             conn.exec_driver_sql("COMMIT")
         except BaseException:
