@@ -133,10 +133,15 @@ def postgres_engine(url: str, what: str, password: Callable[[], str | None] | No
         if isinstance(exc, psycopg.OperationalError):
             raise unreachable(what, label, exc) from exc
         if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):  # a standby, or set read-only
-            raise StoreError(f"the {what} {label} is read-only ({_first_line(exc)}): point [database] url at "
-                             f"a server and database that take writes, {AGAIN}", Path(label)) from exc
+            raise read_only(what, label, exc) from exc
 
     return engine
+
+
+def read_only(what: str, label: str, exc: BaseException) -> StoreError:
+    """A database that takes no writes (a standby server, default_transaction_read_only)."""
+    return StoreError(f"the {what} {label} is read-only ({_first_line(exc)}): point [database] url at "
+                      f"a server and database that take writes, {AGAIN}", Path(label))
 
 
 def _first_line(exc: BaseException) -> str:
