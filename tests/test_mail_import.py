@@ -103,6 +103,41 @@ def test_sender_resolution_contact_then_partner_domain_then_unassigned(env):
     assert sorted(unassigned) == ["Test mail 2", "Test mail 3"]
 
 
+def test_a_batch_asks_the_crm_once_per_sender_and_resolves_each_mail(env):
+    """The lookups of a batch are asked once per address and domain (each is a query; a batch's
+    mails often share senders), and every mail still gets its own sender's contact or partner."""
+    from gwsync.mail.imap import ImapSession
+    from gwsync.mail.importer import MailImporter
+    from gwsync.storage.state import StateStore
+
+    with env.engine() as engine:
+        acme = engine.crm.add_partner("ACME", ["info@acme.example"])
+        erika = engine.crm.add_contact("Erika", "erika@acme.example", acme.id)
+    env.append(DONE, *[make_mail(n, sender="Erika <erika@acme.example>") for n in (1, 2, 3)],
+               *[make_mail(n, sender="office@acme.example") for n in (4, 5)], make_mail(6, sender="x@else.example"))
+    config = env.config()
+    account = config.account("alice")
+    asked: list[str] = []
+    with env.engine() as engine:
+        crm = engine.crm
+        find_contact, find_partner = crm.find_contact_by_email, crm.find_partner_by_domain
+        crm.find_contact_by_email = lambda address: asked.append(address) or find_contact(address)  # type: ignore
+        crm.find_partner_by_domain = lambda domain: asked.append(domain) or find_partner(domain)  # type: ignore
+        state = StateStore(config.state_database)
+        session = ImapSession.connect(account.imap, env.password)
+        try:
+            result = MailImporter(account, config.crm, crm, state).run(session)
+        finally:
+            session.logout()
+            state.close()
+        acts = {a.subject: (a.contact_id, a.partner_id) for a in crm.list_activities(ActivityFilter())}
+    assert result.imported == 6
+    assert sorted(asked) == sorted(["erika@acme.example", "office@acme.example", "acme.example",
+                                    "x@else.example", "else.example"])
+    assert [acts[f"Test mail {n}"] for n in range(1, 7)] == [(erika.id, acme.id)] * 3 + [(None, acme.id)] * 2 + \
+        [(None, None)]
+
+
 def test_mandatory_partner_holds_mail_in_its_folder(make_env):
     env = make_env(mandatory=("partner",))
     with env.engine() as engine:
