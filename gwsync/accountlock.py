@@ -233,6 +233,10 @@ class PgAccountLocks(AccountLocks):
         self._fence_ready = True
 
     def try_acquire(self, account: str, holder: str) -> Any | None:
+        import psycopg
+
+        from .storage.database import read_only, shown
+
         conn = self._connect(f"gwsync {holder} (pid {os.getpid()} on {os.uname().nodename})")
         try:
             got = conn.execute("SELECT pg_try_advisory_lock(%s)", (advisory_key(account),)).fetchone()
@@ -247,6 +251,9 @@ class PgAccountLocks(AccountLocks):
                                  "RETURNING token", (account,)).fetchone()[0]
             held = Held(conn, advisory_key(account), account, token, threading.Event())
             self._keep_alive(held)
+        except psycopg.errors.ReadOnlySqlTransaction as exc:  # the fence's row cannot be written
+            conn.close()
+            raise read_only("account locks database", shown(self.url), exc) from exc
         except BaseException:
             conn.close()
             raise

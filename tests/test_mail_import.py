@@ -8,6 +8,7 @@ import itertools
 import os
 import stat
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 
 import mimegen
@@ -233,7 +234,7 @@ def test_mail_back_in_a_new_folder_after_uidvalidity_change_or_lost_state_is_not
         client.create_folder(DONE)
         client.select_folder(ARCHIVE)
         client.copy(client.search(["ALL"]), DONE)
-    (env.dir / "state.db").unlink()  # and the state database is lost too
+    env.lose_state()  # and the state database is lost too
 
     code, out = env.cli_json("sync")
 
@@ -253,6 +254,7 @@ def test_dry_run_changes_nothing(env):
     assert env.messages(ARCHIVE) == {}
 
 
+@pytest.mark.sqlite_files
 def test_databases_are_private(env):
     env.append(DONE, make_mail(1))
     env.cli("sync")
