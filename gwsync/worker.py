@@ -17,7 +17,8 @@ of sync jobs and the tick is never stuck behind either:
   run without changes doubles its wait up to [worker] max_backoff.
 - `gwsync.watch(shard, shards)` (queue "watch"): gwsync.mail.asyncwatch.watch_accounts over the
   accounts whose name hashes to the shard (one connection each); mail arriving defers a sync
-  job of the mail area. It ends after [worker] watch_for seconds; the tick has already queued
+  job of the mail area, and so does mail found in an import folder at the first connection (it
+  came while no watcher ran: a sync leaves only held mail there). It ends after [worker] watch_for seconds; the tick has already queued
   the next watcher of the shard, which any worker may take, so shards move as workers come and go.
   Every [worker] tick seconds it checks whether it is outdated, and ends early if so: a watcher
   of another number of shards was queued after it, or its shard's accounts changed (one added
@@ -548,7 +549,7 @@ class Runtime:
             await self.defer_sync(name, "mail")
 
         try:
-            await watch_accounts(targets, changed, stop, refused=self._refused, look_at_start=False)
+            await watch_accounts(targets, changed, stop, refused=self._refused, look_at_start="mail")
         finally:
             handle.cancel()
             checks.cancel()

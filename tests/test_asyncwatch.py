@@ -359,6 +359,28 @@ def test_accounts_of_a_company_config_watch_through_the_master_user(form, watchi
         w.stop()
 
 
+def test_look_at_start_mail_calls_changed_only_for_accounts_whose_import_folders_hold_mail(dovecot, watching):
+    """A watcher that starts after others stopped: mail that came meanwhile waits in an import
+    folder (a sync empties them, but for held mail), so the first connection asks each import
+    folder for its count and looks at the accounts holding some, not at every account."""
+    waiting, empty, elsewhere = fresh_user(), fresh_user(), fresh_user()
+    for user in (waiting, empty, elsewhere):
+        make_folders(dovecot, user, DONE, OPEN, "INBOX/Privat")
+    for user, folder in ((waiting, OPEN), (elsewhere, "INBOX"), (elsewhere, "INBOX/Privat")):
+        imap = client(dovecot, user)
+        imap.append(folder, make_mail(1))
+        imap.logout()
+    w = watching([target(dovecot, name, user) for name, user in
+                  (("waiting", waiting), ("empty", empty), ("elsewhere", elsewhere))], look_at_start="mail")
+    w.wait_idle(3)
+    assert w.drain() == ["waiting"]
+    imap = client(dovecot, empty)
+    imap.append(DONE, make_mail(2))  # and news as ever
+    imap.logout()
+    assert w.next_call(2)[1] == "empty"
+    w.stop()
+
+
 # -- without NOTIFY (pymap) ------------------------------------------------------------------------
 
 def test_without_notify_idle_on_the_first_import_folder_and_polls_for_the_others():
@@ -397,6 +419,31 @@ def test_without_notify_idle_on_the_first_import_folder_and_polls_for_the_others
         finally:
             if not w.finished.is_set():
                 w.stop()
+
+
+def test_look_at_start_mail_without_notify_counts_the_idle_folder_and_the_polled_ones():
+    """The IDLE plan (pymap): the count of the folder IDLEd on comes with its EXAMINE, the others'
+    from STATUS; empty import folders make no call."""
+    with Pymap.start(user="demo", password="demopass") as server:
+        folders = ["INBOX/CRM Kunde 0 [O]", "INBOX/CRM Kunde 1 [O]"]
+        make_folders(server, "demo", *folders, password="demopass")
+        imap = client(server, "demo", "demopass")
+        imap.append("INBOX", make_mail(1))  # not an import folder
+        for step, expected in ((None, []), (folders[1], ["alice"]), (folders[0], ["alice"])):
+            if step is not None:
+                for folder in folders:  # as a sync leaves them: emptied
+                    imap.select_folder(folder)
+                    imap.delete_messages(imap.search())
+                    imap.expunge()
+                imap.append(step, make_mail(2))
+            w = Watching([target(server, "alice", "demo", "demopass")], poll_every=60, look_at_start="mail")
+            try:
+                w.wait_idle(1)
+                assert w.status.accounts["alice"].mode == f"idle {folders[0]}"
+                assert w.drain() == expected, step
+            finally:
+                w.stop()
+        imap.logout()
 
 
 # -- failures --------------------------------------------------------------------------------------

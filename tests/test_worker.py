@@ -234,6 +234,33 @@ def test_worker_imports_mail_of_five_accounts_after_append(company):
     assert worker.poll() is None
 
 
+def test_mail_that_came_while_no_watcher_ran_is_imported_when_one_starts(company):
+    """Mail appended while nobody watched (a worker killed, a reshard, the renewal of a watcher
+    job) waits in the import folder: a watcher's first connection finds it there and syncs the
+    account within seconds, not after its interval (an hour); an account with empty import
+    folders is not synced by the watcher's start."""
+    c = company(2, worker="watchers = 0")
+    first = c.start_worker()
+    c.wait_for(lambda: c.query("SELECT count(*) FROM gwsync_schedule WHERE runs >= 1")[0][0] == 2, 30,
+               "the first sync of every account did not finish")
+    expected = {c.users[0]: c.append(c.users[0])}
+    time.sleep(2)
+    assert c.archived(c.users[0]) == [], "synced though nothing watched and the interval is an hour"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    c.config_path.write_text(c.config_path.read_text().replace("watchers = 0", "watchers = 2"))
+    c.start_worker()
+    c.wait_for(lambda: c.query("SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'gwsync.watch' "
+                               "AND status = 'doing'")[0][0] >= 1, 30, "no watcher job ran")
+    started = time.monotonic()
+    c.wait_for(lambda: _all_in(c, expected), 15, "the mail that came while nothing watched was not imported")
+    print(f"watcher start -> the waiting mail imported: {time.monotonic() - started:.2f} s")
+    time.sleep(2)  # time for a look at the other account, if there were one
+    runs = dict(c.query("SELECT account, runs FROM gwsync_schedule"))
+    assert runs == {c.users[0]: 2, c.users[1]: 1}, runs
+    _check_once(c, expected)
+
+
 def test_two_workers_never_run_one_account_at_once_and_import_each_mail_once(company):
     c = company(6, interval=1)
     expected = {user: c.append(user, 15) for user in c.users}

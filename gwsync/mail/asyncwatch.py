@@ -17,7 +17,9 @@ For a watcher job that serves a shard of a company's accounts. Per account (one 
    with jitter, so that a restarted server is not hit by every account at once), and `changed`
    is called once after every new connection, since mail may have come while none watched
    (`look_at_start=False` leaves that out for the first connection, where the caller's
-   periodic syncs cover what came before the watch).
+   periodic syncs cover what came before the watch; `look_at_start="mail"` calls it there only
+   when an import folder holds mail: a sync empties them, so mail in one came while no watch
+   ran, or is held, and an account with held mail is looked at by every watch that starts).
 `stop_event` ends every connection (DONE, LOGOUT) and returns.
 
 The IMAP client is a small protocol of its own on asyncio streams, not aioimaplib (2.0.3, the
@@ -46,6 +48,7 @@ import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Literal
 from dataclasses import dataclass, field
 
 from imapclient import imap_utf7
@@ -137,13 +140,15 @@ async def watch_accounts(accounts: Iterable[WatchTarget], changed: Changed, stop
                          refused: Refused | None = None, status: WatchStatus | None = None,
                          renew: float = IDLE_RENEW, poll_every: float = POLL_EVERY, settle: float = SETTLE,
                          max_backoff: float = MAX_BACKOFF, max_connecting: int = MAX_CONNECTING,
-                         look_at_start: bool = True) -> None:
+                         look_at_start: bool | Literal["mail"] = True) -> None:
     """Watch every account on one connection each until `stop_event` is set (or this is
     cancelled). `changed(name)` is called (and awaited, if it is a coroutine function) when mail
     comes into one of the account's import folders; `refused(name, error)` once per credential
     the server refused (the caller locks it); no account that sends it logs in again.
     Account names must be unique; a password is not read again (a refused one waits for the
-    next watch). Open connections are limited to `max_connecting` at a time."""
+    next watch). Open connections are limited to `max_connecting` at a time. At an account's
+    first connection `changed` is called always (`look_at_start=True`), never (False), or
+    when one of its import folders holds mail ("mail")."""
     watch = _Watch(changed, refused, status or WatchStatus(), renew, poll_every, settle, max_backoff,
                    asyncio.Semaphore(max_connecting), look_at_start)
     tasks = [asyncio.create_task(watch.run(target), name=f"watch-{target.name}") for target in accounts]
@@ -159,7 +164,7 @@ async def watch_accounts(accounts: Iterable[WatchTarget], changed: Changed, stop
 class _Watch:
     def __init__(self, changed: Changed, refused: Refused | None, status: WatchStatus, renew: float,
                  poll_every: float, settle: float, max_backoff: float, connecting: asyncio.Semaphore,
-                 look_at_start: bool):
+                 look_at_start: bool | Literal["mail"]):
         self.changed, self.refused, self.status = changed, refused, status
         self.renew, self.poll_every, self.settle, self.max_backoff = renew, poll_every, settle, max_backoff
         self.connecting, self.look_at_start = connecting, look_at_start
@@ -279,6 +284,11 @@ class _Watch:
     async def _watch(self, target: WatchTarget, conn: _Connection, me: AccountWatch) -> None:
         """Watch on this connection until it drops (raises) or the task is cancelled."""
         plan = await _Plan.of(conn, target.imap)
+        look = self.look_at_start == "mail" and not me.connects
+        # Counted before NOTIFY SET: after it, Dovecot answers each folder STATUSed with a
+        # STATUS line of its own in the next IDLE, which would look like news. (Mail coming in
+        # the round trip between the two waits for the account's periodic sync.)
+        waiting = look and plan.notify and await plan.holds_mail(conn)
         if plan.notify:
             try:
                 await conn.notify(plan.root)
@@ -290,9 +300,11 @@ class _Watch:
         else:
             me.mode = f"idle {plan.idle_on}" if plan.idle_on else "poll"
         seen = await plan.poll(conn)
+        if look and not plan.notify and not waiting:  # after the poll: what comes later, the next finds
+            waiting = await plan.holds_mail(conn)
         await plan.idle(conn)  # what comes before is covered by the news() below
         me.state, me.connects, me.error = "idle", me.connects + 1, ""
-        if me.connects > 1 or self.look_at_start:
+        if me.connects > 1 or self.look_at_start is True or waiting:
             self.news(target.name)  # mail may have come while no connection watched
         renewed = polled = time.monotonic()
         while True:
@@ -377,6 +389,27 @@ class _Plan:
 
     async def poll(self, conn: _Connection) -> dict[str, tuple[int, int]]:
         return {folder: await conn.uidnext(folder) for folder in (self.polled if not self.notify else ())}
+
+    async def holds_mail(self, conn: _Connection) -> bool:
+        """Whether an import folder holds mail, or news came while asking: STATUS MESSAGES of
+        each (LISTed first with NOTIFY); the folder to IDLE on is EXAMINEd now, counted by its
+        EXISTS, so that mail coming after the count is announced with the IDLE."""
+        if self.notify:
+            folders = await conn.import_folders(self.root, self.delimiter, self.own)
+        else:
+            folders = list(self.polled)
+            if self.idle_on and "IDLE" in conn.capabilities:
+                lines, _ = await conn.command(b"EXAMINE", _quoted(self.idle_on))
+                conn.selected = self.idle_on
+                if any(int(m[1]) for line in lines if (m := re.match(rb"\* (\d+) EXISTS", line, re.I))):
+                    return True
+            elif self.idle_on:
+                folders.insert(0, self.idle_on)
+        for folder in folders:
+            count, others = await conn.messages(folder)
+            if count or self.wakes(others):
+                return True
+        return False
 
     def wakes(self, lines: list[bytes]) -> bool:
         """Whether the server's lines in IDLE announce mail in an import folder."""
@@ -585,6 +618,19 @@ class _Connection:
                 v, n = (match[1], match[2]) if match[1] else (match[4], match[3])
                 return int(v), int(n)
         return 0, 0
+
+    async def messages(self, folder: str) -> tuple[int, list[bytes]]:
+        """The folder's count of messages (STATUS MESSAGES), and the other lines that came along
+        (news, with NOTIFY or a folder selected)."""
+        lines, _ = await self.command(b"STATUS", _quoted(folder), b"(MESSAGES)")
+        count, others = 0, []
+        for line in lines:
+            match = re.search(rb"\bMESSAGES (\d+)", line, re.I)
+            if match and line.upper().startswith(b"* STATUS ") and _status_folder(line) == folder:
+                count = max(count, int(match[1]))
+            else:
+                others.append(line)
+        return count, others
 
     # -- NOTIFY and IDLE ---------------------------------------------------------------------
 
