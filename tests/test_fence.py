@@ -139,7 +139,8 @@ HOLDER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("doing", ["idle", "writing", "pipelining", "reading"])
-def test_a_frozen_holder_loses_the_lock_after_lock_timeout_and_a_live_one_keeps_it(pg_url, tmp_path, doing):
+def test_a_frozen_holder_loses_the_lock_after_lock_timeout_and_a_live_one_keeps_it(pg_url, tmp_path, doing,
+                                                                                     caplog):
     """[database] lock_timeout = 2: a holder that keeps running keeps the lock (its thread keeps
     the session busy); SIGSTOPped, the server ends its session within the timeout, also when it
     froze inside a write transaction (which holds the fence's row): idle there, or where the
@@ -155,7 +156,7 @@ def test_a_frozen_holder_loses_the_lock_after_lock_timeout_and_a_live_one_keeps_
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
-        locks = PgAccountLocks(pg_url, wait=0)
+        locks = PgAccountLocks(pg_url, wait=0, timeout=2)  # the same [database] lock_timeout
         if doing == "idle":
             time.sleep(5)  # more than twice the timeout: alive, it holds on
             assert locks.try_acquire("acme", "sync") is None
@@ -181,6 +182,8 @@ def test_a_frozen_holder_loses_the_lock_after_lock_timeout_and_a_live_one_keeps_
         print(f"frozen holder's lock free after {time.monotonic() - stopped:.1f} s")
         assert time.monotonic() - stopped < 4
         locks.release(got[0])
+        # Amid a statement the server's idle timeout does not apply: the new holder ended it.
+        assert ("ended database session" in caplog.text) == (doing in ("pipelining", "reading")), caplog.text
         state = StateStore(pg_url)
         assert list(state.records("acme", "f", 7)) == [9]  # committed before the freeze
         state.close()
@@ -197,3 +200,22 @@ def test_a_frozen_holder_loses_the_lock_after_lock_timeout_and_a_live_one_keeps_
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_new_holder_ends_only_sessions_that_lock_the_fence_row_not_one_that_locks_the_table(pg_url):
+    """The sessions a new holder ends are those whose transactions lock the account's fence row
+    (runs that lost the lock); someone else's lock on the whole table (an ALTER TABLE, a LOCK
+    TABLE) is waited for, not ended."""
+    locks = PgAccountLocks(pg_url, wait=0, timeout=2)
+    locks.release(locks.try_acquire("acme", "sync"))  # the table and the row exist
+    got: list = []
+    with psycopg.connect(pg_url) as admin:
+        admin.execute("LOCK TABLE gwsync_fence IN SHARE MODE")
+        taker = threading.Thread(target=lambda: got.append(locks.try_acquire("acme", "sync")), daemon=True)
+        taker.start()
+        taker.join(2.5)  # five times the quarter of lock_timeout after which row lockers are ended
+        assert taker.is_alive() and not got, f"the new holder did not wait for the table lock: {got}"
+        assert admin.execute("SELECT 1").fetchone() == (1,)  # not ended
+    taker.join(10)
+    assert got and got[0] is not None
+    locks.release(got[0])
