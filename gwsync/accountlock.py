@@ -247,6 +247,10 @@ class PgAccountLocks(AccountLocks):
         self._fence_ready = True
 
     def try_acquire(self, account: str, holder: str) -> Any | None:
+        import psycopg
+
+        from .storage.database import read_only, shown
+
         conn = self._connect(f"gwsync {holder} (pid {os.getpid()} on {os.uname().nodename})")
         try:
             got = conn.execute("SELECT pg_try_advisory_lock(%s)", (advisory_key(account),)).fetchone()
@@ -256,6 +260,9 @@ class PgAccountLocks(AccountLocks):
             self._make_fence_table(conn)
             held = Held(conn, advisory_key(account), account, self._next_token(conn, account), threading.Event())
             self._keep_alive(held)
+        except psycopg.errors.ReadOnlySqlTransaction as exc:  # the fence's row cannot be written
+            conn.close()
+            raise read_only("account locks database", shown(self.url), exc) from exc
         except BaseException:
             conn.close()
             raise

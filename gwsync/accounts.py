@@ -30,10 +30,14 @@ import csv
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import AREAS, AccountConfig, Config, ConfigError
 from .errors import UsageError
-from .storage.state import AccountRecord, StateStore
+from .storage.records import AccountRecord
+
+if TYPE_CHECKING:
+    from .storage.state import StateStore
 
 # A name for the command line, file names and key paths: no spaces, no quotes, no slashes.
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@+-]{0,99}")

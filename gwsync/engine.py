@@ -18,9 +18,10 @@ watch, the web view, the demo) use only the Engine's public methods, never its s
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -48,16 +49,7 @@ from .errors import (
 )
 from .mail.imap import ImapSession, ImportFolder, LoginFailed, MailServerError, ServerUnreachable, tls_context
 from .people import People, attendee_list, employees_by_address, organizer_of, resolve_attendees
-from .storage.state import (
-    FAILED,
-    HELD,
-    LEFT_OUT,
-    QUARANTINED,
-    CalendarItemRecord,
-    CalendarLink,
-    MailRecord,
-    StateStore,
-)
+from .storage.records import FAILED, HELD, LEFT_OUT, QUARANTINED, CalendarItemRecord, CalendarLink, MailRecord
 
 if TYPE_CHECKING:  # loaded by the areas that use them: a mail sync never reads iCalendar
     from caldav.davclient import DAVClient
@@ -259,6 +251,7 @@ def _lag(wanted: tuple[str, ...] | list[str], areas: dict[str, dict], now: datet
 class Engine:
     def __init__(self, config: Config, crm: CRMBackend | None = None, locks: AccountLocks | None = None):
         from .crm.embedded import EmbeddedCRM  # not needed by a host CRM
+        from .storage.state import StateStore  # SQLAlchemy: loaded by the commands that open the stores
 
         self.config = config
         owned = crm is None
@@ -279,6 +272,11 @@ class Engine:
             raise
         # One run per account at a time (sync, watch rounds, review, push, unpush), across processes.
         self.run_locks = locks or account_locks(config)
+        self._owns_stores = True  # False for an Engine from sharing_stores(): its maker closes them
+        self._fresh_run_state()
+
+    def _fresh_run_state(self) -> None:
+        """What a user of the Engine keeps across its calls: its own in each sharing_stores() copy."""
         self._should_stop: Callable[[], bool] = lambda: False
         self._before_move: Callable[[], None] = lambda: None  # raises when the account's lock was lost
         self._selection = Selection()
@@ -295,9 +293,21 @@ class Engine:
         # as they do not read the state database. The main thread's logins read the database.
         self.refused: set[str] = set()
 
+    def sharing_stores(self) -> Engine:
+        """An Engine on this one's stores and account locks, with its own run state (the passwords
+        and CalDAV clients of a push, the credentials seen refused): for one request of a server
+        that answers from several threads (`gwsync serve`), which opens the stores once instead
+        of per request. The stores are made for threads (a pooled connection per write, a read
+        connection per thread; the locks hold nothing between calls). Closing it closes nothing."""
+        other = copy.copy(self)
+        other._owns_stores = False
+        other._fresh_run_state()
+        return other
+
     def close(self) -> None:
-        self.crm.close()
-        self.state.close()
+        if self._owns_stores:
+            self.crm.close()
+            self.state.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -702,8 +712,8 @@ class Engine:
         try:
             importer = MailImporter(account, self.config.crm, self.crm, self.state, dry_run=dry_run,
                                     progress=progress, should_stop=self._should_stop,
-                                    before_move=self._before_move, selection=self._selection.mail, overrides=self._selection.overrides,
-                                    left_out=self._selection.left_out_mail)
+                                    before_move=self._before_move, selection=self._selection.mail,
+                                    overrides=self._selection.overrides, left_out=self._selection.left_out_mail)
             acc_report.mail = importer.run(session)
         except StoreError:
             session.logout()
@@ -984,16 +994,23 @@ class Engine:
             draft, participants=_with_owner(draft.owner, draft.participants))])
         return activity_id
 
-    def update_activity(self, activity_id: int, changes: dict) -> None:
+    def update_activity(self, activity_id: int, changes: dict, added: Iterable[str] = (),
+                        removed: Iterable[str] = ()) -> bool:
         """Change fields of an activity; LookupError when there is none with this id. The next
-        sync carries the change to its calendar item.
+        sync carries the change to its calendar item. True if anything changed.
 
         Owner, delegate and participants must be employees (UsageError, nothing changed). The
         owner stays a participant: new participants get the owner (the new one, if it changes
         too); a new owner alone replaces the old one among the participants, so that the old
-        owner's calendar copy leaves at the next sync."""
-        self._check_employees(changes)
-        if "owner" in changes or "participants" in changes:
+        owner's calendar copy leaves at the next sync. Instead of a new list, participants may
+        be `added` and `removed` by name (the web form's ticks), after the owner's steps; the
+        owner is never removed."""
+        added, removed = list(added), list(removed)
+        if "participants" in changes and (added or removed):
+            raise ValueError("participants: a new list, or names added and removed, not both")
+        self._check_employees(changes | {"participants": added} if added else changes)
+        changed = bool(changes)
+        if "owner" in changes or "participants" in changes or added or removed:
             current = self.crm.get_activity(activity_id)
             if current is None:
                 raise NotFound(f"no activity with id {activity_id}")
@@ -1003,12 +1020,18 @@ class Engine:
             else:
                 # One atomic step each (a sync may add its account meanwhile), in an order that a
                 # repeat of an interrupted change completes: the old owner out, the new one in,
-                # then the owner itself.
+                # then the owner itself, then the names added and removed.
                 if current.owner and current.owner != owner:
-                    self.crm.remove_participant(activity_id, current.owner)
+                    changed |= self.crm.remove_participant(activity_id, current.owner)
                 if owner:
-                    self.crm.add_participant(activity_id, owner)
+                    changed |= self.crm.add_participant(activity_id, owner)
+                for name in added:
+                    changed |= self.crm.add_participant(activity_id, name)
+                for name in removed:
+                    if name != owner:
+                        changed |= self.crm.remove_participant(activity_id, name)
         self.crm.update_activity(activity_id, changes)
+        return changed
 
     def resolve_attendees(self, emails: list[str], owner: str | None, current: list[Attendee] | tuple = ()) -> People:
         """A meeting's attendees for these addresses (organizer: the one in `current`, else the

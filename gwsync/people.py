@@ -50,6 +50,14 @@ def attendee_list(emails: Iterable[str], current: Iterable[Attendee], organizer:
     return ([organizer] if organizer is not None else []) + listed if listed else []
 
 
+def in_rule_order(attendees: Iterable[Attendee]) -> list[Attendee]:
+    """A meeting's people in the order in which the external ones give it its contact and
+    partner: the attendees in their order, then the organizer (resolve_attendees and the
+    mandatory-field check of gwsync.calendar.mandatory both count them so). An address that
+    both organizes and attends is one entry (gwsync.calendar.icalmap reads it so), the organizer."""
+    return sorted(attendees, key=lambda a: a.organizer)
+
+
 @dataclass(frozen=True)
 class People:
     """Attendees resolved, and what they give the activity."""
@@ -64,8 +72,7 @@ def resolve_attendees(attendees: Iterable[Attendee], employees: Mapping[str, str
                       find_contact: Callable[[str], Contact | None],
                       find_partner: Callable[[str], Partner | None]) -> People:
     """Resolve each attendee (the organizer included) and the activity's contact and partner
-    from the external ones, by the rule of the module doc: the attendees in their order, then
-    the organizer (as the mandatory-field check of gwsync.calendar.mandatory counts them). A
+    from the external ones, by the rule of the module doc, in_rule_order. A
     contact's name names an attendee that has none."""
     contacts: dict[str, Contact | None] = {}
     partners: dict[str, Partner | None] = {}
@@ -91,10 +98,10 @@ def resolve_attendees(attendees: Iterable[Attendee], employees: Mapping[str, str
             attendee, email=email, employee=employee, contact_id=contact.id if contact else None,
             partner_id=contact.partner_id if contact else (partner.id if partner else None),
             name=attendee.name or (contact.name if contact else None)))
-    external = [a.email for a in sorted(resolved, key=lambda a: a.organizer) if a.employee is None]
+    external = [a.email for a in in_rule_order(resolved) if a.employee is None]
     match = resolve_recipients(external, contact_of, partner_of)
     names = list(dict.fromkeys(a.employee for a in resolved if a.employee))
     return People(resolved, match.contact_id, match.partner_id, names)
 
 
-__all__ = ["People", "attendee_list", "employees_by_address", "organizer_of", "resolve_attendees"]
+__all__ = ["People", "attendee_list", "employees_by_address", "in_rule_order", "organizer_of", "resolve_attendees"]

@@ -61,7 +61,7 @@ import signal
 import threading
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -696,7 +696,7 @@ async def _register(runtime: Runtime, worker, watchers: int, concurrency: int) -
                             watchers, concurrency)
 
 
-async def _run(worker, runtime: Runtime, register: Callable[[], Awaitable[None]] | None = None) -> None:
+async def _run(worker, runtime: Runtime, register: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
     """`worker.run()` (and `register` once it runs), and again after the worker was taken for
     dead: frozen (SIGSTOP, a paused VM) or cut off longer than [worker] stalled_after, another
     worker's tick queued its jobs again and deleted its registration. Woken, it notices that

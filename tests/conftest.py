@@ -1,10 +1,16 @@
 """Shared fixtures: one real Dovecot per test session, a fresh mail user and gwsync setup per test.
 
 GWSYNC_TEST_DATABASE=postgresql puts every test setup's stores into a fresh database of the
-session's PostgreSQL ([database] url) instead of SQLite files."""
+session's PostgreSQL ([database] url) instead of SQLite files. build_env is the only thing the
+switch changes, so that pass runs only the tests whose setup reaches build_env (the `env` and
+`make_env` fixtures, or build_env itself); the others would run exactly as in the SQLite pass.
+It also leaves out the tests marked `sqlite_files` (they break an SQLite file on purpose). Both
+show as "deselected", never as skipped; in the SQLite pass build_env fails a test that calls it
+without having been seen to, so the PostgreSQL pass cannot silently leave a store test out."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
@@ -26,6 +32,47 @@ from servers.dav import CyrusDav, RadicaleServer, SabreDAV, Xandikos
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 _user_counter = itertools.count(1)
+ON_POSTGRESQL = os.environ.get("GWSYNC_TEST_DATABASE") == "postgresql"
+USES_STORE = pytest.StashKey[bool]()
+_current_item: pytest.Item | None = None
+
+
+def _names(code) -> set[str]:
+    """The global and attribute names a function's code refers to, its nested functions' too."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            names |= _names(const)
+    return names
+
+
+def _reaches_build_env(item: pytest.Item) -> bool:
+    """The test function or one of the fixtures it uses (directly or not) calls build_env."""
+    functions = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)  # pytest's: the fixtures of the closure, by name
+    for defs in (info.name2fixturedefs.values() if info is not None else ()):
+        functions += [d.func for d in defs]
+    return any("build_env" in _names(inspect.unwrap(f).__code__) for f in functions if f is not None)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.stash[USES_STORE] = _reaches_build_env(item)
+    if not ON_POSTGRESQL:
+        return
+    kept, left_out = [], []
+    for item in items:
+        runs = item.stash[USES_STORE] and item.get_closest_marker("sqlite_files") is None
+        (kept if runs else left_out).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    global _current_item
+    _current_item = item
 
 
 @pytest.fixture(scope="session")
@@ -184,6 +231,46 @@ class GwEnv:
         """The CRM store has been made (its SQLite file; a PostgreSQL database always exists)."""
         return self.database_url is not None or (self.dir / "crm.db").exists()
 
+    # -- the state store, as another program would touch it --------------------------------------
+
+    def _state_engine(self):
+        import sqlalchemy as sa
+
+        if self.database_url is None:
+            return sa.create_engine(f"sqlite:///{self.dir / 'state.db'}")
+        return sa.create_engine(self.database_url.replace("postgresql://", "postgresql+psycopg://", 1))
+
+    def state_sql(self, statement: str, **params) -> list[tuple]:
+        """Run one SQL statement (`:name` parameters) on the state store: its file, or the test's
+        PostgreSQL database (which holds the CRM's tables too); the rows it returns."""
+        import sqlalchemy as sa
+
+        engine = self._state_engine()
+        try:
+            with engine.begin() as conn:
+                result = conn.execute(sa.text(statement), params)
+                return [tuple(row) for row in result] if result.returns_rows else []
+        finally:
+            engine.dispose()
+
+    def lose_state(self) -> None:
+        """The sync state is lost: its file deleted, or on PostgreSQL its tables dropped (the CRM's stay)."""
+        if self.database_url is None:
+            (self.dir / "state.db").unlink()
+            return
+        import sqlalchemy as sa
+
+        from gwsync.storage.database import SCHEMA_TABLE
+        from gwsync.storage.state import metadata
+
+        engine = self._state_engine()
+        try:
+            with engine.begin() as conn:
+                metadata.drop_all(conn)
+                conn.execute(sa.text(f"DELETE FROM {SCHEMA_TABLE} WHERE store = 'state'"))
+        finally:
+            engine.dispose()
+
     # -- CalDAV, as another client would use it ----------------------------------------------
 
     def dav(self):
@@ -329,6 +416,9 @@ def build_env(dovecot, root: Path, request, mandatory: tuple[str, ...] = (), crm
     """A fresh mail user (and CalDAV user, for the calendar areas, on `calserver` or else the
     suite's Radicale) with a config below `root`. `link=None` leaves [crm] link at its default,
     the web view's activity page."""
+    if _current_item is not None and not _current_item.stash.get(USES_STORE, True):
+        pytest.fail(f"{_current_item.nodeid} calls build_env in a way the collection did not see "
+                    "(tests/conftest.py, _reaches_build_env): the PostgreSQL pass would leave it out")
     user = f"user{os.getpid()}x{next(_user_counter)}"
     password = dovecot.password_for(user)
     env_name = f"GWSYNC_TEST_PW_{user.upper()}"
@@ -348,7 +438,7 @@ def build_env(dovecot, root: Path, request, mandatory: tuple[str, ...] = (), crm
         mandatory=json.dumps(list(mandatory)), crm_extra=crm_extra, areas=json.dumps(list(areas)),
         caldav=caldav), extra))
     database_url = None
-    if os.environ.get("GWSYNC_TEST_DATABASE") == "postgresql":  # the suite on the shared store
+    if ON_POSTGRESQL:  # the suite on the shared store
         server = request.getfixturevalue("postgres")
         database_url = server.url(server.new_database())
         # First, so that tests copying an account's tables to another config copy no [database].

@@ -97,7 +97,12 @@ def imapd_binaries() -> Path:
         unpacking = Path(tempfile.mkdtemp(prefix="cyrus-imapd-", dir=CACHE))
         subprocess.run(["dpkg", "-x", str(debs[0]), str(unpacking)], check=True, capture_output=True)
         os.chmod(unpacking, 0o755)
-        unpacking.rename(target)  # whole or not at all, should two runs unpack at once
+        try:
+            unpacking.rename(target)  # whole or not at all, should two runs unpack at once
+        except OSError:  # the other run was first (scripts/test runs two passes side by side)
+            shutil.rmtree(unpacking, ignore_errors=True)
+            if not (binaries / "imapd").exists():
+                raise
     return binaries
 
 

@@ -7,7 +7,6 @@ error that says what to fix; `verify = false`: one warning line per run."""
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,14 +17,13 @@ from test_calendar_sync import AREAS, activities, event, sync, todo
 
 
 def stored_token(env, area: str) -> str | None:
-    with sqlite3.connect(env.dir / "state.db") as db:
-        row = db.execute("SELECT sync_token FROM collections WHERE account = 'alice' AND area = ?", (area,)).fetchone()
-    return row[0] if row else None
+    rows = env.state_sql("SELECT sync_token FROM collections WHERE account = 'alice' AND area = :area", area=area)
+    return rows[0][0] if rows else None
 
 
 def store_token(env, area: str, token: str) -> None:
-    with sqlite3.connect(env.dir / "state.db") as db:
-        db.execute("UPDATE collections SET sync_token = ? WHERE account = 'alice' AND area = ?", (token, area))
+    env.state_sql("UPDATE collections SET sync_token = :token WHERE account = 'alice' AND area = :area",
+                  token=token, area=area)
 
 
 def one_line(result) -> str:

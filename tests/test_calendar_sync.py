@@ -292,7 +292,7 @@ def test_lost_state_database_creates_no_duplicates(cal):
     cal.cli("activity", "add", "--kind", "TERMIN", "--subject", "Vom CRM", "--start", "2026-12-09T10:00",
             "--end", "2026-12-09T11:00")
     sync(cal)
-    (cal.dir / "state.db").unlink()
+    cal.lose_state()
     code, out = sync(cal)
     assert code == 0, out
     assert out["events"]["created_crm"] == 0 and out["events"]["created_groupware"] == 0

@@ -210,7 +210,7 @@ def test_an_archived_copy_expunged_during_the_sync_does_not_stop_the_recovery(en
     with env.imap() as client:  # the user puts the archived mails back, and the state is lost
         client.select_folder(ARCHIVE)
         client.copy(client.search(["ALL"]), DONE)
-    (env.dir / "state.db").unlink()
+    env.lose_state()
     expunge_unnoticed(env, ARCHIVE, "Test mail 1")
 
     code, out, err = run(env, "sync", "--json")
@@ -341,6 +341,7 @@ def _garbage(path: Path) -> None:
         f.write(random.Random(4096).randbytes(path.stat().st_size - 4096))
 
 
+@pytest.mark.sqlite_files
 @pytest.mark.parametrize("which", ["crm", "state"])
 @pytest.mark.parametrize("damage", [_truncate, _garbage], ids=["truncated", "garbage at offset 4096"])
 def test_a_corrupt_database_is_one_line_naming_it_and_the_mail_stays(env, which, damage):
@@ -357,6 +358,7 @@ def test_a_corrupt_database_is_one_line_naming_it_and_the_mail_stays(env, which,
         assert activity_subjects(env) == ["Test mail 1", "Test mail 2"]
 
 
+@pytest.mark.sqlite_files
 @pytest.mark.parametrize("command, which", [("status", "state"), ("activities", "crm"), ("held", "state")])
 def test_status_and_activities_on_a_malformed_database_are_one_line(env, command, which):
     _synced(env)
@@ -367,6 +369,7 @@ def test_status_and_activities_on_a_malformed_database_are_one_line(env, command
     assert_one_line(err, str(path), "corrupt")
 
 
+@pytest.mark.sqlite_files
 def test_the_web_view_answers_a_corrupt_database_with_a_page_that_names_it(env):
     from gwsync.web import create_app
 
@@ -378,6 +381,7 @@ def test_the_web_view_answers_a_corrupt_database_with_a_page_that_names_it(env):
     assert str(env.dir / "crm.db") in page.get_data(as_text=True) and "corrupt" in page.get_data(as_text=True)
 
 
+@pytest.mark.sqlite_files
 @pytest.mark.parametrize("which", ["crm", "state"])
 def test_a_database_path_naming_a_text_file_or_a_directory_is_one_line(env, which):
     env.append(DONE, make_mail(1))
@@ -400,6 +404,7 @@ def test_a_database_path_naming_a_text_file_or_a_directory_is_one_line(env, whic
     assert subjects_in(env, DONE) == ["Test mail 1"]
 
 
+@pytest.mark.sqlite_files
 def test_read_only_databases_are_one_line_and_the_mail_is_imported_once_writable(env):
     with tmpfs(env.dir / "db", "16m") as directory:
         crm, state = move_databases(env, directory)
@@ -416,6 +421,7 @@ def test_read_only_databases_are_one_line_and_the_mail_is_imported_once_writable
         assert activity_subjects(env) == ["Test mail 1", "Test mail 2"]
 
 
+@pytest.mark.sqlite_files
 def test_a_full_disk_under_the_databases_is_one_line_and_the_mail_is_imported_after_freeing(env):
     with tmpfs(env.dir / "db", "1m") as directory:
         crm, state = move_databases(env, directory)
@@ -442,6 +448,7 @@ time.sleep(40)
 """
 
 
+@pytest.mark.sqlite_files
 @pytest.mark.parametrize("which", ["crm", "state"])
 def test_a_database_locked_by_another_program_is_one_line_within_the_timeout(env, which, monkeypatch):
     _synced(env)

@@ -90,6 +90,7 @@ def test_a_deleted_activitys_id_is_never_taken_by_a_new_mail_and_its_item_is_del
     assert [a.subject for a in activities(env)] == [SALARY]
 
 
+@pytest.mark.sqlite_files
 def test_after_restoring_an_older_crm_backup_new_activities_never_rewrite_the_lost_ones_items(make_env):
     env = make_env(areas=AREAS)
     crm_db, backup = env.dir / "crm.db", env.dir / "crm-backup.db"
@@ -128,6 +129,7 @@ def test_after_restoring_an_older_crm_backup_new_activities_never_rewrite_the_lo
     assert code == 0 and out["events"]["requests"] == 1
 
 
+@pytest.mark.sqlite_files
 def test_after_restoring_both_databases_new_activities_never_claim_items_made_since_the_backup(make_env):
     env = make_env(areas=AREAS)
     add(env, "Alt", "2026-12-07T10:00")
@@ -153,6 +155,7 @@ def test_after_restoring_both_databases_new_activities_never_claim_items_made_si
     assert sorted(a.subject for a in activities(env)) == ["Alt", "Board meeting", REVIEW]
 
 
+@pytest.mark.sqlite_files
 def test_a_push_made_for_a_lost_activity_never_pushes_the_one_that_takes_its_id(make_env):
     env = make_env(areas=AREAS)
     crm_db, backup = env.dir / "crm.db", env.dir / "crm-backup.db"
@@ -172,6 +175,7 @@ def test_a_push_made_for_a_lost_activity_never_pushes_the_one_that_takes_its_id(
     assert code == 0 and out["tasks"]["deleted_groupware"] == 1, out
 
 
+@pytest.mark.sqlite_files
 def test_a_replaced_crm_never_claims_the_old_stores_items(make_env):
     """A new, empty CRM (and a lost state database): its activity 1 is not the old store's 1."""
     env = make_env(areas=AREAS)

@@ -174,14 +174,44 @@ def test_a_held_calendar_item_deleted_on_the_server_is_no_longer_listed(make_env
 
 # -- what "filled" means for a calendar item, as units ---------------------------------------------
 
+def addresses_of(text: str) -> list[str]:
+    """The mandatory check's addresses of an item, from the item as the sync reads it."""
+    from gwsync.calendar.icalmap import read_item
+    from gwsync.calendar.mandatory import item_addresses
+
+    return item_addresses(read_item(text, "E", "O").people)
+
+
 def test_item_addresses_are_the_attendees_then_the_organizer_each_once():
     from gwsync.calendar.mandatory import item_addresses
 
     text = event("x", "S", attendees=("Erika@ACME.example", "bob@firma.example", "erika@acme.example"),
                  organizer="alice@firma.example").replace("mailto:bob", "MAILTO:bob")
-    assert item_addresses(text) == ["erika@acme.example", "bob@firma.example", "alice@firma.example"]
-    assert item_addresses(event("y", "S", attendees=("one@x.example",))) == ["one@x.example"]
-    assert item_addresses(event("z", "S")) == [] and item_addresses("not iCalendar") == []
+    assert addresses_of(text) == ["erika@acme.example", "bob@firma.example", "alice@firma.example"]
+    assert addresses_of(event("y", "S", attendees=("one@x.example",))) == ["one@x.example"]
+    assert addresses_of(event("z", "S")) == [] and item_addresses([]) == []
+
+
+def test_an_organizer_who_also_attends_counts_alike_in_the_mandatory_check_and_the_import():
+    """One order for both (gwsync.people.in_rule_order): the attendees, then the organizer, who
+    counts once, as the organizer, also when listed among the attendees. The check and the
+    import then find the same contact (the check used to take the organizer at its place
+    among the attendees, the import last)."""
+    from types import SimpleNamespace
+
+    from gwsync.calendar.icalmap import read_item
+    from gwsync.calendar.mandatory import check_item, item_addresses
+    from gwsync.people import resolve_attendees
+
+    text = event("x", "S", attendees=("erika@acme.example", "max@beta.example"), organizer="erika@acme.example")
+    contacts = {"erika@acme.example": SimpleNamespace(id=1, partner_id=10, name="Erika"),
+                "max@beta.example": SimpleNamespace(id=2, partner_id=20, name="Max")}
+    data = read_item(text, "E", "O")
+    assert item_addresses(data.people) == ["max@beta.example", "erika@acme.example"]
+    match, missing = check_item(("contact",), data.fields, item_addresses(data.people), set(), contacts.get,
+                                lambda domain: None)
+    people = resolve_attendees(data.people, {}, contacts.get, lambda domain: None)
+    assert missing == [] and (match.contact_id, match.partner_id) == (people.contact_id, people.partner_id) == (2, 20)
 
 
 def test_check_item_takes_the_first_external_attendee_with_a_contact_then_a_partner_domain():

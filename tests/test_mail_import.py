@@ -8,6 +8,7 @@ import itertools
 import os
 import stat
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 
 import mimegen
@@ -100,6 +101,41 @@ def test_sender_resolution_contact_then_partner_domain_then_unassigned(env):
     assert (acts["Test mail 2"].contact_id, acts["Test mail 2"].partner_id) == (None, acme.id)
     assert (acts["Test mail 3"].contact_id, acts["Test mail 3"].partner_id) == (None, None)
     assert sorted(unassigned) == ["Test mail 2", "Test mail 3"]
+
+
+def test_a_batch_asks_the_crm_once_per_sender_and_resolves_each_mail(env):
+    """The lookups of a batch are asked once per address and domain (each is a query; a batch's
+    mails often share senders), and every mail still gets its own sender's contact or partner."""
+    from gwsync.mail.imap import ImapSession
+    from gwsync.mail.importer import MailImporter
+    from gwsync.storage.state import StateStore
+
+    with env.engine() as engine:
+        acme = engine.crm.add_partner("ACME", ["info@acme.example"])
+        erika = engine.crm.add_contact("Erika", "erika@acme.example", acme.id)
+    env.append(DONE, *[make_mail(n, sender="Erika <erika@acme.example>") for n in (1, 2, 3)],
+               *[make_mail(n, sender="office@acme.example") for n in (4, 5)], make_mail(6, sender="x@else.example"))
+    config = env.config()
+    account = config.account("alice")
+    asked: list[str] = []
+    with env.engine() as engine:
+        crm = engine.crm
+        find_contact, find_partner = crm.find_contact_by_email, crm.find_partner_by_domain
+        crm.find_contact_by_email = lambda address: asked.append(address) or find_contact(address)  # type: ignore
+        crm.find_partner_by_domain = lambda domain: asked.append(domain) or find_partner(domain)  # type: ignore
+        state = StateStore(config.state_database)
+        session = ImapSession.connect(account.imap, env.password)
+        try:
+            result = MailImporter(account, config.crm, crm, state).run(session)
+        finally:
+            session.logout()
+            state.close()
+        acts = {a.subject: (a.contact_id, a.partner_id) for a in crm.list_activities(ActivityFilter())}
+    assert result.imported == 6
+    assert sorted(asked) == sorted(["erika@acme.example", "office@acme.example", "acme.example",
+                                    "x@else.example", "else.example"])
+    assert [acts[f"Test mail {n}"] for n in range(1, 7)] == [(erika.id, acme.id)] * 3 + [(None, acme.id)] * 2 + \
+        [(None, None)]
 
 
 def test_mandatory_partner_holds_mail_in_its_folder(make_env):
@@ -198,7 +234,7 @@ def test_mail_back_in_a_new_folder_after_uidvalidity_change_or_lost_state_is_not
         client.create_folder(DONE)
         client.select_folder(ARCHIVE)
         client.copy(client.search(["ALL"]), DONE)
-    (env.dir / "state.db").unlink()  # and the state database is lost too
+    env.lose_state()  # and the state database is lost too
 
     code, out = env.cli_json("sync")
 
@@ -218,6 +254,7 @@ def test_dry_run_changes_nothing(env):
     assert env.messages(ARCHIVE) == {}
 
 
+@pytest.mark.sqlite_files
 def test_databases_are_private(env):
     env.append(DONE, make_mail(1))
     env.cli("sync")

@@ -212,7 +212,7 @@ def test_a_mail_larger_than_the_stream_threshold_is_streamed_part_by_part(env):
     stored = env.dir / "documents" / doc["sha256"][:2] / doc["sha256"]
     assert stored.read_bytes() == blob
     # Streamed and whole-fetched mails share one identity rule: no re-import after a lost state.
-    (env.dir / "state.db").unlink()
+    env.lose_state()
     with env.imap() as client:
         client.select_folder(ARCHIVE)
         client.copy(client.search(["ALL"]), DONE)

@@ -248,7 +248,11 @@ def test_a_later_schema_step_runs_once_on_an_existing_postgresql_database(pg_url
 # -- [database] url: the command line on PostgreSQL ---------------------------------------------------
 
 def use_postgres(env, url: str, extra: str = "") -> None:
-    env.config_path.write_text(env.config_path.read_text() + f'\n[database]\nurl = "{url}"\n{extra}')
+    """env's config on the database at `url` (in place of the PostgreSQL pass's own, if any)."""
+    text = env.config_path.read_text()
+    if env.database_url is not None:
+        text = text.replace(f'[database]\nurl = "{env.database_url}"\n', "", 1)
+    env.config_path.write_text(text + f'\n[database]\nurl = "{url}"\n{extra}')
 
 
 def test_sync_imports_mail_into_the_postgresql_database_and_no_database_file_is_made(env, pg_url):
@@ -309,6 +313,75 @@ def test_an_unreachable_database_is_one_line_from_the_command_line(env):
     lines = err.decode().strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, err
     assert lines[0].startswith("gwsync: cannot use the CRM database postgresql://gwsync@127.0.0.1:")
+
+
+# -- faults of the database, as test_faults.py makes them for the SQLite files ------------------------
+
+DONE = "INBOX/CRM Erledigt [E]"
+
+
+def synced_then_one_more(env, url: str) -> None:
+    """env on `url`, one mail imported (the tables made), a second waiting in DONE."""
+    from conftest import make_mail
+
+    use_postgres(env, url)
+    env.append(DONE, make_mail(1))
+    assert env.cli("sync").exit_code == 0
+    env.append(DONE, make_mail(2))
+
+
+def waiting_subjects(env) -> list[str]:
+    return sorted(m["raw"].split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode() for m in env.messages(DONE).values())
+
+
+def test_a_read_only_database_is_one_line_and_the_mail_is_imported_once_writable(env, postgres, pg_url):
+    """A database that takes no writes (default_transaction_read_only, as on a standby server):
+    one line naming it, exit 1, the mail stays; once writable the next run imports it once."""
+    from gwsync.storage.database import shown
+
+    synced_then_one_more(env, pg_url)
+    name = pg_url.rsplit("/", 1)[1]
+    postgres.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')  # new sessions
+    proc = env.subprocess("sync")
+    _, err = proc.communicate(timeout=60)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, err
+    assert lines[0].startswith("gwsync: ") and shown(pg_url) in lines[0] and "read-only" in lines[0], lines
+    assert waiting_subjects(env) == ["Test mail 2"]
+
+    postgres.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+    code, out = env.cli_json("sync")
+    assert code == 0 and out["accounts"]["alice"]["mail"]["imported"] == 1, out
+    assert sorted(a["subject"] for a in env.cli_json("activities")[1]) == ["Test mail 1", "Test mail 2"]
+
+
+def test_a_database_locked_by_another_program_is_one_line_within_the_timeout(env, pg_url, monkeypatch):
+    """Another program holds a lock on the activities table (LOCK TABLE, a long ALTER TABLE):
+    the sync waits the lock timeout that SQLite's busy timeout has, then says so in one line."""
+    import psycopg
+
+    from gwsync.storage import sqlite as dbfiles
+
+    synced_then_one_more(env, pg_url)
+    monkeypatch.setattr(dbfiles, "LOCK_TIMEOUT", 1.0)  # 30 s in real use
+    holder = psycopg.connect(pg_url)  # its transaction holds the lock until it ends
+    holder.execute("LOCK TABLE activities IN ACCESS EXCLUSIVE MODE")
+    release = threading.Timer(30, holder.close)  # should the sync wait for ever: let it go, and fail below
+    release.start()
+    try:
+        started = time.monotonic()
+        result = env.cli("sync")
+        assert time.monotonic() - started < 20
+        assert result.exit_code == 1, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "locked by another program" in lines[0], result.stderr
+        assert waiting_subjects(env) == ["Test mail 2"]
+    finally:
+        release.cancel()
+        holder.close()
+    assert env.cli("sync").exit_code == 0
+    assert sorted(a["subject"] for a in env.cli_json("activities")[1]) == ["Test mail 1", "Test mail 2"]
+    assert env.messages(DONE) == {}
 
 
 def test_an_sqlite_store_loads_neither_psycopg_nor_the_postgresql_dialect(tmp_path):

@@ -103,3 +103,30 @@ def test_the_package_loads_its_public_names_on_first_use():
     done, modules = imported_by([code])
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-1000:]
     assert not_needed(modules) == set()
+
+
+DATABASE_STACK = {"sqlalchemy", "psycopg", "procrastinate", "sqlite_utils"}
+
+
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_commands_that_open_no_store_load_no_database_stack(flag):
+    """`gwsync --version` and `--help` stay quick: SQLAlchemy's import alone took about 0.17 s,
+    most of the start-up. The pure modules that use the state's outcomes (decisions) and the
+    Engine's module load no store either; only opening one does."""
+    code = ("import sys\n"
+            "import gwsync.engine, gwsync.mail.decisions, gwsync.accounts\n"
+            "from gwsync.cli import main\n"
+            f"sys.argv = ['gwsync', {flag!r}]\n"
+            "main()\n")
+    done, modules = imported_by([code])
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert "gwsync" in done.stdout  # the version line, or the help text
+    assert {"gwsync.cli", "gwsync.engine", "click"} <= modules
+    assert {m for m in modules if m.split(".")[0] in DATABASE_STACK} == set()
+
+
+def test_a_command_that_reads_the_stores_loads_sqlalchemy(world):
+    """The other side: the check above sees SQLAlchemy when a command does load it."""
+    done, modules = imported_by(["status"], world.config_path)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert {"sqlalchemy", "gwsync.storage.state"} <= modules

@@ -471,7 +471,8 @@ def test_a_small_company_loses_and_doubles_nothing_when_a_worker_is_killed_mid_i
     # No watcher jobs: the mail is there before the workers start, and each account's first
     # sync is due at once, so the test is about the import and the kill alone.
     config.write_text(f'[database]\nurl = "{pg_url}"\n\n[worker]\ntick = 1\nstalled_after = 5\nmax_backoff = 2\n'
-                      f'watchers = 0\n\n[defaults.imap]\nhost = "127.0.0.1"\nport = {master_dovecot.port}\nsecurity = "none"\n'
+                      f'watchers = 0\n\n[defaults.imap]\nhost = "127.0.0.1"\nport = {master_dovecot.port}\n'
+                      'security = "none"\n'
                       f'import_root = "INBOX"\narchive_folder = "{ARCHIVE}"\nmaster_user = "gwsync"\n'
                       'password_env = "GWSYNC_TEST_MASTER"\n')
     users = [f"w{os.getpid()}x{next(_users)}" for _ in range(50)]
@@ -508,4 +509,5 @@ def test_a_small_company_loses_and_doubles_nothing_when_a_worker_is_killed_mid_i
         assert "of a worker that stopped answering: queued again" in c.log(1), c.log(1)[-3000:]
     finally:
         c.stop()
-    print(f"50 accounts, {sum(map(len, expected.values()))} mails, one worker killed: {time.monotonic() - started:.1f} s")
+    mails = sum(map(len, expected.values()))
+    print(f"50 accounts, {mails} mails, one worker killed: {time.monotonic() - started:.1f} s")

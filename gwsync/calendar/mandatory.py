@@ -6,7 +6,8 @@ read again at every sync, so that it is imported as soon as the field can be fil
 - subject: its SUMMARY is not empty; body: its DESCRIPTION (gwsync's link line aside) is not empty;
 - contact: an attendee or the organizer who is not an employee (not one of the accounts'
   addresses) has an address that belongs to a contact; the first such (attendees in their
-  order, then the organizer) gives the activity its contact and that contact's partner;
+  order, then the organizer; one who organizes and attends counts as the organizer, as on
+  import: gwsync.people.in_rule_order) gives the activity its contact and that contact's partner;
 - partner: that contact's partner, else the first such address whose domain is a partner's.
 So a held meeting is released by giving an attendee's address to a contact (`gwsync assign`,
 `gwsync contact add`), or by filling in SUMMARY or DESCRIPTION on the device.
@@ -16,33 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from ..crm import Attendee
 from ..mail.decisions import SenderMatch, missing_fields, resolve_recipients
+from ..people import in_rule_order
 
 
-def item_addresses(text: str) -> list[str]:
-    """The mail addresses of an item's attendees, then its organizer: lower case, each once."""
-    import icalendar
-
-    try:
-        cal = icalendar.Calendar.from_ical(text)
-    except Exception:  # an unreadable item has no addresses; reading it fails elsewhere, with a reason
-        return []
-    comp = next((c for c in cal.subcomponents if c.name in ("VEVENT", "VTODO") and "RECURRENCE-ID" not in c),
-                next((c for c in cal.subcomponents if c.name in ("VEVENT", "VTODO")), None))
-    if comp is None:
-        return []
-    attendees = comp.get("ATTENDEE", [])
-    values = list(attendees) if isinstance(attendees, list) else [attendees]
-    if comp.get("ORGANIZER") is not None:
-        values.append(comp.get("ORGANIZER"))
-    found = []
-    for value in values:
-        text_value = str(value).strip()
-        if text_value[:7].lower() == "mailto:":
-            text_value = text_value[7:]
-        if "@" in text_value:
-            found.append(text_value.strip().lower())
-    return list(dict.fromkeys(found))
+def item_addresses(people: Iterable[Attendee]) -> list[str]:
+    """The addresses of an item's people as read (ItemData.people: lower case, each once), in
+    the order the import resolves them too (gwsync.people.in_rule_order): the attendees, then
+    the organizer."""
+    return [person.email for person in in_rule_order(people)]
 
 
 def check_item(mandatory: tuple[str, ...], fields: dict, addresses: Iterable[str], employees: set[str],

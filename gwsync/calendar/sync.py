@@ -74,7 +74,8 @@ from ..config import AccountConfig, Config
 from ..crm import Activity, ActivityDraft, ActivityFilter, Attendee, CRMBackend
 from ..mail.decisions import SenderMatch
 from ..people import People, employees_by_address, organizer_of, resolve_attendees
-from ..storage.state import HELD, CalendarItemRecord, CalendarLink, LinkChange, StateStore
+from ..storage.records import HELD, CalendarItemRecord, CalendarLink, LinkChange
+from ..storage.state import StateStore
 from .dav import (
     Collection,
     DavError,
@@ -721,7 +722,7 @@ class CalendarSync:
                     day = self._relist_day(data)
                     self._relist = day if self._relist is None else min(self._relist, day)
                 continue  # a new item that stays out of the CRM: no pair, nothing written into it
-            if self._lacks_mandatory(href, data, fetched[href]):
+            if self._lacks_mandatory(href, data):
                 continue  # held: no pair, nothing written into it; read again next run
             pairs.append(_Pair(None, None, fetched[href], data))
         for activity in activities.values():
@@ -729,14 +730,14 @@ class CalendarSync:
                 pairs.append(_Pair(None, activity, None, None))
         return pairs, identities
 
-    def _lacks_mandatory(self, href: str, data: ItemData, item: Item) -> bool:
+    def _lacks_mandatory(self, href: str, data: ItemData) -> bool:
         """Whether a new item lacks a mandatory field ([crm] mandatory); if so it is held."""
         mandatory = self.config.crm.mandatory
         if not mandatory:
             return False
         from .mandatory import check_item, item_addresses
 
-        addresses = item_addresses(item.data or "")
+        addresses = item_addresses(data.people)
         employees = {a for account in self.config.accounts.values() for a in account.addresses}
         match, missing = check_item(mandatory, data.fields, addresses, employees, self.crm.find_contact_by_email,
                                     self.crm.find_partner_by_domain)

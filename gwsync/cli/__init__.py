@@ -22,7 +22,7 @@ from ..config import AREAS, Config, load_config
 from ..crm.searches import activity_filter, summary_links
 from ..engine import Engine, mail_id
 from ..errors import EXIT_FAILED, EXIT_USAGE, GwsyncError
-from ..storage.state import FAILED, LEFT_OUT, QUARANTINED, StateStore
+from ..storage.records import FAILED, LEFT_OUT, QUARANTINED
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -928,6 +928,7 @@ class _AccountStore:
     def __init__(self, obj: Context):
         from ..engine import store_database
         from ..storage.database import shown
+        from ..storage.state import StateStore
 
         self.config = obj.file_config
         database, password = store_database(self.config, self.config.state_database)

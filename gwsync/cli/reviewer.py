@@ -18,7 +18,7 @@ from ..config import AccountConfig
 from ..crm.searches import summary_links
 from ..engine import Engine, Selection, SyncReport
 from ..mail.importer import PendingMail
-from ..storage.state import HELD, LEFT_OUT
+from ..storage.records import HELD, LEFT_OUT
 
 
 def _numbers(text: str, upper: int, lower: int = 1) -> set[int]:

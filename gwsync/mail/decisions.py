@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..storage.state import FAILED, HELD, IMPORTED, LEFT_OUT, QUARANTINED, MailRecord
+from ..storage.records import FAILED, HELD, IMPORTED, LEFT_OUT, QUARANTINED, MailRecord
 
 
 class _HasId(Protocol):

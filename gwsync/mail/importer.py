@@ -25,14 +25,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 
 from ..config import AccountConfig, CrmConfig
 from ..crm import ActivityDraft, CRMBackend, Document
 from ..errors import ConfigError, StoreError
-from ..storage.state import FAILED, HELD, IMPORTED, LEFT_OUT, QUARANTINED, MailRecord, StateStore
+from ..storage.records import FAILED, HELD, IMPORTED, LEFT_OUT, QUARANTINED, MailRecord
+from ..storage.state import StateStore
 from .decisions import MailMatch, SenderMatch, Step, failure_outcome, missing_fields, plan_mail, resolve_mail
 from .imap import FETCH_BATCH, ImapSession, ImportFolder, MailGone, MailServerError, ServerUnreachable
 from .mime import (
@@ -147,6 +148,14 @@ class MailImporter:
         # when it ends early (a dropped connection, a full disk), so that it is still reported.
         self.result = MailResult()
         self.archive = ""  # the archive folder's full name on the server, known once run() is connected
+        self._fresh_lookups()
+
+    def _fresh_lookups(self) -> None:
+        """The CRM's contact of an address and partner of a domain, asked once per batch: the mails
+        of a batch often share senders, and each lookup is a query. A contact added meanwhile
+        counts from the next batch, as if it had been added a moment later."""
+        self._find_contact = cache(self.crm.find_contact_by_email)
+        self._find_partner = cache(self.crm.find_partner_by_domain)
 
     @property
     def own_status(self) -> str | None:
@@ -230,6 +239,7 @@ class MailImporter:
             raws = session.fetch_raw(batch)
             keys = {uid: mail_keys(raw) for uid, raw in raws.items()}
             known = self._known(keys.values())
+            self._fresh_lookups()
             prepared = []
             for uid in batch:
                 if uid not in raws:
@@ -243,6 +253,7 @@ class MailImporter:
         for uid in large:
             if self.should_stop():
                 return
+            self._fresh_lookups()
             try:
                 key = self._streamed_keys(session, uid, sizes[uid])
                 prepared = [self._prepare(uid, key, _known_id(self._known([key]), key), folder, records.get(uid),
@@ -283,6 +294,7 @@ class MailImporter:
                 raws = session.fetch_raw(batch)
                 keys = {uid: mail_keys(raw) for uid, raw in raws.items()}
                 known = self._known(keys.values())
+                self._fresh_lookups()
                 for uid in batch:
                     if uid not in raws or _known_id(known, keys[uid]) is not None:
                         continue  # in the CRM already (filed by another employee, say): joined, not new
@@ -352,8 +364,7 @@ class MailImporter:
     def _resolve(self, sender: str | None, to: list[str], cc: list[str]) -> MailMatch:
         """Incoming mail by its sender; mail from the account's own addresses by its recipients."""
         recipients = list(dict.fromkeys(to + cc))
-        return resolve_mail(sender, recipients, self.account.addresses, self.crm.find_contact_by_email,
-                            self.crm.find_partner_by_domain)
+        return resolve_mail(sender, recipients, self.account.addresses, self._find_contact, self._find_partner)
 
     def _store(self, att: Attachment | Document) -> Document:
         if isinstance(att, Document):  # streamed attachments are stored while being read

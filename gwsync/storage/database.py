@@ -108,11 +108,18 @@ def postgres_engine(url: str, what: str, password: Callable[[], str | None] | No
     label = shown(url)
 
     def connect():
+        from . import sqlite as files  # read at each connection: the tests shorten it
+
         secret = password() if password else None
         try:
             if secret is None:  # libpq finds it: the URL, PGPASSWORD, ~/.pgpass
-                return psycopg.connect(url, autocommit=True)
-            return psycopg.connect(url, autocommit=True, password=secret)
+                conn = psycopg.connect(url, autocommit=True)
+            else:
+                conn = psycopg.connect(url, autocommit=True, password=secret)
+            # A table another program locked (LOCK TABLE, a long ALTER TABLE) is waited for as
+            # long as an SQLite file's lock, then LockNotAvailable, not for ever.
+            conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{round(files.LOCK_TIMEOUT * 1000)}ms",))
+            return conn
         except psycopg.OperationalError as exc:
             raise unreachable(what, label, exc) from exc
         except psycopg.ProgrammingError as exc:  # a malformed URL (an unknown parameter, a bad port)
@@ -125,10 +132,19 @@ def postgres_engine(url: str, what: str, password: Callable[[], str | None] | No
 
     @sa.event.listens_for(engine, "handle_error")
     def _translate(context: sa.engine.ExceptionContext) -> None:
-        if isinstance(context.original_exception, psycopg.OperationalError):
-            raise unreachable(what, label, context.original_exception) from context.original_exception
+        exc = context.original_exception
+        if isinstance(exc, psycopg.OperationalError):
+            raise unreachable(what, label, exc) from exc
+        if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):  # a standby, or set read-only
+            raise read_only(what, label, exc) from exc
 
     return engine
+
+
+def read_only(what: str, label: str, exc: BaseException) -> StoreError:
+    """A database that takes no writes (a standby server, default_transaction_read_only)."""
+    return StoreError(f"the {what} {label} is read-only ({_first_line(exc)}): point [database] url at "
+                      f"a server and database that take writes, {AGAIN}", Path(label))
 
 
 def _first_line(exc: BaseException) -> str:

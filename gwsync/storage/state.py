@@ -20,10 +20,11 @@ definitions below; a later step brings its own PostgreSQL statements (Migration.
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import sqlite3
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,77 +35,18 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from .database import Readers, pg_upgrade, postgres_engine, shown, sqlite_engine, write
 from .migrations import Migration, add_column, latest, postgres_steps, upgrade
-
-IMPORTED, HELD, FAILED, QUARANTINED = "imported", "held", "failed", "quarantined"
-# Left out in `gwsync review`: stays in its folder (or on its calendar), out of the CRM, until a
-# review takes it in.
-LEFT_OUT = "left-out"
-
-
-@dataclass
-class MailRecord:
-    account: str
-    folder: str
-    uidvalidity: int
-    uid: int
-    outcome: str
-    key: str | None = None
-    activity_id: int | None = None
-    attempts: int = 0
-    error: str | None = None
-    missing: list[str] | None = None
-    sender: str | None = None
-    subject: str | None = None
-    updated_at: str | None = None
-
-
-@dataclass
-class CalendarLink:
-    """An activity linked to a groupware item, with the fields both had at the last sync."""
-
-    account: str
-    area: str
-    activity_id: int
-    uid: str
-    href: str
-    etag: str | None
-    base: dict | None
-    identity: str | None = None  # the activity's identity when linked; None: saved before it was recorded
-    organizer: str | None = None  # the item's ORGANIZER address at the last sync (its deletion may cancel)
-
-
-@dataclass
-class CalendarItemRecord:
-    """A new calendar item kept out of the CRM: left out in a review, or held for a mandatory field."""
-
-    account: str
-    area: str
-    href: str
-    outcome: str  # LEFT_OUT or HELD
-    uid: str | None = None
-    subject: str | None = None
-    missing: list[str] | None = None  # HELD: the mandatory fields it lacks
-    addresses: list[str] | None = None  # HELD: its attendees' and organizer's addresses (to assign)
-    updated_at: str | None = None
-
-
-@dataclass(frozen=True)
-class AccountRecord:
-    """An account kept in the database (`gwsync accounts`): the config's [defaults] make it a
-    full account (Config.account_from_record)."""
-
-    name: str
-    username: str
-    email: str | None = None
-    areas: tuple[str, ...] = ("mail",)
-    added_at: str | None = None  # when it was first added; not part of what an import compares
-
-    def same(self, other: AccountRecord) -> bool:
-        return (self.username, self.email, self.areas) == (other.username, other.email, other.areas)
-
-
-# ("save", CalendarLink) or ("drop", (account, area, activity_id[, href])): see apply_link_changes.
-LinkChange = tuple[str, CalendarLink | tuple]
+from .records import (
+    FAILED,
+    HELD,
+    IMPORTED,  # noqa: F401 - for the importers of this module
+    LEFT_OUT,
+    QUARANTINED,
+    AccountRecord,
+    CalendarItemRecord,
+    CalendarLink,
+    LinkChange,
+    MailRecord,
+)
 
 
 def _now() -> str:
@@ -523,8 +465,19 @@ class StateStore:
                  "updated_at": now} for r in records]
         if not rows:
             return
+        sql, values = self._save_sql
         with write(self.engine) as conn:
-            conn.execute(self._upsert(messages), rows)
+            conn.exec_driver_sql(sql, list(map(values, rows)) if values is not None else rows)
+
+    @functools.cached_property
+    def _save_sql(self) -> tuple[str, Callable[[dict], tuple] | None]:
+        """The upsert of `save`, compiled once for this database, run through the driver's
+        executemany with plain values (as the CRM's inserts): SQLAlchemy's statement building
+        and per-row parameter handling cost more than SQLite's own upsert of a batch."""
+        compiled = self._upsert(messages).compile(dialect=self.engine.dialect,
+                                                  column_keys=[c.name for c in messages.columns])
+        order = compiled.positiontup if compiled.positional else None
+        return str(compiled), operator.itemgetter(*order) if order else None
 
     def forget(self, account: str, folder: str, uidvalidity: int, uids: Iterable[int]) -> None:
         """Drop records of mails that left the folder (moved to the archive, or gone)."""

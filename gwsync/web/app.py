@@ -1,7 +1,11 @@
 """The web view behind the CRM links (`gwsync serve`): Flask + Jinja2 over the embedded CRM.
 
-Every request opens the CRM and state databases through an Engine (SQLite connections are
-per thread, and waitress serves from several) and closes them afterwards. The writes are
+The CRM and state stores are opened once per process, at the first request (`Stores`), and each
+request gets an Engine on them of its own (Engine.sharing_stores: its own passwords and CalDAV
+clients for a push); waitress answers from several threads, and the stores give each thread
+its own read connection and each write a pooled one. Opening both stores for every request
+cost about 9 ms. A store that cannot be opened is an error page, and the next request tries
+again. The writes are
 forms that run what the CLI runs: assign (Engine.assign, as `gwsync assign`), the edit form
 (Engine.update_activity, as `gwsync activity edit`), push and unpush (Engine.push/unpush).
 
@@ -156,6 +160,29 @@ class LoginThrottle:
             self._clients.pop(self._key(address), None)
 
 
+class Stores:
+    """The web process's CRM and state stores: an Engine opened at the first request that needs
+    one (under a lock: two threads at once open them once), closed by `close` when the server stops."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._engine: Engine | None = None
+        self._lock = threading.Lock()
+
+    def engine(self) -> Engine:
+        """An Engine of the request's own on the process's stores."""
+        with self._lock:
+            if self._engine is None:
+                self._engine = Engine(self.config)  # a failure leaves None: the next request tries again
+            return self._engine.sharing_stores()
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._engine = self._engine, None
+        if opened is not None:
+            opened.close()
+
+
 def create_app(config: Config, secret_key: bytes, password: str | None = None,
                users: dict[str, str] | None = None) -> Flask:
     """The web view. With `password` (one shared login) or `users` (account name -> that
@@ -194,16 +221,12 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None,
     calendar_accounts = [a.name for a in config.accounts.values() if a.caldav is not None]
     throttle = LoginThrottle()
 
+    stores = app.extensions["gwsync.stores"] = Stores(config)
+
     def engine() -> Engine:
         if "engine" not in g:
-            g.engine = Engine(config)
+            g.engine = stores.engine()
         return g.engine
-
-    @app.teardown_appcontext
-    def close_engine(_exc) -> None:
-        opened = g.pop("engine", None)
-        if opened is not None:
-            opened.close()
 
     @app.before_request
     def require_own_host():
@@ -459,7 +482,7 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None,
         with writing:  # the check and the write together: of two forms sent at once, the second sees the first
             current = changeable(activity_id)
             try:
-                values = edited_values(current, form, kinds_for(current), list(statuses), accounts)
+                values, added, removed = edited_values(current, form, kinds_for(current), list(statuses), accounts)
             except ValueError as exc:
                 return edit_page(current, sent, seen, seen_participants, f"{exc}.", 400)
             if seen != (current.updated_at or ""):
@@ -467,12 +490,11 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None,
                                  "The activity was changed since you opened this form (by a sync or someone else): "
                                  "check the fields and send it again.", 409)
             changes = {key: value for key, value in values.items() if getattr(current, key) != value}
-            if changes:
-                try:
-                    engine().update_activity(activity_id, changes)
-                except LookupError:
-                    abort(404, f"There is no activity #{activity_id}; it may have been deleted.")
-        flash("Saved." if changes else "Nothing changed.")
+            try:
+                changed = engine().update_activity(activity_id, changes, added, removed)
+            except LookupError:
+                abort(404, f"There is no activity #{activity_id}; it may have been deleted.")
+        flash("Saved." if changed else "Nothing changed.")
         return redirect(url_for("activity", activity_id=activity_id), 303)
 
     @app.post("/activities/<id:activity_id>/push")
@@ -558,13 +580,14 @@ def create_app(config: Config, secret_key: bytes, password: str | None = None,
 EDITED = ("kind", "status", "subject", "owner", "delegated_to", "participants", "request", "project")
 
 
-def edited_values(item: Activity, form, kinds: list[str], statuses: list[str], accounts: list[str]) -> dict:
-    """The edit form's fields over the activity as it is now, checked: ValueError says what is
-    wrong with the first bad one. Names must be accounts. Participants change by what the
-    reader ticked or unticked against what the form showed (`participants_seen`): a sync may
-    have added one since, without changing updated_at, and that one stays. A new owner replaces
-    the old one among the participants (as a changed owner does everywhere: the old owner's
-    calendar copy leaves); the owner is always one of them."""
+def edited_values(item: Activity, form, kinds: list[str], statuses: list[str],
+                  accounts: list[str]) -> tuple[dict, list[str], list[str]]:
+    """The edit form's fields over the activity as it is now, checked, and the participants it
+    adds and removes: ValueError says what is wrong with the first bad one. Names must be
+    accounts. Participants change by what the reader ticked or unticked against what the form
+    showed (`participants_seen`), name by name: one a sync added since (which does not change
+    updated_at), even while the form is saved, stays. The owner's place among them is
+    Engine.update_activity's rule: a new owner replaces the old one, the owner always takes part."""
     known = f"(known: {', '.join(accounts) or 'none'})"
 
     def text(key: str, name: str) -> str | None:
@@ -593,16 +616,11 @@ def edited_values(item: Activity, form, kinds: list[str], statuses: list[str], a
     for name in ticked:
         if name not in accounts:
             raise ValueError(f"participant {name!r} is not an account {known}")
-    seen = {name.strip() for name in form.getlist("participants_seen")}
-    participants = [name for name in item.participants if name in ticked or name not in seen]
-    participants += [name for name in ticked if name not in seen and name not in participants]
-    if owner != item.owner and item.owner in participants:
-        participants.remove(item.owner)
-    if owner is not None and owner not in participants:
-        participants.insert(0, owner)
-    return {"kind": kind, "status": status, "subject": subject, "owner": owner, "delegated_to": delegate,
-            "participants": participants, "request": text("request", "request"),
-            "project": text("project", "project")}
+    seen = list(dict.fromkeys(name.strip() for name in form.getlist("participants_seen")))
+    added = [name for name in ticked if name not in seen]
+    removed = [name for name in seen if name not in ticked]
+    return ({"kind": kind, "status": status, "subject": subject, "owner": owner, "delegated_to": delegate,
+             "request": text("request", "request"), "project": text("project", "project")}, added, removed)
 
 
 def private_view(item: Activity) -> Activity:

@@ -8,6 +8,7 @@ import secrets
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from ..config import PASSWORD_KEYS_TEXT, Config, ConfigError, http_address
@@ -59,11 +60,15 @@ def make_server(config: Config, host: str, port: int):
             f"set {LOGINS}")
     app = create_app(config, secret_key(config.state_database.parent), password, users)
     try:
-        return create_server(app, host=host, port=port, threads=4, ident="gwsync", clear_untrusted_proxy_headers=True)
+        # Four threads answer requests; they share the app's stores (see gwsync/web/app.py).
+        server: Any = create_server(app, host=host, port=port, threads=4, ident="gwsync",
+                                    clear_untrusted_proxy_headers=True)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ServeError(f"cannot listen on {host} port {port}: {reason} "
                          f"(another gwsync serve? choose another with --port)") from None
+    server.gwsync_stores = app.extensions["gwsync.stores"]  # run_server closes them when it stops
+    return server
 
 
 def run_server(server, on_ready: Callable[[str], None]) -> None:
@@ -79,4 +84,7 @@ def run_server(server, on_ready: Callable[[str], None]) -> None:
         pass
     finally:
         server.close()
+        stores = getattr(server, "gwsync_stores", None)
+        if stores is not None:
+            stores.close()
         signal.signal(signal.SIGTERM, previous)
