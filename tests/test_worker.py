@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from imapclient import IMAPClient
 
-from conftest import make_mail
+from conftest import company_config, make_mail
 from gwsync.accountlock import PgAccountLocks, advisory_key
 from gwsync.config import load_config
 from gwsync.crm import ActivityFilter
@@ -454,10 +454,7 @@ def test_an_account_added_to_the_database_is_served_without_a_restart(master_dov
     with a master user make it whole) and its mail is imported."""
     os.environ["GWSYNC_TEST_MASTER"] = "master-secret"
     config = tmp_path / "config.toml"
-    config.write_text(f'[database]\nurl = "{pg_url}"\n\n[worker]\ntick = 1\nstalled_after = 5\n\n'
-                      f'[defaults.imap]\nhost = "127.0.0.1"\nport = {master_dovecot.port}\nsecurity = "none"\n'
-                      f'import_root = "INBOX"\narchive_folder = "{ARCHIVE}"\nmaster_user = "gwsync"\n'
-                      'password_env = "GWSYNC_TEST_MASTER"\n')
+    config.write_text(company_config(pg_url, master_dovecot.port, ARCHIVE))
     user = f"w{os.getpid()}x{next(_users)}"
     with IMAPClient("127.0.0.1", port=master_dovecot.port, ssl=False) as client:
         client.login(user, master_dovecot.password_for(user))
@@ -493,10 +490,7 @@ def test_a_worker_started_with_accounts_in_the_database_serves_them_and_takes_in
     account added later is served too."""
     os.environ["GWSYNC_TEST_MASTER"] = "master-secret"
     config = tmp_path / "config.toml"
-    config.write_text(f'[database]\nurl = "{pg_url}"\n\n[worker]\ntick = 1\nstalled_after = 5\n\n'
-                      f'[defaults.imap]\nhost = "127.0.0.1"\nport = {master_dovecot.port}\nsecurity = "none"\n'
-                      f'import_root = "INBOX"\narchive_folder = "{ARCHIVE}"\nmaster_user = "gwsync"\n'
-                      'password_env = "GWSYNC_TEST_MASTER"\n')
+    config.write_text(company_config(pg_url, master_dovecot.port, ARCHIVE))
     users = [f"w{os.getpid()}x{next(_users)}" for _ in range(2)]
     for user in users:
         with IMAPClient("127.0.0.1", port=master_dovecot.port, ssl=False) as client:
@@ -567,11 +561,8 @@ def test_a_small_company_loses_and_doubles_nothing_when_a_worker_is_killed_mid_i
     config = tmp_path / "config.toml"
     # No watcher jobs: the mail is there before the workers start, and each account's first
     # sync is due at once, so the test is about the import and the kill alone.
-    config.write_text(f'[database]\nurl = "{pg_url}"\n\n[worker]\ntick = 1\nstalled_after = 5\nmax_backoff = 2\n'
-                      f'watchers = 0\n\n[defaults.imap]\nhost = "127.0.0.1"\nport = {master_dovecot.port}\n'
-                      'security = "none"\n'
-                      f'import_root = "INBOX"\narchive_folder = "{ARCHIVE}"\nmaster_user = "gwsync"\n'
-                      'password_env = "GWSYNC_TEST_MASTER"\n')
+    config.write_text(company_config(pg_url, master_dovecot.port, ARCHIVE,
+                                     worker="tick = 1\nstalled_after = 5\nmax_backoff = 2\nwatchers = 0\n"))
     users = [f"w{os.getpid()}x{next(_users)}" for _ in range(50)]
     (tmp_path / "staff.csv").write_text("name,username,email,areas\n"
                                         + "".join(f"{u},{u},{u}@firma.example,mail\n" for u in users))
