@@ -18,8 +18,9 @@ of sync jobs and the tick is never stuck behind either:
 - `gwsync.watch(shard, shards)` (queue "watch"): gwsync.mail.asyncwatch.watch_accounts over the
   accounts whose name hashes to the shard (one connection each); mail arriving defers a sync
   job of the mail area, and so does mail found in an import folder at the first connection (it
-  came while no watcher ran: a sync leaves only held mail there). It ends after [worker] watch_for seconds; the tick has already queued
-  the next watcher of the shard, which any worker may take, so shards move as workers come and go.
+  came while no watcher ran: a sync leaves only held mail there). It ends after [worker]
+  watch_for seconds; the tick has already queued the next watcher of the shard, which any worker
+  may take, so shards move as workers come and go.
   Every [worker] tick seconds it checks whether it is outdated, and ends early if so: a watcher
   of another number of shards was queued after it, or its shard's accounts changed (one added
   or removed with `gwsync accounts`).

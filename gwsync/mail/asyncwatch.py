@@ -48,8 +48,8 @@ import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Literal
 from dataclasses import dataclass, field
+from typing import Literal
 
 from imapclient import imap_utf7
 from imapclient.response_parser import parse_response
