@@ -26,6 +26,13 @@ run's own. The row lock serialises a commit against the next holder's increment:
 holder's transaction either commits before the new holder starts, or sees the new token and
 rolls back. A holder frozen inside such a transaction does not block the next one for long:
 the check sets the transaction's idle_in_transaction_session_timeout to lock_timeout as well.
+That timeout covers a transaction waiting for its next statement only; one frozen amid a
+statement (an executemany's pipeline sent without its Sync, a large result the server waits
+to send) stays "active" and would hold the row without end. So the new holder's increment
+waits a quarter of lock_timeout, then ends the sessions whose locks on the row it waits for
+(pg_terminate_backend: the same role may): such a session belongs to a run that lost the
+lock, whose transaction is fenced anyway (rolled back, nothing of it kept); and the store
+tells that run the fence's one line (`TokenFence.lost`) instead of the server's error.
 `check` asks the lock's session whether it still holds the lock: asked between batches of mail
 and before each move to the archive, so a run that lost its session stops and moves no mail
 (the commit-then-move order does the rest).
@@ -41,12 +48,15 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import Busy, StoreError
+
+if TYPE_CHECKING:
+    from .storage.database import Fence
 
 DEFAULT_WAIT = 60.0  # seconds; [state] lock_wait
 DEFAULT_TIMEOUT = 20  # seconds; [database] lock_timeout
@@ -87,7 +97,7 @@ class AccountLocks(abc.ABC):
         """Whether the lock behind `handle` is still held (a file lock always is)."""
         return True
 
-    def fence(self, handle: Any) -> Callable[[Any], None] | None:
+    def fence(self, handle: Any) -> Fence | None:
         """The check every write transaction of the holder runs first (see gwsync.storage.database
         `fencing`), or None: a file lock is dropped only with its process, which then writes nothing."""
         return None
@@ -221,11 +231,15 @@ class PgAccountLocks(AccountLocks):
 
     def _make_fence_table(self, conn) -> None:
         """Once per process; under the schema lock, so that two processes starting at once do
-        not both create it."""
+        not both create it. Made already (the usual case), it waits for no schema lock: a
+        process frozen amid a store's upgrade must not block every account."""
         if self._fence_ready:
             return
         from .storage.database import SCHEMA_TABLE, _lock_key
 
+        if conn.execute("SELECT to_regclass(%s)", (f'"{FENCE_TABLE}"',)).fetchone()[0] is not None:
+            self._fence_ready = True
+            return
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(SCHEMA_TABLE),))
             conn.execute(f'CREATE TABLE IF NOT EXISTS "{FENCE_TABLE}" '
@@ -244,12 +258,7 @@ class PgAccountLocks(AccountLocks):
                 conn.close()
                 return None
             self._make_fence_table(conn)
-            # The new holder's token: a transaction of an earlier holder that still runs holds
-            # the row FOR SHARE, and this waits for its COMMIT (see the module doc).
-            token = conn.execute(f'INSERT INTO "{FENCE_TABLE}" (account, token) VALUES (%s, 1) '
-                                 f'ON CONFLICT (account) DO UPDATE SET token = "{FENCE_TABLE}".token + 1 '
-                                 "RETURNING token", (account,)).fetchone()[0]
-            held = Held(conn, advisory_key(account), account, token, threading.Event())
+            held = Held(conn, advisory_key(account), account, self._next_token(conn, account), threading.Event())
             self._keep_alive(held)
         except psycopg.errors.ReadOnlySqlTransaction as exc:  # the fence's row cannot be written
             conn.close()
@@ -258,6 +267,49 @@ class PgAccountLocks(AccountLocks):
             conn.close()
             raise
         return held
+
+    def _next_token(self, conn, account: str) -> int:
+        """The new holder's token. A transaction of an earlier holder that still runs holds the
+        row FOR SHARE, and this waits for its COMMIT; past a quarter of lock_timeout a thread
+        ends the sessions it waits for (see the module doc)."""
+        done = threading.Event()
+        if self.timeout:
+            threading.Thread(target=self._end_stale_holders, args=(conn.info.backend_pid, account, done),
+                             name=f"gwsync fence {account}", daemon=True).start()
+        try:
+            return conn.execute(f'INSERT INTO "{FENCE_TABLE}" (account, token) VALUES (%s, 1) '
+                                f'ON CONFLICT (account) DO UPDATE SET token = "{FENCE_TABLE}".token + 1 '
+                                "RETURNING token", (account,)).fetchone()[0]
+        finally:
+            done.set()
+
+    def _end_stale_holders(self, pid: int, account: str, done: threading.Event) -> None:
+        """While session `pid` (holding the account's advisory lock) waits for a lock on the
+        account's fence row, end the sessions it waits for: only a transaction of an earlier
+        holder locks that row. A wait for a table lock (someone's ALTER TABLE) is left alone."""
+        while not done.wait(self.timeout / 4):
+            try:
+                conn = self._connect("gwsync lock check")
+            except Exception:
+                continue  # the server is busy or gone: the wait goes on, or fails on its own
+            try:
+                ended = conn.execute(
+                    "SELECT b.pid, b.application_name, pg_terminate_backend(b.pid) FROM pg_stat_activity w "
+                    "CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS blocker(pid) "
+                    "JOIN pg_stat_activity b ON b.pid = blocker.pid "
+                    "WHERE w.pid = %s AND w.wait_event_type = 'Lock' AND w.wait_event IN ('transactionid', 'tuple')",
+                    (pid,)).fetchall()
+            except Exception as exc:  # e.g. another role's session: only its role or a superuser may
+                log.warning("account %s: a session of a run that lost the account's lock keeps it blocked and "
+                            "cannot be ended (%s): end it on the database server", account,
+                            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                return
+            finally:
+                conn.close()
+            for blocker, name, _ in ended:
+                log.warning("account %s: ended database session %s (%s) of a run that lost the account's lock: "
+                            "its transaction had kept the account blocked for %g s", account, blocker,
+                            name or "no name", self.timeout / 4)
 
     def _keep_alive(self, held: Held) -> None:
         """The session ends when it sends nothing for `timeout` seconds: a thread sends a query
@@ -301,21 +353,8 @@ class PgAccountLocks(AccountLocks):
             return False
         return bool(row and row[0])
 
-    def fence(self, handle: Held) -> Callable[[Any], None]:
-        import sqlalchemy as sa
-
-        # A holder frozen inside the transaction would keep the row locked, and the next holder
-        # waiting: the server ends a transaction idle for lock_timeout (nothing of it is kept).
-        idle = f"set_config('idle_in_transaction_session_timeout', '{int(self.timeout * 1000)}', true)" \
-            if self.timeout else "NULL"
-        query = sa.text(f'SELECT token, {idle} FROM "{FENCE_TABLE}" WHERE account = :account FOR SHARE')
-
-        def check_token(conn: sa.Connection) -> None:
-            row = conn.execute(query, {"account": handle.account}).first()
-            if row is None or row[0] != handle.token:
-                raise FenceLost(handle.account)
-
-        return check_token
+    def fence(self, handle: Held) -> TokenFence:
+        return TokenFence(self, handle)
 
     def holder(self, account: str) -> str | None:
         key = advisory_key(account)
@@ -334,3 +373,29 @@ class PgAccountLocks(AccountLocks):
         if not row or not row[0]:
             return None
         return row[0].replace(f" on {os.uname().nodename})", ")")  # the host only when it is another
+
+
+class TokenFence:
+    """The fence of a held PostgreSQL lock (see the module doc): called with a write
+    transaction's connection right after BEGIN; `lost` after the transaction failed."""
+
+    def __init__(self, locks: PgAccountLocks, handle: Held):
+        import sqlalchemy as sa
+
+        self.locks, self.handle = locks, handle
+        # A holder frozen inside the transaction would keep the row locked, and the next holder
+        # waiting: the server ends a transaction idle for lock_timeout (nothing of it is kept).
+        idle = f"set_config('idle_in_transaction_session_timeout', '{int(locks.timeout * 1000)}', true)" \
+            if locks.timeout else "NULL"
+        self.query = sa.text(f'SELECT token, {idle} FROM "{FENCE_TABLE}" WHERE account = :account FOR SHARE')
+
+    def __call__(self, conn: Any) -> None:
+        row = conn.execute(self.query, {"account": self.handle.account}).first()
+        if row is None or row[0] != self.handle.token:
+            raise FenceLost(self.handle.account)
+
+    def lost(self) -> FenceLost | None:
+        """FenceLost if the run no longer holds the lock: a transaction of the run that failed
+        then (the server ended it, idle past lock_timeout or ended by the next holder) is told
+        as the fence's one line rather than as the server's error."""
+        return None if self.locks.check(self.handle) else FenceLost(self.handle.account)

@@ -616,7 +616,9 @@ def make_app(runtime: Runtime):
     async def watch(context, shard: int, shards: int) -> None:
         await context.additional_context["gwsync"].watch(shard, shards, context.job.id)
 
-    @app.periodic(cron=f"*/{config.worker.tick} * * * * *", periodic_id="tick")
+    # Six fields: the seconds are the last one (croniter); "*/5 * * * * *" would be every
+    # second of every fifth minute.
+    @app.periodic(cron=f"* * * * * */{config.worker.tick}", periodic_id="tick")
     @app.task(name="gwsync.tick", queue=TICK_QUEUE, queueing_lock="tick", pass_context=True)
     async def tick(context, timestamp: int) -> None:
         await context.additional_context["gwsync"].tick(timestamp)

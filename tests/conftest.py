@@ -464,3 +464,12 @@ def make_env(dovecot, tmp_path, request):
 @pytest.fixture
 def env(make_env) -> GwEnv:
     return make_env()
+
+
+def company_config(pg_url: str, imap_port: int, archive: str, worker: str = "tick = 1\nstalled_after = 5\n") -> str:
+    """A worker's config: the shared database, `[worker]` settings, and `[defaults.imap]` logging
+    in through Dovecot's master user `gwsync` (password in GWSYNC_TEST_MASTER), as a company's."""
+    return (f'[database]\nurl = "{pg_url}"\n\n[worker]\n{worker}\n'
+            f'[defaults.imap]\nhost = "127.0.0.1"\nport = {imap_port}\nsecurity = "none"\n'
+            f'import_root = "INBOX"\narchive_folder = "{archive}"\nmaster_user = "gwsync"\n'
+            'password_env = "GWSYNC_TEST_MASTER"\n')

@@ -318,6 +318,47 @@ def test_an_account_of_a_master_user_config_is_watched_as_its_user(form, watchin
         w.stop()
 
 
+@pytest.mark.parametrize("form", ["sasl", "separator"])
+def test_accounts_of_a_company_config_watch_through_the_master_user(form, watching):
+    """target_of an account that takes [defaults.imap] with a master user (what a worker's
+    watcher job watches): it logs in through the master, and a wrong master password is one
+    refused login for all the accounts that send it, not one each."""
+    from gwsync.config import parse_config
+
+    def accounts(server, password: str, users: list[str]):
+        sasl = {"master_login": "sasl"} if form == "sasl" else {}
+        config = parse_config({
+            "defaults": {"imap": {"host": "127.0.0.1", "port": server.port, "security": "none",
+                                  "import_root": "INBOX", "master_user": "gwsync", "password": password, **sasl}},
+            "accounts": {f"staff{n}": {"username": u} for n, u in enumerate(users)}})
+        return [target_of(config.accounts[f"staff{n}"]) for n in range(len(users))]
+
+    denied = fresh_user()  # the master may not act for this one: that account alone is refused
+    with Dovecot.start(master_users={"gwsync": "master-secret"}, denied_users=(denied,)) as server:
+        users = [fresh_user() for _ in range(3)]
+        for user in users:
+            make_folders(server, user, DONE)
+        w = watching(accounts(server, "master-secret", [denied, *users]))
+        w.wait_idle(3)
+        w.wait_until(lambda: w.status.count("refused") == 1, 10, "the denied user was not refused")
+        assert [name for name, _ in w.refusals] == ["staff0"]
+        assert "may log in, but not as" in w.refusals[0][1], w.refusals[0][1]
+        w.drain()
+        imap = client(server, users[1])
+        imap.append(DONE, make_mail(1))
+        imap.logout()
+        assert w.next_call(2)[1] == "staff2"
+        w.stop()
+        w = watching(accounts(server, "wrong", users), max_backoff=0.2)
+        w.wait_until(lambda: w.status.count("refused") == 3, 10, "a wrong master password was not refused")
+        time.sleep(2)  # time for more logins, if there were any
+        assert len(w.refusals) == 1
+        assert "gwsync" in w.refusals[0][1], w.refusals[0][1]  # names the login it sent
+        failed = [line for line in dovecot_log(server).splitlines() if "auth failed" in line and denied not in line]
+        assert len(failed) == 1, failed
+        w.stop()
+
+
 # -- without NOTIFY (pymap) ------------------------------------------------------------------------
 
 def test_without_notify_idle_on_the_first_import_folder_and_polls_for_the_others():

@@ -105,53 +105,117 @@ HOLDER = textwrap.dedent("""
     from pathlib import Path
     from gwsync.engine import account_locks
     from gwsync.config import load_config
+    from gwsync.errors import StoreError
     from gwsync.storage.database import write
     from gwsync.storage.state import MailRecord, StateStore
     config = load_config(Path(sys.argv[1]))
-    locks, state = account_locks(config), StateStore(config.database.url)
-    with locks.hold("acme", "worker"):
-        state.save([MailRecord(account="acme", folder="f", uidvalidity=7, uid=9, outcome="held")])
-        with write(state.engine) if sys.argv[2] == "writing" else nullcontext() as conn:
-            if conn is not None:
-                conn.exec_driver_sql("CREATE TABLE frozen_marker (x INTEGER)")
-            print("held", flush=True)
-            time.sleep(600)
+    locks, state, doing = account_locks(config), StateStore(config.database.url), sys.argv[2]
+    try:
+        with locks.hold("acme", "worker"):
+            state.save([MailRecord(account="acme", folder="f", uidvalidity=7, uid=9, outcome="held")])
+            with write(state.engine) if doing != "idle" else nullcontext() as conn:
+                if conn is not None:
+                    conn.exec_driver_sql("CREATE TABLE frozen_marker (x INTEGER)")
+                    raw = conn.connection.dbapi_connection
+                    if doing == "pipelining":  # an executemany's statements sent, its Sync not yet
+                        pipeline, cursor = raw.pipeline(), raw.cursor()
+                        pipeline.__enter__()
+                        cursor.execute("INSERT INTO frozen_marker VALUES (1)")
+                        raw.pgconn.flush()
+                    elif doing == "reading":  # a result larger than the socket buffers, not read yet
+                        raw.pgconn.send_query(b"SELECT repeat('x', 1000) FROM generate_series(1, 100000)")
+                        raw.pgconn.flush()
+                print("held", flush=True)
+                sys.stdin.readline()  # the test writes the line while this process is stopped
+                if doing == "reading":
+                    while raw.pgconn.get_result() is not None:
+                        pass
+                conn is not None and conn.exec_driver_sql("SELECT 1")
+                if doing == "pipelining":
+                    pipeline.__exit__(None, None, None)
+    except StoreError as exc:
+        print(exc.line, flush=True)
 """)
 
 
-@pytest.mark.parametrize("doing", ["idle", "writing"])
-def test_a_frozen_holder_loses_the_lock_after_lock_timeout_and_a_live_one_keeps_it(pg_url, tmp_path, doing):
+@pytest.mark.parametrize("doing", ["idle", "writing", "pipelining", "reading"])
+def test_a_frozen_holder_loses_the_lock_after_lock_timeout_and_a_live_one_keeps_it(pg_url, tmp_path, doing,
+                                                                                     caplog):
     """[database] lock_timeout = 2: a holder that keeps running keeps the lock (its thread keeps
     the session busy); SIGSTOPped, the server ends its session within the timeout, also when it
-    froze inside a write transaction (which holds the fence's row)."""
+    froze inside a write transaction (which holds the fence's row): idle there, or where the
+    server's idle timeout does not apply, amid a pipeline (the server waits for the rest of an
+    executemany) or amid a large result (the server waits to send it). Woken up, it ends in the
+    fence's one line, with nothing of the frozen transaction kept."""
     config = tmp_path / "config.toml"
     config.write_text(f'[database]\nurl = "{pg_url}"\nlock_timeout = 2\n')
     script = tmp_path / "holder.py"
     script.write_text(HOLDER)
     StateStore(pg_url).close()  # its tables, before the holder's transaction
-    proc = subprocess.Popen([sys.executable, str(script), str(config), doing], stdout=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, str(script), str(config), doing], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
-        locks = PgAccountLocks(pg_url, wait=0)
+        locks = PgAccountLocks(pg_url, wait=0, timeout=2)  # the same [database] lock_timeout
         if doing == "idle":
             time.sleep(5)  # more than twice the timeout: alive, it holds on
             assert locks.try_acquire("acme", "sync") is None
         os.kill(proc.pid, signal.SIGSTOP)
         stopped = time.monotonic()
-        taken = None
-        while taken is None and time.monotonic() - stopped < 10:
-            time.sleep(0.2)
-            taken = locks.try_acquire("acme", "sync")
-        assert taken is not None, "a frozen holder kept the account's lock"
+        got: list = []
+
+        def take() -> None:  # in a thread: a new holder that waits without end fails the test, not hangs it
+            try:
+                taken = None
+                while taken is None and time.monotonic() - stopped < 10:
+                    time.sleep(0.2)
+                    taken = locks.try_acquire("acme", "sync")
+                got.append(taken)
+            except Exception as exc:  # shown by the assertion below
+                got.append(exc)
+
+        taker = threading.Thread(target=take, daemon=True)
+        taker.start()
+        taker.join(15)
+        assert got, f"the new holder still waits {time.monotonic() - stopped:.0f} s after the freeze"
+        assert got[0] is not None and not isinstance(got[0], Exception), f"a frozen holder kept the account: {got}"
         print(f"frozen holder's lock free after {time.monotonic() - stopped:.1f} s")
         assert time.monotonic() - stopped < 4
-        locks.release(taken)
+        locks.release(got[0])
+        # Amid a statement the server's idle timeout does not apply: the new holder ended it.
+        assert ("ended database session" in caplog.text) == (doing in ("pipelining", "reading")), caplog.text
         state = StateStore(pg_url)
         assert list(state.records("acme", "f", 7)) == [9]  # committed before the freeze
         state.close()
         with psycopg.connect(pg_url) as conn:  # a frozen transaction is rolled back
             assert conn.execute("SELECT to_regclass('frozen_marker')").fetchone() == (None,)
+        if doing != "idle":
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+            os.kill(proc.pid, signal.SIGCONT)
+            out, err = proc.communicate(timeout=30)
+            assert b"lost the account's lock" in out and b"Traceback" not in err, (out, err)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_a_new_holder_ends_only_sessions_that_lock_the_fence_row_not_one_that_locks_the_table(pg_url):
+    """The sessions a new holder ends are those whose transactions lock the account's fence row
+    (runs that lost the lock); someone else's lock on the whole table (an ALTER TABLE, a LOCK
+    TABLE) is waited for, not ended."""
+    locks = PgAccountLocks(pg_url, wait=0, timeout=2)
+    locks.release(locks.try_acquire("acme", "sync"))  # the table and the row exist
+    got: list = []
+    with psycopg.connect(pg_url) as admin:
+        admin.execute("LOCK TABLE gwsync_fence IN SHARE MODE")
+        taker = threading.Thread(target=lambda: got.append(locks.try_acquire("acme", "sync")), daemon=True)
+        taker.start()
+        taker.join(2.5)  # five times the quarter of lock_timeout after which row lockers are ended
+        assert taker.is_alive() and not got, f"the new holder did not wait for the table lock: {got}"
+        assert admin.execute("SELECT 1").fetchone() == (1,)  # not ended
+    taker.join(10)
+    assert got and got[0] is not None
+    locks.release(got[0])

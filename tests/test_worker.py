@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from imapclient import IMAPClient
 
-from conftest import make_mail
+from conftest import company_config, make_mail
 from gwsync.accountlock import PgAccountLocks, advisory_key
 from gwsync.config import load_config
 from gwsync.crm import ActivityFilter
@@ -427,10 +427,7 @@ def test_an_account_added_to_the_database_is_served_without_a_restart(master_dov
     with a master user make it whole) and its mail is imported."""
     os.environ["GWSYNC_TEST_MASTER"] = "master-secret"
     config = tmp_path / "config.toml"
-    config.write_text(f'[database]\nurl = "{pg_url}"\n\n[worker]\ntick = 1\nstalled_after = 5\n\n'
-                      f'[defaults.imap]\nhost = "127.0.0.1"\nport = {master_dovecot.port}\nsecurity = "none"\n'
-                      f'import_root = "INBOX"\narchive_folder = "{ARCHIVE}"\nmaster_user = "gwsync"\n'
-                      'password_env = "GWSYNC_TEST_MASTER"\n')
+    config.write_text(company_config(pg_url, master_dovecot.port, ARCHIVE))
     user = f"w{os.getpid()}x{next(_users)}"
     with IMAPClient("127.0.0.1", port=master_dovecot.port, ssl=False) as client:
         client.login(user, master_dovecot.password_for(user))
@@ -459,6 +456,73 @@ def test_an_account_added_to_the_database_is_served_without_a_restart(master_dov
         worker.wait()
 
 
+def test_a_worker_started_with_accounts_in_the_database_serves_them_and_takes_in_new_ones(master_dovecot, pg_url,
+                                                                                          tmp_path):
+    """The database has an account when the worker starts (a company's usual case): its ticks
+    read the database's accounts again without mistaking them for the config file's, so an
+    account added later is served too."""
+    os.environ["GWSYNC_TEST_MASTER"] = "master-secret"
+    config = tmp_path / "config.toml"
+    config.write_text(company_config(pg_url, master_dovecot.port, ARCHIVE))
+    users = [f"w{os.getpid()}x{next(_users)}" for _ in range(2)]
+    for user in users:
+        with IMAPClient("127.0.0.1", port=master_dovecot.port, ssl=False) as client:
+            client.login(user, master_dovecot.password_for(user))
+            client.create_folder(IMPORT)
+            client.append(IMPORT, make_mail(next(_mails) + 100000))
+    cli = [sys.executable, "-m", "gwsync.cli", "--config", str(config)]
+
+    def imported() -> int:
+        with Engine(load_config(config)) as engine:
+            return len(engine.activities(ActivityFilter()))
+
+    def wait_for(count: int) -> None:
+        deadline = time.monotonic() + 20
+        while imported() < count:
+            assert time.monotonic() < deadline, (f"{count} mails not imported: "
+                                                 + log.read_text(errors="replace")[-3000:])
+            time.sleep(0.3)
+
+    added = subprocess.run([*cli, "accounts", "add", "anna", "--username", users[0]], capture_output=True, text=True,
+                           timeout=60)
+    assert added.returncode == 0, added.stderr
+    log = tmp_path / "worker.err"
+    with open(log, "wb") as err:
+        worker = subprocess.Popen([*cli, "worker"], stderr=err, start_new_session=True)
+    try:
+        wait_for(1)
+        added = subprocess.run([*cli, "accounts", "add", "ben", "--username", users[1]], capture_output=True,
+                               text=True, timeout=60)
+        assert added.returncode == 0, added.stderr
+        wait_for(2)
+        assert "both in the config file" not in log.read_text(errors="replace")
+        assert worker.poll() is None
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+
+@pytest.mark.parametrize("tick", [1, 5, 7])
+def test_the_tick_comes_every_tick_seconds(tick):
+    """Procrastinate's six-field cron has the seconds last: the tick must come every [worker]
+    tick seconds, around the clock, not every second of every tick-th minute."""
+    from datetime import datetime, timedelta
+    from types import SimpleNamespace
+
+    from gwsync.config import parse_config
+    from gwsync.worker import make_app
+
+    config = parse_config({"database": {"url": "postgresql://gwsync@127.0.0.1:1/company"}, "worker": {"tick": tick}})
+    app = make_app(SimpleNamespace(config=config))
+    (periodic,) = app.periodic_registry.periodic_tasks.values()
+    start = datetime(2026, 11, 27, 15, 41, 20)
+    periodic.croniter.set_current(start_time=start)
+    times = [periodic.croniter.get_next(datetime) for _ in range(30)]
+    gaps = {b - a for a, b in itertools.pairwise(times)}
+    assert max(gaps) <= timedelta(seconds=tick), sorted(gaps)
+    assert min(gaps) >= timedelta(seconds=min(tick, 60 % tick or tick)), sorted(gaps)
+
+
 def test_a_small_company_loses_and_doubles_nothing_when_a_worker_is_killed_mid_import(master_dovecot, pg_url,
                                                                                      tmp_path):
     """Issue 15's small company: 50 accounts in the database (`gwsync accounts import`), a master
@@ -470,11 +534,8 @@ def test_a_small_company_loses_and_doubles_nothing_when_a_worker_is_killed_mid_i
     config = tmp_path / "config.toml"
     # No watcher jobs: the mail is there before the workers start, and each account's first
     # sync is due at once, so the test is about the import and the kill alone.
-    config.write_text(f'[database]\nurl = "{pg_url}"\n\n[worker]\ntick = 1\nstalled_after = 5\nmax_backoff = 2\n'
-                      f'watchers = 0\n\n[defaults.imap]\nhost = "127.0.0.1"\nport = {master_dovecot.port}\n'
-                      'security = "none"\n'
-                      f'import_root = "INBOX"\narchive_folder = "{ARCHIVE}"\nmaster_user = "gwsync"\n'
-                      'password_env = "GWSYNC_TEST_MASTER"\n')
+    config.write_text(company_config(pg_url, master_dovecot.port, ARCHIVE,
+                                     worker="tick = 1\nstalled_after = 5\nmax_backoff = 2\nwatchers = 0\n"))
     users = [f"w{os.getpid()}x{next(_users)}" for _ in range(50)]
     (tmp_path / "staff.csv").write_text("name,username,email,areas\n"
                                         + "".join(f"{u},{u},{u}@firma.example,mail\n" for u in users))

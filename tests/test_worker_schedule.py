@@ -205,16 +205,12 @@ class DatabaseAccounts:
     def __init__(self, dovecot, pg_url: str, root, names: list[str]):
         from imapclient import IMAPClient
 
-        from conftest import make_mail
+        from conftest import company_config, make_mail
 
         os.environ["GWSYNC_TEST_MASTER"] = "master-secret"
         self.dovecot, self.url, self.root, self.make_mail = dovecot, pg_url, root, make_mail
         self.config = root / "config.toml"
-        self.config.write_text(
-            f'[database]\nurl = "{pg_url}"\n\n[worker]\ntick = 1\nstalled_after = 5\n\n'
-            f'[defaults.imap]\nhost = "127.0.0.1"\nport = {dovecot.port}\nsecurity = "none"\n'
-            f'import_root = "INBOX"\narchive_folder = "{ARCHIVE}"\nmaster_user = "gwsync"\n'
-            'password_env = "GWSYNC_TEST_MASTER"\n')
+        self.config.write_text(company_config(pg_url, dovecot.port, ARCHIVE))
         self.users = {name: f"d{os.getpid()}{name}{int(time.time() * 1000) % 100000}" for name in names}
         for user in self.users.values():
             with IMAPClient("127.0.0.1", port=dovecot.port, ssl=False) as client:

@@ -94,7 +94,8 @@ class WatchTarget:
         if self.credential:
             return self.credential
         where = self.imap.secret.where if self.imap.secret is not None else self.name
-        return f"{self.imap.login_user}@{self.imap.host.lower()} ({where})"  # a master user's: one for all
+        # A master user's password is one credential for every account that sends it.
+        return f"{self.imap.login_user}@{self.imap.host.lower()} ({where})"
 
     @property
     def where(self) -> str:
@@ -261,6 +262,8 @@ class _Watch:
         try:
             conn = await _Connection.open(target)
         except LoginRefused as exc:
+            if exc.authorization:  # the master user may not act for this user: this account only
+                key = f"{key} for {target.name}"
             first = key not in self.bad
             self.bad.add(key)
             if first:
@@ -440,21 +443,22 @@ class _Connection:
 
     async def _login(self) -> None:
         cfg, target = self.target.imap, self.target
-        authcid, authzid = cfg.login()  # through a master user: USER*MASTER, or SASL PLAIN for USER
-        if target.authzid is not None:
-            authzid = target.authzid
+        # The config's master user, as ImapSession logs in: USER*MASTER, or SASL PLAIN for USER.
+        authcid, authzid = (cfg.username, target.authzid) if target.authzid is not None else cfg.login()
+        acting_for = authzid or (cfg.username if cfg.login_user != cfg.username else None)
         if authzid is not None:
             token = base64.b64encode(f"{authzid}\0{authcid}\0{target.password}".encode())
             args: tuple = (b"PLAIN", token) if "SASL-IR" in self.capabilities else (b"PLAIN",)
             command, continuation = b"AUTHENTICATE", None if "SASL-IR" in self.capabilities else token
         else:
             args, command, continuation = (_astring(authcid), _astring(target.password)), b"LOGIN", None
+        who = authcid if authzid is None else f"{authzid} (SASL PLAIN, authenticated as {authcid})"
         try:
             _, text = await self.command(command, *args, continuation=continuation)
         except _Refused as exc:
             if exc.bad:
-                raise MailServerError(f"{target.where}: login as {cfg.username!r} not possible ({exc.text})") from None
-            raise login_refusal(target.where, cfg.username, exc.text) from None
+                raise MailServerError(f"{target.where}: login as {who!r} not possible ({exc.text})") from None
+            raise login_refusal(target.where, who, exc.text, acting_for=acting_for) from None
         self.capabilities = set()  # those after login may differ: from the answer, or asked for
         self._capabilities_from(b"* OK " + text)
 

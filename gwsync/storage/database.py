@@ -19,7 +19,9 @@ per thread (`Readers`), or a pooled one (`read`).
 The fence (`fencing`): while a run holds an account's lock on PostgreSQL, every write
 transaction of that run (of this thread) first calls the lock's fence with its connection,
 right after BEGIN: it checks, under a row lock held until COMMIT, that no other run took the
-account since (gwsync.accountlock), and refuses the whole transaction otherwise.
+account since (gwsync.accountlock), and refuses the whole transaction otherwise. A fenced
+transaction that fails after the run lost the lock (the server ended its session: idle past
+[database] lock_timeout, or ended by the next holder) raises the fence's error, not the server's.
 
 Schema versions on PostgreSQL (`pg_upgrade`): table `gwsync_schema` holds one row per store;
 the upgrade runs in one transaction under an advisory lock, so of two processes starting at
@@ -36,6 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import sqlalchemy as sa
@@ -174,7 +177,16 @@ def is_sqlite(engine: sa.Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-Fence = Callable[[sa.Connection], None]
+class Fence(Protocol):
+    """gwsync.accountlock's TokenFence: called right after BEGIN (raises to refuse the
+    transaction); `lost()` after the transaction failed: the error to tell instead, if the run
+    lost its account's lock meanwhile, else None."""
+
+    def __call__(self, conn: sa.Connection) -> None: ...
+
+    def lost(self) -> Exception | None: ...
+
+
 _fence: ContextVar[Fence | None] = ContextVar("gwsync_fence", default=None)
 
 
@@ -200,8 +212,12 @@ def write(engine: sa.Engine) -> Iterator[sa.Connection]:
                 fence(conn)
             yield conn
             conn.exec_driver_sql("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             _roll_back(conn)
+            lost = fence.lost() if fence is not None and isinstance(exc, Exception) and not is_sqlite(engine) \
+                else None
+            if lost is not None and not isinstance(exc, type(lost)):
+                raise lost from exc
             raise
 
 
