@@ -361,6 +361,49 @@ def test_a_foreign_edit_during_our_own_writes_is_never_skipped(synccal):
     assert "Spät geändert" in [a.subject for a in activities(cal)]
 
 
+def test_a_copy_made_in_a_run_that_kept_an_older_token_and_deleted_on_the_phone_is_unlinked(synccal):
+    """The same run (a foreign edit during our own writes: the older token is kept) made a copy of
+    a CRM activity, which the phone deletes before the next run. Xandikos leaves an item made and
+    deleted since a token out of its delta, so gwsync must not keep a token older than its creates:
+    the next run lists the collection, sees the copy gone and unlinks it (the activity stays)."""
+    cal = synccal
+    from gwsync.calendar.dav import Collection
+    from gwsync.calendar.sync import CalendarSync
+
+    cal.dav_put("events", "x.ics", event("x", "Original"))
+    sync(cal)
+    cal.cli("activity", "add", "--kind", "TERMIN", "--subject", "Neu im CRM", "--start", "2026-12-10T10:00",
+            "--end", "2026-12-10T11:00")
+
+    class LateEdit(Collection):
+        calls = 0
+
+        def changes_since(self, token):
+            LateEdit.calls += 1
+            if LateEdit.calls == 2:  # the check after gwsync's own write
+                (etag, text), = [v for k, v in cal.dav_items("events").items() if k == "x.ics"]
+                cal.dav_put("events", "x.ics", text.replace("SUMMARY:Original", "SUMMARY:Spät geändert"), etag)
+            return super().changes_since(token)
+
+    config = cal.config()
+    account = config.account("alice")
+    with cal.engine() as engine:
+        plain = engine.collection(account, "events")
+        result = CalendarSync(config, account, "events", engine.crm, engine.state,
+                              LateEdit(plain.client, plain.url)).run()
+    assert LateEdit.calls == 2 and result.counts["created_groupware"] == 1
+    (copy,) = [name for name in cal.dav_items("events") if name != "x.ics"]
+    cal.dav_delete("events", copy)
+
+    code, out = sync(cal)
+
+    assert code == 0, out
+    assert out["events"]["unlinked"] == 1 and out["events"]["updated_crm"] == 1  # and the late edit came in
+    assert sorted(a.subject for a in activities(cal)) == ["Neu im CRM", "Spät geändert"]
+    assert list(cal.dav_items("events")) == ["x.ics"]
+    assert sync(cal)[1]["events"]["requests"] == 1  # settled
+
+
 class _Crash(BaseException):
     """Stands for the process dying at that instruction."""
 

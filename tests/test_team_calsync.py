@@ -4,9 +4,12 @@ servers are in test_team_calendar.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from calworld import TeamWorld, event, meeting
+from gwsync.calendar.dav import DavError, DavUnreachable
 from gwsync.crm import ActivityDraft
 
 
@@ -268,3 +271,83 @@ def test_a_copy_made_private_by_its_holder_does_not_join(tmp_path, mode):
     assert (act.subject, act.location, act.participants) == ("Projektstart", "Raum 4", ["alice"])
     assert team.coll("bob").items() == before  # nothing written into it
     team.close()
+
+
+def edit_before(href: str):
+    """Another client's edit of `href`, just before gwsync writes it: that write meets a 412."""
+    def edit(coll):
+        text = next(i.data for h, i in coll.items().items() if h.endswith(href))
+        coll.put(href, text.replace("SUMMARY:", "LOCATION:Raum 4\r\nSUMMARY:"))
+    return edit
+
+
+def dies_on_the_second_create(coll):
+    coll.inject("create", before=lambda c: None)  # the first create goes through
+    coll.inject("create", error=DavUnreachable("CalDAV: cannot connect"))
+
+
+ENDINGS = {
+    # A foreign change in the delta after our writes: the older token is kept to read it again.
+    "an edit meets a 412": lambda coll: coll.inject("update", href="inv.ics", before=edit_before("inv.ics")),
+    "another item fails": lambda coll: coll.inject("update", href="inv.ics", error=DavError("500 on inv.ics")),
+    "the run stops": None,
+    "the server goes away": dies_on_the_second_create,
+}
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_a_copy_made_by_a_run_that_kept_an_older_token_is_unlinked_when_the_phone_deletes_it(team, ending):
+    """A run creates copies of CRM activities and then keeps an older sync token (a foreign edit
+    to read again, a failed item, a stop, a server gone). A copy deleted on the phone before the
+    next run was made and deleted after that token, so a delta since it lists nothing of it: the
+    next run must still see it gone and unlink it (the activity stays, made in the CRM)."""
+    coll = team.coll("alice")
+    team.sync("alice")  # a sync token is stored
+    coll.put("inv.ics", meeting("inv", "Projektstart"))
+    made = team.crm.create_activities([ActivityDraft(
+        key=f"crm:{n}", kind="TERMIN", status="O", subject=f"T{n}", start="2026-12-09T10:00:00+00:00",
+        owner="alice", participants=["alice"]) for n in range(2)])
+    stop = (lambda: any("gwsync-" in h for h in coll.items())) if ending == "the run stops" else None
+    if ENDINGS[ending] is not None:
+        ENDINGS[ending](coll)
+    try:
+        team.calsync("alice", should_stop=stop).run()
+    except DavUnreachable:
+        assert ending == "the server goes away"
+    coll.reset_faults()
+    (first,) = team.state.links_of_activity(made[0])  # its copy was made
+    coll.remove(first.href)
+
+    result = team.sync("alice")
+
+    assert result.errors == [] and result.counts["unlinked"] == 1
+    assert team.state.links_of_activity(made[0]) == [] and team.crm.get_activity(made[0]) is not None
+    assert team.state.memberships("alice", "events") == {made[0]: False}  # off her calendar, as by unpush
+    team.sync_all()
+    for name in team.NAMES:
+        assert sorted(l.href for l in team.state.links(name, "events")) == sorted(team.coll(name).items())
+        assert team.calsync(name).plan().actions == ()
+
+
+def test_the_state_machines_case_a_phone_deletes_a_copy_made_while_an_invitation_met_a_412(team):
+    """test_team_machine's sequence, as found: the copy of a CRM activity made in the run where the
+    invitation's link write met a 412 is deleted on the phone; a quiet round unlinks it."""
+    draft = ActivityDraft(key="crm:1", kind="TERMIN", status="O", subject="v1", start="2026-12-09T10:00:00+00:00",
+                          owner="alice", participants=["alice"])
+    team.crm.delete_activity(team.crm.create_activities([draft])[0])
+    for name in team.NAMES:
+        team.coll(name).put("inv2.ics", meeting("inv2", "v1"))
+    (made,) = team.crm.create_activities([replace(draft, key="crm:3")])
+    coll = team.coll("alice")
+    coll.inject("update", href="inv2.ics", before=lambda c: c.touch("inv2.ics"))  # rewritten as it was
+    assert team.sync("alice", force=True).errors == []
+    coll.reset_faults()
+    (copy,) = team.state.links_of_activity(made)
+    coll.remove(copy.href)
+
+    for _ in range(3):
+        assert all(r.errors == [] for r in team.sync_all(force=True).values())
+
+    assert team.crm.get_activity(made) is not None and team.state.links_of_activity(made) == []
+    for name in team.NAMES:
+        assert sorted(l.href for l in team.state.links(name, "events")) == sorted(team.coll(name).items())

@@ -26,6 +26,9 @@ One run:
      recorded, and taking one in drops the token, so that the next run lists the collection),
      with the day the earliest item left out for starting after the window enters it: on that
      day the collection is listed again (the item itself may never change, so no delta lists it).
+     The first create on the server drops the stored token: a delta since a token older than an
+     item never lists its deletion, so only a token fresher than the run's creates is saved, and
+     a run that ends without one (a failed item, a stop, a crash) has the next run list.
 
 Privacy: with `[sync] private = "busy"`, every CLASS:PRIVATE or CONFIDENTIAL item is read as a
 busy block (subject "Privat", no description or location), linked or not, so its details
@@ -397,6 +400,7 @@ class CalendarSync:
         # unwritten ones to a crash costs nothing; the next run matches items and activities.
         self._link_changes: list[LinkChange] = []
         self._created: dict[str, Activity | None] = {}  # key -> the activity this run created for it
+        self._made_items = False  # has this run created an item on the server (the token is dropped)?
         self._today = datetime.now(UTC).date()  # for the date window; set again by each plan
         self._relist: date | None = None  # the earliest day an item left out for the future enters it
         self._held: list[CalendarItemRecord] = []  # new items lacking a mandatory field, found by the plan
@@ -529,24 +533,42 @@ class CalendarSync:
         if not self.dry_run and new_token is not None:
             if self.coll.writes > writes_before:
                 new_token = self._past_own_writes(new_token)
-            self.state.save_sync_token(self.account.name, self.area, self.coll.url,
-                                       with_relist(new_token, plan.relist))
+            if new_token is not None:
+                self.state.save_sync_token(self.account.name, self.area, self.coll.url,
+                                           with_relist(new_token, plan.relist))
 
-    def _past_own_writes(self, token: str) -> str:
+    def _past_own_writes(self, token: str) -> str | None:
         """After writing, the next delta would list our own writes. Ask once more; when the delta
         holds nothing but them, take the fresher token (so the next sync with no changes reads
-        nothing). Anything else in it keeps the older token: no foreign change is ever skipped."""
+        nothing). Anything else in it keeps the older token: no foreign change is ever skipped;
+        but after creating items no token is kept (None; see `_before_creating`)."""
         self._flush_links()
         if no_sync_since(token) is not None:
             return token  # no sync-collection: the next run lists anyway
+        older = None if self._made_items else token
         current = {l.href: l.etag for l in self.state.links(self.account.name, self.area)}
         try:
             fresh, changed, deleted = self.coll.changes_since(token)
         except SyncTokenInvalid:
-            return token
+            return older
         if all(current.get(href) == etag for href, etag in changed.items()) and not (deleted & set(current)):
             return fresh
-        return token
+        return older
+
+    def _before_creating(self) -> None:
+        """Drop the stored token before this run's first create on the server. A delta since a
+        token older than an item never lists that item's deletion (RFC 6578 leaves out what was
+        made and deleted since), so a copy deleted on the phone before the next run would keep
+        its link for ever. A run that ends well saves a token fresher than its creates; one that
+        fails an item, stops, dies or keeps an older token leaves none: the next run lists the
+        collection. A no-sync marker stays (those runs list anyway)."""
+        if self._made_items:
+            return
+        self._made_items = True
+        name, area, url = self.account.name, self.area, self.coll.url
+        token, _ = split_relist(self.state.sync_token(name, area, url))
+        if token is not None and no_sync_since(token) is None:
+            self.state.save_sync_token(name, area, url, None)
 
     # -- reading the server ------------------------------------------------------------------
 
@@ -1130,6 +1152,7 @@ class CalendarSync:
         text = new_item(uid, self.component, fields, self.done, self._link_for(activity),
                         alarm=activity.kind == "WIEDERVORLAGE", people=activity.attendees,
                         organizer=self._organizer(activity), cancelled_status=self.cancelled)
+        self._before_creating()
         try:
             etag = self.coll.create(href, text)
         except PreconditionFailed as exc:
