@@ -327,10 +327,9 @@ def test_wrong_caldav_password_and_dead_server_are_one_line_each(make_env):
     assert len(lines) == 1 and "cannot connect" in lines[0] and "Traceback" not in result.stderr
 
 
-def test_a_foreign_edit_during_our_own_writes_is_never_skipped(synccal):
-    """After writing, gwsync takes a fresher sync token only when the delta holds nothing but its
-    own writes; an edit by another client at that very moment must still reach the CRM."""
-    cal = synccal
+def _run_with_a_late_edit(cal) -> None:
+    """x.ics synced and a new CRM activity; then a run that creates its copy, during which another
+    client edits x.ics right after gwsync's own write (at the check that decides the token)."""
     from gwsync.calendar.dav import Collection
     from gwsync.calendar.sync import CalendarSync
 
@@ -356,6 +355,13 @@ def test_a_foreign_edit_during_our_own_writes_is_never_skipped(synccal):
         result = CalendarSync(config, account, "events", engine.crm, engine.state,
                               LateEdit(plain.client, plain.url)).run()
     assert LateEdit.calls == 2 and result.counts["created_groupware"] == 1
+
+
+def test_a_foreign_edit_during_our_own_writes_is_never_skipped(synccal):
+    """After writing, gwsync takes a fresher sync token only when the delta holds nothing but its
+    own writes; an edit by another client at that very moment must still reach the CRM."""
+    cal = synccal
+    _run_with_a_late_edit(cal)
     code, out = sync(cal)
     assert out["events"]["updated_crm"] == 1
     assert "Spät geändert" in [a.subject for a in activities(cal)]
@@ -367,31 +373,7 @@ def test_a_copy_made_in_a_run_that_kept_an_older_token_and_deleted_on_the_phone_
     deleted since a token out of its delta, so gwsync must not keep a token older than its creates:
     the next run lists the collection, sees the copy gone and unlinks it (the activity stays)."""
     cal = synccal
-    from gwsync.calendar.dav import Collection
-    from gwsync.calendar.sync import CalendarSync
-
-    cal.dav_put("events", "x.ics", event("x", "Original"))
-    sync(cal)
-    cal.cli("activity", "add", "--kind", "TERMIN", "--subject", "Neu im CRM", "--start", "2026-12-10T10:00",
-            "--end", "2026-12-10T11:00")
-
-    class LateEdit(Collection):
-        calls = 0
-
-        def changes_since(self, token):
-            LateEdit.calls += 1
-            if LateEdit.calls == 2:  # the check after gwsync's own write
-                (etag, text), = [v for k, v in cal.dav_items("events").items() if k == "x.ics"]
-                cal.dav_put("events", "x.ics", text.replace("SUMMARY:Original", "SUMMARY:Spät geändert"), etag)
-            return super().changes_since(token)
-
-    config = cal.config()
-    account = config.account("alice")
-    with cal.engine() as engine:
-        plain = engine.collection(account, "events")
-        result = CalendarSync(config, account, "events", engine.crm, engine.state,
-                              LateEdit(plain.client, plain.url)).run()
-    assert LateEdit.calls == 2 and result.counts["created_groupware"] == 1
+    _run_with_a_late_edit(cal)
     (copy,) = [name for name in cal.dav_items("events") if name != "x.ics"]
     cal.dav_delete("events", copy)
 
