@@ -75,6 +75,9 @@ service imap {{
   process_limit = {processes}
 }}
 imap_hibernate_timeout = 5s
+# A watching session's push rides on an inotify watch of dovecot.list.index.log; once that file
+# is rotated (over 8 kB and 5 minutes old) only this fallback check finds new mail: default 30 s.
+mailbox_idle_check_interval = 5s
 """
 MAX_USERIP = 20  # mail_max_userip_connections: per user and IP; a watcher's one + a sync's one + ours
 
@@ -178,7 +181,8 @@ class Bench:
         out = subprocess.run(["doveconf", "-c", str(conf), "-h", "imap_hibernate_timeout"], capture_output=True,
                              text=True).stdout.strip()
         rows = [("imap_hibernate_timeout", out or "?")]
-        for name in ("default_process_limit", "default_client_limit", "mail_max_userip_connections"):
+        for name in ("default_process_limit", "default_client_limit", "mail_max_userip_connections",
+                     "mailbox_idle_check_interval"):
             got = subprocess.run(["doveconf", "-c", str(conf), "-f", "protocol=imap", "-h", name],
                                  capture_output=True, text=True)
             rows.append((name, got.stdout.strip() or "?"))
