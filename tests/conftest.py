@@ -473,3 +473,33 @@ def company_config(pg_url: str, imap_port: int, archive: str, worker: str = "tic
             f'[defaults.imap]\nhost = "127.0.0.1"\nport = {imap_port}\nsecurity = "none"\n'
             f'import_root = "INBOX"\narchive_folder = "{archive}"\nmaster_user = "gwsync"\n'
             'password_env = "GWSYNC_TEST_MASTER"\n')
+
+
+def pg_rows(url: str, sql: str, *params) -> list[tuple]:
+    """The rows of one query on its own autocommit connection (the worker tests' look at the database)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]  # the tests' own text
+
+
+def wait_until(what, timeout: float, message: str, check_workers, logs):
+    """`what()`'s first true value, asked every 0.2 s; a table the worker has not made yet counts
+    as not yet. `check_workers()` raises when a worker died; past `timeout` the AssertionError
+    says `message` and shows `logs()`."""
+    import time
+
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = what()
+        except psycopg.errors.UndefinedTable:  # the worker has not made its tables yet
+            value = None
+        if value:
+            return value
+        check_workers()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} within {timeout} s; {logs()}")
+        time.sleep(0.2)

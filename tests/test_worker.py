@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from imapclient import IMAPClient
 
-from conftest import company_config, make_mail
+from conftest import company_config, make_mail, pg_rows, wait_until
 from gwsync.accountlock import PgAccountLocks, advisory_key
 from gwsync.config import load_config
 from gwsync.crm import ActivityFilter
@@ -99,25 +99,16 @@ class Company:
         return (self.root / f"worker{n}.err").read_text(errors="replace")
 
     def query(self, sql: str, *params) -> list[tuple]:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]  # the tests' own text
+        return pg_rows(self.url, sql, *params)
 
     def wait_for(self, what, timeout: float, message: str):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                value = what()
-            except psycopg.errors.UndefinedTable:  # the worker has not made its tables yet
-                value = None
-            if value:
-                return value
+        def check_workers() -> None:
             for n, proc in enumerate(self.workers):
                 if proc.poll() is not None and proc.returncode not in (-9,):
                     raise AssertionError(f"worker {n} exited with {proc.returncode}: {self.log(n)[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{message} within {timeout} s; worker logs:\n"
-                                     + "\n".join(self.log(n)[-2000:] for n in range(len(self.workers))))
-            time.sleep(0.2)
+
+        return wait_until(what, timeout, message, check_workers, lambda: "worker logs:\n" + "\n".join(
+            self.log(n)[-2000:] for n in range(len(self.workers))))
 
     def stop(self) -> None:
         for proc in self.workers:

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import pg_rows, wait_until
 from gwsync.storage.database import postgres_engine
 from gwsync.worker import Schedule
 
@@ -237,22 +238,13 @@ class DatabaseAccounts:
         return "\n".join(line for line in lines if "gwsync.tick[" not in line)
 
     def query(self, sql: str, *params) -> list[tuple]:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]  # the tests' own text
+        return pg_rows(self.url, sql, *params)
 
     def wait_for(self, what, timeout: float, message: str):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                value = what()
-            except psycopg.errors.UndefinedTable:
-                value = None
-            if value:
-                return value
+        def check_workers() -> None:
             assert self.worker is None or self.worker.poll() is None, self.log()[-3000:]
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{message} within {timeout} s; worker log:\n{self.log()[-3000:]}")
-            time.sleep(0.2)
+
+        return wait_until(what, timeout, message, check_workers, lambda: f"worker log:\n{self.log()[-3000:]}")
 
     def append(self, name: str) -> None:
         from imapclient import IMAPClient
